@@ -1,0 +1,72 @@
+"""The silo's private checkpoints: one Orbax composite of the train state and its metadata.
+
+The metadata (model spec, tokenizer hash, data position, federation round) is
+JSON so that a mismatched workdir is refused before any array is read.
+"""
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+from fedpt import config as config_lib
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be used with this config; the message says why and what to do."""
+
+
+class Checkpointer:
+  """Async Orbax CheckpointManager keeping the last N steps of `{'state', 'meta'}`."""
+
+  def __init__(self, directory: str, keep: int, async_save: bool = True):
+    self.directory = os.path.abspath(directory) if '://' not in directory else directory
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save),
+        item_names=('state', 'meta'))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state, meta: dict) -> None:
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+
+  def read_meta(self, step: int) -> dict:
+    return self._manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))['meta']
+
+  def restore(self, step: int, abstract_state, expected_meta: dict) -> tuple[object, dict]:
+    """Restores into `abstract_state`'s shardings after checking the metadata matches."""
+    meta = self.read_meta(step)
+    for key, want in expected_meta.items():
+      have = meta.get(key)
+      if have != want:
+        raise CheckpointError(
+            f'checkpoint {self.directory} step {step} has {key}={have!r}, but this run '
+            f'expects {want!r}. Fix: use a fresh --workdir for this config, or restore '
+            f'the config that wrote the checkpoint.')
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state)))
+    return restored['state'], meta
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def abstract_like(state, shardings):
+  """ShapeDtypeStructs carrying the target shardings, for a sharded restore."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      state, shardings)
+
+
+def expected_meta(config, tokenizer_sha256: str) -> dict:
+  return {'model_spec': config_lib.model_spec(config), 'tokenizer_sha256': tokenizer_sha256}

@@ -1,0 +1,186 @@
+"""The config schema shared by every configs/*.py, and its validation.
+
+Every config starts from `base_config()`, so a field that is not in the schema
+is a typo and is reported with the closest valid name.
+"""
+import difflib
+
+import ml_collections
+
+DTYPES = ('float32', 'bfloat16', 'float16')
+REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch')
+SCHEDULES = ('cosine', 'constant', 'linear')
+ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')
+
+DEFAULT_RULES = (
+    # Activations.
+    ('batch', ('data', 'fsdp')),
+    ('length', None),
+    ('act_embed', None),
+    ('act_heads', 'tensor'),
+    ('act_mlp', 'tensor'),
+    ('act_vocab', 'tensor'),
+    # Parameters: 'embed' is FSDP-sharded (ZeRO-3); heads/mlp/vocab are tensor-parallel.
+    ('embed', 'fsdp'),
+    ('vocab', 'tensor'),
+    ('heads', 'tensor'),
+    ('kv_heads', 'tensor'),
+    ('head_dim', None),
+    ('mlp', 'tensor'),
+    ('norm', None),
+    ('layers', None),
+)
+
+
+class ConfigError(ValueError):
+  """A bad config value; the message names the field and the fix."""
+
+  def __init__(self, field: str, problem: str, fix: str):
+    self.field = field
+    super().__init__(f'config field {field!r}: {problem}. Fix: {fix}.')
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field fedpt reads, with defaults sized for a CPU."""
+  c = ml_collections.ConfigDict()
+  c.name = 'base'
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict(dict(
+      vocab_size=4096,
+      d_model=256,
+      n_layers=4,
+      n_heads=4,
+      n_kv_heads=2,
+      head_dim=64,
+      d_ff=768,
+      tie_embeddings=True,
+      rope_theta=10_000.0,
+      norm_eps=1e-5,
+      init_std=0.02,
+      param_dtype='float32',
+      compute_dtype='auto',  # bfloat16 on GPU/TPU, float32 on CPU.
+      remat='none',
+      attention='auto',
+  ))
+  c.data = ml_collections.ConfigDict(dict(
+      corpus='stdlib',  # The built-in corpus, or a directory from prepare_data.py.
+      stdlib_group='all',
+      tokenizer='default',  # The shipped SentencePiece model, or a .model path.
+      seq_len=256,
+      global_batch=16,
+  ))
+  c.inner = ml_collections.ConfigDict(dict(
+      lr=1e-3,
+      schedule='cosine',
+      warmup_steps=50,
+      decay_steps=0,  # 0: decay over train.steps.
+      min_lr_ratio=0.1,
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      weight_decay=0.1,
+      grad_clip=1.0,
+      grad_accum=1,
+      z_loss=0.0,
+  ))
+  c.train = ml_collections.ConfigDict(dict(
+      steps=200,
+      log_every=10,
+      eval_every=100,
+      eval_batches=4,
+      checkpoint_every=100,
+      keep_checkpoints=3,
+      peak_tflops_per_device=0.0,  # 0: look up the device kind; used for MFU only.
+  ))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.sharding = ml_collections.ConfigDict(dict(rules=DEFAULT_RULES))
+  c.distributed = ml_collections.ConfigDict(dict(
+      mode='off',  # 'off', 'auto' (TPU/SLURM/Open MPI detection) or 'explicit'.
+      coordinator_address='',
+      num_processes=1,
+      process_id=0,
+      local_device_ids=(),
+  ))
+  return c
+
+
+def _check_schema(config, reference, prefix=''):
+  for key in config.keys():
+    path = f'{prefix}{key}'
+    if key not in reference:
+      close = difflib.get_close_matches(key, list(reference.keys()), n=1)
+      hint = f'did you mean {prefix}{close[0]!r}' if close else (
+          f'valid fields here: {sorted(reference.keys())}')
+      raise ConfigError(path, 'is not a fedpt config field', hint)
+    if isinstance(reference[key], ml_collections.ConfigDict):
+      if not isinstance(config[key], ml_collections.ConfigDict):
+        raise ConfigError(path, 'must be a section (ConfigDict)', 'do not overwrite the section')
+      _check_schema(config[key], reference[key], prefix=f'{path}.')
+
+
+def _require(ok: bool, field: str, problem: str, fix: str):
+  if not ok:
+    raise ConfigError(field, problem, fix)
+
+
+def validate(config, num_devices: int | None = None) -> None:
+  """Checks the whole config at start-up, before anything is allocated."""
+  _check_schema(config, base_config())
+  m, d, i, t = config.model, config.data, config.inner, config.train
+  for field in ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'head_dim', 'd_ff'):
+    _require(isinstance(m[field], int) and m[field] > 0, f'model.{field}',
+             f'must be a positive integer, got {m[field]!r}', 'set a positive integer')
+  _require(m.n_heads % m.n_kv_heads == 0, 'model.n_kv_heads',
+           f'n_heads={m.n_heads} is not a multiple of n_kv_heads={m.n_kv_heads}',
+           'choose n_kv_heads that divides n_heads (grouped-query attention)')
+  _require(m.head_dim % 2 == 0, 'model.head_dim', f'{m.head_dim} is odd',
+           'RoPE rotates pairs of dimensions: use an even head_dim')
+  for field in ('param_dtype', 'compute_dtype'):
+    allowed = DTYPES + (('auto',) if field == 'compute_dtype' else ())
+    _require(m[field] in allowed, f'model.{field}', f'unknown dtype {m[field]!r}',
+             f'use one of {allowed}')
+  _require(m.remat in REMAT_POLICIES, 'model.remat', f'unknown policy {m.remat!r}',
+           f'use one of {REMAT_POLICIES}')
+  _require(m.attention in ATTENTION_IMPLS, 'model.attention', f'unknown {m.attention!r}',
+           f'use one of {ATTENTION_IMPLS}')
+  _require(d.seq_len > 0, 'data.seq_len', f'must be positive, got {d.seq_len}', 'set it > 0')
+  _require(d.global_batch > 0, 'data.global_batch', f'must be positive, got {d.global_batch}',
+           'set it > 0')
+  _require(i.grad_accum >= 1 and d.global_batch % i.grad_accum == 0, 'inner.grad_accum',
+           f'global_batch={d.global_batch} is not divisible into grad_accum={i.grad_accum} '
+           'micro-batches', 'choose grad_accum dividing data.global_batch')
+  _require(i.lr > 0, 'inner.lr', f'must be positive, got {i.lr}', 'set a positive learning rate')
+  _require(i.schedule in SCHEDULES, 'inner.schedule', f'unknown {i.schedule!r}',
+           f'use one of {SCHEDULES}')
+  _require(0 <= i.min_lr_ratio <= 1, 'inner.min_lr_ratio', f'{i.min_lr_ratio} not in [0, 1]',
+           'use a ratio between 0 and 1')
+  _require(i.warmup_steps >= 0, 'inner.warmup_steps', 'is negative', 'use 0 or more')
+  _require(i.z_loss >= 0, 'inner.z_loss', 'is negative', 'use 0 (off) or a small weight like 1e-4')
+  _require(t.steps > 0, 'train.steps', f'must be positive, got {t.steps}', 'set it > 0')
+  for field in ('log_every', 'eval_every', 'checkpoint_every', 'keep_checkpoints'):
+    _require(t[field] > 0, f'train.{field}', f'must be positive, got {t[field]}', 'set it > 0')
+  if num_devices is not None:
+    from fedpt import sharding  # pylint: disable=g-import-not-at-top
+    shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, num_devices)))
+    batch_ways = shape['data'] * shape['fsdp']
+    micro = d.global_batch // i.grad_accum
+    _require(micro % batch_ways == 0, 'data.global_batch',
+             f'the micro-batch of {micro} sequences (global_batch / grad_accum) cannot be '
+             f'split over data x fsdp = {batch_ways} devices',
+             f'make global_batch / grad_accum a multiple of {batch_ways}')
+    tp = shape['tensor']
+    for field in ('n_heads', 'n_kv_heads', 'd_ff', 'vocab_size'):
+      _require(m[field] % tp == 0, f'model.{field}',
+               f'{m[field]} is not divisible by mesh.tensor={tp}',
+               f'use a multiple of {tp}, or a smaller mesh.tensor')
+    _require(m.d_model % shape['fsdp'] == 0, 'model.d_model',
+             f'{m.d_model} is not divisible by mesh.fsdp={shape["fsdp"]}',
+             f'use a multiple of {shape["fsdp"]}, or a smaller mesh.fsdp')
+
+
+def model_spec(config) -> dict:
+  """The fields that fix parameter shapes; checkpoints and runs must agree on them."""
+  m = config.model
+  return {k: m[k] for k in ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads',
+                            'head_dim', 'd_ff', 'tie_embeddings')}

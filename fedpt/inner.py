@@ -1,0 +1,99 @@
+"""The inner (per-silo) optimisation: loss, AdamW schedule, pure train and eval steps.
+
+Everything here is a pure function of pytrees; the caller jits it with explicit
+shardings and donates the state. The state is a plain dict so that Orbax and the
+federation layer can handle it without knowing about NNX.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from fedpt.sharding import constrain
+
+
+def lr_schedule(inner_config, total_steps: int) -> optax.Schedule:
+  """Linear warmup, then cosine, linear or constant; DiLoCo keeps it across rounds."""
+  peak = inner_config.lr
+  warmup = inner_config.warmup_steps
+  decay_steps = inner_config.decay_steps or total_steps
+  floor = peak * inner_config.min_lr_ratio
+  if inner_config.schedule == 'constant':
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)], [warmup])
+  if inner_config.schedule == 'linear':
+    decay = optax.linear_schedule(peak, floor, max(decay_steps - warmup, 1))
+  else:
+    decay = optax.cosine_decay_schedule(peak, max(decay_steps - warmup, 1),
+                                        alpha=inner_config.min_lr_ratio)
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def _decay_mask(params):
+  """No weight decay on norm scales, as in Llama/MaxText."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: not any(getattr(k, 'key', None) == 'scale' for k in path), params)
+
+
+def make_optimizer(inner_config, total_steps: int) -> optax.GradientTransformation:
+  return optax.chain(
+      optax.clip_by_global_norm(inner_config.grad_clip) if inner_config.grad_clip > 0
+      else optax.identity(),
+      optax.adamw(lr_schedule(inner_config, total_steps), b1=inner_config.b1,
+                  b2=inner_config.b2, eps=inner_config.eps,
+                  weight_decay=inner_config.weight_decay, mask=_decay_mask),
+  )
+
+
+def init_state(graphdef, params, optimizer) -> dict:
+  del graphdef
+  return {'step': jnp.zeros((), jnp.int32), 'params': params,
+          'opt_state': optimizer.init(params)}
+
+
+def loss_and_metrics(params, tokens_bt1, *, graphdef, z_loss: float):
+  """Next-token cross-entropy (+ optional z-loss) over a [batch, length+1] token block."""
+  inputs_bt, targets_bt = tokens_bt1[:, :-1], tokens_bt1[:, 1:]
+  logits_btv = nnx.merge(graphdef, params)(inputs_bt)
+  log_z_bt = jax.nn.logsumexp(logits_btv, axis=-1)
+  target_logit_bt = jnp.take_along_axis(logits_btv, targets_bt[..., None], axis=-1)[..., 0]
+  nll = jnp.mean(log_z_bt - target_logit_bt)
+  z_term = z_loss * jnp.mean(jnp.square(log_z_bt))
+  return nll + z_term, {'nll': nll, 'z_loss': z_term}
+
+
+def train_step(state, tokens_bt1, *, graphdef, optimizer, inner_config):
+  """One optimizer step over the global batch, accumulating micro-batch gradients."""
+  accum = inner_config.grad_accum
+  grad_fn = jax.value_and_grad(
+      functools.partial(loss_and_metrics, graphdef=graphdef, z_loss=inner_config.z_loss),
+      has_aux=True)
+  if accum == 1:
+    (loss, aux), grads = grad_fn(state['params'], tokens_bt1)
+  else:
+    # Micro-batch a takes rows a, a+accum, ...: each device keeps its own rows.
+    batch, width = tokens_bt1.shape
+    micro_abt = tokens_bt1.reshape(batch // accum, accum, width).swapaxes(0, 1)
+    micro_abt = constrain(micro_abt, (None, 'batch', 'length'))
+
+    def accumulate(carry, micro_bt1):
+      (loss, aux), grads = grad_fn(state['params'], micro_bt1)
+      return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, (jnp.zeros(()), {'nll': jnp.zeros(()),
+                                                          'z_loss': jnp.zeros(())},
+                                          state['params']))
+    (loss, aux, grads), _ = jax.lax.scan(accumulate, zeros, micro_abt)
+    loss, aux, grads = jax.tree.map(lambda x: x / accum, (loss, aux, grads))
+  updates, opt_state = optimizer.update(grads, state['opt_state'], state['params'])
+  params = optax.apply_updates(state['params'], updates)
+  metrics = {'train_loss': aux['nll'], 'loss_with_z': loss, 'grad_norm': optax.global_norm(grads)}
+  new_state = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}
+  return new_state, metrics
+
+
+def eval_step(params, tokens_bt1, *, graphdef):
+  _, aux = loss_and_metrics(params, tokens_bt1, graphdef=graphdef, z_loss=0.0)
+  return aux['nll']

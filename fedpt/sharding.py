@@ -1,0 +1,153 @@
+"""Mesh construction and logical-axis -> mesh-axis mapping.
+
+Model code names logical axes only ('batch', 'embed', 'mlp', ...). The config's
+`sharding.rules` maps them onto the mesh axes ('data', 'fsdp', 'tensor'), so the
+same model runs data-parallel, FSDP or tensor-parallel by changing the config.
+"""
+import contextlib
+import contextvars
+import math
+from typing import Any, Sequence
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.experimental import mesh_utils
+import numpy as np
+
+from fedpt import config as config_lib
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+
+Rules = Sequence[tuple[str, Any]]
+
+_ACTIVE = contextvars.ContextVar('fedpt_sharding_rules', default=None)
+
+
+def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
+  """Resolves the config's mesh sizes; a single -1 takes the remaining devices."""
+  sizes = [int(mesh_config[name]) for name in MESH_AXES]
+  if sizes.count(-1) > 1:
+    raise config_lib.ConfigError(
+        'mesh', f'at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}',
+        'set all but one of mesh.data/mesh.fsdp/mesh.tensor to explicit sizes')
+  if any(s == 0 or s < -1 for s in sizes):
+    raise config_lib.ConfigError(
+        'mesh', f'mesh sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}',
+        'use positive sizes, with at most one -1 to fill the rest')
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise config_lib.ConfigError(
+          'mesh', f'{num_devices} devices are not divisible by the fixed mesh axes '
+          f'({dict(zip(MESH_AXES, sizes))})',
+          f'choose fixed axis sizes whose product divides {num_devices}')
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise config_lib.ConfigError(
+        'mesh', f'mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices '
+        f'but {num_devices} are available',
+        'make the product of mesh sizes equal the device count, or set one axis to -1')
+  return tuple(sizes)
+
+
+def make_mesh(mesh_config, devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(mesh_config, len(devices))
+  try:
+    device_array = mesh_utils.create_device_mesh(
+        shape, devices=devices, allow_split_physical_axes=True)
+  except Exception:  # Non-TPU topologies: plain row-major order is as good.
+    device_array = np.asarray(devices).reshape(shape)
+  return Mesh(device_array, MESH_AXES)
+
+
+def logical_to_spec(logical_axes: Sequence[str | None], rules: Rules) -> PartitionSpec:
+  """Maps logical axis names to a PartitionSpec; a mesh axis is used at most once."""
+  table = dict(rules)
+  used = set()
+  spec = []
+  for name in logical_axes:
+    target = table.get(name) if name is not None else None
+    if target is None:
+      spec.append(None)
+      continue
+    targets = (target,) if isinstance(target, str) else tuple(target)
+    targets = tuple(t for t in targets if t not in used)
+    used.update(targets)
+    spec.append(targets[0] if len(targets) == 1 else (targets or None))
+  return PartitionSpec(*spec)
+
+
+def _axis_size(mesh: Mesh, entry) -> int:
+  if entry is None:
+    return 1
+  names = (entry,) if isinstance(entry, str) else entry
+  return math.prod(mesh.shape[n] for n in names)
+
+
+def named_sharding(mesh: Mesh, logical_axes, rules: Rules, shape=None, what='array'):
+  spec = logical_to_spec(logical_axes, rules)
+  if shape is not None:
+    for dim, entry, name in zip(shape, spec, logical_axes):
+      size = _axis_size(mesh, entry)
+      if dim % size:
+        raise config_lib.ConfigError(
+            'sharding.rules',
+            f'{what} has dimension {name}={dim}, which mesh axes {entry} of size {size} '
+            'cannot divide',
+            f'change the model size so {name} is a multiple of {size}, or map '
+            f'{name!r} to a smaller mesh axis in sharding.rules')
+  return NamedSharding(mesh, spec)
+
+
+def tree_shardings(mesh: Mesh, logical_tree, abstract_tree, rules: Rules):
+  """Shardings for a pytree from a matching tree of logical-axis tuples."""
+  paths_and_axes = jax.tree_util.tree_flatten_with_path(
+      logical_tree, is_leaf=lambda x: isinstance(x, PartitionSpec))[0]
+  leaves, treedef = jax.tree_util.tree_flatten(abstract_tree)
+  out = []
+  for (path, axes), leaf in zip(paths_and_axes, leaves):
+    out.append(named_sharding(mesh, tuple(axes), rules, leaf.shape,
+                              what=jax.tree_util.keystr(path)))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+@contextlib.contextmanager
+def activation_rules(mesh: Mesh, rules: Rules):
+  """Lets model code constrain activations by logical names while tracing."""
+  token = _ACTIVE.set((mesh, tuple(rules)))
+  try:
+    yield
+  finally:
+    _ACTIVE.reset(token)
+
+
+def constrain(x, logical_axes: Sequence[str | None]):
+  """with_sharding_constraint by logical names; a no-op outside activation_rules."""
+  active = _ACTIVE.get()
+  if active is None:
+    return x
+  mesh, rules = active
+  return jax.lax.with_sharding_constraint(
+      x, NamedSharding(mesh, logical_to_spec(logical_axes, rules)))
+
+
+def maybe_initialize_distributed(dist_config) -> None:
+  """Joins a multi-host silo. 'auto' lets JAX detect TPU, SLURM or Open MPI."""
+  mode = dist_config.mode
+  if mode == 'off':
+    return
+  if jax.distributed.is_initialized():
+    return
+  if mode == 'auto':
+    jax.distributed.initialize()
+  elif mode == 'explicit':
+    jax.distributed.initialize(
+        coordinator_address=dist_config.coordinator_address,
+        num_processes=dist_config.num_processes,
+        process_id=dist_config.process_id,
+        local_device_ids=(list(dist_config.local_device_ids)
+                          if dist_config.local_device_ids else None))
+  else:
+    raise config_lib.ConfigError(
+        'distributed.mode', f'unknown value {mode!r}', "use 'off', 'auto' or 'explicit'")

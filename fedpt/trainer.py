@@ -1,0 +1,235 @@
+"""One silo's sharded training program: state born sharded, jitted steps, the train loop.
+
+`Trainer` owns everything a step needs (mesh, shardings, jitted functions, data);
+`train_and_evaluate` is the single-silo loop behind `scripts/train.py`, and the
+federation worker drives the same `Trainer` for H steps per round.
+"""
+import functools
+import os
+import signal
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from fedpt import checkpoint as checkpoint_lib
+from fedpt import config as config_lib
+from fedpt import data as data_lib
+from fedpt import inner
+from fedpt import metrics as metrics_lib
+from fedpt import model as model_lib
+from fedpt import sharding
+
+# Exit status after a SIGTERM-triggered checkpoint: EX_TEMPFAIL, "retry later".
+PREEMPTED_EXIT_CODE = 75
+
+
+class TrainingDivergedError(RuntimeError):
+  """The loss became NaN or Inf; continuing would only waste compute."""
+
+
+class Trainer:
+  """The sharded model, optimizer, data and jitted steps of one silo."""
+
+  def __init__(self, config, devices=None):
+    sharding.maybe_initialize_distributed(config.distributed)
+    devices = jax.devices() if devices is None else devices
+    config_lib.validate(config, num_devices=len(devices))
+    self.config = config
+    self.mesh = sharding.make_mesh(config.mesh, devices)
+    self.rules = tuple(config.sharding.rules)
+    self.model_config = model_lib.ModelConfig.from_config(config.model, devices[0].platform)
+
+    data_dir, self.tokenizer_path = data_lib.resolve_corpus(config.data)
+    self.tokenizer_sha256 = data_lib.file_sha256(self.tokenizer_path)
+    self.train_data = data_lib.TokenDataset(data_dir, 'train', self.tokenizer_sha256)
+    self.val_data = data_lib.TokenDataset(data_dir, 'val', self.tokenizer_sha256)
+    if self.train_data.vocab_size > config.model.vocab_size:
+      raise config_lib.ConfigError(
+          'model.vocab_size', f'{config.model.vocab_size} is smaller than the tokenizer '
+          f'vocabulary ({self.train_data.vocab_size})',
+          f'set model.vocab_size >= {self.train_data.vocab_size}')
+
+    self.total_steps = config.train.steps
+    self.optimizer = inner.make_optimizer(config.inner, self.total_steps)
+    self.lr_schedule = inner.lr_schedule(config.inner, self.total_steps)
+
+    abstract_model = nnx.eval_shape(lambda: model_lib.Transformer(self.model_config, nnx.Rngs(0)))
+    self.graphdef, abstract_nnx_state = nnx.split(abstract_model)
+    abstract_params = nnx.to_pure_dict(abstract_nnx_state)
+    logical_params = nnx.to_pure_dict(nnx.get_partition_spec(abstract_nnx_state))
+    self.param_shardings = sharding.tree_shardings(
+        self.mesh, logical_params, abstract_params, self.rules)
+    self.replicated = NamedSharding(self.mesh, PartitionSpec())
+    abstract_opt_state = jax.eval_shape(self.optimizer.init, abstract_params)
+    opt_shardings = optax.tree_map_params(
+        self.optimizer, lambda _, s: s, abstract_opt_state, self.param_shardings,
+        transform_non_params=lambda _: self.replicated)
+    self.state_shardings = {'step': self.replicated, 'params': self.param_shardings,
+                            'opt_state': opt_shardings}
+    self.batch_sharding = NamedSharding(
+        self.mesh, sharding.logical_to_spec(('batch', 'length'), self.rules))
+
+    self._init = jax.jit(self._init_state, out_shardings=self.state_shardings)
+    self._train_step = jax.jit(
+        functools.partial(inner.train_step, graphdef=self.graphdef,
+                          optimizer=self.optimizer, inner_config=config.inner),
+        in_shardings=(self.state_shardings, self.batch_sharding),
+        out_shardings=(self.state_shardings, self.replicated),
+        donate_argnums=(0,))
+    self._eval_step = jax.jit(
+        functools.partial(inner.eval_step, graphdef=self.graphdef),
+        in_shardings=(self.param_shardings, self.batch_sharding),
+        out_shardings=self.replicated)
+
+  # -- state ------------------------------------------------------------------
+
+  def _init_state(self):
+    model = model_lib.Transformer(self.model_config, nnx.Rngs(self.config.seed))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return inner.init_state(self.graphdef, params, self.optimizer)
+
+  def init_state(self):
+    """Fresh state, created directly in its sharded layout."""
+    with self._rules():
+      return self._init()
+
+  def abstract_state(self):
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        jax.eval_shape(self._init_state), self.state_shardings)
+
+  def _rules(self):
+    return sharding.activation_rules(self.mesh, self.rules)
+
+  # -- data -------------------------------------------------------------------
+
+  def _global_array(self, local_rows: np.ndarray):
+    return jax.make_array_from_process_local_data(self.batch_sharding, local_rows)
+
+  def batch(self, step: int):
+    """The global batch of `step`; this host reads only its own rows."""
+    d = self.config.data
+    rows = self.train_data.batch(
+        step, global_batch=d.global_batch, seq_len=d.seq_len, seed=self.config.seed,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    return self._global_array(rows)
+
+  # -- steps ------------------------------------------------------------------
+
+  def train_step(self, state, batch):
+    with self._rules():
+      return self._train_step(state, batch)
+
+  def evaluate(self, params, dataset=None) -> float:
+    """Mean held-out loss over `train.eval_batches` fixed validation batches."""
+    d = self.config.data
+    dataset = dataset or self.val_data
+    losses = []
+    with self._rules():
+      for rows in dataset.eval_batches(
+          self.config.train.eval_batches, global_batch=d.global_batch, seq_len=d.seq_len,
+          process_index=jax.process_index(), process_count=jax.process_count()):
+        losses.append(self._eval_step(params, self._global_array(rows)))
+    return float(jnp.mean(jnp.stack(losses)))
+
+  def tokens_per_step(self) -> int:
+    return self.config.data.global_batch * self.config.data.seq_len
+
+  def flops_per_step(self) -> float:
+    return model_lib.flops_per_token(
+        self.model_config, self.config.data.seq_len) * self.tokens_per_step()
+
+
+class PreemptionFlag:
+  """Turns SIGTERM (TPU maintenance, SLURM, Kubernetes eviction) into a flag the loop polls."""
+
+  def __init__(self):
+    self._event = threading.Event()
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, lambda *_: self._event.set())
+
+  @property
+  def requested(self) -> bool:
+    return self._event.is_set()
+
+  def restore(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def restore_or_init(trainer: Trainer, checkpointer: checkpoint_lib.Checkpointer):
+  """Resumes from the newest checkpoint in the workdir, else starts fresh."""
+  step = checkpointer.latest_step()
+  if step is None:
+    return trainer.init_state(), 0
+  state, _ = checkpointer.restore(
+      step, trainer.abstract_state(),
+      checkpoint_lib.expected_meta(trainer.config, trainer.tokenizer_sha256))
+  return state, step
+
+
+def _check_finite(step: int, loss: float):
+  if not np.isfinite(loss):
+    raise TrainingDivergedError(
+        f'train loss is {loss} at step {step}. Fix: lower inner.lr, keep inner.grad_clip > 0 '
+        'or add inner.z_loss, then resume from the last good checkpoint.')
+
+
+def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) -> dict:
+  """Trains one silo with no federation (also the centralised baseline).
+
+  Resumes from `workdir` automatically. `stop_at_step` ends this invocation early
+  (e.g. at the end of a job's time slot) with a checkpoint, like a preemption.
+  Returns a summary with the final step, losses and whether it was preempted.
+  """
+  trainer = Trainer(config)
+  cfg = config.train
+  checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                             keep=cfg.keep_checkpoints)
+  state, start = restore_or_init(trainer, checkpointer)
+  meta = checkpoint_lib.expected_meta(config, trainer.tokenizer_sha256)
+  writer = metrics_lib.MetricWriter(workdir)
+  progress = metrics_lib.Progress(
+      trainer.total_steps, trainer.tokens_per_step(), trainer.flops_per_step(),
+      metrics_lib.peak_flops_per_device(cfg.peak_tflops_per_device), start_step=start)
+  preemption = PreemptionFlag()
+  last = stop_at_step if stop_at_step is not None else trainer.total_steps
+  summary = {'start_step': start, 'preempted': False}
+  if start:
+    metrics_lib.log(f'resumed from step {start} in {workdir}')
+  try:
+    step = start
+    while step < min(last, trainer.total_steps):
+      state, step_metrics = trainer.train_step(state, trainer.batch(step))
+      step += 1
+      if metrics_lib.itstime(step, cfg.log_every, trainer.total_steps):
+        scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        _check_finite(step, scalars['train_loss'])
+        scalars['lr'] = float(trainer.lr_schedule(step - 1))
+        scalars.update(progress.update(step))
+        if metrics_lib.itstime(step, cfg.eval_every, trainer.total_steps):
+          scalars['eval_loss'] = trainer.evaluate(state['params'])
+        writer.write(step, scalars)
+        metrics_lib.log(metrics_lib.progress_line(step, trainer.total_steps, scalars))
+        summary.update(train_loss=scalars['train_loss'],
+                       eval_loss=scalars.get('eval_loss', summary.get('eval_loss')))
+      stopping = preemption.requested or step == last
+      if metrics_lib.itstime(step, cfg.checkpoint_every, trainer.total_steps) or stopping:
+        checkpointer.save(step, state, {**meta, 'step': step})
+      if preemption.requested:
+        metrics_lib.log(f'SIGTERM: checkpointed step {step}; exiting for a restart to resume')
+        summary['preempted'] = True
+        break
+    summary['step'] = step
+    summary['state'] = state
+  finally:
+    preemption.restore()
+    checkpointer.close()
+    writer.close()
+  return summary

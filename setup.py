@@ -1,0 +1,30 @@
+"""fedpt: cross-silo federated pre-training of language models in JAX."""
+import setuptools
+
+setuptools.setup(
+    name="fedpt",
+    version="0.1.0",
+    description="Cross-silo federated pre-training (DiLoCo) of transformers in JAX.",
+    packages=setuptools.find_packages(include=["fedpt", "fedpt.*"]),
+    package_data={"fedpt": ["assets/*"]},
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "tensorflow-datasets>=4.9.8",
+        "importlib_resources",  # tfds imports it at import time.
+        "sentencepiece>=0.2",
+        "ml-collections>=1.0",
+        "absl-py>=2.1",
+        "grain>=0.2.10",
+        "tensorboardX>=2.6",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "tensorboard>=2.16"],
+        "gcs": ["gcsfs>=2024.6"],
+        "hf": ["transformers>=4.45", "safetensors>=0.4", "torch"],
+    },
+)
