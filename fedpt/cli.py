@@ -2,6 +2,7 @@
 import os
 import sys
 
+from absl import flags
 from absl import logging
 
 from fedpt import checkpoint
@@ -22,3 +23,18 @@ def run_or_explain(fn, *args, **kwargs):
     print(f'error: {e}', file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(2)  # Skip atexit hooks of half-initialised libraries (e.g. Orbax threads).
+
+
+def parse_flags_or_explain(argv):
+  """absl's flag parser, but a bad --config.x override is one line, not a traceback."""
+  try:
+    remaining = flags.FLAGS(argv)
+    if 'config' in flags.FLAGS and flags.FLAGS['config'].present:
+      flags.FLAGS.config.keys()  # Config files load lazily; surface their errors now.
+    return remaining
+  except Exception as e:  # pylint: disable=broad-except
+    message = ' '.join(str(e).replace('\\n', ' ').replace("\\'", "'").strip("'").split())
+    print(f'error: bad command-line flag: {message}\n'
+          f'Fix: check the flag name and value; see --helpfull for the fields.',
+          file=sys.stderr, flush=True)
+    sys.exit(2)

@@ -110,7 +110,7 @@ def _check_schema(config, reference, prefix=''):
     path = f'{prefix}{key}'
     if key not in reference:
       close = difflib.get_close_matches(key, list(reference.keys()), n=1)
-      hint = f'did you mean {prefix}{close[0]!r}' if close else (
+      hint = f"did you mean '{prefix}{close[0]}'" if close else (
           f'valid fields here: {sorted(reference.keys())}')
       raise ConfigError(path, 'is not a fedpt config field', hint)
     if isinstance(reference[key], ml_collections.ConfigDict):

@@ -89,7 +89,7 @@ def train_step(state, tokens_bt1, *, graphdef, optimizer, inner_config):
     loss, aux, grads = jax.tree.map(lambda x: x / accum, (loss, aux, grads))
   updates, opt_state = optimizer.update(grads, state['opt_state'], state['params'])
   params = optax.apply_updates(state['params'], updates)
-  metrics = {'train_loss': aux['nll'], 'loss_with_z': loss, 'grad_norm': optax.global_norm(grads)}
+  metrics = {'train_loss': aux['nll'], 'loss_with_z': loss, 'grad_norm': optax.tree.norm(grads)}
   new_state = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}
   return new_state, metrics
 
