@@ -1,4 +1,4 @@
-r"""The Quickstart model (~4M parameters): a few minutes on 2 CPU cores.
+r"""The Quickstart model (~2.4M parameters): a few minutes on 2 CPU cores.
 
   python scripts/train.py --config=configs/demo.py --workdir=/tmp/fedpt-demo
 """
@@ -9,8 +9,8 @@ def get_config(arg=None):
   del arg
   c = config_lib.base_config()
   c.name = 'demo'
-  c.model.update(d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=64, d_ff=768)
+  c.model.update(d_model=192, n_layers=4, n_heads=6, n_kv_heads=2, head_dim=32, d_ff=512)
   c.data.update(seq_len=128, global_batch=16)
   c.inner.update(lr=2e-3, warmup_steps=30)
-  c.train.update(steps=300, log_every=25, eval_every=100, eval_batches=4, checkpoint_every=100)
+  c.train.update(steps=250, log_every=25, eval_every=100, eval_batches=4, checkpoint_every=100)
   return c

@@ -29,6 +29,8 @@ def parse_flags_or_explain(argv):
   """absl's flag parser, but a bad --config.x override is one line, not a traceback."""
   try:
     remaining = flags.FLAGS(argv)
+    if not flags.FLAGS['verbosity'].present:
+      logging.set_verbosity(logging.WARNING)  # Orbax's INFO chatter would drown the progress line.
     if 'config' in flags.FLAGS and flags.FLAGS['config'].present:
       flags.FLAGS.config.keys()  # Config files load lazily; surface their errors now.
     return remaining

@@ -742,17 +742,20 @@ class TokenDataset:
   def eval_batches(self, num_batches: int, *, global_batch: int, seq_len: int,
                    process_index: int = 0,
                    process_count: int = 1) -> list[np.ndarray]:
-    """Fixed batches of consecutive windows from the start of the split.
+    """Fixed, unshuffled windows spread evenly over the whole split.
 
-    Unshuffled so every evaluation sees the same tokens; wraps around if the
-    split has fewer windows than num_batches * global_batch.
+    Every evaluation sees the same tokens, and a sample of every part of the
+    split rather than its first document; windows repeat only if the split has
+    fewer than num_batches * global_batch of them.
     """
     num_windows = self._check_batch_args(global_batch, seq_len, process_index,
                                          process_count)
     rows = self._local_rows(global_batch, process_index, process_count)
+    total = num_batches * global_batch
     return [
-        self._gather([(b * global_batch + r) % num_windows for r in rows],
-                     seq_len)
+        self._gather([(b * global_batch + r) * num_windows // total
+                      if total <= num_windows else (b * global_batch + r) % num_windows
+                      for r in rows], seq_len)
         for b in range(num_batches)
     ]
 

@@ -3,7 +3,6 @@ import json
 import os
 import time
 
-from absl import logging
 import jax
 
 # Peak dense bf16 FLOP/s per device, from the vendors' data sheets; MFU is relative to these.
@@ -103,5 +102,4 @@ def progress_line(step: int, total: int, scalars: dict) -> str:
 
 def log(line: str) -> None:
   if jax.process_index() == 0:
-    logging.info('%s', line)
     print(line, flush=True)

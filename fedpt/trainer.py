@@ -201,6 +201,11 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
   preemption = PreemptionFlag()
   last = stop_at_step if stop_at_step is not None else trainer.total_steps
   summary = {'start_step': start, 'preempted': False}
+  metrics_lib.log(
+      f'fedpt {config.name}: {model_lib.param_count(trainer.model_config):,} parameters, '
+      f'{jax.device_count()} {jax.default_backend()} device(s), mesh '
+      f'{dict(trainer.mesh.shape)}, {trainer.train_data.num_tokens:,} training tokens, '
+      f'{trainer.total_steps} steps of {trainer.tokens_per_step():,} tokens')
   if start:
     metrics_lib.log(f'resumed from step {start} in {workdir}')
   try:
@@ -228,6 +233,8 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
         break
     summary['step'] = step
     summary['state'] = state
+    metrics_lib.log(f"stopped at step {step}; eval loss {summary.get('eval_loss')}; "
+                    f'checkpoints, metrics.jsonl and TensorBoard events in {workdir}')
   finally:
     preemption.restore()
     checkpointer.close()

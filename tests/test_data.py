@@ -383,7 +383,7 @@ def test_epochs_wrap_and_cover_every_window_once(tiny_dir):
   assert not np.array_equal(epochs[1], epochs[2])
 
 
-def test_eval_batches_are_fixed_consecutive_windows(tiny_dir):
+def test_eval_batches_wrap_when_the_split_is_small(tiny_dir):
   dataset = data.TokenDataset(tiny_dir, 'train')
   seq_len, global_batch = 7, 4
   num_windows = dataset.num_windows(seq_len)
@@ -401,6 +401,19 @@ def test_eval_batches_are_fixed_consecutive_windows(tiny_dir):
                                      seq_len=seq_len, process_index=1,
                                      process_count=2)
   np.testing.assert_array_equal(second_half[0], batches[0][2:])
+
+
+def test_eval_batches_spread_over_the_whole_split(tiny_dir):
+  dataset = data.TokenDataset(tiny_dir, 'train')
+  seq_len, global_batch, num_batches = 7, 2, 2
+  num_windows = dataset.num_windows(seq_len)
+  assert num_windows > 4 * global_batch * num_batches
+  flat = np.concatenate(dataset.eval_batches(num_batches, global_batch=global_batch,
+                                             seq_len=seq_len))
+  length = seq_len + 1
+  for i, row in enumerate(flat):  # Window i * num_windows // 4: first to last quarter.
+    w = i * num_windows // 4
+    np.testing.assert_array_equal(row, dataset.tokens[w * length:(w + 1) * length])
 
 
 def test_token_dataset_errors(prepared, tmp_path):
