@@ -1,0 +1,302 @@
+"""The outer (cross-silo) DiLoCo step: pseudo-gradients, weighted averaging, outer optimiser.
+
+Each silo publishes `delta_k = global - local_k`. The aggregator averages the deltas
+weighted by tokens processed and feeds the mean to an optax "outer" optimiser as if it
+were a gradient (Douillard et al. 2023, DiLoCo; Reddi et al. 2021, FedOpt).
+
+The aggregator streams one parameter leaf at a time, so memory stays at a few leaves
+whatever the number of silos, and the leaves can be split over processes. For that the
+outer optimiser state is kept per leaf, as a flat `{leaf_name: optax_state}` dict. All
+outer optimisers here are elementwise, so stepping each leaf separately is exactly the
+whole-tree step.
+"""
+from collections.abc import Iterable, Mapping, Sequence
+import math
+import numbers
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+OUTER_OPTIMIZERS = ('diloco', 'fedavg', 'fedadam', 'fedyogi', 'sgd')
+SEPARATOR = '/'
+
+_MISSING = object()
+
+
+class OuterConfigError(ValueError):
+  """A bad `outer.*` config value; the message names the field and the fix."""
+
+  def __init__(self, field: str, problem: str, fix: str):
+    self.field = field
+    super().__init__(f'config field {field!r}: {problem}. Fix: {fix}.')
+
+
+class ParamTreeError(ValueError):
+  """A parameter tree, flat dict or leaf set that the outer step cannot handle."""
+
+
+class AggregationError(ValueError):
+  """Bad silo weights or leaves for averaging."""
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def _field(outer_config, name: str):
+  value = getattr(outer_config, name, _MISSING)
+  if value is _MISSING or value is None:
+    raise OuterConfigError(f'outer.{name}', 'is missing',
+                           f'set outer.{name} in the config (see configs/*.py)')
+  return value
+
+
+def _number(outer_config, name: str) -> float:
+  value = _field(outer_config, name)
+  if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    raise OuterConfigError(f'outer.{name}', f'{value!r} is not a finite number',
+                           f'set outer.{name} to a number')
+  return float(value)
+
+
+def _in_unit_interval(outer_config, name: str, why: str) -> float:
+  value = _number(outer_config, name)
+  if not 0.0 <= value < 1.0:
+    raise OuterConfigError(f'outer.{name}', f'{value} is outside [0, 1)',
+                           f'set outer.{name} in [0, 1) ({why})')
+  return value
+
+
+def make_outer_optimizer(outer_config) -> optax.GradientTransformation:
+  """The optax transform that treats the weighted mean pseudo-gradient as a gradient."""
+  name = _field(outer_config, 'optimizer')
+  if name not in OUTER_OPTIMIZERS:
+    raise OuterConfigError('outer.optimizer', f'unknown optimizer {name!r}',
+                           f'use one of {OUTER_OPTIMIZERS}')
+  if name == 'fedavg':
+    # Plain averaging of the silos' params: lr 1 makes global - mean(delta) = mean(local).
+    return optax.sgd(1.0)
+
+  lr = _number(outer_config, 'lr')
+  if lr <= 0:
+    raise OuterConfigError('outer.lr', f'{lr} is not positive',
+                           'set outer.lr > 0 (DiLoCo uses 0.7 with Nesterov momentum 0.9)')
+  if name in ('diloco', 'sgd'):
+    momentum = _in_unit_interval(outer_config, 'momentum', 'DiLoCo uses 0.9; 0 disables it')
+    if name == 'diloco':
+      return optax.sgd(lr, momentum=momentum, nesterov=True)
+    return optax.sgd(lr, momentum=momentum or None)
+
+  b1 = _in_unit_interval(outer_config, 'b1', 'the first-moment decay, typically 0.9')
+  b2 = _in_unit_interval(outer_config, 'b2', 'the second-moment decay, typically 0.99')
+  eps = _number(outer_config, 'eps')
+  if eps <= 0:
+    raise OuterConfigError('outer.eps', f'{eps} is not positive',
+                           'set outer.eps > 0; FedOpt uses ~1e-3 for the outer Adam/Yogi')
+  if name == 'fedadam':
+    return optax.adam(lr, b1=b1, b2=b2, eps=eps)
+  return optax.yogi(lr, b1=b1, b2=b2, eps=eps)
+
+
+# ----------------------------------------------------------------------- flat params
+
+
+def flatten_params(tree) -> dict:
+  """`{'a/b/c': leaf}` in sorted order: stable names for files, shards and state."""
+  flat = {}
+
+  def visit(node, prefix):
+    for key in node:
+      if not isinstance(key, str) or not key or SEPARATOR in key:
+        raise ParamTreeError(
+            f'param key {key!r} under {prefix or "<root>"!r} is not a non-empty string without '
+            f'{SEPARATOR!r}. Fix: pass a pure dict of params (nnx.to_pure_dict) with string keys')
+      name = f'{prefix}{SEPARATOR}{key}' if prefix else key
+      child = node[key]
+      if isinstance(child, Mapping):
+        if not child:
+          raise ParamTreeError(f'param subtree {name!r} is empty. Fix: drop it from the tree')
+        visit(child, name)
+      elif isinstance(child, (list, tuple)) or child is None or not hasattr(child, 'shape'):
+        raise ParamTreeError(
+            f'param {name!r} is a {type(child).__name__}, not a dict or an array. '
+            'Fix: pass a nested dict of arrays (nnx.to_pure_dict of the params)')
+      else:
+        flat[name] = child
+
+  if not isinstance(tree, Mapping):
+    raise ParamTreeError(f'params are a {type(tree).__name__}, not a dict. '
+                         'Fix: pass a nested dict of arrays (nnx.to_pure_dict of the params)')
+  visit(tree, '')
+  return dict(sorted(flat.items()))
+
+
+def unflatten_params(flat: Mapping) -> dict:
+  """Inverse of `flatten_params`."""
+  tree = {}
+  for name in sorted(flat):
+    *parents, leaf_key = name.split(SEPARATOR)
+    node = tree
+    for depth, key in enumerate(parents):
+      node = node.setdefault(key, {})
+      if not isinstance(node, dict):
+        raise ParamTreeError(f'{SEPARATOR.join(parents[:depth + 1])!r} is both a leaf and a '
+                             f'subtree (of {name!r}). Fix: leaf names must not prefix each other')
+    if leaf_key in node:
+      raise ParamTreeError(f'{name!r} is both a leaf and a subtree. '
+                           'Fix: leaf names must not prefix each other')
+    node[leaf_key] = flat[name]
+  return tree
+
+
+# ---------------------------------------------------------------------- aggregation
+
+
+def pseudo_gradient(global_params, local_params):
+  """`global - local` in float32: what a silo publishes after its H inner steps."""
+  global_struct = jax.tree.structure(global_params)
+  local_struct = jax.tree.structure(local_params)
+  if global_struct != local_struct:
+    raise ParamTreeError(f'global and local params differ in structure: {global_struct} vs '
+                         f'{local_struct}. Fix: pass params of the same model')
+  return jax.tree.map(
+      lambda g, l: jnp.asarray(g, jnp.float32) - jnp.asarray(l, jnp.float32),
+      global_params, local_params)
+
+
+def aggregation_weights(tokens: Sequence[int],
+                        silo_weights: Sequence[float] | None = None) -> np.ndarray:
+  """Per-silo weights `tokens * silo_weight`, normalised to sum to 1 (float64)."""
+  tokens = np.asarray(tokens, np.float64)
+  if tokens.ndim != 1 or tokens.size == 0:
+    raise AggregationError(f'tokens must be a non-empty list, one count per silo; got shape '
+                           f'{tokens.shape}. Fix: pass the tokens each silo processed')
+  raw = tokens
+  if silo_weights is not None:
+    silo_weights = np.asarray(silo_weights, np.float64)
+    if silo_weights.shape != tokens.shape:
+      raise AggregationError(f'{silo_weights.size} silo weights for {tokens.size} silos. '
+                             'Fix: pass one weight per silo, or None')
+    raw = tokens * silo_weights
+  if not np.all(np.isfinite(raw)) or np.any(tokens < 0) or np.any(raw < 0):
+    raise AggregationError(f'tokens and silo weights must be finite and >= 0; got tokens '
+                           f'{tokens.tolist()}, weights '
+                           f'{None if silo_weights is None else silo_weights.tolist()}. '
+                           'Fix: check the silos\' reported token counts')
+  total = raw.sum()
+  if total <= 0:
+    raise AggregationError('all silos have zero weight (no tokens, or zero silo weights). '
+                           'Fix: aggregate only rounds in which some silo trained')
+  return raw / total
+
+
+def weighted_mean(leaves: Iterable, weights) -> jax.Array:
+  """`sum_k w_k * leaf_k` in float32, adding one silo at a time so that only one is held.
+
+  `leaves` may be a generator (e.g. reading each silo's delta from disk in turn).
+  """
+  weights = np.asarray(weights, np.float64)
+  total = None
+  count = 0
+  for count, leaf in enumerate(leaves, start=1):
+    if count > weights.size:
+      raise AggregationError(f'more leaves than the {weights.size} weights. '
+                             'Fix: pass one weight per silo')
+    leaf = jnp.asarray(leaf, jnp.float32)
+    if total is None:
+      total = jnp.zeros(leaf.shape, jnp.float32)
+    elif leaf.shape != total.shape:
+      raise AggregationError(f'silo {count - 1} leaf has shape {leaf.shape}, the first '
+                             f'{total.shape}. Fix: all silos must train the same model')
+    total = total + jnp.float32(weights[count - 1]) * leaf
+  if count != weights.size:
+    raise AggregationError(f'{count} leaves for {weights.size} weights. '
+                           'Fix: pass one leaf per silo')
+  return total
+
+
+# ----------------------------------------------------------------------- outer step
+
+
+def init_outer_state(optimizer: optax.GradientTransformation, params_flat: Mapping) -> dict:
+  """Per-leaf optax state, kept in float32 so small outer updates are not lost."""
+  return {name: optimizer.init(jnp.zeros(jnp.shape(leaf), jnp.float32))
+          for name, leaf in params_flat.items()}
+
+
+def outer_step_leaf(optimizer, global_leaf, mean_delta_leaf, leaf_state):
+  """One outer-optimiser step on one leaf; returns the leaf in its own dtype and new state."""
+  global_f32 = jnp.asarray(global_leaf, jnp.float32)
+  updates, new_state = optimizer.update(jnp.asarray(mean_delta_leaf, jnp.float32), leaf_state,
+                                        global_f32)
+  new_global = optax.apply_updates(global_f32, updates)
+  return new_global.astype(jnp.result_type(global_leaf)), new_state
+
+
+# Compiled once per (optimizer, leaf shape); the optimizer is a hashable NamedTuple.
+_outer_step_leaf_jit = jax.jit(outer_step_leaf, static_argnums=0)
+
+
+def outer_step(optimizer, global_flat: Mapping, mean_delta_flat: Mapping, state: Mapping,
+               leaf_names: Sequence[str] | None = None) -> tuple[dict, dict]:
+  """Steps every leaf, or only `leaf_names` (one process's shard); returns those leaves."""
+  names = sorted(global_flat) if leaf_names is None else list(leaf_names)
+  for where, mapping in (('global params', global_flat), ('mean deltas', mean_delta_flat),
+                         ('outer state', state)):
+    missing = [n for n in names if n not in mapping]
+    if missing:
+      raise ParamTreeError(f'{len(missing)} leaves missing from the {where}, e.g. '
+                           f'{missing[:3]}. Fix: use the same model and shard for all inputs '
+                           '(init_outer_state on the global params)')
+  new_global, new_state = {}, {}
+  for name in names:
+    if jnp.shape(global_flat[name]) != jnp.shape(mean_delta_flat[name]):
+      raise ParamTreeError(f'leaf {name!r}: global shape {jnp.shape(global_flat[name])} vs '
+                           f'delta shape {jnp.shape(mean_delta_flat[name])}. '
+                           'Fix: all silos must train the same model')
+    new_global[name], new_state[name] = _outer_step_leaf_jit(
+        optimizer, global_flat[name], mean_delta_flat[name], state[name])
+  return new_global, new_state
+
+
+def shard_leaf_names(names: Sequence[str], shard_index: int, num_shards: int,
+                     sizes: Mapping[str, int] | None = None) -> list[str]:
+  """This process's leaves: a deterministic partition, balanced by bytes when `sizes` given.
+
+  Without sizes, leaves go round-robin in sorted order. With sizes, largest first (ties by
+  name) to the least-loaded shard (ties by lowest index): the classic LPT greedy.
+  """
+  if isinstance(num_shards, bool) or not isinstance(num_shards, numbers.Integral) \
+      or num_shards < 1:
+    raise ParamTreeError(f'num_shards={num_shards!r} must be an integer >= 1. '
+                         'Fix: pass --shard=i/n with n >= 1')
+  if isinstance(shard_index, bool) or not isinstance(shard_index, numbers.Integral) \
+      or not 0 <= shard_index < num_shards:
+    raise ParamTreeError(f'shard index {shard_index!r} is outside [0, {num_shards}). '
+                         f'Fix: pass --shard=i/{num_shards} with 0 <= i < {num_shards}')
+  ordered = sorted(names)
+  if len(set(ordered)) != len(ordered):
+    raise ParamTreeError('duplicate leaf names. Fix: pass each leaf name once')
+  if sizes is None:
+    return ordered[shard_index::num_shards]
+  missing = [n for n in ordered if n not in sizes]
+  if missing:
+    raise ParamTreeError(f'no size for leaves {missing[:3]}. Fix: pass a size for every leaf')
+  if any(sizes[n] < 0 for n in ordered):
+    raise ParamTreeError('leaf sizes must be >= 0. Fix: pass sizes in bytes')
+  loads = [0] * num_shards
+  mine = []
+  for name in sorted(ordered, key=lambda n: (-sizes[n], n)):
+    target = min(range(num_shards), key=lambda i: (loads[i], i))
+    loads[target] += sizes[name]
+    if target == shard_index:
+      mine.append(name)
+  return sorted(mine)
+
+
+def leaf_nbytes(params_flat: Mapping) -> dict:
+  """`{name: bytes}` for `shard_leaf_names(sizes=...)`."""
+  return {name: int(np.prod(jnp.shape(leaf), dtype=np.int64)) * jnp.result_type(leaf).itemsize
+          for name, leaf in params_flat.items()}
+
