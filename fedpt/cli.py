@@ -5,13 +5,20 @@ import sys
 from absl import flags
 from absl import logging
 
+from fedpt import aggregator
 from fedpt import checkpoint
+from fedpt import compression
 from fedpt import config
 from fedpt import data
+from fedpt import outer
+from fedpt import silo
+from fedpt import storage
 from fedpt import trainer
 
 USER_ERRORS = (config.ConfigError, data.DataError, checkpoint.CheckpointError,
-               trainer.TrainingDivergedError)
+               trainer.TrainingDivergedError, storage.StorageError, silo.RunMismatchError,
+               outer.OuterConfigError, compression.CompressionError,
+               aggregator.ShardSpecError)
 
 
 def run_or_explain(fn, *args, **kwargs):

@@ -93,6 +93,31 @@ def base_config() -> ml_collections.ConfigDict:
       keep_checkpoints=3,
       peak_tflops_per_device=0.0,  # 0: look up the device kind; used for MFU only.
   ))
+  c.federation = ml_collections.ConfigDict(dict(
+      rounds=10,
+      inner_steps=50,  # H: inner steps per round (a silo may override its own).
+      round_budget_s=0.0,  # >0: a silo ends its round after this many seconds instead.
+      silos=('web', 'concurrency', 'text', 'tools'),  # Silo ids, listed in run.json.
+      silo_weights=(),  # Optional per-silo multipliers of the token weights.
+      min_silos=0,  # Quorum once the deadline passed; 0 means every silo.
+      round_deadline_s=600.0,  # Aggregator: after this, a quorum is enough.
+      wait_timeout_s=3600.0,  # Any wait for the bucket fails with a clear error after this.
+      poll_s=0.5,
+      compression='none',  # none, bf16, int8, int4.
+      block_size=256,
+      error_feedback=False,
+      num_shards=1,  # Aggregation split over this many processes by parameter leaves.
+      keep_last_rounds=3,
+      keep_every_rounds=10,
+  ))
+  c.outer = ml_collections.ConfigDict(dict(
+      optimizer='diloco',  # diloco (Nesterov), fedavg, sgd, fedadam, fedyogi.
+      lr=0.7,
+      momentum=0.9,
+      b1=0.9,
+      b2=0.99,
+      eps=0.1,  # DiLoCo found outer Adam needs a large eps to be stable.
+  ))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.sharding = ml_collections.ConfigDict(dict(rules=DEFAULT_RULES))
   c.distributed = ml_collections.ConfigDict(dict(

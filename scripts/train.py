@@ -1,6 +1,8 @@
-r"""Trains one silo with no federation; also the centralised baseline.
+r"""Trains one silo: alone (the centralised baseline), or in a federated run.
 
   python scripts/train.py --config=configs/demo.py --workdir=/tmp/fedpt-demo
+  python scripts/train.py --config=configs/demo.py --workdir=/tmp/silo-web \
+      --silo=web --storage=/shared/run1 --config.data.stdlib_group=web
 
 Resumes automatically from --workdir. On SIGTERM it checkpoints and exits with
 status 75 (EX_TEMPFAIL) so that a supervisor restarts it.
@@ -15,11 +17,14 @@ from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from fedpt import cli  # noqa: E402
+from fedpt import silo  # noqa: E402
 from fedpt import trainer  # noqa: E402
 
 config_flags.DEFINE_config_file('config', None, 'A configs/*.py file.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Checkpoints, metrics.jsonl and TensorBoard events.')
 flags.DEFINE_integer('stop_at_step', None, 'Checkpoint and stop at this step (resumable).')
+flags.DEFINE_string('silo', None, 'Join a federated run as this silo id (see run.json).')
+flags.DEFINE_string('storage', None, 'The federated run\'s shared storage root.')
 flags.mark_flags_as_required(['config', 'workdir'])
 FLAGS = flags.FLAGS
 
@@ -27,6 +32,11 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if (FLAGS.silo is None) != (FLAGS.storage is None):
+    raise app.UsageError('--silo and --storage go together: pass both to join a run.')
+  if FLAGS.silo is not None:
+    cli.run_or_explain(silo.run_silo, FLAGS.config, FLAGS.silo, FLAGS.storage, FLAGS.workdir)
+    return
   summary = cli.run_or_explain(trainer.train_and_evaluate, FLAGS.config, FLAGS.workdir,
                                stop_at_step=FLAGS.stop_at_step)
   if summary['preempted']:

@@ -1,0 +1,343 @@
+"""The aggregation loop: quorum or deadline, validation, token-weighted mean, outer step.
+
+Work is split over `num_shards` processes by parameter leaves. Shard 0 decides
+who is in a round and writes the create-once manifest; every shard follows the
+manifest, so a restarted or replayed round gives the identical global model.
+Deltas are read one leaf at a time: memory holds one leaf per silo at most.
+"""
+import time
+import uuid
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from fedpt import compression
+from fedpt import metrics as metrics_lib
+from fedpt import outer
+from fedpt import storage as storage_lib
+
+
+class ShardSpecError(ValueError):
+  """A malformed --shard, or one that does not match the run's num_shards."""
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+  """'i/n' -> (i, n)."""
+  try:
+    index, count = (int(x) for x in text.split('/'))
+  except ValueError:
+    raise ShardSpecError(
+        f'--shard={text!r} is not of the form i/n. Fix: e.g. --shard=0/2') from None
+  if not 0 <= index < count:
+    raise ShardSpecError(f'--shard={text!r}: need 0 <= i < n. Fix: e.g. --shard=1/2')
+  return index, count
+
+
+class Aggregator:
+  """Everything one aggregation shard needs about the run."""
+
+  def __init__(self, storage_root: str, shard: int = 0, num_shards: int | None = None):
+    self.store = storage_lib.RunStorage(storage_root)
+    self.run = self.store.read_run()
+    fed = self.run['federation']
+    self.fed = fed
+    self.num_shards = fed['num_shards'] if num_shards is None else num_shards
+    if self.num_shards != fed['num_shards']:
+      raise ShardSpecError(
+          f'this run is aggregated in {fed["num_shards"]} shards (run.json), not '
+          f'{self.num_shards}. Fix: pass --shard=i/{fed["num_shards"]}.')
+    self.shard = shard
+    self.optimizer = outer.make_outer_optimizer(ml_collections.ConfigDict(self.run['outer']))
+    self.silo_weight = {s['id']: s['weight'] for s in self.run['silos']}
+    metas = self.store.global_shard_metas(0)
+    if metas is None:
+      raise storage_lib.StorageError(
+          f'global round 0 is missing under {self.store.root}. Fix: run scripts/init_run.py.')
+    self.leaf_shapes = {k: tuple(v) for m in metas for k, v in m['leaf_shapes'].items()}
+    self.leaf_dtypes = {k: v for m in metas for k, v in m['leaf_dtypes'].items()}
+    self.my_leaves = sorted(k for m in metas if m['shard'] == shard for k in m['leaf_hashes'])
+
+  # -- state of this shard -----------------------------------------------------
+
+  def _abstract(self):
+    params = {n: jax.ShapeDtypeStruct(self.leaf_shapes[n], np.dtype(self.leaf_dtypes[n]))
+              for n in self.my_leaves}
+    state = jax.eval_shape(lambda: outer.init_outer_state(self.optimizer, params))
+    return params, state
+
+  def read_shard(self, round_index: int):
+    abstract_params, abstract_state = self._abstract()
+    params, state_arrays = self.store.read_global_shard(
+        round_index, self.shard, self.num_shards, abstract_params,
+        state_to_arrays(abstract_state))
+    return params, arrays_to_state(state_arrays, abstract_state)
+
+  def next_round(self) -> int:
+    """The first round whose output this shard has not committed yet."""
+    r = 0
+    while self.store.read_json(
+        self.store.shard_dir(r + 1, self.shard, self.num_shards) / storage_lib.META) is not None:
+      r += 1
+    return r
+
+  # -- the decision (shard 0) ----------------------------------------------------
+
+  def _validate(self, round_index: int, silo: str, meta: dict, base_hash: str) -> str | None:
+    """The reason to reject a committed delta, or None if it may be aggregated."""
+    if meta.get('run_id') != self.run['run_id']:
+      return f'belongs to run {meta.get("run_id")!r}, not {self.run["run_id"]!r}'
+    if meta.get('round') != round_index or meta.get('silo') != silo:
+      return f'metadata says round {meta.get("round")} silo {meta.get("silo")!r}'
+    if silo not in self.silo_weight:
+      return 'unknown silo (not in run.json)'
+    if meta.get('base_global_hash') != base_hash:
+      return 'based on a different global model than this round\'s'
+    if meta.get('compression') not in compression.FORMATS:
+      return f'unknown compression {meta.get("compression")!r}'
+    if not isinstance(meta.get('tokens'), int) or meta['tokens'] <= 0:
+      return f'bad token count {meta.get("tokens")!r}'
+    tree = meta.get('tree') or {}
+    if sorted(tree) != sorted(self.leaf_shapes):
+      return 'parameter tree differs from the run\'s model'
+    for name, shape in self.leaf_shapes.items():
+      if tuple(tree[name]['shape']) != shape:
+        return f'parameter {name} has shape {tree[name]["shape"]}, expected {list(shape)}'
+      want = compression.compressed_nbytes(shape, meta['compression'], meta['block_size'])
+      got = sum(int(np.prod(s)) * np.dtype(d).itemsize
+                for s, d in tree[name]['payload'].values())
+      if got != want:
+        return f'parameter {name} payload is {got} bytes, expected {want} for {meta["compression"]}'
+    try:
+      stored = self.store.delta_tree_metadata(round_index, silo)
+    except Exception as e:  # pylint: disable=broad-except
+      return f'payload unreadable: {e}'
+    for name, leaf in tree.items():
+      for key, (shape, dtype) in leaf['payload'].items():
+        if stored.get(f'{name}/{key}') != (tuple(shape), dtype):
+          return f'stored payload {name}/{key} does not match its metadata'
+    for name in sorted(tree):
+      try:
+        payload = self.store.read_delta_leaf(round_index, silo, name, tree[name]['payload'])
+      except storage_lib.StorageError as e:
+        return f'payload {name} unreadable: {e}'
+      for key, value in payload.items():
+        if storage_lib.array_hash(value) != meta['payload_hashes'].get(f'{name}/{key}'):
+          return f'payload {name}/{key} does not match its content hash (torn or modified)'
+      values = compression.decompress(payload, meta['compression'], self.leaf_shapes[name],
+                                      meta['block_size'])
+      if not bool(jnp.all(jnp.isfinite(values))):
+        return f'parameter {name} has NaN or Inf values'
+    return None
+
+  def decide(self, round_index: int) -> dict:
+    """Waits for every silo, or for a quorum after the deadline; writes the manifest."""
+    existing = self.store.read_manifest(round_index)
+    if existing is not None:
+      return existing
+    expected = sorted(self.silo_weight)
+    quorum = self.fed['min_silos'] or len(expected)
+    started = time.monotonic()
+    deadline = started + self.fed['round_deadline_s']
+
+    def ready():
+      have = self.store.committed_silos(round_index)
+      if set(expected) <= set(have):
+        return have
+      if time.monotonic() >= deadline and len(set(have) & set(expected)) >= quorum:
+        return have
+      return None
+
+    try:
+      committed = storage_lib.wait_for(
+          ready, f'round {round_index} deltas: need all of {expected}, or {quorum} after the '
+          f'{self.fed["round_deadline_s"]:.0f}s deadline',
+          timeout_s=self.fed['wait_timeout_s'], poll_s=self.fed['poll_s'])
+    except storage_lib.WaitTimeout as e:
+      have = self.store.committed_silos(round_index)
+      raise storage_lib.WaitTimeout(
+          f'{e}; have {have}, missing {sorted(set(expected) - set(have))}') from None
+    base_hash = self.store.global_hash(round_index)
+    included, rejected = [], []
+    for silo in committed:
+      meta = self.store.delta_meta(round_index, silo)
+      reason = 'metadata unreadable' if meta is None else self._validate(
+          round_index, silo, meta, base_hash)
+      if reason:
+        rejected.append({'silo': silo, 'reason': reason})
+      else:
+        included.append({k: meta[k] for k in ('silo', 'tokens', 'steps', 'train_loss', 'bytes',
+                                              'compression', 'block_size', 'delta_norm',
+                                              'content_hash', 'global_eval_loss')})
+    late = []
+    if round_index > 0:
+      previous = self.store.read_manifest(round_index - 1) or {}
+      decided = {e['silo'] for e in previous.get('included', []) + previous.get('rejected', [])}
+      late = sorted(set(self.store.committed_silos(round_index - 1)) - decided)
+    weights = (outer.aggregation_weights([e['tokens'] for e in included],
+                                         [self.silo_weight[e['silo']] for e in included])
+               if included else [])
+    for entry, w in zip(included, weights):
+      entry['weight'] = float(w)
+    manifest = {
+        'round': round_index, 'run_id': self.run['run_id'], 'base_global_hash': base_hash,
+        'included': included, 'rejected': rejected, 'missing': sorted(set(expected) -
+                                                                       set(committed)),
+        'late_from_previous_round': late, 'decided_after_s': time.monotonic() - started,
+    }
+    self.store.write_manifest(round_index, manifest)
+    return manifest
+
+  # -- the outer step -------------------------------------------------------------
+
+  def aggregate(self, round_index: int, manifest: dict) -> dict:
+    params, outer_state = self.read_shard(round_index)
+    included = manifest['included']
+    new_params, new_state = {}, {}
+    for name in self.my_leaves:
+      if not included:  # Nothing valid arrived: carry the model and the momentum over.
+        new_params[name], new_state[name] = params[name], outer_state[name]
+        continue
+      leaves = (compression.decompress(
+          self.store.read_delta_leaf(round_index, e['silo'], name,
+                                     self._payload_spec(round_index, e['silo'], name)),
+          e['compression'], self.leaf_shapes[name], e['block_size']) for e in included)
+      mean_delta = outer.weighted_mean(leaves, [e['weight'] for e in included])
+      step_params, step_state = outer.outer_step(
+          self.optimizer, {name: params[name]}, {name: mean_delta}, {name: outer_state[name]})
+      new_params[name] = np.asarray(step_params[name])
+      new_state[name] = jax.tree.map(np.asarray, step_state[name])
+    meta = global_shard_meta(round_index + 1, self.shard, self.num_shards, new_params,
+                             contributors=[e['silo'] for e in included],
+                             tokens=sum(e['tokens'] for e in included), run_id=self.run['run_id'])
+    self.store.publish_global_shard(round_index + 1, self.shard, self.num_shards, new_params,
+                                    state_to_arrays(new_state), meta)
+    return meta
+
+  def _payload_spec(self, round_index, silo, name):
+    return self.store.delta_meta(round_index, silo)['tree'][name]['payload']
+
+  def collect_garbage(self, newest_round: int) -> None:
+    """Keeps the last N global rounds plus every M-th; manifests stay as the ledger."""
+    keep_last = max(self.fed['keep_last_rounds'], 2)  # A lagging shard may still read r-1.
+    every = self.fed['keep_every_rounds']
+    for r in range(0, newest_round - keep_last + 1):
+      if every and r % every == 0:
+        continue
+      if self.store.global_dir(r).exists() or self.store.round_dir(r).exists():
+        self.store.delete_round(r)
+
+
+def state_to_arrays(state_by_leaf: dict) -> dict:
+  """Per-leaf optax states as flat named arrays, the form Orbax stores."""
+  return {f'{name}/s{i}': x for name, state in state_by_leaf.items()
+          for i, x in enumerate(jax.tree.leaves(state))}
+
+
+def arrays_to_state(arrays: dict, abstract_state_by_leaf: dict) -> dict:
+  out = {}
+  for name, abstract in abstract_state_by_leaf.items():
+    leaves, treedef = jax.tree.flatten(abstract)
+    out[name] = jax.tree.unflatten(treedef, [arrays[f'{name}/s{i}'] for i in range(len(leaves))])
+  return out
+
+
+def global_shard_meta(round_index, shard, num_shards, params_flat, contributors, tokens,
+                      run_id) -> dict:
+  return {
+      'round': round_index, 'shard': shard, 'num_shards': num_shards, 'run_id': run_id,
+      'leaf_hashes': {n: storage_lib.array_hash(v) for n, v in params_flat.items()},
+      'leaf_shapes': {n: list(np.shape(v)) for n, v in params_flat.items()},
+      'leaf_dtypes': {n: str(np.asarray(v).dtype) for n, v in params_flat.items()},
+      'contributors': contributors, 'tokens': tokens,
+  }
+
+
+def run_aggregator(storage_root: str, shard: int = 0, num_shards: int | None = None,
+                   stop_after_rounds: int | None = None) -> dict:
+  """Aggregates rounds until the run's last one; resumes where this shard left off."""
+  agg = Aggregator(storage_root, shard, num_shards)
+  total = agg.fed['rounds']
+  r = agg.next_round()
+  done = 0
+  while r < total:
+    if shard == 0:
+      manifest = agg.decide(r)
+    else:
+      manifest = storage_lib.wait_for(
+          lambda: agg.store.read_manifest(r), f'the manifest of round {r} (written by shard 0)',
+          timeout_s=agg.fed['wait_timeout_s'], poll_s=agg.fed['poll_s'])
+    agg.aggregate(r, manifest)
+    metrics_lib.log(
+        f'aggregator {shard}/{agg.num_shards}: round {r} -> global {r + 1} from '
+        f'{[e["silo"] for e in manifest["included"]]}'
+        + (f', rejected {[(e["silo"], e["reason"]) for e in manifest["rejected"]]}'
+           if manifest['rejected'] else ''))
+    if shard == 0:
+      agg.collect_garbage(r + 1)
+    r += 1
+    done += 1
+    if stop_after_rounds is not None and done >= stop_after_rounds:
+      break
+  return {'round': r}
+
+
+def init_run(config, storage_root: str, run_id: str | None = None) -> dict:
+  """Writes global round 0 (bit-identical start for every silo), then run.json last."""
+  from fedpt import silo as silo_lib  # pylint: disable=g-import-not-at-top
+  from fedpt import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+  config = silo_lib.federated_config(config)
+  validate_federation(config)
+  optimizer = outer.make_outer_optimizer(config.outer)
+  store = storage_lib.RunStorage(storage_root)
+  if store.run_path.exists():
+    raise storage_lib.StorageError(
+        f'{store.run_path} already exists: this storage root holds a run. Fix: choose a new '
+        '--storage root, or delete the old run on purpose.')
+  trainer = trainer_lib.Trainer(config)
+  params = storage_lib.flatten(jax.device_get(trainer.init_state()['params']))
+  info = silo_lib.run_info(config, trainer.tokenizer_sha256, run_id or uuid.uuid4().hex)
+  if store.global_dir(0).exists():
+    store.global_dir(0).rmtree()  # Left by an init that crashed before run.json.
+  state = outer.init_outer_state(optimizer, params)
+  sizes = outer.leaf_nbytes(params)
+  num_shards = config.federation.num_shards
+  for shard in range(num_shards):
+    names = outer.shard_leaf_names(sorted(params), shard, num_shards, sizes)
+    shard_params = {n: np.asarray(params[n]) for n in names}
+    store.publish_global_shard(
+        0, shard, num_shards, shard_params,
+        state_to_arrays({n: jax.tree.map(np.asarray, state[n]) for n in names}),
+        global_shard_meta(0, shard, num_shards, shard_params, contributors=[], tokens=0,
+                          run_id=info['run_id']))
+  store.create_run(info)
+  return info
+
+
+def validate_federation(config) -> None:
+  from fedpt import config as config_lib  # pylint: disable=g-import-not-at-top
+  fed = config.federation
+
+  def require(ok, field, problem, fix):
+    if not ok:
+      raise config_lib.ConfigError(f'federation.{field}', problem, fix)
+
+  require(fed.rounds > 0, 'rounds', f'must be positive, got {fed.rounds}', 'set it > 0')
+  require(fed.inner_steps > 0, 'inner_steps', f'must be positive, got {fed.inner_steps}',
+          'set H > 0')
+  require(len(fed.silos) > 0 and len(set(fed.silos)) == len(fed.silos), 'silos',
+          f'need distinct silo ids, got {list(fed.silos)}', 'list each silo id once')
+  for s in fed.silos:
+    require(isinstance(s, str) and s.replace('-', '').replace('_', '').isalnum(), 'silos',
+            f'silo id {s!r} must be letters, digits, - or _', 'rename the silo')
+  require(0 <= fed.min_silos <= len(fed.silos), 'min_silos',
+          f'{fed.min_silos} is not between 0 and {len(fed.silos)} silos',
+          'use 0 (all silos) or a quorum size')
+  require(fed.compression in compression.FORMATS, 'compression',
+          f'unknown format {fed.compression!r}', f'use one of {compression.FORMATS}')
+  require(fed.block_size > 0 and fed.block_size % 2 == 0, 'block_size',
+          f'{fed.block_size} must be a positive even number', 'use e.g. 256')
+  require(fed.num_shards >= 1, 'num_shards', 'must be >= 1', 'use 1 or more')
+  require(fed.wait_timeout_s > 0 and fed.round_deadline_s >= 0, 'wait_timeout_s',
+          'timeouts must be positive', 'set seconds > 0')

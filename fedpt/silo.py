@@ -1,0 +1,230 @@
+"""The silo worker: rounds of H inner steps, publish a pseudo-gradient, wait, rebase.
+
+A silo keeps its inner AdamW state, data position and error-feedback residual in
+its private checkpoint, saved at the start of every round. Every step of a round
+is deterministic, so a silo killed anywhere in a round redoes it bit for bit,
+and publishing is idempotent.
+"""
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedpt import checkpoint as checkpoint_lib
+from fedpt import compression
+from fedpt import config as config_lib
+from fedpt import metrics as metrics_lib
+from fedpt import outer
+from fedpt import storage as storage_lib
+from fedpt import trainer as trainer_lib
+
+FORMAT_VERSION = 1
+
+
+class RunMismatchError(ValueError):
+  """This silo's config or tokenizer does not match the run it tries to join."""
+
+
+def federated_config(config):
+  """The silo's config with train.steps derived from rounds x H (the LR schedule's horizon)."""
+  config = config.copy_and_resolve_references()
+  with config.ignore_type():
+    config.train.steps = config.federation.rounds * config.federation.inner_steps
+  return config
+
+
+def run_info(config, tokenizer_sha256: str, run_id: str) -> dict:
+  """The contents of run.json: everything silos must agree on."""
+  fed = config.federation
+  weights = list(fed.silo_weights) or [1.0] * len(fed.silos)
+  if len(weights) != len(fed.silos):
+    raise config_lib.ConfigError(
+        'federation.silo_weights', f'{len(weights)} weights for {len(fed.silos)} silos',
+        'give one weight per silo, or none')
+  return {
+      'format_version': FORMAT_VERSION,
+      'run_id': run_id,
+      'model_spec': config_lib.model_spec(config),
+      'tokenizer_sha256': tokenizer_sha256,
+      'silos': [{'id': s, 'weight': float(w)} for s, w in zip(fed.silos, weights)],
+      'federation': {k: (list(v) if isinstance(v, tuple) else v) for k, v in fed.items()},
+      'outer': dict(config.outer.items()),
+      'seed': config.seed,
+  }
+
+
+def check_joins_run(run: dict, config, silo_id: str, tokenizer_sha256: str) -> None:
+  silo_ids = [s['id'] for s in run['silos']]
+  if silo_id not in silo_ids:
+    raise RunMismatchError(
+        f'silo {silo_id!r} is not in this run (run.json lists {silo_ids}). Fix: pass one of '
+        'those as --silo, or create a run that includes it.')
+  spec = config_lib.model_spec(config)
+  if spec != run['model_spec']:
+    diff = {k: (spec.get(k), run['model_spec'].get(k)) for k in run['model_spec']
+            if spec.get(k) != run['model_spec'].get(k)}
+    raise RunMismatchError(
+        f'this config\'s model differs from the run\'s (field: (yours, run\'s)) {diff}. Fix: '
+        'use the config the run was created with.')
+  if tokenizer_sha256 != run['tokenizer_sha256']:
+    raise RunMismatchError(
+        f'tokenizer sha256 {tokenizer_sha256[:12]}... differs from the run\'s '
+        f'{run["tokenizer_sha256"][:12]}.... Fix: set --config.data.tokenizer to the run\'s '
+        'tokenizer and tokenise your corpus with it.')
+
+
+def _flat_abstract_params(trainer):
+  return storage_lib.flatten(trainer.abstract_state()['params'])
+
+
+def load_global_into(trainer, store, round_index: int, state):
+  """Replaces the params of `state` by global round `round_index`; the inner state stays."""
+  flat = store.read_global_params(round_index, _flat_abstract_params(trainer))
+  state = dict(state)
+  state['params'] = storage_lib.nest(flat)
+  return state
+
+
+def _compress_delta(global_flat, local_flat, residual_flat, fed):
+  payload, new_residual, nbytes, norm_sq = {}, {}, 0, 0.0
+  for name in sorted(global_flat):
+    delta = (global_flat[name].astype(jnp.float32) - local_flat[name].astype(jnp.float32))
+    norm_sq += float(jnp.sum(jnp.square(delta)))
+    if residual_flat is not None:
+      leaf_payload, new_residual[name] = compression.compress_with_feedback(
+          delta, residual_flat[name], fed.compression, fed.block_size)
+    else:
+      leaf_payload = compression.compress(delta, fed.compression, fed.block_size)
+    payload[name] = {k: np.asarray(jax.device_get(v)) for k, v in leaf_payload.items()}
+    nbytes += compression.payload_nbytes(payload[name])
+  return payload, (new_residual if residual_flat is not None else None), nbytes, norm_sq ** 0.5
+
+
+def _payload_hashes(payload):
+  return {f'{name}/{k}': storage_lib.array_hash(v)
+          for name, leaf in payload.items() for k, v in leaf.items()}
+
+
+def run_silo(config, silo_id: str, storage_root: str, workdir: str,
+             stop_after_rounds: int | None = None) -> dict:
+  """Joins the run at `storage_root` as `silo_id` and trains until the last round."""
+  config = federated_config(config)
+  fed = config.federation
+  store = storage_lib.RunStorage(storage_root)
+  run = store.read_run()
+  trainer = trainer_lib.Trainer(config)
+  check_joins_run(run, config, silo_id, trainer.tokenizer_sha256)
+  total_rounds = run['federation']['rounds']
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=2)
+  expected_meta = {**checkpoint_lib.expected_meta(config, trainer.tokenizer_sha256),
+                   'run_id': run['run_id'], 'silo': silo_id}
+  wait = dict(timeout_s=fed.wait_timeout_s, poll_s=fed.poll_s)
+  use_feedback = fed.error_feedback and fed.compression != 'none'
+
+  private_step = ckpt.latest_step()
+  if private_step is not None:
+    abstract = {'train': trainer.abstract_state()}
+    if use_feedback:
+      abstract['residual'] = jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=x.sharding),
+          abstract['train']['params'])
+    private, _ = ckpt.restore(private_step, abstract, expected_meta)
+    state, round_index = private['train'], private_step
+    residual = storage_lib.flatten(private['residual']) if use_feedback else None
+    metrics_lib.log(f'silo {silo_id}: resumed at round {round_index} from {workdir}')
+  else:
+    round_index = storage_lib.wait_for(store.latest_global_round, 'the initial global model',
+                                       **wait)
+    state = load_global_into(trainer, store, round_index, trainer.init_state())
+    residual = ({k: jnp.zeros(v.shape, jnp.float32) for k, v in
+                 storage_lib.flatten(state['params']).items()} if use_feedback else None)
+
+  def save_private(round_index, state, residual):
+    tree = {'train': state}
+    if use_feedback:
+      tree['residual'] = storage_lib.nest(residual)
+    ckpt.save(round_index, tree, {**expected_meta, 'round': round_index})
+
+  if private_step is None:
+    save_private(round_index, state, residual)
+  rounds_done = 0
+  summary = {'silo': silo_id, 'rounds': []}
+  try:
+    while round_index < total_rounds:
+      newest = store.latest_global_round()
+      if newest is not None and newest > round_index:
+        metrics_lib.log(f'silo {silo_id}: missed rounds {round_index}..{newest - 1}; '
+                        f'rebasing onto global round {newest}')
+        round_index = newest
+        state = load_global_into(trainer, store, round_index, state)
+        save_private(round_index, state, residual)
+        continue
+      base_hash = store.global_hash(round_index)
+      global_flat = {k: jnp.copy(v) for k, v in storage_lib.flatten(state['params']).items()}
+      global_eval = trainer.evaluate(state['params'])
+      _publish_eval(store, round_index, silo_id, global_eval, int(state['step']))
+
+      start = time.monotonic()
+      losses, steps = [], 0
+      step = int(state['step'])  # The data position; tracked on the host from here on.
+      while steps < fed.inner_steps:
+        state, step_metrics = trainer.train_step(state, trainer.batch(step))
+        losses.append(step_metrics['train_loss'])
+        steps += 1
+        step += 1
+        if fed.round_budget_s and time.monotonic() - start >= fed.round_budget_s:
+          break
+      train_loss = float(jnp.mean(jnp.stack(losses)))
+      if not np.isfinite(train_loss):
+        raise trainer_lib.TrainingDivergedError(
+            f'silo {silo_id} round {round_index}: train loss {train_loss}. Fix: lower '
+            'inner.lr; the delta was not published.')
+      payload, residual_next, nbytes, delta_norm = _compress_delta(
+          global_flat, storage_lib.flatten(state['params']), residual, fed)
+      hashes = _payload_hashes(payload)
+      meta = {
+          'format_version': FORMAT_VERSION, 'run_id': run['run_id'], 'round': round_index,
+          'silo': silo_id, 'base_global_hash': base_hash,
+          'tokens': steps * trainer.tokens_per_step(), 'steps': steps,
+          'train_loss': train_loss, 'global_eval_loss': global_eval,
+          'compression': fed.compression, 'block_size': fed.block_size, 'bytes': nbytes,
+          'delta_norm': delta_norm, 'inner_seconds': time.monotonic() - start,
+          'tree': {name: {'shape': list(global_flat[name].shape),
+                          'payload': {k: [list(v.shape), str(v.dtype)]
+                                      for k, v in leaf.items()}}
+                   for name, leaf in payload.items()},
+          'payload_hashes': hashes, 'content_hash': storage_lib.tree_hash(hashes),
+      }
+      store.publish_delta(round_index, silo_id, payload, meta)
+      metrics_lib.log(f'silo {silo_id}: round {round_index} published ({steps} steps, '
+                      f'loss {train_loss:.4f}, {nbytes:,} bytes)')
+      summary['rounds'].append({k: meta[k] for k in ('round', 'tokens', 'train_loss', 'bytes')})
+      next_round = storage_lib.wait_for(
+          lambda: (lambda r: r if r is not None and r > round_index else None)(
+              store.latest_global_round()),
+          f'global round {round_index + 1} (the aggregator\'s output for round {round_index}) '
+          f'under {storage_root}', **wait)
+      round_index = next_round
+      residual = residual_next
+      state = load_global_into(trainer, store, round_index, state)
+      save_private(round_index, state, residual)
+      rounds_done += 1
+      if stop_after_rounds is not None and rounds_done >= stop_after_rounds:
+        break
+    if round_index >= total_rounds:
+      final_eval = trainer.evaluate(state['params'])
+      _publish_eval(store, round_index, silo_id, final_eval, int(state['step']))
+      summary['final_eval_loss'] = final_eval
+    summary['round'] = round_index
+    summary['state'] = state
+  finally:
+    ckpt.close()
+  return summary
+
+
+def _publish_eval(store, round_index, silo_id, loss, step):
+  """Only metrics leave the silo: its held-out loss of the global model it just loaded."""
+  store.write_json(store.round_dir(round_index) / 'eval' / f'silo_{silo_id}.json',
+                   {'round': round_index, 'silo': silo_id, 'eval_loss': loss, 'step': step})
