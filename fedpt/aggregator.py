@@ -291,10 +291,7 @@ def init_run(config, storage_root: str, run_id: str | None = None) -> dict:
   validate_federation(config)
   optimizer = outer.make_outer_optimizer(config.outer)
   store = storage_lib.RunStorage(storage_root)
-  if store.run_path.exists():
-    raise storage_lib.StorageError(
-        f'{store.run_path} already exists: this storage root holds a run. Fix: choose a new '
-        '--storage root, or delete the old run on purpose.')
+  store.check_no_run()
   trainer = trainer_lib.Trainer(config)
   params = storage_lib.flatten(jax.device_get(trainer.init_state()['params']))
   info = silo_lib.run_info(config, trainer.tokenizer_sha256, run_id or uuid.uuid4().hex)

@@ -5,6 +5,7 @@ its private checkpoint, saved at the start of every round. Every step of a round
 is deterministic, so a silo killed anywhere in a round redoes it bit for bit,
 and publishing is idempotent.
 """
+import hashlib
 import os
 import time
 
@@ -15,6 +16,7 @@ import numpy as np
 from fedpt import checkpoint as checkpoint_lib
 from fedpt import compression
 from fedpt import config as config_lib
+from fedpt import faults
 from fedpt import metrics as metrics_lib
 from fedpt import outer
 from fedpt import storage as storage_lib
@@ -75,6 +77,11 @@ def check_joins_run(run: dict, config, silo_id: str, tokenizer_sha256: str) -> N
         'tokenizer and tokenise your corpus with it.')
 
 
+def silo_data_seed(seed: int, silo_id: str) -> int:
+  """Data order is a pure function of (seed, silo, step): silos never share an order."""
+  return int.from_bytes(hashlib.sha256(f'{seed}/{silo_id}'.encode()).digest()[:4], 'little')
+
+
 def _flat_abstract_params(trainer):
   return storage_lib.flatten(trainer.abstract_state()['params'])
 
@@ -102,6 +109,26 @@ def _compress_delta(global_flat, local_flat, residual_flat, fed):
   return payload, (new_residual if residual_flat is not None else None), nbytes, norm_sq ** 0.5
 
 
+def make_delta(run, round_index, silo_id, base_hash, global_flat, local_flat, residual_flat,
+               fed, *, steps, tokens, train_loss, global_eval_loss=None, inner_seconds=0.0):
+  """The compressed pseudo-gradient and its metadata: everything a silo publishes."""
+  payload, new_residual, nbytes, delta_norm = _compress_delta(
+      global_flat, local_flat, residual_flat, fed)
+  hashes = _payload_hashes(payload)
+  meta = {
+      'format_version': FORMAT_VERSION, 'run_id': run['run_id'], 'round': round_index,
+      'silo': silo_id, 'base_global_hash': base_hash, 'tokens': tokens, 'steps': steps,
+      'train_loss': train_loss, 'global_eval_loss': global_eval_loss,
+      'compression': fed.compression, 'block_size': fed.block_size, 'bytes': nbytes,
+      'delta_norm': delta_norm, 'inner_seconds': inner_seconds,
+      'tree': {name: {'shape': list(global_flat[name].shape),
+                      'payload': {k: [list(v.shape), str(v.dtype)] for k, v in leaf.items()}}
+               for name, leaf in payload.items()},
+      'payload_hashes': hashes, 'content_hash': storage_lib.tree_hash(hashes),
+  }
+  return payload, new_residual, meta
+
+
 def _payload_hashes(payload):
   return {f'{name}/{k}': storage_lib.array_hash(v)
           for name, leaf in payload.items() for k, v in leaf.items()}
@@ -114,7 +141,7 @@ def run_silo(config, silo_id: str, storage_root: str, workdir: str,
   fed = config.federation
   store = storage_lib.RunStorage(storage_root)
   run = store.read_run()
-  trainer = trainer_lib.Trainer(config)
+  trainer = trainer_lib.Trainer(config, data_seed=silo_data_seed(config.seed, silo_id))
   check_joins_run(run, config, silo_id, trainer.tokenizer_sha256)
   total_rounds = run['federation']['rounds']
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=2)
@@ -174,6 +201,8 @@ def run_silo(config, silo_id: str, storage_root: str, workdir: str,
         losses.append(step_metrics['train_loss'])
         steps += 1
         step += 1
+        if steps == fed.inner_steps // 2:
+          faults.crash_point('silo_inner', round_index)
         if fed.round_budget_s and time.monotonic() - start >= fed.round_budget_s:
           break
       train_loss = float(jnp.mean(jnp.stack(losses)))
@@ -181,23 +210,14 @@ def run_silo(config, silo_id: str, storage_root: str, workdir: str,
         raise trainer_lib.TrainingDivergedError(
             f'silo {silo_id} round {round_index}: train loss {train_loss}. Fix: lower '
             'inner.lr; the delta was not published.')
-      payload, residual_next, nbytes, delta_norm = _compress_delta(
-          global_flat, storage_lib.flatten(state['params']), residual, fed)
-      hashes = _payload_hashes(payload)
-      meta = {
-          'format_version': FORMAT_VERSION, 'run_id': run['run_id'], 'round': round_index,
-          'silo': silo_id, 'base_global_hash': base_hash,
-          'tokens': steps * trainer.tokens_per_step(), 'steps': steps,
-          'train_loss': train_loss, 'global_eval_loss': global_eval,
-          'compression': fed.compression, 'block_size': fed.block_size, 'bytes': nbytes,
-          'delta_norm': delta_norm, 'inner_seconds': time.monotonic() - start,
-          'tree': {name: {'shape': list(global_flat[name].shape),
-                          'payload': {k: [list(v.shape), str(v.dtype)]
-                                      for k, v in leaf.items()}}
-                   for name, leaf in payload.items()},
-          'payload_hashes': hashes, 'content_hash': storage_lib.tree_hash(hashes),
-      }
+      payload, residual_next, meta = make_delta(
+          run, round_index, silo_id, base_hash, global_flat,
+          storage_lib.flatten(state['params']), residual, fed,
+          steps=steps, tokens=steps * trainer.tokens_per_step(), train_loss=train_loss,
+          global_eval_loss=global_eval, inner_seconds=time.monotonic() - start)
+      nbytes = meta['bytes']
       store.publish_delta(round_index, silo_id, payload, meta)
+      faults.crash_point('silo_published', round_index)
       metrics_lib.log(f'silo {silo_id}: round {round_index} published ({steps} steps, '
                       f'loss {train_loss:.4f}, {nbytes:,} bytes)')
       summary['rounds'].append({k: meta[k] for k in ('round', 'tokens', 'train_loss', 'bytes')})

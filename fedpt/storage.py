@@ -22,6 +22,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from fedpt import faults
+
 META = 'meta.json'
 
 
@@ -138,20 +140,23 @@ class RunStorage:
     if exclusive and path.exists():
       raise StorageError(f'{path} already exists and is written only once')
     text = json.dumps(obj, indent=1, sort_keys=True)
-    if path.__class__.__name__.startswith('Posix') or str(path).startswith('/'):
+    if '://' not in str(path):
       tmp = path.parent / f'.{path.name}.tmp{random.getrandbits(32):08x}'
       tmp.write_text(text)
-      tmp.rename(path)
+      tmp.replace(path)
     else:
       path.write_text(text)
 
   # -- run.json ----------------------------------------------------------------
 
-  def create_run(self, run_info: dict) -> None:
+  def check_no_run(self) -> None:
     if self.run_path.exists():
       raise StorageError(
           f'{self.run_path} already exists: this storage root holds a run. Fix: choose a new '
           '--storage root, or delete the old run on purpose.')
+
+  def create_run(self, run_info: dict) -> None:
+    self.check_no_run()
     self.write_json(self.run_path, run_info, exclusive=True)
 
   def read_run(self) -> dict:
@@ -201,6 +206,7 @@ class RunStorage:
           f'{directory} already holds a different committed delta. A silo id must be used '
           'by one process only. Fix: check that two silos do not share --silo.')
     self._save_tree(directory / 'payload', nest(payload_flat))
+    faults.crash_point('silo_upload', round_index)
     self.write_json(directory / META, meta)
 
   def delta_meta(self, round_index: int, silo: str) -> dict | None:
@@ -234,6 +240,7 @@ class RunStorage:
     self._save_tree(directory / 'params', nest(params_flat))
     if outer_state:
       self._save_tree(directory / 'outer_state', nest(outer_state))
+    faults.crash_point('aggregate_upload', round_index - 1)
     self.write_json(directory / META, meta)
 
   def global_shard_metas(self, round_index: int) -> list[dict] | None:

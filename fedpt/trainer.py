@@ -35,8 +35,9 @@ class TrainingDivergedError(RuntimeError):
 class Trainer:
   """The sharded model, optimizer, data and jitted steps of one silo."""
 
-  def __init__(self, config, devices=None):
+  def __init__(self, config, devices=None, data_seed: int | None = None):
     sharding.maybe_initialize_distributed(config.distributed)
+    self.data_seed = config.seed if data_seed is None else data_seed
     devices = jax.devices() if devices is None else devices
     config_lib.validate(config, num_devices=len(devices))
     self.config = config
@@ -115,7 +116,7 @@ class Trainer:
     """The global batch of `step`; this host reads only its own rows."""
     d = self.config.data
     rows = self.train_data.batch(
-        step, global_batch=d.global_batch, seq_len=d.seq_len, seed=self.config.seed,
+        step, global_batch=d.global_batch, seq_len=d.seq_len, seed=self.data_seed,
         process_index=jax.process_index(), process_count=jax.process_count())
     return self._global_array(rows)
 

@@ -1,0 +1,295 @@
+"""Federation through a shared directory: protocol, aggregation decisions, crash safety."""
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from fedpt import aggregator as aggregator_lib
+from fedpt import faults
+from fedpt import outer
+from fedpt import silo as silo_lib
+from fedpt import storage as storage_lib
+from fedpt import trainer as trainer_lib
+
+
+@pytest.fixture
+def fed_config(tiny_config):
+  tiny_config.federation.update(rounds=3, inner_steps=4, silos=('a', 'b', 'c'), poll_s=0.05,
+                                wait_timeout_s=120.0)
+  return tiny_config
+
+
+def _global_params(store, round_index):
+  metas = store.global_shard_metas(round_index)
+  out = {}
+  for m in metas:
+    abstract = {n: jax.ShapeDtypeStruct(tuple(m['leaf_shapes'][n]), np.dtype(m['leaf_dtypes'][n]))
+                for n in m['leaf_hashes']}
+    params, _ = store.read_global_shard(round_index, m['shard'], m['num_shards'], abstract, {})
+    out.update(params)
+  return out
+
+
+def _publish_fake_delta(store, run, round_index, silo, fed, scale, tokens=1000, mutate=None,
+                        local_fn=None):
+  """A real silo delta (compressed, hashed, committed) of `scale * ones` per leaf."""
+  global_flat = _global_params(store, round_index)
+  local_flat = {n: v - scale for n, v in global_flat.items()}
+  if local_fn:
+    local_flat = local_fn(local_flat)
+  payload, _, meta = silo_lib.make_delta(
+      run, round_index, silo, store.global_hash(round_index), global_flat, local_flat, None,
+      fed, steps=4, tokens=tokens, train_loss=1.0)
+  if mutate:
+    payload, meta = mutate(payload, meta)
+  store.publish_delta(round_index, silo, payload, meta)
+
+
+# -- in-process protocol tests ------------------------------------------------------------
+
+
+def test_plain_training_is_the_k1_h1_fedavg_special_case(fed_config, tmp_path):
+  fed_config.federation.update(rounds=5, inner_steps=1, silos=('solo',))
+  fed_config.outer.optimizer = 'fedavg'
+  root = str(tmp_path / 'bucket')
+  aggregator_lib.init_run(fed_config, root)
+  worker = threading.Thread(target=silo_lib.run_silo,
+                            args=(fed_config, 'solo', root, str(tmp_path / 'silo')))
+  worker.start()
+  aggregator_lib.run_aggregator(root)
+  worker.join(timeout=300)
+  federated = _global_params(storage_lib.RunStorage(root), 5)
+
+  plain_config = silo_lib.federated_config(fed_config)
+  trainer = trainer_lib.Trainer(plain_config,
+                                data_seed=silo_lib.silo_data_seed(fed_config.seed, 'solo'))
+  state = trainer.init_state()
+  for step in range(5):
+    state, _ = trainer.train_step(state, trainer.batch(step))
+  plain = storage_lib.flatten(jax.device_get(state['params']))
+  assert sorted(plain) == sorted(federated)
+  for name in plain:
+    np.testing.assert_allclose(federated[name], plain[name], rtol=1e-5, atol=1e-6, err_msg=name)
+  assert not np.allclose(federated['embed_vd'], _global_params(
+      storage_lib.RunStorage(root), 0)['embed_vd'])
+
+
+def test_quorum_deadline_late_and_rejected_deltas(fed_config, tmp_path):
+  fed = fed_config.federation
+  fed.update(min_silos=2, round_deadline_s=0.5)
+  root = str(tmp_path / 'bucket')
+  run = aggregator_lib.init_run(fed_config, root)
+  store = storage_lib.RunStorage(root)
+  agg = aggregator_lib.Aggregator(root)
+
+  _publish_fake_delta(store, run, 0, 'a', fed, 0.01, tokens=1000)
+  _publish_fake_delta(store, run, 0, 'b', fed, 0.03, tokens=3000)
+  started = time.monotonic()
+  manifest = agg.decide(0)  # 'c' straggles: the quorum of 2 suffices after the deadline.
+  assert time.monotonic() - started >= 0.5
+  assert [e['silo'] for e in manifest['included']] == ['a', 'b']
+  assert manifest['missing'] == ['c']
+  np.testing.assert_allclose([e['weight'] for e in manifest['included']], [0.25, 0.75])
+  agg.aggregate(0, manifest)
+  # The straggler arrives after the decision: recorded as late, never aggregated.
+  _publish_fake_delta(store, run, 0, 'c', fed, 5.0)
+
+  def nan_leaf(local_flat):
+    return dict(local_flat, **{'final_norm/scale': local_flat['final_norm/scale'] * np.nan})
+
+  def flipped_value(payload, meta):  # Tampered after signing its hashes.
+    payload['embed_vd']['values'] = -payload['embed_vd']['values']
+    return payload, meta
+
+  def wrong_base(payload, meta):
+    meta = dict(meta, base_global_hash='0' * 64)
+    return payload, meta
+
+  _publish_fake_delta(store, run, 1, 'a', fed, 0.02, local_fn=nan_leaf)
+  _publish_fake_delta(store, run, 1, 'b', fed, 0.02, mutate=wrong_base)
+  _publish_fake_delta(store, run, 1, 'c', fed, 0.02)
+  _publish_fake_delta(store, run, 1, 'd', fed, 0.02, mutate=flipped_value)  # Not in run.json.
+  manifest = agg.decide(1)
+  assert manifest['late_from_previous_round'] == ['c']
+  assert [e['silo'] for e in manifest['included']] == ['c']
+  reasons = {e['silo']: e['reason'] for e in manifest['rejected']}
+  assert 'NaN' in reasons['a'] and 'different global model' in reasons['b']
+  assert 'unknown silo' in reasons['d']
+  before = _global_params(store, 1)
+  agg.aggregate(1, manifest)
+  after = _global_params(store, 2)
+  # Only c's delta (0.02 everywhere) moved the model; DiLoCo Nesterov with momentum from round 0.
+  moved = before['embed_vd'] - after['embed_vd']
+  assert np.all(moved > 0) and np.ptp(moved) < 1e-5
+
+  _publish_fake_delta(store, run, 2, 'a', fed, 0.02, mutate=flipped_value)
+  _publish_fake_delta(store, run, 2, 'b', fed, 0.02)
+  _publish_fake_delta(store, run, 2, 'c', fed, 0.02)
+  manifest = agg.decide(2)
+  assert [e['silo'] for e in manifest['included']] == ['b', 'c']
+  assert 'content hash' in manifest['rejected'][0]['reason']
+  agg.aggregate(2, manifest)
+
+  # A round with too few silos fails after wait_timeout_s, naming who is missing.
+  agg.fed['wait_timeout_s'] = 0.5
+  _publish_fake_delta(store, run, 3, 'b', fed, 0.01)
+  with pytest.raises(storage_lib.WaitTimeout, match=r"round 3.*missing \['a', 'c'\]"):
+    agg.decide(3)
+
+
+def test_split_aggregation_equals_unsplit(fed_config, tmp_path):
+  fed = fed_config.federation
+  results = {}
+  for num_shards in (1, 3):
+    fed.num_shards = num_shards
+    root = str(tmp_path / f'bucket{num_shards}')
+    run = aggregator_lib.init_run(fed_config, root, run_id='same')
+    store = storage_lib.RunStorage(root)
+    for r in range(2):
+      for k, silo in enumerate(('a', 'b', 'c')):
+        _publish_fake_delta(store, run, r, silo, fed, 0.01 * (k + 1) * (r + 1), tokens=100 * (k + 1))
+      workers = [threading.Thread(target=aggregator_lib.run_aggregator,
+                                  args=(root, shard, num_shards, 1))
+                 for shard in range(num_shards)]
+      for w in workers:
+        w.start()
+      for w in workers:
+        w.join(timeout=120)
+    assert len(store.global_shard_metas(2)) == num_shards
+    results[num_shards] = (_global_params(store, 2), store.global_hash(2))
+  (single, single_hash), (split, split_hash) = results[1], results[3]
+  assert single_hash == split_hash
+  for name in single:
+    np.testing.assert_array_equal(single[name], split[name])
+
+
+def test_garbage_collection_keeps_last_n_and_every_mth(fed_config, tmp_path):
+  fed = fed_config.federation
+  fed.update(rounds=7, keep_last_rounds=2, keep_every_rounds=3, silos=('a',))
+  root = str(tmp_path / 'bucket')
+  run = aggregator_lib.init_run(fed_config, root)
+  store = storage_lib.RunStorage(root)
+  agg = aggregator_lib.Aggregator(root)
+  for r in range(7):
+    _publish_fake_delta(store, run, r, 'a', fed, 0.01)
+    agg.aggregate(r, agg.decide(r))
+    agg.collect_garbage(r + 1)
+  kept = sorted(r for r in range(8) if store.global_dir(r).exists())
+  assert kept == [0, 3, 6, 7]
+  assert all(store.read_manifest(r) is not None for r in range(7))  # The ledger stays.
+  assert store.committed_silos(1) == [] and store.committed_silos(6) == ['a']
+
+
+def test_silo_that_does_not_match_the_run_is_refused(fed_config, tmp_path):
+  root = str(tmp_path / 'bucket')
+  run = aggregator_lib.init_run(fed_config, root)
+  with pytest.raises(silo_lib.RunMismatchError, match="silo 'zz' is not in this run"):
+    silo_lib.check_joins_run(run, fed_config, 'zz', run['tokenizer_sha256'])
+  with pytest.raises(silo_lib.RunMismatchError, match='tokenizer'):
+    silo_lib.check_joins_run(run, fed_config, 'a', 'f' * 64)
+  fed_config.model.d_model = 32
+  with pytest.raises(silo_lib.RunMismatchError, match='d_model'):
+    silo_lib.check_joins_run(run, fed_config, 'a', run['tokenizer_sha256'])
+  with pytest.raises(storage_lib.StorageError, match='holds a run'):
+    aggregator_lib.init_run(fed_config, root)
+
+
+def test_waits_time_out_with_what_they_wait_for():
+  started = time.monotonic()
+  with pytest.raises(storage_lib.WaitTimeout, match='waiting for global round 7'):
+    storage_lib.wait_for(lambda: None, 'global round 7', timeout_s=0.3, poll_s=0.05)
+  assert time.monotonic() - started < 2
+
+
+# -- real processes: kill -9 anywhere, restart, same final model --------------------------
+
+
+def _cli_overrides(config):
+  fed = config.federation
+  silos = ','.join(f"'{s}'" for s in fed.silos)
+  return [f'--config.data.corpus={config.data.corpus}',
+          f'--config.federation.rounds={fed.rounds}',
+          f'--config.federation.inner_steps={fed.inner_steps}',
+          f'--config.federation.silos=({silos},)',
+          f'--config.federation.poll_s={fed.poll_s}',
+          f'--config.federation.wait_timeout_s={fed.wait_timeout_s}']
+
+
+def _run_federation(repo_root, config, root, workdir, crashes=None):
+  """Runs every silo and the aggregator as processes, each crashing at its listed points in turn.
+
+  A process killed by its crash point is restarted exactly as an operator would, with
+  the next crash point (or none) in its environment.
+  """
+  config_flag = f'--config={repo_root / "configs" / "tiny.py"}'
+  overrides = _cli_overrides(config)
+  subprocess.run([sys.executable, str(repo_root / 'scripts' / 'init_run.py'), config_flag,
+                  f'--storage={root}', '--run_id=crashtest'] + overrides,
+                 check=True, capture_output=True, timeout=300)
+  commands = {f'silo_{s}': [sys.executable, str(repo_root / 'scripts' / 'train.py'),
+                            config_flag, f'--silo={s}', f'--storage={root}',
+                            f'--workdir={workdir}/{s}'] + overrides
+              for s in config.federation.silos}
+  commands['aggregator'] = [sys.executable, str(repo_root / 'scripts' / 'aggregate.py'),
+                            f'--storage={root}']
+  pending = {name: list(points) for name, points in (crashes or {}).items()}
+  logs = {}
+
+  def start(name, crash):
+    env = dict(os.environ)
+    if crash:
+      env[faults.ENV_VAR] = crash
+    logs[name] = open(f'{workdir}/{name}.log', 'a')
+    return subprocess.Popen(commands[name], env=env, stdout=logs[name], stderr=subprocess.STDOUT)
+
+  os.makedirs(workdir, exist_ok=True)
+  def next_crash(name):
+    return pending[name].pop(0) if pending.get(name) else None
+
+  armed = {name: next_crash(name) for name in commands}
+  procs = {name: start(name, armed[name]) for name in commands}
+  crashed = []
+  deadline = time.time() + 400
+  while procs and time.time() < deadline:
+    for name, proc in list(procs.items()):
+      code = proc.poll()
+      if code is None:
+        continue
+      if code == -signal.SIGKILL and armed[name]:
+        crashed.append(armed[name])
+        armed[name] = next_crash(name)
+        procs[name] = start(name, armed[name])
+      else:
+        assert code == 0, (name, code, open(f'{workdir}/{name}.log').read()[-3000:])
+        del procs[name]
+    time.sleep(0.2)
+  for proc in procs.values():
+    proc.kill()
+  assert not procs, f'timed out: {list(procs)}'
+  return crashed
+
+
+@pytest.mark.slow
+def test_kill_9_anywhere_then_restart_gives_the_identical_global_model(
+    fed_config, tmp_path, repo_root):
+  fed_config.federation.update(rounds=3, inner_steps=4, silos=('a', 'b'))
+  _run_federation(repo_root, fed_config, str(tmp_path / 'clean'), str(tmp_path / 'w_clean'))
+  # Mid-inner-loop, mid-upload, after the commit, and mid-aggregation.
+  crashes = {'silo_a': ['silo_inner@0', 'silo_published@1'],
+             'silo_b': ['silo_published@0', 'silo_upload@1'],
+             'aggregator': ['aggregate_upload@1']}
+  crashed = _run_federation(repo_root, fed_config, str(tmp_path / 'crashy'),
+                            str(tmp_path / 'w_crashy'), crashes)
+  assert sorted(crashed) == sorted(p for points in crashes.values() for p in points)
+  clean = storage_lib.RunStorage(str(tmp_path / 'clean'))
+  store = storage_lib.RunStorage(str(tmp_path / 'crashy'))
+  assert store.global_hash(3) == clean.global_hash(3)
+  for r in range(3):
+    assert [e['silo'] for e in store.read_manifest(r)['included']] == ['a', 'b']
+  assert clean.global_hash(3) != clean.global_hash(0)
