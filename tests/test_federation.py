@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from fedpt import aggregator as aggregator_lib
+from fedpt import checkpoint as checkpoint_lib
+from fedpt import compression as compression_lib
 from fedpt import faults
 from fedpt import outer
 from fedpt import silo as silo_lib
@@ -293,3 +295,86 @@ def test_kill_9_anywhere_then_restart_gives_the_identical_global_model(
   for r in range(3):
     assert [e['silo'] for e in store.read_manifest(r)['included']] == ['a', 'b']
   assert clean.global_hash(3) != clean.global_hash(0)
+
+
+def _run_in_threads(config, root, workdir, silo_overrides=None, start_delays=None):
+  """Silos as threads of this process (each with its own config), the aggregator in this one."""
+  threads = []
+  results = {}
+  for silo in config.federation.silos:
+    silo_config = config.copy_and_resolve_references()
+    for key, value in (silo_overrides or {}).get(silo, {}).items():
+      section, field = key.split('.')
+      silo_config[section][field] = value
+
+    def work(silo=silo, silo_config=silo_config):
+      time.sleep((start_delays or {}).get(silo, 0))
+      results[silo] = silo_lib.run_silo(silo_config, silo, root, f'{workdir}/{silo}')
+
+    threads.append(threading.Thread(target=work, daemon=True))
+  for t in threads:
+    t.start()
+  aggregator_lib.run_aggregator(root)
+  for t in threads:
+    t.join(timeout=300)
+  return results
+
+
+def test_compression_error_feedback_and_per_silo_steps(fed_config, tmp_path):
+  fed = fed_config.federation
+  fed.update(rounds=2, silos=('a', 'b'), compression='int4', error_feedback=True)
+  root = str(tmp_path / 'bucket')
+  aggregator_lib.init_run(fed_config, root)
+  # Silo b runs on slower hardware: half the inner steps, so half the weight.
+  results = _run_in_threads(fed_config, root, str(tmp_path),
+                            silo_overrides={'b': {'federation.inner_steps': 2}})
+  store = storage_lib.RunStorage(root)
+  shapes = {n: tuple(s) for m in store.global_shard_metas(0) for n, s in m['leaf_shapes'].items()}
+  expected_bytes = sum(compression_lib.compressed_nbytes(s, 'int4') for s in shapes.values())
+  dense_bytes = sum(4 * int(np.prod(s)) for s in shapes.values())
+  for r in range(2):
+    manifest = store.read_manifest(r)
+    entries = {e['silo']: e for e in manifest['included']}
+    assert entries['a']['bytes'] == entries['b']['bytes'] == expected_bytes
+    assert expected_bytes < dense_bytes / 7
+    assert entries['a']['tokens'] == 2 * entries['b']['tokens']
+    np.testing.assert_allclose([entries['a']['weight'], entries['b']['weight']], [2 / 3, 1 / 3])
+  # The error-feedback residual lives in the silo's private checkpoint, never in the bucket.
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path / 'a' / 'checkpoints'), keep=2)
+  trainer = trainer_lib.Trainer(silo_lib.federated_config(fed_config))
+  abstract = {'train': trainer.abstract_state(),
+              'residual': jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, np.float32),
+                                       trainer.abstract_state()['params'])}
+  private, meta = ckpt.restore(ckpt.latest_step(), abstract, {})
+  ckpt.close()
+  assert meta['round'] == 2
+  residual = storage_lib.flatten(jax.device_get(private['residual']))
+  assert 0 < np.abs(residual['embed_vd']).max() < 1e-2
+  assert results['a']['round'] == 2 and np.isfinite(results['a']['final_eval_loss'])
+
+
+def test_a_silo_that_joins_late_rebases_onto_the_newest_global(fed_config, tmp_path):
+  fed = fed_config.federation
+  fed.update(rounds=3, silos=('a', 'b'), min_silos=1, round_deadline_s=0.0)
+  root = str(tmp_path / 'bucket')
+  aggregator_lib.init_run(fed_config, root)
+  store = storage_lib.RunStorage(root)
+  agg = aggregator_lib.Aggregator(root)
+  results = {}
+
+  def silo(name):
+    results[name] = silo_lib.run_silo(fed_config, name, root, str(tmp_path / name))
+
+  threading.Thread(target=silo, args=('a',), daemon=True).start()
+  agg.aggregate(0, agg.decide(0))  # b has not started: the quorum of one decides round 0.
+  assert store.read_manifest(0)['missing'] == ['b']
+  joiner = threading.Thread(target=silo, args=('b',), daemon=True)
+  joiner.start()
+  for r in (1, 2):  # From now on, wait for both before deciding.
+    storage_lib.wait_for(lambda: store.committed_silos(r) == ['a', 'b'] or None,
+                         f'both deltas of round {r}', timeout_s=300, poll_s=0.05)
+    agg.aggregate(r, agg.decide(r))
+  joiner.join(timeout=300)
+  assert [r['round'] for r in results['b']['rounds']] == [1, 2]  # Rebased onto global 1.
+  assert [e['silo'] for e in store.read_manifest(2)['included']] == ['a', 'b']
+  assert results['b']['round'] == 3
