@@ -1,0 +1,169 @@
+"""The run's ledger: who contributed what to each round, rebuilt from the bucket alone.
+
+Everything here reads only what the protocol already publishes (manifests, delta
+and global metas, the silos' held-out losses), so any consortium member can audit
+a run without trusting the aggregator's logs. Building and rendering are pure
+functions of that bucket state.
+"""
+import json
+
+import numpy as np
+
+from fedpt import storage as storage_lib
+
+
+def eval_losses(store: storage_lib.RunStorage, round_index: int) -> dict[str, float]:
+  """silo -> held-out loss of global round `round_index` on that silo's private split."""
+  # The silos write these next to the round's deltas (fedpt/silo.py _publish_eval).
+  directory = store.round_dir(round_index) / 'eval'
+  if not directory.exists():
+    return {}
+  out = {}
+  for p in sorted(directory.iterdir()):
+    if p.name.startswith('silo_') and p.name.endswith('.json'):
+      record = store.read_json(p)
+      if record is not None and record.get('eval_loss') is not None:
+        out[record['silo']] = float(record['eval_loss'])
+  return out
+
+
+def global_nbytes(store: storage_lib.RunStorage, round_index: int | None) -> int | None:
+  """Bytes of one global model's parameters (what each silo downloads per round)."""
+  metas = None if round_index is None else store.global_shard_metas(round_index)
+  if metas is None:
+    return None
+  return sum(int(np.prod(m['leaf_shapes'][n])) * np.dtype(m['leaf_dtypes'][n]).itemsize
+             for m in metas for n in m['leaf_shapes'])
+
+
+def _mean(values):
+  values = list(values)
+  return float(np.mean(values)) if values else None
+
+
+def round_record(store: storage_lib.RunStorage, run: dict, round_index: int,
+                 model_nbytes: int | None) -> dict:
+  """One row of the ledger: the decision, traffic and outcome of round `round_index`.
+
+  Rows come from the create-once manifest when there is one; before the
+  aggregator has decided, from the deltas committed so far.
+  """
+  manifest = store.read_manifest(round_index)
+  if manifest is not None:
+    included = manifest['included']
+    rejected = manifest['rejected']
+    missing, late = manifest['missing'], manifest['late_from_previous_round']
+    decided_after_s = manifest['decided_after_s']
+  else:
+    metas = [store.delta_meta(round_index, s) for s in store.committed_silos(round_index)]
+    included = [m for m in metas if m is not None]
+    rejected, missing, late, decided_after_s = [], [], [], None
+  rejected_bytes = 0
+  for entry in rejected:
+    meta = store.delta_meta(round_index, entry['silo'])  # Gone once garbage-collected.
+    rejected_bytes += int(meta.get('bytes', 0)) if meta else 0
+  global_hash = store.global_hash(round_index + 1)
+  if global_hash is None:  # Garbage-collected; the next round's manifest still names it.
+    global_hash = (store.read_manifest(round_index + 1) or {}).get('base_global_hash')
+  latest = store.latest_global_round()
+  done = global_hash is not None or (latest is not None and latest > round_index)
+  if done:
+    status = 'done'
+  elif manifest is not None:
+    status = 'aggregating'
+  else:
+    status = 'collecting'
+  evals = eval_losses(store, round_index + 1)
+  base_evals = eval_losses(store, round_index)
+  downloads = len(run['silos']) if done and model_nbytes else 0
+  bytes_up = sum(int(e['bytes']) for e in included) + rejected_bytes
+  bytes_down = downloads * (model_nbytes or 0)
+  return {
+      'round': round_index,
+      'status': status,
+      'contributors': [e['silo'] for e in included],
+      'weights': {e['silo']: e['weight'] for e in included if 'weight' in e},
+      'tokens': sum(int(e['tokens']) for e in included),
+      'train_loss': _mean(e['train_loss'] for e in included),
+      'train_loss_by_silo': {e['silo']: float(e['train_loss']) for e in included},
+      'bytes_up': bytes_up,
+      'bytes_down': bytes_down,
+      'bytes': bytes_up + bytes_down,
+      'rejected': [{'silo': e['silo'], 'reason': e['reason']} for e in rejected],
+      'missing': list(missing),
+      'late_from_previous_round': list(late),
+      'decided_after_s': decided_after_s,
+      'global_hash': global_hash,
+      'base_eval_loss': _mean(base_evals.values()),
+      'eval_loss': _mean(evals.values()),
+      'eval_loss_by_silo': evals,
+  }
+
+
+def build_ledger(store: storage_lib.RunStorage) -> list[dict]:
+  """One row per round that has begun (a manifest or at least one committed delta)."""
+  run = store.read_run()
+  model_nbytes = global_nbytes(store, store.latest_global_round())
+  rows = []
+  for r in range(run['federation']['rounds']):
+    if store.read_manifest(r) is None and not store.committed_silos(r):
+      break
+    rows.append(round_record(store, run, r, model_nbytes))
+  return rows
+
+
+def _fmt_bytes(n: int) -> str:
+  for unit in ('B', 'KB', 'MB', 'GB'):
+    if n < 1000 or unit == 'GB':
+      return f'{n:.0f} {unit}' if unit == 'B' else f'{n:.1f} {unit}'
+    n /= 1000
+  return str(n)
+
+
+def _fmt_hash(row) -> str:
+  if row['global_hash']:
+    return row['global_hash'][:12]
+  return '(collected)' if row['status'] == 'done' else '-'
+
+
+def _fmt_loss(x) -> str:
+  return '-' if x is None else f'{x:.3f}'
+
+
+def render_table(rows: list[dict], run: dict, initial_hash: str | None = None) -> str:
+  """A fixed-width table, one line per round, for people."""
+  silos = [s['id'] for s in run['silos']]
+  lines = [f"run {run['run_id']}: {len(silos)} silos {silos}, "
+           f"{run['federation']['rounds']} rounds of H={run['federation']['inner_steps']}"]
+  if rows:
+    lines.append(f"global round 0: hash {(initial_hash or '-')[:12]}, "
+                 f"held-out loss {_fmt_loss(rows[0]['base_eval_loss'])}")
+  header = (f"{'round':>5}  {'status':<11} {'contributors':<32} {'tokens':>10} "
+            f"{'train':>7} {'bytes':>9}  {'global':<12} {'eval':>6}  rejected")
+  lines += [header, '-' * len(header)]
+  for row in rows:
+    rejected = '; '.join(f"{e['silo']}: {e['reason']}" for e in row['rejected'])
+    if row['missing']:
+      rejected = '; '.join(filter(None, [rejected, f"missing {','.join(row['missing'])}"]))
+    lines.append(
+        f"{row['round']:>5}  {row['status']:<11} {','.join(row['contributors']):<32} "
+        f"{row['tokens']:>10,} {_fmt_loss(row['train_loss']):>7} "
+        f"{_fmt_bytes(row['bytes']):>9}  {_fmt_hash(row):<12} "
+        f"{_fmt_loss(row['eval_loss']):>6}  {rejected or '-'}")
+  if not rows:
+    lines.append('(no round has started yet)')
+  return '\n'.join(lines)
+
+
+def status(storage_root: str, fmt: str = 'table') -> str:
+  """The ledger of the run at `storage_root`, as a table or as JSON."""
+  store = storage_lib.RunStorage(storage_root)
+  run = store.read_run()
+  rows = build_ledger(store)
+  if fmt == 'json':
+    return json.dumps({'run_id': run['run_id'], 'silos': run['silos'],
+                       'federation': run['federation'],
+                       'global_round_0_hash': store.global_hash(0), 'rounds': rows}, indent=1)
+  if fmt != 'table':
+    raise ValueError(f'unknown format {fmt!r}')
+  return render_table(rows, run, store.global_hash(0))

@@ -1,0 +1,304 @@
+"""A whole federation on one machine: init, one OS process per silo, the aggregator shards.
+
+The processes are the real entry points (scripts/train.py --silo, scripts/
+aggregate.py --shard) talking only through the bucket, exactly as separate
+organisations would; the simulator merely starts them and reads the bucket to
+report progress. Children get the same config as the caller: the config file
+plus the command-line overrides that turn its `get_config()` into the caller's
+ConfigDict (`config_overrides`).
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from absl import flags
+from ml_collections import config_flags
+
+from fedpt import aggregator
+from fedpt import config as config_lib
+from fedpt import data as data_lib
+from fedpt import ledger
+from fedpt import silo as silo_lib
+from fedpt import storage as storage_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EVAL_GRACE_S = 60.0  # How long a round's line waits for the silos' held-out losses.
+STOP_GRACE_S = 30.0  # SIGTERM lets a silo checkpoint (exit 75) before we SIGKILL it.
+
+
+class SimulationError(RuntimeError):
+  """A child process failed; the message names it and shows the end of its log."""
+
+
+# -- the config, as command-line overrides ----------------------------------------
+
+
+def _flat(config, prefix='') -> dict:
+  out = {}
+  for key, value in config.items():
+    if hasattr(value, 'items'):
+      out.update(_flat(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
+
+
+def _load_config_file(config_file: str, overrides=()):
+  """What scripts/*.py --config=config_file <overrides> would see."""
+  argv = ['simulate', f'--config={config_file}', *overrides]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, flag_values=values, lock_config=False,
+                                  sys_argv=argv)
+  values(argv)
+  return values.config
+
+
+def config_overrides(config, config_file: str) -> list[str]:
+  """`--config.x=v` flags that turn `config_file`'s get_config() into `config`.
+
+  Checked by loading them back, so a value that does not survive the command
+  line fails here and not in a child.
+  """
+  want = _flat(config.copy_and_resolve_references())
+  have = _flat(_load_config_file(config_file).copy_and_resolve_references())
+  unknown = sorted(set(want) - set(have))
+  if unknown:
+    raise config_lib.ConfigError(unknown[0], f'is not in {config_file}',
+                                 'add it to the config file instead')
+  overrides = [f'--config.{k}={v if isinstance(v, str) else repr(v)}'
+               for k, v in sorted(want.items()) if have[k] != v]
+  back = _flat(_load_config_file(config_file, overrides).copy_and_resolve_references())
+  for key, value in want.items():
+    if back[key] != value:
+      raise config_lib.ConfigError(
+          key, f'{value!r} does not survive the command line (reads back as {back[key]!r})',
+          f'set it in {config_file} instead')
+  return overrides
+
+
+# -- child processes ---------------------------------------------------------------
+
+
+class _Children:
+  """Started processes by name, each logging to <workdir>/logs/<name>.log."""
+
+  def __init__(self, log_dir: str):
+    self.log_dir = log_dir
+    os.makedirs(log_dir, exist_ok=True)
+    self.procs: dict[str, subprocess.Popen] = {}
+
+  def log_path(self, name: str) -> str:
+    return os.path.join(self.log_dir, f'{name}.log')
+
+  def start(self, name: str, argv: list[str]) -> None:
+    with open(self.log_path(name), 'ab') as log:
+      log.write(f'$ {" ".join(argv)}\n'.encode())
+      log.flush()
+      self.procs[name] = subprocess.Popen(
+          argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO,
+          env={**os.environ, 'PYTHONUNBUFFERED': '1'})
+
+  def check(self) -> bool:
+    """True once every child exited 0; raises if one failed."""
+    for name, proc in self.procs.items():
+      code = proc.poll()
+      if code not in (None, 0):
+        self.stop()
+        raise SimulationError(
+            f'{name} exited with status {code}; see {self.log_path(name)}. Its last lines:\n'
+            + _tail(self.log_path(name)))
+    return all(p.poll() == 0 for p in self.procs.values())
+
+  def finished(self, prefix: str) -> bool:
+    return all(p.poll() is not None for n, p in self.procs.items() if n.startswith(prefix))
+
+  def stop(self) -> None:
+    running = [p for p in self.procs.values() if p.poll() is None]
+    for p in running:
+      p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_S
+    for p in running:
+      try:
+        p.wait(timeout=max(deadline - time.monotonic(), 0.1))
+      except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+
+
+def _tail(path: str, lines: int = 20) -> str:
+  try:
+    with open(path, encoding='utf-8', errors='replace') as f:
+      return ''.join(f.readlines()[-lines:]).rstrip()
+  except OSError as e:
+    return f'(cannot read the log: {e})'
+
+
+# -- the run --------------------------------------------------------------------------
+
+
+def _check_resumable(store, config) -> dict:
+  """The run already at the storage root, if this config may resume it."""
+  run = store.read_run()
+  fed = run['federation']
+  latest = store.latest_global_round() or 0
+  if latest >= fed['rounds']:
+    raise storage_lib.StorageError(
+        f'{store.root} already holds a finished run ({run["run_id"]}, {fed["rounds"]} rounds). '
+        f'Fix: inspect it with scripts/status.py --storage={store.root}, or pass a new '
+        '--storage / --workdir.')
+  mine = silo_lib.run_info(config, run['tokenizer_sha256'], run['run_id'])['federation']
+  for key in sorted(set(mine) | set(fed)):
+    if mine.get(key) != fed.get(key):
+      raise config_lib.ConfigError(
+          f'federation.{key}', f'{mine.get(key)!r} differs from the unfinished run at '
+          f'{store.root} ({fed.get(key)!r})', 'resume with the run\'s config, or pass a new '
+          '--storage / --workdir')
+  return run
+
+
+def _silo_group_override(config, silo_id: str) -> list[str]:
+  """On the built-in corpus, a silo named after a stdlib group reads only that group."""
+  if config.data.corpus == 'stdlib' and silo_id in data_lib.STDLIB_GROUPS:
+    return [f'--config.data.stdlib_group={silo_id}']
+  return []
+
+
+def _init_config(config):
+  """init_run builds a model and loads a corpus; use a silo's group, not all of stdlib."""
+  config = config.copy_and_resolve_references()
+  groups = [s for s in config.federation.silos if s in data_lib.STDLIB_GROUPS]
+  if config.data.corpus == 'stdlib' and groups:
+    config.data.stdlib_group = groups[0]
+  return config
+
+
+def _exit_on_sigterm():
+  """SIGTERM to the simulator stops its children too (they checkpoint and exit 75)."""
+  def handler(signum, frame):
+    del frame
+    raise SystemExit(128 + signum)
+  try:
+    return signal.signal(signal.SIGTERM, handler)
+  except ValueError:  # Not the main thread: leave signals alone.
+    return None
+
+
+def _line(rec: dict) -> str:
+  losses = ' '.join(f'{s} {v:.3f}' for s, v in rec['train_loss_by_silo'].items())
+  seconds = '-' if rec['seconds'] is None else f"{rec['seconds']:.1f}s"
+  fmt = ledger._fmt_loss  # pylint: disable=protected-access
+  extra = ''
+  if rec['rejected'] or rec['missing']:
+    extra = f" | rejected {[e['silo'] for e in rec['rejected']]} missing {rec['missing']}"
+  return (f"round {rec['round']:>3} | train {losses} | global held-out "
+          f"{fmt(rec['base_eval_loss'])} -> {fmt(rec['eval_loss'])} | "
+          f"{rec['tokens']:,} tokens | {rec['bytes'] / 1e6:.1f} MB | {seconds}{extra}")
+
+
+def simulate(config, config_file: str, storage_root: str, workdir: str,
+             log=print) -> dict:
+  """Runs (or resumes) the federated run `config` with every party as its own process.
+
+  Args:
+    config: the resolved config (e.g. FLAGS.config).
+    config_file: the file `config` came from; children get it plus overrides.
+    storage_root: the bucket; a new run is created unless an unfinished one is there.
+    workdir: logs/, silos/<id>/ (private checkpoints) and rounds.jsonl.
+    log: where progress lines go.
+
+  Returns:
+    A summary with one record per round (also in <workdir>/rounds.jsonl).
+  """
+  started = time.monotonic()
+  config_file = os.path.abspath(config_file)
+  storage_root = os.path.abspath(storage_root)
+  workdir = os.path.abspath(workdir)
+  overrides = config_overrides(config, config_file)
+  config = silo_lib.federated_config(config)
+  aggregator.validate_federation(config)
+  store = storage_lib.RunStorage(storage_root)
+  if store.run_path.exists():
+    run = _check_resumable(store, config)
+    log(f'resuming run {run["run_id"]} at {storage_root} from global round '
+        f'{store.latest_global_round()}')
+  else:
+    run = aggregator.init_run(_init_config(config), storage_root)
+    log(f'created run {run["run_id"]} at {storage_root}')
+  silos = [s['id'] for s in run['silos']]
+  fed = run['federation']
+  total = fed['rounds']
+
+  children = _Children(os.path.join(workdir, 'logs'))
+  scripts = os.path.join(REPO, 'scripts')
+  records = []
+  previous_handler = _exit_on_sigterm()
+  try:
+    for silo_id in silos:
+      children.start(f'silo_{silo_id}', [
+          sys.executable, os.path.join(scripts, 'train.py'), f'--config={config_file}',
+          *overrides, *_silo_group_override(config, silo_id), f'--silo={silo_id}',
+          f'--storage={storage_root}', f'--workdir={os.path.join(workdir, "silos", silo_id)}'])
+    for shard in range(fed['num_shards']):
+      children.start(f'aggregator_{shard}_of_{fed["num_shards"]}', [
+          sys.executable, os.path.join(scripts, 'aggregate.py'), f'--storage={storage_root}',
+          f'--shard={shard}/{fed["num_shards"]}'])
+    log(f'{len(silos)} silos {silos} and {fed["num_shards"]} aggregator process(es) '
+        f'started; logs in {children.log_dir}')
+
+    model_nbytes = ledger.global_nbytes(store, 0)
+    already_done = (store.latest_global_round() or 0)
+    seen_at: dict[int, float] = {}
+    last_at = time.monotonic()
+    with open(os.path.join(workdir, 'rounds.jsonl'), 'w', encoding='utf-8') as out:
+      r = 0
+      while True:
+        all_exited_ok = children.check()
+        while r < total and store.global_shard_metas(r + 1) is not None:
+          now = time.monotonic()
+          seen_at.setdefault(r, now)
+          evals = ledger.eval_losses(store, r + 1)
+          if (len(evals) < len(silos) and not children.finished('silo_')
+              and now - seen_at[r] < EVAL_GRACE_S):
+            break  # Give the silos a moment to load and evaluate the new global model.
+          rec = ledger.round_record(store, run, r, model_nbytes)
+          rec['seconds'] = None if r < already_done else seen_at[r] - last_at
+          last_at = seen_at[r]
+          records.append(rec)
+          out.write(json.dumps(rec) + '\n')
+          out.flush()
+          log(_line(rec))
+          r += 1
+        if all_exited_ok:
+          if r < total:
+            raise SimulationError(
+                f'every process exited but only {r} of {total} rounds completed; see the logs '
+                f'in {children.log_dir}')
+          break
+        time.sleep(fed['poll_s'])
+  finally:
+    children.stop()
+    if previous_handler is not None:
+      signal.signal(signal.SIGTERM, previous_handler)
+
+  final = ledger.eval_losses(store, total)
+  summary = {
+      'run_id': run['run_id'], 'storage': storage_root, 'workdir': workdir,
+      'rounds': records,
+      'initial_eval_loss': records[0]['base_eval_loss'] if records else None,
+      'final_eval_loss': records[-1]['eval_loss'] if records else None,
+      'final_eval_by_silo': final,
+      'total_tokens': sum(rec['tokens'] for rec in records),
+      'total_bytes': sum(rec['bytes'] for rec in records),
+      'wall_s': time.monotonic() - started,
+  }
+  fmt = ledger._fmt_loss  # pylint: disable=protected-access
+  log(f"done: global held-out loss {fmt(summary['initial_eval_loss'])} -> "
+      f"{fmt(summary['final_eval_loss'])} over {total} rounds; "
+      f"{summary['total_tokens']:,} tokens, {summary['total_bytes'] / 1e6:.1f} MB exchanged, "
+      f"{summary['wall_s']:.0f}s")
+  log('final held-out loss per silo: ' + ', '.join(f'{s} {v:.3f}' for s, v in final.items()))
+  log(f'ledger: python3 scripts/status.py --storage={storage_root}')
+  return summary

@@ -1,0 +1,30 @@
+r"""Prints a federated run's ledger: per round who contributed, tokens, losses, bytes, rejections.
+
+  python scripts/status.py --storage=/shared/run1
+  python scripts/status.py --storage=/shared/run1 --format=json
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+
+from fedpt import cli  # noqa: E402
+from fedpt import ledger  # noqa: E402
+
+flags.DEFINE_string('storage', None, 'Shared storage root of the run.')
+flags.DEFINE_enum('format', 'table', ['table', 'json'], 'table for people, json for tools.')
+flags.mark_flags_as_required(['storage'])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  print(cli.run_or_explain(ledger.status, FLAGS.storage, FLAGS.format))
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=cli.parse_flags_or_explain)

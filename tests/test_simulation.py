@@ -1,0 +1,98 @@
+"""simulate.py runs a real federation of processes; status.py's ledger matches the bucket."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fedpt import ledger
+from fedpt import simulation
+from fedpt import storage as storage_lib
+
+SILOS = ('web', 'text', 'tools')
+ROUNDS, H = 3, 10
+
+
+def _tiny_file(repo_root):
+  return str(repo_root / 'configs' / 'tiny.py')
+
+
+def test_config_overrides_round_trip(tiny_config, repo_root):
+  tiny_config.federation.silos = SILOS
+  tiny_config.federation.poll_s = 0.25
+  tiny_config.outer.lr = 0.5
+  overrides = simulation.config_overrides(tiny_config, _tiny_file(repo_root))
+  assert f'--config.data.corpus={tiny_config.data.corpus}' in overrides
+  assert "--config.federation.silos=('web', 'text', 'tools')" in overrides
+  assert len(overrides) == 4, overrides
+
+
+def test_failed_child_names_it_and_shows_its_log(tmp_path):
+  children = simulation._Children(str(tmp_path / 'logs'))  # pylint: disable=protected-access
+  children.start('silo_x', [sys.executable, '-c', 'import sys; print("boom"); sys.exit(3)'])
+  children.start('sleeper', [sys.executable, '-c', 'import time; time.sleep(60)'])
+  children.procs['silo_x'].wait()
+  with pytest.raises(simulation.SimulationError, match=r'(?s)silo_x exited with status 3.*boom'):
+    children.check()
+  assert children.procs['sleeper'].poll() is not None  # The others were stopped.
+
+
+def test_status_of_missing_run_is_one_clear_line(tmp_path, repo_root):
+  result = subprocess.run(
+      [sys.executable, str(repo_root / 'scripts' / 'status.py'), f'--storage={tmp_path}/none'],
+      capture_output=True, text=True, timeout=60, check=False)
+  assert result.returncode == 2
+  assert 'error: no run at' in result.stderr
+  assert 'Traceback' not in result.stderr
+
+
+@pytest.mark.slow
+def test_simulate_end_to_end_and_ledger(tiny_config, repo_root, tmp_path, monkeypatch):
+  # Children need one CPU device each, not the 8 fake ones of this test process.
+  monkeypatch.setenv('XLA_FLAGS', '')
+  fed = tiny_config.federation
+  fed.silos, fed.rounds, fed.inner_steps, fed.poll_s = SILOS, ROUNDS, H, 0.2
+  lines = []
+  summary = simulation.simulate(tiny_config, _tiny_file(repo_root), str(tmp_path / 'bucket'),
+                                str(tmp_path / 'work'), log=lines.append)
+
+  records = summary['rounds']
+  assert [r['round'] for r in records] == list(range(ROUNDS))
+  tokens = len(SILOS) * H * tiny_config.data.global_batch * tiny_config.data.seq_len
+  for rec in records:
+    assert rec['tokens'] == tokens
+    assert rec['bytes'] > 0 and rec['bytes_up'] > 0 and rec['bytes_down'] > 0
+    assert sorted(rec['contributors']) == sorted(SILOS)
+    assert all(math.isfinite(v) for v in rec['train_loss_by_silo'].values())
+    assert math.isfinite(rec['eval_loss']) and len(rec['eval_loss_by_silo']) == len(SILOS)
+  assert summary['final_eval_loss'] < summary['initial_eval_loss']
+  assert summary['total_tokens'] == ROUNDS * tokens
+  assert sorted(summary['final_eval_by_silo']) == sorted(SILOS)
+  assert sum(line.startswith('round ') for line in lines) == ROUNDS
+  with open(tmp_path / 'work' / 'rounds.jsonl', encoding='utf-8') as f:
+    assert [json.loads(line) for line in f] == json.loads(json.dumps(records))
+  assert os.path.exists(tmp_path / 'work' / 'logs' / 'silo_web.log')
+
+  # The ledger is the bucket's metadata, nothing else.
+  store = storage_lib.RunStorage(str(tmp_path / 'bucket'))
+  rows = ledger.build_ledger(store)
+  assert len(rows) == ROUNDS
+  for row in rows:
+    r = row['round']
+    manifest = store.read_manifest(r)
+    assert row['contributors'] == [e['silo'] for e in manifest['included']]
+    assert row['tokens'] == sum(store.delta_meta(r, s)['tokens'] for s in row['contributors'])
+    assert row['bytes_up'] == sum(store.delta_meta(r, s)['bytes'] for s in row['contributors'])
+    assert row['global_hash'] == store.global_hash(r + 1)
+    assert row['status'] == 'done' and not row['rejected']
+  table = ledger.status(str(tmp_path / 'bucket'))
+  assert store.global_hash(ROUNDS)[:12] in table
+  as_json = json.loads(ledger.status(str(tmp_path / 'bucket'), 'json'))
+  assert as_json['rounds'] == json.loads(json.dumps(rows))
+
+  # A finished run is refused rather than silently redone.
+  with pytest.raises(storage_lib.StorageError, match='finished run'):
+    simulation.simulate(tiny_config, _tiny_file(repo_root), str(tmp_path / 'bucket'),
+                        str(tmp_path / 'work'), log=lines.append)
