@@ -190,6 +190,7 @@ def run_silo(config, silo_id: str, storage_root: str, workdir: str,
         continue
       base_hash = store.global_hash(round_index)
       global_flat = {k: jnp.copy(v) for k, v in storage_lib.flatten(state['params']).items()}
+      eval_start = time.monotonic()
       global_eval = trainer.evaluate(state['params'])
       _publish_eval(store, round_index, silo_id, global_eval, int(state['step']))
 
@@ -215,21 +216,28 @@ def run_silo(config, silo_id: str, storage_root: str, workdir: str,
           storage_lib.flatten(state['params']), residual, fed,
           steps=steps, tokens=steps * trainer.tokens_per_step(), train_loss=train_loss,
           global_eval_loss=global_eval, inner_seconds=time.monotonic() - start)
+      seconds = {'eval': start - eval_start, 'inner': meta['inner_seconds']}
       nbytes = meta['bytes']
       store.publish_delta(round_index, silo_id, payload, meta)
+      seconds['publish'] = time.monotonic() - start - seconds['inner']
       faults.crash_point('silo_published', round_index)
       metrics_lib.log(f'silo {silo_id}: round {round_index} published ({steps} steps, '
                       f'loss {train_loss:.4f}, {nbytes:,} bytes)')
-      summary['rounds'].append({k: meta[k] for k in ('round', 'tokens', 'train_loss', 'bytes')})
+      wait_start = time.monotonic()
       next_round = storage_lib.wait_for(
           lambda: (lambda r: r if r is not None and r > round_index else None)(
               store.latest_global_round()),
           f'global round {round_index + 1} (the aggregator\'s output for round {round_index}) '
           f'under {storage_root}', **wait)
+      load_start = time.monotonic()
+      seconds['wait'] = load_start - wait_start
       round_index = next_round
       residual = residual_next
       state = load_global_into(trainer, store, round_index, state)
       save_private(round_index, state, residual)
+      seconds['load'] = time.monotonic() - load_start
+      summary['rounds'].append({**{k: meta[k] for k in ('round', 'tokens', 'train_loss', 'bytes')},
+                                'seconds': seconds})
       rounds_done += 1
       if stop_after_rounds is not None and rounds_done >= stop_after_rounds:
         break

@@ -75,9 +75,14 @@ def flatten(tree: dict, prefix: str = '') -> dict[str, Any]:
 
 
 def wait_for(check: Callable[[], Any], what: str, timeout_s: float, poll_s: float = 0.5,
-             max_poll_s: float = 10.0):
-  """Polls `check` with jittered exponential backoff until it returns non-None."""
+             max_poll_s: float | None = None):
+  """Polls `check` with jittered exponential backoff until it returns non-None.
+
+  The backoff stops at 4 x poll_s by default: a round's wait is long, and a late
+  poll adds straight to it, while a listing every few seconds costs nothing.
+  """
   deadline = time.monotonic() + timeout_s
+  max_poll_s = 4 * poll_s if max_poll_s is None else max_poll_s
   delay = poll_s
   while True:
     result = check()
