@@ -12,13 +12,14 @@ from fedpt import config
 from fedpt import data
 from fedpt import outer
 from fedpt import silo
+from fedpt import simulation
 from fedpt import storage
 from fedpt import trainer
 
 USER_ERRORS = (config.ConfigError, data.DataError, checkpoint.CheckpointError,
                trainer.TrainingDivergedError, storage.StorageError, silo.RunMismatchError,
                outer.OuterConfigError, compression.CompressionError,
-               aggregator.ShardSpecError)
+               aggregator.ShardSpecError, simulation.SimulationError)
 
 
 def run_or_explain(fn, *args, **kwargs):
@@ -26,7 +27,6 @@ def run_or_explain(fn, *args, **kwargs):
   try:
     return fn(*args, **kwargs)
   except USER_ERRORS as e:
-    logging.error('%s', e)
     print(f'error: {e}', file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(2)  # Skip atexit hooks of half-initialised libraries (e.g. Orbax threads).

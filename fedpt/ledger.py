@@ -12,21 +12,6 @@ import numpy as np
 from fedpt import storage as storage_lib
 
 
-def eval_losses(store: storage_lib.RunStorage, round_index: int) -> dict[str, float]:
-  """silo -> held-out loss of global round `round_index` on that silo's private split."""
-  # The silos write these next to the round's deltas (fedpt/silo.py _publish_eval).
-  directory = store.round_dir(round_index) / 'eval'
-  if not directory.exists():
-    return {}
-  out = {}
-  for p in sorted(directory.iterdir()):
-    if p.name.startswith('silo_') and p.name.endswith('.json'):
-      record = store.read_json(p)
-      if record is not None and record.get('eval_loss') is not None:
-        out[record['silo']] = float(record['eval_loss'])
-  return out
-
-
 def global_nbytes(store: storage_lib.RunStorage, round_index: int | None) -> int | None:
   """Bytes of one global model's parameters (what each silo downloads per round)."""
   metas = None if round_index is None else store.global_shard_metas(round_index)
@@ -73,8 +58,8 @@ def round_record(store: storage_lib.RunStorage, run: dict, round_index: int,
     status = 'aggregating'
   else:
     status = 'collecting'
-  evals = eval_losses(store, round_index + 1)
-  base_evals = eval_losses(store, round_index)
+  evals = store.eval_losses(round_index + 1)
+  base_evals = store.eval_losses(round_index)
   downloads = len(run['silos']) if done and model_nbytes else 0
   bytes_up = sum(int(e['bytes']) for e in included) + rejected_bytes
   bytes_down = downloads * (model_nbytes or 0)

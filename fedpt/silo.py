@@ -192,7 +192,9 @@ def run_silo(config, silo_id: str, storage_root: str, workdir: str,
       global_flat = {k: jnp.copy(v) for k, v in storage_lib.flatten(state['params']).items()}
       eval_start = time.monotonic()
       global_eval = trainer.evaluate(state['params'])
-      _publish_eval(store, round_index, silo_id, global_eval, int(state['step']))
+      store.publish_eval(round_index, silo_id, {'round': round_index, 'silo': silo_id,
+                                                'eval_loss': global_eval,
+                                                'step': int(state['step'])})
 
       start = time.monotonic()
       losses, steps = [], 0
@@ -243,16 +245,12 @@ def run_silo(config, silo_id: str, storage_root: str, workdir: str,
         break
     if round_index >= total_rounds:
       final_eval = trainer.evaluate(state['params'])
-      _publish_eval(store, round_index, silo_id, final_eval, int(state['step']))
+      store.publish_eval(round_index, silo_id, {'round': round_index, 'silo': silo_id,
+                                                'eval_loss': final_eval,
+                                                'step': int(state['step'])})
       summary['final_eval_loss'] = final_eval
     summary['round'] = round_index
     summary['state'] = state
   finally:
     ckpt.close()
   return summary
-
-
-def _publish_eval(store, round_index, silo_id, loss, step):
-  """Only metrics leave the silo: its held-out loss of the global model it just loaded."""
-  store.write_json(store.round_dir(round_index) / 'eval' / f'silo_{silo_id}.json',
-                   {'round': round_index, 'silo': silo_id, 'eval_loss': loss, 'step': step})

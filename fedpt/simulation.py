@@ -259,7 +259,7 @@ def simulate(config, config_file: str, storage_root: str, workdir: str,
         while r < total and store.global_shard_metas(r + 1) is not None:
           now = time.monotonic()
           seen_at.setdefault(r, now)
-          evals = ledger.eval_losses(store, r + 1)
+          evals = store.eval_losses(r + 1)
           if (len(evals) < len(silos) and not children.finished('silo_')
               and now - seen_at[r] < EVAL_GRACE_S):
             break  # Give the silos a moment to load and evaluate the new global model.
@@ -283,7 +283,7 @@ def simulate(config, config_file: str, storage_root: str, workdir: str,
     if previous_handler is not None:
       signal.signal(signal.SIGTERM, previous_handler)
 
-  final = ledger.eval_losses(store, total)
+  final = store.eval_losses(total)
   summary = {
       'run_id': run['run_id'], 'storage': storage_root, 'workdir': workdir,
       'rounds': records,

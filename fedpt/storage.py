@@ -318,6 +318,25 @@ class RunStorage:
                                                 partial=False))
     return params, outer_arrays
 
+  # -- evaluations ----------------------------------------------------------------
+
+  def publish_eval(self, round_index: int, silo: str, record: dict) -> None:
+    """A silo's held-out metrics of a global round: only numbers leave the silo."""
+    self.write_json(self.round_dir(round_index) / 'eval' / f'silo_{silo}.json', record)
+
+  def eval_losses(self, round_index: int) -> dict[str, float]:
+    """silo -> held-out loss of global round `round_index` on that silo's private split."""
+    directory = self.round_dir(round_index) / 'eval'
+    if not directory.exists():
+      return {}
+    out = {}
+    for p in sorted(directory.iterdir()):
+      if p.name.startswith('silo_') and p.name.endswith('.json'):
+        record = self.read_json(p)
+        if record is not None and record.get('eval_loss') is not None:
+          out[record['silo']] = float(record['eval_loss'])
+    return out
+
   # -- manifests ----------------------------------------------------------------
 
   def write_manifest(self, round_index: int, manifest: dict) -> None:

@@ -30,13 +30,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   storage = FLAGS.storage or os.path.join(FLAGS.workdir, 'bucket')
-  try:
-    cli.run_or_explain(simulation.simulate, FLAGS.config,
-                       config_flags.get_config_filename(FLAGS['config']), storage,
-                       FLAGS.workdir)
-  except simulation.SimulationError as e:
-    print(f'error: {e}', file=sys.stderr, flush=True)
-    sys.exit(1)
+  cli.run_or_explain(simulation.simulate, FLAGS.config,
+                     config_flags.get_config_filename(FLAGS['config']), storage, FLAGS.workdir)
 
 
 if __name__ == '__main__':
