@@ -293,7 +293,7 @@ def init_run(config, storage_root: str, run_id: str | None = None) -> dict:
   store = storage_lib.RunStorage(storage_root)
   store.check_no_run()
   trainer = trainer_lib.Trainer(config)
-  params = storage_lib.flatten(jax.device_get(trainer.init_state()['params']))
+  params = outer.flatten_params(jax.device_get(trainer.init_state()['params']))
   info = silo_lib.run_info(config, trainer.tokenizer_sha256, run_id or uuid.uuid4().hex)
   if store.global_dir(0).exists():
     store.global_dir(0).rmtree()  # Left by an init that crashed before run.json.

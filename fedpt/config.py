@@ -91,6 +91,7 @@ def base_config() -> ml_collections.ConfigDict:
       eval_batches=4,
       checkpoint_every=100,
       keep_checkpoints=3,
+      async_checkpoints=True,  # Write checkpoints in the background while training goes on.
       peak_tflops_per_device=0.0,  # 0: look up the device kind; used for MFU only.
   ))
   c.federation = ml_collections.ConfigDict(dict(

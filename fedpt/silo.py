@@ -83,14 +83,14 @@ def silo_data_seed(seed: int, silo_id: str) -> int:
 
 
 def _flat_abstract_params(trainer):
-  return storage_lib.flatten(trainer.abstract_state()['params'])
+  return outer.flatten_params(trainer.abstract_state()['params'])
 
 
 def load_global_into(trainer, store, round_index: int, state):
   """Replaces the params of `state` by global round `round_index`; the inner state stays."""
   flat = store.read_global_params(round_index, _flat_abstract_params(trainer))
   state = dict(state)
-  state['params'] = storage_lib.nest(flat)
+  state['params'] = outer.unflatten_params(flat)
   return state
 
 
@@ -144,7 +144,8 @@ def run_silo(config, silo_id: str, storage_root: str, workdir: str,
   trainer = trainer_lib.Trainer(config, data_seed=silo_data_seed(config.seed, silo_id))
   check_joins_run(run, config, silo_id, trainer.tokenizer_sha256)
   total_rounds = run['federation']['rounds']
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=2)
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=2,
+                                     async_save=config.train.async_checkpoints)
   expected_meta = {**checkpoint_lib.expected_meta(config, trainer.tokenizer_sha256),
                    'run_id': run['run_id'], 'silo': silo_id}
   wait = dict(timeout_s=fed.wait_timeout_s, poll_s=fed.poll_s)
@@ -159,19 +160,19 @@ def run_silo(config, silo_id: str, storage_root: str, workdir: str,
           abstract['train']['params'])
     private, _ = ckpt.restore(private_step, abstract, expected_meta)
     state, round_index = private['train'], private_step
-    residual = storage_lib.flatten(private['residual']) if use_feedback else None
+    residual = outer.flatten_params(private['residual']) if use_feedback else None
     metrics_lib.log(f'silo {silo_id}: resumed at round {round_index} from {workdir}')
   else:
     round_index = storage_lib.wait_for(store.latest_global_round, 'the initial global model',
                                        **wait)
     state = load_global_into(trainer, store, round_index, trainer.init_state())
     residual = ({k: jnp.zeros(v.shape, jnp.float32) for k, v in
-                 storage_lib.flatten(state['params']).items()} if use_feedback else None)
+                 outer.flatten_params(state['params']).items()} if use_feedback else None)
 
   def save_private(round_index, state, residual):
     tree = {'train': state}
     if use_feedback:
-      tree['residual'] = storage_lib.nest(residual)
+      tree['residual'] = outer.unflatten_params(residual)
     ckpt.save(round_index, tree, {**expected_meta, 'round': round_index})
 
   if private_step is None:
@@ -189,7 +190,7 @@ def run_silo(config, silo_id: str, storage_root: str, workdir: str,
         save_private(round_index, state, residual)
         continue
       base_hash = store.global_hash(round_index)
-      global_flat = {k: jnp.copy(v) for k, v in storage_lib.flatten(state['params']).items()}
+      global_flat = {k: jnp.copy(v) for k, v in outer.flatten_params(state['params']).items()}
       eval_start = time.monotonic()
       global_eval = trainer.evaluate(state['params'])
       store.publish_eval(round_index, silo_id, {'round': round_index, 'silo': silo_id,
@@ -215,7 +216,7 @@ def run_silo(config, silo_id: str, storage_root: str, workdir: str,
             'inner.lr; the delta was not published.')
       payload, residual_next, meta = make_delta(
           run, round_index, silo_id, base_hash, global_flat,
-          storage_lib.flatten(state['params']), residual, fed,
+          outer.flatten_params(state['params']), residual, fed,
           steps=steps, tokens=steps * trainer.tokens_per_step(), train_loss=train_loss,
           global_eval_loss=global_eval, inner_seconds=time.monotonic() - start)
       seconds = {'eval': start - eval_start, 'inner': meta['inner_seconds']}

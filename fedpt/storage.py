@@ -23,6 +23,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from fedpt import faults
+from fedpt.outer import flatten_params
+from fedpt.outer import unflatten_params
 
 META = 'meta.json'
 
@@ -48,30 +50,6 @@ def tree_hash(leaf_hashes: dict[str, str]) -> str:
   for name in sorted(leaf_hashes):
     h.update(f'{name}={leaf_hashes[name]};'.encode())
   return h.hexdigest()
-
-
-def nest(flat: dict[str, Any]) -> dict:
-  """'a/b/c' keys -> nested dicts, the layout Orbax stores."""
-  out: dict = {}
-  for name, value in flat.items():
-    node = out
-    *parents, last = name.split('/')
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[last] = value
-  return out
-
-
-def flatten(tree: dict, prefix: str = '') -> dict[str, Any]:
-  out = {}
-  for key in sorted(tree):
-    value = tree[key]
-    name = f'{prefix}{key}'
-    if isinstance(value, dict):
-      out.update(flatten(value, f'{name}/'))
-    else:
-      out[name] = value
-  return out
 
 
 def wait_for(check: Callable[[], Any], what: str, timeout_s: float, poll_s: float = 0.5,
@@ -196,7 +174,7 @@ class RunStorage:
     meta = self._checkpointer.metadata(directory)
     tree = meta.item_metadata.tree if hasattr(meta, 'item_metadata') else meta
     return {name: (tuple(m.shape), str(np.dtype(m.dtype)))
-            for name, m in flatten(_as_dict(tree)).items()}
+            for name, m in flatten_params(_as_dict(tree)).items()}
 
   # -- deltas ------------------------------------------------------------------
 
@@ -210,7 +188,7 @@ class RunStorage:
       raise StorageError(
           f'{directory} already holds a different committed delta. A silo id must be used '
           'by one process only. Fix: check that two silos do not share --silo.')
-    self._save_tree(directory / 'payload', nest(payload_flat))
+    self._save_tree(directory / 'payload', unflatten_params(payload_flat))
     faults.crash_point('silo_upload', round_index)
     self.write_json(directory / META, meta)
 
@@ -226,8 +204,8 @@ class RunStorage:
 
   def read_delta_leaf(self, round_index: int, silo: str, name: str, spec: dict) -> dict:
     """One parameter's payload arrays from a committed delta (a partial Orbax read)."""
-    abstract = nest({f'{name}/{k}': jax.ShapeDtypeStruct(tuple(s), np.dtype(d))
-                     for k, (s, d) in spec.items()})
+    abstract = unflatten_params({f'{name}/{k}': jax.ShapeDtypeStruct(tuple(s), np.dtype(d))
+                                 for k, (s, d) in spec.items()})
     tree = self._restore_tree(self.delta_dir(round_index, silo) / 'payload', abstract,
                               partial=True)
     return _get(tree, name)
@@ -242,9 +220,9 @@ class RunStorage:
     directory = self.shard_dir(round_index, shard, num_shards)
     if self.read_json(directory / META) is not None:
       raise StorageError(f'{directory} is already committed; rounds are written once')
-    self._save_tree(directory / 'params', nest(params_flat))
+    self._save_tree(directory / 'params', unflatten_params(params_flat))
     if outer_state:
-      self._save_tree(directory / 'outer_state', nest(outer_state))
+      self._save_tree(directory / 'outer_state', unflatten_params(outer_state))
     faults.crash_point('aggregate_upload', round_index - 1)
     self.write_json(directory / META, meta)
 
@@ -291,9 +269,9 @@ class RunStorage:
             f'global round {round_index} has parameters {missing[:3]} that this model lacks. '
             'Fix: use the config the run was created with (see run.json).')
       directory = self.shard_dir(round_index, meta['shard'], meta['num_shards']) / 'params'
-      tree = self._restore_tree(directory, nest({n: abstract_flat[n] for n in names}),
-                                partial=False)
-      restored = flatten(tree)
+      abstract = unflatten_params({n: abstract_flat[n] for n in names})
+      tree = self._restore_tree(directory, abstract, partial=False)
+      restored = flatten_params(tree)
       if verify:
         for n in names:
           if array_hash(restored[n]) != meta['leaf_hashes'][n]:
@@ -310,12 +288,12 @@ class RunStorage:
                         abstract_params: dict, abstract_outer: dict) -> tuple[dict, dict]:
     """One shard's parameters and outer-optimizer arrays (the aggregator's own input)."""
     directory = self.shard_dir(round_index, shard, num_shards)
-    params = flatten(self._restore_tree(directory / 'params', nest(abstract_params),
-                                        partial=False))
+    params = flatten_params(self._restore_tree(
+        directory / 'params', unflatten_params(abstract_params), partial=False))
     outer_arrays = {}
     if abstract_outer:
-      outer_arrays = flatten(self._restore_tree(directory / 'outer_state', nest(abstract_outer),
-                                                partial=False))
+      outer_arrays = flatten_params(self._restore_tree(
+          directory / 'outer_state', unflatten_params(abstract_outer), partial=False))
     return params, outer_arrays
 
   # -- evaluations ----------------------------------------------------------------

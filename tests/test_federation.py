@@ -22,6 +22,9 @@ from fedpt import trainer as trainer_lib
 
 @pytest.fixture
 def fed_config(tiny_config):
+  # Silos run as threads of one process in most tests here; Orbax's background saves
+  # are per process, so these threads checkpoint synchronously.
+  tiny_config.train.async_checkpoints = False
   tiny_config.federation.update(rounds=3, inner_steps=4, silos=('a', 'b', 'c'), poll_s=0.05,
                                 wait_timeout_s=120.0)
   return tiny_config
@@ -74,7 +77,7 @@ def test_plain_training_is_the_k1_h1_fedavg_special_case(fed_config, tmp_path):
   state = trainer.init_state()
   for step in range(5):
     state, _ = trainer.train_step(state, trainer.batch(step))
-  plain = storage_lib.flatten(jax.device_get(state['params']))
+  plain = outer.flatten_params(jax.device_get(state['params']))
   assert sorted(plain) == sorted(federated)
   for name in plain:
     np.testing.assert_allclose(federated[name], plain[name], rtol=1e-5, atol=1e-6, err_msg=name)
@@ -348,7 +351,7 @@ def test_compression_error_feedback_and_per_silo_steps(fed_config, tmp_path):
   private, meta = ckpt.restore(ckpt.latest_step(), abstract, {})
   ckpt.close()
   assert meta['round'] == 2
-  residual = storage_lib.flatten(jax.device_get(private['residual']))
+  residual = outer.flatten_params(jax.device_get(private['residual']))
   assert 0 < np.abs(residual['embed_vd']).max() < 1e-2
   assert results['a']['round'] == 2 and np.isfinite(results['a']['final_eval_loss'])
 
@@ -378,3 +381,13 @@ def test_a_silo_that_joins_late_rebases_onto_the_newest_global(fed_config, tmp_p
   assert [r['round'] for r in results['b']['rounds']] == [1, 2]  # Rebased onto global 1.
   assert [e['silo'] for e in store.read_manifest(2)['included']] == ['a', 'b']
   assert results['b']['round'] == 3
+
+
+def test_wall_clock_budget_ends_a_round_early(fed_config, tmp_path):
+  fed_config.federation.update(rounds=1, inner_steps=1000, silos=('a',), round_budget_s=1e-6)
+  root = str(tmp_path / 'bucket')
+  aggregator_lib.init_run(fed_config, root)
+  _run_in_threads(fed_config, root, str(tmp_path))
+  entry = storage_lib.RunStorage(root).read_manifest(0)['included'][0]
+  d = fed_config.data
+  assert entry['steps'] == 1 and entry['tokens'] == d.global_batch * d.seq_len
