@@ -81,7 +81,7 @@ def _bare_loss(params, tokens, cfg: model_lib.ModelConfig):
     return x + g @ p['w_down'].astype(dt), None
 
   if cfg.remat != 'none':
-    layer = jax.checkpoint(layer, policy=model_lib._REMAT_POLICIES[cfg.remat],  # pylint: disable=protected-access
+    layer = jax.checkpoint(layer, policy=model_lib.REMAT_POLICIES[cfg.remat],
                            prevent_cse=False)
   x, _ = jax.lax.scan(layer, x, params['layers'])
   x = rms(x, params['final_norm'])

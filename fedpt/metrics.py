@@ -1,4 +1,4 @@
-"""Metrics: TensorBoard events and `metrics.jsonl`, written by process 0 only, plus a progress line."""
+"""Metrics: TensorBoard events and metrics.jsonl (process 0 only), plus a progress line."""
 import json
 import os
 import time

@@ -12,7 +12,7 @@ from flax import nnx
 
 from fedpt.sharding import constrain
 
-_REMAT_POLICIES = {
+REMAT_POLICIES = {
     'full': jax.checkpoint_policies.nothing_saveable,
     'dots': jax.checkpoint_policies.checkpoint_dots,
     'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -172,7 +172,7 @@ class Transformer(nnx.Module):
       return nnx.merge(block_graph, layer_state)(x_btd, positions_bt), None
 
     if cfg.remat != 'none':
-      apply_block = jax.checkpoint(apply_block, policy=_REMAT_POLICIES[cfg.remat],
+      apply_block = jax.checkpoint(apply_block, policy=REMAT_POLICIES[cfg.remat],
                                    prevent_cse=False)
     x_btd, _ = jax.lax.scan(apply_block, x_btd, block_state)
     x_btd = self.final_norm(x_btd)

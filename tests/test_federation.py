@@ -158,7 +158,8 @@ def test_split_aggregation_equals_unsplit(fed_config, tmp_path):
     store = storage_lib.RunStorage(root)
     for r in range(2):
       for k, silo in enumerate(('a', 'b', 'c')):
-        _publish_fake_delta(store, run, r, silo, fed, 0.01 * (k + 1) * (r + 1), tokens=100 * (k + 1))
+        _publish_fake_delta(store, run, r, silo, fed, 0.01 * (k + 1) * (r + 1),
+                            tokens=100 * (k + 1))
       workers = [threading.Thread(target=aggregator_lib.run_aggregator,
                                   args=(root, shard, num_shards, 1))
                  for shard in range(num_shards)]

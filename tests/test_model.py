@@ -50,7 +50,8 @@ def _reference_forward(params, cfg, tokens):
     x = x + np.einsum('tnh,nhd->td', attn, blk['attn']['o_weight_nhd'])
     h = norm(x, blk['mlp_norm']['scale'])
     gate = h @ blk['mlp']['gate_weight_df']
-    x = x + (gate / (1 + np.exp(-gate)) * (h @ blk['mlp']['up_weight_df'])) @ blk['mlp']['down_weight_fd']
+    swiglu = gate / (1 + np.exp(-gate)) * (h @ blk['mlp']['up_weight_df'])
+    x = x + swiglu @ blk['mlp']['down_weight_fd']
   x = norm(x, p['final_norm']['scale'])
   unembed = p['embed_vd'].T if cfg.tie_embeddings else p['unembed_dv']
   return x @ unembed
