@@ -160,8 +160,13 @@ def _check_resumable(store, config) -> dict:
 
 
 def _silo_group_override(config, silo_id: str) -> list[str]:
-  """On the built-in corpus, a silo named after a stdlib group reads only that group."""
+  """On the built-in corpus, a silo named after a stdlib group reads only that group.
+
+  The group is tokenised here, once, so the silo processes do not all tokenise at
+  start-up while competing for the same cores.
+  """
   if config.data.corpus == 'stdlib' and silo_id in data_lib.STDLIB_GROUPS:
+    data_lib.default_corpus_dir(silo_id)
     return [f'--config.data.stdlib_group={silo_id}']
   return []
 
