@@ -300,3 +300,258 @@ def leaf_nbytes(params_flat: Mapping) -> dict:
   return {name: int(np.prod(jnp.shape(leaf), dtype=np.int64)) * jnp.result_type(leaf).itemsize
           for name, leaf in params_flat.items()}
 
+
+
+# ------------------------------------------------------------------ robust aggregation
+#
+# Byzantine-robust alternatives to the token-weighted mean (Yin et al. 2018,
+# arXiv 1803.01498; norm bounding: Sun et al. 2019, arXiv 1911.07963). The guarantees,
+# for f poisoned silos out of K, whatever values the poisoned silos send:
+#
+#   trimmed_mean, trim >= f, per coordinate j:   min_H x_kj <= out_j <= max_H x_kj
+#   coordinate_median, f < K/2: the same (it is trimmed_mean with trim = (K-1)//2).
+#
+# H is the honest silos. Both the clean and the poisoned outputs lie in that envelope, so
+# ||out_poisoned - out_clean||_2 <= ||max_H x - min_H x||_2 (`coordinate_shift_bound`).
+# Norm clipping (`clip_factors`, then the weighted mean with weights w_k * c_k) caps the
+# poisoned silo k's contribution at w_k * multiple * median(norms) in L2, and with
+# f < K/2 that median lies within the honest norms (`clip_shift_bound`).
+
+ROBUST_METHODS = ('mean', 'trimmed_mean', 'median')
+
+
+def _check_norms(norms) -> np.ndarray:
+  norms = np.asarray(norms, np.float64)
+  if norms.ndim != 1 or norms.size == 0:
+    raise AggregationError(f'norms must be a non-empty list, one per silo; got shape '
+                           f'{norms.shape}. Fix: pass each silo\'s full-delta L2 norm')
+  if not np.all(np.isfinite(norms)) or np.any(norms < 0):
+    raise AggregationError(f'norms must be finite and >= 0; got {norms.tolist()}. '
+                           'Fix: reject silos with NaN/Inf deltas before clipping')
+  return norms
+
+
+def _check_multiple(multiple) -> float:
+  if isinstance(multiple, bool) or not isinstance(multiple, numbers.Real) \
+      or not math.isfinite(multiple) or multiple <= 0:
+    raise AggregationError(f'clip multiple {multiple!r} is not a finite number > 0. '
+                           'Fix: use e.g. 3.0 (clip at 3x the median silo norm)')
+  return float(multiple)
+
+
+def delta_norm(leaves: Iterable) -> float:
+  """Full-delta L2 norm, streamed leaf by leaf (the aggregator's validation pass)."""
+  total = 0.0
+  for leaf in leaves:
+    leaf = np.asarray(leaf, np.float64)
+    total += float(np.vdot(leaf, leaf))
+  return math.sqrt(total)
+
+
+def clip_bound(norms, multiple: float = 3.0, weights=None) -> float:
+  """`multiple * median(norms)`: a bound the honest majority sets, not any one silo.
+
+  The median is unweighted, so a silo claiming huge token counts cannot move it; silos
+  with weight 0 (not in this round) do not take part.
+  """
+  norms = _check_norms(norms)
+  multiple = _check_multiple(multiple)
+  if weights is not None:
+    weights = np.asarray(weights, np.float64)
+    if weights.shape != norms.shape:
+      raise AggregationError(f'{weights.size} weights for {norms.size} norms. '
+                             'Fix: pass one weight per silo, or None')
+    if not np.any(weights > 0):
+      raise AggregationError('all silos have zero weight. '
+                             'Fix: aggregate only rounds in which some silo trained')
+    norms = norms[weights > 0]
+  return multiple * float(np.median(norms))
+
+
+def clip_factors(norms, weights=None, multiple: float = 3.0) -> np.ndarray:
+  """Per-silo `min(1, bound / norm_k)` (1 for a zero delta), bound = `clip_bound`.
+
+  Scale silo k's delta by factor_k, i.e. call `weighted_mean(leaves, weights * factors)`:
+  a 100x-scaled delta then weighs no more than one at the bound. The norms must be of the
+  full delta (all leaves), so the aggregator computes them in its validation pass.
+  """
+  bound = clip_bound(norms, multiple, weights)
+  norms = np.asarray(norms, np.float64)
+  safe = np.where(norms > 0, norms, 1.0)
+  return np.where(norms > bound, bound / safe, 1.0)
+
+
+def _stack(leaves: Iterable) -> jax.Array:
+  leaves = [jnp.asarray(leaf, jnp.float32) for leaf in leaves]
+  if not leaves:
+    raise AggregationError('no silo leaves. Fix: aggregate only rounds with included silos')
+  shapes = {leaf.shape for leaf in leaves}
+  if len(shapes) != 1:
+    raise AggregationError(f'silo leaves have different shapes {sorted(shapes)}. '
+                           'Fix: all silos must train the same model')
+  return jnp.stack(leaves)
+
+
+def _check_trim(trim, num_silos: int) -> int:
+  if isinstance(trim, bool) or not isinstance(trim, numbers.Integral) or trim < 0:
+    raise AggregationError(f'trim={trim!r} is not an integer >= 0. '
+                           'Fix: trim by the number of Byzantine silos to tolerate, e.g. 1')
+  if 2 * trim >= num_silos:
+    raise AggregationError(
+        f'trim={trim} drops all {num_silos} silos (need 2 * trim < {num_silos}). '
+        f'Fix: use trim <= {(num_silos - 1) // 2}, or wait for more silos')
+  return int(trim)
+
+
+def trimmed_mean(leaves: Sequence, trim: int) -> jax.Array:
+  """Per coordinate, drops the `trim` largest and smallest silo values; averages the rest.
+
+  Unweighted on purpose: token weights are self-reported, so a Byzantine silo claiming
+  huge token counts would otherwise regain the influence that trimming takes away.
+  It needs the K leaves of one parameter at once (K x leaf memory, not K x model).
+  With trim >= f poisoned silos each output coordinate lies in the honest [min, max].
+  """
+  stacked = _stack(leaves)
+  trim = _check_trim(trim, stacked.shape[0])
+  kept = jnp.sort(stacked, axis=0)[trim:stacked.shape[0] - trim]
+  return jnp.mean(kept, axis=0)
+
+
+def coordinate_median(leaves: Sequence) -> jax.Array:
+  """Per-coordinate median (mean of the middle two for even K); robust to f < K/2."""
+  stacked = _stack(leaves)
+  # The median is the trimmed mean with trim = (K-1)//2, hence the same honest envelope.
+  return trimmed_mean(stacked, (stacked.shape[0] - 1) // 2)
+
+
+def robust_mean(leaves: Iterable, weights, method: str = 'mean', *, trim: int = 1,
+                factors=None) -> jax.Array:
+  """One leaf's aggregate by `method` in ROBUST_METHODS.
+
+  'mean' is `weighted_mean` and still streams one silo at a time; the others hold all
+  K leaves. `factors` (from `clip_factors`) scale each silo's delta first; for 'mean'
+  that is the clipped weighted mean. `weights` only weigh 'mean' but must match K always.
+  """
+  if method not in ROBUST_METHODS:
+    raise AggregationError(f'unknown robust method {method!r}. '
+                           f'Fix: use one of {ROBUST_METHODS}')
+  weights = np.asarray(weights, np.float64)
+  if factors is not None:
+    factors = np.asarray(factors, np.float64)
+    if factors.shape != weights.shape:
+      raise AggregationError(f'{factors.size} clip factors for {weights.size} weights. '
+                             'Fix: pass one factor per silo (clip_factors), or None')
+  if method == 'mean':
+    return weighted_mean(leaves, weights if factors is None else weights * factors)
+  stacked = _stack(leaves)
+  if stacked.shape[0] != weights.size:
+    raise AggregationError(f'{stacked.shape[0]} leaves for {weights.size} weights. '
+                           'Fix: pass one leaf per silo')
+  if factors is not None:
+    stacked = stacked * jnp.asarray(factors, jnp.float32).reshape(
+        (-1,) + (1,) * (stacked.ndim - 1))
+  if method == 'trimmed_mean':
+    return trimmed_mean(stacked, trim)
+  return coordinate_median(stacked)
+
+
+def tolerated_byzantine(method: str, num_silos: int, trim: int = 1) -> int:
+  """The largest f for which the envelope guarantee holds (0 for the plain mean)."""
+  if method == 'trimmed_mean':
+    return _check_trim(trim, num_silos)
+  if method == 'median':
+    return (num_silos - 1) // 2
+  if method == 'mean':
+    return 0
+  raise AggregationError(f'unknown robust method {method!r}. Fix: use one of {ROBUST_METHODS}')
+
+
+def honest_envelope(honest_leaves: Sequence) -> tuple[jax.Array, jax.Array]:
+  """Per-coordinate (min, max) over the honest silos: where robust outputs must lie."""
+  stacked = _stack(honest_leaves)
+  return jnp.min(stacked, axis=0), jnp.max(stacked, axis=0)
+
+
+def coordinate_shift_bound(honest_leaves: Sequence, num_silos: int, method: str,
+                           trim: int = 1) -> float:
+  """`||max_H x - min_H x||_2`: how far f poisoned silos can move a robust aggregate.
+
+  Bounds `||agg(poisoned) - agg(clean)||_2` for trimmed_mean / median, since both lie in
+  the honest envelope. Raises if f = num_silos - |H| exceeds what the method tolerates.
+  """
+  honest = _stack(honest_leaves)
+  f = num_silos - honest.shape[0]
+  if f < 0:
+    raise AggregationError(f'{honest.shape[0]} honest leaves for {num_silos} silos. '
+                           'Fix: pass at most one leaf per silo')
+  tolerated = tolerated_byzantine(method, num_silos, trim)
+  if f > tolerated:
+    raise AggregationError(f'{method} with {num_silos} silos (trim={trim}) tolerates '
+                           f'{tolerated} poisoned silos, not {f}; there is no bound. '
+                           'Fix: raise trim, use median, or add silos')
+  lo, hi = jnp.min(honest, axis=0), jnp.max(honest, axis=0)
+  return float(jnp.linalg.norm((hi - lo).ravel()))
+
+
+def clip_shift_bound(clean_norms, poisoned_norms, weights, poisoned: Sequence[int],
+                     multiple: float = 3.0) -> float:
+  """Bound on `||clipped_mean(poisoned) - clipped_mean(clean)||_2` (same weights).
+
+  With B = multiple * median(norms) and n_k the clean norms (B', n'_k when poisoned):
+    sum_{k poisoned} w_k (min(n'_k, B') + min(n_k, B))
+    + sum_{k honest} w_k |min(n_k, B') - min(n_k, B)|.
+  The poisoned term is at most w_k (B' + n_k); the honest term is 0 when no honest silo
+  is clipped (max honest norm <= min(B, B')). With f < K/2, median(poisoned_norms) lies
+  in the honest norms' [min, max], so B' <= multiple * max honest norm whatever is sent.
+  """
+  clean_norms, poisoned_norms = _check_norms(clean_norms), _check_norms(poisoned_norms)
+  weights = np.asarray(weights, np.float64)
+  if not clean_norms.shape == poisoned_norms.shape == weights.shape:
+    raise AggregationError(f'{clean_norms.size} clean norms, {poisoned_norms.size} poisoned '
+                           f'norms, {weights.size} weights. Fix: pass one of each per silo')
+  bad = np.zeros(weights.shape, bool)
+  bad[list(poisoned)] = True
+  b_clean = clip_bound(clean_norms, multiple, weights)
+  b_poison = clip_bound(poisoned_norms, multiple, weights)
+  cap_clean = np.minimum(clean_norms, b_clean)
+  poison_term = weights * (np.minimum(poisoned_norms, b_poison) + cap_clean)
+  honest_term = weights * np.abs(np.minimum(clean_norms, b_poison) - cap_clean)
+  return float(np.sum(np.where(bad, poison_term, honest_term)))
+
+
+def check_robust_config(method, trim, num_silos: int, clip_multiple=None) -> None:
+  """Config-time checks of `federation.robust/trim/clip_multiple` (None: no clipping).
+
+  `num_silos` is the fewest silos a round may include (the quorum), since trimming must
+  leave at least one value even then.
+  """
+  if method not in ROBUST_METHODS:
+    raise OuterConfigError('federation.robust', f'unknown method {method!r}',
+                           f'use one of {ROBUST_METHODS}')
+  if isinstance(num_silos, bool) or not isinstance(num_silos, numbers.Integral) \
+      or num_silos < 1:
+    raise OuterConfigError('federation.silos', f'{num_silos!r} silos per round',
+                           'list at least one silo (and min_silos >= 1 if set)')
+  if method == 'trimmed_mean':
+    if isinstance(trim, bool) or not isinstance(trim, numbers.Integral) or trim < 1:
+      raise OuterConfigError('federation.trim', f'{trim!r} is not an integer >= 1',
+                             'set trim to the number of Byzantine silos to tolerate '
+                             "(trim 0 is an unweighted mean; use robust='mean' instead)")
+    if 2 * trim >= num_silos:
+      raise OuterConfigError(
+          'federation.trim', f'trim={trim} drops all of a round of {num_silos} silos',
+          f'use trim <= {(num_silos - 1) // 2}, or raise federation.min_silos')
+  if method == 'median' and num_silos < 3:
+    raise OuterConfigError('federation.robust',
+                           f'the median of {num_silos} silos tolerates no poisoned silo',
+                           "use robust='mean' with clip_multiple, or at least 3 silos")
+  if clip_multiple is not None:
+    if isinstance(clip_multiple, bool) or not isinstance(clip_multiple, numbers.Real) \
+        or not math.isfinite(clip_multiple):
+      raise OuterConfigError('federation.clip_multiple',
+                             f'{clip_multiple!r} is not a finite number',
+                             'set it to e.g. 3.0, or None to disable clipping')
+    if clip_multiple < 1:
+      raise OuterConfigError('federation.clip_multiple',
+                             f'{clip_multiple} < 1 clips the median honest silo itself',
+                             'use >= 1 (e.g. 2 or 3), or None to disable clipping')
