@@ -285,7 +285,9 @@ def _run_federation(repo_root, config, root, workdir, crashes=None):
 def test_kill_9_anywhere_then_restart_gives_the_identical_global_model(
     fed_config, tmp_path, repo_root):
   fed_config.federation.update(rounds=3, inner_steps=4, silos=('a', 'b'))
-  _run_federation(repo_root, fed_config, str(tmp_path / 'clean'), str(tmp_path / 'w_clean'))
+  # The uninterrupted reference runs in threads of this process (same 8 devices, same math).
+  aggregator_lib.init_run(fed_config, str(tmp_path / 'clean'))
+  _run_in_threads(fed_config, str(tmp_path / 'clean'), str(tmp_path / 'w_clean'))
   # Mid-inner-loop, mid-upload, after the commit, and mid-aggregation.
   crashes = {'silo_a': ['silo_inner@0', 'silo_published@1'],
              'silo_b': ['silo_published@0', 'silo_upload@1'],
