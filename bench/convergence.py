@@ -15,7 +15,7 @@ Every run uses the same inner config and an LR schedule over R * H steps. Each
 final model (for the federated ones, the final global model) is scored by one
 evaluator on the same fixed windows of every silo's own `val` split.
 
-  python bench/convergence.py --config=configs/tiny.py --rounds=10 --inner_steps=12  # ~11 min, 2 cores
+  python bench/convergence.py --config=configs/tiny.py --rounds=10 --inner_steps=12  # ~8 min
 """
 import os
 import sys
