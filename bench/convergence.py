@@ -32,12 +32,10 @@ from ml_collections import config_flags  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fedpt import aggregator  # noqa: E402
-from fedpt import checkpoint as checkpoint_lib  # noqa: E402
 from fedpt import data as data_lib  # noqa: E402
 from fedpt import metrics as metrics_lib  # noqa: E402
 from fedpt import model as model_lib  # noqa: E402
 from fedpt import silo  # noqa: E402
-from fedpt import storage as storage_lib  # noqa: E402
 from fedpt import trainer as trainer_lib  # noqa: E402
 
 GROUPS = ('web', 'concurrency', 'text', 'tools')
@@ -52,30 +50,6 @@ flags.DEFINE_list('methods', ['diloco', 'fedavg', 'dp'] + [f'single:{g}' for g i
 flags.DEFINE_integer('eval_batches', 8, 'Fixed eval batches (of B rows) per silo val split.')
 flags.DEFINE_integer('seed', 0, 'Init and data-order seed.')
 FLAGS = flags.FLAGS
-
-_ORBAX_LOCK = threading.RLock()
-
-
-def serialise_orbax():
-  """One Orbax save or restore at a time in this process.
-
-  Orbax keeps its current operation id in process-global state, so saves from
-  silo threads of one process interleave and hang or fail (seen here with 4
-  silos). A silo per process, as in production, needs none of this.
-  """
-  for cls, names in ((checkpoint_lib.Checkpointer, ('save', 'restore', 'read_meta')),
-                     (storage_lib.RunStorage, ('_save_tree', '_restore_tree', 'tree_metadata'))):
-    for name in names:
-      fn = getattr(cls, name)
-      if getattr(fn, 'serialised', False):
-        continue
-
-      def locked(*args, fn=fn, **kwargs):
-        with _ORBAX_LOCK:
-          return fn(*args, **kwargs)
-      locked.serialised = True
-      setattr(cls, name, locked)
-
 
 def base_config(config, rounds, inner_steps, batch, seq_len, seed):
   """The config every method shares; only batch, corpus and outer optimizer vary."""
@@ -120,7 +94,6 @@ def union_corpus_dir(groups) -> str:
 
 def run_federated(config, optimizer: str) -> tuple[dict, int]:
   """K silo threads + the aggregator; the final global params and bytes sent per silo."""
-  serialise_orbax()
   config = config.copy_and_resolve_references()
   config.outer.optimizer = optimizer
   with tempfile.TemporaryDirectory() as tmp:

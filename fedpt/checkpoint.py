@@ -4,11 +4,17 @@ The metadata (model spec, tokenizer hash, data position, federation round) is
 JSON so that a mismatched workdir is refused before any array is read.
 """
 import os
+import threading
 
 import jax
 import orbax.checkpoint as ocp
 
 from fedpt import config as config_lib
+
+
+# Orbax keeps its current save operation in process-global state: two threads of one
+# process (silos simulated as threads) must not save or restore at the same time.
+ORBAX_LOCK = threading.RLock()
 
 
 class CheckpointError(ValueError):
@@ -33,12 +39,14 @@ class Checkpointer:
     return list(self._manager.all_steps())
 
   def save(self, step: int, state, meta: dict) -> None:
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+    with ORBAX_LOCK:
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 
   def read_meta(self, step: int) -> dict:
-    return self._manager.restore(step, args=ocp.args.Composite(
-        meta=ocp.args.JsonRestore()))['meta']
+    with ORBAX_LOCK:
+      return self._manager.restore(step, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore()))['meta']
 
   def restore(self, step: int, abstract_state, expected_meta: dict) -> tuple[object, dict]:
     """Restores into `abstract_state`'s shardings after checking the metadata matches."""
@@ -50,8 +58,9 @@ class Checkpointer:
             f'checkpoint {self.directory} step {step} has {key}={have!r}, but this run '
             f'expects {want!r}. Fix: use a fresh --workdir for this config, or restore '
             f'the config that wrote the checkpoint.')
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state)))
+    with ORBAX_LOCK:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state)))
     return restored['state'], meta
 
   def wait(self) -> None:

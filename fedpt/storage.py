@@ -23,6 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from fedpt import faults
+from fedpt.checkpoint import ORBAX_LOCK
 from fedpt.outer import flatten_params
 from fedpt.outer import unflatten_params
 
@@ -155,7 +156,8 @@ class RunStorage:
   def _save_tree(self, directory: epath.Path, tree: dict) -> None:
     if directory.exists():
       directory.rmtree()  # Our own uncommitted leftovers from a crash.
-    self._checkpointer.save(directory, args=ocp.args.PyTreeSave(tree))
+    with ORBAX_LOCK:
+      self._checkpointer.save(directory, args=ocp.args.PyTreeSave(tree))
 
   def _restore_tree(self, directory: epath.Path, abstract: dict, partial: bool):
     def restore_args(x):
@@ -163,15 +165,17 @@ class RunStorage:
         return ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype)
       return ocp.RestoreArgs(restore_type=np.ndarray, dtype=x.dtype)
     try:
-      return self._checkpointer.restore(directory, args=ocp.args.PyTreeRestore(
-          item=abstract, restore_args=jax.tree.map(restore_args, abstract),
-          partial_restore=partial))
+      with ORBAX_LOCK:
+        return self._checkpointer.restore(directory, args=ocp.args.PyTreeRestore(
+            item=abstract, restore_args=jax.tree.map(restore_args, abstract),
+            partial_restore=partial))
     except (FileNotFoundError, ValueError, KeyError) as e:
       raise StorageError(f'cannot read {directory}: {e}') from e
 
   def tree_metadata(self, directory: epath.Path) -> dict[str, tuple[tuple[int, ...], str]]:
     """name -> (shape, dtype) of every array stored under an Orbax directory."""
-    meta = self._checkpointer.metadata(directory)
+    with ORBAX_LOCK:
+      meta = self._checkpointer.metadata(directory)
     tree = meta.item_metadata.tree if hasattr(meta, 'item_metadata') else meta
     return {name: (tuple(m.shape), str(np.dtype(m.dtype)))
             for name, m in flatten_params(_as_dict(tree)).items()}
