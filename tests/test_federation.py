@@ -394,3 +394,25 @@ def test_wall_clock_budget_ends_a_round_early(fed_config, tmp_path):
   entry = storage_lib.RunStorage(root).read_manifest(0)['included'][0]
   d = fed_config.data
   assert entry['steps'] == 1 and entry['tokens'] == d.global_batch * d.seq_len
+
+
+def test_federation_entry_points_explain_bad_input(fed_config, tmp_path, repo_root):
+  root = str(tmp_path / 'bucket')
+  aggregator_lib.init_run(fed_config, root)
+  scripts = repo_root / 'scripts'
+  tiny = f'--config={repo_root / "configs" / "tiny.py"}'
+  cases = [
+      ([scripts / 'aggregate.py', f'--storage={tmp_path / "nowhere"}'], 'no run at'),
+      ([scripts / 'aggregate.py', f'--storage={root}', '--shard=3/2'], 'need 0 <= i < n'),
+      ([scripts / 'aggregate.py', f'--storage={root}', '--shard=0/2'], 'aggregated in 1 shards'),
+      ([scripts / 'init_run.py', tiny, f'--storage={root}'], 'holds a run'),
+      ([scripts / 'train.py', tiny, f'--workdir={tmp_path / "w"}', '--silo=zz',
+        f'--storage={root}', f'--config.data.corpus={fed_config.data.corpus}'],
+       "silo 'zz' is not in this run"),
+  ]
+  for argv, expected in cases:
+    proc = subprocess.run([sys.executable, *map(str, argv)], capture_output=True, text=True,
+                          timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, (argv, out)
+    assert expected in out and 'Fix' in out and 'Traceback' not in out, (argv, out)
