@@ -58,6 +58,7 @@ class Aggregator:
     self.leaf_shapes = {k: tuple(v) for m in metas for k, v in m['leaf_shapes'].items()}
     self.leaf_dtypes = {k: v for m in metas for k, v in m['leaf_dtypes'].items()}
     self.my_leaves = sorted(k for m in metas if m['shard'] == shard for k in m['leaf_hashes'])
+    self.measured_norms: dict[tuple[int, str], float] = {}
 
   # -- state of this shard -----------------------------------------------------
 
@@ -85,7 +86,7 @@ class Aggregator:
   # -- the decision (shard 0) ----------------------------------------------------
 
   def _validate(self, round_index: int, silo: str, meta: dict, base_hash: str) -> str | None:
-    """The reason to reject a committed delta, or None if it may be aggregated."""
+    """The reason to reject a committed delta, or None; measures its norm on the way."""
     if meta.get('run_id') != self.run['run_id']:
       return f'belongs to run {meta.get("run_id")!r}, not {self.run["run_id"]!r}'
     if meta.get('round') != round_index or meta.get('silo') != silo:
@@ -117,6 +118,7 @@ class Aggregator:
       for key, (shape, dtype) in leaf['payload'].items():
         if stored.get(f'{name}/{key}') != (tuple(shape), dtype):
           return f'stored payload {name}/{key} does not match its metadata'
+    norm_sq = 0.0
     for name in sorted(tree):
       try:
         payload = self.store.read_delta_leaf(round_index, silo, name, tree[name]['payload'])
@@ -129,6 +131,8 @@ class Aggregator:
                                       meta['block_size'])
       if not bool(jnp.all(jnp.isfinite(values))):
         return f'parameter {name} has NaN or Inf values'
+      norm_sq += float(jnp.sum(jnp.square(values)))
+    self.measured_norms[(round_index, silo)] = norm_sq ** 0.5  # Ours, not the silo's claim.
     return None
 
   def decide(self, round_index: int) -> dict:
@@ -180,11 +184,19 @@ class Aggregator:
                if included else [])
     for entry, w in zip(included, weights):
       entry['weight'] = float(w)
+      entry['measured_norm'] = self.measured_norms[(round_index, entry['silo'])]
+    if included and self.fed.get('clip_multiple'):
+      factors = outer.clip_factors([e['measured_norm'] for e in included], weights,
+                                   self.fed['clip_multiple'])
+      for entry, factor in zip(included, factors):
+        entry['clip_factor'] = float(factor)
     manifest = {
         'round': round_index, 'run_id': self.run['run_id'], 'base_global_hash': base_hash,
         'included': included, 'rejected': rejected, 'missing': sorted(set(expected) -
                                                                        set(committed)),
         'late_from_previous_round': late, 'decided_after_s': time.monotonic() - started,
+        'robust': {'method': self.fed.get('robust', 'mean'), 'trim': self.fed.get('trim', 1),
+                   'clip_multiple': self.fed.get('clip_multiple', 0.0)},
     }
     self.store.write_manifest(round_index, manifest)
     return manifest
@@ -203,7 +215,11 @@ class Aggregator:
           self.store.read_delta_leaf(round_index, e['silo'], name,
                                      self._payload_spec(round_index, e['silo'], name)),
           e['compression'], self.leaf_shapes[name], e['block_size']) for e in included)
-      mean_delta = outer.weighted_mean(leaves, [e['weight'] for e in included])
+      robust = manifest.get('robust', {'method': 'mean', 'trim': 1})
+      factors = ([e['clip_factor'] for e in included] if 'clip_factor' in included[0]
+                 else None)
+      mean_delta = outer.robust_mean(leaves, [e['weight'] for e in included], robust['method'],
+                                     trim=robust['trim'], factors=factors)
       step_params, step_state = outer.outer_step(
           self.optimizer, {name: params[name]}, {name: mean_delta}, {name: outer_state[name]})
       new_params[name] = np.asarray(step_params[name])
@@ -336,5 +352,7 @@ def validate_federation(config) -> None:
   require(fed.block_size > 0 and fed.block_size % 2 == 0, 'block_size',
           f'{fed.block_size} must be a positive even number', 'use e.g. 256')
   require(fed.num_shards >= 1, 'num_shards', 'must be >= 1', 'use 1 or more')
+  outer.check_robust_config(fed.robust, fed.trim, fed.min_silos or len(fed.silos),
+                            fed.clip_multiple or None)
   require(fed.wait_timeout_s > 0 and fed.round_deadline_s >= 0, 'wait_timeout_s',
           'timeouts must be positive', 'set seconds > 0')

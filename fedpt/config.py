@@ -108,6 +108,9 @@ def base_config() -> ml_collections.ConfigDict:
       block_size=256,
       error_feedback=False,
       num_shards=1,  # Aggregation split over this many processes by parameter leaves.
+      robust='mean',  # mean (token-weighted), trimmed_mean or median (coordinate-wise).
+      trim=1,  # trimmed_mean: values dropped at each end per coordinate.
+      clip_multiple=0.0,  # >0: clip each delta's norm to this multiple of the median norm.
       keep_last_rounds=3,
       keep_every_rounds=10,
   ))

@@ -416,3 +416,35 @@ def test_federation_entry_points_explain_bad_input(fed_config, tmp_path, repo_ro
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, (argv, out)
     assert expected in out and 'Fix' in out and 'Traceback' not in out, (argv, out)
+
+
+@pytest.mark.parametrize('robust, clip_multiple, expected_mean_delta', [
+    ('mean', 0.0, (0.01 + 0.02 + 1.0) / 3),  # Plain averaging: the poison dominates.
+    ('median', 0.0, 0.02),
+    ('trimmed_mean', 0.0, 0.02),
+    ('mean', 2.0, (0.01 + 0.02 + 0.04) / 3),  # Clipped to 2 x the median norm (0.02).
+])
+def test_robust_aggregation_bounds_a_poisoned_silo(fed_config, tmp_path, robust, clip_multiple,
+                                                    expected_mean_delta):
+  fed = fed_config.federation
+  fed.update(robust=robust, trim=1, clip_multiple=clip_multiple)
+  root = str(tmp_path / 'bucket')
+  run = aggregator_lib.init_run(fed_config, root)
+  store = storage_lib.RunStorage(root)
+  for silo, scale in (('a', 0.01), ('b', 0.02), ('c', 1.0)):  # c sends a 100x delta.
+    _publish_fake_delta(store, run, 0, silo, fed, scale, tokens=1000)
+  agg = aggregator_lib.Aggregator(root)
+  manifest = agg.decide(0)
+  assert manifest['robust']['method'] == robust
+  agg.aggregate(0, manifest)
+  before, after = _global_params(store, 0), _global_params(store, 1)
+  # DiLoCo's first Nesterov step moves the model by lr * (1 + momentum) * mean delta.
+  np.testing.assert_allclose(before['embed_vd'] - after['embed_vd'],
+                             0.7 * 1.9 * expected_mean_delta, rtol=2e-3)
+
+
+def test_robust_settings_are_validated(fed_config, tmp_path):
+  fed_config.federation.update(robust='trimmed_mean', trim=2)  # 3 silos cannot drop 2 + 2.
+  with pytest.raises(outer.OuterConfigError, match='federation.trim'):
+    aggregator_lib.init_run(fed_config, str(tmp_path / 'bucket'))
+  assert not (tmp_path / 'bucket' / 'run.json').exists()
