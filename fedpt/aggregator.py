@@ -206,6 +206,12 @@ class Aggregator:
   def aggregate(self, round_index: int, manifest: dict) -> dict:
     params, outer_state = self.read_shard(round_index)
     included = manifest['included']
+    # Loop invariants: each silo's payload layout (its meta.json, read once) and the method.
+    payload_specs = {e['silo']: self.store.delta_meta(round_index, e['silo'])['tree']
+                     for e in included}
+    robust = manifest.get('robust', {'method': 'mean', 'trim': 1})
+    factors = ([e['clip_factor'] for e in included]
+               if included and 'clip_factor' in included[0] else None)
     new_params, new_state = {}, {}
     for name in self.my_leaves:
       if not included:  # Nothing valid arrived: carry the model and the momentum over.
@@ -213,11 +219,8 @@ class Aggregator:
         continue
       leaves = (compression.decompress(
           self.store.read_delta_leaf(round_index, e['silo'], name,
-                                     self._payload_spec(round_index, e['silo'], name)),
+                                     payload_specs[e['silo']][name]['payload']),
           e['compression'], self.leaf_shapes[name], e['block_size']) for e in included)
-      robust = manifest.get('robust', {'method': 'mean', 'trim': 1})
-      factors = ([e['clip_factor'] for e in included] if 'clip_factor' in included[0]
-                 else None)
       mean_delta = outer.robust_mean(leaves, [e['weight'] for e in included], robust['method'],
                                      trim=robust['trim'], factors=factors)
       step_params, step_state = outer.outer_step(
@@ -230,9 +233,6 @@ class Aggregator:
     self.store.publish_global_shard(round_index + 1, self.shard, self.num_shards, new_params,
                                     state_to_arrays(new_state), meta)
     return meta
-
-  def _payload_spec(self, round_index, silo, name):
-    return self.store.delta_meta(round_index, silo)['tree'][name]['payload']
 
   def collect_garbage(self, newest_round: int) -> None:
     """Keeps the last N global rounds plus every M-th; manifests stay as the ledger."""

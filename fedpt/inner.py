@@ -47,8 +47,7 @@ def make_optimizer(inner_config, total_steps: int) -> optax.GradientTransformati
   )
 
 
-def init_state(graphdef, params, optimizer) -> dict:
-  del graphdef
+def init_state(params, optimizer) -> dict:
   return {'step': jnp.zeros((), jnp.int32), 'params': params,
           'opt_state': optimizer.init(params)}
 

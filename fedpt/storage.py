@@ -178,7 +178,7 @@ class RunStorage:
       meta = self._checkpointer.metadata(directory)
     tree = meta.item_metadata.tree if hasattr(meta, 'item_metadata') else meta
     return {name: (tuple(m.shape), str(np.dtype(m.dtype)))
-            for name, m in flatten_params(_as_dict(tree)).items()}
+            for name, m in flatten_params(tree).items()}
 
   # -- deltas ------------------------------------------------------------------
 
@@ -346,9 +346,3 @@ def _get(tree: dict, name: str):
     tree = tree[part]
   return tree
 
-
-def _as_dict(tree):
-  """Orbax metadata trees may hold namedtuple-like nodes; normalise to dicts."""
-  if isinstance(tree, dict):
-    return {k: _as_dict(v) for k, v in tree.items()}
-  return tree

@@ -92,7 +92,7 @@ class Trainer:
   def _init_state(self):
     model = model_lib.Transformer(self.model_config, nnx.Rngs(self.config.seed))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return inner.init_state(self.graphdef, params, self.optimizer)
+    return inner.init_state(params, self.optimizer)
 
   def init_state(self):
     """Fresh state, created directly in its sharded layout."""
@@ -100,9 +100,8 @@ class Trainer:
       return self._init()
 
   def abstract_state(self):
-    return jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        jax.eval_shape(self._init_state), self.state_shardings)
+    return checkpoint_lib.abstract_like(jax.eval_shape(self._init_state),
+                                        self.state_shardings)
 
   def _rules(self):
     return sharding.activation_rules(self.mesh, self.rules)
