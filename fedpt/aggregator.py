@@ -16,6 +16,7 @@ import numpy as np
 from fedpt import compression
 from fedpt import metrics as metrics_lib
 from fedpt import outer
+from fedpt import signing
 from fedpt import storage as storage_lib
 
 
@@ -38,9 +39,11 @@ def parse_shard(text: str) -> tuple[int, int]:
 class Aggregator:
   """Everything one aggregation shard needs about the run."""
 
-  def __init__(self, storage_root: str, shard: int = 0, num_shards: int | None = None):
+  def __init__(self, storage_root: str, shard: int = 0, num_shards: int | None = None,
+               keys_dir: str | None = None):
     self.store = storage_lib.RunStorage(storage_root)
     self.run = self.store.read_run()
+    self.identity = signing.party_identity(self.run, keys_dir, signing.AGGREGATOR)
     fed = self.run['federation']
     self.fed = fed
     self.num_shards = fed['num_shards'] if num_shards is None else num_shards
@@ -55,10 +58,25 @@ class Aggregator:
     if metas is None:
       raise storage_lib.StorageError(
           f'global round 0 is missing under {self.store.root}. Fix: run scripts/init_run.py.')
+    for meta in metas:
+      self.check_own(meta, f'global round 0 shard {meta.get("shard")}')
     self.leaf_shapes = {k: tuple(v) for m in metas for k, v in m['leaf_shapes'].items()}
     self.leaf_dtypes = {k: v for m in metas for k, v in m['leaf_dtypes'].items()}
     self.my_leaves = sorted(k for m in metas if m['shard'] == shard for k in m['leaf_hashes'])
     self.measured_norms: dict[tuple[int, str], float] = {}
+    self._collected: set[int] = set()  # Rounds already garbage-collected by this process.
+    self.lease: storage_lib.Lease | None = None
+
+  def sign(self, record: dict) -> dict:
+    return self.identity.sign(record) if self.identity else record
+
+  def check_own(self, record: dict, what: str) -> None:
+    """Refuses an aggregator record (global meta, manifest) that we did not sign."""
+    reason = self.identity.check_aggregator(record) if self.identity else None
+    if reason:
+      raise storage_lib.StorageError(
+          f'{what} under {self.store.root}: {reason}. The bucket was tampered with. Fix: '
+          'restore the object from your own records or a bucket version, or recreate the run.')
 
   # -- state of this shard -----------------------------------------------------
 
@@ -87,12 +105,17 @@ class Aggregator:
 
   def _validate(self, round_index: int, silo: str, meta: dict, base_hash: str) -> str | None:
     """The reason to reject a committed delta, or None; measures its norm on the way."""
+    if silo not in self.silo_weight:
+      return 'unknown silo (not in run.json)'
+    if self.identity:
+      reason = self.identity.check_silo(meta, silo)
+      if reason:
+        return reason
     if meta.get('run_id') != self.run['run_id']:
       return f'belongs to run {meta.get("run_id")!r}, not {self.run["run_id"]!r}'
     if meta.get('round') != round_index or meta.get('silo') != silo:
-      return f'metadata says round {meta.get("round")} silo {meta.get("silo")!r}'
-    if silo not in self.silo_weight:
-      return 'unknown silo (not in run.json)'
+      return (f'metadata says round {meta.get("round")} silo {meta.get("silo")!r} (a replayed '
+              'or moved delta)')
     if meta.get('base_global_hash') != base_hash:
       return 'based on a different global model than this round\'s'
     if meta.get('compression') not in compression.FORMATS:
@@ -105,15 +128,18 @@ class Aggregator:
     for name, shape in self.leaf_shapes.items():
       if tuple(tree[name]['shape']) != shape:
         return f'parameter {name} has shape {tree[name]["shape"]}, expected {list(shape)}'
-      want = compression.compressed_nbytes(shape, meta['compression'], meta['block_size'])
-      got = sum(int(np.prod(s)) * np.dtype(d).itemsize
-                for s, d in tree[name]['payload'].values())
-      if got != want:
-        return f'parameter {name} payload is {got} bytes, expected {want} for {meta["compression"]}'
+      expected = compression.payload_spec(shape, meta['compression'], meta['block_size'])
+      declared = {k: (tuple(s), d) for k, (s, d) in tree[name]['payload'].items()}
+      if declared != expected:
+        return (f'parameter {name} payload layout {declared} is not the {meta["compression"]} '
+                f'layout {expected} (wrong shape or dtype)')
+    hashes = meta.get('payload_hashes') or {}
+    if storage_lib.tree_hash(hashes) != meta.get('content_hash'):
+      return 'payload hashes do not match the content hash'
     try:
       stored = self.store.delta_tree_metadata(round_index, silo)
-    except Exception as e:  # pylint: disable=broad-except
-      return f'payload unreadable: {e}'
+    except storage_lib.StorageError as e:
+      return f'payload unreadable (missing or torn objects): {e}'
     for name, leaf in tree.items():
       for key, (shape, dtype) in leaf['payload'].items():
         if stored.get(f'{name}/{key}') != (tuple(shape), dtype):
@@ -121,12 +147,9 @@ class Aggregator:
     norm_sq = 0.0
     for name in sorted(tree):
       try:
-        payload = self.store.read_delta_leaf(round_index, silo, name, tree[name]['payload'])
+        payload = self.read_verified_leaf(round_index, silo, name, meta)
       except storage_lib.StorageError as e:
-        return f'payload {name} unreadable: {e}'
-      for key, value in payload.items():
-        if storage_lib.array_hash(value) != meta['payload_hashes'].get(f'{name}/{key}'):
-          return f'payload {name}/{key} does not match its content hash (torn or modified)'
+        return str(e)
       values = compression.decompress(payload, meta['compression'], self.leaf_shapes[name],
                                       meta['block_size'])
       if not bool(jnp.all(jnp.isfinite(values))):
@@ -135,10 +158,25 @@ class Aggregator:
     self.measured_norms[(round_index, silo)] = norm_sq ** 0.5  # Ours, not the silo's claim.
     return None
 
+  def read_verified_leaf(self, round_index: int, silo: str, name: str, meta: dict) -> dict:
+    """One parameter's payload of a delta, checked against the hashes the silo signed."""
+    try:
+      payload = self.store.read_delta_leaf(round_index, silo, name, meta['tree'][name]['payload'])
+    except Exception as e:  # pylint: disable=broad-except  # Corrupt chunks fail in many ways.
+      raise storage_lib.StorageError(
+          f'payload {name} unreadable (missing or corrupt objects): {storage_lib.short(e)}'
+      ) from None
+    for key, value in payload.items():
+      if storage_lib.array_hash(value) != meta['payload_hashes'].get(f'{name}/{key}'):
+        raise storage_lib.StorageError(
+            f'payload {name}/{key} does not match its content hash (torn or modified)')
+    return payload
+
   def decide(self, round_index: int) -> dict:
     """Waits for every silo, or for a quorum after the deadline; writes the manifest."""
     existing = self.store.read_manifest(round_index)
     if existing is not None:
+      self.check_own(existing, f'the manifest of round {round_index}')
       return existing
     expected = sorted(self.silo_weight)
     quorum = self.fed['min_silos'] or len(expected)
@@ -185,6 +223,19 @@ class Aggregator:
     for entry, w in zip(included, weights):
       entry['weight'] = float(w)
       entry['measured_norm'] = self.measured_norms[(round_index, entry['silo'])]
+    multiple = self.fed.get('reject_norm_multiple', 0.0)
+    if multiple and len(included) > 1:
+      outliers = outer.norm_outliers([e['measured_norm'] for e in included], multiple)
+      for entry, outlier in zip(list(included), outliers):
+        if outlier:
+          included.remove(entry)
+          rejected.append({'silo': entry['silo'], 'reason': (
+              f'delta norm {entry["measured_norm"]:.4g} is more than {multiple:g}x the median '
+              'of the other silos\' norms')})
+      weights = outer.aggregation_weights([e['tokens'] for e in included],
+                                          [self.silo_weight[e['silo']] for e in included])
+      for entry, w in zip(included, weights):
+        entry['weight'] = float(w)
     if included and self.fed.get('clip_multiple'):
       factors = outer.clip_factors([e['measured_norm'] for e in included], weights,
                                    self.fed['clip_multiple'])
@@ -198,8 +249,14 @@ class Aggregator:
         'robust': {'method': self.fed.get('robust', 'mean'), 'trim': self.fed.get('trim', 1),
                    'clip_multiple': self.fed.get('clip_multiple', 0.0)},
     }
+    manifest = self.sign(manifest)
+    self.lease_check()
     self.store.write_manifest(round_index, manifest)
     return manifest
+
+  def lease_check(self) -> None:
+    if self.lease is not None:
+      self.lease.check()
 
   # -- the outer step -------------------------------------------------------------
 
@@ -207,8 +264,13 @@ class Aggregator:
     params, outer_state = self.read_shard(round_index)
     included = manifest['included']
     # Loop invariants: each silo's payload layout (its meta.json, read once) and the method.
-    payload_specs = {e['silo']: self.store.delta_meta(round_index, e['silo'])['tree']
-                     for e in included}
+    metas = {e['silo']: self.store.delta_meta(round_index, e['silo']) for e in included}
+    for e in included:  # The delta read now must be the one validated when deciding.
+      if metas[e['silo']] is None or metas[e['silo']].get('content_hash') != e['content_hash']:
+        raise storage_lib.StorageError(
+            f'silo {e["silo"]}\'s delta of round {round_index} changed after the manifest '
+            'included it: the bucket was modified mid-round. Fix: restore the delta, or rerun '
+            'this round from a copy of the bucket; nothing was written.')
     robust = manifest.get('robust', {'method': 'mean', 'trim': 1})
     factors = ([e['clip_factor'] for e in included]
                if included and 'clip_factor' in included[0] else None)
@@ -218,8 +280,7 @@ class Aggregator:
         new_params[name], new_state[name] = params[name], outer_state[name]
         continue
       leaves = (compression.decompress(
-          self.store.read_delta_leaf(round_index, e['silo'], name,
-                                     payload_specs[e['silo']][name]['payload']),
+          self.read_verified_leaf(round_index, e['silo'], name, metas[e['silo']]),
           e['compression'], self.leaf_shapes[name], e['block_size']) for e in included)
       mean_delta = outer.robust_mean(leaves, [e['weight'] for e in included], robust['method'],
                                      trim=robust['trim'], factors=factors)
@@ -227,9 +288,11 @@ class Aggregator:
           self.optimizer, {name: params[name]}, {name: mean_delta}, {name: outer_state[name]})
       new_params[name] = np.asarray(step_params[name])
       new_state[name] = jax.tree.map(np.asarray, step_state[name])
-    meta = global_shard_meta(round_index + 1, self.shard, self.num_shards, new_params,
-                             contributors=[e['silo'] for e in included],
-                             tokens=sum(e['tokens'] for e in included), run_id=self.run['run_id'])
+    meta = self.sign(global_shard_meta(
+        round_index + 1, self.shard, self.num_shards, new_params,
+        contributors=[e['silo'] for e in included], tokens=sum(e['tokens'] for e in included),
+        run_id=self.run['run_id']))
+    self.lease_check()
     self.store.publish_global_shard(round_index + 1, self.shard, self.num_shards, new_params,
                                     state_to_arrays(new_state), meta)
     return meta
@@ -239,10 +302,10 @@ class Aggregator:
     keep_last = max(self.fed['keep_last_rounds'], 2)  # A lagging shard may still read r-1.
     every = self.fed['keep_every_rounds']
     for r in range(0, newest_round - keep_last + 1):
-      if every and r % every == 0:
+      if (every and r % every == 0) or r in self._collected:
         continue
-      if self.store.global_dir(r).exists() or self.store.round_dir(r).exists():
-        self.store.delete_round(r)
+      self.store.delete_round(r)
+      self._collected.add(r)
 
 
 def state_to_arrays(state_by_leaf: dict) -> dict:
@@ -271,9 +334,15 @@ def global_shard_meta(round_index, shard, num_shards, params_flat, contributors,
 
 
 def run_aggregator(storage_root: str, shard: int = 0, num_shards: int | None = None,
-                   stop_after_rounds: int | None = None) -> dict:
+                   stop_after_rounds: int | None = None, keys_dir: str | None = None) -> dict:
   """Aggregates rounds until the run's last one; resumes where this shard left off."""
-  agg = Aggregator(storage_root, shard, num_shards)
+  agg = Aggregator(storage_root, shard, num_shards, keys_dir)
+  with storage_lib.Lease(agg.store, f'aggregator_{shard:03d}') as lease:
+    agg.lease = lease
+    return _aggregate_rounds(agg, shard, stop_after_rounds)
+
+
+def _aggregate_rounds(agg: Aggregator, shard: int, stop_after_rounds: int | None) -> dict:
   total = agg.fed['rounds']
   r = agg.next_round()
   done = 0
@@ -284,6 +353,7 @@ def run_aggregator(storage_root: str, shard: int = 0, num_shards: int | None = N
       manifest = storage_lib.wait_for(
           lambda: agg.store.read_manifest(r), f'the manifest of round {r} (written by shard 0)',
           timeout_s=agg.fed['wait_timeout_s'], poll_s=agg.fed['poll_s'])
+      agg.check_own(manifest, f'the manifest of round {r}')
     agg.aggregate(r, manifest)
     metrics_lib.log(
         f'aggregator {shard}/{agg.num_shards}: round {r} -> global {r + 1} from '
@@ -299,8 +369,14 @@ def run_aggregator(storage_root: str, shard: int = 0, num_shards: int | None = N
   return {'round': r}
 
 
-def init_run(config, storage_root: str, run_id: str | None = None) -> dict:
-  """Writes global round 0 (bit-identical start for every silo), then run.json last."""
+def init_run(config, storage_root: str, run_id: str | None = None,
+             keys_dir: str | None = None) -> dict:
+  """Writes global round 0 (bit-identical start for every silo), then run.json last.
+
+  With `keys_dir` (the aggregator's key folder, holding every silo's .pub) the
+  run is signed: run.json lists the public keys and everything the aggregator
+  writes carries its signature. Without it the run is unsigned (local use).
+  """
   from fedpt import silo as silo_lib  # pylint: disable=g-import-not-at-top
   from fedpt import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
   config = silo_lib.federated_config(config)
@@ -308,11 +384,16 @@ def init_run(config, storage_root: str, run_id: str | None = None) -> dict:
   optimizer = outer.make_outer_optimizer(config.outer)
   store = storage_lib.RunStorage(storage_root)
   store.check_no_run()
+  secret = signing.load_secret(keys_dir, signing.AGGREGATOR) if keys_dir else None
+  public_keys = (signing.run_public_keys(keys_dir, config.federation.silos)
+                 if keys_dir else None)
+  sign = (lambda record: signing.sign(record, secret)) if secret else (lambda record: record)
   trainer = trainer_lib.Trainer(config)
   params = outer.flatten_params(jax.device_get(trainer.init_state()['params']))
   info = silo_lib.run_info(config, trainer.tokenizer_sha256, run_id or uuid.uuid4().hex)
-  if store.global_dir(0).exists():
-    store.global_dir(0).rmtree()  # Left by an init that crashed before run.json.
+  if public_keys:
+    info['public_keys'] = public_keys
+  store.remove_tree(store.global_dir(0))  # Left by an init that crashed before run.json.
   state = outer.init_outer_state(optimizer, params)
   sizes = outer.leaf_nbytes(params)
   num_shards = config.federation.num_shards
@@ -322,8 +403,9 @@ def init_run(config, storage_root: str, run_id: str | None = None) -> dict:
     store.publish_global_shard(
         0, shard, num_shards, shard_params,
         state_to_arrays({n: jax.tree.map(np.asarray, state[n]) for n in names}),
-        global_shard_meta(0, shard, num_shards, shard_params, contributors=[], tokens=0,
-                          run_id=info['run_id']))
+        sign(global_shard_meta(0, shard, num_shards, shard_params, contributors=[], tokens=0,
+                               run_id=info['run_id'])))
+  info = sign(info)
   store.create_run(info)
   return info
 
@@ -354,5 +436,7 @@ def validate_federation(config) -> None:
   require(fed.num_shards >= 1, 'num_shards', 'must be >= 1', 'use 1 or more')
   outer.check_robust_config(fed.robust, fed.trim, fed.min_silos or len(fed.silos),
                             fed.clip_multiple or None)
+  require(fed.reject_norm_multiple == 0 or fed.reject_norm_multiple > 1, 'reject_norm_multiple',
+          f'{fed.reject_norm_multiple} would reject ordinary deltas', 'use 0 (off) or > 1, e.g. 10')
   require(fed.wait_timeout_s > 0 and fed.round_deadline_s >= 0, 'wait_timeout_s',
           'timeouts must be positive', 'set seconds > 0')

@@ -11,6 +11,7 @@ from fedpt import compression
 from fedpt import config
 from fedpt import data
 from fedpt import outer
+from fedpt import signing
 from fedpt import silo
 from fedpt import simulation
 from fedpt import storage
@@ -19,7 +20,8 @@ from fedpt import trainer
 USER_ERRORS = (config.ConfigError, data.DataError, checkpoint.CheckpointError,
                trainer.TrainingDivergedError, storage.StorageError, silo.RunMismatchError,
                outer.OuterConfigError, compression.CompressionError,
-               aggregator.ShardSpecError, simulation.SimulationError)
+               aggregator.ShardSpecError, simulation.SimulationError,
+               signing.KeyFileError)
 
 
 def run_or_explain(fn, *args, **kwargs):

@@ -74,14 +74,20 @@ def compress(delta_leaf, fmt: str, block_size: int = 256) -> dict:
   return {'q': packed.astype(jnp.uint8), 'scale': scale}
 
 
-def _check_payload(payload: Mapping, fmt: str, shape: tuple, block_size: int) -> None:
-  size = math.prod(shape)
+def payload_spec(shape, fmt: str, block_size: int = 256) -> dict[str, tuple[tuple, str]]:
+  """key -> (shape, dtype name) of `compress`'s payload for a leaf of `shape`."""
+  _check_format(fmt, block_size)
+  shape = tuple(int(d) for d in shape)
   if fmt in ('none', 'bf16'):
-    expected = {'values': tuple(shape)}
-  else:
-    num_blocks = _num_blocks(size, block_size)
-    width = block_size if fmt == 'int8' else block_size // 2
-    expected = {'q': (num_blocks, width), 'scale': (num_blocks,)}
+    return {'values': (shape, 'float32' if fmt == 'none' else 'bfloat16')}
+  num_blocks = _num_blocks(math.prod(shape), block_size)
+  width = block_size if fmt == 'int8' else block_size // 2
+  return {'q': ((num_blocks, width), 'int8' if fmt == 'int8' else 'uint8'),
+          'scale': ((num_blocks,), 'float32')}
+
+
+def _check_payload(payload: Mapping, fmt: str, shape: tuple, block_size: int) -> None:
+  expected = {k: s for k, (s, _) in payload_spec(shape, fmt, block_size).items()}
   if set(payload) != set(expected):
     raise CompressionError(f'{fmt} payload has keys {sorted(payload)}, expected '
                            f'{sorted(expected)}. Fix: decompress with the format it was '

@@ -381,6 +381,20 @@ def clip_factors(norms, weights=None, multiple: float = 3.0) -> np.ndarray:
   return np.where(norms > bound, bound / safe, 1.0)
 
 
+def norm_outliers(norms, multiple: float) -> list[bool]:
+  """Which deltas have a norm above `multiple` x the median norm of the *other* silos.
+
+  Leave-one-out, so that with two silos the big one is caught and the small one is not
+  (a median including the outlier itself would be halfway up). A lone silo is never an
+  outlier: there is nothing to compare it with.
+  """
+  norms = np.asarray(norms, np.float64)
+  if len(norms) < 2:
+    return [False] * len(norms)
+  return [bool(norms[k] > multiple * np.median(np.delete(norms, k)))
+          for k in range(len(norms))]
+
+
 def _stack(leaves: Iterable) -> jax.Array:
   leaves = [jnp.asarray(leaf, jnp.float32) for leaf in leaves]
   if not leaves:

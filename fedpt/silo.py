@@ -19,6 +19,7 @@ from fedpt import config as config_lib
 from fedpt import faults
 from fedpt import metrics as metrics_lib
 from fedpt import outer
+from fedpt import signing
 from fedpt import storage as storage_lib
 from fedpt import trainer as trainer_lib
 
@@ -57,12 +58,16 @@ def run_info(config, tokenizer_sha256: str, run_id: str) -> dict:
   }
 
 
-def check_joins_run(run: dict, config, silo_id: str, tokenizer_sha256: str) -> None:
+def check_silo_listed(run: dict, silo_id: str) -> None:
   silo_ids = [s['id'] for s in run['silos']]
   if silo_id not in silo_ids:
     raise RunMismatchError(
         f'silo {silo_id!r} is not in this run (run.json lists {silo_ids}). Fix: pass one of '
         'those as --silo, or create a run that includes it.')
+
+
+def check_joins_run(run: dict, config, silo_id: str, tokenizer_sha256: str) -> None:
+  check_silo_listed(run, silo_id)
   spec = config_lib.model_spec(config)
   if spec != run['model_spec']:
     diff = {k: (spec.get(k), run['model_spec'].get(k)) for k in run['model_spec']
@@ -86,9 +91,31 @@ def _flat_abstract_params(trainer):
   return outer.flatten_params(trainer.abstract_state()['params'])
 
 
-def load_global_into(trainer, store, round_index: int, state):
+def global_checker(run: dict, identity, store, round_index: int):
+  """Vets a global shard's meta: this run, this round, and signed by the run's aggregator.
+
+  In a signed run the previous round's manifest must carry the aggregator's
+  signature too, so that the recorded decision is the aggregator's own.
+  """
+  def check(meta: dict) -> str | None:
+    if meta.get('run_id') != run['run_id'] or meta.get('round') != round_index:
+      return f'meta.json says run {meta.get("run_id")!r} round {meta.get("round")}'
+    if identity is None:
+      return None
+    reason = identity.check_aggregator(meta)
+    if reason is None and round_index > 0:
+      manifest = store.read_manifest(round_index - 1)
+      reason = ('the manifest of the previous round is missing' if manifest is None
+                else identity.check_aggregator(manifest))
+      reason = reason and f'manifest of round {round_index - 1}: {reason}'
+    return reason
+  return check
+
+
+def load_global_into(trainer, store, round_index: int, state, check_meta=None):
   """Replaces the params of `state` by global round `round_index`; the inner state stays."""
-  flat = store.read_global_params(round_index, _flat_abstract_params(trainer))
+  flat = store.read_global_params(round_index, _flat_abstract_params(trainer),
+                                  check_meta=check_meta)
   state = dict(state)
   state['params'] = outer.unflatten_params(flat)
   return state
@@ -135,14 +162,24 @@ def _payload_hashes(payload):
 
 
 def run_silo(config, silo_id: str, storage_root: str, workdir: str,
-             stop_after_rounds: int | None = None) -> dict:
-  """Joins the run at `storage_root` as `silo_id` and trains until the last round."""
+             stop_after_rounds: int | None = None, keys_dir: str | None = None) -> dict:
+  """Joins the run at `storage_root` as `silo_id` and trains until the last round.
+
+  `keys_dir` is the silo's private key folder (silo_<id>.key and the pinned
+  aggregator.pub); a signed run requires it.
+  """
   config = federated_config(config)
   fed = config.federation
   store = storage_lib.RunStorage(storage_root)
   run = store.read_run()
+  check_silo_listed(run, silo_id)
+  identity = signing.party_identity(run, keys_dir, signing.silo_key_name(silo_id))
   trainer = trainer_lib.Trainer(config, data_seed=silo_data_seed(config.seed, silo_id))
   check_joins_run(run, config, silo_id, trainer.tokenizer_sha256)
+
+  def load_global(round_index, state):
+    return load_global_into(trainer, store, round_index, state,
+                            check_meta=global_checker(run, identity, store, round_index))
   total_rounds = run['federation']['rounds']
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=2,
                                      async_save=config.train.async_checkpoints)
@@ -165,7 +202,7 @@ def run_silo(config, silo_id: str, storage_root: str, workdir: str,
   else:
     round_index = storage_lib.wait_for(store.latest_global_round, 'the initial global model',
                                        **wait)
-    state = load_global_into(trainer, store, round_index, trainer.init_state())
+    state = load_global(round_index, trainer.init_state())
     residual = ({k: jnp.zeros(v.shape, jnp.float32) for k, v in
                  outer.flatten_params(state['params']).items()} if use_feedback else None)
 
@@ -186,7 +223,7 @@ def run_silo(config, silo_id: str, storage_root: str, workdir: str,
         metrics_lib.log(f'silo {silo_id}: missed rounds {round_index}..{newest - 1}; '
                         f'rebasing onto global round {newest}')
         round_index = newest
-        state = load_global_into(trainer, store, round_index, state)
+        state = load_global(round_index, state)
         save_private(round_index, state, residual)
         continue
       base_hash = store.global_hash(round_index)
@@ -219,6 +256,8 @@ def run_silo(config, silo_id: str, storage_root: str, workdir: str,
           outer.flatten_params(state['params']), residual, fed,
           steps=steps, tokens=steps * trainer.tokens_per_step(), train_loss=train_loss,
           global_eval_loss=global_eval, inner_seconds=time.monotonic() - start)
+      if identity is not None:
+        meta = identity.sign(meta)
       seconds = {'eval': start - eval_start, 'inner': meta['inner_seconds']}
       nbytes = meta['bytes']
       store.publish_delta(round_index, silo_id, payload, meta)
@@ -236,7 +275,7 @@ def run_silo(config, silo_id: str, storage_root: str, workdir: str,
       seconds['wait'] = load_start - wait_start
       round_index = next_round
       residual = residual_next
-      state = load_global_into(trainer, store, round_index, state)
+      state = load_global(round_index, state)
       save_private(round_index, state, residual)
       seconds['load'] = time.monotonic() - load_start
       summary['rounds'].append({**{k: meta[k] for k in ('round', 'tokens', 'train_loss', 'bytes')},

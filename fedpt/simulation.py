@@ -21,6 +21,7 @@ from fedpt import aggregator
 from fedpt import config as config_lib
 from fedpt import data as data_lib
 from fedpt import ledger
+from fedpt import signing
 from fedpt import silo as silo_lib
 from fedpt import storage as storage_lib
 
@@ -180,6 +181,13 @@ def _init_config(config):
   return config
 
 
+def _make_keys(keys_dir: str, silo_ids) -> None:
+  """The aggregator's and every silo's key pair, keeping any that already exist."""
+  names = [signing.AGGREGATOR] + [signing.silo_key_name(s) for s in silo_ids]
+  missing = [n for n in names if not os.path.exists(os.path.join(keys_dir, f'{n}.key'))]
+  signing.generate_named(keys_dir, missing)
+
+
 def _exit_on_sigterm():
   """SIGTERM to the simulator stops its children too (they checkpoint and exit 75)."""
   def handler(signum, frame):
@@ -211,7 +219,9 @@ def simulate(config, config_file: str, storage_root: str, workdir: str,
     config: the resolved config (e.g. FLAGS.config).
     config_file: the file `config` came from; children get it plus overrides.
     storage_root: the bucket; a new run is created unless an unfinished one is there.
-    workdir: logs/, silos/<id>/ (private checkpoints) and rounds.jsonl.
+    workdir: logs/, silos/<id>/ (private checkpoints), keys/ and rounds.jsonl. Every
+      party's Ed25519 key pair is made in keys/ (one machine plays all parties, so
+      one folder holds every secret; real parties each keep their own).
     log: where progress lines go.
 
   Returns:
@@ -219,19 +229,23 @@ def simulate(config, config_file: str, storage_root: str, workdir: str,
   """
   started = time.monotonic()
   config_file = os.path.abspath(config_file)
-  storage_root = os.path.abspath(storage_root)
+  if not storage_lib.is_remote(storage_root):
+    storage_root = os.path.abspath(storage_root)
   workdir = os.path.abspath(workdir)
   overrides = config_overrides(config, config_file)
   config = silo_lib.federated_config(config)
   aggregator.validate_federation(config)
   store = storage_lib.RunStorage(storage_root)
-  if store.run_path.exists():
+  keys_dir = os.path.join(workdir, 'keys')
+  if store.exists(store.run_path):
     run = _check_resumable(store, config)
     log(f'resuming run {run["run_id"]} at {storage_root} from global round '
         f'{store.latest_global_round()}')
   else:
-    run = aggregator.init_run(_init_config(config), storage_root)
-    log(f'created run {run["run_id"]} at {storage_root}')
+    _make_keys(keys_dir, config.federation.silos)
+    run = aggregator.init_run(_init_config(config), storage_root, keys_dir=keys_dir)
+    log(f'created run {run["run_id"]} at {storage_root} (signed; keys in {keys_dir})')
+  keys_flag = [f'--keys={keys_dir}'] if run.get('public_keys') else []
   silos = [s['id'] for s in run['silos']]
   fed = run['federation']
   total = fed['rounds']
@@ -245,11 +259,12 @@ def simulate(config, config_file: str, storage_root: str, workdir: str,
       children.start(f'silo_{silo_id}', [
           sys.executable, os.path.join(scripts, 'train.py'), f'--config={config_file}',
           *overrides, *_silo_group_override(config, silo_id), f'--silo={silo_id}',
-          f'--storage={storage_root}', f'--workdir={os.path.join(workdir, "silos", silo_id)}'])
+          f'--storage={storage_root}', f'--workdir={os.path.join(workdir, "silos", silo_id)}',
+          *keys_flag])
     for shard in range(fed['num_shards']):
       children.start(f'aggregator_{shard}_of_{fed["num_shards"]}', [
           sys.executable, os.path.join(scripts, 'aggregate.py'), f'--storage={storage_root}',
-          f'--shard={shard}/{fed["num_shards"]}'])
+          f'--shard={shard}/{fed["num_shards"]}', *keys_flag])
     log(f'{len(silos)} silos {silos} and {fed["num_shards"]} aggregator process(es) '
         f'started; logs in {children.log_dir}')
 

@@ -7,16 +7,30 @@ This is the only module that knows bucket paths. Layout under the run root:
   rounds/NNNNNN/silo_<id>/                  Orbax item `payload` (compressed delta); meta.json last
   rounds/NNNNNN/manifest.json               the aggregator's decision, written once
 
+  lease_aggregator_III.json                 which process aggregates shard III, until when
+
 An Orbax directory counts only once its small meta.json has been written after
 it, so a reader never sees a half-written upload. Nothing relies on an atomic
-directory rename, which GCS and S3 do not have.
+directory rename, which GCS and S3 do not have, nor on create-if-absent
+preconditions, which not every GCS-protocol server enforces: every object has
+exactly one writer.
+
+Roots are local paths or gs:// (s3:// where fsspec's s3fs is installed). JSON
+objects go through etils.epath (gcsfs), arrays through Orbax (tensorstore);
+both retry single requests, and `_retry` retries whole operations on top, with
+bounded backoff, so a short outage stalls a party instead of failing it.
 """
+import errno
 import hashlib
 import json
+import os
 import random
+import socket
+import threading
 import time
 from typing import Any, Callable
 
+from absl import logging
 from etils import epath
 import jax
 import numpy as np
@@ -36,6 +50,48 @@ class StorageError(RuntimeError):
 
 class WaitTimeout(StorageError):
   """Something expected in the bucket did not appear in time."""
+
+
+class LeaseHeldError(StorageError):
+  """Another live process holds the aggregation lease of this run."""
+
+
+REMOTE_SCHEMES = ('gs://', 's3://')
+_PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError,
+                        NotADirectoryError, FileExistsError)
+_TRANSIENT_MARKERS = ('UNAVAILABLE', 'DEADLINE_EXCEEDED', 'RESOURCE_EXHAUSTED', 'ABORTED',
+                      'Connection reset', 'Connection refused', 'timed out', 'Timeout',
+                      'Service Unavailable', 'Internal Server Error', 'Bad Gateway',
+                      'Too Many Requests', 'Cannot connect')
+
+
+def is_remote(root: str) -> bool:
+  return str(root).startswith(REMOTE_SCHEMES)
+
+
+def is_transient(error: BaseException) -> bool:
+  """Worth retrying: 5xx/429/408 answers, timeouts and broken connections; not 4xx."""
+  code = getattr(error, 'code', None)
+  if isinstance(code, int):
+    return code >= 500 or code in (408, 429)
+  if isinstance(error, _PERMANENT_OS_ERRORS):
+    return False
+  if isinstance(error, (ConnectionError, TimeoutError)):
+    return True
+  if isinstance(error, OSError) and error.errno in (errno.ECONNRESET, errno.ECONNREFUSED,
+                                                    errno.ETIMEDOUT, errno.EPIPE, None):
+    return True
+  return any(marker in str(error) for marker in _TRANSIENT_MARKERS)
+
+
+def retry_delays(budget_s: float, first_s: float = 0.5, max_s: float = 8.0):
+  """Jittered exponential backoff delays whose sum stays within `budget_s`."""
+  spent, delay = 0.0, first_s
+  while spent < budget_s:
+    step = min(delay * (0.75 + 0.5 * random.random()), budget_s - spent)
+    yield step
+    spent += step
+    delay = min(delay * 2, max_s)
 
 
 def array_hash(x) -> str:
@@ -74,11 +130,75 @@ def wait_for(check: Callable[[], Any], what: str, timeout_s: float, poll_s: floa
 
 
 class RunStorage:
-  """Reads and writes one federated run under `root` (a directory; gs:// in a later step)."""
+  """Reads and writes one federated run under `root`: a directory, gs://bucket/path or s3://.
 
-  def __init__(self, root: str):
-    self.root = epath.Path(root)
+  `retry_s` bounds how long one operation keeps retrying transient errors
+  (FEDPT_STORAGE_RETRY_S overrides the default of 300 s).
+  """
+
+  def __init__(self, root: str, retry_s: float | None = None):
+    root = str(root)
+    self.remote = is_remote(root)
+    self.root = epath.Path(root if self.remote else os.path.abspath(root))
+    self.retry_s = float(os.environ.get('FEDPT_STORAGE_RETRY_S', 300.0)
+                         if retry_s is None else retry_s)
     self._checkpointer = ocp.PyTreeCheckpointer()
+
+  def _retry(self, what: str, fn: Callable[[], Any]):
+    """fn(), retried on transient errors; a persistent one names the object and the fix."""
+    delays = retry_delays(self.retry_s)
+    attempts, started = 0, time.monotonic()
+    while True:
+      attempts += 1
+      try:
+        return fn()
+      except StorageError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        transient = is_transient(e)
+        delay = next(delays, None) if transient else None
+        if delay is None:
+          if isinstance(e, _PERMANENT_OS_ERRORS) and not transient:
+            raise
+          kind = 'a transient error persisted' if transient else 'failed'
+          raise StorageError(
+              f'{what} {kind} after {attempts} attempt(s) over '
+              f'{time.monotonic() - started:.0f}s: {type(e).__name__}: {short(e)}. Fix: check '
+              f'that {self.root} is reachable and that your credentials may read and write it; '
+              'then rerun: every party resumes where it stopped.') from e
+        logging.warning(f'storage: {what}: {type(e).__name__}: {short(e)}; retrying in '
+                        f'{delay:.1f}s')
+        time.sleep(delay)
+
+  def check_access(self) -> None:
+    """Fails early, naming the fix, if the bucket is missing or the credentials are bad."""
+    if not self.remote:
+      return
+    bucket = str(self.root).split('/')[2]
+    scheme = str(self.root)[:5]
+    credentials = os.environ.get('GOOGLE_APPLICATION_CREDENTIALS')
+    if scheme == 'gs://' and credentials:
+      try:
+        import google.auth  # pylint: disable=g-import-not-at-top
+        google.auth.load_credentials_from_file(credentials)
+      except Exception as e:  # pylint: disable=broad-except
+        raise StorageError(
+            f'GOOGLE_APPLICATION_CREDENTIALS={credentials} is not usable: {short(e)}. Fix: '
+            'point it at a valid service-account JSON key, or unset it and run '
+            '`gcloud auth application-default login`.') from None
+    try:
+      exists = self._retry(f'checking bucket {scheme}{bucket}',
+                           epath.Path(f'{scheme}{bucket}').exists)
+    except StorageError:
+      raise
+    except PermissionError as e:
+      raise StorageError(
+          f'access to {scheme}{bucket} was denied ({short(e)}). Fix: grant your credentials '
+          'storage.objects.{get,list,create,delete} on the bucket.') from None
+    if not exists:
+      raise StorageError(
+          f'bucket {scheme}{bucket} does not exist (or your credentials cannot see it). Fix: '
+          f'create it (gcloud storage buckets create {scheme}{bucket}) or fix --storage.')
 
   # -- paths -------------------------------------------------------------------
 
@@ -103,38 +223,68 @@ class RunStorage:
 
   # -- JSON objects ------------------------------------------------------------
 
-  @staticmethod
-  def read_json(path: epath.Path) -> dict | None:
+  def read_json(self, path: epath.Path) -> dict | None:
     """The object at `path`, or None if it is absent or not (yet) valid JSON."""
-    try:
-      return json.loads(path.read_text())
-    except FileNotFoundError:
-      return None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-      return None  # A torn write of a small object reads as absent.
+    def read():
+      try:
+        return json.loads(path.read_text())
+      except FileNotFoundError:
+        return None
+      except (json.JSONDecodeError, UnicodeDecodeError):
+        return None  # A torn write of a small object reads as absent.
+    return self._retry(f'reading {path}', read)
 
-  @staticmethod
-  def write_json(path: epath.Path, obj: dict, exclusive: bool = False) -> None:
+  def write_json(self, path: epath.Path, obj: dict, exclusive: bool = False) -> None:
     """Writes a small JSON object; a single-object write is atomic on GCS and S3.
 
     Locally we write a temporary file and rename it, the POSIX equivalent.
     `exclusive` refuses to replace an existing object (create-once objects).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if exclusive and path.exists():
+    if exclusive and self.exists(path):
       raise StorageError(f'{path} already exists and is written only once')
     text = json.dumps(obj, indent=1, sort_keys=True)
-    if '://' not in str(path):
+
+    def write():
+      if self.remote:
+        path.write_text(text)
+        return
+      path.parent.mkdir(parents=True, exist_ok=True)
       tmp = path.parent / f'.{path.name}.tmp{random.getrandbits(32):08x}'
       tmp.write_text(text)
       tmp.replace(path)
-    else:
-      path.write_text(text)
+    self._retry(f'writing {path}', write)
+
+  def exists(self, path: epath.Path) -> bool:
+    return self._retry(f'looking up {path}', path.exists)
+
+  def list_dir(self, path: epath.Path) -> list[epath.Path]:
+    """The children of `path` (empty if it does not exist), sorted by name."""
+    def listing():
+      try:
+        return sorted(path.iterdir(), key=lambda p: p.name)
+      except FileNotFoundError:
+        return []
+    return self._retry(f'listing {path}', listing)
+
+  def remove_tree(self, path: epath.Path) -> None:
+    def remove():
+      if path.exists():
+        path.rmtree()
+    self._retry(f'deleting {path}', remove)
+
+  def delete(self, path: epath.Path) -> None:
+    def remove():
+      try:
+        path.unlink()
+      except FileNotFoundError:
+        pass
+    self._retry(f'deleting {path}', remove)
 
   # -- run.json ----------------------------------------------------------------
 
   def check_no_run(self) -> None:
-    if self.run_path.exists():
+    self.check_access()
+    if self.exists(self.run_path):
       raise StorageError(
           f'{self.run_path} already exists: this storage root holds a run. Fix: choose a new '
           '--storage root, or delete the old run on purpose.')
@@ -146,6 +296,7 @@ class RunStorage:
   def read_run(self) -> dict:
     run = self.read_json(self.run_path)
     if run is None:
+      self.check_access()
       raise StorageError(
           f'no run at {self.root} ({self.run_path} is missing). Fix: create it with '
           f'scripts/init_run.py --storage={self.root}, or pass the right --storage.')
@@ -154,28 +305,37 @@ class RunStorage:
   # -- Orbax trees ---------------------------------------------------------------
 
   def _save_tree(self, directory: epath.Path, tree: dict) -> None:
-    if directory.exists():
-      directory.rmtree()  # Our own uncommitted leftovers from a crash.
-    with ORBAX_LOCK:
-      self._checkpointer.save(directory, args=ocp.args.PyTreeSave(tree))
+    def save():
+      if directory.exists():
+        directory.rmtree()  # Our own uncommitted leftovers from a crash or a failed attempt.
+      with ORBAX_LOCK:
+        self._checkpointer.save(directory, args=ocp.args.PyTreeSave(tree))
+    self._retry(f'uploading {directory}', save)
 
   def _restore_tree(self, directory: epath.Path, abstract: dict, partial: bool):
     def restore_args(x):
       if getattr(x, 'sharding', None) is not None:
         return ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype)
       return ocp.RestoreArgs(restore_type=np.ndarray, dtype=x.dtype)
-    try:
+    def restore():
       with ORBAX_LOCK:
         return self._checkpointer.restore(directory, args=ocp.args.PyTreeRestore(
             item=abstract, restore_args=jax.tree.map(restore_args, abstract),
             partial_restore=partial))
+    try:
+      return self._retry(f'reading {directory}', restore)
     except (FileNotFoundError, ValueError, KeyError) as e:
-      raise StorageError(f'cannot read {directory}: {e}') from e
+      raise StorageError(f'cannot read {directory}: {short(e)}') from e
 
   def tree_metadata(self, directory: epath.Path) -> dict[str, tuple[tuple[int, ...], str]]:
     """name -> (shape, dtype) of every array stored under an Orbax directory."""
-    with ORBAX_LOCK:
-      meta = self._checkpointer.metadata(directory)
+    def read():
+      with ORBAX_LOCK:
+        return self._checkpointer.metadata(directory)
+    try:
+      meta = self._retry(f'reading the layout of {directory}', read)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+      raise StorageError(f'cannot read {directory}: {short(e)}') from e
     tree = meta.item_metadata.tree if hasattr(meta, 'item_metadata') else meta
     return {name: (tuple(m.shape), str(np.dtype(m.dtype)))
             for name, m in flatten_params(tree).items()}
@@ -200,11 +360,8 @@ class RunStorage:
     return self.read_json(self.delta_dir(round_index, silo) / META)
 
   def committed_silos(self, round_index: int) -> list[str]:
-    directory = self.round_dir(round_index)
-    if not directory.exists():
-      return []
-    return sorted(p.name[len('silo_'):] for p in directory.iterdir()
-                  if p.name.startswith('silo_') and (p / META).exists())
+    return sorted(p.name[len('silo_'):] for p in self.list_dir(self.round_dir(round_index))
+                  if p.name.startswith('silo_') and self.exists(p / META))
 
   def read_delta_leaf(self, round_index: int, silo: str, name: str, spec: dict) -> dict:
     """One parameter's payload arrays from a committed delta (a partial Orbax read)."""
@@ -232,10 +389,7 @@ class RunStorage:
 
   def global_shard_metas(self, round_index: int) -> list[dict] | None:
     """All shard metas of a global round once every shard is committed, else None."""
-    directory = self.global_dir(round_index)
-    if not directory.exists():
-      return None
-    metas = [self.read_json(p / META) for p in sorted(directory.iterdir())
+    metas = [self.read_json(p / META) for p in self.list_dir(self.global_dir(round_index))
              if p.name.startswith('shard_')]
     if not metas or any(m is None for m in metas) or len(metas) != metas[0]['num_shards']:
       return None
@@ -248,24 +402,31 @@ class RunStorage:
     return tree_hash({k: v for m in metas for k, v in m['leaf_hashes'].items()})
 
   def latest_global_round(self) -> int | None:
-    directory = self.root / 'global'
-    if not directory.exists():
-      return None
-    rounds = sorted((int(p.name[len('round_'):]) for p in directory.iterdir()
+    rounds = sorted((int(p.name[len('round_'):]) for p in self.list_dir(self.root / 'global')
                      if p.name.startswith('round_')), reverse=True)
     for r in rounds:
       if self.global_shard_metas(r) is not None:
         return r
     return None
 
-  def read_global_params(self, round_index: int, abstract_flat: dict,
-                         verify: bool = True) -> dict:
-    """All parameters of a committed global round, restored into `abstract_flat`'s shardings."""
+  def read_global_params(self, round_index: int, abstract_flat: dict, verify: bool = True,
+                         check_meta: Callable[[dict], str | None] | None = None) -> dict:
+    """All parameters of a committed global round, restored into `abstract_flat`'s shardings.
+
+    `check_meta` vets each shard's meta.json first (e.g. the aggregator's
+    signature): the leaf hashes it vouches for are then checked on every array.
+    """
     metas = self.global_shard_metas(round_index)
     if metas is None:
       raise StorageError(f'global round {round_index} is not committed under {self.root}')
     out = {}
     for meta in metas:
+      reason = check_meta(meta) if check_meta else None
+      if reason:
+        raise StorageError(
+            f'global round {round_index} shard {meta.get("shard")} under {self.root}: {reason}. '
+            'The bucket was tampered with; nothing was loaded. Fix: ask the run\'s operator to '
+            'restore the round.')
       names = sorted(meta['leaf_hashes'])
       missing = [n for n in names if n not in abstract_flat]
       if missing:
@@ -308,11 +469,8 @@ class RunStorage:
 
   def eval_losses(self, round_index: int) -> dict[str, float]:
     """silo -> held-out loss of global round `round_index` on that silo's private split."""
-    directory = self.round_dir(round_index) / 'eval'
-    if not directory.exists():
-      return {}
     out = {}
-    for p in sorted(directory.iterdir()):
+    for p in self.list_dir(self.round_dir(round_index) / 'eval'):
       if p.name.startswith('silo_') and p.name.endswith('.json'):
         record = self.read_json(p)
         if record is not None and record.get('eval_loss') is not None:
@@ -327,18 +485,120 @@ class RunStorage:
   def read_manifest(self, round_index: int) -> dict | None:
     return self.read_json(self.manifest_path(round_index))
 
+  # -- leases ---------------------------------------------------------------------
+
+  def lease_path(self, name: str) -> epath.Path:
+    return self.root / f'lease_{name}.json'
+
   # -- garbage collection --------------------------------------------------------
 
   def delete_round(self, round_index: int) -> None:
     """Removes a global round and its deltas; the manifest stays as the run's ledger."""
-    global_dir = self.global_dir(round_index)
-    if global_dir.exists():
-      global_dir.rmtree()
-    round_dir = self.round_dir(round_index)
-    if round_dir.exists():
-      for p in round_dir.iterdir():
-        if p.name.startswith('silo_'):
-          p.rmtree()
+    self.remove_tree(self.global_dir(round_index))
+    for p in self.list_dir(self.round_dir(round_index)):
+      if p.name.startswith('silo_'):
+        self.remove_tree(p)
+
+
+class Lease:
+  """Makes one process the only one doing `name` (an aggregator shard) for a run.
+
+  The lease is an object holding its holder and an expiry, renewed in the
+  background every ttl/3. Create-if-absent preconditions are not relied on:
+  a claimant writes, waits `settle_s` and reads back, so of two racing
+  claimants only the last writer proceeds and the other stops with a clear
+  error. A holder that died on this host is taken over at once; one on another
+  host only after its lease expires.
+  """
+
+  def __init__(self, store: RunStorage, name: str, ttl_s: float = 60.0, settle_s: float = 1.0):
+    self.store, self.name, self.ttl_s, self.settle_s = store, name, ttl_s, settle_s
+    self.path = store.lease_path(name)
+    self.holder = {'id': os.urandom(8).hex(), 'host': socket.gethostname(), 'pid': os.getpid()}
+    self._stop = threading.Event()
+    self._thread = None
+    self.lost: str | None = None
+
+  def _record(self) -> dict:
+    return {**self.holder, 'name': self.name, 'expires_at': time.time() + self.ttl_s}
+
+  def _blocking(self, current: dict | None) -> bool:
+    if current is None or current.get('id') == self.holder['id']:
+      return False
+    if current.get('expires_at', 0) < time.time():
+      return False
+    if current.get('host') == self.holder['host'] and not _pid_alive(current.get('pid')):
+      return False
+    return True
+
+  def _refusal(self, current: dict) -> LeaseHeldError:
+    left = current.get('expires_at', 0) - time.time()
+    return LeaseHeldError(
+        f'another aggregator (host {current.get("host")}, pid {current.get("pid")}) holds '
+        f'{self.path} for {left:.0f}s more: two aggregators on one run would race. Fix: stop '
+        'the other one (its lease then expires), or point this one at its own run.')
+
+  def acquire(self) -> 'Lease':
+    current = self.store.read_json(self.path)
+    if self._blocking(current):
+      raise self._refusal(current)
+    self.store.write_json(self.path, self._record())
+    time.sleep(self.settle_s)
+    current = self.store.read_json(self.path)
+    if current is None or current.get('id') != self.holder['id']:
+      raise self._refusal(current or {})
+    self._thread = threading.Thread(target=self._renew, daemon=True, name=f'lease-{self.name}')
+    self._thread.start()
+    return self
+
+  def _renew(self) -> None:
+    while not self._stop.wait(self.ttl_s / 3):
+      try:
+        current = self.store.read_json(self.path)
+        if current is None or current.get('id') != self.holder['id']:
+          self.lost = (f'lost the lease {self.path} to host {(current or {}).get("host")} pid '
+                       f'{(current or {}).get("pid")}')
+          return
+        self.store.write_json(self.path, self._record())
+      except StorageError as e:
+        logging.warning('lease %s: renewal failed: %s', self.path, e)
+
+  def check(self) -> None:
+    """Raises before a write if another process took the lease over."""
+    if self.lost:
+      raise LeaseHeldError(f'{self.lost}. Fix: make sure only one aggregator runs per shard.')
+
+  def release(self) -> None:
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join()
+    current = self.store.read_json(self.path)
+    if current is not None and current.get('id') == self.holder['id']:
+      self.store.delete(self.path)
+
+  def __enter__(self):
+    return self.acquire()
+
+  def __exit__(self, *exc):
+    self.release()
+
+
+def _pid_alive(pid) -> bool:
+  if not isinstance(pid, int):
+    return False
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def short(error: BaseException, limit: int = 300) -> str:
+  """An exception's message on one bounded line (it may end up in a manifest)."""
+  text = ' '.join(str(error).split())
+  return text if len(text) <= limit else text[:limit] + '...'
 
 
 def _get(tree: dict, name: str):

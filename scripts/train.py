@@ -25,6 +25,8 @@ flags.DEFINE_string('workdir', None, 'Checkpoints, metrics.jsonl and TensorBoard
 flags.DEFINE_integer('stop_at_step', None, 'Checkpoint and stop at this step (resumable).')
 flags.DEFINE_string('silo', None, 'Join a federated run as this silo id (see run.json).')
 flags.DEFINE_string('storage', None, 'The federated run\'s shared storage root.')
+flags.DEFINE_string('keys', None, 'This silo\'s key folder (silo_<id>.key and the pinned '
+                    'aggregator.pub); needed by signed runs.')
 flags.mark_flags_as_required(['config', 'workdir'])
 FLAGS = flags.FLAGS
 
@@ -35,7 +37,8 @@ def main(argv):
   if (FLAGS.silo is None) != (FLAGS.storage is None):
     raise app.UsageError('--silo and --storage go together: pass both to join a run.')
   if FLAGS.silo is not None:
-    cli.run_or_explain(silo.run_silo, FLAGS.config, FLAGS.silo, FLAGS.storage, FLAGS.workdir)
+    cli.run_or_explain(silo.run_silo, FLAGS.config, FLAGS.silo, FLAGS.storage, FLAGS.workdir,
+                       keys_dir=FLAGS.keys)
     return
   summary = cli.run_or_explain(trainer.train_and_evaluate, FLAGS.config, FLAGS.workdir,
                                stop_at_step=FLAGS.stop_at_step)

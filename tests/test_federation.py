@@ -418,16 +418,17 @@ def test_federation_entry_points_explain_bad_input(fed_config, tmp_path, repo_ro
     assert expected in out and 'Fix' in out and 'Traceback' not in out, (argv, out)
 
 
-@pytest.mark.parametrize('robust, clip_multiple, expected_mean_delta', [
-    ('mean', 0.0, (0.01 + 0.02 + 1.0) / 3),  # Plain averaging: the poison dominates.
-    ('median', 0.0, 0.02),
-    ('trimmed_mean', 0.0, 0.02),
-    ('mean', 2.0, (0.01 + 0.02 + 0.04) / 3),  # Clipped to 2 x the median norm (0.02).
+@pytest.mark.parametrize('robust, clip_multiple, reject, expected_mean_delta', [
+    ('mean', 0.0, 0.0, (0.01 + 0.02 + 1.0) / 3),  # Plain averaging: the poison dominates.
+    ('median', 0.0, 0.0, 0.02),
+    ('trimmed_mean', 0.0, 0.0, 0.02),
+    ('mean', 2.0, 0.0, (0.01 + 0.02 + 0.04) / 3),  # Clipped to 2 x the median norm (0.02).
+    ('mean', 0.0, 10.0, (0.01 + 0.02) / 2),  # The default: 100x beyond the others: rejected.
 ])
 def test_robust_aggregation_bounds_a_poisoned_silo(fed_config, tmp_path, robust, clip_multiple,
-                                                    expected_mean_delta):
+                                                    reject, expected_mean_delta):
   fed = fed_config.federation
-  fed.update(robust=robust, trim=1, clip_multiple=clip_multiple)
+  fed.update(robust=robust, trim=1, clip_multiple=clip_multiple, reject_norm_multiple=reject)
   root = str(tmp_path / 'bucket')
   run = aggregator_lib.init_run(fed_config, root)
   store = storage_lib.RunStorage(root)
@@ -436,6 +437,9 @@ def test_robust_aggregation_bounds_a_poisoned_silo(fed_config, tmp_path, robust,
   agg = aggregator_lib.Aggregator(root)
   manifest = agg.decide(0)
   assert manifest['robust']['method'] == robust
+  rejected = {e['silo']: e['reason'] for e in manifest['rejected']}
+  assert list(rejected) == (['c'] if reject else []), rejected
+  assert not reject or 'more than 10x the median' in rejected['c']
   agg.aggregate(0, manifest)
   before, after = _global_params(store, 0), _global_params(store, 1)
   # DiLoCo's first Nesterov step moves the model by lr * (1 + momentum) * mean delta.

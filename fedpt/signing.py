@@ -1,0 +1,196 @@
+"""Ed25519 identities of the parties of a run, and signed JSON records.
+
+Every party holds its secret key in its own private storage (never the bucket).
+A key folder holds `<name>.key` (PKCS#8 PEM, mode 0600) and `<name>.pub`; names
+are `aggregator` and `silo_<id>`. The aggregator's folder also holds every
+silo's `.pub`, and each silo's folder holds `aggregator.pub`, exchanged out of
+band: that pinned aggregator key is what makes run.json itself trustworthy.
+
+A signature covers the canonical JSON of a record without its `signature`
+field (sorted keys, no whitespace), so any change to any field breaks it.
+"""
+import base64
+import json
+import os
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+SIGNATURE = 'signature'
+AGGREGATOR = 'aggregator'
+
+
+class KeyFileError(ValueError):
+  """A missing, unreadable or mismatched key; the message names the file and the fix."""
+
+
+def silo_key_name(silo_id: str) -> str:
+  return f'silo_{silo_id}'
+
+
+def canonical(record: dict) -> bytes:
+  body = {k: v for k, v in record.items() if k != SIGNATURE}
+  return json.dumps(body, sort_keys=True, separators=(',', ':'), ensure_ascii=True).encode()
+
+
+def sign(record: dict, secret_key: ed25519.Ed25519PrivateKey) -> dict:
+  """The record with a signature over its canonical form."""
+  signature = secret_key.sign(canonical(record))
+  return {**record, SIGNATURE: base64.b64encode(signature).decode()}
+
+
+def check_signature(record: dict, public_pem: str) -> str | None:
+  """Why `record` is not signed by the key `public_pem`, or None if it is."""
+  signature = record.get(SIGNATURE)
+  if not signature:
+    return 'missing signature'
+  try:
+    public_key = serialization.load_pem_public_key(public_pem.encode())
+    public_key.verify(base64.b64decode(signature, validate=True), canonical(record))
+  except (InvalidSignature, ValueError, TypeError):
+    return 'bad signature (not made by the expected key, or the record was modified)'
+  return None
+
+
+def public_pem(secret_key: ed25519.Ed25519PrivateKey) -> str:
+  return secret_key.public_key().public_bytes(
+      serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+def generate(keys_dir: str, name: str) -> str:
+  """Writes a new key pair `<name>.key` (0600) and `<name>.pub`; never overwrites one."""
+  keys_dir = os.path.expanduser(keys_dir)
+  os.makedirs(keys_dir, mode=0o700, exist_ok=True)
+  secret_path = os.path.join(keys_dir, f'{name}.key')
+  public_path = os.path.join(keys_dir, f'{name}.pub')
+  for path in (secret_path, public_path):
+    if os.path.exists(path):
+      raise KeyFileError(f'{path} already exists; keys are never overwritten. Fix: use it, '
+                         'or move it away on purpose and generate again.')
+  secret_key = ed25519.Ed25519PrivateKey.generate()
+  pem = secret_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption())
+  fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+  with os.fdopen(fd, 'wb') as f:
+    f.write(pem)
+  with open(public_path, 'w', encoding='ascii') as f:
+    f.write(public_pem(secret_key))
+  return public_path
+
+
+def generate_named(keys_dir: str, names) -> list[str]:
+  """Key pairs for several parties; checks every name before writing any file."""
+  for name in names:
+    if name != AGGREGATOR and not (name.startswith('silo_') and len(name) > len('silo_')):
+      raise KeyFileError(f'key name {name!r} is neither "aggregator" nor "silo_<id>". Fix: '
+                         'e.g. --names=aggregator,silo_web')
+  return [generate(keys_dir, name) for name in names]
+
+
+def load_secret(keys_dir: str, name: str) -> ed25519.Ed25519PrivateKey:
+  keys_dir = os.path.expanduser(keys_dir)
+  path = os.path.join(keys_dir, f'{name}.key')
+  try:
+    with open(path, 'rb') as f:
+      key = serialization.load_pem_private_key(f.read(), password=None)
+  except FileNotFoundError:
+    raise KeyFileError(
+        f'secret key {path} not found. Fix: create it with scripts/keys.py --keys={keys_dir} '
+        f'--name={name}, or pass the --keys folder that holds it.') from None
+  except (ValueError, TypeError) as e:
+    raise KeyFileError(f'{path} is not a PEM private key ({e}). Fix: regenerate it with '
+                       'scripts/keys.py.') from None
+  if not isinstance(key, ed25519.Ed25519PrivateKey):
+    raise KeyFileError(f'{path} is not an Ed25519 key. Fix: generate one with scripts/keys.py.')
+  return key
+
+
+def load_public(keys_dir: str, name: str) -> str:
+  keys_dir = os.path.expanduser(keys_dir)
+  path = os.path.join(keys_dir, f'{name}.pub')
+  try:
+    with open(path, encoding='ascii') as f:
+      pem = f.read()
+    key = serialization.load_pem_public_key(pem.encode())
+  except FileNotFoundError:
+    raise KeyFileError(
+        f'public key {path} not found. Fix: copy {name}.pub from its owner into {keys_dir}.'
+    ) from None
+  except (ValueError, UnicodeDecodeError) as e:
+    raise KeyFileError(f'{path} is not a PEM public key ({e}). Fix: ask its owner for the '
+                       'file written by scripts/keys.py.') from None
+  if not isinstance(key, ed25519.Ed25519PublicKey):
+    raise KeyFileError(f'{path} is not an Ed25519 public key. Fix: use scripts/keys.py.')
+  return pem
+
+
+def run_public_keys(keys_dir: str, silo_ids) -> dict:
+  """The `public_keys` entry of run.json, from the aggregator operator's key folder."""
+  return {AGGREGATOR: load_public(keys_dir, AGGREGATOR),
+          'silos': {s: load_public(keys_dir, silo_key_name(s)) for s in silo_ids}}
+
+
+class Identity:
+  """One party's view of a signed run: its own secret key and the run's public keys.
+
+  `run_keys` is run.json's `public_keys`. The constructor checks run.json
+  against what this party trusts out of band, so a swapped run.json is caught
+  before anything is read or written.
+  """
+
+  def __init__(self, keys_dir: str, name: str, run: dict):
+    self.name = name
+    self.secret = load_secret(keys_dir, name)
+    run_keys = run.get('public_keys')
+    if not run_keys:
+      raise KeyFileError(
+          'this run is unsigned (run.json lists no public keys) but --keys was given. Refusing '
+          'to join: anyone with write access to the bucket could have replaced run.json. Fix: '
+          'create the run with scripts/init_run.py --keys=..., or drop --keys for an unsigned '
+          'local experiment.')
+    self.run_keys = run_keys
+    pinned = load_public(keys_dir, AGGREGATOR)
+    if _normalise(pinned) != _normalise(run_keys[AGGREGATOR]):
+      raise KeyFileError(
+          f'run.json names a different aggregator key than {keys_dir}/aggregator.pub. The run '
+          'root holds another run, or run.json was replaced. Fix: check --storage, and the '
+          'aggregator.pub you received from the run\'s operator.')
+    reason = check_signature(run, run_keys[AGGREGATOR])
+    if reason:
+      raise KeyFileError(f'run.json: {reason}. Fix: the run root was tampered with; ask the '
+                         'operator to recreate the run.')
+    own = run_keys[AGGREGATOR] if name == AGGREGATOR else run_keys['silos'].get(
+        name[len('silo_'):])
+    if own is None or _normalise(own) != _normalise(public_pem(self.secret)):
+      raise KeyFileError(
+          f'run.json does not list the public key of {keys_dir}/{name}.key for {name}. Fix: '
+          f'send {name}.pub to the run\'s operator before the run is created, or pass the '
+          '--keys folder with the right key.')
+
+  def sign(self, record: dict) -> dict:
+    return sign(record, self.secret)
+
+  def check_silo(self, record: dict, silo_id: str) -> str | None:
+    pem = self.run_keys['silos'].get(silo_id)
+    if pem is None:
+      return 'unknown silo (no public key in run.json)'
+    return check_signature(record, pem)
+
+  def check_aggregator(self, record: dict) -> str | None:
+    return check_signature(record, self.run_keys[AGGREGATOR])
+
+
+def party_identity(run: dict, keys_dir: str | None, name: str):
+  """This party's signing identity in a signed run; None in an unsigned one."""
+  if keys_dir:
+    return Identity(keys_dir, name, run)
+  if run.get('public_keys'):
+    raise KeyFileError(
+        f'this run is signed (run.json lists public keys): pass --keys, the folder holding '
+        f'{name}.key and aggregator.pub. Fix: scripts/keys.py creates keys.')
+  return None
+
+
+def _normalise(pem: str) -> str:
+  return ''.join(pem.split())

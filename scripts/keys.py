@@ -1,0 +1,38 @@
+r"""Generates Ed25519 key pairs for the parties of a federated run.
+
+Each organisation runs this in its own private storage and shares only the .pub:
+
+  python scripts/keys.py --keys=~/fedpt-keys --names=silo_web         # a silo
+  python scripts/keys.py --keys=~/fedpt-keys --names=aggregator       # the operator
+
+The operator copies every silo_<id>.pub into its folder before init_run.py
+--keys=...; each silo copies aggregator.pub into its own folder. Secret keys
+(.key, mode 0600) never leave their owner's folder and never go to the bucket.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+
+from fedpt import cli  # noqa: E402
+from fedpt import signing  # noqa: E402
+
+flags.DEFINE_string('keys', None, 'Private folder for the key files.')
+flags.DEFINE_list('names', None, 'Key names: aggregator and/or silo_<id>, comma-separated.')
+flags.mark_flags_as_required(['keys', 'names'])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  for path in cli.run_or_explain(signing.generate_named, os.path.expanduser(FLAGS.keys),
+                                 FLAGS.names):
+    print(f'wrote {path} (share it) and its .key (keep it private)')
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=cli.parse_flags_or_explain)
