@@ -1,15 +1,34 @@
-"""Named crash points, so tests can kill -9 a process at an exact step of the round protocol.
+"""Named fault points, so tests can break a party at an exact step of the round protocol.
 
 Setting FEDPT_CRASH_AT=<point>@<round> makes the process SIGKILL itself when it
-reaches that point; without the variable these calls do nothing.
+reaches that point. In-process tests may instead register a hook (e.g. one
+that stops the storage server). Without either, these calls do nothing.
 """
 import os
 import signal
+from typing import Callable
 
 ENV_VAR = 'FEDPT_CRASH_AT'
-POINTS = ('silo_inner', 'silo_upload', 'silo_published', 'aggregate_upload')
+POINTS = ('silo_upload_begin', 'silo_inner', 'silo_upload', 'silo_published',
+          'aggregate_upload')
+_HOOKS: dict[str, Callable[[], None]] = {}
+
+
+def set_hook(point: str, round_index: int, hook: Callable[[], None] | None) -> None:
+  """Runs `hook` once, in whichever thread reaches `point` in round `round_index` first."""
+  if point not in POINTS:
+    raise ValueError(f'unknown fault point {point!r}; known: {POINTS}')
+  key = f'{point}@{round_index}'
+  if hook is None:
+    _HOOKS.pop(key, None)
+  else:
+    _HOOKS[key] = hook
 
 
 def crash_point(name: str, round_index: int) -> None:
-  if os.environ.get(ENV_VAR) == f'{name}@{round_index}':
+  key = f'{name}@{round_index}'
+  hook = _HOOKS.pop(key, None)
+  if hook is not None:
+    hook()
+  if os.environ.get(ENV_VAR) == key:
     os.kill(os.getpid(), signal.SIGKILL)

@@ -352,6 +352,7 @@ class RunStorage:
       raise StorageError(
           f'{directory} already holds a different committed delta. A silo id must be used '
           'by one process only. Fix: check that two silos do not share --silo.')
+    faults.crash_point('silo_upload_begin', round_index)
     self._save_tree(directory / 'payload', unflatten_params(payload_flat))
     faults.crash_point('silo_upload', round_index)
     self.write_json(directory / META, meta)
