@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 from absl import logging
 from etils import epath
+import fsspec
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -57,6 +58,10 @@ class LeaseHeldError(StorageError):
 
 
 REMOTE_SCHEMES = ('gs://', 's3://')
+# gcsfs and s3fs cache directory listings forever by default, so a poller would never see
+# another party's new objects. The bucket is written by many processes: never cache.
+for _protocol in ('gs', 'gcs', 's3', 's3a'):
+  fsspec.config.conf.setdefault(_protocol, {})['use_listings_cache'] = False
 _PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError,
                         NotADirectoryError, FileExistsError)
 _TRANSIENT_MARKERS = ('UNAVAILABLE', 'DEADLINE_EXCEEDED', 'RESOURCE_EXHAUSTED', 'ABORTED',

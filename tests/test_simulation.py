@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from fedpt import ledger
+from fedpt import signing
 from fedpt import simulation
 from fedpt import storage as storage_lib
 
@@ -49,13 +50,16 @@ def test_status_of_missing_run_is_one_clear_line(tmp_path, repo_root):
 
 
 @pytest.mark.slow
-def test_simulate_end_to_end_and_ledger(tiny_config, repo_root, tmp_path, monkeypatch):
+def test_simulate_end_to_end_through_gcs_and_ledger(tiny_config, repo_root, tmp_path, monkeypatch,
+                                                    gcs_bucket):
+  """Separate silo and aggregator processes whose only channel is a gs:// bucket."""
   # Children need one CPU device each, not the 8 fake ones of this test process.
   monkeypatch.setenv('XLA_FLAGS', '')
   fed = tiny_config.federation
   fed.silos, fed.rounds, fed.inner_steps, fed.poll_s = SILOS, ROUNDS, H, 0.2
+  root = f'{gcs_bucket}/run'
   lines = []
-  summary = simulation.simulate(tiny_config, _tiny_file(repo_root), str(tmp_path / 'bucket'),
+  summary = simulation.simulate(tiny_config, _tiny_file(repo_root), root,
                                 str(tmp_path / 'work'), log=lines.append)
 
   records = summary['rounds']
@@ -76,7 +80,8 @@ def test_simulate_end_to_end_and_ledger(tiny_config, repo_root, tmp_path, monkey
   assert os.path.exists(tmp_path / 'work' / 'logs' / 'silo_web.log')
 
   # The ledger is the bucket's metadata, nothing else.
-  store = storage_lib.RunStorage(str(tmp_path / 'bucket'))
+  store = storage_lib.RunStorage(root)
+  run = store.read_run()
   rows = ledger.build_ledger(store)
   assert len(rows) == ROUNDS
   for row in rows:
@@ -87,12 +92,21 @@ def test_simulate_end_to_end_and_ledger(tiny_config, repo_root, tmp_path, monkey
     assert row['bytes_up'] == sum(store.delta_meta(r, s)['bytes'] for s in row['contributors'])
     assert row['global_hash'] == store.global_hash(r + 1)
     assert row['status'] == 'done' and not row['rejected']
-  table = ledger.status(str(tmp_path / 'bucket'))
-  assert store.global_hash(ROUNDS)[:12] in table
-  as_json = json.loads(ledger.status(str(tmp_path / 'bucket'), 'json'))
+    # Signed end to end: every delta by its silo's key, every round by the aggregator's.
+    for s in row['contributors']:
+      assert signing.check_signature(store.delta_meta(r, s), run['public_keys']['silos'][s]) \
+          is None
+    assert signing.check_signature(manifest, run['public_keys']['aggregator']) is None
+  assert not (tmp_path / 'work' / 'keys' / 'silo_web.key').read_text() in json.dumps(run)
+  result = subprocess.run(
+      [sys.executable, str(repo_root / 'scripts' / 'status.py'), f'--storage={root}'],
+      capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode == 0, result.stderr
+  assert store.global_hash(ROUNDS)[:12] in result.stdout
+  as_json = json.loads(ledger.status(root, 'json'))
   assert as_json['rounds'] == json.loads(json.dumps(rows))
 
   # A finished run is refused rather than silently redone.
   with pytest.raises(storage_lib.StorageError, match='finished run'):
-    simulation.simulate(tiny_config, _tiny_file(repo_root), str(tmp_path / 'bucket'),
-                        str(tmp_path / 'work'), log=lines.append)
+    simulation.simulate(tiny_config, _tiny_file(repo_root), root, str(tmp_path / 'work'),
+                        log=lines.append)
