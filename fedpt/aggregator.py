@@ -204,14 +204,20 @@ class Aggregator:
     included, rejected = [], []
     for silo in committed:
       meta = self.store.delta_meta(round_index, silo)
-      reason = 'metadata unreadable' if meta is None else self._validate(
-          round_index, silo, meta, base_hash)
+      if not isinstance(meta, dict):
+        reason = 'metadata unreadable'
+      else:
+        try:
+          reason = self._validate(round_index, silo, meta, base_hash)
+        except (TypeError, KeyError, ValueError, AttributeError, IndexError) as e:
+          reason = f'malformed metadata ({type(e).__name__}: {storage_lib.short(e)})'
       if reason:
         rejected.append({'silo': silo, 'reason': reason})
       else:
-        included.append({k: meta[k] for k in ('silo', 'tokens', 'steps', 'train_loss', 'bytes',
-                                              'compression', 'block_size', 'delta_norm',
-                                              'content_hash', 'global_eval_loss')})
+        included.append({k: meta.get(k) for k in ('silo', 'tokens', 'steps', 'train_loss',
+                                                  'bytes', 'compression', 'block_size',
+                                                  'delta_norm', 'content_hash',
+                                                  'global_eval_loss')})
     late = []
     if round_index > 0:
       previous = self.store.read_manifest(round_index - 1) or {}

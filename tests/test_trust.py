@@ -19,12 +19,13 @@ from fedpt import trainer as trainer_lib
 
 HONEST = {'a': 0.01, 'b': 0.02, 'r': 0.03}  # silo -> its delta (scale * ones on every leaf).
 BAD = ('flip', 'missing', 'nosig', 'badsig', 'wrongkey', 'wrongbase', 'tree', 'shape', 'dtype',
-       'nan', 'norm')
+       'nan', 'norm', 'junk')
 EXPECTED_REASON = {
     'flip': ('content hash', 'unreadable'), 'missing': 'unreadable', 'nosig': 'missing signature',
     'badsig': 'bad signature', 'wrongkey': 'bad signature', 'zz': 'unknown silo',
     'wrongbase': 'different global model', 'tree': 'parameter tree differs',
     'shape': 'has shape', 'dtype': 'layout', 'nan': 'NaN', 'norm': 'more than 10x',
+    'junk': 'malformed metadata',
 }
 
 
@@ -93,6 +94,7 @@ def _publish_bad(store, run, fed, silo, secrets):
           dict(m, tree={k: v for k, v in m['tree'].items() if k != 'final_norm/scale'})),
       'shape': lambda p, m: _relayout(p, m, 'final_norm/scale', np.zeros(65, np.float32)),
       'dtype': lambda p, m: _relayout(p, m, 'final_norm/scale', np.zeros(64, np.float16)),
+      'junk': lambda p, m: (p, dict(m, tree={k: 'x' for k in m['tree']})),  # Signed garbage.
   }
   secret = {'nosig': None, 'wrongkey': secrets['a']}.get(silo, secrets[silo])
   local_fn = {
