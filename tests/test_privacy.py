@@ -27,6 +27,7 @@ from fedpt import aggregator as aggregator_lib
 from fedpt import compression as compression_lib
 from fedpt import data
 from fedpt import outer
+from fedpt import signing
 from fedpt import silo as silo_lib
 from fedpt import trainer as trainer_lib
 
@@ -313,7 +314,7 @@ def fed_config(tiny_config):
   return tiny_config
 
 
-def test_bucket_holds_no_canary_text_or_token_ids(fed_config, tmp_path):
+def test_bucket_holds_no_canary_text_or_token_ids(fed_config, tmp_path, gcs_bucket):
   canary = f'fedpt-canary-{uuid.uuid4().hex}'
   secrets = {'canary': canary.encode(), 'canary hex': canary.rsplit('-', 1)[1].encode()}
   needle = _needle(canary)
@@ -337,8 +338,12 @@ def test_bucket_holds_no_canary_text_or_token_ids(fed_config, tmp_path):
   # A real federation. The two canary silos upload the same kind of data in two formats
   # (a silo's compression is its own setting, recorded per delta), which covers both in
   # one run instead of two; int8 also keeps an error-feedback residual in its workdir.
-  bucket = epath.Path(tmp_path) / 'bucket'
-  aggregator_lib.init_run(fed_config, str(bucket))
+  # Signed, through a real GCS-protocol server, as in production.
+  bucket = epath.Path(f'{gcs_bucket}/run')
+  keys = str(private / 'keys')
+  signing.generate_named(keys, ['aggregator', *(f'silo_{s}' for s in (OTHER_SILO,
+                                                                     *CANARY_SILOS))])
+  aggregator_lib.init_run(fed_config, str(bucket), keys_dir=keys)
   silo_configs = {OTHER_SILO: fed_config}
   for silo, fmt in CANARY_SILOS.items():
     silo_configs[silo] = fed_config.copy_and_resolve_references()
@@ -349,7 +354,8 @@ def test_bucket_holds_no_canary_text_or_token_ids(fed_config, tmp_path):
 
   def run(silo):
     try:
-      silo_lib.run_silo(silo_configs[silo], silo, str(bucket), str(workdirs[silo]))
+      silo_lib.run_silo(silo_configs[silo], silo, str(bucket), str(workdirs[silo]),
+                        keys_dir=keys)
     except BaseException as e:  # pylint: disable=broad-except
       errors.append((silo, e))
       raise
@@ -357,7 +363,7 @@ def test_bucket_holds_no_canary_text_or_token_ids(fed_config, tmp_path):
   workers = [threading.Thread(target=run, args=(s,)) for s in silo_configs]
   for w in workers:
     w.start()
-  aggregator_lib.run_aggregator(str(bucket))
+  aggregator_lib.run_aggregator(str(bucket), keys_dir=keys)
   for w in workers:
     w.join(timeout=120)
   assert not errors and not any(w.is_alive() for w in workers), errors
@@ -396,9 +402,11 @@ def test_bucket_holds_no_canary_text_or_token_ids(fed_config, tmp_path):
   # (4) The silos' private state stays outside the bucket, and the bucket never names it.
   for silo, workdir in workdirs.items():
     assert any((workdir / 'checkpoints').iterdir()), f'{silo} kept no private checkpoint'
-    assert not workdir.resolve().is_relative_to(bucket.resolve())
+    assert not str(workdir).startswith(str(bucket))
     assert scan.find_bytes(str(workdir).encode()) == []
   assert scan.find_bytes(canary_corpus.encode()) == []
+  for secret_key in epath.Path(keys).glob('*.key'):  # Secret keys never reach the bucket.
+    assert scan.find_bytes(secret_key.read_bytes().strip().splitlines()[1]) == []
 
   # Negative controls: leaks planted into this bucket are each caught by its detector.
   ids = {enc: needle.astype(dtype) for enc, dtype in TOKEN_ENCODINGS.items()}
