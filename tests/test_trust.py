@@ -230,3 +230,27 @@ def _silo_refuses_tampered_globals(fed_config, store, root, run, keys, tmp_path)
   forged_run = dict(run, silos=run['silos'] + [{'id': 'mallory', 'weight': 100.0}])
   with pytest.raises(signing.KeyFileError, match='run.json: bad signature'):
     signing.Identity(keys, 'silo_a', forged_run)
+
+
+def test_keys_cli_and_init_run_without_a_silo_key(fed_config, tmp_path, repo_root):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  keys = tmp_path / 'keys'
+  command = [sys.executable, str(repo_root / 'scripts' / 'keys.py'), f'--keys={keys}',
+             '--names=aggregator,silo_a']
+  done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+  assert done.returncode == 0, done.stderr
+  assert (keys / 'aggregator.pub').read_text().startswith('-----BEGIN PUBLIC KEY-----')
+  assert (keys / 'silo_a.key').stat().st_mode & 0o777 == 0o600
+  secret = (keys / 'silo_a.key').read_bytes()
+  again = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+  assert again.returncode == 2 and 'already exists' in again.stderr and 'Fix' in again.stderr
+  assert 'Traceback' not in again.stderr and (keys / 'silo_a.key').read_bytes() == secret
+  with pytest.raises(signing.KeyFileError, match='neither'):
+    signing.generate_named(str(keys), ['mallory'])
+
+  # The run lists silos a, b, c but the operator holds only a's public key.
+  fed_config.federation.silos = ('a', 'b', 'c')
+  with pytest.raises(signing.KeyFileError, match=r'silo_b.pub not found.*Fix'):
+    aggregator_lib.init_run(fed_config, str(tmp_path / 'bucket'), keys_dir=str(keys))
+  assert not (tmp_path / 'bucket').exists() or not any((tmp_path / 'bucket').iterdir())
