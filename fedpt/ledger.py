@@ -71,6 +71,10 @@ def round_record(store: storage_lib.RunStorage, run: dict, round_index: int,
       'tokens': sum(int(e['tokens']) for e in included),
       'train_loss': _mean(e['train_loss'] for e in included),
       'train_loss_by_silo': {e['silo']: float(e['train_loss']) for e in included},
+      'tokens_by_silo': {e['silo']: int(e['tokens']) for e in included},
+      'norm_by_silo': {e['silo']: float(e.get('measured_norm', e.get('delta_norm')))
+                       for e in included if e.get('measured_norm', e.get('delta_norm'))
+                       is not None},
       'bytes_up': bytes_up,
       'bytes_down': bytes_down,
       'bytes': bytes_up + bytes_down,
@@ -95,6 +99,36 @@ def build_ledger(store: storage_lib.RunStorage) -> list[dict]:
       break
     rows.append(round_record(store, run, r, model_nbytes))
   return rows
+
+
+def silo_totals(rows: list[dict], run: dict) -> dict[str, dict]:
+  """Each silo's contribution over the run: the consortium's accounting, from the rows."""
+  totals = {}
+  for silo in (s['id'] for s in run['silos']):
+    norms = [row['norm_by_silo'][silo] for row in rows if silo in row['norm_by_silo']]
+    last_eval = next((row['eval_loss_by_silo'][silo] for row in reversed(rows)
+                      if silo in row['eval_loss_by_silo']), None)
+    totals[silo] = {
+        'tokens': sum(row['tokens_by_silo'].get(silo, 0) for row in rows),
+        'rounds_included': sum(silo in row['contributors'] for row in rows),
+        'rounds_rejected': sum(any(e['silo'] == silo for e in row['rejected']) for row in rows),
+        'rounds_missing': sum(silo in row['missing'] for row in rows),
+        'mean_delta_norm': _mean(norms),
+        'last_eval_loss': last_eval,
+    }
+  return totals
+
+
+def render_totals(totals: dict[str, dict]) -> str:
+  header = (f"{'silo':<16} {'tokens':>12} {'included':>8} {'rejected':>8} {'missing':>7} "
+            f"{'mean norm':>10} {'eval':>6}")
+  lines = ['per-silo totals', header, '-' * len(header)]
+  for silo, t in totals.items():
+    norm = '-' if t['mean_delta_norm'] is None else f"{t['mean_delta_norm']:.4g}"
+    lines.append(f"{silo:<16} {t['tokens']:>12,} {t['rounds_included']:>8} "
+                 f"{t['rounds_rejected']:>8} {t['rounds_missing']:>7} {norm:>10} "
+                 f"{_fmt_loss(t['last_eval_loss']):>6}")
+  return '\n'.join(lines)
 
 
 def _fmt_bytes(n: int) -> str:
@@ -145,10 +179,12 @@ def status(storage_root: str, fmt: str = 'table') -> str:
   store = storage_lib.RunStorage(storage_root)
   run = store.read_run()
   rows = build_ledger(store)
+  totals = silo_totals(rows, run)
   if fmt == 'json':
     return json.dumps({'run_id': run['run_id'], 'silos': run['silos'],
-                       'federation': run['federation'],
-                       'global_round_0_hash': store.global_hash(0), 'rounds': rows}, indent=1)
+                       'federation': run['federation'], 'signed': bool(run.get('public_keys')),
+                       'global_round_0_hash': store.global_hash(0), 'rounds': rows,
+                       'silo_totals': totals}, indent=1)
   if fmt != 'table':
     raise ValueError(f'unknown format {fmt!r}')
-  return render_table(rows, run, store.global_hash(0))
+  return render_table(rows, run, store.global_hash(0)) + '\n\n' + render_totals(totals)

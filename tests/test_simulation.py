@@ -104,7 +104,19 @@ def test_simulate_end_to_end_through_gcs_and_ledger(tiny_config, repo_root, tmp_
   assert result.returncode == 0, result.stderr
   assert store.global_hash(ROUNDS)[:12] in result.stdout
   as_json = json.loads(ledger.status(root, 'json'))
-  assert as_json['rounds'] == json.loads(json.dumps(rows))
+  assert as_json['rounds'] == json.loads(json.dumps(rows)) and as_json['signed']
+  # Per-silo totals are the sums of the round metadata.
+  for s in SILOS:
+    totals = as_json['silo_totals'][s]
+    manifests = [store.read_manifest(r) for r in range(ROUNDS)]
+    entries = [e for m in manifests for e in m['included'] if e['silo'] == s]
+    assert totals['tokens'] == sum(e['tokens'] for e in entries) == ROUNDS * H * (
+        tiny_config.data.global_batch * tiny_config.data.seq_len)
+    assert totals['rounds_included'] == ROUNDS and totals['rounds_rejected'] == 0
+    assert math.isclose(totals['mean_delta_norm'],
+                        sum(e['measured_norm'] for e in entries) / len(entries))
+    assert totals['last_eval_loss'] == summary['final_eval_by_silo'][s]
+  assert 'per-silo totals' in result.stdout
 
   # A finished run is refused rather than silently redone.
   with pytest.raises(storage_lib.StorageError, match='finished run'):
