@@ -1,0 +1,43 @@
+r"""Exports a trained model as a Hugging Face Llama checkpoint (transformers can load it).
+
+  python scripts/export_hf.py --config=configs/demo.py --workdir=/tmp/fedpt-demo \
+      --out=/tmp/fedpt-demo-hf
+  python scripts/export_hf.py --config=configs/demo.py --storage=/shared/run1 --round=20 \
+      --out=/tmp/run1-round20-hf
+
+--workdir exports the newest checkpoint of scripts/train.py; --storage with --round
+exports a committed global round of a federated run. --out must be new or empty.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from fedpt import cli  # noqa: E402
+from fedpt import export_hf  # noqa: E402
+
+config_flags.DEFINE_config_file('config', None, 'The configs/*.py file that trained the model.',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'A scripts/train.py workdir: export its newest checkpoint.')
+flags.DEFINE_string('storage', None, 'A federated run\'s shared storage root (with --round).')
+flags.DEFINE_integer('round', None, 'The committed global round of --storage to export.')
+flags.DEFINE_string('out', None, 'New or empty folder for the Hugging Face files.')
+flags.mark_flags_as_required(['config', 'out'])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  summary = cli.run_or_explain(export_hf.export, FLAGS.config, FLAGS.out, workdir=FLAGS.workdir,
+                               storage=FLAGS.storage, round_index=FLAGS.round)
+  print(f"exported {summary['parameters']:,} parameters to {summary['out']} "
+        '(load with transformers.LlamaForCausalLM.from_pretrained)')
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=cli.parse_flags_or_explain)
