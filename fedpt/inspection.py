@@ -1,0 +1,100 @@
+"""What a checkpoint is: its parameters (shape, dtype, bytes, hash) and where it came from.
+
+Global rounds are described from their committed metadata alone (the per-leaf
+hashes the aggregator signed), so inspecting a 70B round reads kilobytes, not
+the model. Private checkpoints are described from Orbax's metadata and the
+checkpoint's own JSON meta.
+"""
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from fedpt import checkpoint as checkpoint_lib
+from fedpt import signing
+from fedpt import storage as storage_lib
+
+
+def _leaf_rows(shapes: dict, dtypes: dict, hashes: dict | None = None) -> list[dict]:
+  return [{'name': n, 'shape': list(shapes[n]), 'dtype': str(dtypes[n]),
+           'params': int(np.prod(shapes[n])),
+           'bytes': int(np.prod(shapes[n])) * np.dtype(dtypes[n]).itemsize,
+           'sha256': (hashes or {}).get(n)} for n in sorted(shapes)]
+
+
+def _summary(leaves: list[dict]) -> dict:
+  return {'leaves': leaves, 'param_count': sum(x['params'] for x in leaves),
+          'bytes': sum(x['bytes'] for x in leaves)}
+
+
+def describe_global_round(store: storage_lib.RunStorage, round_index: int) -> dict:
+  """A committed global round: tree, sizes, hash, contributors, tokens and signatures."""
+  run = store.read_run()
+  metas = store.global_shard_metas(round_index)
+  if metas is None:
+    latest = store.latest_global_round()
+    raise storage_lib.StorageError(
+        f'global round {round_index} is not committed under {store.root} (the newest is '
+        f'{latest}; old rounds are garbage-collected). Fix: pick a round that '
+        'scripts/status.py lists.')
+  shapes = {n: s for m in metas for n, s in m['leaf_shapes'].items()}
+  dtypes = {n: d for m in metas for n, d in m['leaf_dtypes'].items()}
+  hashes = {n: h for m in metas for n, h in m['leaf_hashes'].items()}
+  keys = run.get('public_keys')
+  signatures = ('unsigned run' if not keys else
+                signing.check_signature(metas[0], keys[signing.AGGREGATOR]) or 'valid')
+  if keys and any(signing.check_signature(m, keys[signing.AGGREGATOR]) for m in metas):
+    signatures = 'INVALID on at least one shard: the bucket was tampered with'
+  manifest = store.read_manifest(round_index - 1) if round_index > 0 else None
+  return {
+      'source': f'{store.root} global round {round_index}', 'run_id': run['run_id'],
+      'round': round_index, 'global_hash': store.global_hash(round_index),
+      'num_shards': len(metas), 'signatures': signatures,
+      'contributors': metas[0]['contributors'], 'tokens': metas[0]['tokens'],
+      'weights': {e['silo']: e['weight'] for e in (manifest or {}).get('included', [])},
+      'rejected': [e['silo'] for e in (manifest or {}).get('rejected', [])],
+      **_summary(_leaf_rows(shapes, dtypes, hashes)),
+  }
+
+
+def describe_private_checkpoint(workdir: str, step: int | None = None) -> dict:
+  """A silo's (or a plain run's) latest or given checkpoint: its parameters and meta."""
+  ckpt = checkpoint_lib.Checkpointer(f'{workdir}/checkpoints', keep=1, async_save=False)
+  try:
+    steps = ckpt.all_steps()
+    if not steps or (step is not None and step not in steps):
+      raise checkpoint_lib.CheckpointError(
+          f'no checkpoint {"" if step is None else f"at step {step} "}in {workdir}/checkpoints '
+          f'(steps there: {steps}). Fix: pass the --workdir of a training run, or one of '
+          'those steps.')
+    step = max(steps) if step is None else step
+    meta = ckpt.read_meta(step)
+  finally:
+    ckpt.close()
+  with checkpoint_lib.ORBAX_LOCK:
+    tree = ocp.PyTreeCheckpointer().metadata(f'{ckpt.directory}/{step}/state')
+  tree = tree.item_metadata.tree if hasattr(tree, 'item_metadata') else tree
+  params = tree['train']['params'] if 'train' in tree else tree['params']
+  leaves = {'/'.join(str(getattr(k, 'key', k)) for k in path): m
+            for path, m in jax.tree_util.tree_flatten_with_path(params)[0]}
+  shapes = {n: tuple(m.shape) for n, m in leaves.items()}
+  dtypes = {n: np.dtype(m.dtype) for n, m in leaves.items()}
+  return {'source': f'{workdir} step {step}', 'step': step,
+          **{k: meta.get(k) for k in ('run_id', 'silo', 'round', 'tokenizer_sha256')},
+          **_summary(_leaf_rows(shapes, dtypes))}
+
+
+def render(info: dict) -> str:
+  lines = [f"{info['source']}"]
+  for key in ('run_id', 'round', 'silo', 'step', 'global_hash', 'signatures', 'contributors',
+              'tokens', 'weights', 'rejected'):
+    if info.get(key) not in (None, [], {}):
+      lines.append(f'  {key}: {info[key]}')
+  lines.append(f"  parameters: {info['param_count']:,} in {len(info['leaves'])} arrays, "
+               f"{info['bytes'] / 1e6:.2f} MB")
+  width = max(len(x['name']) for x in info['leaves'])
+  for x in info['leaves']:
+    digest = (x['sha256'] or '')[:12]
+    lines.append(f"    {x['name']:<{width}}  {str(tuple(x['shape'])):<18} {x['dtype']:<9} "
+                 f"{x['params']:>12,} {digest}")
+  return '\n'.join(lines)
+

@@ -1,0 +1,49 @@
+r"""Shows a checkpoint's parameters (shape, dtype, bytes, hash) and its provenance.
+
+  python scripts/inspect_checkpoint.py --storage=gs://bucket/run1 --round=8   # a global round
+  python scripts/inspect_checkpoint.py --workdir=/private/web [--step=3]      # a private one
+
+A global round is described from its signed metadata alone (no arrays are read):
+round, contributing silos, their weights and tokens, rejected silos, signature check.
+"""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+
+from fedpt import cli  # noqa: E402
+from fedpt import inspection  # noqa: E402
+from fedpt import storage  # noqa: E402
+
+flags.DEFINE_string('storage', None, 'A federated run\'s storage root (with --round).')
+flags.DEFINE_integer('round', None, 'Global round to inspect (default: the newest).')
+flags.DEFINE_string('workdir', None, 'A training or silo workdir (its private checkpoint).')
+flags.DEFINE_integer('step', None, 'Checkpoint step in --workdir (default: the latest).')
+flags.DEFINE_enum('format', 'table', ['table', 'json'], 'table for people, json for tools.')
+FLAGS = flags.FLAGS
+
+
+def describe():
+  if (FLAGS.storage is None) == (FLAGS.workdir is None):
+    raise app.UsageError('pass either --storage (a global round) or --workdir (a private '
+                         'checkpoint)')
+  if FLAGS.workdir is not None:
+    return inspection.describe_private_checkpoint(FLAGS.workdir, FLAGS.step)
+  store = storage.RunStorage(FLAGS.storage)
+  round_index = FLAGS.round if FLAGS.round is not None else store.latest_global_round()
+  return inspection.describe_global_round(store, -1 if round_index is None else round_index)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  info = cli.run_or_explain(describe)
+  print(json.dumps(info, indent=1) if FLAGS.format == 'json' else inspection.render(info))
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=cli.parse_flags_or_explain)
