@@ -39,10 +39,9 @@ def describe_global_round(store: storage_lib.RunStorage, round_index: int) -> di
   shapes = {n: s for m in metas for n, s in m['leaf_shapes'].items()}
   dtypes = {n: d for m in metas for n, d in m['leaf_dtypes'].items()}
   hashes = {n: h for m in metas for n, h in m['leaf_hashes'].items()}
-  keys = run.get('public_keys')
-  signatures = ('unsigned run' if not keys else
-                signing.check_signature(metas[0], keys[signing.AGGREGATOR]) or 'valid')
-  if keys and any(signing.check_signature(m, keys[signing.AGGREGATOR]) for m in metas):
+  check = signing.listed_aggregator_check(run)
+  signatures = 'unsigned run' if check is None else 'valid'
+  if check is not None and any(check(m) for m in metas):
     signatures = 'INVALID on at least one shard: the bucket was tampered with'
   manifest = store.read_manifest(round_index - 1) if round_index > 0 else None
   return {

@@ -181,6 +181,14 @@ class Identity:
     return check_signature(record, self.run_keys[AGGREGATOR])
 
 
+def listed_aggregator_check(run: dict):
+  """Checks records against the aggregator key run.json lists; None for an unsigned run."""
+  keys = run.get('public_keys')
+  if not keys:
+    return None
+  return lambda record: check_signature(record, keys[AGGREGATOR])
+
+
 def party_identity(run: dict, keys_dir: str | None, name: str):
   """This party's signing identity in a signed run; None in an unsigned one."""
   if keys_dir:

@@ -97,16 +97,21 @@ def global_checker(run: dict, identity, store, round_index: int):
   In a signed run the previous round's manifest must carry the aggregator's
   signature too, so that the recorded decision is the aggregator's own.
   """
+  # Without a party's identity (a researcher exporting or sampling), check against the key
+  # run.json lists: that catches anyone but the aggregator, if run.json is genuine.
+  check_aggregator = (identity.check_aggregator if identity is not None
+                      else signing.listed_aggregator_check(run))
+
   def check(meta: dict) -> str | None:
     if meta.get('run_id') != run['run_id'] or meta.get('round') != round_index:
       return f'meta.json says run {meta.get("run_id")!r} round {meta.get("round")}'
-    if identity is None:
+    if check_aggregator is None:
       return None
-    reason = identity.check_aggregator(meta)
+    reason = check_aggregator(meta)
     if reason is None and round_index > 0:
       manifest = store.read_manifest(round_index - 1)
       reason = ('the manifest of the previous round is missing' if manifest is None
-                else identity.check_aggregator(manifest))
+                else check_aggregator(manifest))
       reason = reason and f'manifest of round {round_index - 1}: {reason}'
     return reason
   return check
