@@ -10,6 +10,7 @@ from fedpt import checkpoint
 from fedpt import compression
 from fedpt import config
 from fedpt import data
+from fedpt import evaluation
 from fedpt import export_hf
 from fedpt import outer
 from fedpt import signing
@@ -22,7 +23,8 @@ USER_ERRORS = (config.ConfigError, data.DataError, checkpoint.CheckpointError,
                trainer.TrainingDivergedError, storage.StorageError, silo.RunMismatchError,
                outer.OuterConfigError, compression.CompressionError,
                aggregator.ShardSpecError, simulation.SimulationError,
-               signing.KeyFileError, export_hf.ExportError)
+               signing.KeyFileError, export_hf.ExportError,
+               evaluation.EvalError)
 
 
 def run_or_explain(fn, *args, **kwargs):

@@ -20,6 +20,7 @@ from ml_collections import config_flags
 from fedpt import aggregator
 from fedpt import config as config_lib
 from fedpt import data as data_lib
+from fedpt import evaluation
 from fedpt import ledger
 from fedpt import signing
 from fedpt import silo as silo_lib
@@ -304,12 +305,14 @@ def simulate(config, config_file: str, storage_root: str, workdir: str,
       signal.signal(signal.SIGTERM, previous_handler)
 
   final = store.eval_losses(total)
+  plots = evaluation.write_plots(store, workdir)
   summary = {
       'run_id': run['run_id'], 'storage': storage_root, 'workdir': workdir,
       'rounds': records,
       'initial_eval_loss': records[0]['base_eval_loss'] if records else None,
       'final_eval_loss': records[-1]['eval_loss'] if records else None,
       'final_eval_by_silo': final,
+      'plots': plots,
       'total_tokens': sum(rec['tokens'] for rec in records),
       'total_bytes': sum(rec['bytes'] for rec in records),
       'wall_s': time.monotonic() - started,

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import matplotlib.image
 import pytest
 
 from fedpt import ledger
@@ -78,6 +79,9 @@ def test_simulate_end_to_end_through_gcs_and_ledger(tiny_config, repo_root, tmp_
   with open(tmp_path / 'work' / 'rounds.jsonl', encoding='utf-8') as f:
     assert [json.loads(line) for line in f] == json.loads(json.dumps(records))
   assert os.path.exists(tmp_path / 'work' / 'logs' / 'silo_web.log')
+  for plot in summary['plots']:  # Real, non-empty images.
+    image = matplotlib.image.imread(plot)
+    assert image.shape[0] > 100 and image.shape[1] > 100 and image.std() > 0.01, plot
 
   # The ledger is the bucket's metadata, nothing else.
   store = storage_lib.RunStorage(root)

@@ -1,0 +1,211 @@
+"""Held-out evaluation of global rounds and private checkpoints, and the run's plots.
+
+Loss is the mean next-token cross-entropy (nats) over fixed validation windows
+(`TokenDataset.eval_batches`, jitted and sharded like training). Bits per byte
+divide the summed loss by the UTF-8 bytes of the predicted tokens, so models
+with different tokenizers compare. The per-silo table also uses what silos
+published themselves (`rounds/NNNNNN/eval/silo_<id>.json`): each silo's loss on
+its own private split, which never leaves the silo.
+"""
+import csv
+import json
+import math
+import os
+
+import numpy as np
+
+from fedpt import checkpoint as checkpoint_lib
+from fedpt import data as data_lib
+from fedpt import ledger
+from fedpt import outer
+from fedpt import silo as silo_lib
+from fedpt import storage as storage_lib
+
+
+class EvalError(ValueError):
+  """Bad evaluation input: the message names it and the fix."""
+
+
+def parse_eval_sets(specs) -> dict[str, str]:
+  """['name=DIR', ...] -> {name: corpus dir}; DIR is a prepare_data.py output (its val split)."""
+  out = {}
+  for spec in specs:
+    name, sep, path = spec.partition('=')
+    if not sep or not name or not path:
+      raise EvalError(f'--eval_set={spec!r} is not NAME=DIR. Fix: e.g. --eval_set=web=/data/web '
+                      '(a scripts/prepare_data.py output; text files and tfds go through it)')
+    out[name] = path
+  return out
+
+
+def parse_rounds(text: str, latest: int) -> list[int]:
+  """'all', 'N', 'A:B' (inclusive) or 'A,B,C' -> round numbers."""
+  try:
+    if text == 'all':
+      return list(range(latest + 1))
+    if ':' in text:
+      first, last = (int(x) for x in text.split(':'))
+      return list(range(first, last + 1))
+    return [int(x) for x in text.split(',')]
+  except ValueError:
+    raise EvalError(f'--rounds={text!r}: use all, N, A:B or A,B,C') from None
+
+
+def bits_per_byte(mean_loss: float, tokens: int, nbytes: int) -> float:
+  return mean_loss * tokens / (math.log(2) * nbytes)
+
+
+def _predicted_bytes(dataset, tokenizer, trainer) -> tuple[int, int]:
+  """(tokens, UTF-8 bytes) of the tokens the loss predicts over the eval windows."""
+  d = trainer.config.data
+  tokens = nbytes = 0
+  for rows in dataset.eval_batches(trainer.config.train.eval_batches,
+                                   global_batch=d.global_batch, seq_len=d.seq_len):
+    for row in np.asarray(rows):
+      targets = [int(t) for t in row[1:]]
+      tokens += len(targets)
+      nbytes += sum(_piece_bytes(tokenizer, t) for t in targets)
+  return tokens, nbytes
+
+
+def _piece_bytes(tokenizer, token: int) -> int:
+  if tokenizer.is_control(token) or tokenizer.is_unknown(token):
+    return 0
+  if tokenizer.is_byte(token):
+    return 1
+  return len(tokenizer.id_to_piece(token).replace('\u2581', ' ').encode())
+
+
+def evaluate_params(trainer, params, datasets: dict, byte_counts: dict) -> dict:
+  out = {}
+  for name, dataset in datasets.items():
+    loss = trainer.evaluate(params, dataset)
+    tokens, nbytes = byte_counts[name]
+    out[name] = {'loss': loss, 'perplexity': math.exp(min(loss, 700.0)),
+                 'bits_per_byte': bits_per_byte(loss, tokens, nbytes), 'tokens': tokens}
+  return out
+
+
+def _private_params(trainer, workdir: str):
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=1,
+                                     async_save=False)
+  try:
+    step = ckpt.latest_step()
+    if step is None:
+      raise EvalError(f'no checkpoint in {workdir}/checkpoints. Fix: pass the --workdir of a '
+                      'training run or silo.')
+    meta = ckpt.read_meta(step)
+    abstract = trainer.abstract_state()
+    tree = {'train': abstract} if 'run_id' in meta else abstract
+    state, _ = ckpt.restore(step, tree, checkpoint_lib.expected_meta(
+        trainer.config, trainer.tokenizer_sha256))
+  finally:
+    ckpt.close()
+  return (state['train'] if 'run_id' in meta else state)['params']
+
+
+def evaluate(config, out_dir: str, *, eval_sets: dict[str, str], storage: str | None = None,
+             rounds: str = 'all', workdirs: dict[str, str] | None = None) -> dict:
+  """Evaluates global rounds and/or private checkpoints; writes eval.json, eval.csv, plots."""
+  from fedpt import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+  if not storage and not workdirs:
+    raise EvalError('nothing to evaluate. Fix: pass --storage (global rounds) and/or '
+                    '--workdir=NAME=DIR (private checkpoints, e.g. isolated baselines)')
+  trainer = trainer_lib.Trainer(silo_lib.federated_config(config) if storage else config)
+  tokenizer = data_lib.load_tokenizer(trainer.tokenizer_path)
+  datasets = {n: data_lib.TokenDataset(p, 'val', trainer.tokenizer_sha256)
+              for n, p in eval_sets.items()}
+  byte_counts = {n: _predicted_bytes(ds, tokenizer, trainer) for n, ds in datasets.items()}
+  rows, published, store = [], {}, None
+  if storage:
+    store = storage_lib.RunStorage(storage)
+    run = store.read_run()
+    silo_lib.check_joins_run(run, trainer.config, run['silos'][0]['id'],
+                             trainer.tokenizer_sha256)
+    latest = store.latest_global_round()
+    abstract = outer.flatten_params(trainer.abstract_state()['params'])
+    for r in parse_rounds(rounds, -1 if latest is None else latest):
+      if store.global_shard_metas(r) is None:
+        raise EvalError(f'global round {r} is not committed under {storage} (newest: {latest}; '
+                        'old rounds are garbage-collected). Fix: pick rounds status.py lists.')
+      flat = store.read_global_params(
+          r, abstract, check_meta=silo_lib.global_checker(run, None, store, r))
+      for name, m in evaluate_params(trainer, outer.unflatten_params(flat), datasets,
+                                     byte_counts).items():
+        rows.append({'model': f'global_round_{r}', 'round': r, 'eval_set': name, **m})
+      published[r] = store.eval_losses(r)
+  for label, workdir in (workdirs or {}).items():
+    params = _private_params(trainer, workdir)
+    for name, m in evaluate_params(trainer, params, datasets, byte_counts).items():
+      rows.append({'model': label, 'round': None, 'eval_set': name, **m})
+  result = {'rows': rows, 'published_by_round': published,
+            'versus_baseline': versus_baseline(rows)}
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, 'eval.json'), 'w', encoding='utf-8') as f:
+    json.dump(result, f, indent=1)
+  with open(os.path.join(out_dir, 'eval.csv'), 'w', newline='', encoding='utf-8') as f:
+    writer = csv.DictWriter(f, ['model', 'round', 'eval_set', 'loss', 'perplexity',
+                                'bits_per_byte', 'tokens'])
+    writer.writeheader()
+    writer.writerows(rows)
+  if store is not None:
+    result['plots'] = write_plots(store, out_dir, rows)
+  return result
+
+
+def versus_baseline(rows: list[dict]) -> list[dict]:
+  """Per eval set named after a baseline: the newest global round's loss against it."""
+  globals_ = [r for r in rows if r['round'] is not None]
+  if not globals_:
+    return []
+  newest = max(r['round'] for r in globals_)
+  out = []
+  for base in (r for r in rows if r['round'] is None):
+    match = next((g for g in globals_ if g['round'] == newest
+                  and g['eval_set'] == base['eval_set']), None)
+    if match:
+      out.append({'eval_set': base['eval_set'], 'baseline': base['model'],
+                  'baseline_loss': base['loss'], 'global_round': newest,
+                  'global_loss': match['loss'], 'gain': base['loss'] - match['loss']})
+  return out
+
+
+def write_plots(store, out_dir: str, rows: list[dict] | None = None) -> list[str]:
+  """Loss by round (each silo's own split and the mean) and loss against tokens seen."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  ledger_rows = ledger.build_ledger(store)
+  silos = sorted({s for row in ledger_rows for s in row['eval_loss_by_silo']}
+                 | set(store.eval_losses(0)))
+  by_round = {0: store.eval_losses(0), **{row['round'] + 1: row['eval_loss_by_silo']
+                                          for row in ledger_rows}}
+  tokens = np.cumsum([0] + [row['tokens'] for row in ledger_rows])
+  curves = []  # (label, style, [(round, loss)])
+  for silo in silos:
+    curves.append((f'silo {silo} (own split)', 'o-',
+                   sorted((r, v[silo]) for r, v in by_round.items() if silo in v)))
+  curves.append(('global (mean over silos)', 'k--',
+                 sorted((r, float(np.mean(list(v.values())))) for r, v in by_round.items() if v)))
+  for eval_set in sorted({r['eval_set'] for r in rows or [] if r['round'] is not None}):
+    curves.append((f'{eval_set} (evaluate.py)', 's-', sorted(
+        (r['round'], r['loss']) for r in rows if r['eval_set'] == eval_set
+        and r['round'] is not None)))
+  os.makedirs(out_dir, exist_ok=True)
+  paths = []
+  for name, xlabel, to_x in (('loss_by_round', 'global round', lambda r: r),
+                             ('loss_vs_tokens', 'tokens seen by the federation',
+                              lambda r: int(tokens[min(r, len(tokens) - 1)]))):
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, style, points in curves:
+      if points:
+        ax.plot([to_x(r) for r, _ in points], [v for _, v in points], style, label=label)
+    ax.set(xlabel=xlabel, ylabel='held-out loss (nats)', title=name.replace('_', ' '))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(out_dir, f'{name}.png')
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    paths.append(path)
+  return paths

@@ -1,0 +1,52 @@
+r"""Evaluates global rounds and private checkpoints on held-out sets; writes tables and plots.
+
+  python scripts/evaluate.py --config=configs/demo.py --storage=gs://bucket/run1 --rounds=all \
+      --eval_set=web=/data/web --workdir=web=/private/web-alone --out=/tmp/eval
+
+Writes <out>/eval.json, eval.csv (loss, perplexity, bits per byte per model and set) and
+loss_by_round.png / loss_vs_tokens.png (each silo's published loss on its own private split,
+the global mean, and the sets evaluated here). A --workdir named after an eval set is that
+silo's isolated baseline; eval.json's `versus_baseline` compares the newest global round to it.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from fedpt import cli  # noqa: E402
+from fedpt import evaluation  # noqa: E402
+
+config_flags.DEFINE_config_file('config', None, 'The config the model was trained with.',
+                                lock_config=True)
+flags.DEFINE_string('out', None, 'Output folder.')
+flags.DEFINE_string('storage', None, 'A federated run\'s storage root (its global rounds).')
+flags.DEFINE_string('rounds', 'all', 'Global rounds: all, N, A:B or A,B,C.')
+flags.DEFINE_multi_string('eval_set', [], 'NAME=DIR: a prepare_data.py output (its val split).')
+flags.DEFINE_multi_string('workdir', [], 'NAME=DIR: a private checkpoint to evaluate too.')
+flags.mark_flags_as_required(['config', 'out'])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  result = cli.run_or_explain(
+      evaluation.evaluate, FLAGS.config, FLAGS.out,
+      eval_sets=cli.run_or_explain(evaluation.parse_eval_sets, FLAGS.eval_set),
+      storage=FLAGS.storage, rounds=FLAGS.rounds,
+      workdirs=cli.run_or_explain(evaluation.parse_eval_sets, FLAGS.workdir))
+  for row in result['rows']:
+    print(f"{row['model']:<20} {row['eval_set']:<14} loss {row['loss']:.4f}  "
+          f"ppl {row['perplexity']:9.2f}  bpb {row['bits_per_byte']:.4f}")
+  for row in result['versus_baseline']:
+    print(f"{row['eval_set']}: global round {row['global_round']} {row['global_loss']:.4f} vs "
+          f"baseline {row['baseline']} {row['baseline_loss']:.4f} (gain {row['gain']:+.4f})")
+  print(f'wrote {FLAGS.out}/eval.json, eval.csv and plots')
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=cli.parse_flags_or_explain)
