@@ -27,15 +27,30 @@ class EvalError(ValueError):
 
 
 def parse_eval_sets(specs) -> dict[str, str]:
-  """['name=DIR', ...] -> {name: corpus dir}; DIR is a prepare_data.py output (its val split)."""
+  """['NAME=SOURCE', ...] -> {name: source}; see `open_eval_set` for the sources."""
   out = {}
   for spec in specs:
     name, sep, path = spec.partition('=')
     if not sep or not name or not path:
-      raise EvalError(f'--eval_set={spec!r} is not NAME=DIR. Fix: e.g. --eval_set=web=/data/web '
-                      '(a scripts/prepare_data.py output; text files and tfds go through it)')
+      raise EvalError(f'--eval_set={spec!r} is not NAME=SOURCE. Fix: e.g. '
+                      '--eval_set=web=/data/web (a prepare_data.py output), txt=notes.txt or '
+                      'wiki=tfds:wikipedia:test')
     out[name] = path
   return out
+
+
+def open_eval_set(name: str, source: str, cache_dir: str, trainer):
+  """A prepare_data.py output's val split; or a text/JSONL file or tfds:NAME, tokenised whole.
+
+  Files and tfds splits are tokenised once with the run's tokenizer into
+  `cache_dir/NAME` (every document, no validation split held back).
+  """
+  if os.path.isfile(os.path.join(source, 'meta.json')):
+    return data_lib.TokenDataset(source, 'val', trainer.tokenizer_sha256)
+  out = os.path.join(cache_dir, name)
+  data_lib.prepare_data(data_lib.read_sources([source]), trainer.tokenizer_path, out,
+                        val_fraction=0.0, sources=[source])
+  return data_lib.TokenDataset(out, 'train', trainer.tokenizer_sha256)
 
 
 def parse_rounds(text: str, latest: int) -> list[int]:
@@ -113,7 +128,7 @@ def evaluate(config, out_dir: str, *, eval_sets: dict[str, str], storage: str | 
                     '--workdir=NAME=DIR (private checkpoints, e.g. isolated baselines)')
   trainer = trainer_lib.Trainer(silo_lib.federated_config(config) if storage else config)
   tokenizer = data_lib.load_tokenizer(trainer.tokenizer_path)
-  datasets = {n: data_lib.TokenDataset(p, 'val', trainer.tokenizer_sha256)
+  datasets = {n: open_eval_set(n, p, os.path.join(out_dir, 'eval_sets'), trainer)
               for n, p in eval_sets.items()}
   byte_counts = {n: _predicted_bytes(ds, tokenizer, trainer) for n, ds in datasets.items()}
   rows, published, store = [], {}, None

@@ -48,12 +48,16 @@ def test_evaluation_matrix_of_a_known_run(tiny_config, corpus_dir, tmp_path, rep
   trainer_lib.train_and_evaluate(tiny_config, str(tmp_path / 'alone'))
 
   out = tmp_path / 'eval'
-  result = evaluation.evaluate(tiny_config, str(out), eval_sets={'held': corpus_dir},
+  text_file = tmp_path / 'notes.txt'  # A plain text file, tokenised whole.
+  text_file.write_text('\n'.join(data.stdlib_documents('text')[:3]))
+  result = evaluation.evaluate(tiny_config, str(out), eval_sets={'held': corpus_dir,
+                                                                 'txt': str(text_file)},
                                storage=root, rounds='all', workdirs={'held': str(tmp_path /
                                                                              'alone')})
   rows = {(r['model'], r['eval_set']): r for r in result['rows']}
-  assert sorted(rows) == sorted([('global_round_0', 'held'), ('global_round_1', 'held'),
-                                 ('global_round_2', 'held'), ('held', 'held')])
+  assert sorted(rows) == sorted([(m, s) for m in ('global_round_0', 'global_round_1',
+                                                  'global_round_2', 'held')
+                                 for s in ('held', 'txt')])
   # Each number is the trainer's own held-out loss of that exact model.
   trainer = trainer_lib.Trainer(silo_lib.federated_config(tiny_config))
   val = data.TokenDataset(corpus_dir, 'val', trainer.tokenizer_sha256)
@@ -64,13 +68,28 @@ def test_evaluation_matrix_of_a_known_run(tiny_config, corpus_dir, tmp_path, rep
     assert row['perplexity'] == pytest.approx(math.exp(expected), rel=1e-6)
     assert 0.5 < row['loss'] / row['bits_per_byte'] / math.log(2) < 10  # tokens ~ 1-10 bytes.
   assert rows[('global_round_2', 'held')]['loss'] != rows[('global_round_0', 'held')]['loss']
+  whole = data.TokenDataset(str(out / 'eval_sets' / 'txt'), 'train', trainer.tokenizer_sha256)
+  assert whole.num_tokens > 1000
+  assert rows[('global_round_1', 'txt')]['loss'] == pytest.approx(trainer.evaluate(
+      outer.unflatten_params(_global_flat(store, 1)), whole), rel=1e-6)
+  # Bits per byte: the summed loss over the UTF-8 bytes of the predicted text, decoded here.
+  tokenizer = data.load_tokenizer(trainer.tokenizer_path)
+  d = tiny_config.data
+  targets = [row[1:].tolist() for rows_ in whole.eval_batches(
+      2, global_batch=d.global_batch, seq_len=d.seq_len) for row in np.asarray(rows_)]
+  nbytes = sum(len(tokenizer.decode(t).encode()) for t in targets)
+  ntokens = sum(len(t) for t in targets)
+  row = rows[('global_round_1', 'txt')]
+  assert row['tokens'] == ntokens
+  assert row['bits_per_byte'] == pytest.approx(
+      row['loss'] * ntokens / (math.log(2) * nbytes), rel=0.02)
   assert result['published_by_round'] == {0: published[0], 1: published[1], 2: {}}
-  (versus,) = result['versus_baseline']
+  versus = {v['eval_set']: v for v in result['versus_baseline']}['held']
   assert versus['global_round'] == 2 and versus['baseline'] == 'held'
   assert versus['gain'] == pytest.approx(versus['baseline_loss'] - versus['global_loss'])
 
   on_disk = json.loads((out / 'eval.json').read_text())
-  assert len(on_disk['rows']) == 4
+  assert len(on_disk['rows']) == 8
   with open(out / 'eval.csv', encoding='utf-8') as f:
     table = list(csv.DictReader(f))
   assert [float(r['loss']) for r in table] == pytest.approx([r['loss'] for r in result['rows']])
@@ -84,7 +103,7 @@ def test_evaluation_matrix_of_a_known_run(tiny_config, corpus_dir, tmp_path, rep
             f'--config.data.corpus={corpus_dir}', f'--out={tmp_path / "bad"}']
   for extra, expected in (([f'--storage={root}', '--rounds=9', f'--eval_set=held={corpus_dir}'],
                            'global round 9 is not committed'),
-                          (['--eval_set=oops'], 'is not NAME=DIR')):
+                          (['--eval_set=oops'], 'is not NAME=SOURCE')):
     done = subprocess.run(script + extra, capture_output=True, text=True, timeout=120,
                           check=False)
     assert done.returncode == 2 and expected in done.stderr, done.stderr
