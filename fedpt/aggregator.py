@@ -223,11 +223,7 @@ class Aggregator:
       previous = self.store.read_manifest(round_index - 1) or {}
       decided = {e['silo'] for e in previous.get('included', []) + previous.get('rejected', [])}
       late = sorted(set(self.store.committed_silos(round_index - 1)) - decided)
-    weights = (outer.aggregation_weights([e['tokens'] for e in included],
-                                         [self.silo_weight[e['silo']] for e in included])
-               if included else [])
-    for entry, w in zip(included, weights):
-      entry['weight'] = float(w)
+    for entry in included:
       entry['measured_norm'] = self.measured_norms[(round_index, entry['silo'])]
     multiple = self.fed.get('reject_norm_multiple', 0.0)
     if multiple and len(included) > 1:
@@ -238,10 +234,11 @@ class Aggregator:
           rejected.append({'silo': entry['silo'], 'reason': (
               f'delta norm {entry["measured_norm"]:.4g} is more than {multiple:g}x the median '
               'of the other silos\' norms')})
-      weights = outer.aggregation_weights([e['tokens'] for e in included],
-                                          [self.silo_weight[e['silo']] for e in included])
-      for entry, w in zip(included, weights):
-        entry['weight'] = float(w)
+    weights = (outer.aggregation_weights([e['tokens'] for e in included],
+                                         [self.silo_weight[e['silo']] for e in included])
+               if included else [])
+    for entry, w in zip(included, weights):
+      entry['weight'] = float(w)
     if included and self.fed.get('clip_multiple'):
       factors = outer.clip_factors([e['measured_norm'] for e in included], weights,
                                    self.fed['clip_multiple'])

@@ -194,8 +194,6 @@ class RunStorage:
     try:
       exists = self._retry(f'checking bucket {scheme}{bucket}',
                            epath.Path(f'{scheme}{bucket}').exists)
-    except StorageError:
-      raise
     except PermissionError as e:
       raise StorageError(
           f'access to {scheme}{bucket} was denied ({short(e)}). Fix: grant your credentials '
