@@ -9,6 +9,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
+import bucket_helpers
 from fedpt import aggregator as aggregator_lib
 from fedpt import data
 from fedpt import evaluation
@@ -16,12 +17,6 @@ from fedpt import outer
 from fedpt import silo as silo_lib
 from fedpt import storage as storage_lib
 from fedpt import trainer as trainer_lib
-
-
-def _global_flat(store, round_index):
-  m = store.global_shard_metas(round_index)[0]
-  return store.read_global_shard(round_index, 0, 1, {
-      n: np.zeros(m['leaf_shapes'][n], m['leaf_dtypes'][n]) for n in m['leaf_hashes']}, {})[0]
 
 
 def test_evaluation_matrix_of_a_known_run(tiny_config, corpus_dir, tmp_path, repo_root):
@@ -34,10 +29,8 @@ def test_evaluation_matrix_of_a_known_run(tiny_config, corpus_dir, tmp_path, rep
   published = {}
   for r in range(2):  # Known deltas, and the held-out losses silos would publish.
     for silo, scale, loss in (('a', 0.01, 7.0 - r), ('b', 0.02, 6.5 - r)):
-      flat = _global_flat(store, r)
-      payload, _, meta = silo_lib.make_delta(
-          run, r, silo, store.global_hash(r), flat, {n: v - scale for n, v in flat.items()},
-          None, fed, steps=1, tokens=1000 * (r + 1), train_loss=1.0)
+      payload, meta = bucket_helpers.fake_delta(store, run, r, silo, fed, scale,
+                                                tokens=1000 * (r + 1), steps=1)
       store.publish_delta(r, silo, payload, meta)
       store.publish_eval(r, silo, {'round': r, 'silo': silo, 'eval_loss': loss, 'step': r})
       published.setdefault(r, {})[silo] = loss
@@ -62,7 +55,7 @@ def test_evaluation_matrix_of_a_known_run(tiny_config, corpus_dir, tmp_path, rep
   trainer = trainer_lib.Trainer(silo_lib.federated_config(tiny_config))
   val = data.TokenDataset(corpus_dir, 'val', trainer.tokenizer_sha256)
   for r in range(3):
-    expected = trainer.evaluate(outer.unflatten_params(_global_flat(store, r)), val)
+    expected = trainer.evaluate(outer.unflatten_params(bucket_helpers.global_params(store, r)), val)
     row = rows[(f'global_round_{r}', 'held')]
     assert row['loss'] == pytest.approx(expected, rel=1e-6)
     assert row['perplexity'] == pytest.approx(math.exp(expected), rel=1e-6)
@@ -71,7 +64,7 @@ def test_evaluation_matrix_of_a_known_run(tiny_config, corpus_dir, tmp_path, rep
   whole = data.TokenDataset(str(out / 'eval_sets' / 'txt'), 'train', trainer.tokenizer_sha256)
   assert whole.num_tokens > 1000
   assert rows[('global_round_1', 'txt')]['loss'] == pytest.approx(trainer.evaluate(
-      outer.unflatten_params(_global_flat(store, 1)), whole), rel=1e-6)
+      outer.unflatten_params(bucket_helpers.global_params(store, 1)), whole), rel=1e-6)
   # Bits per byte: the summed loss over the UTF-8 bytes of the predicted text, decoded here.
   tokenizer = data.load_tokenizer(trainer.tokenizer_path)
   d = tiny_config.data

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+import bucket_helpers
 from fedpt import aggregator as aggregator_lib
 from fedpt import checkpoint as checkpoint_lib
 from fedpt import compression as compression_lib
@@ -30,30 +31,12 @@ def fed_config(tiny_config):
   return tiny_config
 
 
-def _global_params(store, round_index):
-  metas = store.global_shard_metas(round_index)
-  out = {}
-  for m in metas:
-    abstract = {n: jax.ShapeDtypeStruct(tuple(m['leaf_shapes'][n]), np.dtype(m['leaf_dtypes'][n]))
-                for n in m['leaf_hashes']}
-    params, _ = store.read_global_shard(round_index, m['shard'], m['num_shards'], abstract, {})
-    out.update(params)
-  return out
-
-
 def _publish_fake_delta(store, run, round_index, silo, fed, scale, tokens=1000, mutate=None,
                         local_fn=None):
   """A real silo delta (compressed, hashed, committed) of `scale * ones` per leaf."""
-  global_flat = _global_params(store, round_index)
-  local_flat = {n: v - scale for n, v in global_flat.items()}
-  if local_fn:
-    local_flat = local_fn(local_flat)
-  payload, _, meta = silo_lib.make_delta(
-      run, round_index, silo, store.global_hash(round_index), global_flat, local_flat, None,
-      fed, steps=4, tokens=tokens, train_loss=1.0)
-  if mutate:
-    payload, meta = mutate(payload, meta)
-  store.publish_delta(round_index, silo, payload, meta)
+  store.publish_delta(round_index, silo, *bucket_helpers.fake_delta(
+      store, run, round_index, silo, fed, scale, tokens=tokens, local_fn=local_fn,
+      mutate=mutate))
 
 
 # -- in-process protocol tests ------------------------------------------------------------
@@ -69,7 +52,7 @@ def test_plain_training_is_the_k1_h1_fedavg_special_case(fed_config, tmp_path):
   worker.start()
   aggregator_lib.run_aggregator(root)
   worker.join(timeout=300)
-  federated = _global_params(storage_lib.RunStorage(root), 5)
+  federated = bucket_helpers.global_params(storage_lib.RunStorage(root), 5)
 
   plain_config = silo_lib.federated_config(fed_config)
   trainer = trainer_lib.Trainer(plain_config,
@@ -81,7 +64,7 @@ def test_plain_training_is_the_k1_h1_fedavg_special_case(fed_config, tmp_path):
   assert sorted(plain) == sorted(federated)
   for name in plain:
     np.testing.assert_allclose(federated[name], plain[name], rtol=1e-5, atol=1e-6, err_msg=name)
-  assert not np.allclose(federated['embed_vd'], _global_params(
+  assert not np.allclose(federated['embed_vd'], bucket_helpers.global_params(
       storage_lib.RunStorage(root), 0)['embed_vd'])
 
 
@@ -126,9 +109,9 @@ def test_quorum_deadline_late_and_rejected_deltas(fed_config, tmp_path):
   reasons = {e['silo']: e['reason'] for e in manifest['rejected']}
   assert 'NaN' in reasons['a'] and 'different global model' in reasons['b']
   assert 'unknown silo' in reasons['d']
-  before = _global_params(store, 1)
+  before = bucket_helpers.global_params(store, 1)
   agg.aggregate(1, manifest)
-  after = _global_params(store, 2)
+  after = bucket_helpers.global_params(store, 2)
   # Only c's delta (0.02 everywhere) moved the model; DiLoCo Nesterov with momentum from round 0.
   moved = before['embed_vd'] - after['embed_vd']
   assert np.all(moved > 0) and np.ptp(moved) < 1e-5
@@ -168,7 +151,7 @@ def test_split_aggregation_equals_unsplit(fed_config, tmp_path):
       for w in workers:
         w.join(timeout=120)
     assert len(store.global_shard_metas(2)) == num_shards
-    results[num_shards] = (_global_params(store, 2), store.global_hash(2))
+    results[num_shards] = (bucket_helpers.global_params(store, 2), store.global_hash(2))
   (single, single_hash), (split, split_hash) = results[1], results[3]
   assert single_hash == split_hash
   for name in single:
@@ -441,7 +424,8 @@ def test_robust_aggregation_bounds_a_poisoned_silo(fed_config, tmp_path, robust,
   assert list(rejected) == (['c'] if reject else []), rejected
   assert not reject or 'more than 10x the median' in rejected['c']
   agg.aggregate(0, manifest)
-  before, after = _global_params(store, 0), _global_params(store, 1)
+  before = bucket_helpers.global_params(store, 0)
+  after = bucket_helpers.global_params(store, 1)
   # DiLoCo's first Nesterov step moves the model by lr * (1 + momentum) * mean delta.
   np.testing.assert_allclose(before['embed_vd'] - after['embed_vd'],
                              0.7 * 1.9 * expected_mean_delta, rtol=2e-3)

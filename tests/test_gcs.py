@@ -11,6 +11,7 @@ import threading
 
 import pytest
 
+import bucket_helpers
 from fedpt import aggregator as aggregator_lib
 from fedpt import faults
 from fedpt import signing
@@ -28,17 +29,12 @@ def fed_config(tiny_config):
   return tiny_config
 
 
-def _files(directory):
-  for p in directory.iterdir():
-    yield from (_files(p) if p.is_dir() else [p])
-
-
 def _snapshot(root: str) -> dict:
   """Every object under `root` with its bytes: what 'changes nothing' compares."""
   store = storage_lib.RunStorage(root)
   if not store.exists(store.root):
     return {}
-  return {str(p): p.read_bytes() for p in _files(store.root)}
+  return {str(p): p.read_bytes() for p in bucket_helpers.files(store.root)}
 
 
 def _run_federation(config, root, keys=None):
@@ -82,7 +78,7 @@ def test_outages_and_a_deleted_object_mid_round(fed_config, gcs_server, gcs_buck
   def delete_an_object():
     uploaded = [s for s in SILOS if store.exists(store.delta_dir(1, s) / 'payload')
                 and not store.exists(store.delta_dir(1, s) / storage_lib.META)]
-    objects = [p for p in _files(store.delta_dir(1, uploaded[0]) / 'payload')
+    objects = [p for p in bucket_helpers.files(store.delta_dir(1, uploaded[0]) / 'payload')
                if p.parent.name == 'd']  # Array chunks (OCDBT data files).
     max(objects, key=lambda p: len(p.read_bytes())).unlink()
     victims.append(uploaded[0])

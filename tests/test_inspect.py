@@ -3,13 +3,11 @@ import json
 import subprocess
 import sys
 
-import numpy as np
-
+import bucket_helpers
 from fedpt import aggregator as aggregator_lib
 from fedpt import inspection
 from fedpt import model as model_lib
 from fedpt import signing
-from fedpt import silo as silo_lib
 from fedpt import storage as storage_lib
 from fedpt import trainer as trainer_lib
 
@@ -28,15 +26,9 @@ def test_inspect_global_round_and_private_checkpoint(tiny_config, tmp_path, repo
   root = str(tmp_path / 'bucket')
   run = aggregator_lib.init_run(tiny_config, root, keys_dir=keys)
   store = storage_lib.RunStorage(root)
-  global_flat = {}
-  for m in store.global_shard_metas(0):
-    global_flat.update(store.read_global_shard(0, 0, 1, {
-        n: np.zeros(m['leaf_shapes'][n], m['leaf_dtypes'][n]) for n in m['leaf_hashes']}, {})[0])
   for silo, tokens in (('a', 100), ('b', 300)):
-    payload, _, meta = silo_lib.make_delta(
-        run, 0, silo, store.global_hash(0), global_flat,
-        {n: v - 0.01 for n, v in global_flat.items()}, None, fed, steps=1, tokens=tokens,
-        train_loss=1.0)
+    payload, meta = bucket_helpers.fake_delta(store, run, 0, silo, fed, 0.01, tokens=tokens,
+                                              steps=1)
     store.publish_delta(0, silo, payload, signing.sign(meta, signing.load_secret(
         keys, f'silo_{silo}')))
   aggregator_lib.run_aggregator(root, keys_dir=keys)

@@ -6,9 +6,10 @@ replays its round-0 delta. The global models after both rounds must be bit-ident
 to a run in which the bad deltas never existed. Then the silo side: tampered global
 rounds, manifests and run.json are refused before anything is loaded.
 """
-import jax
 import numpy as np
 import pytest
+
+import bucket_helpers
 
 from fedpt import aggregator as aggregator_lib
 from fedpt import outer
@@ -37,26 +38,10 @@ def fed_config(tiny_config):
   return tiny_config
 
 
-def _global_params(store, round_index):
-  out = {}
-  for m in store.global_shard_metas(round_index):
-    abstract = {n: jax.ShapeDtypeStruct(tuple(m['leaf_shapes'][n]), np.dtype(m['leaf_dtypes'][n]))
-                for n in m['leaf_hashes']}
-    out.update(store.read_global_shard(round_index, m['shard'], m['num_shards'], abstract, {})[0])
-  return out
-
-
 def _delta(store, run, round_index, silo, fed, scale, secret=None, local_fn=None, mutate=None):
   """A real compressed, hashed (and signed with `secret`) delta of `scale` on every leaf."""
-  global_flat = _global_params(store, round_index)
-  local_flat = {n: v - scale for n, v in global_flat.items()}
-  if local_fn:
-    local_flat = local_fn(local_flat)
-  payload, _, meta = silo_lib.make_delta(
-      run, round_index, silo, store.global_hash(round_index), global_flat, local_flat, None,
-      fed, steps=2, tokens=1000, train_loss=1.0)
-  if mutate:
-    payload, meta = mutate(payload, meta)
+  payload, meta = bucket_helpers.fake_delta(store, run, round_index, silo, fed, scale, steps=2,
+                                            local_fn=local_fn, mutate=mutate)
   if secret is not None:
     meta = signing.sign(meta, secret)
   return payload, meta
@@ -74,14 +59,8 @@ def _relayout(payload, meta, name, array):
   return payload, meta
 
 
-def _files(directory):
-  """Every object under `directory` (epath's rglob refuses ** on gs://)."""
-  for p in directory.iterdir():
-    yield from (_files(p) if p.is_dir() else [p])
-
-
 def _largest_object(directory):
-  files = [p for p in _files(directory) if p.name != 'meta.json']
+  files = [p for p in bucket_helpers.files(directory) if p.name != 'meta.json']
   return max(files, key=lambda p: len(p.read_bytes()))
 
 
@@ -148,7 +127,7 @@ def test_every_bad_delta_is_rejected_and_changes_nothing(fed_config, gcs_bucket,
   for silo in ('a', 'b'):
     store.publish_delta(1, silo, *_delta(store, run, 1, silo, fed, HONEST[silo], secrets[silo]))
   source = str(store.delta_dir(0, 'r'))
-  for item in _files(store.delta_dir(0, 'r')):
+  for item in bucket_helpers.files(store.delta_dir(0, 'r')):
     (store.delta_dir(1, 'r') / str(item)[len(source) + 1:]).write_bytes(item.read_bytes())
   manifest = agg.decide(1)
   assert [e['silo'] for e in manifest['included']] == ['a', 'b']

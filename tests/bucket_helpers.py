@@ -1,0 +1,36 @@
+"""What several tests do to a run's bucket: read a global round, make a known delta, walk it."""
+import jax
+import numpy as np
+
+from fedpt import silo as silo_lib
+
+
+def global_params(store, round_index: int) -> dict:
+  """Every parameter of a committed global round, read shard by shard without a model."""
+  out = {}
+  for m in store.global_shard_metas(round_index):
+    abstract = {n: jax.ShapeDtypeStruct(tuple(m['leaf_shapes'][n]), np.dtype(m['leaf_dtypes'][n]))
+                for n in m['leaf_hashes']}
+    out.update(store.read_global_shard(round_index, m['shard'], m['num_shards'], abstract, {})[0])
+  return out
+
+
+def fake_delta(store, run, round_index, silo, fed, scale, *, tokens=1000, steps=4,
+               local_fn=None, mutate=None):
+  """A real silo delta (compressed, hashed, not yet committed) of `scale` on every leaf."""
+  global_flat = global_params(store, round_index)
+  local_flat = {n: v - scale for n, v in global_flat.items()}
+  if local_fn:
+    local_flat = local_fn(local_flat)
+  payload, _, meta = silo_lib.make_delta(
+      run, round_index, silo, store.global_hash(round_index), global_flat, local_flat, None,
+      fed, steps=steps, tokens=tokens, train_loss=1.0)
+  if mutate:
+    payload, meta = mutate(payload, meta)
+  return payload, meta
+
+
+def files(directory):
+  """Every object under `directory` (epath's rglob refuses ** on gs://)."""
+  for p in directory.iterdir():
+    yield from (files(p) if p.is_dir() else [p])
