@@ -92,7 +92,7 @@ def main(argv):
     ratio = f"{r['bytes'] / base:.3f}" if base else 'n/a'
     print(f"{r['storage']:7s} {str(r['signed']):6s} {r['format']:7s} {r['bytes']:17,d} "
           f"{ratio:>8s} {s['inner']:7.2f} {s['eval']:6.2f} {s['publish']:8.2f} "
-          f"{s['wait']:9.2f} {s['load']:9.2f} {r['overhead']:9.1%}")
+          f"{s['wait']:9.2f} {s['load'] + s['checkpoint']:9.2f} {r['overhead']:9.1%}")
 
 
 if __name__ == '__main__':

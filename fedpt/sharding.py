@@ -7,6 +7,7 @@ same model runs data-parallel, FSDP or tensor-parallel by changing the config.
 import contextlib
 import contextvars
 import math
+import re
 from typing import Any, Sequence
 
 import jax
@@ -133,21 +134,41 @@ def constrain(x, logical_axes: Sequence[str | None]):
 
 
 def maybe_initialize_distributed(dist_config) -> None:
-  """Joins a multi-host silo. 'auto' lets JAX detect TPU, SLURM or Open MPI."""
+  """Joins a multi-host silo. 'auto' lets JAX detect TPU, SLURM or Open MPI.
+
+  Must run before anything touches a JAX backend; the entry points call it first.
+  """
   mode = dist_config.mode
-  if mode == 'off':
+  if mode == 'off' or jax.distributed.is_initialized():
     return
-  if jax.distributed.is_initialized():
-    return
-  if mode == 'auto':
-    jax.distributed.initialize()
-  elif mode == 'explicit':
-    jax.distributed.initialize(
-        coordinator_address=dist_config.coordinator_address,
-        num_processes=dist_config.num_processes,
-        process_id=dist_config.process_id,
-        local_device_ids=(list(dist_config.local_device_ids)
-                          if dist_config.local_device_ids else None))
-  else:
+  if mode not in ('auto', 'explicit'):
     raise config_lib.ConfigError(
         'distributed.mode', f'unknown value {mode!r}', "use 'off', 'auto' or 'explicit'")
+  kwargs = {}
+  if mode == 'explicit':
+    address, n, pid = (dist_config.coordinator_address, dist_config.num_processes,
+                       dist_config.process_id)
+    if not re.fullmatch(r'[^:\s]+:\d+', address or ''):
+      raise config_lib.ConfigError(
+          'distributed.coordinator_address', f'{address!r} is not HOST:PORT',
+          'give process 0\'s address, e.g. --config.distributed.coordinator_address=10.0.0.2:8476')
+    if n < 1 or not 0 <= pid < n:
+      raise config_lib.ConfigError(
+          'distributed.process_id', f'process_id={pid} with num_processes={n}',
+          'number the processes 0..num_processes-1, one per host')
+    kwargs = dict(coordinator_address=address, num_processes=n, process_id=pid,
+                  local_device_ids=(list(dist_config.local_device_ids)
+                                    if dist_config.local_device_ids else None))
+  # Hosts of a CPU silo (and the tests' loopback silos) talk through gloo.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  try:
+    jax.distributed.initialize(**kwargs)
+  except (RuntimeError, ValueError) as e:
+    detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+    fix = ('run under a TPU VM, SLURM (srun) or Open MPI (mpirun), or use '
+           '--config.distributed.mode=explicit with coordinator_address, num_processes and '
+           'process_id' if mode == 'auto' else
+           'check that process 0 runs and listens at coordinator_address, that every host '
+           'got the same num_processes, and that jax.distributed starts before any JAX work')
+    raise config_lib.ConfigError('distributed', f'jax.distributed could not start: {detail}',
+                                 fix) from e

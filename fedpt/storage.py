@@ -38,6 +38,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from fedpt import faults
+from fedpt import multihost
 from fedpt.checkpoint import ORBAX_LOCK
 from fedpt.outer import flatten_params
 from fedpt.outer import unflatten_params
@@ -101,7 +102,7 @@ def retry_delays(budget_s: float, first_s: float = 0.5, max_s: float = 8.0):
 
 def array_hash(x) -> str:
   """sha256 over dtype, shape and bytes: identical arrays hash identically on every host."""
-  x = np.ascontiguousarray(np.asarray(jax.device_get(x)))
+  x = np.ascontiguousarray(multihost.host_copy(x))
   h = hashlib.sha256(f'{x.dtype.str}{x.shape}'.encode())
   h.update(x.tobytes())
   return h.hexdigest()
@@ -115,11 +116,12 @@ def tree_hash(leaf_hashes: dict[str, str]) -> str:
 
 
 def wait_for(check: Callable[[], Any], what: str, timeout_s: float, poll_s: float = 0.5,
-             max_poll_s: float | None = None):
+             max_poll_s: float | None = None, stop: Callable[[], bool] | None = None):
   """Polls `check` with jittered exponential backoff until it returns non-None.
 
   The backoff stops at 4 x poll_s by default: a round's wait is long, and a late
   poll adds straight to it, while a listing every few seconds costs nothing.
+  Returns None early if `stop()` becomes true (a preemption notice).
   """
   deadline = time.monotonic() + timeout_s
   max_poll_s = 4 * poll_s if max_poll_s is None else max_poll_s
@@ -128,6 +130,8 @@ def wait_for(check: Callable[[], Any], what: str, timeout_s: float, poll_s: floa
     result = check()
     if result is not None:
       return result
+    if stop is not None and stop():
+      return None
     if time.monotonic() >= deadline:
       raise WaitTimeout(f'timed out after {timeout_s:.0f}s waiting for {what}')
     time.sleep(min(delay * (0.75 + 0.5 * random.random()), max(deadline - time.monotonic(), 0)))
@@ -242,7 +246,10 @@ class RunStorage:
 
     Locally we write a temporary file and rename it, the POSIX equivalent.
     `exclusive` refuses to replace an existing object (create-once objects).
+    In a multi-host silo only process 0 writes.
     """
+    if not multihost.is_leader():
+      return
     if exclusive and self.exists(path):
       raise StorageError(f'{path} already exists and is written only once')
     text = json.dumps(obj, indent=1, sort_keys=True)
@@ -309,8 +316,9 @@ class RunStorage:
 
   def _save_tree(self, directory: epath.Path, tree: dict) -> None:
     def save():
-      if directory.exists():
+      if multihost.is_leader() and directory.exists():
         directory.rmtree()  # Our own uncommitted leftovers from a crash or a failed attempt.
+      multihost.barrier(f'fedpt_save_{directory}')
       with ORBAX_LOCK:
         self._checkpointer.save(directory, args=ocp.args.PyTreeSave(tree))
     self._retry(f'uploading {directory}', save)

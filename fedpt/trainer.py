@@ -6,8 +6,6 @@ federation worker drives the same `Trainer` for H steps per round.
 """
 import functools
 import os
-import signal
-import threading
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +20,7 @@ from fedpt import data as data_lib
 from fedpt import inner
 from fedpt import metrics as metrics_lib
 from fedpt import model as model_lib
+from fedpt import multihost
 from fedpt import sharding
 
 # Exit status after a SIGTERM-triggered checkpoint: EX_TEMPFAIL, "retry later".
@@ -145,24 +144,6 @@ class Trainer:
         self.model_config, self.config.data.seq_len) * self.tokens_per_step()
 
 
-class PreemptionFlag:
-  """Turns SIGTERM (TPU maintenance, SLURM, Kubernetes eviction) into a flag the loop polls."""
-
-  def __init__(self):
-    self._event = threading.Event()
-    self._previous = None
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, lambda *_: self._event.set())
-
-  @property
-  def requested(self) -> bool:
-    return self._event.is_set()
-
-  def restore(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
 def restore_or_init(trainer: Trainer, checkpointer: checkpoint_lib.Checkpointer):
   """Resumes from the newest checkpoint in the workdir, else starts fresh."""
   step = checkpointer.latest_step()
@@ -188,6 +169,7 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
   (e.g. at the end of a job's time slot) with a checkpoint, like a preemption.
   Returns a summary with the final step, losses and whether it was preempted.
   """
+  sharding.maybe_initialize_distributed(config.distributed)
   trainer = Trainer(config)
   cfg = config.train
   checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
@@ -199,7 +181,7 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
   progress = metrics_lib.Progress(
       trainer.total_steps, trainer.tokens_per_step(), trainer.flops_per_step(),
       metrics_lib.peak_flops_per_device(cfg.peak_tflops_per_device), start_step=start)
-  preemption = PreemptionFlag()
+  preemption = multihost.Preemption()
   last = stop_at_step if stop_at_step is not None else trainer.total_steps
   summary = {'start_step': start, 'preempted': False}
   metrics_lib.log(
@@ -225,10 +207,11 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
         metrics_lib.log(metrics_lib.progress_line(step, trainer.total_steps, scalars))
         summary.update(train_loss=scalars['train_loss'],
                        eval_loss=scalars.get('eval_loss', summary.get('eval_loss')))
-      stopping = preemption.requested or step == last
-      if metrics_lib.itstime(step, cfg.checkpoint_every, trainer.total_steps) or stopping:
+      preempted = preemption.reached(step)
+      if (metrics_lib.itstime(step, cfg.checkpoint_every, trainer.total_steps) or preempted
+          or step == last):
         checkpointer.save(step, state, {**meta, 'step': step})
-      if preemption.requested:
+      if preempted:
         metrics_lib.log(f'SIGTERM: checkpointed step {step}; exiting for a restart to resume')
         summary['preempted'] = True
         break
