@@ -2,7 +2,7 @@ r"""Llama-2-70B shape: 80 layers, d_model 8192, 64 heads sharing 8 KV heads, d_f
 
 Sequence 4096 and 2M tokens per step, full remat; sized for 256 80-GiB accelerators
 with FSDP over all of them, or e.g. fsdp=32,tensor=8 within 8-GPU nodes. A float32
-delta is 276 GB per round: publish it as int8 or int4 (federation.compression).
+delta is 257 GiB per round: publish it as int8 or int4 (federation.compression).
 
   python scripts/plan.py --config=configs/70b.py --mesh=fsdp=-1 --devices=256
   python scripts/train.py --config=configs/70b.py --workdir=gs://.../70b \
