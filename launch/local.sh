@@ -95,9 +95,12 @@ config="${config/#\~\//$HOME/}"
 [[ -f "${config%%:*}" ]] || die "--config=$config is not a file. Fix: pass a configs/*.py file"
 ((${#silos[@]})) || die "--silos is missing. Fix: name the silos, e.g. --silos=web,concurrency"
 [[ -n "$workdir" ]] || die "--workdir is missing. Fix: pass a folder for logs and checkpoints, e.g. --workdir=/tmp/fedpt-local"
+seen=" "
 for id in "${silos[@]}"; do
   [[ "$id" =~ ^[A-Za-z0-9][A-Za-z0-9_.-]*$ ]] ||
     die "--silos: bad silo id '$id'. Fix: use letters, digits, '_', '.' and '-' only"
+  [[ "$seen" != *" $id "* ]] || die "--silos: silo '$id' is named twice. Fix: name each silo once"
+  seen+="$id "
 done
 workdir="${workdir/#\~\//$HOME/}"  # --flag=~/x reaches us unexpanded.
 storage="${storage:-$workdir/bucket}"
