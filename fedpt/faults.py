@@ -1,7 +1,8 @@
 """Named fault points, so tests can break a party at an exact step of the round protocol.
 
 Setting FEDPT_CRASH_AT=<point>@<round> makes the process SIGKILL itself when it
-reaches that point. In-process tests may instead register a hook (e.g. one
+reaches that point; <point>@<round>:SIGTERM sends SIGTERM instead (a preemption
+notice, which the process handles). In-process tests may instead register a hook (e.g. one
 that stops the storage server). Without either, these calls do nothing.
 """
 import os
@@ -30,5 +31,6 @@ def crash_point(name: str, round_index: int) -> None:
   hook = _HOOKS.pop(key, None)
   if hook is not None:
     hook()
-  if os.environ.get(ENV_VAR) == key:
-    os.kill(os.getpid(), signal.SIGKILL)
+  armed, _, signal_name = os.environ.get(ENV_VAR, '').partition(':')
+  if armed == key:
+    os.kill(os.getpid(), signal.Signals[signal_name or 'SIGKILL'])

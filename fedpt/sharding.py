@@ -7,6 +7,7 @@ same model runs data-parallel, FSDP or tensor-parallel by changing the config.
 import contextlib
 import contextvars
 import math
+import os
 import re
 from typing import Any, Sequence
 
@@ -133,6 +134,16 @@ def constrain(x, logical_axes: Sequence[str | None]):
       x, NamedSharding(mesh, logical_to_spec(logical_axes, rules)))
 
 
+def _cpu_devices_requested() -> int:
+  """Local CPU devices this process will have (jax_num_cpu_devices or the XLA flag)."""
+  configured = getattr(jax.config, 'jax_num_cpu_devices', -1)
+  if configured and configured > 0:
+    return configured
+  found = re.search(r'--xla_force_host_platform_device_count=(\d+)',
+                    os.environ.get('XLA_FLAGS', ''))
+  return int(found.group(1)) if found else 1
+
+
 def maybe_initialize_distributed(dist_config) -> None:
   """Joins a multi-host silo. 'auto' lets JAX detect TPU, SLURM or Open MPI.
 
@@ -159,8 +170,12 @@ def maybe_initialize_distributed(dist_config) -> None:
     kwargs = dict(coordinator_address=address, num_processes=n, process_id=pid,
                   local_device_ids=(list(dist_config.local_device_ids)
                                     if dist_config.local_device_ids else None))
-  # Hosts of a CPU silo (and the tests' loopback silos) talk through gloo.
+  # Hosts of a CPU silo (and the tests' loopback silos) talk through gloo, whose
+  # collectives each block a thread of XLA's CPU pool (sized to the cores by default):
+  # with a few threads per local device a collective inside a loop cannot starve.
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  os.environ.setdefault('PJRT_NPROC',
+                        str(max(os.cpu_count() or 1, 4 * _cpu_devices_requested())))
   try:
     jax.distributed.initialize(**kwargs)
   except (RuntimeError, ValueError) as e:

@@ -4,8 +4,10 @@ r"""Trains one silo: alone (the centralised baseline), or in a federated run.
   python scripts/train.py --config=configs/demo.py --workdir=/tmp/silo-web \
       --silo=web --storage=/shared/run1 --config.data.stdlib_group=web
 
-Resumes automatically from --workdir. On SIGTERM it checkpoints and exits with
-status 75 (EX_TEMPFAIL) so that a supervisor restarts it.
+Resumes automatically from --workdir. On SIGTERM (to any host of a multi-host
+silo) every host checkpoints the same step and exits with status 75 (EX_TEMPFAIL)
+so that a supervisor restarts it. A silo spanning hosts sets
+--config.distributed.mode=auto (TPU, SLURM, Open MPI) or =explicit.
 """
 import os
 import sys
@@ -37,11 +39,11 @@ def main(argv):
   if (FLAGS.silo is None) != (FLAGS.storage is None):
     raise app.UsageError('--silo and --storage go together: pass both to join a run.')
   if FLAGS.silo is not None:
-    cli.run_or_explain(silo.run_silo, FLAGS.config, FLAGS.silo, FLAGS.storage, FLAGS.workdir,
-                       keys_dir=FLAGS.keys)
-    return
-  summary = cli.run_or_explain(trainer.train_and_evaluate, FLAGS.config, FLAGS.workdir,
-                               stop_at_step=FLAGS.stop_at_step)
+    summary = cli.run_or_explain(silo.run_silo, FLAGS.config, FLAGS.silo, FLAGS.storage,
+                                 FLAGS.workdir, keys_dir=FLAGS.keys)
+  else:
+    summary = cli.run_or_explain(trainer.train_and_evaluate, FLAGS.config, FLAGS.workdir,
+                                 stop_at_step=FLAGS.stop_at_step)
   if summary['preempted']:
     sys.exit(trainer.PREEMPTED_EXIT_CODE)
 

@@ -1,0 +1,192 @@
+"""A silo spanning two hosts: real jax.distributed processes (4 CPU devices each) on loopback.
+
+The two-process silo must compute what one process with all 8 devices computes,
+survive both processes being killed, and answer SIGTERM on one host by every
+host checkpointing the same step and exiting with status 75.
+"""
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from fedpt import aggregator as aggregator_lib
+from fedpt import checkpoint as checkpoint_lib
+from fedpt import faults
+from fedpt import silo as silo_lib
+from fedpt import simulation
+from fedpt import storage as storage_lib
+from fedpt import trainer as trainer_lib
+
+from bucket_helpers import global_params
+
+ROUNDS = 2
+INNER_STEPS = 48  # Long enough for a preemption notice to reach the other host mid-round.
+
+
+def _config(tiny_config):
+  tiny_config.train.async_checkpoints = False
+  tiny_config.federation.update(rounds=ROUNDS, inner_steps=INNER_STEPS, silos=('a',),
+                                poll_s=0.05, wait_timeout_s=240.0)
+  return tiny_config
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory, corpus_dir, repo_root):
+  """The same silo as one process with all 8 devices (this one), run once for the module."""
+  spec = importlib.util.spec_from_file_location('tiny', repo_root / 'configs' / 'tiny.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.data.corpus = corpus_dir
+  config = _config(config)
+  root = str(tmp_path_factory.mktemp('reference') / 'bucket')
+  aggregator_lib.init_run(config, root, run_id='multihost')
+  worker = threading.Thread(target=silo_lib.run_silo,
+                            args=(config, 'a', root, root + '-silo'), daemon=True)
+  worker.start()
+  aggregator_lib.run_aggregator(root)
+  worker.join(timeout=300)
+  return config, storage_lib.RunStorage(root)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+class TwoHostSilo:
+  """Silo 'a' as two processes of one jax.distributed job, plus the aggregator process."""
+
+  def __init__(self, repo_root, config, root, workdir):
+    self.repo_root, self.root, self.workdir = repo_root, root, workdir
+    config_file = str(repo_root / 'configs' / 'tiny.py')
+    self.overrides = [f'--config={config_file}',
+                      *simulation.config_overrides(config, config_file)]
+    subprocess.run([sys.executable, str(repo_root / 'scripts' / 'init_run.py'),
+                    f'--storage={root}', '--run_id=multihost', *self.overrides],
+                   check=True, capture_output=True, timeout=300)
+    self.aggregator = subprocess.Popen(
+        [sys.executable, str(repo_root / 'scripts' / 'aggregate.py'), f'--storage={root}'],
+        stdout=open(os.path.join(workdir, 'aggregator.log'), 'ab'), stderr=subprocess.STDOUT)
+
+  def start_hosts(self, crash_at=(None, None)) -> list[subprocess.Popen]:
+    port = _free_port()
+    procs = []
+    for process_id, crash in enumerate(crash_at):
+      env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4',
+             'JAX_PLATFORMS': 'cpu'}
+      env.pop(faults.ENV_VAR, None)
+      if crash:
+        env[faults.ENV_VAR] = crash
+      argv = [sys.executable, str(self.repo_root / 'scripts' / 'train.py'), *self.overrides,
+              '--silo=a', f'--storage={self.root}', f'--workdir={self.workdir}/silo',
+              '--config.distributed.mode=explicit',
+              f'--config.distributed.coordinator_address=127.0.0.1:{port}',
+              '--config.distributed.num_processes=2',
+              f'--config.distributed.process_id={process_id}']
+      log = open(os.path.join(self.workdir, f'host{process_id}.log'), 'ab')
+      procs.append(subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT))
+    return procs
+
+  def wait(self, procs, timeout=300) -> list[int]:
+    deadline = time.time() + timeout
+    codes = []
+    for proc in procs:
+      try:
+        codes.append(proc.wait(timeout=max(deadline - time.time(), 1)))
+      except subprocess.TimeoutExpired:
+        for p in procs:
+          p.kill()
+        pytest.fail(f'hosts did not finish in {timeout}s:\n{self.logs()}')
+    return codes
+
+  def logs(self) -> str:
+    out = []
+    for name in ('host0', 'host1', 'aggregator'):
+      with open(os.path.join(self.workdir, f'{name}.log'), errors='replace') as f:
+        out.append(f'--- {name}\n' + f.read()[-2500:])
+    return '\n'.join(out)
+
+  def close(self):
+    try:
+      self.aggregator.wait(timeout=120)
+    finally:
+      self.aggregator.kill()
+
+  def private_meta(self) -> dict:
+    ckpt = checkpoint_lib.Checkpointer(os.path.join(self.workdir, 'silo', 'checkpoints'), keep=2)
+    try:
+      return ckpt.read_meta(ckpt.latest_step())
+    finally:
+      ckpt.close()
+
+
+def _delta_payload(store, round_index):
+  meta = store.delta_meta(round_index, 'a')
+  return meta, {name: store.read_delta_leaf(round_index, 'a', name, leaf['payload'])
+                for name, leaf in meta['tree'].items()}
+
+
+def _assert_matches_reference(store, reference_store):
+  for r in range(ROUNDS):
+    meta, payload = _delta_payload(store, r)
+    ref_meta, ref_payload = _delta_payload(reference_store, r)
+    assert meta['tokens'] == ref_meta['tokens'] == INNER_STEPS * 16 * 64
+    np.testing.assert_allclose(meta['train_loss'], ref_meta['train_loss'], rtol=1e-5)
+    np.testing.assert_allclose(meta['global_eval_loss'], ref_meta['global_eval_loss'], rtol=1e-5)
+    for name, leaf in ref_payload.items():
+      for key, value in leaf.items():
+        np.testing.assert_allclose(payload[name][key], value, rtol=1e-4, atol=2e-6,
+                                   err_msg=f'round {r} delta {name}/{key}')
+  final, ref_final = global_params(store, ROUNDS), global_params(reference_store, ROUNDS)
+  for name, value in ref_final.items():
+    np.testing.assert_allclose(final[name], value, rtol=1e-4, atol=2e-6, err_msg=name)
+  assert store.read_manifest(ROUNDS - 1)['included'][0]['silo'] == 'a'
+
+
+@pytest.mark.slow
+def test_two_hosts_equal_one_host_and_resume_after_both_are_killed(
+    reference, repo_root, tmp_path):
+  config, reference_store = reference
+  run = TwoHostSilo(repo_root, config, str(tmp_path / 'bucket'), str(tmp_path))
+  try:
+    # Both hosts die mid-way through round 1's inner steps, after publishing round 0.
+    codes = run.wait(run.start_hosts(crash_at=('silo_inner@1', 'silo_inner@1')))
+    assert all(code != 0 for code in codes), run.logs()
+    progress = run.private_meta()
+    assert (progress['phase'], progress['round']) == ('published', 0), progress
+    assert run.wait(run.start_hosts()) == [0, 0], run.logs()
+  finally:
+    run.close()
+  store = storage_lib.RunStorage(str(tmp_path / 'bucket'))
+  _assert_matches_reference(store, reference_store)
+  # Only process 0 wrote the run's JSON: one eval record per round, from host 0.
+  assert sorted(store.eval_losses(0)) == ['a']
+  assert 'resumed in round 0 (published' in open(tmp_path / 'host0.log').read()
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_host_checkpoints_both_at_one_step_then_resumes(
+    reference, repo_root, tmp_path):
+  config, reference_store = reference
+  run = TwoHostSilo(repo_root, config, str(tmp_path / 'bucket'), str(tmp_path))
+  try:
+    # Only host 1 gets the notice, half-way through round 0.
+    codes = run.wait(run.start_hosts(crash_at=(None, 'silo_inner@0:SIGTERM')))
+    assert codes == [trainer_lib.PREEMPTED_EXIT_CODE] * 2, run.logs()
+    progress = run.private_meta()
+    assert (progress['phase'], progress['round']) == ('training', 0), progress
+    assert INNER_STEPS // 2 < progress['steps_done'] < INNER_STEPS
+    logs = run.logs()
+    assert logs.count(f'checkpointed round 0 after {progress["steps_done"]} inner steps') == 1
+    assert run.wait(run.start_hosts()) == [0, 0], run.logs()
+  finally:
+    run.close()
+  _assert_matches_reference(storage_lib.RunStorage(str(tmp_path / 'bucket')), reference_store)
