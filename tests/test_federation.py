@@ -436,3 +436,40 @@ def test_robust_settings_are_validated(fed_config, tmp_path):
   with pytest.raises(outer.OuterConfigError, match='federation.trim'):
     aggregator_lib.init_run(fed_config, str(tmp_path / 'bucket'))
   assert not (tmp_path / 'bucket' / 'run.json').exists()
+
+
+def test_sigterm_mid_round_and_while_waiting_resumes_to_the_identical_model(
+    fed_config, tmp_path):
+  """One-process silo: SIGTERM half-way through round 0's inner steps, then after round 1."""
+  fed_config.federation.update(rounds=2, silos=('a',))
+  aggregator_lib.init_run(fed_config, str(tmp_path / 'clean'))
+  _run_in_threads(fed_config, str(tmp_path / 'clean'), str(tmp_path / 'w_clean'))
+
+  root, workdir = str(tmp_path / 'bucket'), str(tmp_path / 'a')
+  aggregator_lib.init_run(fed_config, root)
+  aggregator = threading.Thread(target=aggregator_lib.run_aggregator, args=(root,), daemon=True)
+  aggregator.start()
+
+  def progress():
+    ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=2)
+    meta = ckpt.read_meta(ckpt.latest_step())
+    ckpt.close()
+    return meta['phase'], meta['round'], meta.get('steps_done')
+
+  def sigterm():
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  faults.set_hook('silo_inner', 0, sigterm)
+  assert silo_lib.run_silo(fed_config, 'a', root, workdir)['preempted']
+  assert progress() == ('training', 0, 2)
+  faults.set_hook('silo_published', 1, sigterm)
+  assert silo_lib.run_silo(fed_config, 'a', root, workdir)['preempted']
+  assert progress()[:2] == ('published', 1)
+  final = silo_lib.run_silo(fed_config, 'a', root, workdir)
+  aggregator.join(timeout=120)
+  assert not final['preempted'] and final['round'] == 2
+  store, clean = storage_lib.RunStorage(root), storage_lib.RunStorage(str(tmp_path / 'clean'))
+  assert store.global_hash(2) == clean.global_hash(2) != clean.global_hash(0)
+  for r in range(2):
+    assert store.delta_meta(r, 'a')['train_loss'] == clean.delta_meta(r, 'a')['train_loss']
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
