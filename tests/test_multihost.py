@@ -17,8 +17,10 @@ import pytest
 
 from fedpt import aggregator as aggregator_lib
 from fedpt import checkpoint as checkpoint_lib
+from fedpt import config as config_lib
 from fedpt import faults
 from fedpt import silo as silo_lib
+from fedpt import sharding
 from fedpt import simulation
 from fedpt import storage as storage_lib
 from fedpt import trainer as trainer_lib
@@ -190,3 +192,30 @@ def test_sigterm_on_one_host_checkpoints_both_at_one_step_then_resumes(
   finally:
     run.close()
   _assert_matches_reference(storage_lib.RunStorage(str(tmp_path / 'bucket')), reference_store)
+
+
+@pytest.mark.parametrize(('settings', 'field'), [
+    (dict(mode='explicit', coordinator_address='localhost'), 'coordinator_address'),
+    (dict(mode='explicit', coordinator_address='10.0.0.2:8476', num_processes=2, process_id=2),
+     'process_id'),
+    (dict(mode='mpi'), 'distributed.mode'),
+])
+def test_bad_distributed_settings_name_the_field_before_starting(tiny_config, settings, field):
+  tiny_config.distributed.update(**settings)
+  with pytest.raises(config_lib.ConfigError, match=field):
+    sharding.maybe_initialize_distributed(tiny_config.distributed)
+
+
+def test_auto_mode_outside_a_cluster_is_one_line_naming_the_fix(repo_root, tmp_path):
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
+  for var in [v for v in env if v.startswith(('SLURM_', 'OMPI_', 'TPU_'))]:
+    env.pop(var)
+  result = subprocess.run(
+      [sys.executable, str(repo_root / 'scripts' / 'train.py'),
+       f'--config={repo_root / "configs" / "tiny.py"}', f'--workdir={tmp_path}',
+       '--config.distributed.mode=auto'],
+      env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2, result.stderr[-2000:]
+  error = [line for line in result.stderr.splitlines() if line.startswith('error:')]
+  assert len(error) == 1 and 'jax.distributed could not start' in error[0], result.stderr[-2000:]
+  assert 'mode=explicit' in error[0] and 'Traceback' not in result.stderr
