@@ -179,7 +179,7 @@ def maybe_initialize_distributed(dist_config) -> None:
   try:
     jax.distributed.initialize(**kwargs)
   except (RuntimeError, ValueError) as e:
-    detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+    detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:300].rstrip('.')
     fix = ('run under a TPU VM, SLURM (srun) or Open MPI (mpirun), or use '
            '--config.distributed.mode=explicit with coordinator_address, num_processes and '
            'process_id' if mode == 'auto' else

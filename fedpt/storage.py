@@ -115,6 +115,18 @@ def tree_hash(leaf_hashes: dict[str, str]) -> str:
   return h.hexdigest()
 
 
+# A silo's published arrays say nothing about its hardware: no `_sharding` file (device
+# ids and mesh) and no per-process array metadata; restores take the reader's shardings.
+_SHARED_ARRAY_HANDLERS = ocp.type_handlers.create_type_handler_registry(
+    (int, ocp.type_handlers.ScalarHandler()),
+    (float, ocp.type_handlers.ScalarHandler()),
+    (np.number, ocp.type_handlers.ScalarHandler()),
+    (np.ndarray, ocp.type_handlers.NumpyHandler()),
+    (jax.Array, ocp.type_handlers.ArrayHandler(enable_write_sharding_file=False,
+                                               array_metadata_store=None)),
+)
+
+
 def wait_for(check: Callable[[], Any], what: str, timeout_s: float, poll_s: float = 0.5,
              max_poll_s: float | None = None, stop: Callable[[], bool] | None = None):
   """Polls `check` with jittered exponential backoff until it returns non-None.
@@ -151,7 +163,8 @@ class RunStorage:
     self.root = epath.Path(root if self.remote else os.path.abspath(root))
     self.retry_s = float(os.environ.get('FEDPT_STORAGE_RETRY_S', 300.0)
                          if retry_s is None else retry_s)
-    self._checkpointer = ocp.PyTreeCheckpointer()
+    self._checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(
+        type_handler_registry=_SHARED_ARRAY_HANDLERS))
 
   def _retry(self, what: str, fn: Callable[[], Any]):
     """fn(), retried on transient errors; a persistent one names the object and the fix."""
