@@ -137,6 +137,8 @@ def _delta_payload(store, round_index):
 
 
 def _assert_matches_reference(store, reference_store):
+  # Gloo sums gradients across processes in another order than XLA does within one:
+  # measured differences are <= 2.7e-6 after two rounds of 48 steps (losses equal to 1e-7).
   for r in range(ROUNDS):
     meta, payload = _delta_payload(store, r)
     ref_meta, ref_payload = _delta_payload(reference_store, r)
@@ -145,11 +147,11 @@ def _assert_matches_reference(store, reference_store):
     np.testing.assert_allclose(meta['global_eval_loss'], ref_meta['global_eval_loss'], rtol=1e-5)
     for name, leaf in ref_payload.items():
       for key, value in leaf.items():
-        np.testing.assert_allclose(payload[name][key], value, rtol=1e-4, atol=2e-6,
+        np.testing.assert_allclose(payload[name][key], value, rtol=1e-4, atol=1e-5,
                                    err_msg=f'round {r} delta {name}/{key}')
   final, ref_final = global_params(store, ROUNDS), global_params(reference_store, ROUNDS)
   for name, value in ref_final.items():
-    np.testing.assert_allclose(final[name], value, rtol=1e-4, atol=2e-6, err_msg=name)
+    np.testing.assert_allclose(final[name], value, rtol=1e-4, atol=1e-5, err_msg=name)
   assert store.read_manifest(ROUNDS - 1)['included'][0]['silo'] == 'a'
 
 
