@@ -267,7 +267,7 @@ def run_silo(config, silo_id: str, storage_root: str, workdir: str,
                    outer.flatten_params(state['params']).items()} if use_feedback else None)
       phase, progress = 'start', {}
     step = int(state['step'])  # The data position; tracked on the host from here on.
-    rounds_done = 0
+    rounds_done, wait_start = 0, time.monotonic()
 
     while True:
       if phase == 'published':
