@@ -164,9 +164,14 @@ files=("$keys/silo_$silo.key" "$keys/aggregator.pub")
 setup="mkdir -p -m 700 $REMOTE_KEYS && mv silo_$silo.key aggregator.pub $REMOTE_KEYS/ && chmod 600 $REMOTE_KEYS/silo_$silo.key"
 if ((install)); then
   tarball="${TMPDIR:-/tmp}/fedpt-src-$tpu_name.tar.gz"
-  [[ -z "$(git -C "$REPO" status --porcelain --untracked-files=no)" ]] ||
-    printf 'warning: %s has uncommitted changes; the VM gets its HEAD commit only\n' "$REPO" >&2
-  run git -C "$REPO" archive --format=tar.gz --prefix=fedpt/ -o "$tarball" HEAD
+  if git -C "$REPO" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    [[ -z "$(git -C "$REPO" status --porcelain --untracked-files=no)" ]] ||
+      printf 'warning: %s has uncommitted changes; the VM gets its HEAD commit only\n' "$REPO" >&2
+    run git -C "$REPO" archive --format=tar.gz --prefix=fedpt/ -o "$tarball" HEAD
+  else  # A copy without git history (an unpacked release): ship the files as they are.
+    run tar -C "$REPO" --exclude=.git --exclude=__pycache__ --exclude='*.egg-info' \
+      --transform='s,^\.,fedpt,' -czf "$tarball" .
+  fi
   files=("$tarball" "${files[@]}")
   setup+=" && rm -rf fedpt && tar -xzf $(basename "$tarball") && python3 -m pip install -q -e ./fedpt 'jax[tpu]'"
 fi
