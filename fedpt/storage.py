@@ -360,7 +360,10 @@ class RunStorage:
       meta = self._retry(f'reading the layout of {directory}', read)
     except (FileNotFoundError, ValueError, KeyError) as e:
       raise StorageError(f'cannot read {directory}: {short(e)}') from e
-    tree = meta.item_metadata.tree if hasattr(meta, 'item_metadata') else meta
+    item = meta.item_metadata if hasattr(meta, 'item_metadata') else meta
+    tree = getattr(item, 'tree', item)
+    if tree is None:
+      raise StorageError(f'cannot read {directory}: its array metadata is missing or corrupt')
     return {name: (tuple(m.shape), str(np.dtype(m.dtype)))
             for name, m in flatten_params(tree).items()}
 

@@ -85,11 +85,12 @@ def _publish_bad(store, run, fed, silo, secrets):
     meta = dict(meta, tokens=10**9)  # Claims more weight after signing.
   store.publish_delta(0, silo, payload, meta)
   payload_dir = store.delta_dir(0, silo) / 'payload'
-  if silo == 'flip':
-    victim = _largest_object(payload_dir)
-    data = bytearray(victim.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    victim.write_bytes(bytes(data))
+  if silo == 'flip':  # One bit in every array data object, so no layout can dodge it.
+    for victim in bucket_helpers.files(payload_dir):
+      if '/d/' in str(victim):
+        data = bytearray(victim.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        victim.write_bytes(bytes(data))
   elif silo == 'missing':
     _largest_object(payload_dir).unlink()
 
