@@ -8,10 +8,8 @@
 # train.py, aggregate.py), so its --dry-run output is what each organisation would type.
 set -euo pipefail
 
-if ((BASH_VERSINFO[0] < 4 || (BASH_VERSINFO[0] == 4 && BASH_VERSINFO[1] < 4))); then
-  echo "error: $0 needs bash >= 4.4 (this is $BASH_VERSION). Fix: install a newer bash" >&2
-  exit 2
-fi
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
 # fedpt/data.py STDLIB_GROUPS: a silo named after one reads only that part of the built-in corpus.
@@ -47,26 +45,6 @@ every train.py. Environment: PYTHON (default python3).
 Exit status: 0 when every party finished, 1 when one failed, 75 when stopped by
 a signal or a silo's preemption (run it again to resume), 2 on a bad setting.
 EOF
-}
-
-die() {
-  printf 'error: %s\n' "$1" >&2
-  exit 2
-}
-
-# The command, shell-quoted, on one line.
-quoted() {
-  local line
-  printf -v line '%q ' "$@"
-  printf '%s' "${line% }"
-}
-
-run() {
-  if ((dry_run)); then
-    printf '%s\n' "$(quoted "$@")"
-  else
-    "$@"
-  fi
 }
 
 config="" workdir="" storage="" keys="" dry_run=0

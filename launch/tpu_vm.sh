@@ -9,10 +9,8 @@
 # finds the other hosts itself (--config.distributed.mode=auto).
 set -euo pipefail
 
-if ((BASH_VERSINFO[0] < 4 || (BASH_VERSINFO[0] == 4 && BASH_VERSINFO[1] < 4))); then
-  echo "error: $0 needs bash >= 4.4 (this is $BASH_VERSION). Fix: install a newer bash" >&2
-  exit 2
-fi
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # The silo's key folder on every host, as the remote shell should see it.
 # shellcheck disable=SC2016  # $HOME is the VM's, expanded there.
@@ -53,28 +51,8 @@ Arguments after -- go to train.py.
 EOF
 }
 
-die() {
-  printf 'error: %s\n' "$1" >&2
-  exit 2
-}
-
-quoted() {  # The command, shell-quoted, on one line.
-  local line
-  printf -v line '%q ' "$@"
-  printf '%s' "${line% }"
-}
-
-run() {
-  if ((dry_run)); then
-    printf '%s\n' "$(quoted "$@")"
-  else
-    printf '+ %s\n' "$(quoted "$@")" >&2
-    "$@"
-  fi
-}
-
 tpu_name="" zone="" accelerator_type="" version="" project="" config="" silo="" storage=""
-keys="" workdir="" spot=0 install=1 max_restarts=3 delete_after=0 dry_run=0
+keys="" workdir="" spot=0 install=1 max_restarts=3 delete_after=0 dry_run=0 trace=1
 train_args=()
 while (($#)); do
   case "$1" in
@@ -103,9 +81,6 @@ while (($#)); do
   shift
 done
 
-need() {  # need FLAG VALUE HINT
-  [[ -n "$2" ]] || die "$1 is missing. Fix: pass $1=$3 (see --help)"
-}
 need --tpu-name "$tpu_name" 'NAME, e.g. --tpu-name=fedpt-web'
 need --zone "$zone" 'ZONE, e.g. us-west4-a'
 need --accelerator-type "$accelerator_type" 'TYPE, e.g. v5litepod-16'

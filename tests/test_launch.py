@@ -82,9 +82,15 @@ def _shellcheck() -> str:
 
 @pytest.mark.parametrize('name', SHELL_SCRIPTS)
 def test_shellcheck_passes(name):
-  result = _run([_shellcheck(), '--shell=bash', '--severity=style', LAUNCH / name])
+  # -x follows `source launch/common.sh`, which is checked with each script that uses it.
+  result = _run([_shellcheck(), '-x', '--shell=bash', '--severity=style', LAUNCH / name])
   assert result.returncode == 0, result.stdout + result.stderr
   assert os.access(LAUNCH / name, os.X_OK), f'chmod +x launch/{name}'
+
+
+def test_shellcheck_passes_on_the_shared_helpers():
+  result = _run([_shellcheck(), '--shell=bash', '--severity=style', LAUNCH / 'common.sh'])
+  assert result.returncode == 0, result.stdout + result.stderr
 
 
 @pytest.mark.parametrize('name', SHELL_SCRIPTS + ('render.py',))
