@@ -311,9 +311,7 @@ def run_silo(config, silo_id: str, storage_root: str, workdir: str,
         eval_seconds = time.monotonic() - eval_start
         losses = []
       else:  # Preempted mid-round: the round's base is the global model in the bucket.
-        global_flat = store.read_global_params(
-            round_index, _flat_abstract_params(trainer),
-            check_meta=global_checker(run, identity, store, round_index))
+        global_flat = outer.flatten_params(load_global(round_index, state)['params'])
         global_eval, eval_seconds = progress['global_eval'], 0.0
         losses = list(progress['losses'])
       base_hash = store.global_hash(round_index)

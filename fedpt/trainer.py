@@ -169,8 +169,7 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
   (e.g. at the end of a job's time slot) with a checkpoint, like a preemption.
   Returns a summary with the final step, losses and whether it was preempted.
   """
-  sharding.maybe_initialize_distributed(config.distributed)
-  trainer = Trainer(config)
+  trainer = Trainer(config)  # Starts jax.distributed first, for a multi-host silo.
   cfg = config.train
   checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                              keep=cfg.keep_checkpoints,
