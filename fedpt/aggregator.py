@@ -202,7 +202,12 @@ class Aggregator:
           f'{e}; have {have}, missing {sorted(set(expected) - set(have))}') from None
     base_hash = self.store.global_hash(round_index)
     included, rejected = [], []
+    drop_probability = self.fed.get('drop_probability', 0.0)
     for silo in committed:
+      if outer.randomly_dropped(self.run['run_id'], round_index, silo, drop_probability):
+        rejected.append({'silo': silo, 'reason': (
+            f'dropped at random (federation.drop_probability={drop_probability:g})')})
+        continue
       meta = self.store.delta_meta(round_index, silo)
       if not isinstance(meta, dict):
         reason = 'metadata unreadable'
@@ -441,5 +446,8 @@ def validate_federation(config) -> None:
                             fed.clip_multiple or None)
   require(fed.reject_norm_multiple == 0 or fed.reject_norm_multiple > 1, 'reject_norm_multiple',
           f'{fed.reject_norm_multiple} would reject ordinary deltas', 'use 0 (off) or > 1, e.g. 10')
+  require(0 <= fed.drop_probability < 1, 'drop_probability',
+          f'{fed.drop_probability} is not in [0, 1)',
+          'use 0 (off), or e.g. 0.5 to study lossy links')
   require(fed.wait_timeout_s > 0 and fed.round_deadline_s >= 0, 'wait_timeout_s',
           'timeouts must be positive', 'set seconds > 0')

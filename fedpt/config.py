@@ -112,6 +112,7 @@ def base_config() -> ml_collections.ConfigDict:
       trim=1,  # trimmed_mean: values dropped at each end per coordinate.
       clip_multiple=0.0,  # >0: clip each delta's norm to this multiple of the median norm.
       reject_norm_multiple=10.0,  # >0: reject a delta 10x beyond the other silos' median norm.
+      drop_probability=0.0,  # Studies of lossy links: the aggregator loses each delta with this p.
       keep_last_rounds=3,
       keep_every_rounds=10,
   ))

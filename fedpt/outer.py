@@ -11,6 +11,7 @@ outer optimisers here are elementwise, so stepping each leaf separately is exact
 whole-tree step.
 """
 from collections.abc import Iterable, Mapping, Sequence
+import hashlib
 import math
 import numbers
 
@@ -393,6 +394,18 @@ def norm_outliers(norms, multiple: float) -> list[bool]:
     return [False] * len(norms)
   return [bool(norms[k] > multiple * np.median(np.delete(norms, k)))
           for k in range(len(norms))]
+
+
+def randomly_dropped(run_id: str, round_index: int, silo: str, probability: float) -> bool:
+  """Whether the delta of (run, round, silo) is lost, as DiLoCo's communication-drop ablation.
+
+  A hash rather than an RNG so that the decision is the same after an aggregator restart
+  and differs between runs (seeds) without any state.
+  """
+  if probability <= 0:
+    return False
+  digest = hashlib.sha256(f'{run_id}/{round_index}/{silo}'.encode()).digest()
+  return int.from_bytes(digest[:8], 'little') / 2.0**64 < probability
 
 
 def _stack(leaves: Iterable) -> jax.Array:

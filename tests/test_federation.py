@@ -14,6 +14,7 @@ import bucket_helpers
 from fedpt import aggregator as aggregator_lib
 from fedpt import checkpoint as checkpoint_lib
 from fedpt import compression as compression_lib
+from fedpt import config as config_lib
 from fedpt import faults
 from fedpt import outer
 from fedpt import silo as silo_lib
@@ -429,6 +430,47 @@ def test_robust_aggregation_bounds_a_poisoned_silo(fed_config, tmp_path, robust,
   # DiLoCo's first Nesterov step moves the model by lr * (1 + momentum) * mean delta.
   np.testing.assert_allclose(before['embed_vd'] - after['embed_vd'],
                              0.7 * 1.9 * expected_mean_delta, rtol=2e-3)
+
+
+def test_random_drop_loses_exactly_the_chosen_deltas(fed_config, tmp_path):
+  fed = fed_config.federation
+  fed.drop_probability = 0.5
+  scales = {'a': 0.01, 'b': 0.02, 'c': 0.04}
+  run_id = next(f'drop-{i}' for i in range(100) if 0 < sum(
+      outer.randomly_dropped(f'drop-{i}', 0, s, 0.5) for s in scales) < len(scales))
+  dropped = [s for s in scales if outer.randomly_dropped(run_id, 0, s, 0.5)]
+  root = str(tmp_path / 'bucket')
+  run = aggregator_lib.init_run(fed_config, root, run_id=run_id)
+  store = storage_lib.RunStorage(root)
+  for silo, scale in scales.items():
+    _publish_fake_delta(store, run, 0, silo, fed, scale, tokens=1000)
+  agg = aggregator_lib.Aggregator(root)
+  manifest = agg.decide(0)
+  assert [e['silo'] for e in manifest['rejected']] == dropped
+  assert all('dropped at random' in e['reason'] for e in manifest['rejected'])
+  kept = [s for s in scales if s not in dropped]
+  assert [e['silo'] for e in manifest['included']] == kept
+  agg.aggregate(0, manifest)
+  moved = (bucket_helpers.global_params(store, 0)['embed_vd'] -
+           bucket_helpers.global_params(store, 1)['embed_vd'])
+  np.testing.assert_allclose(moved, 0.7 * 1.9 * np.mean([scales[s] for s in kept]), rtol=2e-3)
+
+
+def test_randomly_dropped_is_a_seeded_coin():
+  draws = [outer.randomly_dropped('run', r, f's{k}', 0.5) for r in range(100) for k in range(20)]
+  assert 0.45 < np.mean(draws) < 0.55
+  assert draws == [outer.randomly_dropped('run', r, f's{k}', 0.5)
+                   for r in range(100) for k in range(20)]
+  assert draws != [outer.randomly_dropped('other', r, f's{k}', 0.5)
+                   for r in range(100) for k in range(20)]
+  assert not any(outer.randomly_dropped('run', r, 's', 0.0) for r in range(100))
+  assert np.mean([outer.randomly_dropped('run', r, 's', 0.1) for r in range(2000)]) < 0.13
+
+
+def test_drop_probability_is_validated(fed_config, tmp_path):
+  fed_config.federation.drop_probability = 1.0
+  with pytest.raises(config_lib.ConfigError, match='federation.drop_probability.*lossy'):
+    aggregator_lib.init_run(fed_config, str(tmp_path / 'bucket'))
 
 
 def test_robust_settings_are_validated(fed_config, tmp_path):
