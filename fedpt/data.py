@@ -600,7 +600,7 @@ def _is_prepared(data_dir: str, tokenizer_sha256: str) -> bool:
   return True
 
 
-def _default_cache_root() -> str:
+def default_cache_root() -> str:
   return os.environ.get('FEDPT_CACHE') or os.path.join(
       os.path.expanduser('~'), '.cache', 'fedpt')
 
@@ -619,7 +619,7 @@ def default_corpus_dir(group: str = _ALL_GROUP, cache_root: str | None = None,
   tokenizer_sha256 = file_sha256(tokenizer_path)
   python_version = '.'.join(map(str, sys.version_info[:3]))
   data_dir = os.path.join(
-      cache_root or _default_cache_root(),
+      cache_root or default_cache_root(),
       f'stdlib-py{python_version}-{group}-{tokenizer_sha256[:12]}')
   if not _is_prepared(data_dir, tokenizer_sha256):
     prepare_data(stdlib_documents(group), tokenizer_path, data_dir,

@@ -1,0 +1,523 @@
+r"""The DiLoCo study: which of the DiLoCo family's claims hold at small scale with fedpt.
+
+Every federated run is a real fedpt federation: `init_run`, one `run_silo` thread
+per silo and `run_aggregator`, talking only through a local-directory bucket
+(the code behind scripts/init_run.py, train.py --silo and aggregate.py; threads
+instead of processes so that one CPU box compiles once). Central baselines are
+the plain `Trainer`. Every method spends the same tokens unless the question is
+about tokens (K sweep), and every final model is scored by one evaluator on the
+same fixed windows of each domain's `val` split and of their union.
+
+Silos hold whole stdlib domains (web, concurrency, text, tools: non-IID). The
+other partitions of the same documents are cut by a salted document hash, so the
+train/val split of every document is the same in all of them:
+  domains4  one domain per silo               domains2  web+concurrency, text+tools
+  domains8  each domain halved                iid4      the union dealt into 4 shards
+  union     all four domains in one silo
+
+Results go to --out/results.json after every run, so an interrupted study
+resumes where it stopped; --out/study.md and --out/*.png are rewritten from it.
+
+  python bench/study.py --out=bench/study            # the full study, ~80 min on 2 cores
+  python bench/study.py --out=/tmp/s --seeds=0 --questions=1 --steps=40 --base_h=10
+"""
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import tempfile
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+import jax  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+import numpy as np  # noqa: E402
+
+from fedpt import aggregator  # noqa: E402
+from fedpt import cli  # noqa: E402
+from fedpt import data as data_lib  # noqa: E402
+from fedpt import metrics as metrics_lib  # noqa: E402
+from fedpt import model as model_lib  # noqa: E402
+from fedpt import silo as silo_lib  # noqa: E402
+from fedpt import storage as storage_lib  # noqa: E402
+from fedpt import trainer as trainer_lib  # noqa: E402
+
+DOMAINS = ('web', 'concurrency', 'text', 'tools')
+EVAL_SETS = DOMAINS + ('union',)
+COLUMNS = EVAL_SETS + ('domain mean',)  # The union weighs domains by val tokens; this does not.
+METRIC = 'domain mean'  # The one number the line plots show.
+PARTITIONS = ('domains1', 'domains2', 'domains4', 'domains8', 'iid4')
+QUESTIONS = (1, 2, 3, 4, 5, 6)
+
+config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'Model config.', lock_config=True)
+flags.DEFINE_string('out', 'bench/study', 'Folder for results.json, study.md and the plots.')
+flags.DEFINE_list('seeds', ['0', '1'], 'Seeds (init and data order); tables show mean and spread.')
+flags.DEFINE_list('questions', [str(q) for q in QUESTIONS], 'Which of the questions 1-6 to run.')
+flags.DEFINE_integer('steps', 200, 'S: inner steps per silo (rounds x H) of every federated run.')
+flags.DEFINE_integer('base_h', 25, 'H of every run outside the H sweep.')
+flags.DEFINE_list('h_values', ['10', '25', '50', '100', '200'], 'Question 2: H values.')
+flags.DEFINE_list('k_values', ['1', '2', '4', '8'], 'Question 4: silo counts.')
+flags.DEFINE_integer('batch', 8, 'B: per-silo batch; central baselines use K x B.')
+flags.DEFINE_integer('seq_len', 128, 'Sequence length of every run.')
+flags.DEFINE_float('silo_lr', 6e-3, 'Inner AdamW peak lr at batch B (tuned, see BENCHMARKS.md).')
+flags.DEFINE_float('central_lr', 2e-2, 'Peak lr of the central baselines at batch K x B.')
+flags.DEFINE_float('adam_lr', 0.1, 'Outer Adam lr (eps 0.1 >> |delta|, so about FedAvg scale).')
+flags.DEFINE_float('drop_probability', 0.5, 'Question 6: chance that a delta is lost.')
+flags.DEFINE_integer('eval_batches', 16, 'Fixed eval batches (of B windows) per val split.')
+FLAGS = flags.FLAGS
+
+
+class StudyError(ValueError):
+  """Bad study flags or a results file from different flags; the message says the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One training run; its `key` names it in results.json, so shared runs train once."""
+  partition: str  # A PARTITIONS entry, or 'central:union' / 'central:<domain>'.
+  seed: int
+  inner_steps: int = 0  # H; 0 for central runs.
+  optimizer: str = 'diloco'
+  compression: str = 'none'
+  error_feedback: bool = False
+  drop_probability: float = 0.0
+
+  @property
+  def central(self) -> bool:
+    return self.partition.startswith('central:')
+
+  @property
+  def key(self) -> str:
+    if self.central:
+      return f'{self.partition}/s{self.seed}'
+    parts = [self.partition, f'H{self.inner_steps}', self.optimizer, self.compression]
+    if self.error_feedback:
+      parts.append('ef')
+    if self.drop_probability:
+      parts.append(f'drop{self.drop_probability:g}')
+    return '/'.join(parts) + f'/s{self.seed}'
+
+
+# -- the questions: (row label, run) per seed ------------------------------------------
+
+
+def plan(questions, seeds, base_h, h_values, k_values, drop_probability) -> dict:
+  """{question: [(label, [Run per seed])]}; identical runs share one key."""
+  def fed(label, partition='domains4', **kw):
+    kw.setdefault('inner_steps', base_h)
+    return label, [Run(partition, s, **kw) for s in seeds]
+
+  def central(label, data):
+    return label, [Run(f'central:{data}', s) for s in seeds]
+
+  table = {
+      1: [fed('DiLoCo (Nesterov 0.7, 0.9)'), fed('FedAvg (outer SGD, lr 1)', optimizer='fedavg'),
+          fed('outer Adam', optimizer='fedadam'),
+          central('data-parallel, K x B batch', 'union')] +
+         [central(f'{d} alone, K x B batch', d) for d in DOMAINS],
+      2: [fed(f'H={h}', inner_steps=h) for h in h_values],
+      3: [fed('none (fp32)'), fed('bf16', compression='bf16'), fed('int8', compression='int8'),
+          fed('int4', compression='int4'),
+          fed('int4 + error feedback', compression='int4', error_feedback=True)],
+      4: [fed(f'K={k}', partition=f'domains{k}') for k in k_values],
+      5: [fed('non-IID (one domain per silo)'), fed('IID (union dealt into 4)', partition='iid4'),
+          central('data-parallel, K x B batch', 'union')],
+      6: [fed('every delta arrives'),
+          fed(f'{drop_probability:.0%} of deltas dropped', drop_probability=drop_probability)],
+  }
+  return {q: table[q] for q in questions}
+
+
+def check_flags(steps, base_h, h_values, k_values, questions):
+  for h in {base_h, *h_values}:
+    if h <= 0 or steps % h:
+      raise StudyError(f'H={h} does not divide --steps={steps}: every run must spend the same '
+                       'tokens. Fix: choose H values that divide --steps')
+  for k in k_values:
+    if f'domains{k}' not in PARTITIONS:
+      raise StudyError(f'K={k} has no non-IID partition of the 4 domains. Fix: use --k_values '
+                       'from 1, 2, 4, 8')
+  for q in questions:
+    if q not in QUESTIONS:
+      raise StudyError(f'question {q} does not exist. Fix: use --questions from {QUESTIONS}')
+
+
+# -- corpora ----------------------------------------------------------------------------
+
+
+def _bucket_of(document: str, buckets: int) -> int:
+  """Salted, so the cut is independent of prepare_data's train/val hash."""
+  digest = hashlib.sha256(b'fedpt-study\0' + document.encode('utf-8', 'replace')).digest()
+  return int.from_bytes(digest[:8], 'little') % buckets
+
+
+def _cached_corpus(name: str, documents) -> str:
+  """Tokenised once per Python version and tokenizer, like the built-in stdlib groups."""
+  tokenizer = data_lib.default_tokenizer_path()
+  sha = data_lib.file_sha256(tokenizer)
+  version = '.'.join(map(str, sys.version_info[:3]))
+  out = os.path.join(data_lib.default_cache_root(), f'study-py{version}-{name}-{sha[:12]}')
+  try:
+    data_lib.TokenDataset(out, 'val', sha)
+  except (data_lib.DataError, OSError):
+    data_lib.prepare_data(list(documents()), tokenizer, out,
+                          sources=[f'python{version} stdlib, fedpt study split {name!r}'])
+  return out
+
+
+def silo_corpora(partition: str) -> dict:
+  """{silo id: prepared corpus dir} of one partition of the four domains."""
+  docs = {d: (lambda d=d: data_lib.stdlib_documents(d)) for d in DOMAINS}
+
+  def union():
+    return [doc for d in DOMAINS for doc in docs[d]()]
+  if partition == 'domains4':
+    return {d: data_lib.default_corpus_dir(d) for d in DOMAINS}
+  if partition == 'domains1':
+    return {'all': _cached_corpus('union', union)}
+  if partition == 'domains2':
+    pairs = (DOMAINS[:2], DOMAINS[2:])
+    return {'-'.join(p): _cached_corpus('-'.join(p), lambda p=p: [x for d in p for x in docs[d]()])
+            for p in pairs}
+  if partition == 'domains8':
+    return {f'{d}-{half}': _cached_corpus(f'{d}-{half}', lambda d=d, i=i: [
+        x for x in docs[d]() if _bucket_of(x, 2) == i]) for d in DOMAINS for i, half in
+            enumerate('ab')}
+  if partition == 'iid4':
+    return {f'iid{i}': _cached_corpus(f'iid4-{i}', lambda i=i: [
+        x for x in union() if _bucket_of(x, 4) == i]) for i in range(4)}
+  raise StudyError(f'unknown partition {partition!r}; use one of {PARTITIONS}')
+
+
+def central_corpus(data: str) -> str:
+  return (silo_corpora('domains1')['all'] if data == 'union' else data_lib.default_corpus_dir(data))
+
+
+# -- training -----------------------------------------------------------------------------
+
+
+def _with(config, **data):
+  c = config.copy_and_resolve_references()
+  c.data.update(**data)
+  return c
+
+
+def run_federated(config, run: Run, steps: int, adam_lr: float) -> dict:
+  """One federation of silo threads and the aggregator; the final global params and costs."""
+  corpora = silo_corpora(run.partition)
+  config = config.copy_and_resolve_references()
+  config.seed = run.seed
+  config.federation.update(
+      silos=tuple(corpora), rounds=steps // run.inner_steps, inner_steps=run.inner_steps,
+      compression=run.compression, error_feedback=run.error_feedback,
+      drop_probability=run.drop_probability)
+  config.outer.optimizer = run.optimizer
+  if run.optimizer == 'fedadam':
+    config.outer.lr = adam_lr
+  with tempfile.TemporaryDirectory() as tmp:
+    root = os.path.join(tmp, 'bucket')
+    aggregator.init_run(_with(config, corpus=next(iter(corpora.values()))), root,
+                        run_id=run.key.replace('/', '.'))
+    results, errors = {}, {}
+
+    def work(silo_id, corpus):
+      try:
+        results[silo_id] = silo_lib.run_silo(_with(config, corpus=corpus), silo_id, root,
+                                             os.path.join(tmp, silo_id))
+      except BaseException as e:  # pylint: disable=broad-except
+        errors[silo_id] = e
+
+    threads = [threading.Thread(target=work, args=item, daemon=True) for item in corpora.items()]
+    for t in threads:
+      t.start()
+    try:
+      aggregator.run_aggregator(root)
+    finally:
+      for t in threads:
+        t.join()
+    if errors:
+      raise next(iter(errors.values()))
+    store = storage_lib.RunStorage(root)
+    manifests = [store.read_manifest(r) for r in range(config.federation.rounds)]
+  first = results[next(iter(corpora))]
+  return {
+      'params': first['state']['params'],
+      'rounds': config.federation.rounds,
+      'bytes_up': max(sum(r['bytes'] for r in results[s]['rounds']) for s in corpora),
+      'deltas_dropped': sum('dropped at random' in e['reason']
+                            for m in manifests for e in m['rejected']),
+      'deltas_total': sum(len(m['included']) + len(m['rejected']) for m in manifests),
+      'train_loss_by_round': [float(np.mean([e['train_loss'] for e in m['included']]))
+                              if m['included'] else None for m in manifests],
+  }
+
+
+def run_central(config, run: Run, steps: int, k: int, batch: int, central_lr: float) -> dict:
+  """Plain training on K x B batches for S steps: the same tokens as K silos."""
+  config = _with(config, corpus=central_corpus(run.partition.split(':', 1)[1]),
+                 global_batch=k * batch)
+  config.seed = run.seed
+  config.inner.lr = central_lr
+  config.train.steps = steps
+  trainer = trainer_lib.Trainer(config)
+  state = trainer.init_state()
+  for step in range(steps):
+    state, metrics = trainer.train_step(state, trainer.batch(step))
+  loss = float(metrics['train_loss'])
+  if not math.isfinite(loss):
+    raise trainer_lib.TrainingDivergedError(f'final train loss {loss}')
+  return {'params': state['params'], 'rounds': 0, 'bytes_up': None}
+
+
+class Evaluator:
+  """One Trainer that scores any params on fixed windows of every domain and the union."""
+
+  def __init__(self, config, eval_batches: int):
+    config = _with(config, corpus=central_corpus('union'))
+    config.train.eval_batches = eval_batches
+    self.trainer = trainer_lib.Trainer(config)
+    sha = self.trainer.tokenizer_sha256
+    self.vals = {d: data_lib.TokenDataset(data_lib.default_corpus_dir(d), 'val', sha)
+                 for d in DOMAINS}
+    self.vals['union'] = self.trainer.val_data
+    self.param_bytes = 4 * model_lib.param_count(self.trainer.model_config)
+
+  def __call__(self, params) -> dict:
+    return {name: self.trainer.evaluate(params, dataset=val) for name, val in self.vals.items()}
+
+
+# -- results: resumable JSON, then pure summaries ------------------------------------------
+
+
+def load_results(path: str, setup: dict) -> dict:
+  if not os.path.exists(path):
+    return {'setup': setup, 'runs': {}}
+  with open(path) as f:
+    results = json.load(f)
+  if results.get('setup') != setup:
+    diff = sorted(k for k in set(setup) | set(results.get('setup', {}))
+                  if setup.get(k) != results.get('setup', {}).get(k))
+    raise StudyError(f'{path} holds runs made with other settings ({", ".join(diff)}). Fix: '
+                     'rerun with the same flags to resume it, or use another --out')
+  return results
+
+
+def save_results(path: str, results: dict) -> None:
+  tmp = f'{path}.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(results, f, indent=1, sort_keys=True)
+  os.replace(tmp, path)  # A kill mid-write never loses the runs already done.
+
+
+def spread(values) -> tuple[float, float]:
+  """Mean and half the range: with 2 seeds, each seed lies at mean +- spread."""
+  values = np.asarray(values, np.float64)
+  return float(values.mean()), float((values.max() - values.min()) / 2)
+
+
+def summarise(questions: dict, runs: dict) -> dict:
+  """{question: [row]}: each row's mean +- spread over seeds of every metric."""
+  out = {}
+  for q, rows in questions.items():
+    out[q] = []
+    for label, seeded in rows:
+      done = [runs[r.key] for r in seeded if r.key in runs]
+      if not done:
+        continue
+      row = {'label': label, 'seeds': len(done), 'run': seeded[0],
+             'diverged': sum(bool(d.get('diverged')) for d in done)}
+      finite = [d for d in done if not d.get('diverged')]
+      for name in EVAL_SETS:
+        row[name] = spread([d['losses'][name] for d in finite]) if finite else None
+      row['domain mean'] = spread([np.mean([d['losses'][n] for n in DOMAINS])
+                                   for d in finite]) if finite else None
+      row['bytes_up'] = done[0]['bytes_up']
+      row['bytes_down'] = done[0]['bytes_down']
+      row['rounds'] = done[0]['rounds']
+      row['seconds'] = float(np.mean([d['seconds'] for d in done]))
+      row['dropped'] = (sum(d.get('deltas_dropped', 0) for d in done),
+                        sum(d.get('deltas_total', 0) for d in done))
+      out[q].append(row)
+  return out
+
+
+def _loss(cell) -> str:
+  return 'diverged' if cell is None else f'{cell[0]:.3f} ± {cell[1]:.3f}'
+
+
+def _mb(n) -> str:
+  return '-' if n is None else f'{n / 1e6:,.1f}'
+
+
+TITLES = {
+    1: 'DiLoCo against FedAvg, outer Adam, each silo alone and data-parallel (same tokens)',
+    2: 'H sweep: loss against communication (same tokens)',
+    3: 'Compression of the pseudo-gradients: loss against bytes',
+    4: 'K sweep at fixed tokens per silo',
+    5: 'IID against non-IID shards',
+    6: 'Deltas dropped at random',
+}
+
+
+def markdown(summary: dict, setup: dict) -> str:
+  lines = [f'Setup: {json.dumps(setup, sort_keys=True)}', '',
+           'Held-out loss, mean ± half-range over seeds (each seed at mean ± spread). '
+           '"up"/"down": MB a silo uploads (its deltas) / downloads (fp32 global models); '
+           'data-parallel counts one fp32 gradient up and one down per step.', '']
+  for q, rows in summary.items():
+    lines += [f'### Question {q}: {TITLES[q]}', '',
+              '| run | seeds | ' + ' | '.join(COLUMNS) + ' | rounds | up MB | down MB | s |',
+              '|---|---:|' + '---:|' * len(COLUMNS) + '---:|---:|---:|---:|']
+    for r in rows:
+      label = r['label'] + (f' ({r["diverged"]} diverged)' if r['diverged'] else '')
+      if r['run'].drop_probability:
+        label += f' ({r["dropped"][0]}/{r["dropped"][1]} lost)'
+      lines.append(f'| {label} | {r["seeds"]} | ' + ' | '.join(_loss(r[n]) for n in COLUMNS) +
+                   f' | {r["rounds"] or "-"} | {_mb(r["bytes_up"])} | {_mb(r["bytes_down"])} '
+                   f'| {r["seconds"]:.0f} |')
+    lines.append('')
+  return '\n'.join(lines)
+
+
+def plot(summary: dict, out_dir: str) -> list[str]:
+  """One PNG per question that has rows; returns their paths."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  written = []
+  for q, rows in summary.items():
+    rows = [r for r in rows if r[METRIC] is not None]
+    if not rows:
+      continue
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    if q in (2, 3):  # Loss against bytes uploaded, log x.
+      for r in rows:
+        ax.errorbar(r['bytes_up'] or 0, r[METRIC][0], yerr=r[METRIC][1], fmt='o', capsize=3)
+        ax.annotate(r['label'], (r['bytes_up'] or 0, r[METRIC][0]), textcoords='offset points',
+                    xytext=(5, 5), fontsize=8)
+      ax.set_xscale('log')
+      ax.set_xlabel('bytes uploaded per silo')
+    elif q == 4:
+      ks = [int(r['label'].split('=')[1]) for r in rows]
+      ax.errorbar(ks, [r[METRIC][0] for r in rows], yerr=[r[METRIC][1] for r in rows],
+                  marker='o', capsize=3)
+      ax.set_xscale('log', base=2)
+      ax.set_xticks(ks, [str(k) for k in ks])
+      ax.set_xlabel('silos K (each S steps at batch B)')
+    else:  # Grouped bars: every eval set per run.
+      width = 0.8 / len(rows)
+      x = np.arange(len(COLUMNS))
+      for i, r in enumerate(rows):
+        means = [r[n][0] for n in COLUMNS]
+        errs = [r[n][1] for n in COLUMNS]
+        ax.bar(x + i * width, means, width, yerr=errs, capsize=2, label=r['label'])
+      ax.set_xticks(x + width * (len(rows) - 1) / 2, COLUMNS, fontsize=8)
+      lows = [r[n][0] for r in rows for n in COLUMNS]
+      ax.set_ylim(min(lows) - 0.3, max(lows) + 0.3)
+      ax.legend(fontsize=7)
+    ax.set_ylabel('held-out loss' + (f' ({METRIC})' if q in (2, 3, 4) else ''))
+    ax.set_title(f'Q{q}: {TITLES[q]}', fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = os.path.join(out_dir, f'q{q}.png')
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+  return written
+
+
+# -- the study ----------------------------------------------------------------------------
+
+
+def study(config, out_dir, seeds, questions, steps, base_h, h_values, k_values, batch, seq_len,
+          silo_lr, central_lr, adam_lr, drop_probability, eval_batches) -> dict:
+  """Trains every planned run not yet in results.json, then writes study.md and the plots."""
+  check_flags(steps, base_h, h_values, k_values, questions)
+  os.makedirs(out_dir, exist_ok=True)
+  setup = dict(config=config.name, steps=steps, batch=batch, seq_len=seq_len, silo_lr=silo_lr,
+               central_lr=central_lr, adam_lr=adam_lr, eval_batches=eval_batches,
+               warmup=config.inner.warmup_steps, schedule=config.inner.schedule,
+               model=dict(config.model))
+  path = os.path.join(out_dir, 'results.json')
+  results = load_results(path, setup)
+  # Compiled programs repeat across runs: keep them on disk.
+  jax.config.update('jax_compilation_cache_dir',
+                    os.path.join(data_lib.default_cache_root(), 'jax-study'))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+
+  base = config.copy_and_resolve_references()
+  base.data.update(seq_len=seq_len, global_batch=batch)
+  base.inner.lr = silo_lr
+  base.train.update(eval_batches=1)  # Silos' per-round eval; the tables use the Evaluator.
+  base.train.async_checkpoints = False  # Threads: a save must finish before the next round.
+  base.federation.update(poll_s=0.02, wait_timeout_s=1800.0, round_deadline_s=1800.0)
+  questions_plan = plan(questions, seeds, base_h, h_values, k_values, drop_probability)
+  evaluator = Evaluator(base, eval_batches)
+  todo = {}
+  for seed in seeds:  # Seed-major: a stopped study still has whole questions for seed 0.
+    for rows in questions_plan.values():
+      for _, seeded in rows:
+        for run in seeded:
+          if run.seed == seed and run.key not in results['runs']:
+            todo.setdefault(run.key, run)
+  metrics_lib.log(f'study: {len(results["runs"])} runs done, {len(todo)} to go -> {path}')
+  for i, run in enumerate(todo.values()):
+    start = time.monotonic()
+    record = {}
+    try:
+      if run.central:
+        trained = run_central(base, run, steps, 4, batch, central_lr)
+      else:
+        trained = run_federated(base, run, steps, adam_lr)
+      record['losses'] = evaluator(trained.pop('params'))
+    except trainer_lib.TrainingDivergedError as e:
+      trained, record['diverged'] = {'rounds': 0, 'bytes_up': None}, str(e)
+    rounds = trained['rounds']
+    record.update(trained, seconds=time.monotonic() - start,
+                  bytes_down=(rounds * evaluator.param_bytes if rounds else None))
+    if run.central:
+      record['bytes_up'] = record['bytes_down'] = steps * evaluator.param_bytes
+    results['runs'][run.key] = record
+    save_results(path, results)
+    union = record.get('losses', {}).get('union', float('nan'))
+    metrics_lib.log(f'study [{i + 1}/{len(todo)}] {run.key}: union loss {union:.4f} '
+                    f'({record["seconds"]:.0f}s)')
+  summary = summarise(questions_plan, results['runs'])
+  with open(os.path.join(out_dir, 'study.md'), 'w') as f:
+    f.write(markdown(summary, setup))
+  plots = plot(summary, out_dir)
+  print(markdown(summary, setup))
+  print('plots: ' + ', '.join(plots))
+  return summary
+
+
+def _ints(name) -> list[int]:
+  try:
+    return [int(v) for v in FLAGS[name].value]
+  except ValueError:
+    raise StudyError(f'--{name}={",".join(FLAGS[name].value)} must be integers. Fix: e.g. '
+                     f'--{name}={FLAGS[name].default_as_str.strip(chr(39))}') from None
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {argv[1:]}')
+  try:
+    cli.run_or_explain(
+        study, FLAGS.config, FLAGS.out, _ints('seeds'), _ints('questions'), FLAGS.steps,
+        FLAGS.base_h, _ints('h_values'), _ints('k_values'), FLAGS.batch, FLAGS.seq_len,
+        FLAGS.silo_lr, FLAGS.central_lr, FLAGS.adam_lr, FLAGS.drop_probability,
+        FLAGS.eval_batches)
+  except StudyError as e:
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=cli.parse_flags_or_explain)
