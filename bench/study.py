@@ -53,12 +53,12 @@ EVAL_SETS = DOMAINS + ('union',)
 COLUMNS = EVAL_SETS + ('domain mean',)  # The union weighs domains by val tokens; this does not.
 METRIC = 'domain mean'  # The one number the line plots show.
 PARTITIONS = ('domains1', 'domains2', 'domains4', 'domains8', 'iid4')
-QUESTIONS = (1, 2, 3, 4, 5, 6)
+QUESTIONS = (1, 2, 3, 4, 5, 6, 7)
 
 config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'Model config.', lock_config=True)
 flags.DEFINE_string('out', 'bench/study', 'Folder for results.json, study.md and the plots.')
 flags.DEFINE_list('seeds', ['0', '1'], 'Seeds (init and data order); tables show mean and spread.')
-flags.DEFINE_list('questions', [str(q) for q in QUESTIONS], 'Which of the questions 1-6 to run.')
+flags.DEFINE_list('questions', [str(q) for q in QUESTIONS], 'Which questions to run: 1-6 from the issue, 7 the outer lr.')
 flags.DEFINE_integer('steps', 200, 'S: inner steps per silo (rounds x H) of every federated run.')
 flags.DEFINE_integer('base_h', 25, 'H of every run outside the H sweep.')
 flags.DEFINE_list('h_values', ['10', '25', '50', '100', '200'], 'Question 2: H values.')
@@ -87,6 +87,8 @@ class Run:
   compression: str = 'none'
   error_feedback: bool = False
   drop_probability: float = 0.0
+  outer_lr: float | None = None  # None: the config's (or --adam_lr for outer Adam).
+  outer_momentum: float | None = None
 
   @property
   def central(self) -> bool:
@@ -101,6 +103,10 @@ class Run:
       parts.append('ef')
     if self.drop_probability:
       parts.append(f'drop{self.drop_probability:g}')
+    if self.outer_lr is not None:
+      parts.append(f'lr{self.outer_lr:g}')
+    if self.outer_momentum is not None:
+      parts.append(f'momentum{self.outer_momentum:g}')
     return '/'.join(parts) + f'/s{self.seed}'
 
 
@@ -130,6 +136,11 @@ def plan(questions, seeds, base_h, h_values, k_values, drop_probability) -> dict
           central('data-parallel, K x B batch', 'union')],
       6: [fed('every delta arrives'),
           fed(f'{drop_probability:.0%} of deltas dropped', drop_probability=drop_probability)],
+      7: [fed('Nesterov lr 0.3, momentum 0.9', outer_lr=0.3),
+          fed('Nesterov lr 0.7, momentum 0.9 (DiLoCo)'),
+          fed('Nesterov lr 1.0, momentum 0.9', outer_lr=1.0),
+          fed('Nesterov lr 0.7, momentum 0.5', outer_momentum=0.5),
+          fed('SGD lr 1.0, no momentum (FedAvg)', optimizer='fedavg')],
   }
   return {q: table[q] for q in questions}
 
@@ -199,6 +210,11 @@ def central_corpus(data: str) -> str:
   return (silo_corpora('domains1')['all'] if data == 'union' else data_lib.default_corpus_dir(data))
 
 
+def eval_corpora() -> dict:
+  """{eval set: corpus dir whose val split scores every model}."""
+  return {**{d: data_lib.default_corpus_dir(d) for d in DOMAINS}, 'union': central_corpus('union')}
+
+
 # -- training -----------------------------------------------------------------------------
 
 
@@ -220,6 +236,10 @@ def run_federated(config, run: Run, steps: int, adam_lr: float) -> dict:
   config.outer.optimizer = run.optimizer
   if run.optimizer == 'fedadam':
     config.outer.lr = adam_lr
+  if run.outer_lr is not None:
+    config.outer.lr = run.outer_lr
+  if run.outer_momentum is not None:
+    config.outer.momentum = run.outer_momentum
   with tempfile.TemporaryDirectory() as tmp:
     root = os.path.join(tmp, 'bucket')
     aggregator.init_run(_with(config, corpus=next(iter(corpora.values()))), root,
@@ -279,13 +299,12 @@ class Evaluator:
   """One Trainer that scores any params on fixed windows of every domain and the union."""
 
   def __init__(self, config, eval_batches: int):
-    config = _with(config, corpus=central_corpus('union'))
+    corpora = eval_corpora()
+    config = _with(config, corpus=corpora['union'])
     config.train.eval_batches = eval_batches
     self.trainer = trainer_lib.Trainer(config)
-    sha = self.trainer.tokenizer_sha256
-    self.vals = {d: data_lib.TokenDataset(data_lib.default_corpus_dir(d), 'val', sha)
-                 for d in DOMAINS}
-    self.vals['union'] = self.trainer.val_data
+    self.vals = {name: data_lib.TokenDataset(corpus, 'val', self.trainer.tokenizer_sha256)
+                 for name, corpus in corpora.items()}
     self.param_bytes = 4 * model_lib.param_count(self.trainer.model_config)
 
   def __call__(self, params) -> dict:
@@ -362,6 +381,7 @@ TITLES = {
     4: 'K sweep at fixed tokens per silo',
     5: 'IID against non-IID shards',
     6: 'Deltas dropped at random',
+    7: 'Outer learning rate and momentum (to choose the defaults)',
 }
 
 
@@ -446,10 +466,6 @@ def study(config, out_dir, seeds, questions, steps, base_h, h_values, k_values, 
                model=dict(config.model))
   path = os.path.join(out_dir, 'results.json')
   results = load_results(path, setup)
-  # Compiled programs repeat across runs: keep them on disk.
-  jax.config.update('jax_compilation_cache_dir',
-                    os.path.join(data_lib.default_cache_root(), 'jax-study'))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
 
   base = config.copy_and_resolve_references()
   base.data.update(seq_len=seq_len, global_batch=batch)
@@ -501,13 +517,17 @@ def _ints(name) -> list[int]:
   try:
     return [int(v) for v in FLAGS[name].value]
   except ValueError:
-    raise StudyError(f'--{name}={",".join(FLAGS[name].value)} must be integers. Fix: e.g. '
-                     f'--{name}={FLAGS[name].default_as_str.strip(chr(39))}') from None
+    raise StudyError(f'--{name}={",".join(FLAGS[name].value)} is not a list of integers. '
+                     f'Fix: give comma-separated integers, e.g. --{name}=1,2') from None
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
+  # Compiled programs repeat across runs: keep them on disk.
+  jax.config.update('jax_compilation_cache_dir',
+                    os.path.join(data_lib.default_cache_root(), 'jax-study'))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   try:
     cli.run_or_explain(
         study, FLAGS.config, FLAGS.out, _ints('seeds'), _ints('questions'), FLAGS.steps,

@@ -1,0 +1,134 @@
+"""bench/study.py: the plan shares runs, the summary is the seeds' mean and spread, and a
+real (tiny) study trains, writes its table and plots, and resumes without retraining."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fedpt import data as data_lib
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                'bench'))
+import study  # noqa: E402  pylint: disable=g-import-not-at-top
+
+PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+
+
+def test_plan_trains_each_distinct_run_once():
+  questions = study.plan(study.QUESTIONS, [0, 1], base_h=25, h_values=[10, 25, 50, 100, 200],
+                         k_values=[1, 2, 4, 8], drop_probability=0.5)
+  keys = {run.key for rows in questions.values() for _, seeded in rows for run in seeded}
+  # Per seed: 3 outer optimizers + DP + 4 alone, 4 more H, 4 more formats, K=1,2,8, IID, drop,
+  # 3 more outer settings.
+  assert len(keys) == 2 * 24
+  base = questions[1][0][1][0]
+  assert base.key == 'domains4/H25/diloco/none/s0'
+  for q, index in ((2, 1), (3, 0), (4, 2), (5, 0), (6, 0)):  # The same run in every question.
+    assert questions[q][index][1][0] == base, q
+  assert questions[3][4][1][1].key == 'domains4/H25/diloco/int4/ef/s1'
+  assert questions[6][1][1][0].key == 'domains4/H25/diloco/none/drop0.5/s0'
+  assert questions[1][3][1][0].key == 'central:union/s0'
+  assert questions[7][3][1][0].key == 'domains4/H25/diloco/none/momentum0.5/s0'
+  assert questions[7][1][1][0] == base and questions[7][4][1][0] == questions[1][1][1][0]
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(h_values=[30]), 'H=30 does not divide --steps=200'),
+    (dict(base_h=0), 'H=0'),
+    (dict(k_values=[3]), 'K=3 has no non-IID partition'),
+    (dict(questions=[8]), 'question 8 does not exist'),
+])
+def test_bad_study_flags_name_the_fix(kwargs, match):
+  args = dict(steps=200, base_h=25, h_values=[10], k_values=[4], questions=[1])
+  with pytest.raises(study.StudyError, match=match + '.*Fix'):
+    study.check_flags(**{**args, **kwargs})
+
+
+def test_partitions_are_balanced_and_independent_of_the_val_split():
+  docs = data_lib.stdlib_documents('text')
+  halves = [study._bucket_of(d, 2) for d in docs]  # pylint: disable=protected-access
+  assert 0.35 < np.mean(halves) < 0.65
+  val = [data_lib._split_hash(d) < 0.1 for d in docs]  # pylint: disable=protected-access
+  in_val = [h for h, v in zip(halves, val) if v]
+  assert len(in_val) >= 10 and 0 < sum(in_val) < len(in_val)  # Both halves keep val docs.
+
+
+def _record(loss, seconds=10.0, **extra):
+  return {'losses': {n: loss + i / 10 for i, n in enumerate(study.EVAL_SETS)}, 'rounds': 8,
+          'bytes_up': 8_000_000, 'bytes_down': 8_000_000, 'seconds': seconds, **extra}
+
+
+def test_summary_table_and_plots(tmp_path):
+  questions = study.plan([1, 4, 6], [0, 1], 25, [25], [1, 4], 0.5)
+  runs = {}
+  for rows in questions.values():
+    for _, seeded in rows:
+      for run in seeded:
+        runs[run.key] = _record(5.0 + 0.2 * run.seed, deltas_dropped=3, deltas_total=32)
+  runs['domains4/H25/fedavg/none/s1'] = {'diverged': 'final train loss nan', 'rounds': 0,
+                                         'bytes_up': None, 'bytes_down': None, 'seconds': 3.0}
+  del runs['domains1/H25/diloco/none/s1']  # Half done: one seed so far.
+  summary = study.summarise(questions, runs)
+  diloco = summary[1][0]
+  assert diloco['seeds'] == 2 and diloco['web'] == pytest.approx((5.1, 0.1))
+  assert diloco['domain mean'] == pytest.approx((5.25, 0.1))  # Mean of web..tools.
+  assert summary[1][1]['diverged'] == 1 and summary[1][1]['web'] == pytest.approx((5.0, 0.0))
+  assert summary[4][0]['seeds'] == 1
+  table = study.markdown(summary, {'steps': 200})
+  assert '| DiLoCo (Nesterov 0.7, 0.9) | 2 | 5.100 ± 0.100 | 5.200 ± 0.100 |' in table
+  assert 'FedAvg (outer SGD, lr 1) (1 diverged) | 2 |' in table
+  assert '50% of deltas dropped (6/64 lost)' in table
+  assert '| data-parallel, K x B batch | 2 |' in table and '| 8 | 8.0 | 8.0 | 10 |' in table
+  plots = study.plot(summary, str(tmp_path))
+  assert [os.path.basename(p) for p in plots] == ['q1.png', 'q4.png', 'q6.png']
+  for path in plots:
+    with open(path, 'rb') as f:
+      assert f.read(8) == PNG_MAGIC
+
+
+def test_results_from_other_settings_are_not_mixed(tmp_path):
+  path = str(tmp_path / 'results.json')
+  study.save_results(path, {'setup': {'steps': 200, 'batch': 8}, 'runs': {'a': 1}})
+  assert study.load_results(path, {'steps': 200, 'batch': 8})['runs'] == {'a': 1}
+  with pytest.raises(study.StudyError, match=r'other settings \(steps\).*same flags'):
+    study.load_results(path, {'steps': 100, 'batch': 8})
+
+
+def test_a_real_study_trains_writes_and_resumes(tiny_config, corpus_dir, tmp_path, monkeypatch):
+  """Question 6 end to end on the small corpus: two real federations, the drop recorded."""
+  monkeypatch.setattr(study, 'silo_corpora', lambda p: {f'{p}-{i}': corpus_dir for i in range(2)})
+  monkeypatch.setattr(study, 'eval_corpora', lambda: {n: corpus_dir for n in study.EVAL_SETS})
+  monkeypatch.setenv('FEDPT_CACHE', str(tmp_path / 'cache'))
+  out = str(tmp_path / 'out')
+  args = dict(seeds=[3], questions=[6], steps=4, base_h=2, h_values=[2], k_values=[4], batch=8,
+              seq_len=16, silo_lr=3e-3, central_lr=3e-3, adam_lr=0.1, drop_probability=0.5,
+              eval_batches=2)
+  summary = study.study(tiny_config, out, **args)
+  results = json.load(open(os.path.join(out, 'results.json')))
+  kept = results['runs']['domains4/H2/diloco/none/s3']
+  lossy = results['runs']['domains4/H2/diloco/none/drop0.5/s3']
+  assert kept['rounds'] == lossy['rounds'] == 2 and lossy['deltas_total'] == 4
+  assert kept['deltas_dropped'] == 0 and 0 <= lossy['deltas_dropped'] <= 4
+  assert kept['bytes_up'] == kept['bytes_down'] > 0  # An fp32 delta up, an fp32 model down.
+  for record in (kept, lossy):
+    assert all(np.isfinite(v) and 0 < v < 9 for v in record['losses'].values())
+  if 0 < lossy['deltas_dropped']:  # A lost delta changes the model.
+    assert lossy['losses']['union'] != kept['losses']['union']
+  assert summary[6][0]['union'] == (kept['losses']['union'], 0.0)
+  with open(os.path.join(out, 'study.md')) as f:
+    assert f'({lossy["deltas_dropped"]}/4 lost)' in f.read()
+  assert os.path.exists(os.path.join(out, 'q6.png'))
+
+  monkeypatch.setattr(study, 'run_federated', lambda *a: pytest.fail('retrained a done run'))
+  again = study.study(tiny_config, out, **args)
+  assert again[6][0]['union'] == summary[6][0]['union']
+
+
+def test_study_cli_explains_bad_flags(repo_root):
+  proc = subprocess.run([sys.executable, 'bench/study.py', '--h_values=30', '--out=/nonexistent'],
+                        cwd=repo_root, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2
+  assert 'H=30 does not divide --steps=200' in proc.stderr and 'Traceback' not in proc.stderr
