@@ -141,7 +141,11 @@ def plan(questions, seeds, base_h, h_values, k_values, drop_probability) -> dict
           fed('Nesterov lr 0.7, momentum 0.9 (DiLoCo)'),
           fed('Nesterov lr 1.0, momentum 0.9', outer_lr=1.0),
           fed('Nesterov lr 0.7, momentum 0.5', outer_momentum=0.5),
-          fed('SGD lr 1.0, no momentum (FedAvg)', optimizer='fedavg')],
+          fed('SGD lr 1.0, no momentum (FedAvg)', optimizer='fedavg'),
+          fed('DiLoCo, H=10 (20 rounds)', inner_steps=10),
+          fed('FedAvg, H=10 (20 rounds)', inner_steps=10, optimizer='fedavg'),
+          fed('DiLoCo, H=5 (40 rounds)', inner_steps=5),
+          fed('FedAvg, H=5 (40 rounds)', inner_steps=5, optimizer='fedavg')],
   }
   return {q: table[q] for q in questions}
 
@@ -387,7 +391,7 @@ TITLES = {
     4: 'K sweep at fixed tokens per silo',
     5: 'IID against non-IID shards',
     6: 'Deltas dropped at random',
-    7: 'Outer learning rate and momentum (to choose the defaults)',
+    7: 'Outer lr, momentum and number of rounds (for the defaults)',
 }
 
 
@@ -436,6 +440,14 @@ def plot(summary: dict, out_dir: str) -> list[str]:
       ax.set_xscale('log', base=2)
       ax.set_xticks(ks, [str(k) for k in ks])
       ax.set_xlabel('silos K (each S steps at batch B)')
+    elif q == 7:  # One bar per setting: too many rows to group by eval set.
+      y = np.arange(len(rows))
+      ax.barh(y, [r[METRIC][0] for r in rows], xerr=[r[METRIC][1] for r in rows], capsize=3)
+      ax.set_yticks(y, [r['label'] for r in rows], fontsize=8)
+      ax.invert_yaxis()
+      ax.set_xlim(min(r[METRIC][0] - r[METRIC][1] for r in rows) - 0.1,
+                  max(r[METRIC][0] + r[METRIC][1] for r in rows) + 0.05)
+      ax.set_xlabel(f'held-out loss ({METRIC})')
     else:  # Grouped bars: every eval set per run.
       width = 0.8 / len(rows)
       x = np.arange(len(COLUMNS))
@@ -447,7 +459,8 @@ def plot(summary: dict, out_dir: str) -> list[str]:
       lows = [r[n][0] for r in rows for n in COLUMNS]
       ax.set_ylim(min(lows) - 0.3, max(lows) + 0.3)
       ax.legend(fontsize=7)
-    ax.set_ylabel('held-out loss' + (f' ({METRIC})' if q in (2, 3, 4) else ''))
+    if q != 7:
+      ax.set_ylabel('held-out loss' + (f' ({METRIC})' if q in (2, 3, 4) else ''))
     ax.set_title(f'Q{q}: {TITLES[q]}', fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -481,6 +494,9 @@ def study(config, out_dir, seeds, questions, steps, base_h, h_values, k_values, 
   base.train.async_checkpoints = False  # Threads: a save must finish before the next round.
   base.federation.update(poll_s=0.02, wait_timeout_s=1800.0, round_deadline_s=1800.0)
   questions_plan = plan(questions, seeds, base_h, h_values, k_values, drop_probability)
+  check_flags(steps, base_h, sorted({run.inner_steps for rows in questions_plan.values()
+                                     for _, seeded in rows for run in seeded} - {0}),
+              k_values, questions)
   evaluator = Evaluator(base, eval_batches)
   todo = {}
   for seed in seeds:  # Seed-major: a stopped study still has whole questions for seed 0.

@@ -22,8 +22,8 @@ def test_plan_trains_each_distinct_run_once():
                          k_values=[1, 2, 4, 8], drop_probability=0.5)
   keys = {run.key for rows in questions.values() for _, seeded in rows for run in seeded}
   # Per seed: 3 outer optimizers + DP + 4 alone, 4 more H, 4 more formats, K=1,2,8, IID, drop,
-  # 3 more outer settings.
-  assert len(keys) == 2 * 24
+  # 3 more outer settings, FedAvg at H=10 and both at H=5.
+  assert len(keys) == 2 * 27
   base = questions[1][0][1][0]
   assert base.key == 'domains4/H25/diloco/none/s0'
   for q, index in ((2, 1), (3, 0), (4, 2), (5, 0), (6, 0)):  # The same run in every question.
@@ -62,7 +62,7 @@ def _record(loss, seconds=10.0, **extra):
 
 
 def test_summary_table_and_plots(tmp_path):
-  questions = study.plan([1, 4, 6], [0, 1], 25, [25], [1, 4], 0.5)
+  questions = study.plan([1, 4, 6, 7], [0, 1], 25, [25], [1, 4], 0.5)
   runs = {}
   for rows in questions.values():
     for _, seeded in rows:
@@ -83,7 +83,7 @@ def test_summary_table_and_plots(tmp_path):
   assert '50% of deltas dropped (6/64 lost)' in table
   assert '| data-parallel, K x B batch | 2 |' in table and '| 8 | 8.0 | 8.0 | 10 |' in table
   plots = study.plot(summary, str(tmp_path))
-  assert [os.path.basename(p) for p in plots] == ['q1.png', 'q4.png', 'q6.png']
+  assert [os.path.basename(p) for p in plots] == ['q1.png', 'q4.png', 'q6.png', 'q7.png']
   for path in plots:
     with open(path, 'rb') as f:
       assert f.read(8) == PNG_MAGIC
