@@ -90,6 +90,7 @@ class Run:
   drop_probability: float = 0.0
   outer_lr: float | None = None  # None: the config's (or --adam_lr for outer Adam).
   outer_momentum: float | None = None
+  central_batch: int = 4  # Central runs: batch in units of B (4 = the K silos' tokens per step).
 
   @property
   def central(self) -> bool:
@@ -98,7 +99,8 @@ class Run:
   @property
   def key(self) -> str:
     if self.central:
-      return f'{self.partition}/s{self.seed}'
+      batch = '' if self.central_batch == 4 else f'/x{self.central_batch}'
+      return f'{self.partition}{batch}/s{self.seed}'
     parts = [self.partition, f'H{self.inner_steps}', self.optimizer, self.compression]
     if self.error_feedback:
       parts.append('ef')
@@ -120,8 +122,8 @@ def plan(questions, seeds, base_h, h_values, k_values, drop_probability) -> dict
     kw.setdefault('inner_steps', base_h)
     return label, [Run(partition, s, **kw) for s in seeds]
 
-  def central(label, data):
-    return label, [Run(f'central:{data}', s) for s in seeds]
+  def central(label, data, **kw):
+    return label, [Run(f'central:{data}', s, **kw) for s in seeds]
 
   table = {
       1: [fed('DiLoCo (Nesterov 0.7, 0.9)'), fed('FedAvg (outer SGD, lr 1)', optimizer='fedavg'),
@@ -132,7 +134,9 @@ def plan(questions, seeds, base_h, h_values, k_values, drop_probability) -> dict
       3: [fed('none (fp32)'), fed('bf16', compression='bf16'), fed('int8', compression='int8'),
           fed('int4', compression='int4'),
           fed('int4 + error feedback', compression='int4', error_feedback=True)],
-      4: [fed(f'K={k}', partition=f'domains{k}') for k in k_values],
+      4: [fed(f'K={k}', partition=f'domains{k}') for k in k_values] +
+         [central('plain training on the union, batch B (K=1, no outer step)', 'union',
+                  central_batch=1)],
       5: [fed('non-IID (one domain per silo)'), fed('IID (union dealt into 4)', partition='iid4'),
           central('data-parallel, K x B batch', 'union')],
       6: [fed('every delta arrives'),
@@ -288,12 +292,13 @@ def run_federated(config, run: Run, steps: int, adam_lr: float) -> dict:
   }
 
 
-def run_central(config, run: Run, steps: int, k: int, batch: int, central_lr: float) -> dict:
-  """Plain training on K x B batches for S steps: the same tokens as K silos."""
+def run_central(config, run: Run, steps: int, batch: int, central_lr: float) -> dict:
+  """Plain training for S steps; at K x B batches it spends the same tokens as K silos."""
   config = _with(config, corpus=central_corpus(run.partition.split(':', 1)[1]),
-                 global_batch=k * batch)
+                 global_batch=run.central_batch * batch)
   config.seed = run.seed
-  config.inner.lr = central_lr
+  if run.central_batch > 1:  # Batch B keeps the silos' lr, tuned at B.
+    config.inner.lr = central_lr
   config.train.steps = steps
   trainer = trainer_lib.Trainer(config)
   state = trainer.init_state()
@@ -434,9 +439,14 @@ def plot(summary: dict, out_dir: str) -> list[str]:
       ax.set_xscale('log')
       ax.set_xlabel('bytes uploaded per silo')
     elif q == 4:
-      ks = [int(r['label'].split('=')[1]) for r in rows]
-      ax.errorbar(ks, [r[METRIC][0] for r in rows], yerr=[r[METRIC][1] for r in rows],
-                  marker='o', capsize=3)
+      sweep = [r for r in rows if not r['run'].central]
+      ks = [int(r['run'].partition[len('domains'):]) for r in sweep]
+      ax.errorbar(ks, [r[METRIC][0] for r in sweep], yerr=[r[METRIC][1] for r in sweep],
+                  marker='o', capsize=3, label='DiLoCo, S steps per silo')
+      for r in rows:
+        if r['run'].central:
+          ax.axhline(r[METRIC][0], color='gray', linestyle='--', label=r['label'])
+      ax.legend(fontsize=7)
       ax.set_xscale('log', base=2)
       ax.set_xticks(ks, [str(k) for k in ks])
       ax.set_xlabel('silos K (each S steps at batch B)')
@@ -511,7 +521,7 @@ def study(config, out_dir, seeds, questions, steps, base_h, h_values, k_values, 
     record = {}
     try:
       if run.central:
-        trained = run_central(base, run, steps, 4, batch, central_lr)
+        trained = run_central(base, run, steps, batch, central_lr)
       else:
         trained = run_federated(base, run, steps, adam_lr)
       record['losses'] = evaluator(trained.pop('params'))
@@ -520,7 +530,7 @@ def study(config, out_dir, seeds, questions, steps, base_h, h_values, k_values, 
     rounds = trained['rounds']
     record.update(trained, seconds=time.monotonic() - start,
                   bytes_down=(rounds * evaluator.param_bytes if rounds else None))
-    if run.central:
+    if run.central and run.central_batch > 1:  # One worker of K all-reduces every step.
       record['bytes_up'] = record['bytes_down'] = steps * evaluator.param_bytes
     results['runs'][run.key] = record
     save_results(path, results)

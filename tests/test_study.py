@@ -22,8 +22,8 @@ def test_plan_trains_each_distinct_run_once():
                          k_values=[1, 2, 4, 8], drop_probability=0.5)
   keys = {run.key for rows in questions.values() for _, seeded in rows for run in seeded}
   # Per seed: 3 outer optimizers + DP + 4 alone, 4 more H, 4 more formats, K=1,2,8, IID, drop,
-  # 3 more outer settings, FedAvg at H=10 and both at H=5.
-  assert len(keys) == 2 * 27
+  # 3 more outer settings, FedAvg at H=10 and both at H=5, plain training at batch B.
+  assert len(keys) == 2 * 28
   base = questions[1][0][1][0]
   assert base.key == 'domains4/H25/diloco/none/s0'
   for q, index in ((2, 1), (3, 0), (4, 2), (5, 0), (6, 0)):  # The same run in every question.
@@ -31,6 +31,7 @@ def test_plan_trains_each_distinct_run_once():
   assert questions[3][4][1][1].key == 'domains4/H25/diloco/int4/ef/s1'
   assert questions[6][1][1][0].key == 'domains4/H25/diloco/none/drop0.5/s0'
   assert questions[1][3][1][0].key == 'central:union/s0'
+  assert questions[4][4][1][1].key == 'central:union/x1/s1'
   assert questions[7][3][1][0].key == 'domains4/H25/diloco/none/momentum0.5/s0'
   assert questions[7][1][1][0] == base and questions[7][4][1][0] == questions[1][1][1][0]
 
