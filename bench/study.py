@@ -487,25 +487,32 @@ def plot(summary: dict, out_dir: str) -> list[str]:
 # -- the study ----------------------------------------------------------------------------
 
 
+def base_config(config, steps, batch, seq_len, silo_lr, central_lr, adam_lr, eval_batches):
+  """The config every run starts from, and the settings results.json is tied to."""
+  base = config.copy_and_resolve_references()
+  base.data.update(seq_len=seq_len, global_batch=batch)
+  base.inner.lr = silo_lr
+  # The paper's outer settings, whatever fedpt's defaults are.
+  base.outer.update(optimizer='diloco', lr=0.7, momentum=0.9, b1=0.9, b2=0.99, eps=0.1)
+  setup = dict(config=config.name, steps=steps, batch=batch, seq_len=seq_len, silo_lr=silo_lr,
+               val_fraction=VAL_FRACTION, central_lr=central_lr, adam_lr=adam_lr,
+               eval_batches=eval_batches, model=dict(base.model), inner=dict(base.inner),
+               outer=dict(base.outer))
+  base.train.update(eval_batches=1)  # Silos' per-round eval; the tables use the Evaluator.
+  base.train.async_checkpoints = False  # Threads: a save must finish before the next round.
+  base.federation.update(poll_s=0.02, wait_timeout_s=1800.0, round_deadline_s=1800.0)
+  return base, setup
+
+
 def study(config, out_dir, seeds, questions, steps, base_h, h_values, k_values, batch, seq_len,
           silo_lr, central_lr, adam_lr, drop_probability, eval_batches) -> dict:
   """Trains every planned run not yet in results.json, then writes study.md and the plots."""
   check_flags(steps, base_h, h_values, k_values, questions)
   os.makedirs(out_dir, exist_ok=True)
-  setup = dict(config=config.name, steps=steps, batch=batch, seq_len=seq_len, silo_lr=silo_lr,
-               val_fraction=VAL_FRACTION,
-               central_lr=central_lr, adam_lr=adam_lr, eval_batches=eval_batches,
-               warmup=config.inner.warmup_steps, schedule=config.inner.schedule,
-               model=dict(config.model))
+  base, setup = base_config(config, steps, batch, seq_len, silo_lr, central_lr, adam_lr,
+                            eval_batches)
   path = os.path.join(out_dir, 'results.json')
   results = load_results(path, setup)
-
-  base = config.copy_and_resolve_references()
-  base.data.update(seq_len=seq_len, global_batch=batch)
-  base.inner.lr = silo_lr
-  base.train.update(eval_batches=1)  # Silos' per-round eval; the tables use the Evaluator.
-  base.train.async_checkpoints = False  # Threads: a save must finish before the next round.
-  base.federation.update(poll_s=0.02, wait_timeout_s=1800.0, round_deadline_s=1800.0)
   questions_plan = plan(questions, seeds, base_h, h_values, k_values, drop_probability)
   check_flags(steps, base_h, sorted({run.inner_steps for rows in questions_plan.values()
                                      for _, seeded in rows for run in seeded} - {0}),

@@ -44,7 +44,7 @@ def _publish_fake_delta(store, run, round_index, silo, fed, scale, tokens=1000, 
 
 
 def test_plain_training_is_the_k1_h1_fedavg_special_case(fed_config, tmp_path):
-  fed_config.federation.update(rounds=5, inner_steps=1, silos=('solo',))
+  fed_config.federation.update(rounds=5, inner_steps=1, silos=('solo',), compression='none')
   fed_config.outer.optimizer = 'fedavg'
   root = str(tmp_path / 'bucket')
   aggregator_lib.init_run(fed_config, root)
@@ -93,7 +93,8 @@ def test_quorum_deadline_late_and_rejected_deltas(fed_config, tmp_path):
     return dict(local_flat, **{'final_norm/scale': local_flat['final_norm/scale'] * np.nan})
 
   def flipped_value(payload, meta):  # Tampered after signing its hashes.
-    payload['embed_vd']['values'] = -payload['embed_vd']['values']
+    first = next(iter(payload['embed_vd']))  # 'values' (fp32, bf16) or 'q' (int8, int4).
+    payload['embed_vd'][first] = -payload['embed_vd'][first]
     return payload, meta
 
   def wrong_base(payload, meta):
