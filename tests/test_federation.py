@@ -29,6 +29,7 @@ def fed_config(tiny_config):
   tiny_config.train.async_checkpoints = False
   tiny_config.federation.update(rounds=3, inner_steps=4, silos=('a', 'b', 'c'), poll_s=0.05,
                                 wait_timeout_s=120.0)
+  tiny_config.outer.optimizer = 'diloco'  # The expected outer steps below are Nesterov's.
   return tiny_config
 
 
