@@ -540,7 +540,7 @@ def study(config, out_dir, seeds, questions, steps, base_h, h_values, k_values, 
     rounds = trained['rounds']
     record.update(trained, seconds=time.monotonic() - start,
                   bytes_down=(rounds * evaluator.param_bytes if rounds else None))
-    if run.central and run.central_batch > 1:  # One worker of K all-reduces every step.
+    if run.partition == 'central:union' and run.central_batch > 1:  # Data-parallel over K.
       record['bytes_up'] = record['bytes_down'] = steps * evaluator.param_bytes
     results['runs'][run.key] = record
     save_results(path, results)
