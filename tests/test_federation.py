@@ -210,7 +210,8 @@ def _cli_overrides(config):
           f'--config.federation.inner_steps={fed.inner_steps}',
           f'--config.federation.silos=({silos},)',
           f'--config.federation.poll_s={fed.poll_s}',
-          f'--config.federation.wait_timeout_s={fed.wait_timeout_s}']
+          f'--config.federation.wait_timeout_s={fed.wait_timeout_s}',
+          f'--config.outer.optimizer={config.outer.optimizer}']
 
 
 def _run_federation(repo_root, config, root, workdir, crashes=None):
