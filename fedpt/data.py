@@ -614,16 +614,29 @@ def default_corpus_dir(group: str = _ALL_GROUP, cache_root: str | None = None,
   """
   if group != _ALL_GROUP and group not in STDLIB_GROUPS:
     stdlib_documents(group)  # Raises the DataError listing valid groups.
+  return cached_stdlib_corpus(group, lambda: stdlib_documents(group), f'stdlib group {group!r}',
+                              cache_root=cache_root, tokenizer_path=tokenizer_path)
+
+
+def cached_stdlib_corpus(name: str, documents, source: str, *, val_fraction: float = 0.02,
+                         cache_root: str | None = None,
+                         tokenizer_path: str | None = None) -> str:
+  """`documents()` (text drawn from this Python's stdlib) prepared once, then cached.
+
+  The cache key holds the Python version (its stdlib is the text), `name` and the
+  tokenizer's sha256, so a stale entry is never reused; `name` must also tell apart
+  different `documents` or `val_fraction`.
+  """
   tokenizer_path = tokenizer_path or default_tokenizer_path()
   load_tokenizer(tokenizer_path)  # Fails early on a missing/bad tokenizer.
   tokenizer_sha256 = file_sha256(tokenizer_path)
   python_version = '.'.join(map(str, sys.version_info[:3]))
   data_dir = os.path.join(
       cache_root or default_cache_root(),
-      f'stdlib-py{python_version}-{group}-{tokenizer_sha256[:12]}')
+      f'stdlib-py{python_version}-{name}-{tokenizer_sha256[:12]}')
   if not _is_prepared(data_dir, tokenizer_sha256):
-    prepare_data(stdlib_documents(group), tokenizer_path, data_dir,
-                 sources=[f'python{python_version} stdlib group {group!r}'])
+    prepare_data(documents(), tokenizer_path, data_dir, val_fraction=val_fraction,
+                 sources=[f'python{python_version} {source}'])
   return data_dir
 
 
