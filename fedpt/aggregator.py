@@ -14,13 +14,16 @@ import ml_collections
 import numpy as np
 
 from fedpt import compression
+from fedpt import errors
 from fedpt import metrics as metrics_lib
 from fedpt import outer
+from fedpt import protocol
 from fedpt import signing
 from fedpt import storage as storage_lib
+from fedpt import trees
 
 
-class ShardSpecError(ValueError):
+class ShardSpecError(errors.UserError, ValueError):
   """A malformed --shard, or one that does not match the run's num_shards."""
 
 
@@ -53,17 +56,14 @@ class Aggregator:
           f'{self.num_shards}. Fix: pass --shard=i/{fed["num_shards"]}.')
     self.shard = shard
     self.optimizer = outer.make_outer_optimizer(ml_collections.ConfigDict(self.run['outer']))
-    self.silo_weight = {s['id']: s['weight'] for s in self.run['silos']}
     metas = self.store.global_shard_metas(0)
     if metas is None:
       raise storage_lib.StorageError(
           f'global round 0 is missing under {self.store.root}. Fix: run scripts/init_run.py.')
     for meta in metas:
       self.check_own(meta, f'global round 0 shard {meta.get("shard")}')
-    self.leaf_shapes = {k: tuple(v) for m in metas for k, v in m['leaf_shapes'].items()}
-    self.leaf_dtypes = {k: v for m in metas for k, v in m['leaf_dtypes'].items()}
+    self.leaf_shapes, self.leaf_dtypes, _ = protocol.global_leaves(metas)
     self.my_leaves = sorted(k for m in metas if m['shard'] == shard for k in m['leaf_hashes'])
-    self.measured_norms: dict[tuple[int, str], float] = {}
     self._collected: set[int] = set()  # Rounds already garbage-collected by this process.
     self.lease: storage_lib.Lease | None = None
 
@@ -103,63 +103,38 @@ class Aggregator:
 
   # -- the decision (shard 0) ----------------------------------------------------
 
-  def _validate(self, round_index: int, silo: str, meta: dict, base_hash: str) -> str | None:
-    """The reason to reject a committed delta, or None; measures its norm on the way."""
-    if silo not in self.silo_weight:
-      return 'unknown silo (not in run.json)'
-    if self.identity:
-      reason = self.identity.check_silo(meta, silo)
-      if reason:
-        return reason
-    if meta.get('run_id') != self.run['run_id']:
-      return f'belongs to run {meta.get("run_id")!r}, not {self.run["run_id"]!r}'
-    if meta.get('round') != round_index or meta.get('silo') != silo:
-      return (f'metadata says round {meta.get("round")} silo {meta.get("silo")!r} (a replayed '
-              'or moved delta)')
-    if meta.get('base_global_hash') != base_hash:
-      return 'based on a different global model than this round\'s'
-    if meta.get('compression') not in compression.FORMATS:
-      return f'unknown compression {meta.get("compression")!r}'
-    if not isinstance(meta.get('tokens'), int) or meta['tokens'] <= 0:
-      return f'bad token count {meta.get("tokens")!r}'
-    tree = meta.get('tree') or {}
-    if sorted(tree) != sorted(self.leaf_shapes):
-      return 'parameter tree differs from the run\'s model'
-    for name, shape in self.leaf_shapes.items():
-      if tuple(tree[name]['shape']) != shape:
-        return f'parameter {name} has shape {tree[name]["shape"]}, expected {list(shape)}'
-      expected = compression.payload_spec(shape, meta['compression'], meta['block_size'])
-      declared = {k: (tuple(s), d) for k, (s, d) in tree[name]['payload'].items()}
-      if declared != expected:
-        return (f'parameter {name} payload layout {declared} is not the {meta["compression"]} '
-                f'layout {expected} (wrong shape or dtype)')
-    hashes = meta.get('payload_hashes') or {}
-    if storage_lib.tree_hash(hashes) != meta.get('content_hash'):
-      return 'payload hashes do not match the content hash'
+  def measure(self, round_index: int, silo: str, base_hash: str | None) -> protocol.Measured:
+    """Reads one committed delta whole, checking it against its meta.json; takes its norm.
+
+    Every leaf is read and decompressed (one at a time), so a torn, tampered or
+    non-finite delta is found before the manifest can include it.
+    """
+    meta = self.store.delta_meta(round_index, silo)
+    reason = protocol.check_delta_meta(
+        self.run, round_index, silo, meta, base_hash, self.leaf_shapes,
+        self.identity.check_silo if self.identity else None)
+    if reason:
+      return protocol.Measured(meta, reason)
     try:
       stored = self.store.delta_tree_metadata(round_index, silo)
     except storage_lib.StorageError as e:
-      return f'payload unreadable (missing or torn objects): {e}'
-    for name, leaf in tree.items():
-      for key, (shape, dtype) in leaf['payload'].items():
-        if stored.get(f'{name}/{key}') != (tuple(shape), dtype):
-          return f'stored payload {name}/{key} does not match its metadata'
+      return protocol.Measured(meta, f'payload unreadable (missing or torn objects): {e}')
+    reason = protocol.check_stored_layout(meta, stored)
+    if reason:
+      return protocol.Measured(meta, reason)
     norm_sq = 0.0
-    for name in sorted(tree):
+    for name in sorted(meta['tree']):
       try:
-        payload = self.read_verified_leaf(round_index, silo, name, meta)
+        values = self.read_leaf(round_index, silo, name, meta)
       except storage_lib.StorageError as e:
-        return str(e)
-      values = compression.decompress(payload, meta['compression'], self.leaf_shapes[name],
-                                      meta['block_size'])
+        return protocol.Measured(meta, str(e))
       if not bool(jnp.all(jnp.isfinite(values))):
-        return f'parameter {name} has NaN or Inf values'
+        return protocol.Measured(meta, f'parameter {name} has NaN or Inf values')
       norm_sq += float(jnp.sum(jnp.square(values)))
-    self.measured_norms[(round_index, silo)] = norm_sq ** 0.5  # Ours, not the silo's claim.
-    return None
+    return protocol.Measured(meta, norm=norm_sq ** 0.5)
 
-  def read_verified_leaf(self, round_index: int, silo: str, name: str, meta: dict) -> dict:
-    """One parameter's payload of a delta, checked against the hashes the silo signed."""
+  def read_leaf(self, round_index: int, silo: str, name: str, meta: dict) -> jax.Array:
+    """One parameter of a delta, checked against the hashes the silo signed, decompressed."""
     try:
       payload = self.store.read_delta_leaf(round_index, silo, name, meta['tree'][name]['payload'])
     except Exception as e:  # pylint: disable=broad-except  # Corrupt chunks fail in many ways.
@@ -167,10 +142,11 @@ class Aggregator:
           f'payload {name} unreadable (missing or corrupt objects): {storage_lib.short(e)}'
       ) from None
     for key, value in payload.items():
-      if storage_lib.array_hash(value) != meta['payload_hashes'].get(f'{name}/{key}'):
-        raise storage_lib.StorageError(
-            f'payload {name}/{key} does not match its content hash (torn or modified)')
-    return payload
+      reason = protocol.check_payload_hash(name, key, meta, storage_lib.array_hash(value))
+      if reason:
+        raise storage_lib.StorageError(reason)
+    return compression.decompress(payload, meta['compression'], self.leaf_shapes[name],
+                                  meta['block_size'])
 
   def decide(self, round_index: int) -> dict:
     """Waits for every silo, or for a quorum after the deadline; writes the manifest."""
@@ -178,85 +154,37 @@ class Aggregator:
     if existing is not None:
       self.check_own(existing, f'the manifest of round {round_index}')
       return existing
-    expected = sorted(self.silo_weight)
-    quorum = self.fed['min_silos'] or len(expected)
+    fed = self.run['federation']
+    expected = protocol.silo_ids(self.run)
     started = time.monotonic()
-    deadline = started + self.fed['round_deadline_s']
 
     def ready():
       have = self.store.committed_silos(round_index)
-      if set(expected) <= set(have):
-        return have
-      if time.monotonic() >= deadline and len(set(have) & set(expected)) >= quorum:
-        return have
-      return None
+      past_deadline = time.monotonic() >= started + fed['round_deadline_s']
+      return have if protocol.round_ready(self.run, have, past_deadline) else None
 
     try:
       committed = storage_lib.wait_for(
-          ready, f'round {round_index} deltas: need all of {expected}, or {quorum} after the '
-          f'{self.fed["round_deadline_s"]:.0f}s deadline',
-          timeout_s=self.fed['wait_timeout_s'], poll_s=self.fed['poll_s'])
+          ready, f'round {round_index} deltas: need all of {sorted(expected)}, or '
+          f'{fed["min_silos"] or len(expected)} after the {fed["round_deadline_s"]:.0f}s deadline',
+          timeout_s=fed['wait_timeout_s'], poll_s=fed['poll_s'])
     except storage_lib.WaitTimeout as e:
       have = self.store.committed_silos(round_index)
       raise storage_lib.WaitTimeout(
           f'{e}; have {have}, missing {sorted(set(expected) - set(have))}') from None
     base_hash = self.store.global_hash(round_index)
-    included, rejected = [], []
-    drop_probability = self.fed.get('drop_probability', 0.0)
+    measured = {}
     for silo in committed:
-      if outer.randomly_dropped(self.run['run_id'], round_index, silo, drop_probability):
-        rejected.append({'silo': silo, 'reason': (
-            f'dropped at random (federation.drop_probability={drop_probability:g})')})
-        continue
-      meta = self.store.delta_meta(round_index, silo)
-      if not isinstance(meta, dict):
-        reason = 'metadata unreadable'
-      else:
+      if not protocol.dropped(self.run, round_index, silo):
         try:
-          reason = self._validate(round_index, silo, meta, base_hash)
-        except (TypeError, KeyError, ValueError, AttributeError, IndexError) as e:
-          reason = f'malformed metadata ({type(e).__name__}: {storage_lib.short(e)})'
-      if reason:
-        rejected.append({'silo': silo, 'reason': reason})
-      else:
-        included.append({k: meta.get(k) for k in ('silo', 'tokens', 'steps', 'train_loss',
-                                                  'bytes', 'compression', 'block_size',
-                                                  'delta_norm', 'content_hash',
-                                                  'global_eval_loss')})
-    late = []
-    if round_index > 0:
-      previous = self.store.read_manifest(round_index - 1) or {}
-      decided = {e['silo'] for e in previous.get('included', []) + previous.get('rejected', [])}
-      late = sorted(set(self.store.committed_silos(round_index - 1)) - decided)
-    for entry in included:
-      entry['measured_norm'] = self.measured_norms[(round_index, entry['silo'])]
-    multiple = self.fed.get('reject_norm_multiple', 0.0)
-    if multiple and len(included) > 1:
-      outliers = outer.norm_outliers([e['measured_norm'] for e in included], multiple)
-      for entry, outlier in zip(list(included), outliers):
-        if outlier:
-          included.remove(entry)
-          rejected.append({'silo': entry['silo'], 'reason': (
-              f'delta norm {entry["measured_norm"]:.4g} is more than {multiple:g}x the median '
-              'of the other silos\' norms')})
-    weights = (outer.aggregation_weights([e['tokens'] for e in included],
-                                         [self.silo_weight[e['silo']] for e in included])
-               if included else [])
-    for entry, w in zip(included, weights):
-      entry['weight'] = float(w)
-    if included and self.fed.get('clip_multiple'):
-      factors = outer.clip_factors([e['measured_norm'] for e in included], weights,
-                                   self.fed['clip_multiple'])
-      for entry, factor in zip(included, factors):
-        entry['clip_factor'] = float(factor)
-    manifest = {
-        'round': round_index, 'run_id': self.run['run_id'], 'base_global_hash': base_hash,
-        'included': included, 'rejected': rejected, 'missing': sorted(set(expected) -
-                                                                       set(committed)),
-        'late_from_previous_round': late, 'decided_after_s': time.monotonic() - started,
-        'robust': {'method': self.fed.get('robust', 'mean'), 'trim': self.fed.get('trim', 1),
-                   'clip_multiple': self.fed.get('clip_multiple', 0.0)},
-    }
+          measured[silo] = self.measure(round_index, silo, base_hash)
+        except protocol.MALFORMED as e:
+          measured[silo] = protocol.Measured(None, protocol.malformed(e))
+    manifest = protocol.decide_round(
+        self.run, round_index, base_hash, committed, measured,
+        previous_manifest=self.store.read_manifest(round_index - 1) if round_index else None,
+        previous_committed=self.store.committed_silos(round_index - 1) if round_index else [],
+        decided_after_s=time.monotonic() - started)
     manifest = self.sign(manifest)
     self.lease_check()
     self.store.write_manifest(round_index, manifest)
@@ -274,11 +202,9 @@ class Aggregator:
     # Loop invariants: each silo's payload layout (its meta.json, read once) and the method.
     metas = {e['silo']: self.store.delta_meta(round_index, e['silo']) for e in included}
     for e in included:  # The delta read now must be the one validated when deciding.
-      if metas[e['silo']] is None or metas[e['silo']].get('content_hash') != e['content_hash']:
-        raise storage_lib.StorageError(
-            f'silo {e["silo"]}\'s delta of round {round_index} changed after the manifest '
-            'included it: the bucket was modified mid-round. Fix: restore the delta, or rerun '
-            'this round from a copy of the bucket; nothing was written.')
+      reason = protocol.check_still_included(round_index, e, metas[e['silo']])
+      if reason:
+        raise storage_lib.StorageError(reason)
     robust = manifest.get('robust', {'method': 'mean', 'trim': 1})
     factors = ([e['clip_factor'] for e in included]
                if included and 'clip_factor' in included[0] else None)
@@ -287,9 +213,7 @@ class Aggregator:
       if not included:  # Nothing valid arrived: carry the model and the momentum over.
         new_params[name], new_state[name] = params[name], outer_state[name]
         continue
-      leaves = (compression.decompress(
-          self.read_verified_leaf(round_index, e['silo'], name, metas[e['silo']]),
-          e['compression'], self.leaf_shapes[name], e['block_size']) for e in included)
+      leaves = (self.read_leaf(round_index, e['silo'], name, metas[e['silo']]) for e in included)
       mean_delta = outer.robust_mean(leaves, [e['weight'] for e in included], robust['method'],
                                      trim=robust['trim'], factors=factors)
       step_params, step_state = outer.outer_step(
@@ -297,9 +221,8 @@ class Aggregator:
       new_params[name] = np.asarray(step_params[name])
       new_state[name] = jax.tree.map(np.asarray, step_state[name])
     meta = self.sign(global_shard_meta(
-        round_index + 1, self.shard, self.num_shards, new_params,
-        contributors=[e['silo'] for e in included], tokens=sum(e['tokens'] for e in included),
-        run_id=self.run['run_id']))
+        self.run['run_id'], round_index + 1, self.shard, self.num_shards, new_params,
+        contributors=[e['silo'] for e in included], tokens=sum(e['tokens'] for e in included)))
     self.lease_check()
     self.store.publish_global_shard(round_index + 1, self.shard, self.num_shards, new_params,
                                     state_to_arrays(new_state), meta)
@@ -330,15 +253,15 @@ def arrays_to_state(arrays: dict, abstract_state_by_leaf: dict) -> dict:
   return out
 
 
-def global_shard_meta(round_index, shard, num_shards, params_flat, contributors, tokens,
-                      run_id) -> dict:
-  return {
-      'round': round_index, 'shard': shard, 'num_shards': num_shards, 'run_id': run_id,
-      'leaf_hashes': {n: storage_lib.array_hash(v) for n, v in params_flat.items()},
-      'leaf_shapes': {n: list(np.shape(v)) for n, v in params_flat.items()},
-      'leaf_dtypes': {n: str(np.asarray(v).dtype) for n, v in params_flat.items()},
-      'contributors': contributors, 'tokens': tokens,
-  }
+def global_shard_meta(run_id, round_index, shard, num_shards, params_flat, contributors,
+                      tokens) -> dict:
+  """`protocol.global_shard_meta` of host arrays: their hashes, shapes and dtypes."""
+  return protocol.global_shard_meta(
+      run_id, round_index, shard, num_shards,
+      leaf_hashes={n: storage_lib.array_hash(v) for n, v in params_flat.items()},
+      leaf_shapes={n: list(np.shape(v)) for n, v in params_flat.items()},
+      leaf_dtypes={n: str(np.asarray(v).dtype) for n, v in params_flat.items()},
+      contributors=contributors, tokens=tokens)
 
 
 def run_aggregator(storage_root: str, shard: int = 0, num_shards: int | None = None,
@@ -385,10 +308,9 @@ def init_run(config, storage_root: str, run_id: str | None = None,
   run is signed: run.json lists the public keys and everything the aggregator
   writes carries its signature. Without it the run is unsigned (local use).
   """
-  from fedpt import silo as silo_lib  # pylint: disable=g-import-not-at-top
   from fedpt import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
-  config = silo_lib.federated_config(config)
-  validate_federation(config)
+  config = protocol.federated_config(config)
+  protocol.validate_federation(config)
   optimizer = outer.make_outer_optimizer(config.outer)
   store = storage_lib.RunStorage(storage_root)
   store.check_no_run()
@@ -397,8 +319,8 @@ def init_run(config, storage_root: str, run_id: str | None = None,
                  if keys_dir else None)
   sign = (lambda record: signing.sign(record, secret)) if secret else (lambda record: record)
   trainer = trainer_lib.Trainer(config)
-  params = outer.flatten_params(jax.device_get(trainer.init_state()['params']))
-  info = silo_lib.run_info(config, trainer.tokenizer_sha256, run_id or uuid.uuid4().hex)
+  params = trees.flatten_params(jax.device_get(trainer.init_state()['params']))
+  info = protocol.run_record(config, trainer.tokenizer_sha256, run_id or uuid.uuid4().hex)
   if public_keys:
     info['public_keys'] = public_keys
   store.remove_tree(store.global_dir(0))  # Left by an init that crashed before run.json.
@@ -411,43 +333,8 @@ def init_run(config, storage_root: str, run_id: str | None = None,
     store.publish_global_shard(
         0, shard, num_shards, shard_params,
         state_to_arrays({n: jax.tree.map(np.asarray, state[n]) for n in names}),
-        sign(global_shard_meta(0, shard, num_shards, shard_params, contributors=[], tokens=0,
-                               run_id=info['run_id'])))
+        sign(global_shard_meta(info['run_id'], 0, shard, num_shards, shard_params,
+                               contributors=[], tokens=0)))
   info = sign(info)
   store.create_run(info)
   return info
-
-
-def validate_federation(config) -> None:
-  from fedpt import config as config_lib  # pylint: disable=g-import-not-at-top
-  fed = config.federation
-
-  def require(ok, field, problem, fix):
-    if not ok:
-      raise config_lib.ConfigError(f'federation.{field}', problem, fix)
-
-  require(fed.rounds > 0, 'rounds', f'must be positive, got {fed.rounds}', 'set it > 0')
-  require(fed.inner_steps > 0, 'inner_steps', f'must be positive, got {fed.inner_steps}',
-          'set H > 0')
-  require(len(fed.silos) > 0 and len(set(fed.silos)) == len(fed.silos), 'silos',
-          f'need distinct silo ids, got {list(fed.silos)}', 'list each silo id once')
-  for s in fed.silos:
-    require(isinstance(s, str) and s.replace('-', '').replace('_', '').isalnum(), 'silos',
-            f'silo id {s!r} must be letters, digits, - or _', 'rename the silo')
-  require(0 <= fed.min_silos <= len(fed.silos), 'min_silos',
-          f'{fed.min_silos} is not between 0 and {len(fed.silos)} silos',
-          'use 0 (all silos) or a quorum size')
-  require(fed.compression in compression.FORMATS, 'compression',
-          f'unknown format {fed.compression!r}', f'use one of {compression.FORMATS}')
-  require(fed.block_size > 0 and fed.block_size % 2 == 0, 'block_size',
-          f'{fed.block_size} must be a positive even number', 'use e.g. 256')
-  require(fed.num_shards >= 1, 'num_shards', 'must be >= 1', 'use 1 or more')
-  outer.check_robust_config(fed.robust, fed.trim, fed.min_silos or len(fed.silos),
-                            fed.clip_multiple or None)
-  require(fed.reject_norm_multiple == 0 or fed.reject_norm_multiple > 1, 'reject_norm_multiple',
-          f'{fed.reject_norm_multiple} would reject ordinary deltas', 'use 0 (off) or > 1, e.g. 10')
-  require(0 <= fed.drop_probability < 1, 'drop_probability',
-          f'{fed.drop_probability} is not in [0, 1)',
-          'use 0 (off), or e.g. 0.5 to study lossy links')
-  require(fed.wait_timeout_s > 0 and fed.round_deadline_s >= 0, 'wait_timeout_s',
-          'timeouts must be positive', 'set seconds > 0')

@@ -10,6 +10,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from fedpt import config as config_lib
+from fedpt import errors
 
 
 # Orbax keeps its current save operation in process-global state: two threads of one
@@ -17,7 +18,7 @@ from fedpt import config as config_lib
 ORBAX_LOCK = threading.RLock()
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.UserError, ValueError):
   """A checkpoint that cannot be used with this config; the message says why and what to do."""
 
 
@@ -62,6 +63,12 @@ class Checkpointer:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state)))
     return restored['state'], meta
+
+  def state_layout(self, step: int) -> dict:
+    """The saved state's tree of Orbax array metadata (shape, dtype); reads no array."""
+    with ORBAX_LOCK:
+      tree = ocp.PyTreeCheckpointer().metadata(os.path.join(self.directory, str(step), 'state'))
+    return tree.item_metadata.tree if hasattr(tree, 'item_metadata') else tree
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

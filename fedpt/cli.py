@@ -5,33 +5,14 @@ import sys
 from absl import flags
 from absl import logging
 
-from fedpt import aggregator
-from fedpt import checkpoint
-from fedpt import compression
-from fedpt import config
-from fedpt import data
-from fedpt import evaluation
-from fedpt import export_hf
-from fedpt import outer
-from fedpt import signing
-from fedpt import silo
-from fedpt import simulation
-from fedpt import storage
-from fedpt import trainer
-
-USER_ERRORS = (config.ConfigError, data.DataError, checkpoint.CheckpointError,
-               trainer.TrainingDivergedError, storage.StorageError, silo.RunMismatchError,
-               outer.OuterConfigError, compression.CompressionError,
-               aggregator.ShardSpecError, simulation.SimulationError,
-               signing.KeyFileError, export_hf.ExportError,
-               evaluation.EvalError)
+from fedpt import errors
 
 
 def run_or_explain(fn, *args, **kwargs):
   """Calls fn; a user error exits with status 2 and its message."""
   try:
     return fn(*args, **kwargs)
-  except USER_ERRORS as e:
+  except errors.UserError as e:
     print(f'error: {e}', file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(2)  # Skip atexit hooks of half-initialised libraries (e.g. Orbax threads).

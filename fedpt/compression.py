@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedpt import errors
+
 FORMATS = ('none', 'bf16', 'int8', 'int4')
 
 _QMAX = {'int8': 127, 'int4': 7}
@@ -28,7 +30,7 @@ _QMAX = {'int8': 127, 'int4': 7}
 _F32_SLACK = 2.0**-20
 
 
-class CompressionError(ValueError):
+class CompressionError(errors.UserError, ValueError):
   """An unknown format, bad block size or a payload that does not match its leaf."""
 
 

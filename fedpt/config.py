@@ -7,6 +7,8 @@ import difflib
 
 import ml_collections
 
+from fedpt import errors
+
 DTYPES = ('float32', 'bfloat16', 'float16')
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch')
 SCHEDULES = ('cosine', 'constant', 'linear')
@@ -32,7 +34,7 @@ DEFAULT_RULES = (
 )
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.UserError, ValueError):
   """A bad config value; the message names the field and the fix."""
 
   def __init__(self, field: str, problem: str, fix: str):
@@ -152,64 +154,47 @@ def _check_schema(config, reference, prefix=''):
       _check_schema(config[key], reference[key], prefix=f'{path}.')
 
 
-def _require(ok: bool, field: str, problem: str, fix: str):
+def require(ok: bool, field: str, problem: str, fix: str):
   if not ok:
     raise ConfigError(field, problem, fix)
 
 
-def validate(config, num_devices: int | None = None) -> None:
-  """Checks the whole config at start-up, before anything is allocated."""
+def validate(config) -> None:
+  """Checks the config's own fields; `sharding.validate_config` adds the mesh checks."""
   _check_schema(config, base_config())
   m, d, i, t = config.model, config.data, config.inner, config.train
   for field in ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'head_dim', 'd_ff'):
-    _require(isinstance(m[field], int) and m[field] > 0, f'model.{field}',
+    require(isinstance(m[field], int) and m[field] > 0, f'model.{field}',
              f'must be a positive integer, got {m[field]!r}', 'set a positive integer')
-  _require(m.n_heads % m.n_kv_heads == 0, 'model.n_kv_heads',
+  require(m.n_heads % m.n_kv_heads == 0, 'model.n_kv_heads',
            f'n_heads={m.n_heads} is not a multiple of n_kv_heads={m.n_kv_heads}',
            'choose n_kv_heads that divides n_heads (grouped-query attention)')
-  _require(m.head_dim % 2 == 0, 'model.head_dim', f'{m.head_dim} is odd',
+  require(m.head_dim % 2 == 0, 'model.head_dim', f'{m.head_dim} is odd',
            'RoPE rotates pairs of dimensions: use an even head_dim')
   for field in ('param_dtype', 'compute_dtype'):
     allowed = DTYPES + (('auto',) if field == 'compute_dtype' else ())
-    _require(m[field] in allowed, f'model.{field}', f'unknown dtype {m[field]!r}',
+    require(m[field] in allowed, f'model.{field}', f'unknown dtype {m[field]!r}',
              f'use one of {allowed}')
-  _require(m.remat in REMAT_POLICIES, 'model.remat', f'unknown policy {m.remat!r}',
+  require(m.remat in REMAT_POLICIES, 'model.remat', f'unknown policy {m.remat!r}',
            f'use one of {REMAT_POLICIES}')
-  _require(m.attention in ATTENTION_IMPLS, 'model.attention', f'unknown {m.attention!r}',
+  require(m.attention in ATTENTION_IMPLS, 'model.attention', f'unknown {m.attention!r}',
            f'use one of {ATTENTION_IMPLS}')
-  _require(d.seq_len > 0, 'data.seq_len', f'must be positive, got {d.seq_len}', 'set it > 0')
-  _require(d.global_batch > 0, 'data.global_batch', f'must be positive, got {d.global_batch}',
+  require(d.seq_len > 0, 'data.seq_len', f'must be positive, got {d.seq_len}', 'set it > 0')
+  require(d.global_batch > 0, 'data.global_batch', f'must be positive, got {d.global_batch}',
            'set it > 0')
-  _require(i.grad_accum >= 1 and d.global_batch % i.grad_accum == 0, 'inner.grad_accum',
+  require(i.grad_accum >= 1 and d.global_batch % i.grad_accum == 0, 'inner.grad_accum',
            f'global_batch={d.global_batch} is not divisible into grad_accum={i.grad_accum} '
            'micro-batches', 'choose grad_accum dividing data.global_batch')
-  _require(i.lr > 0, 'inner.lr', f'must be positive, got {i.lr}', 'set a positive learning rate')
-  _require(i.schedule in SCHEDULES, 'inner.schedule', f'unknown {i.schedule!r}',
+  require(i.lr > 0, 'inner.lr', f'must be positive, got {i.lr}', 'set a positive learning rate')
+  require(i.schedule in SCHEDULES, 'inner.schedule', f'unknown {i.schedule!r}',
            f'use one of {SCHEDULES}')
-  _require(0 <= i.min_lr_ratio <= 1, 'inner.min_lr_ratio', f'{i.min_lr_ratio} not in [0, 1]',
+  require(0 <= i.min_lr_ratio <= 1, 'inner.min_lr_ratio', f'{i.min_lr_ratio} not in [0, 1]',
            'use a ratio between 0 and 1')
-  _require(i.warmup_steps >= 0, 'inner.warmup_steps', 'is negative', 'use 0 or more')
-  _require(i.z_loss >= 0, 'inner.z_loss', 'is negative', 'use 0 (off) or a small weight like 1e-4')
-  _require(t.steps > 0, 'train.steps', f'must be positive, got {t.steps}', 'set it > 0')
+  require(i.warmup_steps >= 0, 'inner.warmup_steps', 'is negative', 'use 0 or more')
+  require(i.z_loss >= 0, 'inner.z_loss', 'is negative', 'use 0 (off) or a small weight like 1e-4')
+  require(t.steps > 0, 'train.steps', f'must be positive, got {t.steps}', 'set it > 0')
   for field in ('log_every', 'eval_every', 'checkpoint_every', 'keep_checkpoints'):
-    _require(t[field] > 0, f'train.{field}', f'must be positive, got {t[field]}', 'set it > 0')
-  if num_devices is not None:
-    from fedpt import sharding  # pylint: disable=g-import-not-at-top
-    shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, num_devices)))
-    batch_ways = shape['data'] * shape['fsdp']
-    micro = d.global_batch // i.grad_accum
-    _require(micro % batch_ways == 0, 'data.global_batch',
-             f'the micro-batch of {micro} sequences (global_batch / grad_accum) cannot be '
-             f'split over data x fsdp = {batch_ways} devices',
-             f'make global_batch / grad_accum a multiple of {batch_ways}')
-    tp = shape['tensor']
-    for field in ('n_heads', 'n_kv_heads', 'd_ff', 'vocab_size'):
-      _require(m[field] % tp == 0, f'model.{field}',
-               f'{m[field]} is not divisible by mesh.tensor={tp}',
-               f'use a multiple of {tp}, or a smaller mesh.tensor')
-    _require(m.d_model % shape['fsdp'] == 0, 'model.d_model',
-             f'{m.d_model} is not divisible by mesh.fsdp={shape["fsdp"]}',
-             f'use a multiple of {shape["fsdp"]}, or a smaller mesh.fsdp')
+    require(t[field] > 0, f'train.{field}', f'must be positive, got {t[field]}', 'set it > 0')
 
 
 def model_spec(config) -> dict:

@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import sentencepiece as spm
 
+from fedpt import errors
+
 FORMAT_VERSION = 1
 DEFAULT_VOCAB_SIZE = 4096
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -38,7 +40,7 @@ _ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'assets')
 _DEFAULT_TOKENIZER = os.path.join(_ASSETS_DIR, 'stdlib_sp4k.model')
 
 
-class DataError(ValueError):
+class DataError(errors.UserError, ValueError):
   """Bad data input; the message says what is wrong and how to fix it."""
 
 
@@ -788,6 +790,19 @@ _STDLIB_CORPUS = 'stdlib'
 _DEFAULT_TOKENIZER_NAME = 'default'
 
 
+def resolve_tokenizer(data_config) -> str:
+  """The .model path of `data.tokenizer`, without touching the corpus (loading a model needs none)."""
+  path = data_config.tokenizer
+  if path == _DEFAULT_TOKENIZER_NAME:
+    return default_tokenizer_path()
+  if not os.path.isfile(path):
+    raise DataError(
+        f'data.tokenizer={path!r} does not exist. Fix: set it to '
+        f"'{_DEFAULT_TOKENIZER_NAME}' or to the .model file the run was trained with "
+        '(scripts/train_tokenizer.py writes one).')
+  return path
+
+
 def resolve_corpus(data_config) -> tuple[str, str]:
   """(data_dir, tokenizer_path) for a config's data section.
 
@@ -795,14 +810,7 @@ def resolve_corpus(data_config) -> tuple[str, str]:
   `data.stdlib_group`) or a dir written by scripts/prepare_data.py;
   `data.tokenizer` is 'default' (the shipped model) or a .model path.
   """
-  tokenizer_path = data_config.tokenizer
-  if tokenizer_path == _DEFAULT_TOKENIZER_NAME:
-    tokenizer_path = default_tokenizer_path()
-  elif not os.path.isfile(tokenizer_path):
-    raise DataError(
-        f'data.tokenizer={tokenizer_path!r} does not exist; set it to '
-        f"'{_DEFAULT_TOKENIZER_NAME}' or to a .model file from "
-        'scripts/train_tokenizer.py.')
+  tokenizer_path = resolve_tokenizer(data_config)
   if data_config.corpus == _STDLIB_CORPUS:
     return (default_corpus_dir(data_config.stdlib_group,
                                tokenizer_path=tokenizer_path), tokenizer_path)

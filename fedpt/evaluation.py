@@ -14,15 +14,15 @@ import os
 
 import numpy as np
 
-from fedpt import checkpoint as checkpoint_lib
 from fedpt import data as data_lib
+from fedpt import errors
 from fedpt import ledger
-from fedpt import outer
-from fedpt import silo as silo_lib
+from fedpt import loading
+from fedpt import protocol
 from fedpt import storage as storage_lib
 
 
-class EvalError(ValueError):
+class EvalError(errors.UserError, ValueError):
   """Bad evaluation input: the message names it and the fix."""
 
 
@@ -101,24 +101,6 @@ def evaluate_params(trainer, params, datasets: dict, byte_counts: dict) -> dict:
   return out
 
 
-def _private_params(trainer, workdir: str):
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=1,
-                                     async_save=False)
-  try:
-    step = ckpt.latest_step()
-    if step is None:
-      raise EvalError(f'no checkpoint in {workdir}/checkpoints. Fix: pass the --workdir of a '
-                      'training run or silo.')
-    meta = ckpt.read_meta(step)
-    abstract = trainer.abstract_state()
-    tree = {'train': abstract} if 'run_id' in meta else abstract
-    state, _ = ckpt.restore(step, tree, checkpoint_lib.expected_meta(
-        trainer.config, trainer.tokenizer_sha256))
-  finally:
-    ckpt.close()
-  return (state['train'] if 'run_id' in meta else state)['params']
-
-
 def evaluate(config, out_dir: str, *, eval_sets: dict[str, str], storage: str | None = None,
              rounds: str = 'all', workdirs: dict[str, str] | None = None) -> dict:
   """Evaluates global rounds and/or private checkpoints; writes eval.json, eval.csv, plots."""
@@ -126,33 +108,28 @@ def evaluate(config, out_dir: str, *, eval_sets: dict[str, str], storage: str | 
   if not storage and not workdirs:
     raise EvalError('nothing to evaluate. Fix: pass --storage (global rounds) and/or '
                     '--workdir=NAME=DIR (private checkpoints, e.g. isolated baselines)')
-  trainer = trainer_lib.Trainer(silo_lib.federated_config(config) if storage else config)
+  trainer = trainer_lib.Trainer(protocol.federated_config(config) if storage else config)
   tokenizer = data_lib.load_tokenizer(trainer.tokenizer_path)
   datasets = {n: open_eval_set(n, p, os.path.join(out_dir, 'eval_sets'), trainer)
               for n, p in eval_sets.items()}
   byte_counts = {n: _predicted_bytes(ds, tokenizer, trainer) for n, ds in datasets.items()}
   rows, published, store = [], {}, None
+  sources = []  # (model label, round or None, loading.Source)
   if storage:
     store = storage_lib.RunStorage(storage)
-    run = store.read_run()
-    silo_lib.check_joins_run(run, trainer.config, run['silos'][0]['id'],
-                             trainer.tokenizer_sha256)
+    protocol.check_model_matches_run(store.read_run(), trainer.config, trainer.tokenizer_sha256)
     latest = store.latest_global_round()
-    abstract = outer.flatten_params(trainer.abstract_state()['params'])
-    for r in parse_rounds(rounds, -1 if latest is None else latest):
-      if store.global_shard_metas(r) is None:
-        raise EvalError(f'global round {r} is not committed under {storage} (newest: {latest}; '
-                        'old rounds are garbage-collected). Fix: pick rounds status.py lists.')
-      flat = store.read_global_params(
-          r, abstract, check_meta=silo_lib.global_checker(run, None, store, r))
-      for name, m in evaluate_params(trainer, outer.unflatten_params(flat), datasets,
-                                     byte_counts).items():
-        rows.append({'model': f'global_round_{r}', 'round': r, 'eval_set': name, **m})
-      published[r] = store.eval_losses(r)
-  for label, workdir in (workdirs or {}).items():
-    params = _private_params(trainer, workdir)
+    sources += [(f'global_round_{r}', r, loading.Source(storage=storage, round=r))
+                for r in parse_rounds(rounds, -1 if latest is None else latest)]
+  sources += [(label, None, loading.Source(workdir=workdir))
+              for label, workdir in (workdirs or {}).items()]
+  train_state = trainer.abstract_state()
+  for label, round_index, source in sources:
+    params = loading.load(trainer.config, source, train_state=train_state).params
     for name, m in evaluate_params(trainer, params, datasets, byte_counts).items():
-      rows.append({'model': label, 'round': None, 'eval_set': name, **m})
+      rows.append({'model': label, 'round': round_index, 'eval_set': name, **m})
+    if round_index is not None:
+      published[round_index] = store.eval_losses(round_index)
   result = {'rows': rows, 'published_by_round': published,
             'versus_baseline': versus_baseline(rows)}
   os.makedirs(out_dir, exist_ok=True)

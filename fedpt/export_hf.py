@@ -3,8 +3,8 @@
 fedpt's Transformer is architecturally a Llama: RMSNorm, SwiGLU, GQA and RoPE in
 the rotate-half layout with the same inverse frequencies, so q/k need no row
 permutation; only the layer stack is unstacked and weights are transposed to
-torch's [out, in]. `to_hf_state_dict` and `hf_config` are pure; `write_hf` and
-the `params_from_*` loaders do the I/O.
+torch's [out, in]. `to_hf_state_dict` and `hf_config` are pure; `write_hf` does
+the I/O, and the source is read by the one model loader (`loading.py`).
 """
 import json
 import os
@@ -12,16 +12,12 @@ import shutil
 
 import jax
 import numpy as np
-from flax import nnx
 
 from fedpt import checkpoint as checkpoint_lib
-from fedpt import config as config_lib
 from fedpt import data as data_lib
-from fedpt import inner
+from fedpt import loading
 from fedpt import model as model_lib
-from fedpt import outer
-from fedpt import silo as silo_lib
-from fedpt import storage as storage_lib
+from fedpt import trees
 
 
 class ExportError(checkpoint_lib.CheckpointError):
@@ -133,95 +129,19 @@ def write_hf(out_dir: str, state_dict: dict, config_json: dict, tokenizer_path: 
 # -- sources ------------------------------------------------------------------
 
 
-def tokenizer_path(config) -> str:
-  """data.tokenizer as a path, without resolving (or building) the training corpus."""
-  path = config.data.tokenizer
-  if path == 'default':
-    return data_lib.default_tokenizer_path()
-  if not os.path.isfile(path):
-    raise ExportError(f'data.tokenizer={path!r} does not exist. Fix: pass '
-                      "--config.data.tokenizer=default or the run's .model file")
-  return path
+def export(config, out_dir: str, *, workdir: str | None = None, step: int | None = None,
+           storage: str | None = None, round_index: int | None = None) -> dict:
+  """Exports a workdir's checkpoint or a federated round (`loading.Source`) to `out_dir`.
 
-
-def _abstract_params(model_config: model_lib.ModelConfig, device) -> dict:
-  model = nnx.eval_shape(lambda: model_lib.Transformer(model_config, nnx.Rngs(0)))
-  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  return checkpoint_lib.abstract_like(
-      params, jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(device), params))
-
-
-def params_from_workdir(config, model_config, workdir: str, tokenizer_sha256: str) -> dict:
-  """The params of the newest checkpoint of a `scripts/train.py` workdir, on one device."""
-  directory = os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(directory):
-    raise ExportError(f'{workdir} has no checkpoints/ folder. Fix: pass the --workdir that '
-                      'scripts/train.py wrote')
-  checkpointer = checkpoint_lib.Checkpointer(directory, keep=1, async_save=False)
-  try:
-    step = checkpointer.latest_step()
-    if step is None:
-      raise ExportError(f'{directory} holds no checkpoint. Fix: train first, or pass the '
-                        '--workdir that holds one')
-    device = jax.devices()[0]
-    abstract_params = _abstract_params(model_config, device)
-    optimizer = inner.make_optimizer(config.inner, config.train.steps)
-    abstract_state = jax.eval_shape(lambda p: inner.init_state(p, optimizer), abstract_params)
-    single = jax.sharding.SingleDeviceSharding(device)
-    abstract_state = checkpoint_lib.abstract_like(
-        abstract_state, jax.tree.map(lambda _: single, abstract_state))
-    state, _ = checkpointer.restore(
-        step, abstract_state, checkpoint_lib.expected_meta(config, tokenizer_sha256))
-  finally:
-    checkpointer.close()
-  return outer.flatten_params(state['params'])
-
-
-def params_from_storage(config, model_config, root: str, round_index: int,
-                        tokenizer_sha256: str) -> dict:
-  """The params of committed global round `round_index` of a federated run (hashes verified).
-
-  Aggregator signatures are not checked here: exporting reads, it does not train on them.
+  Returns {'out', 'parameters', 'source'}.
   """
-  if round_index < 0:
-    raise ExportError(f'--round={round_index} is negative. Fix: pass a committed round '
-                      '(scripts/status.py lists them)')
-  store = storage_lib.RunStorage(root)
-  run = store.read_run()
-  spec = config_lib.model_spec(config)
-  if spec != run['model_spec'] or tokenizer_sha256 != run['tokenizer_sha256']:
-    raise ExportError(
-        f'the run under {root} was created with model {run["model_spec"]} and tokenizer '
-        f'sha256 {run["tokenizer_sha256"][:12]}..., not this config\'s {spec} and '
-        f'{tokenizer_sha256[:12]}.... Fix: export with the config the run was created with')
-  if store.global_shard_metas(round_index) is None:
-    latest = store.latest_global_round()
-    raise ExportError(
-        f'global round {round_index} is not committed under {root} (newest committed: '
-        f'{latest}). Fix: pass --round={latest} or another committed round')
-  abstract_flat = outer.flatten_params(_abstract_params(model_config, jax.devices()[0]))
-  return store.read_global_params(
-      round_index, abstract_flat,
-      check_meta=silo_lib.global_checker(run, None, store, round_index))
-
-
-def export(config, out_dir: str, *, workdir: str | None = None, storage: str | None = None,
-           round_index: int | None = None) -> dict:
-  """Exports a workdir's latest checkpoint or a federated round to `out_dir`; returns a summary."""
-  if (workdir is None) == (storage is None):
-    raise ExportError('pass exactly one source. Fix: --workdir=DIR, or --storage=ROOT --round=N')
-  if (storage is None) != (round_index is None):
-    raise ExportError('--storage and --round go together. Fix: pass both')
+  source = loading.Source(workdir=workdir, step=step, storage=storage, round=round_index)
   if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
     raise ExportError(f'--out={out_dir} exists and is not an empty folder. Fix: pass a new '
                       'folder; an export never overwrites')
-  model_config = model_lib.ModelConfig.from_config(config.model, 'cpu')
-  tok_path = tokenizer_path(config)
-  tok_sha = data_lib.file_sha256(tok_path)
-  if workdir is not None:
-    flat = params_from_workdir(config, model_config, workdir, tok_sha)
-  else:
-    flat = params_from_storage(config, model_config, storage, round_index, tok_sha)
+  loaded = loading.load(config, source)
+  model_config, tok_path = loaded.model_config, loaded.tokenizer_path
+  flat = trees.flatten_params(loaded.params)
   tokenizer = data_lib.load_tokenizer(tok_path)
   if tokenizer.get_piece_size() > model_config.vocab_size:
     raise ExportError(f'the tokenizer has {tokenizer.get_piece_size()} pieces but the model '
@@ -233,4 +153,5 @@ def export(config, out_dir: str, *, workdir: str | None = None, storage: str | N
       **{name: tokenizer.id_to_piece(i) for name, i in ids.items()},
       model_max_length=config.data.seq_len)
   write_hf(out_dir, to_hf_state_dict(flat, model_config), config_json, tok_path, tokenizer_json)
-  return {'out': out_dir, 'parameters': int(sum(np.size(x) for x in flat.values()))}
+  return {'out': out_dir, 'parameters': int(sum(np.size(x) for x in flat.values())),
+          'source': loaded.source}

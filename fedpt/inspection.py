@@ -7,9 +7,9 @@ checkpoint's own JSON meta.
 """
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
-from fedpt import checkpoint as checkpoint_lib
+from fedpt import loading
+from fedpt import protocol
 from fedpt import signing
 from fedpt import storage as storage_lib
 
@@ -26,19 +26,18 @@ def _summary(leaves: list[dict]) -> dict:
           'bytes': sum(x['bytes'] for x in leaves)}
 
 
-def describe_global_round(store: storage_lib.RunStorage, round_index: int) -> dict:
+def describe(source: loading.Source) -> dict:
+  """A global round (from its signed metadata) or a private checkpoint (from Orbax's)."""
+  if source.workdir is not None:
+    return describe_private_checkpoint(source.workdir, source.step)
+  return describe_global_round(storage_lib.RunStorage(source.storage), source.round)
+
+
+def describe_global_round(store: storage_lib.RunStorage, round_index: int | None) -> dict:
   """A committed global round: tree, sizes, hash, contributors, tokens and signatures."""
   run = store.read_run()
-  metas = store.global_shard_metas(round_index)
-  if metas is None:
-    latest = store.latest_global_round()
-    raise storage_lib.StorageError(
-        f'global round {round_index} is not committed under {store.root} (the newest is '
-        f'{latest}; old rounds are garbage-collected). Fix: pick a round that '
-        'scripts/status.py lists.')
-  shapes = {n: s for m in metas for n, s in m['leaf_shapes'].items()}
-  dtypes = {n: d for m in metas for n, d in m['leaf_dtypes'].items()}
-  hashes = {n: h for m in metas for n, h in m['leaf_hashes'].items()}
+  round_index, metas = loading.committed_round(store, round_index)
+  shapes, dtypes, hashes = protocol.global_leaves(metas)
   check = signing.listed_aggregator_check(run)
   signatures = 'unsigned run' if check is None else 'valid'
   if check is not None and any(check(m) for m in metas):
@@ -57,22 +56,9 @@ def describe_global_round(store: storage_lib.RunStorage, round_index: int) -> di
 
 def describe_private_checkpoint(workdir: str, step: int | None = None) -> dict:
   """A silo's (or a plain run's) latest or given checkpoint: its parameters and meta."""
-  ckpt = checkpoint_lib.Checkpointer(f'{workdir}/checkpoints', keep=1, async_save=False)
-  try:
-    steps = ckpt.all_steps()
-    if not steps or (step is not None and step not in steps):
-      raise checkpoint_lib.CheckpointError(
-          f'no checkpoint {"" if step is None else f"at step {step} "}in {workdir}/checkpoints '
-          f'(steps there: {steps}). Fix: pass the --workdir of a training run, or one of '
-          'those steps.')
-    step = max(steps) if step is None else step
+  with loading.open_checkpoint(workdir, step) as (ckpt, step):
     meta = ckpt.read_meta(step)
-  finally:
-    ckpt.close()
-  with checkpoint_lib.ORBAX_LOCK:
-    tree = ocp.PyTreeCheckpointer().metadata(f'{ckpt.directory}/{step}/state')
-  tree = tree.item_metadata.tree if hasattr(tree, 'item_metadata') else tree
-  params = tree['train']['params'] if 'train' in tree else tree['params']
+    params = loading.params_layout(ckpt.state_layout(step))
   leaves = {'/'.join(str(getattr(k, 'key', k)) for k in path): m
             for path, m in jax.tree_util.tree_flatten_with_path(params)[0]}
   shapes = {n: tuple(m.shape) for n, m in leaves.items()}

@@ -20,13 +20,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedpt import errors
+from fedpt.trees import ParamTreeError
+
 OUTER_OPTIMIZERS = ('diloco', 'fedavg', 'fedadam', 'fedyogi', 'sgd')
-SEPARATOR = '/'
 
 _MISSING = object()
 
 
-class OuterConfigError(ValueError):
+class OuterConfigError(errors.UserError, ValueError):
   """A bad `outer.*` config value; the message names the field and the fix."""
 
   def __init__(self, field: str, problem: str, fix: str):
@@ -34,11 +36,7 @@ class OuterConfigError(ValueError):
     super().__init__(f'config field {field!r}: {problem}. Fix: {fix}.')
 
 
-class ParamTreeError(ValueError):
-  """A parameter tree, flat dict or leaf set that the outer step cannot handle."""
-
-
-class AggregationError(ValueError):
+class AggregationError(errors.UserError, ValueError):
   """Bad silo weights or leaves for averaging."""
 
 
@@ -98,57 +96,6 @@ def make_outer_optimizer(outer_config) -> optax.GradientTransformation:
   if name == 'fedadam':
     return optax.adam(lr, b1=b1, b2=b2, eps=eps)
   return optax.yogi(lr, b1=b1, b2=b2, eps=eps)
-
-
-# ----------------------------------------------------------------------- flat params
-
-
-def flatten_params(tree) -> dict:
-  """`{'a/b/c': leaf}` in sorted order: stable names for files, shards and state."""
-  flat = {}
-
-  def visit(node, prefix):
-    for key in node:
-      if not isinstance(key, str) or not key or SEPARATOR in key:
-        raise ParamTreeError(
-            f'param key {key!r} under {prefix or "<root>"!r} is not a non-empty string without '
-            f'{SEPARATOR!r}. Fix: pass a pure dict of params (nnx.to_pure_dict) with string keys')
-      name = f'{prefix}{SEPARATOR}{key}' if prefix else key
-      child = node[key]
-      if isinstance(child, Mapping):
-        if not child:
-          raise ParamTreeError(f'param subtree {name!r} is empty. Fix: drop it from the tree')
-        visit(child, name)
-      elif isinstance(child, (list, tuple)) or child is None or not hasattr(child, 'shape'):
-        raise ParamTreeError(
-            f'param {name!r} is a {type(child).__name__}, not a dict or an array. '
-            'Fix: pass a nested dict of arrays (nnx.to_pure_dict of the params)')
-      else:
-        flat[name] = child
-
-  if not isinstance(tree, Mapping):
-    raise ParamTreeError(f'params are a {type(tree).__name__}, not a dict. '
-                         'Fix: pass a nested dict of arrays (nnx.to_pure_dict of the params)')
-  visit(tree, '')
-  return dict(sorted(flat.items()))
-
-
-def unflatten_params(flat: Mapping) -> dict:
-  """Inverse of `flatten_params`."""
-  tree = {}
-  for name in sorted(flat):
-    *parents, leaf_key = name.split(SEPARATOR)
-    node = tree
-    for depth, key in enumerate(parents):
-      node = node.setdefault(key, {})
-      if not isinstance(node, dict):
-        raise ParamTreeError(f'{SEPARATOR.join(parents[:depth + 1])!r} is both a leaf and a '
-                             f'subtree (of {name!r}). Fix: leaf names must not prefix each other')
-    if leaf_key in node:
-      raise ParamTreeError(f'{name!r} is both a leaf and a subtree. '
-                           'Fix: leaf names must not prefix each other')
-    node[leaf_key] = flat[name]
-  return tree
 
 
 # ---------------------------------------------------------------------- aggregation

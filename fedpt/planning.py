@@ -42,7 +42,6 @@ from jax.extend import core as jax_core
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 
 from fedpt import compression
@@ -125,13 +124,6 @@ class Memory:
 # -- parameters, optimizer state, gradients -----------------------------------------
 
 
-def abstract_model(model_config: model_lib.ModelConfig):
-  """(graphdef, abstract params, logical axes), the params as the Trainer's plain dicts."""
-  graphdef, state = nnx.split(
-      nnx.eval_shape(lambda: model_lib.Transformer(model_config, nnx.Rngs(0))))
-  return graphdef, nnx.to_pure_dict(state), nnx.to_pure_dict(nnx.get_partition_spec(state))
-
-
 def state_shardings(config, params, logical, mesh) -> tuple:
   """(optimizer, abstract opt state, param shardings, opt-state shardings), as the Trainer."""
   param_shardings = sharding.tree_shardings(mesh, logical, params, tuple(config.sharding.rules))
@@ -211,7 +203,7 @@ def _stand_in_attention(q_btnh, k_btkh, v_btkh, *args, **kwargs):
 @functools.lru_cache(maxsize=64)
 def _residual_nbytes(model_config: model_lib.ModelConfig, batch: int, seq_len: int) -> int:
   """Bytes of what the loss's backward pass keeps from its forward pass, by tracing."""
-  graphdef, params, _ = abstract_model(model_config)
+  graphdef, params, _ = model_lib.abstract_model(model_config)
   tokens = jax.ShapeDtypeStruct((batch, seq_len + 1), jnp.int32)
   loss = functools.partial(inner.loss_and_metrics, graphdef=graphdef, z_loss=0.0)
 
@@ -277,11 +269,11 @@ def activation_memory(config, model_config, mesh_sizes: dict, params, logical) -
 
 
 def _memory(config, num_devices: int, platform: str) -> tuple[Memory, dict]:
-  config_lib.validate(config, num_devices=num_devices)
+  sharding.validate_config(config, num_devices=num_devices)
   sizes = sharding.mesh_shape(config.mesh, num_devices)
   mesh = AbstractMesh(sizes, sharding.MESH_AXES)
   model_config = model_lib.ModelConfig.from_config(config.model, platform)
-  _, params, logical = abstract_model(model_config)
+  _, params, logical = model_lib.abstract_model(model_config)
   _, opt_state, param_shardings, opt_shardings = state_shardings(config, params, logical, mesh)
   param_bytes = _tree_shard_nbytes(params, param_shardings)
   param_elements = param_bytes // np.dtype(model_config.param_dtype).itemsize
@@ -360,7 +352,7 @@ def plan(config, num_devices: int, *, platform: str = 'gpu', hbm_gib: float = 80
   """Per-device memory, verdict against `hbm_gib` and delta sizes; JSON-ready."""
   memory, acts = _memory(config, num_devices, platform)
   model_config = model_lib.ModelConfig.from_config(config.model, platform)
-  _, params, _ = abstract_model(model_config)
+  _, params, _ = model_lib.abstract_model(model_config)
   sizes = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, num_devices)))
   hbm = int(hbm_gib * GIB)
   used = memory.total / hbm
@@ -400,11 +392,11 @@ def compiled_memory(config, devices) -> dict:
 
   The ground truth the estimate approximates, for a host that has the silo's devices.
   """
-  config_lib.validate(config, num_devices=len(devices))
+  sharding.validate_config(config, num_devices=len(devices))
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = tuple(config.sharding.rules)
   model_config = model_lib.ModelConfig.from_config(config.model, devices[0].platform)
-  graphdef, params, logical = abstract_model(model_config)
+  graphdef, params, logical = model_lib.abstract_model(model_config)
   optimizer, opt_state, param_shardings, opt_shardings = state_shardings(
       config, params, logical, mesh)
   replicated = NamedSharding(mesh, PartitionSpec())

@@ -52,6 +52,27 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
   return tuple(sizes)
 
 
+def validate_config(config, num_devices: int) -> None:
+  """The whole config check: its own fields, then that batch and model split over the mesh."""
+  config_lib.validate(config)
+  require = config_lib.require
+  m, d, i = config.model, config.data, config.inner
+  shape = dict(zip(MESH_AXES, mesh_shape(config.mesh, num_devices)))
+  batch_ways = shape['data'] * shape['fsdp']
+  micro = d.global_batch // i.grad_accum
+  require(micro % batch_ways == 0, 'data.global_batch',
+          f'the micro-batch of {micro} sequences (global_batch / grad_accum) cannot be '
+          f'split over data x fsdp = {batch_ways} devices',
+          f'make global_batch / grad_accum a multiple of {batch_ways}')
+  tp = shape['tensor']
+  for field in ('n_heads', 'n_kv_heads', 'd_ff', 'vocab_size'):
+    require(m[field] % tp == 0, f'model.{field}', f'{m[field]} is not divisible by mesh.tensor={tp}',
+            f'use a multiple of {tp}, or a smaller mesh.tensor')
+  require(m.d_model % shape['fsdp'] == 0, 'model.d_model',
+          f'{m.d_model} is not divisible by mesh.fsdp={shape["fsdp"]}',
+          f'use a multiple of {shape["fsdp"]}, or a smaller mesh.fsdp')
+
+
 def make_mesh(mesh_config, devices=None) -> Mesh:
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(mesh_config, len(devices))

@@ -17,11 +17,13 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from fedpt import errors
+
 SIGNATURE = 'signature'
 AGGREGATOR = 'aggregator'
 
 
-class KeyFileError(ValueError):
+class KeyFileError(errors.UserError, ValueError):
   """A missing, unreadable or mismatched key; the message names the file and the fix."""
 
 

@@ -1,11 +1,13 @@
 """The silo worker: rounds of H inner steps, publish a pseudo-gradient, wait, rebase.
 
 A silo keeps its inner AdamW state, data position and error-feedback residual in
-its private checkpoint, saved at the start of every round. Every step of a round
-is deterministic, so a silo killed anywhere in a round redoes it bit for bit,
-and publishing is idempotent.
+its private checkpoint, tagged with where in the round it was taken. Every step
+of a round is deterministic, so a silo killed anywhere in a round redoes it bit
+for bit, and publishing is idempotent. The records it reads and writes, and the
+rules about them, are `protocol.py`'s.
 """
-import hashlib
+import dataclasses
+import enum
 import os
 import time
 
@@ -15,117 +17,16 @@ import numpy as np
 
 from fedpt import checkpoint as checkpoint_lib
 from fedpt import compression
-from fedpt import config as config_lib
 from fedpt import faults
+from fedpt import loading
 from fedpt import metrics as metrics_lib
 from fedpt import multihost
-from fedpt import outer
+from fedpt import protocol
 from fedpt import sharding
 from fedpt import signing
 from fedpt import storage as storage_lib
 from fedpt import trainer as trainer_lib
-
-FORMAT_VERSION = 1
-
-
-class RunMismatchError(ValueError):
-  """This silo's config or tokenizer does not match the run it tries to join."""
-
-
-def federated_config(config):
-  """The silo's config with train.steps derived from rounds x H (the LR schedule's horizon)."""
-  config = config.copy_and_resolve_references()
-  with config.ignore_type():
-    config.train.steps = config.federation.rounds * config.federation.inner_steps
-  return config
-
-
-def run_info(config, tokenizer_sha256: str, run_id: str) -> dict:
-  """The contents of run.json: everything silos must agree on."""
-  fed = config.federation
-  weights = list(fed.silo_weights) or [1.0] * len(fed.silos)
-  if len(weights) != len(fed.silos):
-    raise config_lib.ConfigError(
-        'federation.silo_weights', f'{len(weights)} weights for {len(fed.silos)} silos',
-        'give one weight per silo, or none')
-  return {
-      'format_version': FORMAT_VERSION,
-      'run_id': run_id,
-      'model_spec': config_lib.model_spec(config),
-      'tokenizer_sha256': tokenizer_sha256,
-      'silos': [{'id': s, 'weight': float(w)} for s, w in zip(fed.silos, weights)],
-      'federation': {k: (list(v) if isinstance(v, tuple) else v) for k, v in fed.items()},
-      'outer': dict(config.outer.items()),
-      'seed': config.seed,
-  }
-
-
-def check_silo_listed(run: dict, silo_id: str) -> None:
-  silo_ids = [s['id'] for s in run['silos']]
-  if silo_id not in silo_ids:
-    raise RunMismatchError(
-        f'silo {silo_id!r} is not in this run (run.json lists {silo_ids}). Fix: pass one of '
-        'those as --silo, or create a run that includes it.')
-
-
-def check_joins_run(run: dict, config, silo_id: str, tokenizer_sha256: str) -> None:
-  check_silo_listed(run, silo_id)
-  spec = config_lib.model_spec(config)
-  if spec != run['model_spec']:
-    diff = {k: (spec.get(k), run['model_spec'].get(k)) for k in run['model_spec']
-            if spec.get(k) != run['model_spec'].get(k)}
-    raise RunMismatchError(
-        f'this config\'s model differs from the run\'s (field: (yours, run\'s)) {diff}. Fix: '
-        'use the config the run was created with.')
-  if tokenizer_sha256 != run['tokenizer_sha256']:
-    raise RunMismatchError(
-        f'tokenizer sha256 {tokenizer_sha256[:12]}... differs from the run\'s '
-        f'{run["tokenizer_sha256"][:12]}.... Fix: set --config.data.tokenizer to the run\'s '
-        'tokenizer and tokenise your corpus with it.')
-
-
-def silo_data_seed(seed: int, silo_id: str) -> int:
-  """Data order is a pure function of (seed, silo, step): silos never share an order."""
-  return int.from_bytes(hashlib.sha256(f'{seed}/{silo_id}'.encode()).digest()[:4], 'little')
-
-
-def _flat_abstract_params(trainer):
-  return outer.flatten_params(trainer.abstract_state()['params'])
-
-
-def global_checker(run: dict, identity, store, round_index: int):
-  """Vets a global shard's meta: this run, this round, and signed by the run's aggregator.
-
-  In a signed run the previous round's manifest must carry the aggregator's
-  signature too, so that the recorded decision is the aggregator's own.
-  """
-  # Without a party's identity (a researcher exporting or sampling), check against the key
-  # run.json lists: that catches anyone but the aggregator, if run.json is genuine.
-  check_aggregator = (identity.check_aggregator if identity is not None
-                      else signing.listed_aggregator_check(run))
-
-  def check(meta: dict) -> str | None:
-    if meta.get('run_id') != run['run_id'] or meta.get('round') != round_index:
-      return f'meta.json says run {meta.get("run_id")!r} round {meta.get("round")}'
-    if check_aggregator is None:
-      return None
-    reason = check_aggregator(meta)
-    if reason is None and round_index > 0:
-      manifest = store.read_manifest(round_index - 1)
-      reason = ('the manifest of the previous round is missing' if manifest is None
-                else check_aggregator(manifest))
-      reason = reason and f'manifest of round {round_index - 1}: {reason}'
-    return reason
-  return check
-
-
-def load_global_into(trainer, store, round_index: int, state, check_meta=None):
-  """Replaces the params of `state` by global round `round_index`; the inner state stays."""
-  flat = store.read_global_params(round_index, _flat_abstract_params(trainer),
-                                  check_meta=check_meta)
-  state = dict(state)
-  state['params'] = outer.unflatten_params(flat)
-  return state
+from fedpt import trees
 
 
 def _compress_delta(global_flat, local_flat, residual_flat, fed, mesh=None):
@@ -149,39 +50,58 @@ def _compress_delta(global_flat, local_flat, residual_flat, fed, mesh=None):
 def make_delta(run, round_index, silo_id, base_hash, global_flat, local_flat, residual_flat,
                fed, *, steps, tokens, train_loss, global_eval_loss=None, inner_seconds=0.0,
                mesh=None):
-  """The compressed pseudo-gradient and its metadata: everything a silo publishes.
+  """The compressed pseudo-gradient, the next error-feedback residual and the delta's meta.json.
 
   With `mesh` the payload stays sharded on the silo's devices (a multi-host
   silo writes it from every host); without, it is host numpy.
   """
   payload, new_residual, nbytes, delta_norm = _compress_delta(
       global_flat, local_flat, residual_flat, fed, mesh)
-  hashes = _payload_hashes(payload)
-  meta = {
-      'format_version': FORMAT_VERSION, 'run_id': run['run_id'], 'round': round_index,
-      'silo': silo_id, 'base_global_hash': base_hash, 'tokens': tokens, 'steps': steps,
-      'train_loss': train_loss, 'global_eval_loss': global_eval_loss,
-      'compression': fed.compression, 'block_size': fed.block_size, 'bytes': nbytes,
-      'delta_norm': delta_norm, 'inner_seconds': inner_seconds,
-      'tree': {name: {'shape': list(global_flat[name].shape),
-                      'payload': {k: [list(v.shape), str(v.dtype)] for k, v in leaf.items()}}
-               for name, leaf in payload.items()},
-      'payload_hashes': hashes, 'content_hash': storage_lib.tree_hash(hashes),
-  }
+  hashes = {f'{name}/{k}': storage_lib.array_hash(v)
+            for name, leaf in payload.items() for k, v in leaf.items()}
+  meta = protocol.delta_meta(
+      run, round_index, silo_id, base_hash,
+      leaf_shapes={name: global_flat[name].shape for name in payload},
+      payload_layout={name: {k: [list(v.shape), str(v.dtype)] for k, v in leaf.items()}
+                      for name, leaf in payload.items()},
+      payload_hashes=hashes, content_hash=protocol.tree_hash(hashes),
+      compression_format=fed.compression, block_size=fed.block_size, nbytes=nbytes,
+      delta_norm=delta_norm, steps=steps, tokens=tokens, train_loss=train_loss,
+      global_eval_loss=global_eval_loss, inner_seconds=inner_seconds)
   return payload, new_residual, meta
 
 
-def _payload_hashes(payload):
-  return {f'{name}/{k}': storage_lib.array_hash(v)
-          for name, leaf in payload.items() for k, v in leaf.items()}
+class Phase(str, enum.Enum):
+  """Where in a round a private checkpoint was taken (its meta.json's 'phase')."""
+  START = 'start'  # The round's global model is loaded; no inner step taken yet.
+  TRAINING = 'training'  # Preempted after some inner steps of the round.
+  PUBLISHED = 'published'  # The round's delta is committed; next: wait for the next global.
+
+
+@dataclasses.dataclass
+class Position:
+  """The silo's place in the protocol: what a private checkpoint records besides arrays."""
+  round: int
+  phase: Phase = Phase.START
+  losses: list = dataclasses.field(default_factory=list)  # Inner losses of this round so far.
+  global_eval: float | None = None  # Held-out loss of this round's global model.
+
+  def record(self) -> dict:
+    out = {'round': self.round, 'phase': self.phase.value}
+    if self.phase == Phase.TRAINING:
+      out.update(steps_done=len(self.losses), global_eval=self.global_eval,
+                 losses=[float(x) for x in self.losses])
+    return out
+
+  @classmethod
+  def from_record(cls, meta: dict) -> 'Position':
+    return cls(meta['round'], Phase(meta.get('phase', 'start')), list(meta.get('losses', [])),
+               meta.get('global_eval'))
 
 
 class _Private:
-  """The silo's private checkpoints, each tagged with where in the round protocol it was taken.
+  """The silo's private checkpoints: train state, residual and its `Position`.
 
-  Phases: 'published' (this round's delta is committed; wait for the next global),
-  'training' (preempted after `steps_done` inner steps of the round) and 'start'
-  (a round's beginning: only written once the last round has been loaded).
   Keys count saves, so every save is newer than the one before.
   """
 
@@ -193,32 +113,220 @@ class _Private:
     self._use_feedback = use_feedback
 
   def restore(self):
-    """(state, residual_flat, meta) of the newest save, or None for a fresh silo."""
+    """(state, residual_flat, Position) of the newest save, or None for a fresh silo."""
     key = self._ckpt.latest_step()
     if key is None:
       return None
-    abstract = {'train': self._trainer.abstract_state()}
-    if self._use_feedback:
-      abstract['residual'] = jax.tree.map(
-          lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=x.sharding),
-          abstract['train']['params'])
+    abstract = loading.silo_checkpoint_abstract(self._trainer.abstract_state(),
+                                                self._use_feedback)
     private, meta = self._ckpt.restore(key, abstract, self._expected)
-    residual = outer.flatten_params(private['residual']) if self._use_feedback else None
-    return private['train'], residual, {'phase': 'start', **meta}
+    residual = trees.flatten_params(private['residual']) if self._use_feedback else None
+    return private['train'], residual, Position.from_record(meta)
 
-  def save(self, state, residual, **progress):
+  def save(self, state, residual, position: Position):
     tree = {'train': state}
     if self._use_feedback:
-      tree['residual'] = outer.unflatten_params(residual)
+      tree['residual'] = trees.unflatten_params(residual)
     key = (self._ckpt.latest_step() or 0) + 1
-    self._ckpt.save(key, tree, {**self._expected, **progress})
+    self._ckpt.save(key, tree, {**self._expected, **position.record()})
 
   def close(self):
     self._ckpt.close()
 
 
-# A wait that ended with a preemption notice instead of a new global round.
-_PREEMPTED = -2
+class _Silo:
+  """One silo's parts: the run, its trainer, the bucket, its checkpoints; one method a phase."""
+
+  def __init__(self, config, silo_id, storage_root, workdir, keys_dir):
+    sharding.maybe_initialize_distributed(config.distributed)
+    self.config = config = protocol.federated_config(config)
+    self.fed = config.federation
+    self.silo_id = silo_id
+    self.store = storage_lib.RunStorage(storage_root)
+    self.run = self.store.read_run()
+    protocol.check_silo_listed(self.run, silo_id)
+    self.identity = signing.party_identity(self.run, keys_dir, signing.silo_key_name(silo_id))
+    self.trainer = trainer_lib.Trainer(
+        config, data_seed=protocol.silo_data_seed(config.seed, silo_id))
+    protocol.check_joins_run(self.run, config, silo_id, self.trainer.tokenizer_sha256)
+    self.total_rounds = self.run['federation']['rounds']
+    self.use_feedback = self.fed.error_feedback and self.fed.compression != 'none'
+    self.private = _Private(
+        self.trainer, workdir,
+        {**checkpoint_lib.expected_meta(config, self.trainer.tokenizer_sha256),
+         'run_id': self.run['run_id'], 'silo': silo_id},
+        self.use_feedback, config.train.async_checkpoints)
+    self.workdir = workdir
+    self.preemption = multihost.Preemption()
+    self.summary = {'silo': silo_id, 'rounds': [], 'preempted': False}
+
+  def log(self, line):
+    metrics_lib.log(f'silo {self.silo_id}: {line}')
+
+  def load_global(self, round_index, state):
+    """`state` with its params replaced by verified global round `round_index`."""
+    flat = loading.read_global_params(
+        self.store, self.run, round_index, trees.flatten_params(self.trainer.abstract_state()[
+            'params']), self.identity)
+    return {**state, 'params': trees.unflatten_params(flat)}
+
+  # -- the phases ---------------------------------------------------------------------
+
+  def join_or_resume(self):
+    """(state, residual, Position): the newest private checkpoint, or the newest global."""
+    restored = self.private.restore()
+    if restored is not None:
+      state, residual, position = restored
+      self.log(f'resumed in round {position.round} ({position.phase.value}, '
+               f'{len(position.losses)} inner steps done) from {self.workdir}')
+      return state, residual, position
+    round_index = multihost.agree_int(storage_lib.wait_for(
+        self.store.latest_global_round, 'the initial global model',
+        timeout_s=self.fed.wait_timeout_s, poll_s=self.fed.poll_s))
+    state = self.load_global(round_index, self.trainer.init_state())
+    residual = ({k: jnp.zeros(v.shape, jnp.float32, device=v.sharding) for k, v in
+                 trees.flatten_params(state['params']).items()} if self.use_feedback else None)
+    return state, residual, Position(round_index)
+
+  def wait_for_next(self, position, step):
+    """The next global round once it is committed; None on a preemption notice."""
+    def newer():
+      r = self.store.latest_global_round()
+      return r if r is not None and r > position.round else None
+    return multihost.agree_int(storage_lib.wait_for(
+        newer, f'global round {position.round + 1} (the aggregator\'s output for round '
+        f'{position.round}) under {self.store.root}', timeout_s=self.fed.wait_timeout_s,
+        poll_s=self.fed.poll_s, stop=lambda: self.preemption.reached(step + 1)))
+
+  def behind(self, position):
+    """The newest global round if a fresh round would start behind it (missed rounds)."""
+    if position.phase != Phase.START:
+      return None
+    newest = multihost.agree_int(self.store.latest_global_round())
+    return newest if newest is not None and newest > position.round else None
+
+  def begin_round(self, position, state, step):
+    """The round's base params (flat, a copy), its hash, and the seconds spent evaluating it.
+
+    A fresh round first measures the base's held-out loss and publishes it (a number).
+    """
+    if position.phase == Phase.TRAINING:  # Resumed mid-round: the base is in the bucket.
+      base = trees.flatten_params(self.load_global(position.round, state)['params'])
+      return base, self.store.global_hash(position.round), 0.0
+    start = time.monotonic()
+    base = {k: jnp.copy(v) for k, v in trees.flatten_params(state['params']).items()}
+    position.global_eval = self.trainer.evaluate(state['params'])
+    self.store.publish_eval(position.round, self.silo_id, {
+        'round': position.round, 'silo': self.silo_id, 'eval_loss': position.global_eval,
+        'step': step})
+    return base, self.store.global_hash(position.round), time.monotonic() - start
+
+  def inner_steps(self, position, state, residual, step):
+    """Trains until H steps, the round's time budget, or a preemption (checkpointed)."""
+    start = time.monotonic()
+    while len(position.losses) < self.fed.inner_steps:
+      state, step_metrics = self.trainer.train_step(state, self.trainer.batch(step))
+      position.losses.append(step_metrics['train_loss'])
+      step += 1
+      if len(position.losses) == self.fed.inner_steps // 2:
+        faults.crash_point('silo_inner', position.round)
+      if self.preemption.reached(step):
+        position.phase = Phase.TRAINING
+        self.private.save(state, residual, position)
+        self.summary['preempted'] = True
+        self.log(f'SIGTERM: checkpointed round {position.round} after '
+                 f'{len(position.losses)} inner steps; exiting for a restart to resume')
+        break
+      if self.fed.round_budget_s and multihost.agree_flag(
+          time.monotonic() - start >= self.fed.round_budget_s):
+        break
+    return state, step
+
+  def publish(self, position, state, residual, base_flat, base_hash, seconds):
+    """Compresses and commits the round's delta, then checkpoints; returns the next residual.
+
+    `seconds` holds the round's 'eval' and 'inner' seconds; 'publish' and
+    'checkpoint' are added, and it becomes the round's record in the summary.
+    """
+    start = time.monotonic()
+    losses = [float(x) for x in position.losses]
+    train_loss = float(np.mean(np.asarray(losses, np.float32)))
+    if not np.isfinite(train_loss):
+      raise trainer_lib.TrainingDivergedError(
+          f'silo {self.silo_id} round {position.round}: train loss {train_loss}. Fix: lower '
+          'inner.lr; the delta was not published.')
+    payload, residual, meta = make_delta(
+        self.run, position.round, self.silo_id, base_hash, base_flat, trees.flatten_params(state['params']), residual, self.fed,
+        steps=len(losses), tokens=len(losses) * self.trainer.tokens_per_step(),
+        train_loss=train_loss, global_eval_loss=position.global_eval,
+        inner_seconds=seconds['inner'], mesh=self.trainer.mesh)
+    if self.identity is not None:
+      meta = self.identity.sign(meta)
+    self.store.publish_delta(position.round, self.silo_id, payload, meta)
+    seconds['publish'] = time.monotonic() - start
+    faults.crash_point('silo_published', position.round)
+    self.log(f'round {position.round} published ({len(losses)} steps, loss {train_loss:.4f}, '
+             f'{meta["bytes"]:,} bytes)')
+    position.phase = Phase.PUBLISHED
+    self.private.save(state, residual, position)
+    seconds['checkpoint'] = time.monotonic() - start - seconds['publish']
+    self.summary['rounds'].append({**{k: meta[k] for k in ('round', 'tokens', 'train_loss',
+                                                           'bytes')}, 'seconds': seconds})
+    return residual
+
+  def finish(self, position, state, step):
+    """After the last round: the final global model's held-out loss, published."""
+    final_eval = self.trainer.evaluate(state['params'])
+    self.store.publish_eval(position.round, self.silo_id, {
+        'round': position.round, 'silo': self.silo_id, 'eval_loss': final_eval, 'step': step})
+    self.summary['final_eval_loss'] = final_eval
+
+  # -- the loop -----------------------------------------------------------------------
+
+  def run_rounds(self, stop_after_rounds):
+    state, residual, position = self.join_or_resume()
+    step = int(state['step'])  # The data position; tracked on the host from here on.
+    rounds_done = 0
+    while True:
+      if position.phase == Phase.PUBLISHED:  # Everything is saved: a SIGTERM may end the wait.
+        wait_start = time.monotonic()
+        next_round = self.wait_for_next(position, step)
+        if next_round is None:
+          self.summary['preempted'] = True
+          break
+        load_start = time.monotonic()
+        state, position = self.load_global(next_round, state), Position(next_round)
+        if self.summary['rounds']:  # Rounds published by this invocation report their wait.
+          self.summary['rounds'][-1]['seconds'].update(
+              wait=load_start - wait_start, load=time.monotonic() - load_start)
+        rounds_done += 1
+        if position.round >= self.total_rounds:
+          self.private.save(state, residual, position)
+        if stop_after_rounds is not None and rounds_done >= stop_after_rounds:
+          break
+      if position.round >= self.total_rounds:
+        break
+      newest = self.behind(position)
+      if newest is not None:
+        self.log(f'missed rounds {position.round}..{newest - 1}; rebasing onto global round '
+                 f'{newest}')
+        state, position = self.load_global(newest, state), Position(newest)
+        continue
+      base_flat, base_hash, eval_seconds = self.begin_round(position, state, step)
+      inner_start = time.monotonic()
+      state, step = self.inner_steps(position, state, residual, step)
+      if self.summary['preempted']:
+        break
+      residual = self.publish(position, state, residual, base_flat, base_hash, {
+          'eval': eval_seconds, 'inner': time.monotonic() - inner_start})
+    if position.round >= self.total_rounds:
+      self.finish(position, state, step)
+    self.summary.update(round=position.round, state=state)
+    return self.summary
+
+  def close(self):
+    self.preemption.restore()
+    self.private.close()
 
 
 def run_silo(config, silo_id: str, storage_root: str, workdir: str,
@@ -228,150 +336,12 @@ def run_silo(config, silo_id: str, storage_root: str, workdir: str,
   `keys_dir` is the silo's private key folder (silo_<id>.key and the pinned
   aggregator.pub); a signed run requires it. On SIGTERM (on any host of a
   multi-host silo) every host checkpoints the same step and the summary says
-  'preempted'; running it again resumes there.
+  'preempted'; running it again resumes there. Returns {'silo', 'rounds' (one
+  record per round published: round, tokens, train_loss, bytes, seconds),
+  'preempted', 'round', 'state', and 'final_eval_loss' after the last round}.
   """
-  sharding.maybe_initialize_distributed(config.distributed)
-  config = federated_config(config)
-  fed = config.federation
-  store = storage_lib.RunStorage(storage_root)
-  run = store.read_run()
-  check_silo_listed(run, silo_id)
-  identity = signing.party_identity(run, keys_dir, signing.silo_key_name(silo_id))
-  trainer = trainer_lib.Trainer(config, data_seed=silo_data_seed(config.seed, silo_id))
-  check_joins_run(run, config, silo_id, trainer.tokenizer_sha256)
-
-  def load_global(round_index, state):
-    return load_global_into(trainer, store, round_index, state,
-                            check_meta=global_checker(run, identity, store, round_index))
-  total_rounds = run['federation']['rounds']
-  use_feedback = fed.error_feedback and fed.compression != 'none'
-  private = _Private(trainer, workdir,
-                     {**checkpoint_lib.expected_meta(config, trainer.tokenizer_sha256),
-                      'run_id': run['run_id'], 'silo': silo_id},
-                     use_feedback, config.train.async_checkpoints)
-  wait = dict(timeout_s=fed.wait_timeout_s, poll_s=fed.poll_s)
-  preemption = multihost.Preemption()
-  summary = {'silo': silo_id, 'rounds': [], 'preempted': False}
+  silo = _Silo(config, silo_id, storage_root, workdir, keys_dir)
   try:
-    restored = private.restore()
-    if restored is not None:
-      state, residual, progress = restored
-      round_index, phase = progress['round'], progress['phase']
-      metrics_lib.log(f'silo {silo_id}: resumed in round {round_index} ({phase}, '
-                      f'{progress.get("steps_done", 0)} inner steps done) from {workdir}')
-    else:
-      round_index = multihost.agree_int(storage_lib.wait_for(
-          store.latest_global_round, 'the initial global model', **wait))
-      state = load_global(round_index, trainer.init_state())
-      residual = ({k: jnp.zeros(v.shape, jnp.float32, device=v.sharding) for k, v in
-                   outer.flatten_params(state['params']).items()} if use_feedback else None)
-      phase, progress = 'start', {}
-    step = int(state['step'])  # The data position; tracked on the host from here on.
-    rounds_done, wait_start = 0, time.monotonic()
-
-    while True:
-      if phase == 'published':
-        # Everything this round needs is saved: a preemption notice may end the wait.
-        next_round = multihost.agree_int(storage_lib.wait_for(
-            lambda: (lambda r: r if r is not None and r > round_index else None)(
-                store.latest_global_round()),
-            f'global round {round_index + 1} (the aggregator\'s output for round '
-            f'{round_index}) under {storage_root}',
-            stop=lambda: preemption.reached(step + 1), **wait) or _PREEMPTED)
-        if next_round == _PREEMPTED:
-          summary['preempted'] = True
-          break
-        load_start = time.monotonic()
-        state = load_global(next_round, state)
-        round_index, phase = next_round, 'start'
-        if summary['rounds']:  # Rounds published by this invocation report their wait.
-          summary['rounds'][-1]['seconds'].update(wait=load_start - wait_start,
-                                                  load=time.monotonic() - load_start)
-        rounds_done += 1
-        if round_index >= total_rounds:
-          private.save(state, residual, round=round_index, phase='start')
-        if stop_after_rounds is not None and rounds_done >= stop_after_rounds:
-          break
-      if round_index >= total_rounds:
-        break
-
-      if phase == 'start':
-        newest = multihost.agree_int(store.latest_global_round())
-        if newest is not None and newest > round_index:
-          metrics_lib.log(f'silo {silo_id}: missed rounds {round_index}..{newest - 1}; '
-                          f'rebasing onto global round {newest}')
-          round_index = newest
-          state = load_global(round_index, state)
-          continue
-        global_flat = {k: jnp.copy(v) for k, v in outer.flatten_params(state['params']).items()}
-        eval_start = time.monotonic()
-        global_eval = trainer.evaluate(state['params'])
-        store.publish_eval(round_index, silo_id, {'round': round_index, 'silo': silo_id,
-                                                  'eval_loss': global_eval, 'step': step})
-        eval_seconds = time.monotonic() - eval_start
-        losses = []
-      else:  # Preempted mid-round: the round's base is the global model in the bucket.
-        global_flat = outer.flatten_params(load_global(round_index, state)['params'])
-        global_eval, eval_seconds = progress['global_eval'], 0.0
-        losses = list(progress['losses'])
-      base_hash = store.global_hash(round_index)
-
-      start = time.monotonic()
-      while len(losses) < fed.inner_steps:
-        state, step_metrics = trainer.train_step(state, trainer.batch(step))
-        losses.append(step_metrics['train_loss'])
-        step += 1
-        if len(losses) == fed.inner_steps // 2:
-          faults.crash_point('silo_inner', round_index)
-        if preemption.reached(step):
-          private.save(state, residual, round=round_index, phase='training',
-                       steps_done=len(losses), global_eval=global_eval,
-                       losses=[float(x) for x in losses])
-          summary['preempted'] = True
-          break
-        if fed.round_budget_s and multihost.agree_flag(
-            time.monotonic() - start >= fed.round_budget_s):
-          break
-      if summary['preempted']:
-        metrics_lib.log(f'silo {silo_id}: SIGTERM: checkpointed round {round_index} after '
-                        f'{len(losses)} inner steps; exiting for a restart to resume')
-        break
-      losses = [float(x) for x in losses]
-      train_loss = float(np.mean(np.asarray(losses, np.float32)))
-      if not np.isfinite(train_loss):
-        raise trainer_lib.TrainingDivergedError(
-            f'silo {silo_id} round {round_index}: train loss {train_loss}. Fix: lower '
-            'inner.lr; the delta was not published.')
-      payload, residual_next, meta = make_delta(
-          run, round_index, silo_id, base_hash, global_flat,
-          outer.flatten_params(state['params']), residual, fed,
-          steps=len(losses), tokens=len(losses) * trainer.tokens_per_step(),
-          train_loss=train_loss, global_eval_loss=global_eval,
-          inner_seconds=time.monotonic() - start, mesh=trainer.mesh)
-      if identity is not None:
-        meta = identity.sign(meta)
-      seconds = {'eval': eval_seconds, 'inner': meta['inner_seconds']}
-      store.publish_delta(round_index, silo_id, payload, meta)
-      seconds['publish'] = time.monotonic() - start - seconds['inner']
-      faults.crash_point('silo_published', round_index)
-      metrics_lib.log(f'silo {silo_id}: round {round_index} published ({len(losses)} steps, '
-                      f'loss {train_loss:.4f}, {meta["bytes"]:,} bytes)')
-      residual = residual_next
-      private.save(state, residual, round=round_index, phase='published')
-      phase = 'published'
-      wait_start = time.monotonic()
-      seconds['checkpoint'] = wait_start - start - seconds['inner'] - seconds['publish']
-      summary['rounds'].append({**{k: meta[k] for k in ('round', 'tokens', 'train_loss', 'bytes')},
-                                'seconds': seconds})
-
-    if round_index >= total_rounds:
-      final_eval = trainer.evaluate(state['params'])
-      store.publish_eval(round_index, silo_id, {'round': round_index, 'silo': silo_id,
-                                                'eval_loss': final_eval, 'step': step})
-      summary['final_eval_loss'] = final_eval
-    summary['round'] = round_index
-    summary['state'] = state
+    return silo.run_rounds(stop_after_rounds)
   finally:
-    preemption.restore()
-    private.close()
-  return summary
+    silo.close()

@@ -20,10 +20,11 @@ from ml_collections import config_flags
 from fedpt import aggregator
 from fedpt import config as config_lib
 from fedpt import data as data_lib
+from fedpt import errors
 from fedpt import evaluation
 from fedpt import ledger
+from fedpt import protocol
 from fedpt import signing
-from fedpt import silo as silo_lib
 from fedpt import storage as storage_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,7 +32,7 @@ EVAL_GRACE_S = 60.0  # How long a round's line waits for the silos' held-out los
 STOP_GRACE_S = 30.0  # SIGTERM lets a silo checkpoint (exit 75) before we SIGKILL it.
 
 
-class SimulationError(RuntimeError):
+class SimulationError(errors.UserError, RuntimeError):
   """A child process failed; the message names it and shows the end of its log."""
 
 
@@ -151,7 +152,7 @@ def _check_resumable(store, config) -> dict:
         f'{store.root} already holds a finished run ({run["run_id"]}, {fed["rounds"]} rounds). '
         f'Fix: inspect it with scripts/status.py --storage={store.root}, or pass a new '
         '--storage / --workdir.')
-  mine = silo_lib.run_info(config, run['tokenizer_sha256'], run['run_id'])['federation']
+  mine = protocol.run_record(config, run['tokenizer_sha256'], run['run_id'])['federation']
   for key in sorted(set(mine) | set(fed)):
     if mine.get(key) != fed.get(key):
       raise config_lib.ConfigError(
@@ -234,8 +235,8 @@ def simulate(config, config_file: str, storage_root: str, workdir: str,
     storage_root = os.path.abspath(storage_root)
   workdir = os.path.abspath(workdir)
   overrides = config_overrides(config, config_file)
-  config = silo_lib.federated_config(config)
-  aggregator.validate_federation(config)
+  config = protocol.federated_config(config)
+  protocol.validate_federation(config)
   store = storage_lib.RunStorage(storage_root)
   keys_dir = os.path.join(workdir, 'keys')
   if store.exists(store.run_path):

@@ -37,16 +37,18 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from fedpt import errors
 from fedpt import faults
 from fedpt import multihost
+from fedpt import protocol
 from fedpt.checkpoint import ORBAX_LOCK
-from fedpt.outer import flatten_params
-from fedpt.outer import unflatten_params
+from fedpt.trees import flatten_params
+from fedpt.trees import unflatten_params
 
 META = 'meta.json'
 
 
-class StorageError(RuntimeError):
+class StorageError(errors.UserError, RuntimeError):
   """A problem with the shared run storage; the message names the object."""
 
 
@@ -105,13 +107,6 @@ def array_hash(x) -> str:
   x = np.ascontiguousarray(multihost.host_copy(x))
   h = hashlib.sha256(f'{x.dtype.str}{x.shape}'.encode())
   h.update(x.tobytes())
-  return h.hexdigest()
-
-
-def tree_hash(leaf_hashes: dict[str, str]) -> str:
-  h = hashlib.sha256()
-  for name in sorted(leaf_hashes):
-    h.update(f'{name}={leaf_hashes[name]};'.encode())
   return h.hexdigest()
 
 
@@ -427,7 +422,7 @@ class RunStorage:
     metas = self.global_shard_metas(round_index)
     if metas is None:
       return None
-    return tree_hash({k: v for m in metas for k, v in m['leaf_hashes'].items()})
+    return protocol.tree_hash({k: v for m in metas for k, v in m['leaf_hashes'].items()})
 
   def latest_global_round(self) -> int | None:
     rounds = sorted((int(p.name[len('round_'):]) for p in self.list_dir(self.root / 'global')

@@ -17,6 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from fedpt import checkpoint as checkpoint_lib
 from fedpt import config as config_lib
 from fedpt import data as data_lib
+from fedpt import errors
 from fedpt import inner
 from fedpt import metrics as metrics_lib
 from fedpt import model as model_lib
@@ -27,7 +28,7 @@ from fedpt import sharding
 PREEMPTED_EXIT_CODE = 75
 
 
-class TrainingDivergedError(RuntimeError):
+class TrainingDivergedError(errors.UserError, RuntimeError):
   """The loss became NaN or Inf; continuing would only waste compute."""
 
 
@@ -38,7 +39,7 @@ class Trainer:
     sharding.maybe_initialize_distributed(config.distributed)
     self.data_seed = config.seed if data_seed is None else data_seed
     devices = jax.devices() if devices is None else devices
-    config_lib.validate(config, num_devices=len(devices))
+    sharding.validate_config(config, num_devices=len(devices))
     self.config = config
     self.mesh = sharding.make_mesh(config.mesh, devices)
     self.rules = tuple(config.sharding.rules)
@@ -58,10 +59,7 @@ class Trainer:
     self.optimizer = inner.make_optimizer(config.inner, self.total_steps)
     self.lr_schedule = inner.lr_schedule(config.inner, self.total_steps)
 
-    abstract_model = nnx.eval_shape(lambda: model_lib.Transformer(self.model_config, nnx.Rngs(0)))
-    self.graphdef, abstract_nnx_state = nnx.split(abstract_model)
-    abstract_params = nnx.to_pure_dict(abstract_nnx_state)
-    logical_params = nnx.to_pure_dict(nnx.get_partition_spec(abstract_nnx_state))
+    self.graphdef, abstract_params, logical_params = model_lib.abstract_model(self.model_config)
     self.param_shardings = sharding.tree_shardings(
         self.mesh, logical_params, abstract_params, self.rules)
     self.replicated = NamedSharding(self.mesh, PartitionSpec())

@@ -5,8 +5,10 @@ r"""Exports a trained model as a Hugging Face Llama checkpoint (transformers can
   python scripts/export_hf.py --config=configs/demo.py --storage=/shared/run1 --round=20 \
       --out=/tmp/run1-round20-hf
 
---workdir exports the newest checkpoint of scripts/train.py; --storage with --round
-exports a committed global round of a federated run. --out must be new or empty.
+--workdir exports the newest (or --step) checkpoint of a plain or silo run; --storage
+exports committed global round --round (the newest when left out) of a federated run:
+the sources sample.py, evaluate.py and inspect_checkpoint.py take too. --out must be
+new or empty.
 """
 import os
 import sys
@@ -22,9 +24,12 @@ from fedpt import export_hf  # noqa: E402
 
 config_flags.DEFINE_config_file('config', None, 'The configs/*.py file that trained the model.',
                                 lock_config=True)
-flags.DEFINE_string('workdir', None, 'A scripts/train.py workdir: export its newest checkpoint.')
-flags.DEFINE_string('storage', None, 'A federated run\'s shared storage root (with --round).')
-flags.DEFINE_integer('round', None, 'The committed global round of --storage to export.')
+flags.DEFINE_string('workdir', None, 'A training run\'s or silo\'s workdir: export its newest '
+                    'checkpoint (or --step).')
+flags.DEFINE_integer('step', None, 'The checkpoint step in --workdir; default: the newest.')
+flags.DEFINE_string('storage', None, 'A federated run\'s shared storage root.')
+flags.DEFINE_integer('round', None, 'The committed global round of --storage to export; '
+                     'default: the newest.')
 flags.DEFINE_string('out', None, 'New or empty folder for the Hugging Face files.')
 flags.mark_flags_as_required(['config', 'out'])
 FLAGS = flags.FLAGS
@@ -34,9 +39,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   summary = cli.run_or_explain(export_hf.export, FLAGS.config, FLAGS.out, workdir=FLAGS.workdir,
-                               storage=FLAGS.storage, round_index=FLAGS.round)
-  print(f"exported {summary['parameters']:,} parameters to {summary['out']} "
-        '(load with transformers.LlamaForCausalLM.from_pretrained)')
+                               step=FLAGS.step, storage=FLAGS.storage, round_index=FLAGS.round)
+  print(f"exported {summary['parameters']:,} parameters of {summary['source']} to "
+        f"{summary['out']} (load with transformers.LlamaForCausalLM.from_pretrained)")
 
 
 if __name__ == '__main__':

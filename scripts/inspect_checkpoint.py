@@ -17,7 +17,7 @@ from absl import flags  # noqa: E402
 
 from fedpt import cli  # noqa: E402
 from fedpt import inspection  # noqa: E402
-from fedpt import storage  # noqa: E402
+from fedpt import loading  # noqa: E402
 
 flags.DEFINE_string('storage', None, 'A federated run\'s storage root (with --round).')
 flags.DEFINE_integer('round', None, 'Global round to inspect (default: the newest).')
@@ -27,21 +27,11 @@ flags.DEFINE_enum('format', 'table', ['table', 'json'], 'table for people, json 
 FLAGS = flags.FLAGS
 
 
-def describe():
-  if (FLAGS.storage is None) == (FLAGS.workdir is None):
-    raise app.UsageError('pass either --storage (a global round) or --workdir (a private '
-                         'checkpoint)')
-  if FLAGS.workdir is not None:
-    return inspection.describe_private_checkpoint(FLAGS.workdir, FLAGS.step)
-  store = storage.RunStorage(FLAGS.storage)
-  round_index = FLAGS.round if FLAGS.round is not None else store.latest_global_round()
-  return inspection.describe_global_round(store, -1 if round_index is None else round_index)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  info = cli.run_or_explain(describe)
+  info = cli.run_or_explain(lambda: inspection.describe(loading.Source(
+      workdir=FLAGS.workdir, step=FLAGS.step, storage=FLAGS.storage, round=FLAGS.round)))
   print(json.dumps(info, indent=1) if FLAGS.format == 'json' else inspection.render(info))
 
 

@@ -5,10 +5,11 @@ r"""Samples text from a trained model: a training run's checkpoint or a federate
   python scripts/sample.py --config=configs/demo.py --storage=/shared/run1 --round=3 \
       --prompt='import os'
 
---workdir reads the newest private checkpoint of a plain or silo run; --storage
-reads global round --round (the newest committed one when left out). The config
-must be the one the model was trained with: checkpoints of another model shape
-or tokenizer are refused.
+--workdir reads the newest (or --step) private checkpoint of a plain or silo run;
+--storage reads global round --round (the newest committed one when left out).
+These are the sources evaluate.py, export_hf.py and inspect_checkpoint.py take
+too (fedpt/loading.py). The config must be the one the model was trained with:
+checkpoints of another model shape or tokenizer are refused.
 """
 import os
 import sys
@@ -24,10 +25,12 @@ from fedpt import sampling  # noqa: E402
 
 config_flags.DEFINE_config_file('config', None, 'The configs/*.py file the model was '
                                 'trained with.', lock_config=True)
-flags.DEFINE_string('workdir', None, 'A training run\'s workdir: sample its newest checkpoint.')
+flags.DEFINE_string('workdir', None, 'A training run\'s or silo\'s workdir: sample its newest '
+                    'checkpoint (or --step).')
+flags.DEFINE_integer('step', None, 'The checkpoint step in --workdir; default: the newest.')
 flags.DEFINE_string('storage', None, 'A federated run\'s shared storage root.')
 flags.DEFINE_integer('round', None, 'The global round to sample (with --storage); default: '
-                     'the newest committed one.', lower_bound=0)
+                     'the newest committed one.')
 flags.DEFINE_string('prompt', '', 'Text the samples continue.')
 flags.DEFINE_integer('max_new_tokens', 64, 'Tokens to generate (fewer if EOS comes first).',
                      lower_bound=1)
@@ -39,12 +42,6 @@ flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling: the smallest set of tokens w
 flags.DEFINE_integer('seed', 0, 'Sampling seed: the same seed gives the same samples.')
 flags.DEFINE_integer('num_samples', 1, 'Independent samples of the prompt.', lower_bound=1)
 flags.mark_flags_as_required(['config'])
-flags.register_multi_flags_validator(
-    ['workdir', 'storage'], lambda f: (f['workdir'] is None) != (f['storage'] is None),
-    message='pass exactly one of --workdir (a training run) or --storage (a federated run)')
-flags.register_multi_flags_validator(
-    ['round', 'storage'], lambda f: f['round'] is None or f['storage'] is not None,
-    message='--round needs --storage (the federated run holding that round)')
 FLAGS = flags.FLAGS
 
 
@@ -53,9 +50,9 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   texts = cli.run_or_explain(
       sampling.sample_text, FLAGS.config, FLAGS.prompt, workdir=FLAGS.workdir,
-      storage=FLAGS.storage, round_index=FLAGS.round, max_new_tokens=FLAGS.max_new_tokens,
-      temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed,
-      num_samples=FLAGS.num_samples)
+      step=FLAGS.step, storage=FLAGS.storage, round_index=FLAGS.round,
+      max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
+      top_p=FLAGS.top_p, seed=FLAGS.seed, num_samples=FLAGS.num_samples)
   for i, text in enumerate(texts):
     if len(texts) > 1:
       print(f'--- sample {i} ---')

@@ -13,10 +13,10 @@ import bucket_helpers
 from fedpt import aggregator as aggregator_lib
 from fedpt import data
 from fedpt import evaluation
-from fedpt import outer
-from fedpt import silo as silo_lib
+from fedpt import protocol
 from fedpt import storage as storage_lib
 from fedpt import trainer as trainer_lib
+from fedpt import trees
 
 
 def test_evaluation_matrix_of_a_known_run(tiny_config, corpus_dir, tmp_path, repo_root):
@@ -52,10 +52,10 @@ def test_evaluation_matrix_of_a_known_run(tiny_config, corpus_dir, tmp_path, rep
                                                   'global_round_2', 'held')
                                  for s in ('held', 'txt')])
   # Each number is the trainer's own held-out loss of that exact model.
-  trainer = trainer_lib.Trainer(silo_lib.federated_config(tiny_config))
+  trainer = trainer_lib.Trainer(protocol.federated_config(tiny_config))
   val = data.TokenDataset(corpus_dir, 'val', trainer.tokenizer_sha256)
   for r in range(3):
-    expected = trainer.evaluate(outer.unflatten_params(bucket_helpers.global_params(store, r)), val)
+    expected = trainer.evaluate(trees.unflatten_params(bucket_helpers.global_params(store, r)), val)
     row = rows[(f'global_round_{r}', 'held')]
     assert row['loss'] == pytest.approx(expected, rel=1e-6)
     assert row['perplexity'] == pytest.approx(math.exp(expected), rel=1e-6)
@@ -64,7 +64,7 @@ def test_evaluation_matrix_of_a_known_run(tiny_config, corpus_dir, tmp_path, rep
   whole = data.TokenDataset(str(out / 'eval_sets' / 'txt'), 'train', trainer.tokenizer_sha256)
   assert whole.num_tokens > 1000
   assert rows[('global_round_1', 'txt')]['loss'] == pytest.approx(trainer.evaluate(
-      outer.unflatten_params(bucket_helpers.global_params(store, 1)), whole), rel=1e-6)
+      trees.unflatten_params(bucket_helpers.global_params(store, 1)), whole), rel=1e-6)
   # Bits per byte: the summed loss over the UTF-8 bytes of the predicted text, decoded here.
   tokenizer = data.load_tokenizer(trainer.tokenizer_path)
   d = tiny_config.data

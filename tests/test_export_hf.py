@@ -15,8 +15,8 @@ from fedpt import checkpoint as checkpoint_lib
 from fedpt import data as data_lib
 from fedpt import export_hf
 from fedpt import model as model_lib
-from fedpt import outer
 from fedpt import trainer as trainer_lib
+from fedpt import trees
 
 TOLERANCE = 1e-4
 
@@ -40,7 +40,7 @@ def _hf_logits(out_dir, tokens):
 
 def _fedpt_logits(cfg, flat_params, tokens):
   model = nnx.eval_shape(lambda: model_lib.Transformer(cfg, nnx.Rngs(0)))
-  nnx.update(model, outer.unflatten_params(flat_params))
+  nnx.update(model, trees.unflatten_params(flat_params))
   return np.asarray(model(jnp.asarray(tokens)))
 
 
@@ -62,7 +62,7 @@ def _write(cfg, flat, out_dir, seq_len=64):
 def test_llama_logits_match_fedpt(tmp_path, tie_embeddings, n_kv_heads):
   cfg = _model_config(tie_embeddings, n_kv_heads)
   model = model_lib.Transformer(cfg, nnx.Rngs(1))
-  flat = outer.flatten_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  flat = trees.flatten_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   _write(cfg, flat, tmp_path / 'hf')
   tokens = _tokens(cfg.vocab_size)
   want = np.asarray(model(jnp.asarray(tokens)))
@@ -76,7 +76,7 @@ def test_llama_logits_match_fedpt(tmp_path, tie_embeddings, n_kv_heads):
 def test_llama_tokenizer_gives_fedpt_ids(tmp_path):
   cfg = _model_config(True, 2)
   model = model_lib.Transformer(cfg, nnx.Rngs(1))
-  _write(cfg, outer.flatten_params(nnx.to_pure_dict(nnx.state(model, nnx.Param))), tmp_path)
+  _write(cfg, trees.flatten_params(nnx.to_pure_dict(nnx.state(model, nnx.Param))), tmp_path)
   hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
   tok = data_lib.load_tokenizer(data_lib.default_tokenizer_path())
   texts = data_lib.stdlib_documents('all')[:20] + [
@@ -100,7 +100,7 @@ def test_cli_exports_a_trained_workdir(tiny_config, tmp_path, repo_root):
                            async_checkpoints=False)
   workdir = tmp_path / 'work'
   summary = trainer_lib.train_and_evaluate(tiny_config, str(workdir))
-  flat = outer.flatten_params(summary['state']['params'])
+  flat = trees.flatten_params(summary['state']['params'])
   out = tmp_path / 'hf'
   corpus = f'--config.data.corpus={tiny_config.data.corpus}'
   code, log = _run(repo_root, f'--workdir={workdir}', f'--out={out}', corpus)

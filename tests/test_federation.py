@@ -17,9 +17,11 @@ from fedpt import compression as compression_lib
 from fedpt import config as config_lib
 from fedpt import faults
 from fedpt import outer
+from fedpt import protocol
 from fedpt import silo as silo_lib
 from fedpt import storage as storage_lib
 from fedpt import trainer as trainer_lib
+from fedpt import trees
 
 
 @pytest.fixture
@@ -56,13 +58,13 @@ def test_plain_training_is_the_k1_h1_fedavg_special_case(fed_config, tmp_path):
   worker.join(timeout=300)
   federated = bucket_helpers.global_params(storage_lib.RunStorage(root), 5)
 
-  plain_config = silo_lib.federated_config(fed_config)
+  plain_config = protocol.federated_config(fed_config)
   trainer = trainer_lib.Trainer(plain_config,
-                                data_seed=silo_lib.silo_data_seed(fed_config.seed, 'solo'))
+                                data_seed=protocol.silo_data_seed(fed_config.seed, 'solo'))
   state = trainer.init_state()
   for step in range(5):
     state, _ = trainer.train_step(state, trainer.batch(step))
-  plain = outer.flatten_params(jax.device_get(state['params']))
+  plain = trees.flatten_params(jax.device_get(state['params']))
   assert sorted(plain) == sorted(federated)
   for name in plain:
     np.testing.assert_allclose(federated[name], plain[name], rtol=1e-5, atol=1e-6, err_msg=name)
@@ -181,13 +183,13 @@ def test_garbage_collection_keeps_last_n_and_every_mth(fed_config, tmp_path):
 def test_silo_that_does_not_match_the_run_is_refused(fed_config, tmp_path):
   root = str(tmp_path / 'bucket')
   run = aggregator_lib.init_run(fed_config, root)
-  with pytest.raises(silo_lib.RunMismatchError, match="silo 'zz' is not in this run"):
-    silo_lib.check_joins_run(run, fed_config, 'zz', run['tokenizer_sha256'])
-  with pytest.raises(silo_lib.RunMismatchError, match='tokenizer'):
-    silo_lib.check_joins_run(run, fed_config, 'a', 'f' * 64)
+  with pytest.raises(protocol.RunMismatchError, match="silo 'zz' is not in this run"):
+    protocol.check_joins_run(run, fed_config, 'zz', run['tokenizer_sha256'])
+  with pytest.raises(protocol.RunMismatchError, match='tokenizer'):
+    protocol.check_joins_run(run, fed_config, 'a', 'f' * 64)
   fed_config.model.d_model = 32
-  with pytest.raises(silo_lib.RunMismatchError, match='d_model'):
-    silo_lib.check_joins_run(run, fed_config, 'a', run['tokenizer_sha256'])
+  with pytest.raises(protocol.RunMismatchError, match='d_model'):
+    protocol.check_joins_run(run, fed_config, 'a', run['tokenizer_sha256'])
   with pytest.raises(storage_lib.StorageError, match='holds a run'):
     aggregator_lib.init_run(fed_config, root)
 
@@ -334,14 +336,14 @@ def test_compression_error_feedback_and_per_silo_steps(fed_config, tmp_path):
     np.testing.assert_allclose([entries['a']['weight'], entries['b']['weight']], [2 / 3, 1 / 3])
   # The error-feedback residual lives in the silo's private checkpoint, never in the bucket.
   ckpt = checkpoint_lib.Checkpointer(str(tmp_path / 'a' / 'checkpoints'), keep=2)
-  trainer = trainer_lib.Trainer(silo_lib.federated_config(fed_config))
+  trainer = trainer_lib.Trainer(protocol.federated_config(fed_config))
   abstract = {'train': trainer.abstract_state(),
               'residual': jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, np.float32),
                                        trainer.abstract_state()['params'])}
   private, meta = ckpt.restore(ckpt.latest_step(), abstract, {})
   ckpt.close()
   assert meta['round'] == 2
-  residual = outer.flatten_params(jax.device_get(private['residual']))
+  residual = trees.flatten_params(jax.device_get(private['residual']))
   assert 0 < np.abs(residual['embed_vd']).max() < 1e-2
   assert results['a']['round'] == 2 and np.isfinite(results['a']['final_eval_loss'])
 

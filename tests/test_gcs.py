@@ -14,6 +14,7 @@ import pytest
 import bucket_helpers
 from fedpt import aggregator as aggregator_lib
 from fedpt import faults
+from fedpt import protocol
 from fedpt import signing
 from fedpt import silo as silo_lib
 from fedpt import storage as storage_lib
@@ -141,7 +142,7 @@ def test_operator_mistakes_fail_clearly_and_change_nothing(fed_config, gcs_bucke
   with pytest.raises(storage_lib.StorageError, match='holds a run.*Fix'):
     aggregator_lib.init_run(fed_config, root, keys_dir=keys)
   # A silo id that is not in run.json.
-  with pytest.raises(silo_lib.RunMismatchError, match="silo 'zz' is not in this run"):
+  with pytest.raises(protocol.RunMismatchError, match="silo 'zz' is not in this run"):
     silo_lib.run_silo(fed_config, 'zz', root, str(tmp_path / 'zz'), keys_dir=keys)
   # A silo that trusts another run's aggregator (the root holds a different run).
   other = str(tmp_path / 'other')

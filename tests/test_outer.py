@@ -6,6 +6,7 @@ import optax
 import pytest
 
 from fedpt import outer
+from fedpt import trees
 
 SHAPES = {'embed_vd': (11, 6), 'blocks': {'mlp': {'up_weight_df': (2, 6, 5),
                                                   'down_weight_fd': (2, 5, 6)},
@@ -33,10 +34,10 @@ def aggregate(global_flat, locals_flat, weights):
 
 def test_flatten_round_trip_and_sorted_names():
   tree = random_tree(np.random.default_rng(0))
-  flat = outer.flatten_params(tree)
+  flat = trees.flatten_params(tree)
   assert list(flat) == sorted(flat)
   assert 'blocks/mlp/up_weight_df' in flat and 'bias' in flat
-  back = outer.unflatten_params(flat)
+  back = trees.unflatten_params(flat)
   assert jax.tree.structure(back) == jax.tree.structure(tree)
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(tree)):
     np.testing.assert_array_equal(a, b)
@@ -52,7 +53,7 @@ def test_flatten_round_trip_and_sorted_names():
 ])
 def test_flatten_rejects_non_dict_trees(bad, match):
   with pytest.raises(outer.ParamTreeError, match=match):
-    outer.flatten_params(bad)
+    trees.flatten_params(bad)
 
 
 def test_pseudo_gradient_is_float32_global_minus_local():
@@ -99,7 +100,7 @@ def test_diloco_matches_hand_written_weighted_nesterov_over_three_rounds():
   tokens = [1000, 3000, 6000]
   rng = np.random.default_rng(3)
   optimizer = outer.make_outer_optimizer(outer_config(lr=lr, momentum=mu))
-  global_flat = outer.flatten_params(random_tree(rng))
+  global_flat = trees.flatten_params(random_tree(rng))
   state = outer.init_outer_state(optimizer, global_flat)
 
   ref_global = {n: v.astype(np.float64) for n, v in global_flat.items()}
@@ -123,8 +124,8 @@ def test_diloco_matches_hand_written_weighted_nesterov_over_three_rounds():
 def test_fedavg_gives_token_weighted_mean_of_local_params():
   tokens = [500, 1500, 3000]
   rng = np.random.default_rng(4)
-  global_flat = outer.flatten_params(random_tree(rng))
-  locals_flat = [outer.flatten_params(random_tree(rng)) for _ in tokens]
+  global_flat = trees.flatten_params(random_tree(rng))
+  locals_flat = [trees.flatten_params(random_tree(rng)) for _ in tokens]
   optimizer = outer.make_outer_optimizer(outer_config(optimizer='fedavg', lr=123.0))
   mean_delta = aggregate(global_flat, locals_flat, outer.aggregation_weights(tokens))
   new_global, _ = outer.outer_step(optimizer, global_flat, mean_delta,
@@ -140,20 +141,20 @@ def test_per_leaf_step_equals_whole_tree_optax_step(name):
   optimizer = outer.make_outer_optimizer(outer_config(optimizer=name, lr=0.3))
   tree = random_tree(rng)
   tree_state = optimizer.init(tree)
-  flat = outer.flatten_params(tree)
+  flat = trees.flatten_params(tree)
   flat_state = outer.init_outer_state(optimizer, flat)
   for _ in range(3):
     delta = random_tree(rng, scale=0.05)
     updates, tree_state = optimizer.update(delta, tree_state, tree)
     tree = optax.apply_updates(tree, updates)
-    flat, flat_state = outer.outer_step(optimizer, flat, outer.flatten_params(delta), flat_state)
-  expected = outer.flatten_params(tree)
+    flat, flat_state = outer.outer_step(optimizer, flat, trees.flatten_params(delta), flat_state)
+  expected = trees.flatten_params(tree)
   assert list(flat) == list(expected)
   for n in flat:
     np.testing.assert_allclose(flat[n], expected[n], rtol=1e-6, atol=1e-6)
     # The optimizer state (e.g. Adam moments, counts) matches leaf by leaf too.
     expected_leaf_state = jax.tree.map(
-        lambda x: outer.flatten_params(x)[n] if isinstance(x, dict) else x, tree_state,
+        lambda x: trees.flatten_params(x)[n] if isinstance(x, dict) else x, tree_state,
         is_leaf=lambda x: isinstance(x, dict))
     assert jax.tree.structure(flat_state[n]) == jax.tree.structure(expected_leaf_state)
     for a, b in zip(jax.tree.leaves(flat_state[n]), jax.tree.leaves(expected_leaf_state)):
@@ -163,8 +164,8 @@ def test_per_leaf_step_equals_whole_tree_optax_step(name):
 def test_sharded_outer_step_equals_unsharded():
   rng = np.random.default_rng(6)
   optimizer = outer.make_outer_optimizer(outer_config(optimizer='fedadam', lr=0.1))
-  global_flat = outer.flatten_params(random_tree(rng))
-  delta_flat = outer.flatten_params(random_tree(rng, scale=0.1))
+  global_flat = trees.flatten_params(random_tree(rng))
+  delta_flat = trees.flatten_params(random_tree(rng, scale=0.1))
   state = outer.init_outer_state(optimizer, global_flat)
   full_global, full_state = outer.outer_step(optimizer, global_flat, delta_flat, state)
 

@@ -27,9 +27,11 @@ from fedpt import aggregator as aggregator_lib
 from fedpt import compression as compression_lib
 from fedpt import data
 from fedpt import outer
+from fedpt import protocol
 from fedpt import signing
 from fedpt import silo as silo_lib
 from fedpt import trainer as trainer_lib
+from fedpt import trees
 
 # Token ids may leak as raw little-endian integers of any common width.
 TOKEN_ENCODINGS = {'int16': '<i2', 'uint16': '<u2', 'int32': '<i4', 'int64': '<i8'}
@@ -229,8 +231,8 @@ def _spec(x) -> tuple[tuple[int, ...], str]:
 
 def model_layout(config, silo_formats: dict[str, str]) -> Layout:
   """Parameters' shapes; outer-optimizer state; what `compress` makes of each parameter."""
-  trainer = trainer_lib.Trainer(silo_lib.federated_config(config))
-  abstract = outer.flatten_params(trainer.abstract_state()['params'])
+  trainer = trainer_lib.Trainer(protocol.federated_config(config))
+  abstract = trees.flatten_params(trainer.abstract_state()['params'])
   params = {name: _spec(x) for name, x in abstract.items()}
   plain = {name: jax.ShapeDtypeStruct(x.shape, x.dtype) for name, x in abstract.items()}
   optimizer = outer.make_outer_optimizer(config.outer)
@@ -327,12 +329,12 @@ def test_bucket_holds_no_canary_text_or_token_ids(fed_config, tmp_path, gcs_buck
   assert own.find_bytes(secrets['canary']) == ['raw/docs.jsonl']
   assert 'corpus/train.bin' in own.find_tokens(needle)['uint16']
   # ...and the silos' training batches really read it (data order is (seed, silo, step)).
-  config = silo_lib.federated_config(fed_config)
+  config = protocol.federated_config(fed_config)
   train = data.TokenDataset(canary_corpus, 'train')
   for silo in CANARY_SILOS:
     rows = [row for step in range(config.train.steps) for row in train.batch(
         step, global_batch=config.data.global_batch, seq_len=config.data.seq_len,
-        seed=silo_lib.silo_data_seed(config.seed, silo))]
+        seed=protocol.silo_data_seed(config.seed, silo))]
     assert any(_contains_sequence(row, needle) for row in rows), silo
 
   # A real federation. The two canary silos upload the same kind of data in two formats

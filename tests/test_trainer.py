@@ -13,6 +13,7 @@ import pytest
 from fedpt import checkpoint as checkpoint_lib
 from fedpt import config as config_lib
 from fedpt import data as data_lib
+from fedpt import sharding
 from fedpt import trainer as trainer_lib
 
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2)]
@@ -185,7 +186,7 @@ def test_typo_in_config_field_names_the_closest_field(tiny_config):
   tiny_config.inner.unlock()
   tiny_config.inner.lrr = 1e-3
   with pytest.raises(config_lib.ConfigError, match=r"inner.lrr.*did you mean 'inner.lr'"):
-    config_lib.validate(tiny_config, num_devices=8)
+    sharding.validate_config(tiny_config, num_devices=8)
 
 
 @pytest.mark.parametrize('overrides, field', [
@@ -203,7 +204,7 @@ def test_impossible_configs_name_the_field(tiny_config, overrides, field):
     section, name = key.split('.')
     tiny_config[section][name] = value
   with pytest.raises(config_lib.ConfigError) as err:
-    config_lib.validate(tiny_config, num_devices=8)
+    sharding.validate_config(tiny_config, num_devices=8)
   assert err.value.field == field
   assert 'Fix:' in str(err.value)
 

@@ -12,11 +12,12 @@ import pytest
 import bucket_helpers
 
 from fedpt import aggregator as aggregator_lib
-from fedpt import outer
+from fedpt import loading
+from fedpt import protocol
 from fedpt import signing
-from fedpt import silo as silo_lib
 from fedpt import storage as storage_lib
 from fedpt import trainer as trainer_lib
+from fedpt import trees
 
 HONEST = {'a': 0.01, 'b': 0.02, 'r': 0.03}  # silo -> its delta (scale * ones on every leaf).
 BAD = ('flip', 'missing', 'nosig', 'badsig', 'wrongkey', 'wrongbase', 'tree', 'shape', 'dtype',
@@ -155,14 +156,12 @@ def test_every_bad_delta_is_rejected_and_changes_nothing(fed_config, gcs_bucket,
 
 def _silo_refuses_tampered_globals(fed_config, store, root, run, keys, tmp_path):
   """What silos load is vouched for by the aggregator's signature and per-leaf hashes."""
-  trainer = trainer_lib.Trainer(silo_lib.federated_config(fed_config))
+  trainer = trainer_lib.Trainer(protocol.federated_config(fed_config))
   identity = signing.Identity(keys, 'silo_a', run)
-  abstract = outer.flatten_params(trainer.abstract_state()['params'])
+  abstract = trees.flatten_params(trainer.abstract_state()['params'])
 
   def load(round_index):
-    return store.read_global_params(
-        round_index, abstract, check_meta=silo_lib.global_checker(run, identity, store,
-                                                                   round_index))
+    return loading.read_global_params(store, run, round_index, abstract, identity)
   assert sorted(load(2)) == sorted(abstract)  # Untampered: loads.
 
   shard_meta = store.shard_dir(2, 0, 1) / storage_lib.META

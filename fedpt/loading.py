@@ -1,0 +1,204 @@
+"""One model loader: a model's params from a workdir (plain or silo run) or a global round.
+
+`sample.py`, `evaluate.py`, `export_hf.py` and `inspect_checkpoint.py` resolve
+their `--workdir [--step]` or `--storage [--round]` through here, so they accept
+the same sources and refuse bad ones with the same one-line errors. Nothing is
+read into memory before it is vetted: a private checkpoint's metadata (model
+spec, tokenizer hash) is checked against the config; a global round's run.json
+against the config (`protocol.check_model_matches_run`), its shard metas by
+`protocol.check_global_meta` (run, round, aggregator signatures), and every
+array against the hash the aggregator committed.
+"""
+import contextlib
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+
+from fedpt import checkpoint as checkpoint_lib
+from fedpt import data as data_lib
+from fedpt import inner
+from fedpt import model as model_lib
+from fedpt import protocol
+from fedpt import signing
+from fedpt import storage as storage_lib
+from fedpt import trees
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """Where a model is: a workdir's checkpoint (newest, or `step`) or a run's global round.
+
+  `round=None` means the newest committed round. Raises CheckpointError when
+  the combination is not one of those two.
+  """
+  workdir: str | None = None
+  step: int | None = None
+  storage: str | None = None
+  round: int | None = None
+
+  def __post_init__(self):
+    problem = None
+    if (self.workdir is None) == (self.storage is None):
+      problem = 'pass exactly one source'
+    elif self.step is not None and self.workdir is None:
+      problem = '--step goes with --workdir'
+    elif self.round is not None and self.storage is None:
+      problem = '--round goes with --storage'
+    elif min(x for x in (self.step, self.round, 0) if x is not None) < 0:
+      problem = f'--step/--round must be >= 0, got {self.step if self.step is not None else self.round}'
+    if problem:
+      raise checkpoint_lib.CheckpointError(
+          f'{problem}. Fix: --workdir=DIR [--step=N] for a training run\'s or silo\'s '
+          'checkpoint, or --storage=ROOT [--round=N] for a federated global round')
+
+  def describe(self) -> str:
+    return self.workdir if self.workdir is not None else self.storage
+
+
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+  """A loaded model: pure-dict params (as `nnx.to_pure_dict`) and what they are."""
+  params: dict
+  model_config: model_lib.ModelConfig
+  tokenizer_path: str
+  source: str  # For people: '<workdir> step N' or '<root> global round N'.
+
+
+# -- abstract trees -------------------------------------------------------------------
+
+
+def abstract_params(model_config: model_lib.ModelConfig, device=None) -> dict:
+  """The model's params as ShapeDtypeStructs on one device (the first by default)."""
+  single = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
+  _, params, _ = model_lib.abstract_model(model_config)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=single), params)
+
+
+def train_state_abstract(config, params: dict) -> dict:
+  """The single-silo train state {'step', 'params', 'opt_state'} around `params`' placement."""
+  optimizer = inner.make_optimizer(config.inner, config.train.steps)
+  state = jax.eval_shape(lambda p: inner.init_state(p, optimizer), params)
+  placement = jax.tree.leaves(params)[0].sharding
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placement), state)
+
+
+def silo_checkpoint_abstract(train_state: dict, with_residual: bool) -> dict:
+  """A federated silo's private checkpoint: {'train': state, 'residual'?: fp32 like params}."""
+  tree = {'train': train_state}
+  if with_residual:
+    tree['residual'] = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=x.sharding),
+        train_state['params'])
+  return tree
+
+
+# -- private checkpoints ----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def open_checkpoint(workdir: str, step: int | None = None):
+  """(Checkpointer, step) of a workdir's newest or given checkpoint; CheckpointError if none."""
+  directory = os.path.join(workdir, 'checkpoints')
+  fix = ('Fix: pass the --workdir of a training run or silo (it holds checkpoints/), or '
+         '--storage for a federated global round')
+  if not os.path.isdir(directory):
+    raise checkpoint_lib.CheckpointError(
+        f'no checkpoint in --workdir={workdir} ({directory} is missing). {fix}.')
+  checkpointer = checkpoint_lib.Checkpointer(directory, keep=1, async_save=False)
+  try:
+    steps = checkpointer.all_steps()
+    if not steps or (step is not None and step not in steps):
+      raise checkpoint_lib.CheckpointError(
+          f'no checkpoint {"" if step is None else f"at step {step} "}in {directory} (steps '
+          f'there: {sorted(steps)}). {fix}, train until a checkpoint is written, or pass one '
+          'of those steps.')
+    yield checkpointer, (max(steps) if step is None else step)
+  finally:
+    checkpointer.close()
+
+
+def params_layout(state_layout: dict) -> dict:
+  """The params subtree of a saved state's layout, for a plain run or a silo alike."""
+  return state_layout['train']['params'] if 'train' in state_layout else state_layout['params']
+
+
+def _restore_workdir(config, source: Source, train_state: dict, tokenizer_sha256: str):
+  with open_checkpoint(source.workdir, source.step) as (checkpointer, step):
+    layout = checkpointer.state_layout(step)
+    abstract = train_state
+    if 'train' in layout:  # A federated silo's checkpoint (silo.run_silo).
+      abstract = silo_checkpoint_abstract(train_state, 'residual' in layout)
+    state, _ = checkpointer.restore(
+        step, abstract, checkpoint_lib.expected_meta(config, tokenizer_sha256))
+  state = state['train'] if 'train' in layout else state
+  return state['params'], f'{source.workdir} step {step}'
+
+
+# -- global rounds -----------------------------------------------------------------------
+
+
+def committed_round(store: storage_lib.RunStorage, round_index: int | None) -> tuple[int, list]:
+  """(round, shard metas) of a committed global round, the newest when None."""
+  latest = store.latest_global_round()
+  if round_index is None:
+    round_index = latest
+  metas = None if round_index is None else store.global_shard_metas(round_index)
+  if metas is None:
+    if latest is None:
+      raise storage_lib.StorageError(
+          f'global round {round_index} is not committed under {store.root}: no round is '
+          'committed yet. Fix: wait for scripts/init_run.py to finish, or check --storage.')
+    raise storage_lib.StorageError(
+        f'global round {round_index} is not committed under {store.root} (the newest is '
+        f'{latest}; old rounds are garbage-collected). Fix: pass --round={latest} or another '
+        'round scripts/status.py lists, or leave --round out for the newest.')
+  return round_index, metas
+
+
+def read_global_params(store: storage_lib.RunStorage, run: dict, round_index: int,
+                       abstract_flat: dict, identity=None) -> dict:
+  """A committed global round's flat params, vetted, restored into `abstract_flat`'s placement.
+
+  `identity` is a party's signing identity (silos); without one (a researcher
+  reading a round) signatures are checked against the key run.json lists.
+  """
+  check_aggregator = (identity.check_aggregator if identity is not None
+                      else signing.listed_aggregator_check(run))
+
+  def check(meta):
+    previous = (store.read_manifest(round_index - 1)
+                if check_aggregator is not None and round_index > 0 else None)
+    return protocol.check_global_meta(run, round_index, meta, check_aggregator, previous)
+  return store.read_global_params(round_index, abstract_flat, check_meta=check)
+
+
+# -- the loader ---------------------------------------------------------------------------
+
+
+def load(config, source: Source, *, train_state: dict | None = None) -> Loaded:
+  """The params at `source`, checked against `config` (model shapes, tokenizer).
+
+  `train_state` is the abstract train state to restore into (a Trainer's
+  sharded `abstract_state()`); by default everything goes to the first device.
+  Raises CheckpointError, StorageError, RunMismatchError or DataError, each
+  with its fix.
+  """
+  model_config = model_lib.ModelConfig.from_config(config.model)
+  tokenizer_path = data_lib.resolve_tokenizer(config.data)
+  tokenizer_sha256 = data_lib.file_sha256(tokenizer_path)
+  if train_state is None:
+    train_state = train_state_abstract(config, abstract_params(model_config))
+  if source.workdir is not None:
+    params, where = _restore_workdir(config, source, train_state, tokenizer_sha256)
+  else:
+    store = storage_lib.RunStorage(source.storage)
+    run = store.read_run()
+    protocol.check_model_matches_run(run, config, tokenizer_sha256)
+    round_index, _ = committed_round(store, source.round)
+    flat = read_global_params(store, run, round_index,
+                              trees.flatten_params(train_state['params']))
+    params, where = trees.unflatten_params(flat), f'{source.storage} global round {round_index}'
+  return Loaded(params, model_config, tokenizer_path, where)
+

@@ -1,0 +1,386 @@
+"""The round protocol: the four records in the bucket and every rule about them.
+
+Storage is the protocol. Parties never talk to each other; they write and read
+four kinds of JSON record (`docs/protocol.md` lists every field, writer, reader
+and check):
+
+  run.json             `run_record`          init_run, once: what every party must agree on
+  a delta's meta.json  `delta_meta`          each silo, once per round: its pseudo-gradient
+  manifest.json        `decide_round`        aggregator shard 0, once per round: who is in
+  a global meta.json   `global_shard_meta`   each aggregator shard, once per round
+
+This module is pure: no bucket I/O, no devices. The silo and the aggregator
+measure (read, verify hashes, decompress, take norms) and pass plain values in;
+the rules here say what the measurements mean. A rule that rejects returns the
+reason as a string (it goes into the manifest, the ledger and the logs), or
+raises `RunMismatchError` / `config.ConfigError` where a party must not start.
+"""
+import dataclasses
+import hashlib
+
+from fedpt import compression
+from fedpt import config as config_lib
+from fedpt import errors
+from fedpt import outer
+
+FORMAT_VERSION = 1
+
+# What the manifest copies from each included delta's meta.json (the ledger's inputs).
+MANIFEST_ENTRY_FIELDS = ('silo', 'tokens', 'steps', 'train_loss', 'bytes', 'compression',
+                         'block_size', 'delta_norm', 'content_hash', 'global_eval_loss')
+
+# A delta's meta.json fields that the aggregator cannot check against anything.
+MALFORMED = (TypeError, KeyError, ValueError, AttributeError, IndexError)
+
+
+class RunMismatchError(errors.UserError, ValueError):
+  """This party's config or tokenizer does not match the run it tries to join."""
+
+
+# -- run.json -------------------------------------------------------------------------
+
+
+def federated_config(config):
+  """The config with train.steps = rounds x H: the inner LR schedule's horizon."""
+  config = config.copy_and_resolve_references()
+  with config.ignore_type():
+    config.train.steps = config.federation.rounds * config.federation.inner_steps
+  return config
+
+
+def validate_federation(config) -> None:
+  """Checks `federation.*` before a run is created; raises ConfigError naming field and fix."""
+  fed = config.federation
+
+  def require(ok, field, problem, fix):
+    config_lib.require(ok, f'federation.{field}', problem, fix)
+
+  require(fed.rounds > 0, 'rounds', f'must be positive, got {fed.rounds}', 'set it > 0')
+  require(fed.inner_steps > 0, 'inner_steps', f'must be positive, got {fed.inner_steps}',
+          'set H > 0')
+  require(len(fed.silos) > 0 and len(set(fed.silos)) == len(fed.silos), 'silos',
+          f'need distinct silo ids, got {list(fed.silos)}', 'list each silo id once')
+  for s in fed.silos:
+    require(isinstance(s, str) and s.replace('-', '').replace('_', '').isalnum(), 'silos',
+            f'silo id {s!r} must be letters, digits, - or _', 'rename the silo')
+  require(0 <= fed.min_silos <= len(fed.silos), 'min_silos',
+          f'{fed.min_silos} is not between 0 and {len(fed.silos)} silos',
+          'use 0 (all silos) or a quorum size')
+  require(fed.compression in compression.FORMATS, 'compression',
+          f'unknown format {fed.compression!r}', f'use one of {compression.FORMATS}')
+  require(fed.block_size > 0 and fed.block_size % 2 == 0, 'block_size',
+          f'{fed.block_size} must be a positive even number', 'use e.g. 256')
+  require(fed.num_shards >= 1, 'num_shards', 'must be >= 1', 'use 1 or more')
+  outer.check_robust_config(fed.robust, fed.trim, fed.min_silos or len(fed.silos),
+                            fed.clip_multiple or None)
+  require(fed.reject_norm_multiple == 0 or fed.reject_norm_multiple > 1, 'reject_norm_multiple',
+          f'{fed.reject_norm_multiple} would reject ordinary deltas', 'use 0 (off) or > 1, e.g. 10')
+  require(0 <= fed.drop_probability < 1, 'drop_probability',
+          f'{fed.drop_probability} is not in [0, 1)',
+          'use 0 (off), or e.g. 0.5 to study lossy links')
+  require(fed.wait_timeout_s > 0 and fed.round_deadline_s >= 0, 'wait_timeout_s',
+          'timeouts must be positive', 'set seconds > 0')
+
+
+def run_record(config, tokenizer_sha256: str, run_id: str) -> dict:
+  """The contents of run.json: everything the parties must agree on."""
+  fed = config.federation
+  weights = list(fed.silo_weights) or [1.0] * len(fed.silos)
+  if len(weights) != len(fed.silos):
+    raise config_lib.ConfigError(
+        'federation.silo_weights', f'{len(weights)} weights for {len(fed.silos)} silos',
+        'give one weight per silo, or none')
+  return {
+      'format_version': FORMAT_VERSION,
+      'run_id': run_id,
+      'model_spec': config_lib.model_spec(config),
+      'tokenizer_sha256': tokenizer_sha256,
+      'silos': [{'id': s, 'weight': float(w)} for s, w in zip(fed.silos, weights)],
+      'federation': {k: (list(v) if isinstance(v, tuple) else v) for k, v in fed.items()},
+      'outer': dict(config.outer.items()),
+      'seed': config.seed,
+  }
+
+
+def silo_ids(run: dict) -> list[str]:
+  return [s['id'] for s in run['silos']]
+
+
+def check_silo_listed(run: dict, silo_id: str) -> None:
+  if silo_id not in silo_ids(run):
+    raise RunMismatchError(
+        f'silo {silo_id!r} is not in this run (run.json lists {silo_ids(run)}). Fix: pass one '
+        'of those as --silo, or create a run that includes it.')
+
+
+def check_model_matches_run(run: dict, config, tokenizer_sha256: str) -> None:
+  """A party may read or train the run's models only with the run's shapes and tokenizer."""
+  spec = config_lib.model_spec(config)
+  if spec != run['model_spec']:
+    diff = {k: (spec.get(k), run['model_spec'].get(k)) for k in run['model_spec']
+            if spec.get(k) != run['model_spec'].get(k)}
+    raise RunMismatchError(
+        f'this config\'s model differs from the run\'s (field: (yours, run\'s)) {diff}. Fix: '
+        'use the config the run was created with.')
+  if tokenizer_sha256 != run['tokenizer_sha256']:
+    raise RunMismatchError(
+        f'tokenizer sha256 {tokenizer_sha256[:12]}... differs from the run\'s '
+        f'{run["tokenizer_sha256"][:12]}.... Fix: set --config.data.tokenizer to the run\'s '
+        'tokenizer and tokenise your corpus with it.')
+
+
+def check_joins_run(run: dict, config, silo_id: str, tokenizer_sha256: str) -> None:
+  """Raises RunMismatchError unless silo `silo_id` with this config may join `run`."""
+  check_silo_listed(run, silo_id)
+  check_model_matches_run(run, config, tokenizer_sha256)
+
+
+def silo_data_seed(seed: int, silo_id: str) -> int:
+  """Data order is a pure function of (seed, silo, step): silos never share an order."""
+  return int.from_bytes(hashlib.sha256(f'{seed}/{silo_id}'.encode()).digest()[:4], 'little')
+
+
+def tree_hash(leaf_hashes: dict[str, str]) -> str:
+  """One sha256 over {name: sha256}: a delta's content hash and a global round's hash."""
+  h = hashlib.sha256()
+  for name in sorted(leaf_hashes):
+    h.update(f'{name}={leaf_hashes[name]};'.encode())
+  return h.hexdigest()
+
+
+# -- a delta's meta.json ------------------------------------------------------------------
+
+
+def delta_meta(run: dict, round_index: int, silo_id: str, base_hash: str, *,
+               leaf_shapes: dict, payload_layout: dict, payload_hashes: dict, content_hash: str,
+               compression_format: str, block_size: int, nbytes: int, delta_norm: float,
+               steps: int, tokens: int, train_loss: float, global_eval_loss: float | None,
+               inner_seconds: float) -> dict:
+  """What a silo commits beside its payload; the aggregator checks it with `check_delta_meta`.
+
+  `payload_layout` is {leaf: {payload key: [shape, dtype]}}; `payload_hashes` is
+  {'leaf/key': sha256} and `content_hash` the hash of those, so a delta is
+  identified by its content and a torn or swapped payload is caught.
+  """
+  return {
+      'format_version': FORMAT_VERSION, 'run_id': run['run_id'], 'round': round_index,
+      'silo': silo_id, 'base_global_hash': base_hash, 'tokens': tokens, 'steps': steps,
+      'train_loss': train_loss, 'global_eval_loss': global_eval_loss,
+      'compression': compression_format, 'block_size': block_size, 'bytes': nbytes,
+      'delta_norm': delta_norm, 'inner_seconds': inner_seconds,
+      'tree': {name: {'shape': list(leaf_shapes[name]), 'payload': payload_layout[name]}
+               for name in payload_layout},
+      'payload_hashes': payload_hashes, 'content_hash': content_hash,
+  }
+
+
+def check_delta_meta(run: dict, round_index: int, silo: str, meta, base_hash: str | None,
+                     leaf_shapes: dict, check_signature=None) -> str | None:
+  """The reason a committed delta's metadata is unacceptable in this round, or None.
+
+  `leaf_shapes` is the run's {leaf: shape} (from global round 0);
+  `check_signature(meta, silo)` a signed run's signature check. Malformed
+  metadata is a reason too.
+  """
+  if not isinstance(meta, dict):
+    return 'metadata unreadable'
+  try:
+    return _check_delta_meta(run, round_index, silo, meta, base_hash, leaf_shapes,
+                             check_signature)
+  except MALFORMED as e:
+    return malformed(e)
+
+
+def malformed(error: BaseException) -> str:
+  return f'malformed metadata ({type(error).__name__}: {str(error)[:300]})'
+
+
+def _check_delta_meta(run, round_index, silo, meta, base_hash, leaf_shapes, check_signature):
+  if silo not in silo_ids(run):
+    return 'unknown silo (not in run.json)'
+  if check_signature is not None:
+    reason = check_signature(meta, silo)
+    if reason:
+      return reason
+  if meta.get('run_id') != run['run_id']:
+    return f'belongs to run {meta.get("run_id")!r}, not {run["run_id"]!r}'
+  if meta.get('round') != round_index or meta.get('silo') != silo:
+    return (f'metadata says round {meta.get("round")} silo {meta.get("silo")!r} (a replayed '
+            'or moved delta)')
+  if meta.get('base_global_hash') != base_hash:
+    return 'based on a different global model than this round\'s'
+  if meta.get('compression') not in compression.FORMATS:
+    return f'unknown compression {meta.get("compression")!r}'
+  if not isinstance(meta.get('tokens'), int) or meta['tokens'] <= 0:
+    return f'bad token count {meta.get("tokens")!r}'
+  tree = meta.get('tree') or {}
+  if sorted(tree) != sorted(leaf_shapes):
+    return 'parameter tree differs from the run\'s model'
+  for name, shape in leaf_shapes.items():
+    if tuple(tree[name]['shape']) != tuple(shape):
+      return f'parameter {name} has shape {tree[name]["shape"]}, expected {list(shape)}'
+    expected = compression.payload_spec(shape, meta['compression'], meta['block_size'])
+    declared = {k: (tuple(s), d) for k, (s, d) in tree[name]['payload'].items()}
+    if declared != expected:
+      return (f'parameter {name} payload layout {declared} is not the {meta["compression"]} '
+              f'layout {expected} (wrong shape or dtype)')
+  hashes = meta.get('payload_hashes') or {}
+  if tree_hash(hashes) != meta.get('content_hash'):
+    return 'payload hashes do not match the content hash'
+  return None
+
+
+def check_stored_layout(meta: dict, stored: dict) -> str | None:
+  """The stored payload's {'leaf/key': (shape, dtype)} must be what meta.json declares."""
+  for name, leaf in meta['tree'].items():
+    for key, (shape, dtype) in leaf['payload'].items():
+      if stored.get(f'{name}/{key}') != (tuple(shape), dtype):
+        return f'stored payload {name}/{key} does not match its metadata'
+  return None
+
+
+def check_payload_hash(name: str, key: str, meta: dict, actual_hash: str) -> str | None:
+  if actual_hash != meta['payload_hashes'].get(f'{name}/{key}'):
+    return f'payload {name}/{key} does not match its content hash (torn or modified)'
+  return None
+
+
+# -- manifest.json: the round's decision ----------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Measured:
+  """What the aggregator found reading one committed delta: a reason to reject, or its norm.
+
+  `norm` is the L2 norm of the decompressed delta as the aggregator measured it
+  (the silo's own `delta_norm` claim is never used for decisions).
+  """
+  meta: dict | None
+  reason: str | None = None
+  norm: float | None = None
+
+
+def dropped(run: dict, round_index: int, silo: str) -> bool:
+  """federation.drop_probability: a seeded coin per (run, round, silo), the same on a restart."""
+  return outer.randomly_dropped(run['run_id'], round_index, silo,
+                                run['federation'].get('drop_probability', 0.0))
+
+
+def round_ready(run: dict, committed: list[str], past_deadline: bool) -> bool:
+  """Every silo committed; or, once the deadline passed, a quorum (federation.min_silos)."""
+  expected = set(silo_ids(run))
+  have = set(committed) & expected
+  quorum = run['federation']['min_silos'] or len(expected)
+  return have == expected or (past_deadline and len(have) >= quorum)
+
+
+def decide_round(run: dict, round_index: int, base_hash: str | None, committed: list[str],
+                 measured: dict[str, Measured], *, previous_manifest: dict | None,
+                 previous_committed: list[str], decided_after_s: float) -> dict:
+  """The manifest of round `round_index`, a pure function of what was measured.
+
+  `committed` are the silos whose deltas were committed when the round was
+  decided; `measured[silo]` is the aggregator's reading of each one not
+  `dropped`. Steps, in order: random drops; metadata and payload rejections;
+  norm outliers (`federation.reject_norm_multiple` x the median of the others'
+  norms, `outer.norm_outliers`); token x silo weights (`outer.aggregation_weights`);
+  clip factors (`federation.clip_multiple`, `outer.clip_factors`). Late silos
+  are those that committed to the previous round after it was decided.
+  """
+  fed = run['federation']
+  silo_weight = {s['id']: s['weight'] for s in run['silos']}
+  included, rejected = [], []
+  for silo in committed:
+    if dropped(run, round_index, silo):
+      rejected.append({'silo': silo, 'reason': (
+          f'dropped at random (federation.drop_probability={fed["drop_probability"]:g})')})
+      continue
+    m = measured[silo]
+    if m.reason:
+      rejected.append({'silo': silo, 'reason': m.reason})
+    else:
+      included.append({**{k: m.meta.get(k) for k in MANIFEST_ENTRY_FIELDS},
+                       'measured_norm': m.norm})
+  late = []
+  if round_index > 0:
+    previous = previous_manifest or {}
+    decided = {e['silo'] for e in previous.get('included', []) + previous.get('rejected', [])}
+    late = sorted(set(previous_committed) - decided)
+  multiple = fed.get('reject_norm_multiple', 0.0)
+  if multiple and len(included) > 1:
+    outliers = outer.norm_outliers([e['measured_norm'] for e in included], multiple)
+    for entry, outlier in zip(list(included), outliers):
+      if outlier:
+        included.remove(entry)
+        rejected.append({'silo': entry['silo'], 'reason': (
+            f'delta norm {entry["measured_norm"]:.4g} is more than {multiple:g}x the median '
+            'of the other silos\' norms')})
+  weights = (outer.aggregation_weights([e['tokens'] for e in included],
+                                       [silo_weight[e['silo']] for e in included])
+             if included else [])
+  for entry, w in zip(included, weights):
+    entry['weight'] = float(w)
+  if included and fed.get('clip_multiple'):
+    factors = outer.clip_factors([e['measured_norm'] for e in included], weights,
+                                 fed['clip_multiple'])
+    for entry, factor in zip(included, factors):
+      entry['clip_factor'] = float(factor)
+  return {
+      'round': round_index, 'run_id': run['run_id'], 'base_global_hash': base_hash,
+      'included': included, 'rejected': rejected,
+      'missing': sorted(set(silo_ids(run)) - set(committed)),
+      'late_from_previous_round': late, 'decided_after_s': decided_after_s,
+      'robust': {'method': fed.get('robust', 'mean'), 'trim': fed.get('trim', 1),
+                 'clip_multiple': fed.get('clip_multiple', 0.0)},
+  }
+
+
+def check_still_included(round_index: int, entry: dict, meta: dict | None) -> str | None:
+  """The delta read to aggregate must be the one the manifest included (same content hash)."""
+  if meta is None or meta.get('content_hash') != entry['content_hash']:
+    return (f'silo {entry["silo"]}\'s delta of round {round_index} changed after the manifest '
+            'included it: the bucket was modified mid-round. Fix: restore the delta, or rerun '
+            'this round from a copy of the bucket; nothing was written.')
+  return None
+
+
+# -- a global round's shard meta.json --------------------------------------------------------
+
+
+def global_shard_meta(run_id: str, round_index: int, shard: int, num_shards: int, *,
+                      leaf_hashes: dict, leaf_shapes: dict, leaf_dtypes: dict,
+                      contributors: list[str], tokens: int) -> dict:
+  """What an aggregator shard commits beside its params: per-leaf hashes, shapes, dtypes."""
+  return {
+      'round': round_index, 'shard': shard, 'num_shards': num_shards, 'run_id': run_id,
+      'leaf_hashes': leaf_hashes, 'leaf_shapes': leaf_shapes, 'leaf_dtypes': leaf_dtypes,
+      'contributors': contributors, 'tokens': tokens,
+  }
+
+
+def check_global_meta(run: dict, round_index: int, meta: dict, check_aggregator=None,
+                      previous_manifest: dict | None = None) -> str | None:
+  """The reason a global round's shard meta must not be loaded, or None.
+
+  It must name this run and round. In a signed run (`check_aggregator` given)
+  it must carry the aggregator's signature, and so must the previous round's
+  manifest, so the recorded decision is the aggregator's own.
+  """
+  if meta.get('run_id') != run['run_id'] or meta.get('round') != round_index:
+    return f'meta.json says run {meta.get("run_id")!r} round {meta.get("round")}'
+  if check_aggregator is None:
+    return None
+  reason = check_aggregator(meta)
+  if reason is None and round_index > 0:
+    reason = ('the manifest of the previous round is missing' if previous_manifest is None
+              else check_aggregator(previous_manifest))
+    reason = reason and f'manifest of round {round_index - 1}: {reason}'
+  return reason
+
+
+def global_leaves(metas: list[dict]) -> tuple[dict, dict, dict]:
+  """({leaf: shape}, {leaf: dtype}, {leaf: hash}) of a global round from its shard metas."""
+  shapes = {n: tuple(s) for m in metas for n, s in m['leaf_shapes'].items()}
+  dtypes = {n: d for m in metas for n, d in m['leaf_dtypes'].items()}
+  hashes = {n: h for m in metas for n, h in m['leaf_hashes'].items()}
+  return shapes, dtypes, hashes

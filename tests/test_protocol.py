@@ -1,0 +1,292 @@
+"""The round protocol's rules on plain dicts: no bucket, no devices, no arrays."""
+import pytest
+
+from fedpt import compression
+from fedpt import config as config_lib
+from fedpt import protocol
+
+LEAVES = {'embed_vd': (8, 4), 'final_norm/scale': (4,)}
+
+
+def _run(silos=('a', 'b', 'c'), weights=None, **federation):
+  fed = {'rounds': 3, 'inner_steps': 2, 'min_silos': 0, 'drop_probability': 0.0,
+         'reject_norm_multiple': 10.0, 'clip_multiple': 0.0, 'robust': 'mean', 'trim': 1,
+         **federation}
+  weights = weights or [1.0] * len(silos)
+  return {'run_id': 'run-1', 'silos': [{'id': s, 'weight': w} for s, w in zip(silos, weights)],
+          'federation': fed, 'model_spec': {}, 'tokenizer_sha256': 't' * 64}
+
+
+def _meta(silo='a', round_index=0, tokens=100, fmt='int8', **overrides):
+  layout = {name: {k: [list(s), d] for k, (s, d) in
+                   compression.payload_spec(shape, fmt, 4).items()}
+            for name, shape in LEAVES.items()}
+  hashes = {f'{name}/{k}': f'h-{name}-{k}' for name, leaf in layout.items() for k in leaf}
+  meta = protocol.delta_meta(
+      _run(), round_index, silo, 'base-0', leaf_shapes=LEAVES, payload_layout=layout,
+      payload_hashes=hashes, content_hash=protocol.tree_hash(hashes), compression_format=fmt,
+      block_size=4, nbytes=123, delta_norm=1.0, steps=2, tokens=tokens, train_loss=3.0,
+      global_eval_loss=4.0, inner_seconds=0.5)
+  meta.update(overrides)
+  return meta
+
+
+def _check(meta, silo='a', round_index=0, check_signature=None):
+  return protocol.check_delta_meta(_run(), round_index, silo, meta, 'base-0', LEAVES,
+                                   check_signature)
+
+
+# -- a delta's meta.json ---------------------------------------------------------------------
+
+
+def test_a_well_formed_delta_passes_in_every_format():
+  for fmt in compression.FORMATS:
+    assert _check(_meta(fmt=fmt)) is None, fmt
+
+
+def _wrong_leaf_shape(meta):
+  meta['tree']['embed_vd']['shape'] = [4, 8]
+  return meta
+
+
+def _wrong_layout(meta):
+  meta['tree']['embed_vd']['payload']['q'][1] = 'uint8'
+  return meta
+
+
+def _missing_payload(meta):
+  del meta['tree']['embed_vd']['payload']
+  return meta
+
+
+def _extra_leaf(meta):
+  meta['tree']['extra'] = meta['tree']['embed_vd']
+  return meta
+
+
+def _forged_hash(meta):
+  meta['payload_hashes']['embed_vd/q'] = 'other'
+  return meta
+
+
+@pytest.mark.parametrize('edit, silo, reason', [
+    (lambda m: 'not a dict', 'a', 'metadata unreadable'),
+    (lambda m: m, 'zz', 'unknown silo'),
+    (lambda m: {**m, 'run_id': 'run-2'}, 'a', "belongs to run 'run-2'"),
+    (lambda m: {**m, 'round': 1}, 'a', 'metadata says round 1'),
+    (lambda m: m, 'b', "silo 'a' (a replayed or moved delta)"),
+    (lambda m: {**m, 'base_global_hash': 'base-9'}, 'a', 'different global model'),
+    (lambda m: {**m, 'compression': 'zip'}, 'a', "unknown compression 'zip'"),
+    (lambda m: {**m, 'tokens': 0}, 'a', 'bad token count 0'),
+    (lambda m: {**m, 'tokens': 1.5}, 'a', 'bad token count 1.5'),
+    (_extra_leaf, 'a', 'parameter tree differs'),
+    (_wrong_leaf_shape, 'a', 'parameter embed_vd has shape [4, 8], expected [8, 4]'),
+    (_wrong_layout, 'a', 'payload layout'),
+    (_forged_hash, 'a', 'payload hashes do not match the content hash'),
+    (_missing_payload, 'a', "malformed metadata (KeyError: 'payload')"),
+    (lambda m: {**m, 'tree': 7}, 'a', 'malformed metadata (TypeError'),
+])
+def test_every_delta_rejection_reason(edit, silo, reason):
+  got = _check(edit(_meta()), silo=silo)
+  assert got is not None and reason in got, got
+
+
+def test_signature_is_checked_before_anything_else():
+  calls = []
+
+  def check_signature(meta, silo):
+    calls.append(silo)
+    return 'bad signature'
+  assert _check(_meta(run_id='other'), check_signature=check_signature) == 'bad signature'
+  assert calls == ['a']
+  assert _check(_meta(), check_signature=lambda m, s: None) is None
+
+
+def test_stored_layout_and_payload_hashes():
+  meta = _meta()
+  stored = {f'{n}/{k}': (tuple(s), d) for n, leaf in meta['tree'].items()
+            for k, (s, d) in leaf['payload'].items()}
+  assert protocol.check_stored_layout(meta, stored) is None
+  stored['embed_vd/q'] = ((8,), 'int8')
+  assert 'stored payload embed_vd/q does not match' in protocol.check_stored_layout(meta, stored)
+  assert protocol.check_payload_hash('embed_vd', 'q', meta, 'h-embed_vd-q') is None
+  assert 'torn or modified' in protocol.check_payload_hash('embed_vd', 'q', meta, 'x')
+
+
+def test_tree_hash_is_order_free_and_content_bound():
+  assert protocol.tree_hash({'a': '1', 'b': '2'}) == protocol.tree_hash({'b': '2', 'a': '1'})
+  assert protocol.tree_hash({'a': '1', 'b': '2'}) != protocol.tree_hash({'a': '2', 'b': '1'})
+
+
+# -- the manifest decision ----------------------------------------------------------------
+
+
+def _measured(norms, tokens=None):
+  tokens = tokens or {s: 100 for s in norms}
+  return {s: protocol.Measured(_meta(s, tokens=tokens[s]), norm=n) for s, n in norms.items()}
+
+
+def _decide(run, committed, measured, round_index=0, previous=None, previous_committed=()):
+  return protocol.decide_round(run, round_index, 'base-0', list(committed), measured,
+                               previous_manifest=previous,
+                               previous_committed=list(previous_committed), decided_after_s=1.5)
+
+
+def test_all_silos_weighted_by_tokens_and_silo_weight():
+  run = _run(weights=[1.0, 1.0, 2.0])
+  m = _decide(run, 'abc', _measured({'a': 1.0, 'b': 1.0, 'c': 1.0},
+                                    tokens={'a': 100, 'b': 300, 'c': 100}))
+  assert [e['silo'] for e in m['included']] == ['a', 'b', 'c']
+  assert [e['weight'] for e in m['included']] == pytest.approx([1 / 6, 3 / 6, 2 / 6])
+  assert m['rejected'] == [] and m['missing'] == [] and m['late_from_previous_round'] == []
+  entry = m['included'][0]
+  assert set(protocol.MANIFEST_ENTRY_FIELDS) < set(entry)
+  assert entry['measured_norm'] == 1.0 and entry['tokens'] == 100 and 'clip_factor' not in entry
+  assert (m['round'], m['run_id'], m['base_global_hash'], m['decided_after_s']) == (
+      0, 'run-1', 'base-0', 1.5)
+  assert m['robust'] == {'method': 'mean', 'trim': 1, 'clip_multiple': 0.0}
+
+
+def test_quorum_after_the_deadline_and_missing_silos():
+  run = _run(min_silos=2)
+  assert protocol.round_ready(run, ['a', 'b', 'c'], past_deadline=False)
+  assert not protocol.round_ready(run, ['a', 'b'], past_deadline=False)
+  assert protocol.round_ready(run, ['a', 'b'], past_deadline=True)
+  assert not protocol.round_ready(run, ['a'], past_deadline=True)
+  assert not protocol.round_ready(run, ['a', 'zz'], past_deadline=True)  # Strangers don't count.
+  assert not protocol.round_ready(_run(), ['a', 'b'], past_deadline=True)  # 0: every silo.
+  m = _decide(run, 'ab', _measured({'a': 1.0, 'b': 1.0}))
+  assert m['missing'] == ['c'] and [e['weight'] for e in m['included']] == [0.5, 0.5]
+
+
+def test_rejections_keep_committed_order_then_outliers():
+  measured = _measured({'a': 1.0, 'c': 1.2, 'd': 100.0})
+  measured['b'] = protocol.Measured(None, 'metadata unreadable')
+  run = _run(silos=('a', 'b', 'c', 'd'))
+  m = _decide(run, 'abcd', measured)
+  assert [e['silo'] for e in m['included']] == ['a', 'c']
+  assert [(e['silo'], e['reason'][:22]) for e in m['rejected']] == [
+      ('b', 'metadata unreadable'), ('d', 'delta norm 100 is more')]
+  assert 'more than 10x the median' in m['rejected'][1]['reason']
+  assert sum(e['weight'] for e in m['included']) == pytest.approx(1.0)
+
+
+def test_outlier_rule_off_and_a_lone_silo_is_no_outlier():
+  m = _decide(_run(reject_norm_multiple=0.0), 'ab', _measured({'a': 1.0, 'b': 1000.0}))
+  assert [e['silo'] for e in m['included']] == ['a', 'b']
+  m = _decide(_run(silos=('a',)), 'a', _measured({'a': 1000.0}))
+  assert [e['silo'] for e in m['included']] == ['a']
+
+
+def test_clip_factors_bound_the_large_delta():
+  run = _run(clip_multiple=2.0, reject_norm_multiple=0.0)
+  m = _decide(run, 'abc', _measured({'a': 1.0, 'b': 1.0, 'c': 8.0}))
+  factors = {e['silo']: e['clip_factor'] for e in m['included']}
+  assert factors == pytest.approx({'a': 1.0, 'b': 1.0, 'c': 2.0 / 8.0})
+  assert m['robust']['clip_multiple'] == 2.0
+
+
+def test_random_drops_are_seeded_by_run_round_and_silo():
+  run = _run(drop_probability=0.5)
+  silos = [s for s in 'abc']
+  dropped = [protocol.dropped(run, 0, s) for s in silos]
+  assert dropped == [protocol.dropped(run, 0, s) for s in silos]  # Same on a restart.
+  measured = {s: m for s, m in _measured({'a': 1.0, 'b': 1.0, 'c': 1.0}).items()
+              if not protocol.dropped(run, 0, s)}
+  m = _decide(run, silos, measured)
+  assert [e['silo'] for e in m['rejected']] == [s for s, d in zip(silos, dropped) if d]
+  assert all('dropped at random (federation.drop_probability=0.5)' == e['reason']
+             for e in m['rejected'])
+  assert any(protocol.dropped(run, r, 'a') for r in range(40))
+  assert not all(protocol.dropped(run, r, 'a') for r in range(40))
+  assert not any(protocol.dropped(_run(), r, 'a') for r in range(40))
+
+
+def test_late_silos_are_those_the_previous_manifest_did_not_decide():
+  previous = {'included': [{'silo': 'a'}], 'rejected': [{'silo': 'b', 'reason': 'x'}]}
+  m = _decide(_run(min_silos=1), 'a', _measured({'a': 1.0}), round_index=1, previous=previous,
+              previous_committed=['a', 'b', 'c'])
+  assert m['late_from_previous_round'] == ['c']
+  m = _decide(_run(), 'abc', _measured({'a': 1.0, 'b': 1.0, 'c': 1.0}), round_index=0,
+              previous=None, previous_committed=['a'])
+  assert m['late_from_previous_round'] == []
+
+
+def test_nothing_valid_gives_an_empty_inclusion():
+  measured = {s: protocol.Measured(None, 'parameter x has NaN or Inf values') for s in 'abc'}
+  m = _decide(_run(), 'abc', measured)
+  assert m['included'] == [] and len(m['rejected']) == 3
+
+
+def test_a_changed_delta_is_caught_before_aggregation():
+  entry = {'silo': 'a', 'content_hash': 'h1'}
+  assert protocol.check_still_included(0, entry, {'content_hash': 'h1'}) is None
+  for meta in ({'content_hash': 'h2'}, None):
+    reason = protocol.check_still_included(0, entry, meta)
+    assert 'changed after the manifest included it' in reason and 'Fix:' in reason
+
+
+# -- a global round's meta ------------------------------------------------------------------
+
+
+def test_global_meta_checks():
+  run = _run()
+  meta = protocol.global_shard_meta('run-1', 2, 0, 1, leaf_hashes={'x': 'h'},
+                                    leaf_shapes={'x': [2]}, leaf_dtypes={'x': 'float32'},
+                                    contributors=['a'], tokens=5)
+  assert protocol.check_global_meta(run, 2, meta) is None
+  assert 'round 2' in protocol.check_global_meta(run, 3, meta)
+  assert "run 'run-1'" in protocol.check_global_meta({**run, 'run_id': 'other'}, 2, meta)
+
+  def signed(record):
+    return None if record.get('signed') else 'bad signature'
+  assert protocol.check_global_meta(run, 2, meta, signed) == 'bad signature'
+  meta['signed'] = True
+  assert 'previous round is missing' in protocol.check_global_meta(run, 2, meta, signed, None)
+  assert protocol.check_global_meta(run, 2, meta, signed, {'signed': False}) == (
+      'manifest of round 1: bad signature')
+  assert protocol.check_global_meta(run, 2, meta, signed, {'signed': True}) is None
+  assert protocol.global_leaves([meta]) == ({'x': (2,)}, {'x': 'float32'}, {'x': 'h'})
+
+
+# -- run.json ----------------------------------------------------------------------------------
+
+
+def test_run_record_and_joining():
+  config = config_lib.base_config()
+  config.federation.silos = ('a', 'b')
+  run = protocol.run_record(config, 't' * 64, 'run-1')
+  assert run['format_version'] == protocol.FORMAT_VERSION
+  assert run['silos'] == [{'id': 'a', 'weight': 1.0}, {'id': 'b', 'weight': 1.0}]
+  assert run['model_spec'] == config_lib.model_spec(config)
+  protocol.check_joins_run(run, config, 'a', 't' * 64)
+  with pytest.raises(protocol.RunMismatchError, match="silo 'zz' is not in this run"):
+    protocol.check_joins_run(run, config, 'zz', 't' * 64)
+  with pytest.raises(protocol.RunMismatchError, match='tokenizer.*Fix'):
+    protocol.check_joins_run(run, config, 'a', 'u' * 64)
+  config.model.d_model = 8
+  with pytest.raises(protocol.RunMismatchError, match='d_model'):
+    protocol.check_model_matches_run(run, config, 't' * 64)
+  config.federation.silo_weights = (1.0,)
+  with pytest.raises(config_lib.ConfigError, match='silo_weights'):
+    protocol.run_record(config, 't' * 64, 'run-1')
+
+
+@pytest.mark.parametrize('field, value', [
+    ('rounds', 0), ('inner_steps', -1), ('silos', ('a', 'a')), ('silos', ('a b',)),
+    ('min_silos', 9), ('compression', 'zip'), ('block_size', 3), ('num_shards', 0),
+    ('reject_norm_multiple', 0.5), ('drop_probability', 1.0), ('wait_timeout_s', 0.0),
+])
+def test_validate_federation_names_the_field(field, value):
+  config = config_lib.base_config()
+  config.federation[field] = value
+  with pytest.raises(config_lib.ConfigError, match=f'federation.{field}.*Fix'):
+    protocol.validate_federation(config)
+  protocol.validate_federation(config_lib.base_config())
+
+
+def test_federated_config_sets_the_schedule_horizon():
+  config = config_lib.base_config()
+  config.federation.update(rounds=4, inner_steps=25)
+  assert protocol.federated_config(config).train.steps == 100
+  assert config.train.steps == 200  # The caller's config is untouched.
