@@ -33,3 +33,19 @@ def parse_flags_or_explain(argv):
           f'Fix: check the flag name and value; see --helpfull for the fields.',
           file=sys.stderr, flush=True)
     sys.exit(2)
+
+
+def define_source_flags(verb: str) -> None:
+  """--workdir/--step/--storage/--round: a model's source, the same in every tool (`loading`)."""
+  flags.DEFINE_string('workdir', None, f'A training run\'s or silo\'s workdir: {verb} its newest '
+                      'checkpoint (or --step).')
+  flags.DEFINE_integer('step', None, 'The checkpoint step in --workdir; default: the newest.')
+  flags.DEFINE_string('storage', None, 'A federated run\'s shared storage root.')
+  flags.DEFINE_integer('round', None, f'The global round of --storage to {verb}; default: the '
+                       'newest committed one.')
+
+
+def source_flags() -> dict:
+  """The values of `define_source_flags`' flags, as keyword arguments."""
+  f = flags.FLAGS
+  return {'workdir': f.workdir, 'step': f.step, 'storage': f.storage, 'round_index': f['round'].value}

@@ -119,7 +119,7 @@ def evaluate(config, out_dir: str, *, eval_sets: dict[str, str], storage: str | 
     store = storage_lib.RunStorage(storage)
     protocol.check_model_matches_run(store.read_run(), trainer.config, trainer.tokenizer_sha256)
     latest = store.latest_global_round()
-    sources += [(f'global_round_{r}', r, loading.Source(storage=storage, round=r))
+    sources += [(f'global_round_{r}', r, loading.Source(storage=storage, round_index=r))
                 for r in parse_rounds(rounds, -1 if latest is None else latest)]
   sources += [(label, None, loading.Source(workdir=workdir))
               for label, workdir in (workdirs or {}).items()]

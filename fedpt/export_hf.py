@@ -135,7 +135,7 @@ def export(config, out_dir: str, *, workdir: str | None = None, step: int | None
 
   Returns {'out', 'parameters', 'source'}.
   """
-  source = loading.Source(workdir=workdir, step=step, storage=storage, round=round_index)
+  source = loading.Source(workdir=workdir, step=step, storage=storage, round_index=round_index)
   if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
     raise ExportError(f'--out={out_dir} exists and is not an empty folder. Fix: pass a new '
                       'folder; an export never overwrites')

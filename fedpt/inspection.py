@@ -30,7 +30,7 @@ def describe(source: loading.Source) -> dict:
   """A global round (from its signed metadata) or a private checkpoint (from Orbax's)."""
   if source.workdir is not None:
     return describe_private_checkpoint(source.workdir, source.step)
-  return describe_global_round(storage_lib.RunStorage(source.storage), source.round)
+  return describe_global_round(storage_lib.RunStorage(source.storage), source.round_index)
 
 
 def describe_global_round(store: storage_lib.RunStorage, round_index: int | None) -> dict:

@@ -9,6 +9,7 @@ import json
 
 import numpy as np
 
+from fedpt import protocol
 from fedpt import storage as storage_lib
 
 
@@ -17,8 +18,8 @@ def global_nbytes(store: storage_lib.RunStorage, round_index: int | None) -> int
   metas = None if round_index is None else store.global_shard_metas(round_index)
   if metas is None:
     return None
-  return sum(int(np.prod(m['leaf_shapes'][n])) * np.dtype(m['leaf_dtypes'][n]).itemsize
-             for m in metas for n in m['leaf_shapes'])
+  shapes, dtypes, _ = protocol.global_leaves(metas)
+  return sum(int(np.prod(shapes[n])) * np.dtype(dtypes[n]).itemsize for n in shapes)
 
 
 def _mean(values):

@@ -30,13 +30,13 @@ from fedpt import trees
 class Source:
   """Where a model is: a workdir's checkpoint (newest, or `step`) or a run's global round.
 
-  `round=None` means the newest committed round. Raises CheckpointError when
+  `round_index=None` means the newest committed round. Raises CheckpointError when
   the combination is not one of those two.
   """
   workdir: str | None = None
   step: int | None = None
   storage: str | None = None
-  round: int | None = None
+  round_index: int | None = None
 
   def __post_init__(self):
     problem = None
@@ -44,10 +44,10 @@ class Source:
       problem = 'pass exactly one source'
     elif self.step is not None and self.workdir is None:
       problem = '--step goes with --workdir'
-    elif self.round is not None and self.storage is None:
+    elif self.round_index is not None and self.storage is None:
       problem = '--round goes with --storage'
-    elif min(x for x in (self.step, self.round, 0) if x is not None) < 0:
-      problem = f'--step/--round must be >= 0, got {self.step if self.step is not None else self.round}'
+    elif min(x for x in (self.step, self.round_index, 0) if x is not None) < 0:
+      problem = f'--step/--round must be >= 0, got {self.step if self.step is not None else self.round_index}'
     if problem:
       raise checkpoint_lib.CheckpointError(
           f'{problem}. Fix: --workdir=DIR [--step=N] for a training run\'s or silo\'s '
@@ -196,7 +196,7 @@ def load(config, source: Source, *, train_state: dict | None = None) -> Loaded:
     store = storage_lib.RunStorage(source.storage)
     run = store.read_run()
     protocol.check_model_matches_run(run, config, tokenizer_sha256)
-    round_index, _ = committed_round(store, source.round)
+    round_index, _ = committed_round(store, source.round_index)
     flat = read_global_params(store, run, round_index,
                               trees.flatten_params(train_state['params']))
     params, where = trees.unflatten_params(flat), f'{source.storage} global round {round_index}'

@@ -24,22 +24,16 @@ from fedpt import export_hf  # noqa: E402
 
 config_flags.DEFINE_config_file('config', None, 'The configs/*.py file that trained the model.',
                                 lock_config=True)
-flags.DEFINE_string('workdir', None, 'A training run\'s or silo\'s workdir: export its newest '
-                    'checkpoint (or --step).')
-flags.DEFINE_integer('step', None, 'The checkpoint step in --workdir; default: the newest.')
-flags.DEFINE_string('storage', None, 'A federated run\'s shared storage root.')
-flags.DEFINE_integer('round', None, 'The committed global round of --storage to export; '
-                     'default: the newest.')
 flags.DEFINE_string('out', None, 'New or empty folder for the Hugging Face files.')
 flags.mark_flags_as_required(['config', 'out'])
+cli.define_source_flags('export')
 FLAGS = flags.FLAGS
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  summary = cli.run_or_explain(export_hf.export, FLAGS.config, FLAGS.out, workdir=FLAGS.workdir,
-                               step=FLAGS.step, storage=FLAGS.storage, round_index=FLAGS.round)
+  summary = cli.run_or_explain(export_hf.export, FLAGS.config, FLAGS.out, **cli.source_flags())
   print(f"exported {summary['parameters']:,} parameters of {summary['source']} to "
         f"{summary['out']} (load with transformers.LlamaForCausalLM.from_pretrained)")
 

@@ -19,19 +19,15 @@ from fedpt import cli  # noqa: E402
 from fedpt import inspection  # noqa: E402
 from fedpt import loading  # noqa: E402
 
-flags.DEFINE_string('storage', None, 'A federated run\'s storage root (with --round).')
-flags.DEFINE_integer('round', None, 'Global round to inspect (default: the newest).')
-flags.DEFINE_string('workdir', None, 'A training or silo workdir (its private checkpoint).')
-flags.DEFINE_integer('step', None, 'Checkpoint step in --workdir (default: the latest).')
 flags.DEFINE_enum('format', 'table', ['table', 'json'], 'table for people, json for tools.')
+cli.define_source_flags('inspect')
 FLAGS = flags.FLAGS
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  info = cli.run_or_explain(lambda: inspection.describe(loading.Source(
-      workdir=FLAGS.workdir, step=FLAGS.step, storage=FLAGS.storage, round=FLAGS.round)))
+  info = cli.run_or_explain(lambda: inspection.describe(loading.Source(**cli.source_flags())))
   print(json.dumps(info, indent=1) if FLAGS.format == 'json' else inspection.render(info))
 
 

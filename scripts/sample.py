@@ -25,12 +25,6 @@ from fedpt import sampling  # noqa: E402
 
 config_flags.DEFINE_config_file('config', None, 'The configs/*.py file the model was '
                                 'trained with.', lock_config=True)
-flags.DEFINE_string('workdir', None, 'A training run\'s or silo\'s workdir: sample its newest '
-                    'checkpoint (or --step).')
-flags.DEFINE_integer('step', None, 'The checkpoint step in --workdir; default: the newest.')
-flags.DEFINE_string('storage', None, 'A federated run\'s shared storage root.')
-flags.DEFINE_integer('round', None, 'The global round to sample (with --storage); default: '
-                     'the newest committed one.')
 flags.DEFINE_string('prompt', '', 'Text the samples continue.')
 flags.DEFINE_integer('max_new_tokens', 64, 'Tokens to generate (fewer if EOS comes first).',
                      lower_bound=1)
@@ -42,6 +36,7 @@ flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling: the smallest set of tokens w
 flags.DEFINE_integer('seed', 0, 'Sampling seed: the same seed gives the same samples.')
 flags.DEFINE_integer('num_samples', 1, 'Independent samples of the prompt.', lower_bound=1)
 flags.mark_flags_as_required(['config'])
+cli.define_source_flags('sample')
 FLAGS = flags.FLAGS
 
 
@@ -49,8 +44,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   texts = cli.run_or_explain(
-      sampling.sample_text, FLAGS.config, FLAGS.prompt, workdir=FLAGS.workdir,
-      step=FLAGS.step, storage=FLAGS.storage, round_index=FLAGS.round,
+      sampling.sample_text, FLAGS.config, FLAGS.prompt, **cli.source_flags(),
       max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
       top_p=FLAGS.top_p, seed=FLAGS.seed, num_samples=FLAGS.num_samples)
   for i, text in enumerate(texts):

@@ -64,7 +64,6 @@ def test_the_protocol_is_pure():
 
 
 def test_every_user_error_shares_one_base():
-  import fedpt  # pylint: disable=g-import-not-at-top,unused-import
   from fedpt import cli  # pylint: disable=g-import-not-at-top
   from fedpt import errors  # pylint: disable=g-import-not-at-top
   import importlib  # pylint: disable=g-import-not-at-top

@@ -52,7 +52,7 @@ def test_flatten_round_trip_and_sorted_names():
     ([np.zeros(2)], 'not a dict'),
 ])
 def test_flatten_rejects_non_dict_trees(bad, match):
-  with pytest.raises(outer.ParamTreeError, match=match):
+  with pytest.raises(trees.ParamTreeError, match=match):
     trees.flatten_params(bad)
 
 
