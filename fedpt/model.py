@@ -2,7 +2,8 @@
 
 Parameters are annotated with logical axis names only; `sharding.py` maps them
 onto the mesh. The layer stack is one vmapped Block scanned with `lax.scan`, so
-compile time does not grow with depth.
+compile time does not grow with depth. The same forward serves training and
+sampling: given a KV cache (`init_cache`) it also returns the updated cache.
 """
 import dataclasses
 
@@ -93,7 +94,13 @@ class Attention(nnx.Module):
     self.o_weight_nhd = _param(rngs, (n, h, d), ('heads', 'head_dim', 'embed'),
                                out_std, cfg.param_dtype)
 
-  def __call__(self, x_btd, positions_bt):
+  def __call__(self, x_btd, positions_bt, cache=None, cache_index=None):
+    """Returns ([batch, length, d_model], the layer's cache with this step written, or None).
+
+    cache: None, or {'k', 'v'} of [batch, max_len, kv_heads, head_dim] holding the
+    keys (after RoPE) and values of earlier positions; this step's go in at slot
+    `cache_index`, and each query attends to the slots at or before its position.
+    """
     dtype = x_btd.dtype
     q_btnh = jnp.einsum('btd,dnh->btnh', x_btd, self.q_weight_dnh[...].astype(dtype))
     k_btkh = jnp.einsum('btd,dkh->btkh', x_btd, self.k_weight_dkh[...].astype(dtype))
@@ -101,10 +108,22 @@ class Attention(nnx.Module):
     q_btnh = constrain(rope(q_btnh, positions_bt, self.cfg.rope_theta),
                        ('batch', 'length', 'act_heads', None))
     k_btkh = rope(k_btkh, positions_bt, self.cfg.rope_theta)
-    out_btnh = jax.nn.dot_product_attention(
-        q_btnh, k_btkh, v_btkh, is_causal=True, implementation=self.cfg.attention)
+    if cache is None:
+      out_btnh = jax.nn.dot_product_attention(
+          q_btnh, k_btkh, v_btkh, is_causal=True, implementation=self.cfg.attention)
+    else:
+      k_bskh = jax.lax.dynamic_update_slice_in_dim(
+          cache['k'], k_btkh.astype(cache['k'].dtype), cache_index, axis=1)
+      v_bskh = jax.lax.dynamic_update_slice_in_dim(
+          cache['v'], v_btkh.astype(cache['v'].dtype), cache_index, axis=1)
+      cache = {'k': k_bskh, 'v': v_bskh}
+      # Slots after a query's position are empty (or stale), so the mask hides them.
+      mask_b1ts = (jnp.arange(k_bskh.shape[1]) <= positions_bt[..., None])[:, None]
+      # XLA's attention, not cfg.attention: decode steps are one query over an explicitly
+      # masked cache, not the long causal sequences the fused kernels are for.
+      out_btnh = jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, mask=mask_b1ts)
     out_btd = jnp.einsum('btnh,nhd->btd', out_btnh, self.o_weight_nhd[...].astype(dtype))
-    return constrain(out_btd, ('batch', 'length', 'act_embed'))
+    return constrain(out_btd, ('batch', 'length', 'act_embed')), cache
 
 
 class Mlp(nnx.Module):
@@ -134,9 +153,11 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype)
     self.mlp = Mlp(cfg, rngs)
 
-  def __call__(self, x_btd, positions_bt):
-    x_btd = x_btd + self.attn(self.attn_norm(x_btd), positions_bt)
-    return x_btd + self.mlp(self.mlp_norm(x_btd))
+  def __call__(self, x_btd, positions_bt, cache=None, cache_index=None):
+    """Returns ([batch, length, d_model], the updated layer cache or None); see Attention."""
+    attn_btd, cache = self.attn(self.attn_norm(x_btd), positions_bt, cache, cache_index)
+    x_btd = x_btd + attn_btd
+    return x_btd + self.mlp(self.mlp_norm(x_btd)), cache
 
 
 class Transformer(nnx.Module):
@@ -157,29 +178,60 @@ class Transformer(nnx.Module):
       self.unembed_dv = _param(rngs, (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'),
                                cfg.init_std, cfg.param_dtype)
 
-  def __call__(self, tokens_bt, positions_bt=None):
-    """Returns float32 logits [batch, length, vocab]."""
+  def __call__(self, tokens_bt, positions_bt=None, cache=None, cache_index=0):
+    """Float32 logits [batch, length, vocab] of `tokens_bt`.
+
+    Without a cache this is the training forward over the whole sequence. With
+    one (`init_cache`), the tokens sit at positions cache_index.. after the
+    cached ones, and the result is (logits, the cache with these positions written).
+    """
     cfg = self.cfg
     dtype = jnp.dtype(cfg.compute_dtype)
     if positions_bt is None:
-      positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
+      positions_t = jnp.arange(tokens_bt.shape[1])
+      if cache is not None:
+        positions_t = cache_index + positions_t
+      positions_bt = jnp.broadcast_to(positions_t, tokens_bt.shape)
     x_btd = jnp.take(self.embed_vd[...], tokens_bt, axis=0).astype(dtype)
     x_btd = constrain(x_btd, ('batch', 'length', 'act_embed'))
 
     block_graph, block_state = nnx.split(self.blocks)
 
-    def apply_block(x_btd, layer_state):
-      return nnx.merge(block_graph, layer_state)(x_btd, positions_bt), None
+    def apply_block(x_btd, layer):
+      layer_state, layer_cache = layer
+      return nnx.merge(block_graph, layer_state)(x_btd, positions_bt, layer_cache, cache_index)
 
     if cfg.remat != 'none':
       apply_block = jax.checkpoint(apply_block, policy=REMAT_POLICIES[cfg.remat],
                                    prevent_cse=False)
-    x_btd, _ = jax.lax.scan(apply_block, x_btd, block_state)
+    # The cache's leading axis is the layer, so it is scanned with the blocks.
+    x_btd, cache_out = jax.lax.scan(apply_block, x_btd, (block_state, cache))
     x_btd = self.final_norm(x_btd)
     unembed_dv = (self.embed_vd[...].T if cfg.tie_embeddings else self.unembed_dv[...])
     logits_btv = jnp.einsum('btd,dv->btv', x_btd, unembed_dv.astype(dtype),
                             preferred_element_type=jnp.float32)
-    return constrain(logits_btv, ('batch', 'length', 'act_vocab'))
+    logits_btv = constrain(logits_btv, ('batch', 'length', 'act_vocab'))
+    return logits_btv if cache is None else (logits_btv, cache_out)
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> dict:
+  """Empty keys (after RoPE) and values, the form `Transformer.__call__` carries.
+
+  Returns {'k', 'v'} of [layers, batch, max_len, kv_heads, head_dim] in compute_dtype.
+  """
+  shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+  dtype = jnp.dtype(cfg.compute_dtype)
+  return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
+
+
+def abstract_model(cfg: ModelConfig):
+  """(graphdef, abstract params, logical axes): the model's shapes without allocating it.
+
+  Params and axes are pure dicts (`nnx.to_pure_dict`), the form checkpoints,
+  deltas and global rounds use; the axes are the logical names of `_param`.
+  """
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
+  return graphdef, nnx.to_pure_dict(state), nnx.to_pure_dict(nnx.get_partition_spec(state))
 
 
 def param_count(cfg: ModelConfig, include_embeddings: bool = True) -> int:

@@ -12,8 +12,9 @@ from fedpt import model as model_lib
 
 def _tiny(**overrides):
   c = config_lib.base_config()
-  c.model.update(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
-                 d_ff=64, compute_dtype='float32', attention='xla', **overrides)
+  c.model.update({**dict(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                         head_dim=8, d_ff=64, compute_dtype='float32', attention='xla'),
+                  **overrides})
   return model_lib.ModelConfig.from_config(c.model, 'cpu')
 
 
@@ -79,6 +80,37 @@ def test_causal_future_tokens_do_not_change_past_logits():
   b = model(jnp.array([[1, 2, 3, 9, 9, 9]]))
   np.testing.assert_allclose(a[:, :3], b[:, :3], atol=1e-6)
   assert not np.allclose(a[:, 3:], b[:, 3:])
+
+
+@pytest.mark.parametrize('tie, n_kv_heads, remat', [
+    (True, 2, 'none'), (False, 2, 'none'), (True, 4, 'none'), (False, 4, 'none'),
+    (True, 2, 'full')])
+def test_cached_decoding_matches_full_forward(tie, n_kv_heads, remat):
+  """Prefill, then one token at a time: the logits of the same forward without a cache."""
+  cfg = _tiny(tie_embeddings=tie, n_kv_heads=n_kv_heads, remat=remat)
+  graphdef, state = nnx.split(model_lib.Transformer(cfg, nnx.Rngs(0)))
+  full_forward = jax.jit(lambda tokens_bt: nnx.merge(graphdef, state)(tokens_bt))
+  cached_forward = jax.jit(lambda tokens_bt, cache, index: nnx.merge(graphdef, state)(
+      tokens_bt, cache=cache, cache_index=index))
+  tokens = jax.random.randint(jax.random.key(2), (2, 10), 0, 97)
+  # Junk in the unwritten slots: the causal mask over the cache must hide it.
+  junk = model_lib.init_cache(cfg, 2, 13)
+  junk = jax.tree.map(lambda x: jax.random.normal(jax.random.key(3), x.shape, x.dtype), junk)
+  logits, cache = cached_forward(tokens[:, :4], junk, 0)
+  pieces = [logits]
+  for i in range(4, 10):
+    logits, cache = cached_forward(tokens[:, i:i + 1], cache, i)
+    pieces.append(logits)
+  np.testing.assert_allclose(np.concatenate(pieces, axis=1), full_forward(tokens),
+                             rtol=1e-5, atol=1e-5)
+  # The step-by-step cache holds what one prefill of all ten tokens writes.
+  _, prefilled = cached_forward(tokens, model_lib.init_cache(cfg, 2, 13), 0)
+  assert cache['k'].shape == (cfg.n_layers, 2, 13, n_kv_heads, cfg.head_dim)
+  for name in ('k', 'v'):
+    np.testing.assert_allclose(cache[name][:, :, :10], prefilled[name][:, :, :10],
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(cache[name][:, :, 10:], junk[name][:, :, 10:])
+    np.testing.assert_array_equal(prefilled[name][:, :, 10:], 0.0)
 
 
 @pytest.mark.parametrize('policy', ['full', 'dots', 'dots_no_batch'])

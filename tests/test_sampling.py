@@ -1,4 +1,4 @@
-"""KV-cached sampling: exact against the training forward, deterministic, and its CLI."""
+"""KV-cached sampling: exact against the uncached forward, deterministic, and its CLI."""
 import functools
 import importlib.util
 import os
@@ -14,8 +14,8 @@ from flax import nnx
 from fedpt import checkpoint as checkpoint_lib
 from fedpt import data as data_lib
 from fedpt import model as model_lib
+from fedpt import protocol
 from fedpt import sampling
-from fedpt import silo
 from fedpt import storage as storage_lib
 from fedpt import trainer as trainer_lib
 
@@ -24,18 +24,20 @@ PROMPT_BP = jnp.array([[3, 5, 7, 9, 11], [3, 1, 2, 4, 8]], jnp.int32)
 
 
 @functools.cache
-def _model(tie_embeddings=True):
+def _model(tie_embeddings=True, n_kv_heads=2):
   """(config, jitted uncached forward, params); a large init_std makes samples seed-dependent."""
-  cfg = model_lib.ModelConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                              head_dim=16, d_ff=96, tie_embeddings=tie_embeddings, init_std=0.2)
+  cfg = model_lib.ModelConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=4,
+                              n_kv_heads=n_kv_heads, head_dim=16, d_ff=96,
+                              tie_embeddings=tie_embeddings, init_std=0.2)
   graphdef, state = nnx.split(model_lib.Transformer(cfg, nnx.Rngs(0)))
   forward = jax.jit(lambda tokens_bt: nnx.merge(graphdef, state)(tokens_bt))
   return cfg, forward, nnx.to_pure_dict(nnx.state(nnx.merge(graphdef, state), nnx.Param))
 
 
+@pytest.mark.parametrize('n_kv_heads', [2, 4])  # GQA and MHA.
 @pytest.mark.parametrize('tie_embeddings', [True, False])
-def test_cached_logits_match_full_forward(tie_embeddings):
-  cfg, model, params = _model(tie_embeddings)
+def test_cached_logits_match_full_forward(tie_embeddings, n_kv_heads):
+  cfg, model, params = _model(tie_embeddings, n_kv_heads)
   out = sampling.generate(params, PROMPT_BP, jax.random.key(0), cfg=cfg, max_new_tokens=6,
                           temperature=1.0, return_logits=True)
   full_logits = model(jnp.concatenate([PROMPT_BP, out['tokens']], axis=1))
@@ -162,11 +164,11 @@ def test_refuses_another_model_or_an_uncommitted_round(trained_workdir, tmp_path
 
   tokenizer_sha256 = data_lib.file_sha256(data_lib.default_tokenizer_path())
   store = storage_lib.RunStorage(str(tmp_path / 'fed'))
-  store.create_run(silo.run_info(config, tokenizer_sha256, 'run-1'))
+  store.create_run(protocol.run_record(config, tokenizer_sha256, 'run-1'))
   with pytest.raises(storage_lib.StorageError, match='round 3 is not committed.*Fix'):
     sampling.sample_text(config, 'x', storage=str(tmp_path / 'fed'), round_index=3)
-  with pytest.raises(silo.RunMismatchError, match='tokenizer'):
-    bad = dict(silo.run_info(config, 'f' * 64, 'run-2'))
+  with pytest.raises(protocol.RunMismatchError, match='tokenizer'):
+    bad = dict(protocol.run_record(config, 'f' * 64, 'run-2'))
     other = storage_lib.RunStorage(str(tmp_path / 'fed2'))
     other.create_run(bad)
     sampling.sample_text(config, 'x', storage=str(tmp_path / 'fed2'), round_index=0)
