@@ -44,6 +44,7 @@ import numpy as np  # noqa: E402
 from fedpt import aggregator  # noqa: E402
 from fedpt import cli  # noqa: E402
 from fedpt import data as data_lib  # noqa: E402
+from fedpt import errors  # noqa: E402
 from fedpt import metrics as metrics_lib  # noqa: E402
 from fedpt import model as model_lib  # noqa: E402
 from fedpt import silo as silo_lib  # noqa: E402
@@ -76,7 +77,7 @@ flags.DEFINE_integer('eval_batches', 32, 'Fixed eval batches (of B windows) per 
 FLAGS = flags.FLAGS
 
 
-class StudyError(ValueError):
+class StudyError(errors.UserError, ValueError):
   """Bad study flags or a results file from different flags; the message says the fix."""
 
 

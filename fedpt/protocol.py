@@ -29,7 +29,7 @@ FORMAT_VERSION = 1
 MANIFEST_ENTRY_FIELDS = ('silo', 'tokens', 'steps', 'train_loss', 'bytes', 'compression',
                          'block_size', 'delta_norm', 'content_hash', 'global_eval_loss')
 
-# A delta's meta.json fields that the aggregator cannot check against anything.
+# What indexing into malformed metadata raises: such a delta is rejected, not a crash.
 MALFORMED = (TypeError, KeyError, ValueError, AttributeError, IndexError)
 
 

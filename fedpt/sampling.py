@@ -21,7 +21,7 @@ from fedpt import model as model_lib
 
 def _merge(params, cfg: model_lib.ModelConfig) -> model_lib.Transformer:
   """The Transformer holding `params`, built as the train step builds it: no init is run."""
-  graphdef, _ = nnx.split(nnx.eval_shape(lambda: model_lib.Transformer(cfg, nnx.Rngs(0))))
+  graphdef, _, _ = model_lib.abstract_model(cfg)
   return nnx.merge(graphdef, params)
 
 
