@@ -125,7 +125,8 @@ class Aggregator:
     norm_sq = 0.0
     for name in sorted(meta['tree']):
       try:
-        values = self.read_leaf(round_index, silo, name, meta)
+        values = self.read_leaf(round_index, silo, name, meta, meta['compression'],
+                                meta['block_size'])
       except storage_lib.StorageError as e:
         return protocol.Measured(meta, str(e))
       if not bool(jnp.all(jnp.isfinite(values))):
@@ -133,20 +134,24 @@ class Aggregator:
       norm_sq += float(jnp.sum(jnp.square(values)))
     return protocol.Measured(meta, norm=norm_sq ** 0.5)
 
-  def read_leaf(self, round_index: int, silo: str, name: str, meta: dict) -> jax.Array:
-    """One parameter of a delta, checked against the hashes the silo signed, decompressed."""
+  def read_leaf(self, round_index: int, silo: str, name: str, meta: dict, compression_format: str,
+                block_size: int) -> jax.Array:
+    """One parameter of a delta, checked against the hashes the silo signed, decompressed.
+
+    The format comes from the caller: meta.json when deciding, the manifest when aggregating.
+    """
     try:
       payload = self.store.read_delta_leaf(round_index, silo, name, meta['tree'][name]['payload'])
     except Exception as e:  # pylint: disable=broad-except  # Corrupt chunks fail in many ways.
       raise storage_lib.StorageError(
-          f'payload {name} unreadable (missing or corrupt objects): {storage_lib.short(e)}'
+          f'payload {name} unreadable (missing or corrupt objects): {errors.one_line(e)}'
       ) from None
     for key, value in payload.items():
       reason = protocol.check_payload_hash(name, key, meta, storage_lib.array_hash(value))
       if reason:
         raise storage_lib.StorageError(reason)
-    return compression.decompress(payload, meta['compression'], self.leaf_shapes[name],
-                                  meta['block_size'])
+    return compression.decompress(payload, compression_format, self.leaf_shapes[name],
+                                  block_size)
 
   def decide(self, round_index: int) -> dict:
     """Waits for every silo, or for a quorum after the deadline; writes the manifest."""
@@ -213,7 +218,8 @@ class Aggregator:
       if not included:  # Nothing valid arrived: carry the model and the momentum over.
         new_params[name], new_state[name] = params[name], outer_state[name]
         continue
-      leaves = (self.read_leaf(round_index, e['silo'], name, metas[e['silo']]) for e in included)
+      leaves = (self.read_leaf(round_index, e['silo'], name, metas[e['silo']], e['compression'],
+                               e['block_size']) for e in included)
       mean_delta = outer.robust_mean(leaves, [e['weight'] for e in included], robust['method'],
                                      trim=robust['trim'], factors=factors)
       step_params, step_state = outer.outer_step(

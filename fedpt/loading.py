@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import os
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 
@@ -103,7 +104,7 @@ def open_checkpoint(workdir: str, step: int | None = None):
   directory = os.path.join(workdir, 'checkpoints')
   fix = ('Fix: pass the --workdir of a training run or silo (it holds checkpoints/), or '
          '--storage for a federated global round')
-  if not os.path.isdir(directory):
+  if not epath.Path(directory).is_dir():
     raise checkpoint_lib.CheckpointError(
         f'no checkpoint in --workdir={workdir} ({directory} is missing). {fix}.')
   checkpointer = checkpoint_lib.Checkpointer(directory, keep=1, async_save=False)

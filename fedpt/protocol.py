@@ -192,7 +192,7 @@ def check_delta_meta(run: dict, round_index: int, silo: str, meta, base_hash: st
 
 
 def malformed(error: BaseException) -> str:
-  return f'malformed metadata ({type(error).__name__}: {str(error)[:300]})'
+  return f'malformed metadata ({type(error).__name__}: {errors.one_line(error)})'
 
 
 def _check_delta_meta(run, round_index, silo, meta, base_hash, leaf_shapes, check_signature):

@@ -213,13 +213,14 @@ class _Silo:
     if position.phase == Phase.TRAINING:  # Resumed mid-round: the base is in the bucket.
       base = trees.flatten_params(self.load_global(position.round, state)['params'])
       return base, self.store.global_hash(position.round), 0.0
-    start = time.monotonic()
     base = {k: jnp.copy(v) for k, v in trees.flatten_params(state['params']).items()}
+    start = time.monotonic()
     position.global_eval = self.trainer.evaluate(state['params'])
     self.store.publish_eval(position.round, self.silo_id, {
         'round': position.round, 'silo': self.silo_id, 'eval_loss': position.global_eval,
         'step': step})
-    return base, self.store.global_hash(position.round), time.monotonic() - start
+    eval_seconds = time.monotonic() - start
+    return base, self.store.global_hash(position.round), eval_seconds
 
   def inner_steps(self, position, state, residual, step):
     """Trains until H steps, the round's time budget, or a preemption (checkpointed)."""
@@ -240,6 +241,7 @@ class _Silo:
       if self.fed.round_budget_s and multihost.agree_flag(
           time.monotonic() - start >= self.fed.round_budget_s):
         break
+    position.losses = [float(x) for x in position.losses]  # Waits for the last step.
     return state, step
 
   def publish(self, position, state, residual, base_flat, base_hash, seconds):
@@ -249,7 +251,7 @@ class _Silo:
     'checkpoint' are added, and it becomes the round's record in the summary.
     """
     start = time.monotonic()
-    losses = [float(x) for x in position.losses]
+    losses = position.losses
     train_loss = float(np.mean(np.asarray(losses, np.float32)))
     if not np.isfinite(train_loss):
       raise trainer_lib.TrainingDivergedError(

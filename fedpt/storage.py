@@ -180,10 +180,10 @@ class RunStorage:
           kind = 'a transient error persisted' if transient else 'failed'
           raise StorageError(
               f'{what} {kind} after {attempts} attempt(s) over '
-              f'{time.monotonic() - started:.0f}s: {type(e).__name__}: {short(e)}. Fix: check '
+              f'{time.monotonic() - started:.0f}s: {type(e).__name__}: {errors.one_line(e)}. Fix: check '
               f'that {self.root} is reachable and that your credentials may read and write it; '
               'then rerun: every party resumes where it stopped.') from e
-        logging.warning(f'storage: {what}: {type(e).__name__}: {short(e)}; retrying in '
+        logging.warning(f'storage: {what}: {type(e).__name__}: {errors.one_line(e)}; retrying in '
                         f'{delay:.1f}s')
         time.sleep(delay)
 
@@ -200,7 +200,7 @@ class RunStorage:
         google.auth.load_credentials_from_file(credentials)
       except Exception as e:  # pylint: disable=broad-except
         raise StorageError(
-            f'GOOGLE_APPLICATION_CREDENTIALS={credentials} is not usable: {short(e)}. Fix: '
+            f'GOOGLE_APPLICATION_CREDENTIALS={credentials} is not usable: {errors.one_line(e)}. Fix: '
             'point it at a valid service-account JSON key, or unset it and run '
             '`gcloud auth application-default login`.') from None
     try:
@@ -208,7 +208,7 @@ class RunStorage:
                            epath.Path(f'{scheme}{bucket}').exists)
     except PermissionError as e:
       raise StorageError(
-          f'access to {scheme}{bucket} was denied ({short(e)}). Fix: grant your credentials '
+          f'access to {scheme}{bucket} was denied ({errors.one_line(e)}). Fix: grant your credentials '
           'storage.objects.{get,list,create,delete} on the bucket.') from None
     if not exists:
       raise StorageError(
@@ -344,7 +344,7 @@ class RunStorage:
     try:
       return self._retry(f'reading {directory}', restore)
     except (FileNotFoundError, ValueError, KeyError) as e:
-      raise StorageError(f'cannot read {directory}: {short(e)}') from e
+      raise StorageError(f'cannot read {directory}: {errors.one_line(e)}') from e
 
   def tree_metadata(self, directory: epath.Path) -> dict[str, tuple[tuple[int, ...], str]]:
     """name -> (shape, dtype) of every array stored under an Orbax directory."""
@@ -354,7 +354,7 @@ class RunStorage:
     try:
       meta = self._retry(f'reading the layout of {directory}', read)
     except (FileNotFoundError, ValueError, KeyError) as e:
-      raise StorageError(f'cannot read {directory}: {short(e)}') from e
+      raise StorageError(f'cannot read {directory}: {errors.one_line(e)}') from e
     item = meta.item_metadata if hasattr(meta, 'item_metadata') else meta
     tree = getattr(item, 'tree', item)
     if tree is None:
@@ -616,12 +616,6 @@ def _pid_alive(pid) -> bool:
   except PermissionError:
     return True
   return True
-
-
-def short(error: BaseException, limit: int = 300) -> str:
-  """An exception's message on one bounded line (it may end up in a manifest)."""
-  text = ' '.join(str(error).split())
-  return text if len(text) <= limit else text[:limit] + '...'
 
 
 def _get(tree: dict, name: str):
