@@ -22,6 +22,7 @@ from fedpt import compression
 from fedpt import config as config_lib
 from fedpt import errors
 from fedpt import outer
+from fedpt import trees
 
 FORMAT_VERSION = 1
 
@@ -140,14 +141,6 @@ def silo_data_seed(seed: int, silo_id: str) -> int:
   return int.from_bytes(hashlib.sha256(f'{seed}/{silo_id}'.encode()).digest()[:4], 'little')
 
 
-def tree_hash(leaf_hashes: dict[str, str]) -> str:
-  """One sha256 over {name: sha256}: a delta's content hash and a global round's hash."""
-  h = hashlib.sha256()
-  for name in sorted(leaf_hashes):
-    h.update(f'{name}={leaf_hashes[name]};'.encode())
-  return h.hexdigest()
-
-
 # -- a delta's meta.json ------------------------------------------------------------------
 
 
@@ -225,7 +218,7 @@ def _check_delta_meta(run, round_index, silo, meta, base_hash, leaf_shapes, chec
       return (f'parameter {name} payload layout {declared} is not the {meta["compression"]} '
               f'layout {expected} (wrong shape or dtype)')
   hashes = meta.get('payload_hashes') or {}
-  if tree_hash(hashes) != meta.get('content_hash'):
+  if trees.tree_hash(hashes) != meta.get('content_hash'):
     return 'payload hashes do not match the content hash'
   return None
 

@@ -64,7 +64,7 @@ def make_delta(run, round_index, silo_id, base_hash, global_flat, local_flat, re
       leaf_shapes={name: global_flat[name].shape for name in payload},
       payload_layout={name: {k: [list(v.shape), str(v.dtype)] for k, v in leaf.items()}
                       for name, leaf in payload.items()},
-      payload_hashes=hashes, content_hash=protocol.tree_hash(hashes),
+      payload_hashes=hashes, content_hash=trees.tree_hash(hashes),
       compression_format=fed.compression, block_size=fed.block_size, nbytes=nbytes,
       delta_norm=delta_norm, steps=steps, tokens=tokens, train_loss=train_loss,
       global_eval_loss=global_eval_loss, inner_seconds=inner_seconds)

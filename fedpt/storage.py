@@ -40,9 +40,9 @@ import orbax.checkpoint as ocp
 from fedpt import errors
 from fedpt import faults
 from fedpt import multihost
-from fedpt import protocol
 from fedpt.checkpoint import ORBAX_LOCK
 from fedpt.trees import flatten_params
+from fedpt.trees import tree_hash
 from fedpt.trees import unflatten_params
 
 META = 'meta.json'
@@ -422,7 +422,7 @@ class RunStorage:
     metas = self.global_shard_metas(round_index)
     if metas is None:
       return None
-    return protocol.tree_hash({k: v for m in metas for k, v in m['leaf_hashes'].items()})
+    return tree_hash({k: v for m in metas for k, v in m['leaf_hashes'].items()})
 
   def latest_global_round(self) -> int | None:
     rounds = sorted((int(p.name[len('round_'):]) for p in self.list_dir(self.root / 'global')

@@ -5,6 +5,7 @@ names are the keys of deltas, global rounds, outer-optimizer state and aggregati
 shards, so they must be stable: sorted, '/'-joined pure-dict keys (`nnx.to_pure_dict`).
 """
 from collections.abc import Mapping
+import hashlib
 
 from fedpt import errors
 
@@ -61,3 +62,11 @@ def unflatten_params(flat: Mapping) -> dict:
                            'Fix: leaf names must not prefix each other')
     node[leaf_key] = flat[name]
   return tree
+
+
+def tree_hash(leaf_hashes: dict[str, str]) -> str:
+  """One sha256 over {name: sha256}: a delta's content hash and a global round's hash."""
+  h = hashlib.sha256()
+  for name in sorted(leaf_hashes):
+    h.update(f'{name}={leaf_hashes[name]};'.encode())
+  return h.hexdigest()

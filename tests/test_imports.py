@@ -57,10 +57,19 @@ def test_only_entry_points_and_the_simulation_import_the_silo_worker():
 
 def test_the_protocol_is_pure():
   assert _imports(MODULES['protocol'], top_level_only=False) <= {
-      'compression', 'config', 'errors', 'outer'}
+      'compression', 'config', 'errors', 'outer', 'trees'}
   source = MODULES['protocol'].read_text()
   for io in ('RunStorage', 'epath', 'open(', 'jax.device'):
     assert io not in source, io
+
+
+def test_the_bucket_layer_needs_no_round_math():
+  graph, seen, todo = _graph(top_level_only=True), set(), ['storage']
+  while todo:
+    for dep in graph[todo.pop()] - seen:
+      seen.add(dep)
+      todo.append(dep)
+  assert not seen & {'outer', 'protocol', 'silo', 'aggregator', 'trainer'}, seen
 
 
 def test_every_user_error_shares_one_base():

@@ -4,6 +4,7 @@ import pytest
 from fedpt import compression
 from fedpt import config as config_lib
 from fedpt import protocol
+from fedpt import trees
 
 LEAVES = {'embed_vd': (8, 4), 'final_norm/scale': (4,)}
 
@@ -24,7 +25,7 @@ def _meta(silo='a', round_index=0, tokens=100, fmt='int8', **overrides):
   hashes = {f'{name}/{k}': f'h-{name}-{k}' for name, leaf in layout.items() for k in leaf}
   meta = protocol.delta_meta(
       _run(), round_index, silo, 'base-0', leaf_shapes=LEAVES, payload_layout=layout,
-      payload_hashes=hashes, content_hash=protocol.tree_hash(hashes), compression_format=fmt,
+      payload_hashes=hashes, content_hash=trees.tree_hash(hashes), compression_format=fmt,
       block_size=4, nbytes=123, delta_norm=1.0, steps=2, tokens=tokens, train_loss=3.0,
       global_eval_loss=4.0, inner_seconds=0.5)
   meta.update(overrides)
@@ -114,8 +115,8 @@ def test_stored_layout_and_payload_hashes():
 
 
 def test_tree_hash_is_order_free_and_content_bound():
-  assert protocol.tree_hash({'a': '1', 'b': '2'}) == protocol.tree_hash({'b': '2', 'a': '1'})
-  assert protocol.tree_hash({'a': '1', 'b': '2'}) != protocol.tree_hash({'a': '2', 'b': '1'})
+  assert trees.tree_hash({'a': '1', 'b': '2'}) == trees.tree_hash({'b': '2', 'a': '1'})
+  assert trees.tree_hash({'a': '1', 'b': '2'}) != trees.tree_hash({'a': '2', 'b': '1'})
 
 
 # -- the manifest decision ----------------------------------------------------------------

@@ -56,7 +56,7 @@ def _relayout(payload, meta, name, array):
   meta['payload_hashes'] = {k: v for k, v in meta['payload_hashes'].items()
                             if not k.startswith(f'{name}/')}
   meta['payload_hashes'][f'{name}/values'] = storage_lib.array_hash(array)
-  meta['content_hash'] = protocol.tree_hash(meta['payload_hashes'])
+  meta['content_hash'] = trees.tree_hash(meta['payload_hashes'])
   return payload, meta
 
 
