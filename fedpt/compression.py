@@ -67,6 +67,9 @@ def compress(delta_leaf, fmt: str, block_size: int = 256) -> dict:
   blocks = jnp.pad(flat, (0, num_blocks * block_size - flat.size)).reshape(
       num_blocks, block_size)
   scale = jnp.max(jnp.abs(blocks), axis=1, initial=0.0) / qmax
+  # XLA's max may drop a NaN: a block holding NaN or Inf gets a NaN scale, so it decompresses
+  # to NaN and the aggregator's finiteness check still fires.
+  scale = jnp.where(jnp.all(jnp.isfinite(blocks), axis=1), scale, jnp.nan)
   safe_scale = jnp.where(scale > 0, scale, 1.0)  # An all-zero block quantises to zeros.
   q = jnp.clip(jnp.round(blocks / safe_scale[:, None]), -qmax, qmax)
   if fmt == 'int8':

@@ -262,6 +262,13 @@ class _Silo:
         steps=len(losses), tokens=len(losses) * self.trainer.tokens_per_step(),
         train_loss=train_loss, global_eval_loss=position.global_eval,
         inner_seconds=seconds['inner'], mesh=self.trainer.mesh)
+    if not np.isfinite(meta['delta_norm']):
+      local = trees.flatten_params(state['params'])
+      bad = [n for n in sorted(local) if not bool(jnp.all(jnp.isfinite(local[n])))]
+      raise trainer_lib.TrainingDivergedError(
+          f'silo {self.silo_id} round {position.round}: the local model has NaN or Inf in '
+          f'{bad or "its delta"}. Fix: lower inner.lr or raise inner.grad_clip and restart from '
+          'the last checkpoint; the delta was not published.')
     if self.identity is not None:
       meta = self.identity.sign(meta)
     self.store.publish_delta(position.round, self.silo_id, payload, meta)

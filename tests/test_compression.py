@@ -132,3 +132,42 @@ def test_bad_input_raises():
     compression.decompress(payload, 'bf16', (300,))
   with pytest.raises(compression.CompressionError, match='residual'):
     compression.compress_with_feedback(np.ones(3), np.ones(4), 'int8')
+
+
+def _leaf_shapes(config_name):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  from fedpt import model as model_lib  # pylint: disable=g-import-not-at-top
+  from fedpt import trees  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(__file__).resolve().parents[1] / 'configs' / f'{config_name}.py'
+  spec = importlib.util.spec_from_file_location(config_name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = model_lib.ModelConfig.from_config(module.get_config().model, 'cpu')
+  _, params, _ = model_lib.abstract_model(cfg)
+  return sorted({tuple(x.shape) for x in trees.flatten_params(params).values()})
+
+
+@pytest.mark.parametrize('config_name', ['tiny', 'demo'])
+@pytest.mark.parametrize('bad', [np.nan, np.inf, -np.inf])
+def test_non_finite_values_survive_every_format_on_every_leaf_shape(config_name, bad):
+  """A NaN or Inf anywhere in a delta must reach the aggregator's finiteness check."""
+  shapes = _leaf_shapes(config_name)
+  assert len(shapes) >= 6, shapes
+  rng = np.random.default_rng(0)
+  for shape in shapes:
+    x = np.full(shape, 0.01, np.float32)
+    where = tuple(int(rng.integers(0, d)) for d in shape)
+    for index in (tuple(0 for _ in shape), where):
+      x_bad = x.copy()
+      x_bad[index] = bad
+      for fmt in compression.FORMATS:
+        for block_size in (256, 64):
+          y = compression.decompress(compression.compress(x_bad, fmt, block_size), fmt, shape,
+                                     block_size)
+          assert not bool(jnp.all(jnp.isfinite(y))), (shape, index, fmt, block_size)
+          if fmt in ('int8', 'int4'):  # Blocks without the bad value are unharmed.
+            flat = np.asarray(y).reshape(-1)
+            bad_block = int(np.ravel_multi_index(index, shape)) // block_size if shape else 0
+            others = np.arange(flat.size) // block_size != bad_block
+            np.testing.assert_allclose(flat[others], 0.01, atol=1e-3)
