@@ -56,12 +56,14 @@ class Aggregator:
           f'{self.num_shards}. Fix: pass --shard=i/{fed["num_shards"]}.')
     self.shard = shard
     self.optimizer = outer.make_outer_optimizer(ml_collections.ConfigDict(self.run['outer']))
-    metas = self.store.global_shard_metas(0)
-    if metas is None:
+    newest = self.store.latest_global_round()  # Round 0 may be garbage-collected.
+    if newest is None:
       raise storage_lib.StorageError(
-          f'global round 0 is missing under {self.store.root}. Fix: run scripts/init_run.py.')
+          f'no global round is committed under {self.store.root}. Fix: run '
+          'scripts/init_run.py.')
+    metas = self.store.global_shard_metas(newest)
     for meta in metas:
-      self.check_own(meta, f'global round 0 shard {meta.get("shard")}')
+      self.check_own(meta, f'global round {newest} shard {meta.get("shard")}')
     self.leaf_shapes, self.leaf_dtypes, _ = protocol.global_leaves(metas)
     self.my_leaves = sorted(k for m in metas if m['shard'] == shard for k in m['leaf_hashes'])
     self._collected: set[int] = set()  # Rounds already garbage-collected by this process.
@@ -94,12 +96,18 @@ class Aggregator:
     return params, arrays_to_state(state_arrays, abstract_state)
 
   def next_round(self) -> int:
-    """The first round whose output this shard has not committed yet."""
-    r = 0
-    while self.store.read_json(
-        self.store.shard_dir(r + 1, self.shard, self.num_shards) / storage_lib.META) is not None:
-      r += 1
-    return r
+    """The round this shard aggregates next: the newest global round it has committed.
+
+    Read from what is committed, never from gaps: garbage collection leaves gaps
+    below the kept rounds, and a round is only collected after it was aggregated.
+    """
+    own = [r for r in self.store.global_round_dirs() if self.store.read_json(
+        self.store.shard_dir(r, self.shard, self.num_shards) / storage_lib.META) is not None]
+    if not own:
+      raise storage_lib.StorageError(
+          f'no committed global round of shard {self.shard}/{self.num_shards} under '
+          f'{self.store.root}. Fix: run scripts/init_run.py, or pass the run\'s --storage.')
+    return max(own)
 
   # -- the decision (shard 0) ----------------------------------------------------
 
@@ -274,6 +282,10 @@ def run_aggregator(storage_root: str, shard: int = 0, num_shards: int | None = N
                    stop_after_rounds: int | None = None, keys_dir: str | None = None) -> dict:
   """Aggregates rounds until the run's last one; resumes where this shard left off."""
   agg = Aggregator(storage_root, shard, num_shards, keys_dir)
+  if agg.next_round() >= agg.fed['rounds']:
+    metrics_lib.log(f'aggregator {shard}/{agg.num_shards}: run {agg.run["run_id"]} is finished '
+                    f'(global round {agg.fed["rounds"]} is committed); nothing to do')
+    return {'round': agg.fed['rounds'], 'finished': True}
   with storage_lib.Lease(agg.store, f'aggregator_{shard:03d}') as lease:
     agg.lease = lease
     return _aggregate_rounds(agg, shard, stop_after_rounds)

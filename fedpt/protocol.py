@@ -330,7 +330,11 @@ def decide_round(run: dict, round_index: int, base_hash: str | None, committed: 
 
 def check_still_included(round_index: int, entry: dict, meta: dict | None) -> str | None:
   """The delta read to aggregate must be the one the manifest included (same content hash)."""
-  if meta is None or meta.get('content_hash') != entry['content_hash']:
+  if meta is None:
+    return (f'silo {entry["silo"]}\'s delta of round {round_index} is gone although the '
+            'manifest included it (deleted from the bucket). Fix: restore it from a bucket '
+            'version or backup; nothing was written.')
+  if meta.get('content_hash') != entry['content_hash']:
     return (f'silo {entry["silo"]}\'s delta of round {round_index} changed after the manifest '
             'included it: the bucket was modified mid-round. Fix: restore the delta, or rerun '
             'this round from a copy of the bucket; nothing was written.')

@@ -112,6 +112,9 @@ class _Private:
     self._expected = expected_meta
     self._use_feedback = use_feedback
 
+  def latest(self) -> int | None:
+    return self._ckpt.latest_step()
+
   def restore(self):
     """(state, residual_flat, Position) of the newest save, or None for a fresh silo."""
     key = self._ckpt.latest_step()
@@ -292,7 +295,20 @@ class _Silo:
 
   # -- the loop -----------------------------------------------------------------------
 
+  def already_finished(self) -> bool:
+    """The run's last global round is committed and this silo has nothing left to add to it."""
+    newest = multihost.agree_int(self.store.latest_global_round())
+    if newest is None or newest < self.total_rounds:
+      return False
+    return multihost.agree_flag(self.private.latest() is None
+                                or self.silo_id in self.store.eval_losses(newest))
+
   def run_rounds(self, stop_after_rounds):
+    if self.already_finished():  # Nothing is written: not even an evaluation.
+      self.log(f'run {self.run["run_id"]} is finished (global round {self.total_rounds} is '
+               'committed); nothing to do')
+      self.summary.update(round=self.total_rounds, finished=True)
+      return self.summary
     state, residual, position = self.join_or_resume()
     step = int(state['step'])  # The data position; tracked on the host from here on.
     rounds_done = 0

@@ -146,12 +146,6 @@ def _check_resumable(store, config) -> dict:
   """The run already at the storage root, if this config may resume it."""
   run = store.read_run()
   fed = run['federation']
-  latest = store.latest_global_round() or 0
-  if latest >= fed['rounds']:
-    raise storage_lib.StorageError(
-        f'{store.root} already holds a finished run ({run["run_id"]}, {fed["rounds"]} rounds). '
-        f'Fix: inspect it with scripts/status.py --storage={store.root}, or pass a new '
-        '--storage / --workdir.')
   mine = protocol.run_record(config, run['tokenizer_sha256'], run['run_id'])['federation']
   for key in sorted(set(mine) | set(fed)):
     if mine.get(key) != fed.get(key):
@@ -241,6 +235,12 @@ def simulate(config, config_file: str, storage_root: str, workdir: str,
   keys_dir = os.path.join(workdir, 'keys')
   if store.exists(store.run_path):
     run = _check_resumable(store, config)
+    if (store.latest_global_round() or 0) >= run['federation']['rounds']:
+      log(f'run {run["run_id"]} at {storage_root} is finished ({run["federation"]["rounds"]} '
+          f'rounds); nothing to do. Ledger: python3 scripts/status.py --storage={storage_root}')
+      return {'run_id': run['run_id'], 'storage': storage_root, 'workdir': workdir,
+              'finished': True, 'rounds': [], 'final_eval_by_silo': store.eval_losses(
+                  run['federation']['rounds']), 'wall_s': time.monotonic() - started}
     log(f'resuming run {run["run_id"]} at {storage_root} from global round '
         f'{store.latest_global_round()}')
   else:
@@ -270,7 +270,7 @@ def simulate(config, config_file: str, storage_root: str, workdir: str,
     log(f'{len(silos)} silos {silos} and {fed["num_shards"]} aggregator process(es) '
         f'started; logs in {children.log_dir}')
 
-    model_nbytes = ledger.global_nbytes(store, 0)
+    model_nbytes = ledger.global_nbytes(store, store.latest_global_round())
     already_done = (store.latest_global_round() or 0)
     seen_at: dict[int, float] = {}
     last_at = time.monotonic()

@@ -424,10 +424,13 @@ class RunStorage:
       return None
     return tree_hash({k: v for m in metas for k, v in m['leaf_hashes'].items()})
 
+  def global_round_dirs(self) -> list[int]:
+    """Round numbers that have a global/round_NNNNNN folder (committed or not), ascending."""
+    return sorted(int(p.name[len('round_'):]) for p in self.list_dir(self.root / 'global')
+                  if p.name.startswith('round_'))
+
   def latest_global_round(self) -> int | None:
-    rounds = sorted((int(p.name[len('round_'):]) for p in self.list_dir(self.root / 'global')
-                     if p.name.startswith('round_')), reverse=True)
-    for r in rounds:
+    for r in reversed(self.global_round_dirs()):
       if self.global_shard_metas(r) is not None:
         return r
     return None

@@ -8,6 +8,7 @@ import sys
 import matplotlib.image
 import pytest
 
+import bucket_helpers
 from fedpt import ledger
 from fedpt import signing
 from fedpt import simulation
@@ -19,6 +20,12 @@ ROUNDS, H = 3, 10
 
 def _tiny_file(repo_root):
   return str(repo_root / 'configs' / 'tiny.py')
+
+
+def _snapshot(folder):
+  """Every file under `folder` with its size and modification time."""
+  return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob('*')
+          if p.is_file()}
 
 
 def test_config_overrides_round_trip(tiny_config, repo_root):
@@ -122,7 +129,10 @@ def test_simulate_end_to_end_through_gcs_and_ledger(tiny_config, repo_root, tmp_
     assert totals['last_eval_loss'] == summary['final_eval_by_silo'][s]
   assert 'per-silo totals' in result.stdout
 
-  # A finished run is refused rather than silently redone.
-  with pytest.raises(storage_lib.StorageError, match='finished run'):
-    simulation.simulate(tiny_config, _tiny_file(repo_root), root, str(tmp_path / 'work'),
-                        log=lines.append)
+  # A finished run is recognised, not redone: nothing is started and nothing is written.
+  before = _snapshot(tmp_path), sorted(map(str, bucket_helpers.files(store.root)))
+  again = simulation.simulate(tiny_config, _tiny_file(repo_root), root, str(tmp_path / 'work'),
+                              log=lines.append)
+  assert again['finished'] and again['final_eval_by_silo'] == summary['final_eval_by_silo']
+  assert f'is finished ({ROUNDS} rounds); nothing to do' in lines[-1], lines[-1]
+  assert (_snapshot(tmp_path), sorted(map(str, bucket_helpers.files(store.root)))) == before
