@@ -55,6 +55,7 @@ class Aggregator:
           f'this run is aggregated in {fed["num_shards"]} shards (run.json), not '
           f'{self.num_shards}. Fix: pass --shard=i/{fed["num_shards"]}.')
     self.shard = shard
+    protocol.check_format(self.run)
     self.optimizer = outer.make_outer_optimizer(ml_collections.ConfigDict(self.run['outer']))
     newest = self.store.latest_global_round()  # Round 0 may be garbage-collected.
     if newest is None:
@@ -89,10 +90,29 @@ class Aggregator:
     return params, state
 
   def read_shard(self, round_index: int):
+    """This shard's params and outer state of a global round, vetted like a silo's read.
+
+    The aggregator trusts none of its own earlier output: the shard meta must be
+    this run's and round's and (signed runs) carry its signature, and every
+    params and outer-state array must hash to what that meta lists.
+    """
+    meta = self.store.read_json(
+        self.store.shard_dir(round_index, self.shard, self.num_shards) / storage_lib.META)
+    check_aggregator = self.identity.check_aggregator if self.identity else None
+    previous = (self.store.read_manifest(round_index - 1)
+                if check_aggregator is not None and round_index > 0 else None)
+    reason = ('its meta.json is missing' if meta is None else protocol.check_global_meta(
+        self.run, round_index, meta, check_aggregator, previous))
     abstract_params, abstract_state = self._abstract()
-    params, state_arrays = self.store.read_global_shard(
-        round_index, self.shard, self.num_shards, abstract_params,
-        state_to_arrays(abstract_state))
+    if reason is None:
+      params, state_arrays = self.store.read_global_shard(
+          round_index, self.shard, self.num_shards, abstract_params,
+          state_to_arrays(abstract_state))
+      reason = protocol.check_shard_arrays(
+          meta, {n: storage_lib.array_hash(v) for n, v in params.items()},
+          {n: storage_lib.array_hash(v) for n, v in state_arrays.items()})
+    if reason:
+      raise storage_lib.tampered(self.store.root, round_index, self.shard, reason)
     return params, arrays_to_state(state_arrays, abstract_state)
 
   def next_round(self) -> int:
@@ -209,8 +229,9 @@ class Aggregator:
 
   # -- the outer step -------------------------------------------------------------
 
-  def aggregate(self, round_index: int, manifest: dict) -> dict:
-    params, outer_state = self.read_shard(round_index)
+  def aggregate(self, round_index: int, manifest: dict, inputs=None) -> dict:
+    """Steps this shard's leaves with the manifest's deltas; `inputs` is `read_shard`'s."""
+    params, outer_state = inputs or self.read_shard(round_index)
     included = manifest['included']
     # Loop invariants: each silo's payload layout (its meta.json, read once) and the method.
     metas = {e['silo']: self.store.delta_meta(round_index, e['silo']) for e in included}
@@ -234,12 +255,14 @@ class Aggregator:
           self.optimizer, {name: params[name]}, {name: mean_delta}, {name: outer_state[name]})
       new_params[name] = np.asarray(step_params[name])
       new_state[name] = jax.tree.map(np.asarray, step_state[name])
+    state_arrays = state_to_arrays(new_state)
     meta = self.sign(global_shard_meta(
         self.run['run_id'], round_index + 1, self.shard, self.num_shards, new_params,
-        contributors=[e['silo'] for e in included], tokens=sum(e['tokens'] for e in included)))
+        state_arrays, contributors=[e['silo'] for e in included],
+        tokens=sum(e['tokens'] for e in included)))
     self.lease_check()
     self.store.publish_global_shard(round_index + 1, self.shard, self.num_shards, new_params,
-                                    state_to_arrays(new_state), meta)
+                                    state_arrays, meta)
     return meta
 
   def collect_garbage(self, newest_round: int) -> None:
@@ -267,14 +290,15 @@ def arrays_to_state(arrays: dict, abstract_state_by_leaf: dict) -> dict:
   return out
 
 
-def global_shard_meta(run_id, round_index, shard, num_shards, params_flat, contributors,
-                      tokens) -> dict:
+def global_shard_meta(run_id, round_index, shard, num_shards, params_flat, state_arrays,
+                      contributors, tokens) -> dict:
   """`protocol.global_shard_meta` of host arrays: their hashes, shapes and dtypes."""
   return protocol.global_shard_meta(
       run_id, round_index, shard, num_shards,
       leaf_hashes={n: storage_lib.array_hash(v) for n, v in params_flat.items()},
       leaf_shapes={n: list(np.shape(v)) for n, v in params_flat.items()},
       leaf_dtypes={n: str(np.asarray(v).dtype) for n, v in params_flat.items()},
+      outer_state_hashes={n: storage_lib.array_hash(v) for n, v in state_arrays.items()},
       contributors=contributors, tokens=tokens)
 
 
@@ -296,6 +320,7 @@ def _aggregate_rounds(agg: Aggregator, shard: int, stop_after_rounds: int | None
   r = agg.next_round()
   done = 0
   while r < total:
+    inputs = agg.read_shard(r)  # Vetted before anything of round r is decided or written.
     if shard == 0:
       manifest = agg.decide(r)
     else:
@@ -303,7 +328,7 @@ def _aggregate_rounds(agg: Aggregator, shard: int, stop_after_rounds: int | None
           lambda: agg.store.read_manifest(r), f'the manifest of round {r} (written by shard 0)',
           timeout_s=agg.fed['wait_timeout_s'], poll_s=agg.fed['poll_s'])
       agg.check_own(manifest, f'the manifest of round {r}')
-    agg.aggregate(r, manifest)
+    agg.aggregate(r, manifest, inputs)
     metrics_lib.log(
         f'aggregator {shard}/{agg.num_shards}: round {r} -> global {r + 1} from '
         f'{[e["silo"] for e in manifest["included"]]}'
@@ -348,10 +373,10 @@ def init_run(config, storage_root: str, run_id: str | None = None,
   for shard in range(num_shards):
     names = outer.shard_leaf_names(sorted(params), shard, num_shards, sizes)
     shard_params = {n: np.asarray(params[n]) for n in names}
+    state_arrays = state_to_arrays({n: jax.tree.map(np.asarray, state[n]) for n in names})
     store.publish_global_shard(
-        0, shard, num_shards, shard_params,
-        state_to_arrays({n: jax.tree.map(np.asarray, state[n]) for n in names}),
-        sign(global_shard_meta(info['run_id'], 0, shard, num_shards, shard_params,
+        0, shard, num_shards, shard_params, state_arrays,
+        sign(global_shard_meta(info['run_id'], 0, shard, num_shards, shard_params, state_arrays,
                                contributors=[], tokens=0)))
   info = sign(info)
   store.create_run(info)

@@ -24,7 +24,7 @@ from fedpt import errors
 from fedpt import outer
 from fedpt import trees
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: global shard metas hash the outer-optimizer state too.
 
 # What the manifest copies from each included delta's meta.json (the ledger's inputs).
 MANIFEST_ENTRY_FIELDS = ('silo', 'tokens', 'steps', 'train_loss', 'bytes', 'compression',
@@ -130,8 +130,18 @@ def check_model_matches_run(run: dict, config, tokenizer_sha256: str) -> None:
         'tokenizer and tokenise your corpus with it.')
 
 
+def check_format(run: dict) -> None:
+  """Records of another protocol version would be misread: refuse the run."""
+  if run.get('format_version') != FORMAT_VERSION:
+    raise RunMismatchError(
+        f'the run {run.get("run_id")!r} speaks protocol format {run.get("format_version")!r}; '
+        f'this fedpt speaks {FORMAT_VERSION}. Fix: use the fedpt version that created the run '
+        '(docs/protocol.md lists the formats), or create a new run.')
+
+
 def check_joins_run(run: dict, config, silo_id: str, tokenizer_sha256: str) -> None:
   """Raises RunMismatchError unless silo `silo_id` with this config may join `run`."""
+  check_format(run)
   check_silo_listed(run, silo_id)
   check_model_matches_run(run, config, tokenizer_sha256)
 
@@ -346,13 +356,34 @@ def check_still_included(round_index: int, entry: dict, meta: dict | None) -> st
 
 def global_shard_meta(run_id: str, round_index: int, shard: int, num_shards: int, *,
                       leaf_hashes: dict, leaf_shapes: dict, leaf_dtypes: dict,
-                      contributors: list[str], tokens: int) -> dict:
-  """What an aggregator shard commits beside its params: per-leaf hashes, shapes, dtypes."""
+                      outer_state_hashes: dict, contributors: list[str], tokens: int) -> dict:
+  """What an aggregator shard commits beside its params and outer-optimizer state.
+
+  Every array the shard wrote is hashed here (params per leaf, outer state per
+  `aggregator.state_to_arrays` name), so with the aggregator's signature nothing
+  it reads back, its own earlier output included, can be swapped unnoticed.
+  """
   return {
       'round': round_index, 'shard': shard, 'num_shards': num_shards, 'run_id': run_id,
       'leaf_hashes': leaf_hashes, 'leaf_shapes': leaf_shapes, 'leaf_dtypes': leaf_dtypes,
-      'contributors': contributors, 'tokens': tokens,
+      'outer_state_hashes': outer_state_hashes, 'contributors': contributors, 'tokens': tokens,
   }
+
+
+def check_shard_arrays(meta: dict, param_hashes: dict, outer_state_hashes: dict) -> str | None:
+  """The reason a global shard's restored arrays are not the ones its meta.json vouches for."""
+  for what, want, have in (('parameter', meta['leaf_hashes'], param_hashes),
+                           ('outer-optimizer state', meta.get('outer_state_hashes'),
+                            outer_state_hashes)):
+    if want is None:
+      return f'its meta.json hashes no {what} arrays'
+    if sorted(want) != sorted(have):
+      return f'its {what} arrays are not the ones meta.json lists'
+    for name in sorted(want):
+      if want[name] != have[name]:
+        return (f'{what} {name} does not match its committed hash: the object was modified or '
+                'torn after commit')
+  return None
 
 
 def check_global_meta(run: dict, round_index: int, meta: dict, check_aggregator=None,

@@ -52,6 +52,13 @@ class StorageError(errors.UserError, RuntimeError):
   """A problem with the shared run storage; the message names the object."""
 
 
+def tampered(root, round_index: int, shard, reason: str) -> StorageError:
+  """What every party says when a global round is not what its signed meta.json vouches for."""
+  return StorageError(
+      f'global round {round_index} shard {shard} under {root}: {reason}. The bucket was '
+      'tampered with; nothing was loaded. Fix: ask the run\'s operator to restore the round.')
+
+
 class WaitTimeout(StorageError):
   """Something expected in the bucket did not appear in time."""
 
@@ -449,10 +456,7 @@ class RunStorage:
     for meta in metas:
       reason = check_meta(meta) if check_meta else None
       if reason:
-        raise StorageError(
-            f'global round {round_index} shard {meta.get("shard")} under {self.root}: {reason}. '
-            'The bucket was tampered with; nothing was loaded. Fix: ask the run\'s operator to '
-            'restore the round.')
+        raise tampered(self.root, round_index, meta.get('shard'), reason)
       names = sorted(meta['leaf_hashes'])
       missing = [n for n in names if n not in abstract_flat]
       if missing:
@@ -466,8 +470,9 @@ class RunStorage:
       if verify:
         for n in names:
           if array_hash(restored[n]) != meta['leaf_hashes'][n]:
-            raise StorageError(f'{directory} parameter {n} does not match its committed hash: '
-                               'the object was modified or torn after commit')
+            raise tampered(self.root, round_index, meta['shard'], (
+                f'parameter {n} does not match its committed hash: the object was modified '
+                'or torn after commit'))
       out.update(restored)
     if set(out) != set(abstract_flat):
       raise StorageError(

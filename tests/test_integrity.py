@@ -2,6 +2,7 @@
 import pathlib
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import bucket_helpers
@@ -9,6 +10,7 @@ from fedpt import aggregator as aggregator_lib
 from fedpt import silo as silo_lib
 from fedpt import storage as storage_lib
 from fedpt import trainer as trainer_lib
+from fedpt import trees
 
 
 @pytest.fixture
@@ -79,3 +81,28 @@ def test_a_restarted_aggregator_resumes_after_garbage_collection(fed_config, tmp
   assert _bucket_files(tmp_path / 'gc') == before
   assert not (tmp_path / 'late_silo' / 'checkpoints').exists() or not any(
       (tmp_path / 'late_silo' / 'checkpoints').iterdir())
+
+
+@pytest.mark.parametrize('item', ['params', 'outer_state'])
+def test_the_aggregator_refuses_its_own_tampered_output(fed_config, tmp_path, item):
+  """A valid Orbax tree with one value off by 1e-3, meta.json untouched: nothing is built on it."""
+  fed_config.outer.optimizer = 'diloco'  # Momentum: the outer state is not all zeros.
+  fed_config.federation.update(rounds=4)
+  root = str(tmp_path / 'bucket')
+  store = _run_rounds(fed_config, root, 2, gc=False)
+  run = store.read_run()
+  for s in ('a', 'b'):
+    store.publish_delta(2, s, *bucket_helpers.fake_delta(store, run, 2, s,
+                                                         fed_config.federation, 0.02))
+  agg = aggregator_lib.Aggregator(root)
+  params, state = agg.read_shard(2)
+  arrays = params if item == 'params' else aggregator_lib.state_to_arrays(state)
+  name = sorted(arrays)[-1]
+  arrays = {n: np.asarray(v) + (1e-3 if n == name else 0.0) for n, v in arrays.items()}
+  store._save_tree(store.shard_dir(2, 0, 1) / item, trees.unflatten_params(arrays))  # pylint: disable=protected-access
+  what = 'parameter' if item == 'params' else 'outer-optimizer state'
+  with pytest.raises(storage_lib.StorageError,
+                     match=f'global round 2 shard 0 .*{what} {name} does not match its committed '
+                     'hash.*tampered.*Fix'):
+    aggregator_lib.run_aggregator(root, stop_after_rounds=1)
+  assert store.read_manifest(2) is None and store.latest_global_round() == 2

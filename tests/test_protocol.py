@@ -235,7 +235,8 @@ def test_global_meta_checks():
   run = _run()
   meta = protocol.global_shard_meta('run-1', 2, 0, 1, leaf_hashes={'x': 'h'},
                                     leaf_shapes={'x': [2]}, leaf_dtypes={'x': 'float32'},
-                                    contributors=['a'], tokens=5)
+                                    outer_state_hashes={'x/s0': 'm'}, contributors=['a'],
+                                    tokens=5)
   assert protocol.check_global_meta(run, 2, meta) is None
   assert 'round 2' in protocol.check_global_meta(run, 3, meta)
   assert "run 'run-1'" in protocol.check_global_meta({**run, 'run_id': 'other'}, 2, meta)
@@ -249,6 +250,29 @@ def test_global_meta_checks():
       'manifest of round 1: bad signature')
   assert protocol.check_global_meta(run, 2, meta, signed, {'signed': True}) is None
   assert protocol.global_leaves([meta]) == ({'x': (2,)}, {'x': 'float32'}, {'x': 'h'})
+
+
+def test_a_global_shards_arrays_must_be_the_ones_its_meta_lists():
+  meta = protocol.global_shard_meta('run-1', 2, 0, 1, leaf_hashes={'x': 'h', 'y': 'i'},
+                                    leaf_shapes={}, leaf_dtypes={},
+                                    outer_state_hashes={'x/s0': 'm'}, contributors=[], tokens=0)
+  assert protocol.check_shard_arrays(meta, {'x': 'h', 'y': 'i'}, {'x/s0': 'm'}) is None
+  assert 'parameter y does not match its committed hash' in protocol.check_shard_arrays(
+      meta, {'x': 'h', 'y': 'j'}, {'x/s0': 'm'})
+  assert 'outer-optimizer state x/s0 does not match' in protocol.check_shard_arrays(
+      meta, {'x': 'h', 'y': 'i'}, {'x/s0': 'n'})
+  assert 'not the ones meta.json lists' in protocol.check_shard_arrays(
+      meta, {'x': 'h'}, {'x/s0': 'm'})
+  del meta['outer_state_hashes']
+  assert 'hashes no outer-optimizer state' in protocol.check_shard_arrays(
+      meta, {'x': 'h', 'y': 'i'}, {'x/s0': 'm'})
+
+
+def test_a_run_of_another_format_is_refused():
+  config = config_lib.base_config()
+  run = protocol.run_record(config, 't' * 64, 'run-1')
+  with pytest.raises(protocol.RunMismatchError, match='protocol format 1.*Fix'):
+    protocol.check_joins_run({**run, 'format_version': 1}, config, 'web', 't' * 64)
 
 
 # -- run.json ----------------------------------------------------------------------------------
