@@ -34,3 +34,8 @@ def crash_point(name: str, round_index: int) -> None:
   armed, _, signal_name = os.environ.get(ENV_VAR, '').partition(':')
   if armed == key:
     os.kill(os.getpid(), signal.Signals[signal_name or 'SIGKILL'])
+
+
+def clear() -> None:
+  """Disarms every hook (tests call it so that an unfired hook cannot leak into the next)."""
+  _HOOKS.clear()

@@ -85,13 +85,19 @@ def train_state_abstract(config, params: dict) -> dict:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placement), state)
 
 
-def silo_checkpoint_abstract(train_state: dict, with_residual: bool) -> dict:
-  """A federated silo's private checkpoint: {'train': state, 'residual'?: fp32 like params}."""
+def silo_checkpoint_abstract(train_state: dict, with_residual: bool,
+                             with_residual_base: bool = False) -> dict:
+  """A federated silo's private checkpoint: {'train': state, 'residual'?, 'residual_base'?}.
+
+  The residuals (error feedback, fp32 like the params) are the one after and the
+  one before the last published round.
+  """
   tree = {'train': train_state}
-  if with_residual:
-    tree['residual'] = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=x.sharding),
-        train_state['params'])
+  fp32 = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=x.sharding),
+                      train_state['params'])
+  for name, wanted in (('residual', with_residual), ('residual_base', with_residual_base)):
+    if wanted:
+      tree[name] = fp32
   return tree
 
 
@@ -130,7 +136,8 @@ def _restore_workdir(config, source: Source, train_state: dict, tokenizer_sha256
     layout = checkpointer.state_layout(step)
     abstract = train_state
     if 'train' in layout:  # A federated silo's checkpoint (silo.run_silo).
-      abstract = silo_checkpoint_abstract(train_state, 'residual' in layout)
+      abstract = silo_checkpoint_abstract(train_state, 'residual' in layout,
+                                          'residual_base' in layout)
     state, _ = checkpointer.restore(
         step, abstract, checkpoint_lib.expected_meta(config, tokenizer_sha256))
   state = state['train'] if 'train' in layout else state

@@ -198,7 +198,12 @@ def malformed(error: BaseException) -> str:
   return f'malformed metadata ({type(error).__name__}: {errors.one_line(error)})'
 
 
-def _check_delta_meta(run, round_index, silo, meta, base_hash, leaf_shapes, check_signature):
+def check_delta_identity(run: dict, round_index: int, silo: str, meta: dict,
+                         check_signature=None) -> str | None:
+  """Why `meta` is not silo `silo`'s own delta of this run and round (listed, signed), or None.
+
+  A silo asks this of whatever it finds at its own path before concluding anything.
+  """
   if silo not in silo_ids(run):
     return 'unknown silo (not in run.json)'
   if check_signature is not None:
@@ -210,6 +215,13 @@ def _check_delta_meta(run, round_index, silo, meta, base_hash, leaf_shapes, chec
   if meta.get('round') != round_index or meta.get('silo') != silo:
     return (f'metadata says round {meta.get("round")} silo {meta.get("silo")!r} (a replayed '
             'or moved delta)')
+  return None
+
+
+def _check_delta_meta(run, round_index, silo, meta, base_hash, leaf_shapes, check_signature):
+  reason = check_delta_identity(run, round_index, silo, meta, check_signature)
+  if reason:
+    return reason
   if meta.get('base_global_hash') != base_hash:
     return 'based on a different global model than this round\'s'
   if meta.get('compression') not in compression.FORMATS:

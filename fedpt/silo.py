@@ -88,7 +88,7 @@ class Position:
 
   def record(self) -> dict:
     out = {'round': self.round, 'phase': self.phase.value}
-    if self.phase == Phase.TRAINING:
+    if self.phase != Phase.START:  # A published delta can be rebuilt: see _Silo.republish.
       out.update(steps_done=len(self.losses), global_eval=self.global_eval,
                  losses=[float(x) for x in self.losses])
     return out
@@ -120,16 +120,21 @@ class _Private:
     key = self._ckpt.latest_step()
     if key is None:
       return None
+    layout = self._ckpt.state_layout(key)
     abstract = loading.silo_checkpoint_abstract(self._trainer.abstract_state(),
-                                                self._use_feedback)
+                                                self._use_feedback, 'residual_base' in layout)
     private, meta = self._ckpt.restore(key, abstract, self._expected)
-    residual = trees.flatten_params(private['residual']) if self._use_feedback else None
-    return private['train'], residual, Position.from_record(meta)
+    residual, base = (None if name not in private else trees.flatten_params(private[name])
+                      for name in ('residual', 'residual_base'))
+    return private['train'], (residual, base), Position.from_record(meta)
 
-  def save(self, state, residual, position: Position):
+  def save(self, state, residual, position: Position, residual_base=None):
+    """`residual_base`: with error feedback, the residual the round's delta was compressed with."""
     tree = {'train': state}
     if self._use_feedback:
       tree['residual'] = trees.unflatten_params(residual)
+      if residual_base is not None:
+        tree['residual_base'] = trees.unflatten_params(residual_base)
     key = (self._ckpt.latest_step() or 0) + 1
     self._ckpt.save(key, tree, {**self._expected, **position.record()})
 
@@ -162,6 +167,7 @@ class _Silo:
     self.workdir = workdir
     self.preemption = multihost.Preemption()
     self.summary = {'silo': silo_id, 'rounds': [], 'preempted': False}
+    self.residual_base = None  # Error feedback: the residual the last delta was built with.
 
   def log(self, line):
     metrics_lib.log(f'silo {self.silo_id}: {line}')
@@ -179,7 +185,7 @@ class _Silo:
     """(state, residual, Position): the newest private checkpoint, or the newest global."""
     restored = self.private.restore()
     if restored is not None:
-      state, residual, position = restored
+      state, (residual, self.residual_base), position = restored
       self.log(f'resumed in round {position.round} ({position.phase.value}, '
                f'{len(position.losses)} inner steps done) from {self.workdir}')
       return state, residual, position
@@ -192,21 +198,65 @@ class _Silo:
     return state, residual, Position(round_index)
 
   def wait_for_next(self, position, step):
-    """The next global round once it is committed; None on a preemption notice."""
+    """The next global round once it is committed; None on a preemption notice.
+
+    The current round itself if this silo's committed delta vanished before the
+    round was decided: it must be republished, or the round never ends.
+    """
     def newer():
       r = self.store.latest_global_round()
-      return r if r is not None and r > position.round else None
+      if r is not None and r > position.round:
+        return r
+      if (self.store.read_manifest(position.round) is None
+          and self.store.delta_meta(position.round, self.silo_id) is None):
+        return position.round
+      return None
     return multihost.agree_int(storage_lib.wait_for(
         newer, f'global round {position.round + 1} (the aggregator\'s output for round '
         f'{position.round}) under {self.store.root}', timeout_s=self.fed.wait_timeout_s,
         poll_s=self.fed.poll_s, stop=lambda: self.preemption.reached(step + 1)))
 
+  def own_delta(self, round_index):
+    """(meta at this silo's path in the round, why it is not this silo's own delta or None)."""
+    meta = self.store.delta_meta(round_index, self.silo_id)
+    if meta is None:
+      return None, 'missing'
+    return meta, protocol.check_delta_identity(
+        self.run, round_index, self.silo_id, meta,
+        self.identity.check_silo if self.identity else None)
+
   def behind(self, position):
-    """The newest global round if a fresh round would start behind it (missed rounds)."""
+    """The newest global round if a fresh round would start behind it (missed rounds).
+
+    A round whose delta this silo already committed is never skipped: the private
+    state predates the commit (stopped between the two), so the round is redone
+    from its base, which restores the state and rebuilds the same delta.
+    """
     if position.phase != Phase.START:
       return None
     newest = multihost.agree_int(self.store.latest_global_round())
-    return newest if newest is not None and newest > position.round else None
+    if newest is None or newest <= position.round:
+      return None
+    if multihost.agree_flag(self.own_delta(position.round)[1] is None):
+      self.log(f'round {position.round}: its delta is already committed but the private state '
+               'predates it (stopped between the commit and the checkpoint); redoing round '
+               f'{position.round} from its base to restore that state')
+      return None
+    return newest
+
+  def round_to_load(self, following, newest):
+    """After round `following - 1`: the newest round, unless this silo must redo `following`.
+
+    That is when its delta of `following` is committed but the private state predates
+    it, and the round's base is still in the bucket. Any other jump is logged.
+    """
+    if newest > following:
+      if multihost.agree_flag(self.own_delta(following)[1] is None
+                              and self.store.global_shard_metas(following) is not None):
+        return following  # `behind` says why and redoes it.
+      self.log(f'global round {newest} is the newest: rounds {following}..{newest - 1} went on '
+               'without this silo; rebasing onto it')
+    return newest
 
   def begin_round(self, position, state, step):
     """The round's base params (flat, a copy), its hash, and the seconds spent evaluating it.
@@ -247,13 +297,8 @@ class _Silo:
     position.losses = [float(x) for x in position.losses]  # Waits for the last step.
     return state, step
 
-  def publish(self, position, state, residual, base_flat, base_hash, seconds):
-    """Compresses and commits the round's delta, then checkpoints; returns the next residual.
-
-    `seconds` holds the round's 'eval' and 'inner' seconds; 'publish' and
-    'checkpoint' are added, and it becomes the round's record in the summary.
-    """
-    start = time.monotonic()
+  def build_delta(self, position, state, residual, base_flat, base_hash, inner_seconds):
+    """(payload, next residual, signed meta) of the round; refuses a non-finite model."""
     losses = position.losses
     train_loss = float(np.mean(np.asarray(losses, np.float32)))
     if not np.isfinite(train_loss):
@@ -261,10 +306,11 @@ class _Silo:
           f'silo {self.silo_id} round {position.round}: train loss {train_loss}. Fix: lower '
           'inner.lr; the delta was not published.')
     payload, residual, meta = make_delta(
-        self.run, position.round, self.silo_id, base_hash, base_flat, trees.flatten_params(state['params']), residual, self.fed,
-        steps=len(losses), tokens=len(losses) * self.trainer.tokens_per_step(),
-        train_loss=train_loss, global_eval_loss=position.global_eval,
-        inner_seconds=seconds['inner'], mesh=self.trainer.mesh)
+        self.run, position.round, self.silo_id, base_hash, base_flat,
+        trees.flatten_params(state['params']), residual, self.fed, steps=len(losses),
+        tokens=len(losses) * self.trainer.tokens_per_step(), train_loss=train_loss,
+        global_eval_loss=position.global_eval, inner_seconds=inner_seconds,
+        mesh=self.trainer.mesh)
     if not np.isfinite(meta['delta_norm']):
       local = trees.flatten_params(state['params'])
       bad = [n for n in sorted(local) if not bool(jnp.all(jnp.isfinite(local[n])))]
@@ -272,19 +318,73 @@ class _Silo:
           f'silo {self.silo_id} round {position.round}: the local model has NaN or Inf in '
           f'{bad or "its delta"}. Fix: lower inner.lr or raise inner.grad_clip and restart from '
           'the last checkpoint; the delta was not published.')
-    if self.identity is not None:
-      meta = self.identity.sign(meta)
+    return payload, residual, (self.identity.sign(meta) if self.identity else meta)
+
+  def clear_own_path(self, position, meta) -> bool:
+    """Looks at what is already at this silo's path; False if the round must be skipped.
+
+    The same delta (a resume after the commit) is kept. A foreign or replayed
+    object is replaced while the round is undecided; once the round was decided
+    without this silo, the silo skips it. This silo's own, validly signed delta
+    with other content means two processes share the silo id.
+    """
+    found, why_not = self.own_delta(position.round)
+    if found is None or found.get('content_hash') == meta['content_hash']:
+      if found is not None:
+        self.log(f'round {position.round}: the committed delta is the one rebuilt here')
+      return True
+    path = self.store.delta_dir(position.round, self.silo_id)
+    if multihost.agree_flag(why_not is None):
+      raise storage_lib.StorageError(
+          f'{path} holds another delta of this silo, validly signed, with different content. '
+          'Two processes use this silo id. Fix: run one process per --silo.')
+    if multihost.agree_flag(self.store.read_manifest(position.round) is not None):
+      self.log(f'round {position.round}: {path} holds an object that is not this silo\'s delta '
+               f'({why_not}) and the round was decided without it; skipping round '
+               f'{position.round}, rebasing onto global round {position.round + 1}')
+      return False
+    self.log(f'round {position.round}: replacing {path}, which holds an object that is not '
+             f'this silo\'s delta ({why_not})')
+    self.store.remove_delta(position.round, self.silo_id)
+    return True
+
+  def publish(self, position, state, residual, base_flat, base_hash, seconds):
+    """Compresses and commits the round's delta, then checkpoints; returns the next residual.
+
+    `seconds` holds the round's 'eval' and 'inner' seconds; 'publish' and
+    'checkpoint' are added, and it becomes the round's record in the summary.
+    """
+    start = time.monotonic()
+    payload, next_residual, meta = self.build_delta(position, state, residual, base_flat,
+                                                    base_hash, seconds['inner'])
+    position.phase = Phase.PUBLISHED
+    if not self.clear_own_path(position, meta):
+      self.private.save(state, residual, position)  # The residual was not spent.
+      return residual
     self.store.publish_delta(position.round, self.silo_id, payload, meta)
     seconds['publish'] = time.monotonic() - start
     faults.crash_point('silo_published', position.round)
-    self.log(f'round {position.round} published ({len(losses)} steps, loss {train_loss:.4f}, '
-             f'{meta["bytes"]:,} bytes)')
-    position.phase = Phase.PUBLISHED
-    self.private.save(state, residual, position)
+    self.log(f'round {position.round} published ({meta["steps"]} steps, loss '
+             f'{meta["train_loss"]:.4f}, {meta["bytes"]:,} bytes)')
+    self.residual_base = residual
+    self.private.save(state, next_residual, position, residual_base=residual)
     seconds['checkpoint'] = time.monotonic() - start - seconds['publish']
     self.summary['rounds'].append({**{k: meta[k] for k in ('round', 'tokens', 'train_loss',
                                                            'bytes')}, 'seconds': seconds})
-    return residual
+    return next_residual
+
+  def republish(self, position, state):
+    """Commits again a published delta that vanished before its round was decided.
+
+    It is rebuilt from the round's base in the bucket, the post-round params and
+    (error feedback) the residual it was compressed with: the same content hash.
+    """
+    self.log(f'round {position.round}: its committed delta is gone from the bucket and the '
+             'round is undecided; republishing it from the round\'s base and the private state')
+    base_flat = trees.flatten_params(self.load_global(position.round, state)['params'])
+    payload, _, meta = self.build_delta(position, state, self.residual_base, base_flat,
+                                        self.store.global_hash(position.round), 0.0)
+    self.store.publish_delta(position.round, self.silo_id, payload, meta)
 
   def finish(self, position, state, step):
     """After the last round: the final global model's held-out loss, published."""
@@ -319,6 +419,10 @@ class _Silo:
         if next_round is None:
           self.summary['preempted'] = True
           break
+        if next_round == position.round:
+          self.republish(position, state)
+          continue
+        next_round = self.round_to_load(position.round + 1, next_round)
         load_start = time.monotonic()
         state, position = self.load_global(next_round, state), Position(next_round)
         if self.summary['rounds']:  # Rounds published by this invocation report their wait.

@@ -386,6 +386,14 @@ class RunStorage:
     faults.crash_point('silo_upload', round_index)
     self.write_json(directory / META, meta)
 
+  def remove_delta(self, round_index: int, silo: str) -> None:
+    """Removes whatever is at a silo's delta path: meta.json first, so it reads as uncommitted."""
+    directory = self.delta_dir(round_index, silo)
+    if multihost.is_leader():
+      self.delete(directory / META)
+      self.remove_tree(directory)
+    multihost.barrier(f'fedpt_remove_{directory}')
+
   def delta_meta(self, round_index: int, silo: str) -> dict | None:
     return self.read_json(self.delta_dir(round_index, silo) / META)
 

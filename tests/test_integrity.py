@@ -1,5 +1,8 @@
 """Resume and integrity: what the bucket and a silo's own state may never silently lose."""
 import pathlib
+import shutil
+import threading
+import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -7,10 +10,17 @@ import pytest
 
 import bucket_helpers
 from fedpt import aggregator as aggregator_lib
+from fedpt import faults
 from fedpt import silo as silo_lib
 from fedpt import storage as storage_lib
 from fedpt import trainer as trainer_lib
 from fedpt import trees
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_hooks():
+  yield
+  faults.clear()
 
 
 @pytest.fixture
@@ -106,3 +116,158 @@ def test_the_aggregator_refuses_its_own_tampered_output(fed_config, tmp_path, it
                      'hash.*tampered.*Fix'):
     aggregator_lib.run_aggregator(root, stop_after_rounds=1)
   assert store.read_manifest(2) is None and store.latest_global_round() == 2
+
+
+# -- a silo's own state and its own path --------------------------------------------------
+
+
+def _only_in(thread_name, point, round_index, action):
+  """Arms `point` so that `action` runs in that thread only (others re-arm it and pass)."""
+  def hook():
+    if threading.current_thread().name != thread_name:
+      faults.set_hook(point, round_index, hook)
+    else:
+      action()
+  faults.set_hook(point, round_index, hook)
+
+
+class _Killed(Exception):
+  """A silo process dying at a chosen point (kill -9 leaves no private checkpoint behind)."""
+
+
+def _federation(config, root, workdir, silos=None, aggregate=True):
+  """Silo threads (and the aggregator in this thread); returns the silos' summaries."""
+  results, threads = {}, []
+  for silo in silos or config.federation.silos:
+    def work(silo=silo):
+      results[silo] = silo_lib.run_silo(config, silo, root, f'{workdir}/{silo}')
+    threads.append(threading.Thread(target=work, name=f'silo-{silo}', daemon=True))
+    threads[-1].start()
+  if aggregate:
+    aggregator_lib.run_aggregator(root)
+  return results, threads
+
+
+def _wait(condition, what, timeout_s=120.0):
+  deadline = time.monotonic() + timeout_s
+  while not condition():
+    assert time.monotonic() < deadline, f'timed out waiting for {what}'
+    time.sleep(0.05)
+
+
+@pytest.fixture(scope='module')
+def clean_run(corpus_dir, tmp_path_factory):
+  """The uninterrupted run every faulty run below must reproduce bit for bit, and its config."""
+  from conftest import REPO  # pylint: disable=g-import-not-at-top
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location('tiny', REPO / 'configs' / 'tiny.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.data.update(corpus=corpus_dir, global_batch=8, seq_len=32)
+  config.train.update(async_checkpoints=False, eval_batches=1)
+  config.federation.update(rounds=3, inner_steps=2, silos=('a', 'b'), poll_s=0.05,
+                           wait_timeout_s=60.0, compression='int8', error_feedback=True)
+  tmp = tmp_path_factory.mktemp('clean')
+  aggregator_lib.init_run(config, str(tmp / 'bucket'))
+  _, threads = _federation(config, str(tmp / 'bucket'), str(tmp / 'work'))
+  for t in threads:
+    t.join(timeout=300)
+  return config, storage_lib.RunStorage(str(tmp / 'bucket'))
+
+
+def test_a_silo_stopped_between_commit_and_checkpoint_redoes_the_round(
+    clean_run, tmp_path, capsys):
+  fed_config, clean_run = clean_run
+  root, workdir = str(tmp_path / 'bucket'), str(tmp_path / 'work')
+  aggregator_lib.init_run(fed_config, root)
+  store = storage_lib.RunStorage(root)
+  aggregator = threading.Thread(target=aggregator_lib.run_aggregator, args=(root,), daemon=True)
+  aggregator.start()
+  _, threads = _federation(fed_config, root, workdir, silos=['b'], aggregate=False)
+
+  def die():
+    raise _Killed()
+  # Round 1 committed, its checkpoint never saved.
+  _only_in('MainThread', 'silo_published', 1, die)
+  with pytest.raises(_Killed):
+    silo_lib.run_silo(fed_config, 'a', root, f'{workdir}/a')
+  _wait(lambda: store.latest_global_round() == 2, 'global round 2, built with a\'s delta')
+  summary = silo_lib.run_silo(fed_config, 'a', root, f'{workdir}/a')
+  aggregator.join(timeout=300)
+  for t in threads:
+    t.join(timeout=300)
+  out = capsys.readouterr().out
+  assert 'round 1: its delta is already committed but the private state predates it' in out
+  assert 'round 1: the committed delta is the one rebuilt here' in out
+  assert summary['round'] == 3 and [r['round'] for r in summary['rounds']] == [1, 2]
+  for r in range(4):
+    assert store.global_hash(r) == clean_run.global_hash(r), r
+
+
+def test_a_delta_that_vanishes_before_the_decision_is_republished(
+    clean_run, tmp_path, capsys):
+  fed_config, clean_run = clean_run
+  root, workdir = str(tmp_path / 'bucket'), str(tmp_path / 'work')
+  aggregator_lib.init_run(fed_config, root)
+  store = storage_lib.RunStorage(root)
+  _, threads = _federation(fed_config, root, workdir, aggregate=False)
+  _wait(lambda: store.committed_silos(0) == ['a', 'b'], 'both round-0 deltas')
+  store.delete(store.delta_dir(0, 'a') / storage_lib.META)  # Before anyone decided round 0.
+  aggregator_lib.run_aggregator(root)  # Waits for a, which notices and republishes.
+  for t in threads:
+    t.join(timeout=300)
+  assert 'round 0: its committed delta is gone from the bucket and the round is undecided; ' \
+      'republishing it' in capsys.readouterr().out
+  assert [e['silo'] for e in store.read_manifest(0)['included']] == ['a', 'b']
+  for r in range(4):
+    assert store.global_hash(r) == clean_run.global_hash(r), r
+
+
+
+
+def _plant_replay(store):
+  """Copies silo a's committed round-0 delta to its round-1 path: a replayed object."""
+  shutil.copytree(str(store.delta_dir(0, 'a')), str(store.delta_dir(1, 'a')))
+
+
+def test_a_foreign_object_at_the_silos_path_is_replaced_while_undecided(
+    clean_run, tmp_path, capsys):
+  fed_config, clean_run = clean_run
+  root, workdir = str(tmp_path / 'bucket'), str(tmp_path / 'work')
+  aggregator_lib.init_run(fed_config, root)
+  store = storage_lib.RunStorage(root)
+  _only_in('silo-a', 'silo_inner', 1, lambda: _plant_replay(store))
+  _, threads = _federation(fed_config, root, workdir, aggregate=False)
+  aggregator_lib.run_aggregator(root, stop_after_rounds=1)  # Round 1 stays undecided.
+  _wait(lambda: (store.delta_meta(1, 'a') or {}).get('round') == 1
+        and 'b' in store.committed_silos(1), 'a\'s own round-1 delta and b\'s')
+  aggregator_lib.run_aggregator(root)
+  for t in threads:
+    t.join(timeout=300)
+  out = capsys.readouterr().out
+  assert 'round 1: replacing' in out and 'metadata says round 0 silo \'a\'' in out
+  for r in range(4):
+    assert store.global_hash(r) == clean_run.global_hash(r), r
+
+
+def test_a_foreign_object_in_a_decided_round_makes_the_silo_skip_it(
+    fed_config, tmp_path, capsys):
+  fed_config.federation.update(rounds=3)
+  root, workdir = str(tmp_path / 'bucket'), str(tmp_path / 'work')
+  aggregator_lib.init_run(fed_config, root)
+  store = storage_lib.RunStorage(root)
+
+  def plant_and_wait_for_the_decision():
+    _plant_replay(store)
+    _wait(lambda: store.read_manifest(1) is not None, 'the decision of round 1')
+  _only_in('silo-a', 'silo_inner', 1, plant_and_wait_for_the_decision)
+  results, threads = _federation(fed_config, root, workdir)
+  for t in threads:
+    t.join(timeout=300)
+  rejected = {e['silo']: e['reason'] for e in store.read_manifest(1)['rejected']}
+  assert 'metadata says round 0' in rejected['a']
+  out = capsys.readouterr().out
+  assert 'round 1: ' in out and 'the round was decided without it; skipping round 1' in out
+  assert [r['round'] for r in results['a']['rounds']] == [0, 2] and results['a']['round'] == 3
+  assert [e['silo'] for e in store.read_manifest(2)['included']] == ['a', 'b']
