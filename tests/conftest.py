@@ -28,16 +28,21 @@ def corpus_dir(tmp_path_factory):
   return str(out)
 
 
-@pytest.fixture
-def tiny_config(corpus_dir):
-  """configs/tiny.py on the small corpus, unlocked so tests can override fields."""
+def load_config(name: str, corpus_dir: str):
+  """configs/<name>.py on the small corpus, unlocked so tests can override fields."""
   import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location('tiny_config', REPO / 'configs' / 'tiny.py')
+  spec = importlib.util.spec_from_file_location(f'{name}_config', REPO / 'configs' / f'{name}.py')
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
   config.data.corpus = corpus_dir
   return config
+
+
+@pytest.fixture
+def tiny_config(corpus_dir):
+  """configs/tiny.py on the small corpus."""
+  return load_config('tiny', corpus_dir)
 
 
 @pytest.fixture(scope='session')

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import bucket_helpers
+import conftest
 from fedpt import aggregator as aggregator_lib
 from fedpt import faults
 from fedpt import silo as silo_lib
@@ -158,13 +159,8 @@ def _wait(condition, what, timeout_s=120.0):
 @pytest.fixture(scope='module')
 def clean_run(corpus_dir, tmp_path_factory):
   """The uninterrupted run every faulty run below must reproduce bit for bit, and its config."""
-  from conftest import REPO  # pylint: disable=g-import-not-at-top
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location('tiny', REPO / 'configs' / 'tiny.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config.data.update(corpus=corpus_dir, global_batch=8, seq_len=32)
+  config = conftest.load_config('tiny', corpus_dir)
+  config.data.update(global_batch=8, seq_len=32)
   config.train.update(async_checkpoints=False, eval_batches=1)
   config.federation.update(rounds=3, inner_steps=2, silos=('a', 'b'), poll_s=0.05,
                            wait_timeout_s=60.0, compression='int8', error_feedback=True)
@@ -176,12 +172,17 @@ def clean_run(corpus_dir, tmp_path_factory):
   return config, storage_lib.RunStorage(str(tmp / 'bucket'))
 
 
-def test_a_silo_stopped_between_commit_and_checkpoint_redoes_the_round(
-    clean_run, tmp_path, capsys):
-  fed_config, clean_run = clean_run
-  root, workdir = str(tmp_path / 'bucket'), str(tmp_path / 'work')
-  aggregator_lib.init_run(fed_config, root)
-  store = storage_lib.RunStorage(root)
+@pytest.fixture
+def bucket(clean_run, tmp_path):
+  """(config, the clean run's store, a new run's root, a workdir, its store) for a faulty run."""
+  config, clean = clean_run
+  root = str(tmp_path / 'bucket')
+  aggregator_lib.init_run(config, root)
+  return config, clean, root, str(tmp_path / 'work'), storage_lib.RunStorage(root)
+
+
+def test_a_silo_stopped_between_commit_and_checkpoint_redoes_the_round(bucket, capsys):
+  fed_config, clean_run, root, workdir, store = bucket
   aggregator = threading.Thread(target=aggregator_lib.run_aggregator, args=(root,), daemon=True)
   aggregator.start()
   _, threads = _federation(fed_config, root, workdir, silos=['b'], aggregate=False)
@@ -205,12 +206,8 @@ def test_a_silo_stopped_between_commit_and_checkpoint_redoes_the_round(
     assert store.global_hash(r) == clean_run.global_hash(r), r
 
 
-def test_a_delta_that_vanishes_before_the_decision_is_republished(
-    clean_run, tmp_path, capsys):
-  fed_config, clean_run = clean_run
-  root, workdir = str(tmp_path / 'bucket'), str(tmp_path / 'work')
-  aggregator_lib.init_run(fed_config, root)
-  store = storage_lib.RunStorage(root)
+def test_a_delta_that_vanishes_before_the_decision_is_republished(bucket, capsys):
+  fed_config, clean_run, root, workdir, store = bucket
   _, threads = _federation(fed_config, root, workdir, aggregate=False)
   _wait(lambda: store.committed_silos(0) == ['a', 'b'], 'both round-0 deltas')
   store.delete(store.delta_dir(0, 'a') / storage_lib.META)  # Before anyone decided round 0.
@@ -231,12 +228,8 @@ def _plant_replay(store):
   shutil.copytree(str(store.delta_dir(0, 'a')), str(store.delta_dir(1, 'a')))
 
 
-def test_a_foreign_object_at_the_silos_path_is_replaced_while_undecided(
-    clean_run, tmp_path, capsys):
-  fed_config, clean_run = clean_run
-  root, workdir = str(tmp_path / 'bucket'), str(tmp_path / 'work')
-  aggregator_lib.init_run(fed_config, root)
-  store = storage_lib.RunStorage(root)
+def test_a_foreign_object_at_the_silos_path_is_replaced_while_undecided(bucket, capsys):
+  fed_config, clean_run, root, workdir, store = bucket
   _only_in('silo-a', 'silo_inner', 1, lambda: _plant_replay(store))
   _, threads = _federation(fed_config, root, workdir, aggregate=False)
   aggregator_lib.run_aggregator(root, stop_after_rounds=1)  # Round 1 stays undecided.

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from safetensors import numpy as safetensors_numpy
 
+import conftest
 from fedpt import aggregator as aggregator_lib
 from fedpt import checkpoint as checkpoint_lib
 from fedpt import data as data_lib
@@ -31,13 +32,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope='module')
 def federated(corpus_dir, tmp_path_factory):
   """One silo (int8 with error feedback: its checkpoint holds a residual), one round of 2 steps."""
-  from conftest import REPO as repo  # pylint: disable=g-import-not-at-top
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location('tiny', repo / 'configs' / 'tiny.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config.data.update(corpus=corpus_dir, global_batch=8, seq_len=32)
+  config = conftest.load_config('tiny', corpus_dir)
+  config.data.update(global_batch=8, seq_len=32)
   config.train.update(async_checkpoints=False, eval_batches=1)
   config.federation.update(rounds=1, inner_steps=2, silos=('a',), poll_s=0.05,
                            wait_timeout_s=120.0, compression='int8', error_feedback=True)
