@@ -4,8 +4,10 @@ The metadata (model spec, tokenizer hash, data position, federation round) is
 JSON so that a mismatched workdir is refused before any array is read.
 """
 import os
+import sys
 import threading
 
+from etils import epath
 import jax
 import orbax.checkpoint as ocp
 
@@ -52,17 +54,52 @@ class Checkpointer:
   def restore(self, step: int, abstract_state, expected_meta: dict) -> tuple[object, dict]:
     """Restores into `abstract_state`'s shardings after checking the metadata matches."""
     meta = self.read_meta(step)
-    for key, want in expected_meta.items():
-      have = meta.get(key)
-      if have != want:
-        raise CheckpointError(
-            f'checkpoint {self.directory} step {step} has {key}={have!r}, but this run '
-            f'expects {want!r}. Fix: use a fresh --workdir for this config, or restore '
-            f'the config that wrote the checkpoint.')
+    check_meta(meta, expected_meta, f'checkpoint {self.directory} step {step}')
     with ORBAX_LOCK:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state)))
     return restored['state'], meta
+
+  def restore_newest_intact(self, abstract_for, expected_meta: dict):
+    """(step, state, meta) of the newest checkpoint that reads back whole, or None if none.
+
+    A checkpoint that cannot be read (torn files, truncated arrays, corrupt
+    metadata) is moved aside to `<step>.unreadable`, never deleted, with a
+    warning naming it, and the next older one is tried. `abstract_for(step)`
+    gives the tree to restore into. A checkpoint of another model or tokenizer
+    is not damage: its CheckpointError stops the run.
+    """
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        meta = self.read_meta(step)
+        check_meta(meta, expected_meta, f'checkpoint {self.directory} step {step}')
+        with ORBAX_LOCK:
+          restored = self._manager.restore(step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract_for(step))))
+        return step, restored['state'], meta
+      except CheckpointError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except  # Damage fails in many ways.
+        aside = self.move_aside(step)
+        older = [s for s in self.all_steps() if s < step]
+        print(f'warning: checkpoint step {step} in {self.directory} is unreadable '
+              f'({type(e).__name__}: {errors.one_line(e, 160)}); moved aside to {aside}; '
+              + (f'resuming from step {max(older)}' if older else 'starting fresh'),
+              file=sys.stderr, flush=True)
+    return None
+
+  def move_aside(self, step: int) -> str:
+    """Renames a step's folder so the manager no longer sees it; returns the new path."""
+    source = epath.Path(self.directory) / str(step)
+    target = epath.Path(self.directory) / f'{step}.unreadable'
+    suffix = 1
+    while target.exists():
+      suffix += 1
+      target = epath.Path(self.directory) / f'{step}.unreadable{suffix}'
+    source.rename(target)
+    with ORBAX_LOCK:
+      self._manager.reload()
+    return str(target)
 
   def state_layout(self, step: int) -> dict:
     """The saved state's tree of Orbax array metadata (shape, dtype); reads no array."""
@@ -82,6 +119,16 @@ def abstract_like(state, shardings):
   """ShapeDtypeStructs carrying the target shardings, for a sharded restore."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       state, shardings)
+
+
+def check_meta(meta: dict, expected: dict, what: str) -> None:
+  """Raises CheckpointError unless `meta` has every `expected` value (model spec, tokenizer)."""
+  for key, want in expected.items():
+    have = meta.get(key)
+    if have != want:
+      raise CheckpointError(
+          f'{what} has {key}={have!r}, but this run expects {want!r}. Fix: use a fresh '
+          '--workdir for this config, or restore the config that wrote the checkpoint.')
 
 
 def expected_meta(config, tokenizer_sha256: str) -> dict:

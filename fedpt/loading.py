@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from fedpt import checkpoint as checkpoint_lib
 from fedpt import data as data_lib
+from fedpt import errors
 from fedpt import inner
 from fedpt import model as model_lib
 from fedpt import protocol
@@ -138,8 +139,18 @@ def _restore_workdir(config, source: Source, train_state: dict, tokenizer_sha256
     if 'train' in layout:  # A federated silo's checkpoint (silo.run_silo).
       abstract = silo_checkpoint_abstract(train_state, 'residual' in layout,
                                           'residual_base' in layout)
-    state, _ = checkpointer.restore(
-        step, abstract, checkpoint_lib.expected_meta(config, tokenizer_sha256))
+    try:
+      state, _ = checkpointer.restore(
+          step, abstract, checkpoint_lib.expected_meta(config, tokenizer_sha256))
+    except checkpoint_lib.CheckpointError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  # Damage fails in many ways.
+      older = [s for s in checkpointer.all_steps() if s < step]
+      raise checkpoint_lib.CheckpointError(
+          f'checkpoint step {step} in {source.workdir} is unreadable ({type(e).__name__}: '
+          f'{errors.one_line(e, 160)}). Fix: '
+          + (f'pass --step={max(older)} (an older one)' if older else 'retrain it')
+          + '; resuming training there moves it aside by itself.') from None
   state = state['train'] if 'train' in layout else state
   return state['params'], f'{source.workdir} step {step}'
 

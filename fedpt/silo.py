@@ -117,13 +117,14 @@ class _Private:
 
   def restore(self):
     """(state, residual_flat, Position) of the newest save, or None for a fresh silo."""
-    key = self._ckpt.latest_step()
-    if key is None:
+    def abstract_for(key):
+      layout = self._ckpt.state_layout(key)
+      return loading.silo_checkpoint_abstract(self._trainer.abstract_state(),
+                                              self._use_feedback, 'residual_base' in layout)
+    restored = self._ckpt.restore_newest_intact(abstract_for, self._expected)
+    if restored is None:
       return None
-    layout = self._ckpt.state_layout(key)
-    abstract = loading.silo_checkpoint_abstract(self._trainer.abstract_state(),
-                                                self._use_feedback, 'residual_base' in layout)
-    private, meta = self._ckpt.restore(key, abstract, self._expected)
+    _, private, meta = restored
     residual, base = (None if name not in private else trees.flatten_params(private[name])
                       for name in ('residual', 'residual_base'))
     return private['train'], (residual, base), Position.from_record(meta)

@@ -144,12 +144,12 @@ class Trainer:
 
 def restore_or_init(trainer: Trainer, checkpointer: checkpoint_lib.Checkpointer):
   """Resumes from the newest checkpoint in the workdir, else starts fresh."""
-  step = checkpointer.latest_step()
-  if step is None:
-    return trainer.init_state(), 0
-  state, _ = checkpointer.restore(
-      step, trainer.abstract_state(),
+  restored = checkpointer.restore_newest_intact(
+      lambda _: trainer.abstract_state(),
       checkpoint_lib.expected_meta(trainer.config, trainer.tokenizer_sha256))
+  if restored is None:
+    return trainer.init_state(), 0
+  step, state, _ = restored
   return state, step
 
 

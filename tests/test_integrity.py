@@ -11,7 +11,9 @@ import pytest
 import bucket_helpers
 import conftest
 from fedpt import aggregator as aggregator_lib
+from fedpt import checkpoint as checkpoint_lib
 from fedpt import faults
+from fedpt import loading
 from fedpt import silo as silo_lib
 from fedpt import storage as storage_lib
 from fedpt import trainer as trainer_lib
@@ -264,3 +266,64 @@ def test_a_foreign_object_in_a_decided_round_makes_the_silo_skip_it(
   assert 'round 1: ' in out and 'the round was decided without it; skipping round 1' in out
   assert [r['round'] for r in results['a']['rounds']] == [0, 2] and results['a']['round'] == 3
   assert [e['silo'] for e in store.read_manifest(2)['included']] == ['a', 'b']
+
+
+# -- damaged private checkpoints -------------------------------------------------------------
+
+
+def _largest_file(folder):
+  return max((p for p in pathlib.Path(folder).rglob('*') if p.is_file()),
+             key=lambda p: p.stat().st_size)
+
+
+def test_a_damaged_newest_checkpoint_is_moved_aside_and_training_resumes(
+    tiny_config, tmp_path, capsys):
+  tiny_config.train.update(steps=10, checkpoint_every=5, keep_checkpoints=3, log_every=5,
+                           eval_every=100, async_checkpoints=False)
+  tiny_config.data.update(global_batch=8, seq_len=32)
+  reference = trainer_lib.train_and_evaluate(tiny_config, str(tmp_path / 'reference'))
+  workdir = tmp_path / 'work'
+  trainer_lib.train_and_evaluate(tiny_config, str(workdir))
+  victim = _largest_file(workdir / 'checkpoints' / '10' / 'state')
+  victim.write_bytes(victim.read_bytes()[:victim.stat().st_size // 3])
+  # A read-only tool names the step and the older one to use, in one line.
+  with pytest.raises(checkpoint_lib.CheckpointError,
+                     match=r'checkpoint step 10 in .* is unreadable .*Fix: pass --step=5'):
+    loading.load(tiny_config, loading.Source(workdir=str(workdir)))
+  resumed = trainer_lib.train_and_evaluate(tiny_config, str(workdir))
+  err = capsys.readouterr().err
+  assert 'checkpoint step 10 in' in err and 'is unreadable' in err
+  assert 'moved aside to' in err and 'resuming from step 5' in err
+  assert (workdir / 'checkpoints' / '10.unreadable').is_dir()  # Kept, never deleted.
+  np.testing.assert_array_equal(  # Steps 6..10 were redone: the same model as never damaged.
+      np.asarray(trees.flatten_params(resumed['state']['params'])['embed_vd']),
+      np.asarray(trees.flatten_params(reference['state']['params'])['embed_vd']))
+
+
+def test_a_silo_with_a_damaged_newest_checkpoint_resumes_from_the_one_before(
+    bucket, capsys):
+  """Killed after committing round 2, its newest checkpoint (round 1) damaged: it goes back to
+  round 0's, redoes rounds 1 and 2 from their bases and ends where the clean run ended."""
+  fed_config, clean_run, root, workdir, store = bucket
+  aggregator = threading.Thread(target=aggregator_lib.run_aggregator, args=(root,), daemon=True)
+  aggregator.start()
+  _, threads = _federation(fed_config, root, workdir, silos=['b'], aggregate=False)
+
+  def die():
+    raise _Killed()
+  _only_in('MainThread', 'silo_published', 2, die)
+  with pytest.raises(_Killed):
+    silo_lib.run_silo(fed_config, 'a', root, f'{workdir}/a')
+  private = pathlib.Path(workdir) / 'a' / 'checkpoints'
+  newest = max(int(p.name) for p in private.iterdir() if p.name.isdigit())
+  (private / str(newest) / 'meta' / 'metadata').write_text('{not json')
+  summary = silo_lib.run_silo(fed_config, 'a', root, f'{workdir}/a')
+  aggregator.join(timeout=300)
+  for t in threads:
+    t.join(timeout=300)
+  captured = capsys.readouterr()
+  assert f'checkpoint step {newest} in' in captured.err and 'moved aside' in captured.err
+  assert 'redoing round 1' in captured.out and 'redoing round 2' in captured.out
+  assert summary['round'] == 3 and (private / f'{newest}.unreadable').is_dir()
+  for r in range(4):
+    assert store.global_hash(r) == clean_run.global_hash(r), r
