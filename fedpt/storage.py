@@ -542,45 +542,56 @@ class RunStorage:
 class Lease:
   """Makes one process the only one doing `name` (an aggregator shard) for a run.
 
-  The lease is an object holding its holder and an expiry, renewed in the
-  background every ttl/3. Create-if-absent preconditions are not relied on:
-  a claimant writes, waits `settle_s` and reads back, so of two racing
-  claimants only the last writer proceeds and the other stops with a clear
-  error. A holder that died on this host is taken over at once; one on another
-  host only after its lease expires.
+  The lease is an object naming its holder and a heartbeat counter that the
+  holder bumps every ttl/3. No party compares its wall clock with another
+  host's: a claimant judges a holder alive if the record changes while it
+  watches, timed on its own monotonic clock, and dead if it stays the same for
+  1.5 x the holder's ttl. Only a holder on this very machine and pid namespace
+  (`_machine_id`: not merely the same hostname, which containers share) is judged
+  by its pid at once. Create-if-absent preconditions are not relied on: a
+  claimant writes, waits `settle_s` and reads back, so of two racing claimants
+  only the last writer proceeds and the other stops with a clear error.
   """
 
   def __init__(self, store: RunStorage, name: str, ttl_s: float = 60.0, settle_s: float = 1.0):
     self.store, self.name, self.ttl_s, self.settle_s = store, name, ttl_s, settle_s
     self.path = store.lease_path(name)
-    self.holder = {'id': os.urandom(8).hex(), 'host': socket.gethostname(), 'pid': os.getpid()}
+    self.holder = {'id': os.urandom(8).hex(), 'host': socket.gethostname(),
+                   'machine': _machine_id(), 'pid': os.getpid()}
+    self._beat = 0
     self._stop = threading.Event()
     self._thread = None
     self.lost: str | None = None
 
   def _record(self) -> dict:
-    return {**self.holder, 'name': self.name, 'expires_at': time.time() + self.ttl_s}
+    self._beat += 1
+    return {**self.holder, 'name': self.name, 'ttl_s': self.ttl_s, 'beat': self._beat}
 
-  def _blocking(self, current: dict | None) -> bool:
-    if current is None or current.get('id') == self.holder['id']:
-      return False
-    if current.get('expires_at', 0) < time.time():
-      return False
-    if current.get('host') == self.holder['host'] and not _pid_alive(current.get('pid')):
-      return False
-    return True
+  def _holder_alive(self, current: dict) -> bool:
+    """Whether the holder of `current` (not us) is alive; may watch it for up to 1.5 ttl."""
+    if current.get('machine') == self.holder['machine']:
+      return _pid_alive(current.get('pid'))
+    ttl = current.get('ttl_s')
+    ttl = float(ttl) if isinstance(ttl, (int, float)) and 0 < ttl < 3600 else self.ttl_s
+    deadline = time.monotonic() + 1.5 * ttl
+    while time.monotonic() < deadline:
+      time.sleep(min(ttl / 6, max(deadline - time.monotonic(), 0.0)))
+      if self.store.read_json(self.path) != current:
+        return True  # Renewed (or taken) meanwhile: someone is alive.
+    return False
 
   def _refusal(self, current: dict) -> LeaseHeldError:
-    left = current.get('expires_at', 0) - time.time()
     return LeaseHeldError(
         f'another aggregator (host {current.get("host")}, pid {current.get("pid")}) holds '
-        f'{self.path} for {left:.0f}s more: two aggregators on one run would race. Fix: stop '
-        'the other one (its lease then expires), or point this one at its own run.')
+        f'{self.path} and is alive (it renews it): two aggregators on one run would race. Fix: '
+        'stop the other one (its lease is taken over once it stops renewing), or point this '
+        'one at its own run.')
 
   def acquire(self) -> 'Lease':
     current = self.store.read_json(self.path)
-    if self._blocking(current):
-      raise self._refusal(current)
+    if current is not None and current.get('id') != self.holder['id']:
+      if self._holder_alive(current):
+        raise self._refusal(current)
     self.store.write_json(self.path, self._record())
     time.sleep(self.settle_s)
     current = self.store.read_json(self.path)
@@ -620,6 +631,18 @@ class Lease:
 
   def __exit__(self, *exc):
     self.release()
+
+
+def _machine_id() -> str:
+  """This machine's boot and pid namespace: where a pid means the same process."""
+  parts = [socket.gethostname()]
+  try:
+    with open('/proc/sys/kernel/random/boot_id', encoding='ascii') as f:
+      parts.append(f.read().strip())
+    parts.append(str(os.stat('/proc/self/ns/pid').st_ino))
+  except OSError:
+    parts.append(f'pid{os.getpid()}')  # Unknown namespace: never judge a pid across processes.
+  return '/'.join(parts)
 
 
 def _pid_alive(pid) -> bool:

@@ -327,3 +327,52 @@ def test_a_silo_with_a_damaged_newest_checkpoint_resumes_from_the_one_before(
   assert summary['round'] == 3 and (private / f'{newest}.unreadable').is_dir()
   for r in range(4):
     assert store.global_hash(r) == clean_run.global_hash(r), r
+
+
+# -- leases --------------------------------------------------------------------------------
+
+
+def test_a_lease_holder_is_judged_by_its_heartbeat_not_by_anyone_s_clock(tmp_path):
+  store = storage_lib.RunStorage(str(tmp_path / 'bucket'))
+  path = store.lease_path('aggregator_000')
+  # A live holder on another host whose clock runs 120 s ahead: its record keeps changing.
+  other = {'id': 'other', 'host': 'elsewhere', 'machine': 'elsewhere/boot/1', 'pid': 1,
+           'name': 'aggregator_000', 'ttl_s': 1.0, 'beat': 0,
+           'expires_at': time.time() + 120.0}  # What the old lease judged by: ignored now.
+  stop = threading.Event()
+
+  def renew():
+    while not stop.wait(0.2):
+      other['beat'] += 1
+      store.write_json(path, other)
+  store.write_json(path, other)
+  renewer = threading.Thread(target=renew, daemon=True)
+  renewer.start()
+  with pytest.raises(storage_lib.LeaseHeldError, match='is alive.*Fix'):
+    storage_lib.Lease(store, 'aggregator_000', ttl_s=1.0, settle_s=0.1).acquire()
+  stop.set()
+  renewer.join()
+  # It stopped: once its record stays the same for 1.5 ttl on our own clock, we take over,
+  # even though its clock-based expiry would still lie 120 s ahead.
+  started = time.monotonic()
+  lease = storage_lib.Lease(store, 'aggregator_000', ttl_s=1.0, settle_s=0.1).acquire()
+  assert 1.4 < time.monotonic() - started < 10
+  assert store.read_json(path)['id'] == lease.holder['id']
+  lease.release()
+
+  # Same hostname, another container (pid namespace): its pid means nothing here, so it is
+  # watched like a remote holder rather than declared dead because that pid is free here.
+  twin = dict(other, id='twin', host=lease.holder['host'], machine='twin/boot/2', pid=999999)
+  store.write_json(path, twin)
+  stop.clear()
+
+  def renew_twin():
+    while not stop.wait(0.2):
+      twin['beat'] += 1
+      store.write_json(path, twin)
+  renewer = threading.Thread(target=renew_twin, daemon=True)
+  renewer.start()
+  with pytest.raises(storage_lib.LeaseHeldError):
+    storage_lib.Lease(store, 'aggregator_000', ttl_s=1.0, settle_s=0.1).acquire()
+  stop.set()
+  renewer.join()
