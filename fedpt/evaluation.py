@@ -129,7 +129,7 @@ def evaluate(config, out_dir: str, *, eval_sets: dict[str, str], storage: str | 
     for name, m in evaluate_params(trainer, params, datasets, byte_counts).items():
       rows.append({'model': label, 'round': round_index, 'eval_set': name, **m})
     if round_index is not None:
-      published[round_index] = store.eval_losses(round_index)
+      published[round_index] = ledger.eval_losses(store, store.read_run(), round_index)
   result = {'rows': rows, 'published_by_round': published,
             'versus_baseline': versus_baseline(rows)}
   os.makedirs(out_dir, exist_ok=True)
@@ -168,9 +168,9 @@ def write_plots(store, out_dir: str, rows: list[dict] | None = None) -> list[str
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
   ledger_rows = ledger.build_ledger(store)
-  silos = sorted({s for row in ledger_rows for s in row['eval_loss_by_silo']}
-                 | set(store.eval_losses(0)))
-  by_round = {0: store.eval_losses(0), **{row['round'] + 1: row['eval_loss_by_silo']
+  initial = ledger.eval_losses(store, store.read_run(), 0)
+  silos = sorted({s for row in ledger_rows for s in row['eval_loss_by_silo']} | set(initial))
+  by_round = {0: initial, **{row['round'] + 1: row['eval_loss_by_silo']
                                           for row in ledger_rows}}
   tokens = np.cumsum([0] + [row['tokens'] for row in ledger_rows])
   curves = []  # (label, style, [(round, loss)])

@@ -10,6 +10,7 @@ import json
 import numpy as np
 
 from fedpt import protocol
+from fedpt import signing
 from fedpt import storage as storage_lib
 
 
@@ -20,6 +21,27 @@ def global_nbytes(store: storage_lib.RunStorage, round_index: int | None) -> int
     return None
   shapes, dtypes, _ = protocol.global_leaves(metas)
   return sum(int(np.prod(shapes[n])) * np.dtype(dtypes[n]).itemsize for n in shapes)
+
+
+def eval_losses(store: storage_lib.RunStorage, run: dict, round_index: int) -> dict[str, float]:
+  """silo -> held-out loss of global round `round_index` on its own split, each record vetted.
+
+  A record that fails `protocol.check_eval_record` (foreign, replayed, or not signed by its
+  silo in a signed run) stops the reader: the bucket was tampered with.
+  """
+  check = signing.listed_silo_check(run)
+  out = {}
+  for silo, record in store.eval_records(round_index).items():
+    if record is None:
+      continue  # Being written.
+    reason = protocol.check_eval_record(run, round_index, silo, record, check)
+    if reason:
+      raise storage_lib.StorageError(
+          f'{store.round_dir(round_index)}/eval/silo_{silo}.json: {reason}. The bucket was '
+          'tampered with. Fix: delete the object (the silo writes it again when it evaluates '
+          'that round) or restore it from a bucket version.')
+    out[silo] = float(record['eval_loss'])
+  return out
 
 
 def _mean(values):
@@ -59,8 +81,8 @@ def round_record(store: storage_lib.RunStorage, run: dict, round_index: int,
     status = 'aggregating'
   else:
     status = 'collecting'
-  evals = store.eval_losses(round_index + 1)
-  base_evals = store.eval_losses(round_index)
+  evals = eval_losses(store, run, round_index + 1)
+  base_evals = eval_losses(store, run, round_index)
   downloads = len(run['silos']) if done and model_nbytes else 0
   bytes_up = sum(int(e['bytes']) for e in included) + rejected_bytes
   bytes_down = downloads * (model_nbytes or 0)

@@ -363,6 +363,35 @@ def check_still_included(round_index: int, entry: dict, meta: dict | None) -> st
   return None
 
 
+# -- a silo's evaluation record -------------------------------------------------------------
+
+
+def eval_record(run: dict, round_index: int, silo: str, eval_loss: float, step: int) -> dict:
+  """rounds/r/eval/silo_<id>.json: the held-out loss of global round r on the silo's own split."""
+  return {'run_id': run['run_id'], 'round': round_index, 'silo': silo, 'eval_loss': eval_loss,
+          'step': step}
+
+
+def check_eval_record(run: dict, round_index: int, silo: str, record,
+                      check_signature=None) -> str | None:
+  """Why a silo's evaluation record at rounds/r/eval/silo_<silo>.json is not to be believed."""
+  if not isinstance(record, dict):
+    return 'unreadable'
+  if silo not in silo_ids(run):
+    return 'unknown silo (not in run.json)'
+  if check_signature is not None:
+    reason = check_signature(record, silo)
+    if reason:
+      return reason
+  if (record.get('run_id', run['run_id']) != run['run_id'] or record.get('round') != round_index
+      or record.get('silo') != silo):
+    return (f'it says run {record.get("run_id")!r} round {record.get("round")} silo '
+            f'{record.get("silo")!r} (a replayed or moved record)')
+  if not isinstance(record.get('eval_loss'), (int, float)):
+    return f'eval_loss {record.get("eval_loss")!r} is not a number'
+  return None
+
+
 # -- a global round's shard meta.json --------------------------------------------------------
 
 

@@ -191,6 +191,19 @@ def listed_aggregator_check(run: dict):
   return lambda record: check_signature(record, keys[AGGREGATOR])
 
 
+def listed_silo_check(run: dict):
+  """Checks a silo's records against the keys run.json lists; None for an unsigned run."""
+  keys = run.get('public_keys')
+  if not keys:
+    return None
+
+  def check(record: dict, silo_id: str) -> str | None:
+    pem = keys['silos'].get(silo_id)
+    return 'unknown silo (no public key in run.json)' if pem is None else check_signature(
+        record, pem)
+  return check
+
+
 def party_identity(run: dict, keys_dir: str | None, name: str):
   """This party's signing identity in a signed run; None in an unsigned one."""
   if keys_dir:

@@ -170,6 +170,12 @@ class _Silo:
     self.summary = {'silo': silo_id, 'rounds': [], 'preempted': False}
     self.residual_base = None  # Error feedback: the residual the last delta was built with.
 
+  def publish_eval(self, round_index, eval_loss, step):
+    """The held-out loss of a global round on this silo's split: only the number leaves."""
+    record = protocol.eval_record(self.run, round_index, self.silo_id, eval_loss, step)
+    self.store.publish_eval(round_index, self.silo_id,
+                            self.identity.sign(record) if self.identity else record)
+
   def log(self, line):
     metrics_lib.log(f'silo {self.silo_id}: {line}')
 
@@ -270,9 +276,7 @@ class _Silo:
     base = {k: jnp.copy(v) for k, v in trees.flatten_params(state['params']).items()}
     start = time.monotonic()
     position.global_eval = self.trainer.evaluate(state['params'])
-    self.store.publish_eval(position.round, self.silo_id, {
-        'round': position.round, 'silo': self.silo_id, 'eval_loss': position.global_eval,
-        'step': step})
+    self.publish_eval(position.round, position.global_eval, step)
     eval_seconds = time.monotonic() - start
     return base, self.store.global_hash(position.round), eval_seconds
 
@@ -390,8 +394,7 @@ class _Silo:
   def finish(self, position, state, step):
     """After the last round: the final global model's held-out loss, published."""
     final_eval = self.trainer.evaluate(state['params'])
-    self.store.publish_eval(position.round, self.silo_id, {
-        'round': position.round, 'silo': self.silo_id, 'eval_loss': final_eval, 'step': step})
+    self.publish_eval(position.round, final_eval, step)
     self.summary['final_eval_loss'] = final_eval
 
   # -- the loop -----------------------------------------------------------------------
@@ -402,7 +405,7 @@ class _Silo:
     if newest is None or newest < self.total_rounds:
       return False
     return multihost.agree_flag(self.private.latest() is None
-                                or self.silo_id in self.store.eval_losses(newest))
+                                or self.store.eval_records(newest).get(self.silo_id) is not None)
 
   def run_rounds(self, stop_after_rounds):
     if self.already_finished():  # Nothing is written: not even an evaluation.

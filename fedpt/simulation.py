@@ -239,8 +239,8 @@ def simulate(config, config_file: str, storage_root: str, workdir: str,
       log(f'run {run["run_id"]} at {storage_root} is finished ({run["federation"]["rounds"]} '
           f'rounds); nothing to do. Ledger: python3 scripts/status.py --storage={storage_root}')
       return {'run_id': run['run_id'], 'storage': storage_root, 'workdir': workdir,
-              'finished': True, 'rounds': [], 'final_eval_by_silo': store.eval_losses(
-                  run['federation']['rounds']), 'wall_s': time.monotonic() - started}
+              'finished': True, 'rounds': [], 'final_eval_by_silo': ledger.eval_losses(
+                  store, run, run['federation']['rounds']), 'wall_s': time.monotonic() - started}
     log(f'resuming run {run["run_id"]} at {storage_root} from global round '
         f'{store.latest_global_round()}')
   else:
@@ -281,7 +281,7 @@ def simulate(config, config_file: str, storage_root: str, workdir: str,
         while r < total and store.global_shard_metas(r + 1) is not None:
           now = time.monotonic()
           seen_at.setdefault(r, now)
-          evals = store.eval_losses(r + 1)
+          evals = ledger.eval_losses(store, run, r + 1)
           if (len(evals) < len(silos) and not children.finished('silo_')
               and now - seen_at[r] < EVAL_GRACE_S):
             break  # Give the silos a moment to load and evaluate the new global model.
@@ -305,7 +305,7 @@ def simulate(config, config_file: str, storage_root: str, workdir: str,
     if previous_handler is not None:
       signal.signal(signal.SIGTERM, previous_handler)
 
-  final = store.eval_losses(total)
+  final = ledger.eval_losses(store, run, total)
   plots = evaluation.write_plots(store, workdir)
   summary = {
       'run_id': run['run_id'], 'storage': storage_root, 'workdir': workdir,

@@ -506,15 +506,14 @@ class RunStorage:
     """A silo's held-out metrics of a global round: only numbers leave the silo."""
     self.write_json(self.round_dir(round_index) / 'eval' / f'silo_{silo}.json', record)
 
-  def eval_losses(self, round_index: int) -> dict[str, float]:
-    """silo -> held-out loss of global round `round_index` on that silo's private split."""
-    out = {}
-    for p in self.list_dir(self.round_dir(round_index) / 'eval'):
-      if p.name.startswith('silo_') and p.name.endswith('.json'):
-        record = self.read_json(p)
-        if record is not None and record.get('eval_loss') is not None:
-          out[record['silo']] = float(record['eval_loss'])
-    return out
+  def eval_records(self, round_index: int) -> dict[str, dict | None]:
+    """silo (from the object's name) -> its published evaluation record of a global round.
+
+    Unvetted: `ledger.eval_losses` checks them (`protocol.check_eval_record`).
+    """
+    return {p.name[len('silo_'):-len('.json')]: self.read_json(p)
+            for p in self.list_dir(self.round_dir(round_index) / 'eval')
+            if p.name.startswith('silo_') and p.name.endswith('.json')}
 
   # -- manifests ----------------------------------------------------------------
 

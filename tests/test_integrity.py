@@ -13,6 +13,7 @@ import conftest
 from fedpt import aggregator as aggregator_lib
 from fedpt import checkpoint as checkpoint_lib
 from fedpt import faults
+from fedpt import ledger
 from fedpt import loading
 from fedpt import silo as silo_lib
 from fedpt import storage as storage_lib
@@ -376,3 +377,19 @@ def test_a_lease_holder_is_judged_by_its_heartbeat_not_by_anyone_s_clock(tmp_pat
     storage_lib.Lease(store, 'aggregator_000', ttl_s=1.0, settle_s=0.1).acquire()
   stop.set()
   renewer.join()
+
+
+def test_a_replayed_evaluation_record_stops_the_ledger(fed_config, tmp_path):
+  fed_config.federation.update(rounds=2)
+  root = str(tmp_path / 'bucket')
+  store = _run_rounds(fed_config, root, 2, gc=False)
+  store.publish_eval(1, 'a', {'round': 1, 'silo': 'a', 'eval_loss': 5.0, 'step': 2})
+  store.publish_eval(2, 'a', {'round': 1, 'silo': 'a', 'eval_loss': 0.5, 'step': 4})  # Replay.
+  with pytest.raises(storage_lib.StorageError,
+                     match=r'eval/silo_a.json: it says run None round 1 .*replayed.*tampered'):
+    ledger.status(root)
+  store.publish_eval(2, 'a', {'round': 2, 'silo': 'zz', 'eval_loss': 0.5, 'step': 4})
+  with pytest.raises(storage_lib.StorageError, match='replayed or moved record'):
+    ledger.status(root)
+  store.publish_eval(2, 'a', {'round': 2, 'silo': 'a', 'eval_loss': 4.5, 'step': 4})
+  assert '4.500' in ledger.status(root)

@@ -19,6 +19,7 @@ from fedpt import aggregator as aggregator_lib
 from fedpt import checkpoint as checkpoint_lib
 from fedpt import config as config_lib
 from fedpt import faults
+from fedpt import ledger
 from fedpt import silo as silo_lib
 from fedpt import sharding
 from fedpt import simulation
@@ -182,7 +183,7 @@ def test_two_hosts_equal_one_host_through_sigterm_and_kill_9(reference, repo_roo
   store = storage_lib.RunStorage(str(tmp_path / 'bucket'))
   _assert_matches_reference(store, reference_store)
   # Only process 0 wrote the run's JSON: one eval record per round, from host 0.
-  assert sorted(store.eval_losses(0)) == ['a']
+  assert sorted(ledger.eval_losses(store, store.read_run(), 0)) == ['a']
 
 
 @pytest.mark.parametrize(('settings', 'field'), [

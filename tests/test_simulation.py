@@ -136,3 +136,10 @@ def test_simulate_end_to_end_through_gcs_and_ledger(tiny_config, repo_root, tmp_
   assert again['finished'] and again['final_eval_by_silo'] == summary['final_eval_by_silo']
   assert f'is finished ({ROUNDS} rounds); nothing to do' in lines[-1], lines[-1]
   assert (_snapshot(tmp_path), sorted(map(str, bucket_helpers.files(store.root)))) == before
+
+  # Evaluations are signed by their silo: a forged loss stops every reader.
+  eval_path = store.round_dir(ROUNDS) / 'eval' / 'silo_web.json'
+  forged = store.read_json(eval_path)
+  store.write_json(eval_path, dict(forged, eval_loss=0.01))
+  with pytest.raises(storage_lib.StorageError, match='silo_web.json: bad signature.*tampered'):
+    ledger.status(root)
