@@ -7,6 +7,8 @@ report progress. Children get the same config as the caller: the config file
 plus the command-line overrides that turn its `get_config()` into the caller's
 ConfigDict (`config_overrides`).
 """
+import ctypes
+import functools
 import json
 import os
 import signal
@@ -85,6 +87,21 @@ def config_overrides(config, config_file: str) -> list[str]:
 # -- child processes ---------------------------------------------------------------
 
 
+def _die_with_parent(parent_pid: int) -> None:
+  """In a child, before exec: SIGTERM it when the simulator dies, however it dies (kill -9).
+
+  SIGTERM, not SIGKILL: a silo then checkpoints and exits 75, and a rerun resumes.
+  Linux's parent-death signal; elsewhere children outlive a killed simulator.
+  """
+  try:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG.
+  except (OSError, AttributeError):
+    return
+  if os.getppid() != parent_pid:  # The simulator died before prctl took effect.
+    os._exit(75)  # pylint: disable=protected-access
+
+
 class _Children:
   """Started processes by name, each logging to <workdir>/logs/<name>.log."""
 
@@ -102,7 +119,8 @@ class _Children:
       log.flush()
       self.procs[name] = subprocess.Popen(
           argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO,
-          env={**os.environ, 'PYTHONUNBUFFERED': '1'})
+          env={**os.environ, 'PYTHONUNBUFFERED': '1'},
+          preexec_fn=functools.partial(_die_with_parent, os.getpid()))
 
   def check(self) -> bool:
     """True once every child exited 0; raises if one failed."""

@@ -1,6 +1,9 @@
 """Resume and integrity: what the bucket and a silo's own state may never silently lose."""
+import os
 import pathlib
 import shutil
+import subprocess
+import sys
 import threading
 import time
 
@@ -393,3 +396,44 @@ def test_a_replayed_evaluation_record_stops_the_ledger(fed_config, tmp_path):
     ledger.status(root)
   store.publish_eval(2, 'a', {'round': 2, 'silo': 'a', 'eval_loss': 4.5, 'step': 4})
   assert '4.500' in ledger.status(root)
+
+
+# -- processes -------------------------------------------------------------------------------
+
+
+def _children_of(pid):
+  out = []
+  for entry in pathlib.Path('/proc').iterdir():
+    if entry.name.isdigit():
+      try:
+        fields = (entry / 'stat').read_text().rsplit(')', 1)[1].split()
+      except OSError:
+        continue
+      if int(fields[1]) == pid:
+        out.append(int(entry.name))
+  return out
+
+
+def _alive(pid):
+  try:
+    state = pathlib.Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[0]
+  except OSError:
+    return False
+  return state != 'Z'
+
+
+def test_the_simulators_children_die_with_it(tmp_path):
+  """kill -9 of simulate.py: its silos and aggregator get SIGTERM and exit; none is orphaned."""
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env['JAX_PLATFORMS'] = 'cpu'
+  sim = subprocess.Popen(
+      [sys.executable, str(conftest.REPO / 'scripts' / 'simulate.py'),
+       f'--config={conftest.REPO / "configs" / "tiny.py"}', f'--workdir={tmp_path / "w"}',
+       '--config.federation.silos=("web","text")', '--config.federation.rounds=50'],
+      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+  _wait(lambda: len(_children_of(sim.pid)) == 3 or sim.poll() is not None, 'three children')
+  children = _children_of(sim.pid)
+  assert len(children) == 3, sim.poll()
+  sim.kill()
+  sim.wait()
+  _wait(lambda: not any(_alive(c) for c in children), 'the orphans to exit', timeout_s=90)
