@@ -3,6 +3,7 @@
 The metadata (model spec, tokenizer hash, data position, federation round) is
 JSON so that a mismatched workdir is refused before any array is read.
 """
+import contextlib
 import os
 import sys
 import threading
@@ -29,11 +30,12 @@ class Checkpointer:
 
   def __init__(self, directory: str, keep: int, async_save: bool = True):
     self.directory = os.path.abspath(directory) if '://' not in directory else directory
-    self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=async_save),
-        item_names=('state', 'meta'))
+    with self._refusals('creating the checkpoint folder'):
+      self._manager = ocp.CheckpointManager(
+          self.directory,
+          options=ocp.CheckpointManagerOptions(
+              max_to_keep=keep, create=True, enable_async_checkpointing=async_save),
+          item_names=('state', 'meta'))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -42,9 +44,20 @@ class Checkpointer:
     return list(self._manager.all_steps())
 
   def save(self, step: int, state, meta: dict) -> None:
-    with ORBAX_LOCK:
+    with self._refusals(f'saving checkpoint step {step}'), ORBAX_LOCK:
       self._manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+
+  @contextlib.contextmanager
+  def _refusals(self, what: str):
+    """An OS refusal (permission, read-only, disk full) becomes one CheckpointError line."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except
+      refused = errors.os_refusal(e, self.directory)
+      if refused is None:
+        raise
+      raise CheckpointError(f'{what} in {self.directory}: {refused}') from None
 
   def read_meta(self, step: int) -> dict:
     with ORBAX_LOCK:
@@ -108,10 +121,11 @@ class Checkpointer:
     return tree.item_metadata.tree if hasattr(tree, 'item_metadata') else tree
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    with self._refusals('finishing a checkpoint'):
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
+    self.wait()
     self._manager.close()
 
 

@@ -74,6 +74,7 @@ for _protocol in ('gs', 'gcs', 's3', 's3a'):
   fsspec.config.conf.setdefault(_protocol, {})['use_listings_cache'] = False
 _PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError,
                         NotADirectoryError, FileExistsError)
+_PERMANENT_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
 _TRANSIENT_MARKERS = ('UNAVAILABLE', 'DEADLINE_EXCEEDED', 'RESOURCE_EXHAUSTED', 'ABORTED',
                       'Connection reset', 'Connection refused', 'timed out', 'Timeout',
                       'Service Unavailable', 'Internal Server Error', 'Bad Gateway',
@@ -89,7 +90,7 @@ def is_transient(error: BaseException) -> bool:
   code = getattr(error, 'code', None)
   if isinstance(code, int):
     return code >= 500 or code in (408, 429)
-  if isinstance(error, _PERMANENT_OS_ERRORS):
+  if isinstance(error, _PERMANENT_OS_ERRORS) or getattr(error, 'errno', None) in _PERMANENT_ERRNOS:
     return False
   if isinstance(error, (ConnectionError, TimeoutError)):
     return True
@@ -182,16 +183,20 @@ class RunStorage:
         transient = is_transient(e)
         delay = next(delays, None) if transient else None
         if delay is None:
-          if isinstance(e, _PERMANENT_OS_ERRORS) and not transient:
-            raise
+          if isinstance(e, FileNotFoundError):
+            raise  # Callers read absence as an answer.
+          refused = errors.os_refusal(e, str(self.root))
+          if refused:
+            raise StorageError(f'{what}: {refused}') from None
           kind = 'a transient error persisted' if transient else 'failed'
           raise StorageError(
               f'{what} {kind} after {attempts} attempt(s) over '
-              f'{time.monotonic() - started:.0f}s: {type(e).__name__}: {errors.one_line(e)}. Fix: check '
-              f'that {self.root} is reachable and that your credentials may read and write it; '
-              'then rerun: every party resumes where it stopped.') from e
-        logging.warning(f'storage: {what}: {type(e).__name__}: {errors.one_line(e)}; retrying in '
-                        f'{delay:.1f}s')
+              f'{time.monotonic() - started:.0f}s: {type(e).__name__}: {errors.one_line(e)}. '
+              f'Fix: check that {self.root} is reachable and that your credentials may read '
+              'and write it; then rerun: every party resumes where it stopped.') from e
+        if attempts == 1:  # Once per operation: the reason, not a log line per retry.
+          logging.warning(f'storage: {what}: {type(e).__name__}: {errors.one_line(e)}; '
+                          f'retrying for up to {self.retry_s:.0f}s')
         time.sleep(delay)
 
   def check_access(self) -> None:
@@ -210,13 +215,8 @@ class RunStorage:
             f'GOOGLE_APPLICATION_CREDENTIALS={credentials} is not usable: {errors.one_line(e)}. Fix: '
             'point it at a valid service-account JSON key, or unset it and run '
             '`gcloud auth application-default login`.') from None
-    try:
-      exists = self._retry(f'checking bucket {scheme}{bucket}',
-                           epath.Path(f'{scheme}{bucket}').exists)
-    except PermissionError as e:
-      raise StorageError(
-          f'access to {scheme}{bucket} was denied ({errors.one_line(e)}). Fix: grant your credentials '
-          'storage.objects.{get,list,create,delete} on the bucket.') from None
+    exists = self._retry(f'checking bucket {scheme}{bucket}',
+                         epath.Path(f'{scheme}{bucket}').exists)
     if not exists:
       raise StorageError(
           f'bucket {scheme}{bucket} does not exist (or your credentials cannot see it). Fix: '

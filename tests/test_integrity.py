@@ -437,3 +437,41 @@ def test_the_simulators_children_die_with_it(tmp_path):
   sim.kill()
   sim.wait()
   _wait(lambda: not any(_alive(c) for c in children), 'the orphans to exit', timeout_s=90)
+
+
+@pytest.mark.parametrize('script, flag', [('init_run.py', '--storage'), ('train.py', '--workdir')])
+def test_an_unusable_path_is_one_line_naming_it(script, flag, tmp_path):
+  """The OS refuses (here: a file where a folder must be): one line, the path, the fix, exit 2."""
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('not a folder')
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env['JAX_PLATFORMS'] = 'cpu'
+  done = subprocess.run(
+      [sys.executable, str(conftest.REPO / 'scripts' / script),
+       f'--config={conftest.REPO / "configs" / "tiny.py"}', f'{flag}={blocker}/sub',
+       '--config.train.steps=1'], capture_output=True, text=True, env=env, timeout=300)
+  assert done.returncode == 2, done.stderr[-2000:]
+  lines = [line for line in done.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1 and 'Traceback' not in done.stderr, done.stderr[-2000:]
+  assert 'Not a directory' in lines[0] and str(blocker) in lines[0] and 'Fix:' in lines[0]
+
+
+def test_a_full_disk_is_one_line_naming_the_path(tmp_path, monkeypatch):
+  store = storage_lib.RunStorage(str(tmp_path / 'bucket'))
+
+  def full(*args, **kwargs):
+    raise OSError(28, 'No space left on device', str(tmp_path / 'bucket' / 'x.json'))
+  monkeypatch.setattr(type(store.root), 'write_text', full)
+  with pytest.raises(storage_lib.StorageError,
+                     match=r'No space left on device on .*x.json\. Fix: free space where .*bucket'):
+    store.write_json(store.root / 'x.json', {'a': 1})
+  monkeypatch.undo()
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path / 'work'), keep=1, async_save=False)
+
+  def tensorstore_full(*args, **kwargs):
+    raise ValueError('Error writing local file "/w/1/state/d/0": [OS error: No space left on '
+                     'device] [source locations=...]')
+  monkeypatch.setattr(ckpt._manager, 'save', tensorstore_full)  # pylint: disable=protected-access
+  with pytest.raises(checkpoint_lib.CheckpointError,
+                     match=r'saving checkpoint step 1 in .*work: No space left on device\. Fix:'):
+    ckpt.save(1, {'x': np.zeros(3)}, {})
