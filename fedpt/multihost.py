@@ -7,13 +7,19 @@ JAX, so no host is left waiting in a collective the others skipped. Only
 process 0 writes JSON (metadata, manifests, metrics); Orbax writes array shards
 from every host in parallel.
 """
+import contextlib
 import signal
+import socket
 import threading
+import time
 
 import jax
 import numpy as np
+from jax._src import distributed as jax_distributed  # The coordination key-value store.
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
+
+from fedpt import errors
 
 
 def is_multihost() -> bool:
@@ -70,6 +76,62 @@ def spread(x: jax.Array, mesh) -> jax.Array:
   if getattr(x, 'sharding', None) == target:
     return x
   return jax.jit(lambda a: a, out_shardings=target)(x)
+
+
+class StartupError(errors.UserError, RuntimeError):
+  """Another host of this multi-host silo could not start; the message names it and why."""
+
+
+@contextlib.contextmanager
+def startup(what: str, timeout_s: float = 600.0):
+  """Every host of a multi-host silo gets through `what`, or every host stops with one line.
+
+  A host whose start-up raises a UserError (a missing corpus, a bad path) posts
+  it to jax.distributed's key-value store before exiting; the others, instead of
+  blocking in their first collective until JAX aborts them, read it and stop
+  with that host's name and reason (StartupError, exit status 2).
+  """
+  if not is_multihost():
+    yield
+    return
+  client = jax_distributed.global_state.client
+  me, count = jax.process_index(), jax.process_count()
+  prefix = f'fedpt/startup/{what}'
+  try:
+    yield
+  except errors.UserError as e:
+    client.key_value_set(f'{prefix}/status/{me}', f'failed: host {socket.gethostname()} '
+                         f'(process {me}): {e}')
+    _wait_for_keys(client, f'{prefix}/ack', count - 1, 30.0)  # Let them read it first.
+    client.key_value_set(f'{prefix}/exiting/{me}', 'bye')
+    raise
+  client.key_value_set(f'{prefix}/status/{me}', 'ready')
+  deadline = time.monotonic() + timeout_s
+  while True:
+    statuses = {k.rsplit('/', 1)[-1]: v for k, v in client.key_value_dir_get(f'{prefix}/status/')}
+    failed = sorted(v for v in statuses.values() if v.startswith('failed'))
+    if failed:
+      client.key_value_set(f'{prefix}/ack/{me}', 'seen')
+      if me == 0:  # Process 0 hosts the coordination service: outlive the failing hosts.
+        _wait_for_keys(client, f'{prefix}/exiting', len(failed), 30.0)
+        time.sleep(2.0)
+      raise StartupError(f'another host of this silo could not start ({failed[0][8:]}). Fix: '
+                         'fix that host, then restart every host of the silo')
+    if len(statuses) == count:
+      return
+    if time.monotonic() > deadline:
+      raise StartupError(
+          f'only {len(statuses)} of {count} hosts finished starting ({what}) within '
+          f'{timeout_s:.0f}s. Fix: check the logs of the others, then restart every host')
+    time.sleep(0.2)
+
+
+def _wait_for_keys(client, prefix: str, count: int, timeout_s: float) -> None:
+  deadline = time.monotonic() + timeout_s
+  while time.monotonic() < deadline:
+    if len(client.key_value_dir_get(f'{prefix}/')) >= count:
+      return
+    time.sleep(0.2)
 
 
 class Preemption:

@@ -39,21 +39,21 @@ class Trainer:
     sharding.maybe_initialize_distributed(config.distributed)
     self.data_seed = config.seed if data_seed is None else data_seed
     devices = jax.devices() if devices is None else devices
-    sharding.validate_config(config, num_devices=len(devices))
-    self.config = config
-    self.mesh = sharding.make_mesh(config.mesh, devices)
-    self.rules = tuple(config.sharding.rules)
-    self.model_config = model_lib.ModelConfig.from_config(config.model, devices[0].platform)
-
-    data_dir, self.tokenizer_path = data_lib.resolve_corpus(config.data)
-    self.tokenizer_sha256 = data_lib.file_sha256(self.tokenizer_path)
-    self.train_data = data_lib.TokenDataset(data_dir, 'train', self.tokenizer_sha256)
-    self.val_data = data_lib.TokenDataset(data_dir, 'val', self.tokenizer_sha256)
-    if self.train_data.vocab_size > config.model.vocab_size:
-      raise config_lib.ConfigError(
-          'model.vocab_size', f'{config.model.vocab_size} is smaller than the tokenizer '
-          f'vocabulary ({self.train_data.vocab_size})',
-          f'set model.vocab_size >= {self.train_data.vocab_size}')
+    with multihost.startup('trainer'):  # A host that cannot start stops every host, in a line.
+      sharding.validate_config(config, num_devices=len(devices))
+      self.config = config
+      self.mesh = sharding.make_mesh(config.mesh, devices)
+      self.rules = tuple(config.sharding.rules)
+      self.model_config = model_lib.ModelConfig.from_config(config.model, devices[0].platform)
+      data_dir, self.tokenizer_path = data_lib.resolve_corpus(config.data)
+      self.tokenizer_sha256 = data_lib.file_sha256(self.tokenizer_path)
+      self.train_data = data_lib.TokenDataset(data_dir, 'train', self.tokenizer_sha256)
+      self.val_data = data_lib.TokenDataset(data_dir, 'val', self.tokenizer_sha256)
+      if self.train_data.vocab_size > config.model.vocab_size:
+        raise config_lib.ConfigError(
+            'model.vocab_size', f'{config.model.vocab_size} is smaller than the tokenizer '
+            f'vocabulary ({self.train_data.vocab_size})',
+            f'set model.vocab_size >= {self.train_data.vocab_size}')
 
     self.total_steps = config.train.steps
     self.optimizer = inner.make_optimizer(config.inner, self.total_steps)

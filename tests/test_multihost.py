@@ -211,3 +211,36 @@ def test_auto_mode_outside_a_cluster_is_one_line_naming_the_fix(repo_root, tmp_p
   error = [line for line in result.stderr.splitlines() if line.startswith('error:')]
   assert len(error) == 1 and 'jax.distributed could not start' in error[0], result.stderr[-2000:]
   assert 'mode=explicit' in error[0] and 'Traceback' not in result.stderr
+
+
+def test_a_host_that_cannot_start_stops_every_host_in_one_line(reference, repo_root, tmp_path):
+  """Host 1's corpus is missing: it exits 2 naming it, and host 0 exits 2 naming host 1."""
+  config, _ = reference
+  run = TwoHostSilo(repo_root, config, str(tmp_path / 'bucket'), str(tmp_path))
+  try:
+    port = _free_port()
+    procs = []
+    for process_id in range(2):
+      env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4',
+             'JAX_PLATFORMS': 'cpu'}
+      corpus = config.data.corpus if process_id == 0 else str(tmp_path / 'no_corpus')
+      argv = [sys.executable, str(repo_root / 'scripts' / 'train.py'), *run.overrides,
+              f'--config.data.corpus={corpus}', '--silo=a', f'--storage={run.root}',
+              f'--workdir={tmp_path}/silo', '--config.distributed.mode=explicit',
+              f'--config.distributed.coordinator_address=127.0.0.1:{port}',
+              '--config.distributed.num_processes=2',
+              f'--config.distributed.process_id={process_id}']
+      procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True))
+    started = time.monotonic()
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert time.monotonic() - started < 90  # Not JAX's ~100 s "another task died" abort.
+    errors = [[line for line in err.splitlines() if line.startswith('error:')]
+              for _, err in outputs]
+    assert [p.returncode for p in procs] == [2, 2], outputs
+    assert 'data.corpus' in errors[1][0] and 'no_corpus' in errors[1][0], errors
+    assert 'another host of this silo could not start' in errors[0][0], errors
+    assert 'process 1' in errors[0][0] and 'no_corpus' in errors[0][0], errors
+  finally:
+    run.aggregator.kill()
+    run.aggregator.wait()
