@@ -57,6 +57,12 @@ def round_record(store: storage_lib.RunStorage, run: dict, round_index: int,
   aggregator has decided, from the deltas committed so far.
   """
   manifest = store.read_manifest(round_index)
+  check = signing.listed_aggregator_check(run)
+  reason = check(manifest) if manifest is not None and check is not None else None
+  if reason:
+    raise storage_lib.StorageError(
+        f'the manifest of round {round_index} under {store.root}: {reason}. The bucket was '
+        'tampered with. Fix: ask the run\'s operator to restore it from a bucket version.')
   if manifest is not None:
     included = manifest['included']
     rejected = manifest['rejected']

@@ -143,3 +143,8 @@ def test_simulate_end_to_end_through_gcs_and_ledger(tiny_config, repo_root, tmp_
   store.write_json(eval_path, dict(forged, eval_loss=0.01))
   with pytest.raises(storage_lib.StorageError, match='silo_web.json: bad signature.*tampered'):
     ledger.status(root)
+  store.write_json(eval_path, forged)
+  manifest = store.read_manifest(1)
+  store.write_json(store.manifest_path(1), dict(manifest, decided_after_s=0.0))
+  with pytest.raises(storage_lib.StorageError, match='manifest of round 1 .*bad signature'):
+    ledger.status(root)
