@@ -198,18 +198,22 @@ def malformed(error: BaseException) -> str:
   return f'malformed metadata ({type(error).__name__}: {errors.one_line(error)})'
 
 
+def _check_author(run: dict, silo: str, record: dict, check_signature) -> str | None:
+  """A silo's record must come from a listed silo and (signed runs) carry its signature."""
+  if silo not in silo_ids(run):
+    return 'unknown silo (not in run.json)'
+  return check_signature(record, silo) if check_signature is not None else None
+
+
 def check_delta_identity(run: dict, round_index: int, silo: str, meta: dict,
                          check_signature=None) -> str | None:
   """Why `meta` is not silo `silo`'s own delta of this run and round (listed, signed), or None.
 
   A silo asks this of whatever it finds at its own path before concluding anything.
   """
-  if silo not in silo_ids(run):
-    return 'unknown silo (not in run.json)'
-  if check_signature is not None:
-    reason = check_signature(meta, silo)
-    if reason:
-      return reason
+  reason = _check_author(run, silo, meta, check_signature)
+  if reason:
+    return reason
   if meta.get('run_id') != run['run_id']:
     return f'belongs to run {meta.get("run_id")!r}, not {run["run_id"]!r}'
   if meta.get('round') != round_index or meta.get('silo') != silo:
@@ -377,12 +381,9 @@ def check_eval_record(run: dict, round_index: int, silo: str, record,
   """Why a silo's evaluation record at rounds/r/eval/silo_<silo>.json is not to be believed."""
   if not isinstance(record, dict):
     return 'unreadable'
-  if silo not in silo_ids(run):
-    return 'unknown silo (not in run.json)'
-  if check_signature is not None:
-    reason = check_signature(record, silo)
-    if reason:
-      return reason
+  reason = _check_author(run, silo, record, check_signature)
+  if reason:
+    return reason
   if (record.get('run_id', run['run_id']) != run['run_id'] or record.get('round') != round_index
       or record.get('silo') != silo):
     return (f'it says run {record.get("run_id")!r} round {record.get("round")} silo '

@@ -187,18 +187,24 @@ def bucket(clean_run, tmp_path):
   return config, clean, root, str(tmp_path / 'work'), storage_lib.RunStorage(root)
 
 
-def test_a_silo_stopped_between_commit_and_checkpoint_redoes_the_round(bucket, capsys):
-  fed_config, clean_run, root, workdir, store = bucket
+def _kill_silo_a_after_commit(bucket, round_index):
+  """Runs the aggregator and silo b; silo a dies right after committing `round_index`."""
+  fed_config, _, root, workdir, _ = bucket
   aggregator = threading.Thread(target=aggregator_lib.run_aggregator, args=(root,), daemon=True)
   aggregator.start()
   _, threads = _federation(fed_config, root, workdir, silos=['b'], aggregate=False)
 
   def die():
     raise _Killed()
-  # Round 1 committed, its checkpoint never saved.
-  _only_in('MainThread', 'silo_published', 1, die)
+  _only_in('MainThread', 'silo_published', round_index, die)  # Its checkpoint never saved.
   with pytest.raises(_Killed):
     silo_lib.run_silo(fed_config, 'a', root, f'{workdir}/a')
+  return aggregator, threads
+
+
+def test_a_silo_stopped_between_commit_and_checkpoint_redoes_the_round(bucket, capsys):
+  fed_config, clean_run, root, workdir, store = bucket
+  aggregator, threads = _kill_silo_a_after_commit(bucket, 1)
   _wait(lambda: store.latest_global_round() == 2, 'global round 2, built with a\'s delta')
   summary = silo_lib.run_silo(fed_config, 'a', root, f'{workdir}/a')
   aggregator.join(timeout=300)
@@ -309,15 +315,7 @@ def test_a_silo_with_a_damaged_newest_checkpoint_resumes_from_the_one_before(
   """Killed after committing round 2, its newest checkpoint (round 1) damaged: it goes back to
   round 0's, redoes rounds 1 and 2 from their bases and ends where the clean run ended."""
   fed_config, clean_run, root, workdir, store = bucket
-  aggregator = threading.Thread(target=aggregator_lib.run_aggregator, args=(root,), daemon=True)
-  aggregator.start()
-  _, threads = _federation(fed_config, root, workdir, silos=['b'], aggregate=False)
-
-  def die():
-    raise _Killed()
-  _only_in('MainThread', 'silo_published', 2, die)
-  with pytest.raises(_Killed):
-    silo_lib.run_silo(fed_config, 'a', root, f'{workdir}/a')
+  aggregator, threads = _kill_silo_a_after_commit(bucket, 2)
   private = pathlib.Path(workdir) / 'a' / 'checkpoints'
   newest = max(int(p.name) for p in private.iterdir() if p.name.isdigit())
   (private / str(newest) / 'meta' / 'metadata').write_text('{not json')
