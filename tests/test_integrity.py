@@ -80,19 +80,19 @@ def _run_rounds(config, root, rounds, gc):
 
 
 def test_a_restarted_aggregator_resumes_after_garbage_collection(fed_config, tmp_path):
-  fed_config.federation.update(rounds=5, num_shards=2)
-  store = _run_rounds(fed_config, str(tmp_path / 'gc'), 5, gc=True)
-  # Rounds 0..2 were collected before rounds 3 and 4 were aggregated by restarted processes.
-  assert store.global_round_dirs() == [4, 5]
-  reference = _run_rounds(fed_config, str(tmp_path / 'kept'), 5, gc=False)
-  assert reference.global_round_dirs() == [0, 1, 2, 3, 4, 5]
-  assert store.global_hash(5) == reference.global_hash(5)  # Bit-identical to no collection.
+  fed_config.federation.update(rounds=4, num_shards=2)
+  store = _run_rounds(fed_config, str(tmp_path / 'gc'), 4, gc=True)
+  # Rounds 0..1 were collected before round 3 was aggregated by restarted processes.
+  assert store.global_round_dirs() == [3, 4]
+  reference = _run_rounds(fed_config, str(tmp_path / 'kept'), 4, gc=False)
+  assert reference.global_round_dirs() == [0, 1, 2, 3, 4]
+  assert store.global_hash(4) == reference.global_hash(4)  # Bit-identical to no collection.
 
   # A finished run: every shard says so, exits cleanly, and writes nothing (not even a lease).
   before = _bucket_files(tmp_path / 'gc')
   for shard in range(2):
     assert aggregator_lib.run_aggregator(str(tmp_path / 'gc'), shard) == {
-        'round': 5, 'finished': True}
+        'round': 4, 'finished': True}
   assert silo_lib.run_silo(fed_config, 'a', str(tmp_path / 'gc'),
                            str(tmp_path / 'late_silo'))['finished']
   assert _bucket_files(tmp_path / 'gc') == before
@@ -218,40 +218,32 @@ def test_a_silo_stopped_between_commit_and_checkpoint_redoes_the_round(bucket, c
     assert store.global_hash(r) == clean_run.global_hash(r), r
 
 
-def test_a_delta_that_vanishes_before_the_decision_is_republished(bucket, capsys):
-  fed_config, clean_run, root, workdir, store = bucket
-  _, threads = _federation(fed_config, root, workdir, aggregate=False)
-  _wait(lambda: store.committed_silos(0) == ['a', 'b'], 'both round-0 deltas')
-  store.delete(store.delta_dir(0, 'a') / storage_lib.META)  # Before anyone decided round 0.
-  aggregator_lib.run_aggregator(root)  # Waits for a, which notices and republishes.
-  for t in threads:
-    t.join(timeout=300)
-  assert 'round 0: its committed delta is gone from the bucket and the round is undecided; ' \
-      'republishing it' in capsys.readouterr().out
-  assert [e['silo'] for e in store.read_manifest(0)['included']] == ['a', 'b']
-  for r in range(4):
-    assert store.global_hash(r) == clean_run.global_hash(r), r
-
-
-
-
 def _plant_replay(store):
   """Copies silo a's committed round-0 delta to its round-1 path: a replayed object."""
   shutil.copytree(str(store.delta_dir(0, 'a')), str(store.delta_dir(1, 'a')))
 
 
-def test_a_foreign_object_at_the_silos_path_is_replaced_while_undecided(bucket, capsys):
+def test_a_vanished_delta_is_republished_and_a_foreign_one_replaced_while_undecided(
+    bucket, capsys):
+  """Round 0: a's committed delta is deleted before the decision. Round 1: a replay of it
+  sits at a's path before a publishes. The run still ends bit-identical to the clean one."""
   fed_config, clean_run, root, workdir, store = bucket
   _only_in('silo-a', 'silo_inner', 1, lambda: _plant_replay(store))
   _, threads = _federation(fed_config, root, workdir, aggregate=False)
-  aggregator_lib.run_aggregator(root, stop_after_rounds=1)  # Round 1 stays undecided.
+  _wait(lambda: store.committed_silos(0) == ['a', 'b'], 'both round-0 deltas')
+  store.delete(store.delta_dir(0, 'a') / storage_lib.META)  # Before anyone decided round 0.
+  aggregator_lib.run_aggregator(root, stop_after_rounds=1)  # Waits for a's republished delta.
   _wait(lambda: (store.delta_meta(1, 'a') or {}).get('round') == 1
         and 'b' in store.committed_silos(1), 'a\'s own round-1 delta and b\'s')
-  aggregator_lib.run_aggregator(root)
+  aggregator_lib.run_aggregator(root)  # Round 1 was undecided until a replaced the replay.
   for t in threads:
     t.join(timeout=300)
   out = capsys.readouterr().out
+  assert 'round 0: its committed delta is gone from the bucket and the round is undecided; ' \
+      'republishing it' in out
   assert 'round 1: replacing' in out and 'metadata says round 0 silo \'a\'' in out
+  assert [e['silo'] for e in store.read_manifest(0)['included']] == ['a', 'b']
+  assert [e['silo'] for e in store.read_manifest(1)['included']] == ['a', 'b']
   for r in range(4):
     assert store.global_hash(r) == clean_run.global_hash(r), r
 
@@ -288,24 +280,24 @@ def _largest_file(folder):
 
 def test_a_damaged_newest_checkpoint_is_moved_aside_and_training_resumes(
     tiny_config, tmp_path, capsys):
-  tiny_config.train.update(steps=10, checkpoint_every=5, keep_checkpoints=3, log_every=5,
+  tiny_config.train.update(steps=6, checkpoint_every=3, keep_checkpoints=3, log_every=3,
                            eval_every=100, async_checkpoints=False)
   tiny_config.data.update(global_batch=8, seq_len=32)
   reference = trainer_lib.train_and_evaluate(tiny_config, str(tmp_path / 'reference'))
   workdir = tmp_path / 'work'
   trainer_lib.train_and_evaluate(tiny_config, str(workdir))
-  victim = _largest_file(workdir / 'checkpoints' / '10' / 'state')
+  victim = _largest_file(workdir / 'checkpoints' / '6' / 'state')
   victim.write_bytes(victim.read_bytes()[:victim.stat().st_size // 3])
   # A read-only tool names the step and the older one to use, in one line.
   with pytest.raises(checkpoint_lib.CheckpointError,
-                     match=r'checkpoint step 10 in .* is unreadable .*Fix: pass --step=5'):
+                     match=r'checkpoint step 6 in .* is unreadable .*Fix: pass --step=3'):
     loading.load(tiny_config, loading.Source(workdir=str(workdir)))
   resumed = trainer_lib.train_and_evaluate(tiny_config, str(workdir))
   err = capsys.readouterr().err
-  assert 'checkpoint step 10 in' in err and 'is unreadable' in err
-  assert 'moved aside to' in err and 'resuming from step 5' in err
-  assert (workdir / 'checkpoints' / '10.unreadable').is_dir()  # Kept, never deleted.
-  np.testing.assert_array_equal(  # Steps 6..10 were redone: the same model as never damaged.
+  assert 'checkpoint step 6 in' in err and 'is unreadable' in err
+  assert 'moved aside to' in err and 'resuming from step 3' in err
+  assert (workdir / 'checkpoints' / '6.unreadable').is_dir()  # Kept, never deleted.
+  np.testing.assert_array_equal(  # Steps 4..6 were redone: the same model as never damaged.
       np.asarray(trees.flatten_params(resumed['state']['params'])['embed_vd']),
       np.asarray(trees.flatten_params(reference['state']['params'])['embed_vd']))
 

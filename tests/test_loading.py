@@ -1,5 +1,6 @@
 """The one model loader: every tool reads the same sources into the same params."""
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -133,16 +134,27 @@ def test_a_federated_silos_workdir_loads_exports_and_describes(federated):
   assert sampling.sample_text(config, 'x', workdir=workdir, max_new_tokens=2)[0].startswith('x')
 
 
-@pytest.mark.parametrize('args, problem', [
-    ([], 'pass exactly one source'),
-    (['--workdir=/nonexistent', '--storage=/nonexistent'], 'pass exactly one source'),
-    (['--storage=/nonexistent', '--step=1'], '--step goes with --workdir'),
-    (['--workdir=/nonexistent', '--round=1'], '--round goes with --storage'),
-    (['--storage=/nonexistent', '--round=-1'], 'must be >= 0'),
-    (['--workdir=/nonexistent'], 'no checkpoint in --workdir=/nonexistent'),
-])
-def test_bad_sources_get_the_same_line_from_every_tool(args, problem, tmp_path):
+BAD_SOURCES = [
+    ({}, 'pass exactly one source'),
+    ({'workdir': '/nonexistent', 'storage': '/nonexistent'}, 'pass exactly one source'),
+    ({'storage': '/nonexistent', 'step': 1}, '--step goes with --workdir'),
+    ({'workdir': '/nonexistent', 'round': 1}, '--round goes with --storage'),
+    ({'storage': '/nonexistent', 'round': -1}, 'must be >= 0'),
+    ({'workdir': '/nonexistent'}, 'no checkpoint in --workdir=/nonexistent'),
+]
+
+
+@pytest.mark.parametrize('flags, problem', BAD_SOURCES)
+def test_every_bad_source_is_one_error_naming_the_fix(flags, problem, tiny_config):
+  kwargs = {('round_index' if k == 'round' else k): v for k, v in flags.items()}
+  with pytest.raises(checkpoint_lib.CheckpointError, match=f'{re.escape(problem)}.*Fix'):
+    loading.load(tiny_config, loading.Source(**kwargs))
+
+
+@pytest.mark.parametrize('flags, problem', [BAD_SOURCES[3], BAD_SOURCES[5]])
+def test_bad_sources_get_the_same_line_from_every_tool(flags, problem, tmp_path):
   config = f'--config={REPO}/configs/tiny.py'
+  args = [f'--{k}={v}' for k, v in flags.items()]
   lines = set()
   for script, extra in (('sample.py', [config]), ('export_hf.py', [config, f'--out={tmp_path}/o']),
                         ('inspect_checkpoint.py', [])):
