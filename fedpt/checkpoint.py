@@ -84,12 +84,7 @@ class Checkpointer:
     """
     for step in sorted(self.all_steps(), reverse=True):
       try:
-        meta = self.read_meta(step)
-        check_meta(meta, expected_meta, f'checkpoint {self.directory} step {step}')
-        with ORBAX_LOCK:
-          restored = self._manager.restore(step, args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(abstract_for(step))))
-        return step, restored['state'], meta
+        return (step, *self.restore(step, abstract_for(step), expected_meta))
       except CheckpointError:
         raise
       except Exception as e:  # pylint: disable=broad-except  # Damage fails in many ways.

@@ -113,11 +113,12 @@ def evaluate(config, out_dir: str, *, eval_sets: dict[str, str], storage: str | 
   datasets = {n: open_eval_set(n, p, os.path.join(out_dir, 'eval_sets'), trainer)
               for n, p in eval_sets.items()}
   byte_counts = {n: _predicted_bytes(ds, tokenizer, trainer) for n, ds in datasets.items()}
-  rows, published, store = [], {}, None
+  rows, published, store, run = [], {}, None, None
   sources = []  # (model label, round or None, loading.Source)
   if storage:
     store = storage_lib.RunStorage(storage)
-    protocol.check_model_matches_run(store.read_run(), trainer.config, trainer.tokenizer_sha256)
+    run = store.read_run()
+    protocol.check_model_matches_run(run, trainer.config, trainer.tokenizer_sha256)
     latest = store.latest_global_round()
     sources += [(f'global_round_{r}', r, loading.Source(storage=storage, round_index=r))
                 for r in parse_rounds(rounds, -1 if latest is None else latest)]
@@ -129,7 +130,7 @@ def evaluate(config, out_dir: str, *, eval_sets: dict[str, str], storage: str | 
     for name, m in evaluate_params(trainer, params, datasets, byte_counts).items():
       rows.append({'model': label, 'round': round_index, 'eval_set': name, **m})
     if round_index is not None:
-      published[round_index] = ledger.eval_losses(store, store.read_run(), round_index)
+      published[round_index] = ledger.eval_losses(store, run, round_index)
   result = {'rows': rows, 'published_by_round': published,
             'versus_baseline': versus_baseline(rows)}
   os.makedirs(out_dir, exist_ok=True)

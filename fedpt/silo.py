@@ -214,8 +214,8 @@ class _Silo:
       r = self.store.latest_global_round()
       if r is not None and r > position.round:
         return r
-      if (self.store.read_manifest(position.round) is None
-          and self.store.delta_meta(position.round, self.silo_id) is None):
+      if (self.store.delta_meta(position.round, self.silo_id) is None  # Usually present:
+          and self.store.read_manifest(position.round) is None):  # one read per poll.
         return position.round
       return None
     return multihost.agree_int(storage_lib.wait_for(
