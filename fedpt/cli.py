@@ -4,6 +4,7 @@ import sys
 
 from absl import flags
 from absl import logging
+from ml_collections import config_flags
 
 from fedpt import errors
 
@@ -33,6 +34,17 @@ def parse_flags_or_explain(argv):
           f'Fix: check the flag name and value; see --helpfull for the fields.',
           file=sys.stderr, flush=True)
     sys.exit(2)
+
+
+def config_overrides(name: str = 'config') -> set[str]:
+  """The config fields set on this command line (--config.inner.lr=...), not by the file.
+
+  Recorded configs (a workdir's, a run's run.json) win over a config file's
+  defaults, but a field the user typed and that disagrees is refused.
+  """
+  if name not in flags.FLAGS or not flags.FLAGS[name].present:
+    return set()
+  return set(config_flags.get_override_values(flags.FLAGS[name]))
 
 
 def define_source_flags(verb: str) -> None:

@@ -202,3 +202,51 @@ def model_spec(config) -> dict:
   m = config.model
   return {k: m[k] for k in ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads',
                             'head_dim', 'd_ff', 'tie_embeddings')}
+
+
+def flat(config) -> dict:
+  """{'section.field': value} of every field, tuples as lists: the form records store."""
+  out = {}
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      out.update({f'{key}.{k}': v for k, v in flat(value).items()})
+    else:
+      out[key] = _as_lists(value)
+  return out
+
+
+def _as_lists(value):
+  return [_as_lists(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _as_tuples(value):
+  return tuple(_as_tuples(v) for v in value) if isinstance(value, (tuple, list)) else value
+
+
+def differences(recorded: dict, config, fields=None) -> dict:
+  """{field: (this config's value, the recorded value)} where they differ.
+
+  `fields` limits the comparison (default: every recorded field). A field the
+  record lacks is not compared (a record written by an older fedpt).
+  """
+  mine = flat(config)
+  return {k: (mine.get(k), recorded[k]) for k in sorted(fields or recorded)
+          if k in recorded and k in mine and mine[k] != recorded[k]}
+
+
+def describe(diff: dict, theirs: str = 'recorded') -> str:
+  """'inner.lr=0.05 (yours) vs 0.001 (recorded), ...' for an error line."""
+  return ', '.join(f'{k}={a!r} (yours) vs {b!r} ({theirs})' for k, (a, b) in diff.items())
+
+
+def with_values(config, values: dict):
+  """A copy of `config` with the dotted `values` set (lists become tuples where the field is one)."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked(), config.ignore_type():
+    for path, value in values.items():
+      *sections, field = path.split('.')
+      node = config
+      for s in sections:
+        node = node[s]
+      node[field] = _as_tuples(value) if isinstance(node[field], tuple) else value
+  return config
