@@ -55,7 +55,6 @@ class Aggregator:
           f'this run is aggregated in {fed["num_shards"]} shards (run.json), not '
           f'{self.num_shards}. Fix: pass --shard=i/{fed["num_shards"]}.')
     self.shard = shard
-    protocol.check_format(self.run)
     self.optimizer = outer.make_outer_optimizer(ml_collections.ConfigDict(self.run['outer']))
     newest = self.store.latest_global_round()  # Round 0 may be garbage-collected.
     if newest is None:
@@ -80,6 +79,18 @@ class Aggregator:
       raise storage_lib.StorageError(
           f'{what} under {self.store.root}: {reason}. The bucket was tampered with. Fix: '
           'restore the object from your own records or a bucket version, or recreate the run.')
+
+  def check_manifest(self, round_index: int, manifest: dict) -> dict:
+    """A manifest read back (ours, or shard 0's): signed by us and well-formed, or refused."""
+    what = f'the manifest of round {round_index}'
+    self.check_own(manifest, what)
+    reason = protocol.check_manifest(self.run, round_index, manifest)
+    if reason:
+      raise storage_lib.StorageError(
+          f'{what} under {self.store.root}: {reason}. The bucket was tampered with. Fix: '
+          'delete it while the round\'s global model is not yet written (shard 0 decides the '
+          'round again), or recreate the run.')
+    return manifest
 
   # -- state of this shard -----------------------------------------------------
 
@@ -185,8 +196,7 @@ class Aggregator:
     """Waits for every silo, or for a quorum after the deadline; writes the manifest."""
     existing = self.store.read_manifest(round_index)
     if existing is not None:
-      self.check_own(existing, f'the manifest of round {round_index}')
-      return existing
+      return self.check_manifest(round_index, existing)
     fed = self.run['federation']
     expected = protocol.silo_ids(self.run)
     started = time.monotonic()
@@ -232,7 +242,7 @@ class Aggregator:
   def aggregate(self, round_index: int, manifest: dict, inputs=None) -> dict:
     """Steps this shard's leaves with the manifest's deltas; `inputs` is `read_shard`'s."""
     params, outer_state = inputs or self.read_shard(round_index)
-    included = manifest['included']
+    included = protocol.contributing(manifest['included'])
     # Loop invariants: each silo's payload layout (its meta.json, read once) and the method.
     metas = {e['silo']: self.store.delta_meta(round_index, e['silo']) for e in included}
     for e in included:  # The delta read now must be the one validated when deciding.
@@ -327,7 +337,7 @@ def _aggregate_rounds(agg: Aggregator, shard: int, stop_after_rounds: int | None
       manifest = storage_lib.wait_for(
           lambda: agg.store.read_manifest(r), f'the manifest of round {r} (written by shard 0)',
           timeout_s=agg.fed['wait_timeout_s'], poll_s=agg.fed['poll_s'])
-      agg.check_own(manifest, f'the manifest of round {r}')
+      agg.check_manifest(r, manifest)
     agg.aggregate(r, manifest, inputs)
     metrics_lib.log(
         f'aggregator {shard}/{agg.num_shards}: round {r} -> global {r + 1} from '

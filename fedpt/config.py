@@ -4,6 +4,8 @@ Every config starts from `base_config()`, so a field that is not in the schema
 is a typo and is reported with the closest valid name.
 """
 import difflib
+import math
+import numbers
 
 import ml_collections
 
@@ -98,10 +100,12 @@ def base_config() -> ml_collections.ConfigDict:
   ))
   c.federation = ml_collections.ConfigDict(dict(
       rounds=10,
-      inner_steps=50,  # H: inner steps per round (a silo may override its own).
+      inner_steps=50,  # H: inner steps per round, for every silo not in silo_inner_steps.
       round_budget_s=0.0,  # >0: a silo ends its round after this many seconds instead.
       silos=('web', 'concurrency', 'text', 'tools'),  # Silo ids, listed in run.json.
       silo_weights=(),  # Optional per-silo multipliers of the token weights.
+      silo_inner_steps=(),  # Optional per-silo H (one per silo), declared in run.json.
+      silo_round_budget_s=(),  # Optional per-silo round budgets in seconds, ditto.
       min_silos=0,  # Quorum once the deadline passed; 0 means every silo.
       round_deadline_s=600.0,  # Aggregator: after this, a quorum is enough.
       wait_timeout_s=3600.0,  # Any wait for the bucket fails with a clear error after this.
@@ -159,42 +163,147 @@ def require(ok: bool, field: str, problem: str, fix: str):
     raise ConfigError(field, problem, fix)
 
 
+def _type_problem(value, default) -> str | None:
+  """Why `value` cannot stand where the schema's `default` is, or None."""
+  if isinstance(default, bool):
+    ok, want = isinstance(value, bool), 'True or False'
+  elif isinstance(default, int):
+    ok, want = isinstance(value, numbers.Integral) and not isinstance(value, bool), 'an integer'
+  elif isinstance(default, float):
+    ok = (isinstance(value, numbers.Real) and not isinstance(value, bool)
+          and math.isfinite(value))
+    want = 'a finite number'
+  elif isinstance(default, str):
+    ok, want = isinstance(value, str), 'a string'
+  else:
+    ok, want = isinstance(value, (tuple, list)), 'a tuple'
+  return None if ok else f'must be {want}, got {value!r}'
+
+
+def _in(low, high, low_open=False, high_open=False):
+  def ok(v):
+    return (v > low if low_open else v >= low) and (
+        high is None or (v < high if high_open else v <= high))
+  left, right = '(' if low_open else '[', ')' if high_open or high is None else ']'
+  return ok, f'must be in {left}{low}, {"inf" if high is None else high}{right}'
+
+
+_POSITIVE = _in(0, None, low_open=True)
+_NON_NEGATIVE = _in(0, None)
+_BETA = _in(0, 1, high_open=True)
+
+# Each numeric field's range: (field, (check, what it must be), fix).
+RANGES = (
+    ('seed', _in(0, 2**32 - 1), 'use a non-negative 32-bit integer'),
+    ('model.rope_theta', _POSITIVE, 'use e.g. 10000.0 (RoPE base wavelength)'),
+    ('model.norm_eps', _in(0, 1, low_open=True), 'use e.g. 1e-5'),
+    ('model.init_std', _POSITIVE, 'use e.g. 0.02'),
+    ('inner.lr', _POSITIVE, 'set a positive learning rate, e.g. 1e-3'),
+    ('inner.warmup_steps', _NON_NEGATIVE, 'use 0 or more steps'),
+    ('inner.decay_steps', _NON_NEGATIVE, 'use 0 (decay over train.steps) or more'),
+    ('inner.min_lr_ratio', _in(0, 1), 'use a ratio between 0 and 1'),
+    ('inner.b1', _BETA, 'use e.g. 0.9'),
+    ('inner.b2', _BETA, 'use e.g. 0.95'),
+    ('inner.eps', _POSITIVE, 'use e.g. 1e-8'),
+    ('inner.weight_decay', _NON_NEGATIVE, 'use 0 (off) or e.g. 0.1'),
+    ('inner.grad_clip', _NON_NEGATIVE, 'use 0 (off) or e.g. 1.0'),
+    ('inner.z_loss', _NON_NEGATIVE, 'use 0 (off) or a small weight like 1e-4'),
+    ('train.steps', _POSITIVE, 'set it > 0'),
+    ('train.log_every', _POSITIVE, 'set it > 0'),
+    ('train.eval_every', _POSITIVE, 'set it > 0'),
+    ('train.eval_batches', _POSITIVE, 'set it > 0'),
+    ('train.checkpoint_every', _POSITIVE, 'set it > 0'),
+    ('train.keep_checkpoints', _POSITIVE, 'set it > 0'),
+    ('train.peak_tflops_per_device', _NON_NEGATIVE, 'use 0 (look it up) or the chip\'s peak'),
+    ('federation.rounds', _POSITIVE, 'set it > 0'),
+    ('federation.inner_steps', _POSITIVE, 'set H > 0'),
+    ('federation.round_budget_s', _NON_NEGATIVE, 'use 0 (run H steps) or a budget in seconds'),
+    ('federation.min_silos', _NON_NEGATIVE, 'use 0 (all silos) or a quorum size'),
+    ('federation.round_deadline_s', _NON_NEGATIVE, 'use seconds >= 0'),
+    ('federation.wait_timeout_s', _in(1, None), 'use seconds >= 1, e.g. 3600'),
+    ('federation.poll_s', _in(0.01, 600), 'poll the bucket every 0.01 to 600 seconds'),
+    ('federation.block_size', _POSITIVE, 'use e.g. 256'),
+    ('federation.num_shards', _in(1, None), 'use 1 or more'),
+    ('federation.trim', _NON_NEGATIVE, 'use the number of Byzantine silos to tolerate'),
+    ('federation.clip_multiple', _NON_NEGATIVE, 'use 0 (off) or e.g. 2'),
+    ('federation.reject_norm_multiple', _NON_NEGATIVE, 'use 0 (off) or > 1, e.g. 10'),
+    ('federation.drop_probability', _in(0, 1, high_open=True),
+     'use 0 (off), or e.g. 0.5 to study lossy links'),
+    ('federation.keep_last_rounds', _in(1, None), 'keep at least the newest round'),
+    ('federation.keep_every_rounds', _NON_NEGATIVE, 'use 0 (none) or e.g. 10'),
+    ('outer.lr', _POSITIVE, 'use e.g. 0.7'),
+    ('outer.momentum', _BETA, 'use e.g. 0.9'),
+    ('outer.b1', _BETA, 'use e.g. 0.9'),
+    ('outer.b2', _BETA, 'use e.g. 0.99'),
+    ('outer.eps', _POSITIVE, 'use e.g. 0.1'),
+    ('distributed.num_processes', _in(1, None), 'use 1 or more'),
+    ('distributed.process_id', _NON_NEGATIVE, 'number the processes 0..num_processes-1'),
+)
+
+
 def validate(config) -> None:
-  """Checks the config's own fields; `sharding.validate_config` adds the mesh checks."""
+  """Checks every field's type and range, then the cross-field rules.
+
+  `protocol.validate_federation` adds the run's rules, `sharding.validate_config`
+  the mesh's.
+  """
   _check_schema(config, base_config())
-  m, d, i, t = config.model, config.data, config.inner, config.train
+  values, schema = flat(config), flat(base_config())
+  for field, default in schema.items():
+    problem = _type_problem(values[field], default)
+    if problem:
+      raise ConfigError(field, problem, f'set {field} to {_describe_type(default)}')
+  for field, (ok, what), fix in RANGES:
+    require(ok(values[field]), field, f'{what}, got {values[field]!r}', fix)
+  m, d, i = config.model, config.data, config.inner
   for field in ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'head_dim', 'd_ff'):
-    require(isinstance(m[field], int) and m[field] > 0, f'model.{field}',
-             f'must be a positive integer, got {m[field]!r}', 'set a positive integer')
+    require(m[field] > 0, f'model.{field}', f'must be a positive integer, got {m[field]!r}',
+            'set a positive integer')
   require(m.n_heads % m.n_kv_heads == 0, 'model.n_kv_heads',
-           f'n_heads={m.n_heads} is not a multiple of n_kv_heads={m.n_kv_heads}',
-           'choose n_kv_heads that divides n_heads (grouped-query attention)')
+          f'n_heads={m.n_heads} is not a multiple of n_kv_heads={m.n_kv_heads}',
+          'choose n_kv_heads that divides n_heads (grouped-query attention)')
   require(m.head_dim % 2 == 0, 'model.head_dim', f'{m.head_dim} is odd',
-           'RoPE rotates pairs of dimensions: use an even head_dim')
+          'RoPE rotates pairs of dimensions: use an even head_dim')
   for field in ('param_dtype', 'compute_dtype'):
     allowed = DTYPES + (('auto',) if field == 'compute_dtype' else ())
     require(m[field] in allowed, f'model.{field}', f'unknown dtype {m[field]!r}',
-             f'use one of {allowed}')
+            f'use one of {allowed}')
   require(m.remat in REMAT_POLICIES, 'model.remat', f'unknown policy {m.remat!r}',
-           f'use one of {REMAT_POLICIES}')
+          f'use one of {REMAT_POLICIES}')
   require(m.attention in ATTENTION_IMPLS, 'model.attention', f'unknown {m.attention!r}',
-           f'use one of {ATTENTION_IMPLS}')
+          f'use one of {ATTENTION_IMPLS}')
   require(d.seq_len > 0, 'data.seq_len', f'must be positive, got {d.seq_len}', 'set it > 0')
   require(d.global_batch > 0, 'data.global_batch', f'must be positive, got {d.global_batch}',
-           'set it > 0')
+          'set it > 0')
   require(i.grad_accum >= 1 and d.global_batch % i.grad_accum == 0, 'inner.grad_accum',
-           f'global_batch={d.global_batch} is not divisible into grad_accum={i.grad_accum} '
-           'micro-batches', 'choose grad_accum dividing data.global_batch')
-  require(i.lr > 0, 'inner.lr', f'must be positive, got {i.lr}', 'set a positive learning rate')
+          f'global_batch={d.global_batch} is not divisible into grad_accum={i.grad_accum} '
+          'micro-batches', 'choose grad_accum dividing data.global_batch')
   require(i.schedule in SCHEDULES, 'inner.schedule', f'unknown {i.schedule!r}',
-           f'use one of {SCHEDULES}')
-  require(0 <= i.min_lr_ratio <= 1, 'inner.min_lr_ratio', f'{i.min_lr_ratio} not in [0, 1]',
-           'use a ratio between 0 and 1')
-  require(i.warmup_steps >= 0, 'inner.warmup_steps', 'is negative', 'use 0 or more')
-  require(i.z_loss >= 0, 'inner.z_loss', 'is negative', 'use 0 (off) or a small weight like 1e-4')
-  require(t.steps > 0, 'train.steps', f'must be positive, got {t.steps}', 'set it > 0')
-  for field in ('log_every', 'eval_every', 'checkpoint_every', 'keep_checkpoints'):
-    require(t[field] > 0, f'train.{field}', f'must be positive, got {t[field]}', 'set it > 0')
+          f'use one of {SCHEDULES}')
+  fed = config.federation
+  require(fed.poll_s <= fed.wait_timeout_s, 'federation.poll_s',
+          f'{fed.poll_s}s is longer than wait_timeout_s={fed.wait_timeout_s}s',
+          'poll more often than the timeout')
+  weights = list(fed.silo_weights)
+  for w in weights:
+    require(not isinstance(w, bool) and isinstance(w, numbers.Real) and math.isfinite(w)
+            and w >= 0, 'federation.silo_weights', f'weight {w!r} is not a finite number >= 0',
+            'give each silo a multiplier >= 0, e.g. 1.0')
+  require(not weights or sum(weights) > 0, 'federation.silo_weights',
+          f'every weight is zero {tuple(weights)}: no delta could move the model',
+          'give at least one silo a weight > 0, or leave silo_weights empty (all 1.0)')
+  require(config.distributed.process_id < config.distributed.num_processes,
+          'distributed.process_id',
+          f'{config.distributed.process_id} with num_processes={config.distributed.num_processes}',
+          'number the processes 0..num_processes-1')
+
+
+def _describe_type(default) -> str:
+  for kind, text in ((bool, 'True or False'), (int, 'an integer'), (float, 'a finite number'),
+                     (str, 'a string')):
+    if isinstance(default, kind):
+      return text
+  return 'a tuple'
 
 
 def model_spec(config) -> dict:

@@ -59,6 +59,8 @@ def round_record(store: storage_lib.RunStorage, run: dict, round_index: int,
   manifest = store.read_manifest(round_index)
   check = signing.listed_aggregator_check(run)
   reason = check(manifest) if manifest is not None and check is not None else None
+  if manifest is not None and reason is None:
+    reason = protocol.check_manifest(run, round_index, manifest)
   if reason:
     raise storage_lib.StorageError(
         f'the manifest of round {round_index} under {store.root}: {reason}. The bucket was '
@@ -69,13 +71,21 @@ def round_record(store: storage_lib.RunStorage, run: dict, round_index: int,
     missing, late = manifest['missing'], manifest['late_from_previous_round']
     decided_after_s = manifest['decided_after_s']
   else:
-    metas = [store.delta_meta(round_index, s) for s in store.committed_silos(round_index)]
-    included = [m for m in metas if m is not None]
-    rejected, missing, late, decided_after_s = [], [], [], None
+    included, rejected, missing, late, decided_after_s = [], [], [], [], None
+    for silo in store.committed_silos(round_index):  # Undecided: vet the claims ourselves.
+      meta = store.delta_meta(round_index, silo)
+      reason = (protocol.check_delta_claims(run, round_index, silo, meta) if meta is not None
+                else 'metadata unreadable')
+      if reason:
+        rejected.append({'silo': silo, 'reason': reason})
+      elif meta is not None:
+        included.append(meta)
   rejected_bytes = 0
   for entry in rejected:
     meta = store.delta_meta(round_index, entry['silo'])  # Gone once garbage-collected.
-    rejected_bytes += int(meta.get('bytes', 0)) if meta else 0
+    claimed = meta.get('bytes') if isinstance(meta, dict) else None
+    if protocol.is_int(claimed) and 0 <= claimed <= 4 * (model_nbytes or 0):
+      rejected_bytes += claimed  # What it says it uploaded, if that can be true.
   global_hash = store.global_hash(round_index + 1)
   if global_hash is None:  # Garbage-collected; the next round's manifest still names it.
     global_hash = (store.read_manifest(round_index + 1) or {}).get('base_global_hash')
@@ -181,8 +191,13 @@ def _fmt_loss(x) -> str:
 def render_table(rows: list[dict], run: dict, initial_hash: str | None = None) -> str:
   """A fixed-width table, one line per round, for people."""
   silos = [s['id'] for s in run['silos']]
+  hs = {s['inner_steps'] for s in run['silos']}
+  h = (f"H={hs.pop()}" if len(hs) == 1 else
+       'H ' + ', '.join(f"{s['id']}={s['inner_steps']}" for s in run['silos']))
+  budgets = [f"{s['id']}={s['round_budget_s']:g}s" for s in run['silos'] if s['round_budget_s']]
   lines = [f"run {run['run_id']}: {len(silos)} silos {silos}, "
-           f"{run['federation']['rounds']} rounds of H={run['federation']['inner_steps']}"]
+           f"{run['federation']['rounds']} rounds of {h}"
+           + (f" (round budgets {', '.join(budgets)})" if budgets else '')]
   if rows:
     lines.append(f"global round 0: hash {(initial_hash or '-')[:12]}, "
                  f"held-out loss {_fmt_loss(rows[0]['base_eval_loss'])}")

@@ -17,6 +17,7 @@ raises `RunMismatchError` / `config.ConfigError` where a party must not start.
 """
 import dataclasses
 import hashlib
+import math
 
 from fedpt import compression
 from fedpt import config as config_lib
@@ -24,14 +25,27 @@ from fedpt import errors
 from fedpt import outer
 from fedpt import trees
 
-FORMAT_VERSION = 2  # 2: global shard metas hash the outer-optimizer state too.
+FORMAT_VERSION = 3  # 3: run.json holds the run's whole contract; deltas declare H and budget.
+
+# Config fields each party chooses for itself (how it computes, where its data and
+# tokenizer file are, how it logs); everything else is the run's contract, in run.json.
+PARTY_FIELDS = ('name', 'model.remat', 'model.attention', 'model.compute_dtype', 'data.corpus',
+                'data.stdlib_group', 'data.tokenizer', 'inner.grad_accum', 'train.', 'mesh.',
+                'sharding.', 'distributed.')
+# In run.json as every party's default; a party may pass its own value.
+PARTY_DEFAULTS = ('federation.wait_timeout_s', 'federation.poll_s')
+# Declared per silo in run.json's silo list (from federation.silo_<name>); the
+# config field of the same name is the default for silos without a declaration.
+PER_SILO = {'federation.inner_steps': 'inner_steps', 'federation.round_budget_s': 'round_budget_s'}
+CONTRACT_SECTIONS = ('model', 'data', 'inner', 'federation', 'outer')
 
 # What the manifest copies from each included delta's meta.json (the ledger's inputs).
 MANIFEST_ENTRY_FIELDS = ('silo', 'tokens', 'steps', 'train_loss', 'bytes', 'compression',
                          'block_size', 'delta_norm', 'content_hash', 'global_eval_loss')
 
-# What indexing into malformed metadata raises: such a delta is rejected, not a crash.
-MALFORMED = (TypeError, KeyError, ValueError, AttributeError, IndexError)
+# What indexing into (or computing with) malformed metadata raises: such a delta is
+# rejected with the error as its reason, never a crash of the aggregator.
+MALFORMED = (TypeError, KeyError, ValueError, AttributeError, IndexError, ArithmeticError)
 
 
 class RunMismatchError(errors.UserError, ValueError):
@@ -56,9 +70,6 @@ def validate_federation(config) -> None:
   def require(ok, field, problem, fix):
     config_lib.require(ok, f'federation.{field}', problem, fix)
 
-  require(fed.rounds > 0, 'rounds', f'must be positive, got {fed.rounds}', 'set it > 0')
-  require(fed.inner_steps > 0, 'inner_steps', f'must be positive, got {fed.inner_steps}',
-          'set H > 0')
   require(len(fed.silos) > 0 and len(set(fed.silos)) == len(fed.silos), 'silos',
           f'need distinct silo ids, got {list(fed.silos)}', 'list each silo id once')
   for s in fed.silos:
@@ -69,38 +80,133 @@ def validate_federation(config) -> None:
           'use 0 (all silos) or a quorum size')
   require(fed.compression in compression.FORMATS, 'compression',
           f'unknown format {fed.compression!r}', f'use one of {compression.FORMATS}')
-  require(fed.block_size > 0 and fed.block_size % 2 == 0, 'block_size',
+  require(fed.block_size % 2 == 0, 'block_size',
           f'{fed.block_size} must be a positive even number', 'use e.g. 256')
-  require(fed.num_shards >= 1, 'num_shards', 'must be >= 1', 'use 1 or more')
   outer.check_robust_config(fed.robust, fed.trim, fed.min_silos or len(fed.silos),
                             fed.clip_multiple or None)
   require(fed.reject_norm_multiple == 0 or fed.reject_norm_multiple > 1, 'reject_norm_multiple',
           f'{fed.reject_norm_multiple} would reject ordinary deltas', 'use 0 (off) or > 1, e.g. 10')
-  require(0 <= fed.drop_probability < 1, 'drop_probability',
-          f'{fed.drop_probability} is not in [0, 1)',
-          'use 0 (off), or e.g. 0.5 to study lossy links')
-  require(fed.wait_timeout_s > 0 and fed.round_deadline_s >= 0, 'wait_timeout_s',
-          'timeouts must be positive', 'set seconds > 0')
+  config_lib.validate(config)
+  for field, key in PER_SILO.items():
+    declared = list(fed[f'silo_{key}'])
+    require(not declared or len(declared) == len(fed.silos), f'silo_{key}',
+            f'{len(declared)} values for {len(fed.silos)} silos',
+            f'give one value per silo (in the order of federation.silos), or none')
+    for value in declared:
+      config_lib.require(
+          not config_lib._type_problem(value, fed[key]) and
+          (value > 0 if key == 'inner_steps' else value >= 0), f'federation.silo_{key}',
+          f'{value!r} is not a valid {field}', f'see {field}')
+
+
+def _is_party_field(field: str) -> bool:
+  return any(field == p or (p.endswith('.') and field.startswith(p)) for p in PARTY_FIELDS)
+
+
+def contract(config) -> dict:
+  """{'section.field': value} of what the run fixes: every field but `PARTY_FIELDS`."""
+  return {k: v for k, v in config_lib.flat(config).items() if not _is_party_field(k)}
 
 
 def run_record(config, tokenizer_sha256: str, run_id: str) -> dict:
-  """The contents of run.json: everything the parties must agree on."""
+  """The contents of run.json: everything the parties must agree on.
+
+  The contract's sections ('model', 'data', 'inner', 'federation', 'outer' and
+  'seed') are stored nested, as in the config; `silos` resolves each silo's
+  weight, H and round budget.
+  """
+  config_lib.validate(config)
   fed = config.federation
-  weights = list(fed.silo_weights) or [1.0] * len(fed.silos)
-  if len(weights) != len(fed.silos):
+  per_silo = {'weight': list(fed.silo_weights) or [1.0] * len(fed.silos)}
+  for field, key in PER_SILO.items():
+    per_silo[key] = list(fed[f'silo_{key}']) or [fed[key]] * len(fed.silos)
+  if len(per_silo['weight']) != len(fed.silos):
     raise config_lib.ConfigError(
-        'federation.silo_weights', f'{len(weights)} weights for {len(fed.silos)} silos',
-        'give one weight per silo, or none')
-  return {
-      'format_version': FORMAT_VERSION,
-      'run_id': run_id,
-      'model_spec': config_lib.model_spec(config),
-      'tokenizer_sha256': tokenizer_sha256,
-      'silos': [{'id': s, 'weight': float(w)} for s, w in zip(fed.silos, weights)],
-      'federation': {k: (list(v) if isinstance(v, tuple) else v) for k, v in fed.items()},
-      'outer': dict(config.outer.items()),
-      'seed': config.seed,
-  }
+        'federation.silo_weights', f'{len(per_silo["weight"])} weights for {len(fed.silos)} '
+        'silos', 'give one weight per silo, or none')
+  record = {'format_version': FORMAT_VERSION, 'run_id': run_id,
+            'tokenizer_sha256': tokenizer_sha256,
+            'silos': [{'id': s, 'weight': float(per_silo['weight'][i]),
+                       'inner_steps': int(per_silo['inner_steps'][i]),
+                       'round_budget_s': float(per_silo['round_budget_s'][i])}
+                      for i, s in enumerate(fed.silos)]}
+  for field, value in contract(config).items():
+    *sections, name = field.split('.')
+    node = record
+    for section in sections:
+      node = node.setdefault(section, {})
+    node[name] = value
+  return record
+
+
+def recorded_contract(run: dict) -> dict:
+  """run.json's contract as {'section.field': value} (the inverse of `run_record`)."""
+  out = {'seed': run['seed']}
+  for section in CONTRACT_SECTIONS:
+    out.update({f'{section}.{k}': v for k, v in run[section].items()})
+  return out
+
+
+def check_run_record(run, where: str) -> None:
+  """run.json comes from the bucket: every field is checked before any party acts on it.
+
+  Raises RunMismatchError naming what is wrong: another format, a contract
+  that fails the config checks (a poll interval of -1, weights that are all 0,
+  an unknown field), or silo records that are not numbers in range.
+  """
+  if not isinstance(run, dict):
+    raise RunMismatchError(f'{where} is not a JSON object. Fix: recreate the run.')
+  check_format(run)
+  try:
+    config = config_lib.with_values(config_lib.base_config(), recorded_contract(run))
+    validate_federation(config)
+    ids = [s['id'] for s in run['silos']]
+    if ids != list(config.federation.silos):
+      raise ValueError(f'silos {ids} are not federation.silos {list(config.federation.silos)}')
+    for s in run['silos']:
+      if not (is_number(s['weight']) and s['weight'] >= 0 and is_int(s['inner_steps'])
+              and s['inner_steps'] > 0 and is_number(s['round_budget_s'])
+              and s['round_budget_s'] >= 0):
+        raise ValueError(f'silo record {s} needs weight >= 0, inner_steps > 0, '
+                         'round_budget_s >= 0')
+    if not sum(s['weight'] for s in run['silos']) > 0:
+      raise ValueError('every silo weight is 0')
+    if not (isinstance(run['run_id'], str) and isinstance(run['tokenizer_sha256'], str)):
+      raise ValueError('run_id and tokenizer_sha256 must be strings')
+  except (config_lib.ConfigError, *MALFORMED) as e:
+    raise RunMismatchError(
+        f'{where} is invalid: {errors.one_line(e)}. Fix: recreate the run with '
+        'scripts/init_run.py; a run.json must not be edited by hand.') from None
+
+
+def silo_entry(run: dict, silo_id: str) -> dict:
+  """Silo `silo_id`'s record in run.json: id, weight, inner_steps (H) and round_budget_s."""
+  check_silo_listed(run, silo_id)
+  return next(s for s in run['silos'] if s['id'] == silo_id)
+
+
+def adopt_run_config(run: dict, config, silo_id: str | None, typed=frozenset()):
+  """`config` with the run's contract: (config, {field: (config file's, run's)} adopted).
+
+  run.json is the truth. A field typed on this party's command line (`typed`,
+  from `cli.config_overrides`) that disagrees with the run is refused, naming
+  both values; one that only the config file sets takes the run's value. A
+  silo's H and round budget are its declaration in run.json's silo list;
+  `PARTY_DEFAULTS` may be typed freely. `silo_id` None: a reader (evaluate, sample).
+  """
+  recorded = recorded_contract(run)
+  if silo_id is not None:
+    entry = silo_entry(run, silo_id)
+    recorded.update({field: entry[key] for field, key in PER_SILO.items()})
+  diff = config_lib.differences(recorded, config)
+  refused = {k: v for k, v in diff.items() if k in typed and k not in PARTY_DEFAULTS}
+  if refused:
+    raise RunMismatchError(
+        f'run {run["run_id"]} fixes what this command line changes: '
+        f'{config_lib.describe(refused, "run.json")}. Fix: drop those --config overrides (the '
+        'run\'s values apply), or create a new run with them.')
+  adopted = {k: v for k, v in diff.items() if k not in typed}
+  return config_lib.with_values(config, {k: b for k, (_, b) in adopted.items()}), adopted
 
 
 def silo_ids(run: dict) -> list[str]:
@@ -116,18 +222,13 @@ def check_silo_listed(run: dict, silo_id: str) -> None:
 
 def check_model_matches_run(run: dict, config, tokenizer_sha256: str) -> None:
   """A party may read or train the run's models only with the run's shapes and tokenizer."""
-  spec = config_lib.model_spec(config)
-  if spec != run['model_spec']:
-    diff = {k: (spec.get(k), run['model_spec'].get(k)) for k in run['model_spec']
-            if spec.get(k) != run['model_spec'].get(k)}
+  diff = config_lib.differences(
+      {f'model.{k}': v for k, v in run['model'].items()}, config)
+  if diff:
     raise RunMismatchError(
-        f'this config\'s model differs from the run\'s (field: (yours, run\'s)) {diff}. Fix: '
-        'use the config the run was created with.')
-  if tokenizer_sha256 != run['tokenizer_sha256']:
-    raise RunMismatchError(
-        f'tokenizer sha256 {tokenizer_sha256[:12]}... differs from the run\'s '
-        f'{run["tokenizer_sha256"][:12]}.... Fix: set --config.data.tokenizer to the run\'s '
-        'tokenizer and tokenise your corpus with it.')
+        f'this config\'s model differs from the run\'s: {config_lib.describe(diff, "run.json")}. '
+        'Fix: use the config the run was created with.')
+  check_tokenizer(run, tokenizer_sha256)
 
 
 def check_format(run: dict) -> None:
@@ -139,11 +240,24 @@ def check_format(run: dict) -> None:
         '(docs/protocol.md lists the formats), or create a new run.')
 
 
-def check_joins_run(run: dict, config, silo_id: str, tokenizer_sha256: str) -> None:
-  """Raises RunMismatchError unless silo `silo_id` with this config may join `run`."""
+def join_config(run: dict, config, silo_id: str, overrides=frozenset()):
+  """(the config silo `silo_id` trains with in `run`, {field: (file's, run's)} adopted).
+
+  Raises RunMismatchError if the run speaks another format, does not list the
+  silo, or fixes a field this command line set otherwise (`adopt_run_config`).
+  The result is `federated_config`'d: train.steps is rounds x the silo's H.
+  """
   check_format(run)
-  check_silo_listed(run, silo_id)
-  check_model_matches_run(run, config, tokenizer_sha256)
+  config, adopted = adopt_run_config(run, config, silo_id, overrides)
+  return federated_config(config), adopted
+
+
+def check_tokenizer(run: dict, tokenizer_sha256: str) -> None:
+  if tokenizer_sha256 != run['tokenizer_sha256']:
+    raise RunMismatchError(
+        f'tokenizer sha256 {tokenizer_sha256[:12]}... differs from the run\'s '
+        f'{run["tokenizer_sha256"][:12]}.... Fix: set --config.data.tokenizer to the run\'s '
+        'tokenizer and tokenise your corpus with it.')
 
 
 def silo_data_seed(seed: int, silo_id: str) -> int:
@@ -158,19 +272,22 @@ def delta_meta(run: dict, round_index: int, silo_id: str, base_hash: str, *,
                leaf_shapes: dict, payload_layout: dict, payload_hashes: dict, content_hash: str,
                compression_format: str, block_size: int, nbytes: int, delta_norm: float,
                steps: int, tokens: int, train_loss: float, global_eval_loss: float | None,
-               inner_seconds: float) -> dict:
+               inner_seconds: float, inner_steps: int, round_budget_s: float) -> dict:
   """What a silo commits beside its payload; the aggregator checks it with `check_delta_meta`.
 
   `payload_layout` is {leaf: {payload key: [shape, dtype]}}; `payload_hashes` is
   {'leaf/key': sha256} and `content_hash` the hash of those, so a delta is
   identified by its content and a torn or swapped payload is caught.
+  `inner_steps` and `round_budget_s` are the silo's declared H and budget
+  (run.json); `steps` is what it ran: H, or fewer when the budget ran out.
   """
   return {
       'format_version': FORMAT_VERSION, 'run_id': run['run_id'], 'round': round_index,
       'silo': silo_id, 'base_global_hash': base_hash, 'tokens': tokens, 'steps': steps,
       'train_loss': train_loss, 'global_eval_loss': global_eval_loss,
       'compression': compression_format, 'block_size': block_size, 'bytes': nbytes,
-      'delta_norm': delta_norm, 'inner_seconds': inner_seconds,
+      'delta_norm': delta_norm, 'inner_seconds': inner_seconds, 'inner_steps': inner_steps,
+      'round_budget_s': round_budget_s,
       'tree': {name: {'shape': list(leaf_shapes[name]), 'payload': payload_layout[name]}
                for name in payload_layout},
       'payload_hashes': payload_hashes, 'content_hash': content_hash,
@@ -222,19 +339,76 @@ def check_delta_identity(run: dict, round_index: int, silo: str, meta: dict,
   return None
 
 
+def is_int(value) -> bool:
+  """A JSON integer (not a bool, which Python counts as one)."""
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+  """A finite JSON number; 1e999 and NaN parse, and break sums and sorts downstream."""
+  return (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value))
+
+
+def tokens_per_step(run: dict) -> int:
+  """Tokens one inner step of any silo trains on: the run's global batch x sequence length."""
+  return run['data']['global_batch'] * run['data']['seq_len']
+
+
+def _check_delta_numbers(run: dict, silo: str, meta: dict) -> str | None:
+  """The numbers a delta claims, checked for type, finiteness and plausibility."""
+  fed, entry = run['federation'], silo_entry(run, silo)
+  for key in ('inner_steps', 'round_budget_s'):
+    if meta.get(key) != entry[key]:
+      return (f'declares {key}={meta.get(key)!r}, but run.json declares {entry[key]!r} for '
+              f'this silo')
+  if meta.get('compression') != fed['compression'] or meta.get('block_size') != fed['block_size']:
+    return (f'compression {meta.get("compression")!r} with block size {meta.get("block_size")!r}'
+            f' is not the run\'s {fed["compression"]!r} with {fed["block_size"]}')
+  steps, tokens, h = meta.get('steps'), meta.get('tokens'), entry['inner_steps']
+  if not is_int(steps) or not 1 <= steps <= h or (steps < h and not entry['round_budget_s']):
+    return (f'bad step count {steps!r}: a round is H={h} inner steps'
+            + (' or fewer when its time budget ends' if entry['round_budget_s'] else ''))
+  most = steps * tokens_per_step(run)
+  if not is_int(tokens) or not 0 < tokens <= most:
+    return (f'bad token count {tokens!r}: {steps} steps train on at most {most} tokens '
+            f'({tokens_per_step(run)} per step)')
+  for key, optional in (('train_loss', False), ('global_eval_loss', True),
+                        ('delta_norm', False), ('inner_seconds', False)):
+    value = meta.get(key)
+    if not (is_number(value) or (optional and value is None)) or (
+        key != 'train_loss' and key != 'global_eval_loss' and value < 0):
+      return f'bad {key} {value!r}: not a finite number' + ('' if 'loss' in key else ' >= 0')
+  return None
+
+
+def check_delta_claims(run: dict, round_index: int, silo: str, meta) -> str | None:
+  """Why a delta's identity or numbers are not to be believed (no payload, base or signature).
+
+  What a reader that only counts (the ledger of an undecided round) checks.
+  """
+  if not isinstance(meta, dict):
+    return 'metadata unreadable'
+  try:
+    return (check_delta_identity(run, round_index, silo, meta)
+            or _check_delta_numbers(run, silo, meta))
+  except MALFORMED as e:
+    return malformed(e)
+
+
 def _check_delta_meta(run, round_index, silo, meta, base_hash, leaf_shapes, check_signature):
   reason = check_delta_identity(run, round_index, silo, meta, check_signature)
   if reason:
     return reason
   if meta.get('base_global_hash') != base_hash:
     return 'based on a different global model than this round\'s'
-  if meta.get('compression') not in compression.FORMATS:
-    return f'unknown compression {meta.get("compression")!r}'
-  if not isinstance(meta.get('tokens'), int) or meta['tokens'] <= 0:
-    return f'bad token count {meta.get("tokens")!r}'
+  reason = _check_delta_numbers(run, silo, meta)
+  if reason:
+    return reason
   tree = meta.get('tree') or {}
   if sorted(tree) != sorted(leaf_shapes):
     return 'parameter tree differs from the run\'s model'
+  nbytes = 0
   for name, shape in leaf_shapes.items():
     if tuple(tree[name]['shape']) != tuple(shape):
       return f'parameter {name} has shape {tree[name]["shape"]}, expected {list(shape)}'
@@ -243,6 +417,9 @@ def _check_delta_meta(run, round_index, silo, meta, base_hash, leaf_shapes, chec
     if declared != expected:
       return (f'parameter {name} payload layout {declared} is not the {meta["compression"]} '
               f'layout {expected} (wrong shape or dtype)')
+    nbytes += compression.compressed_nbytes(shape, meta['compression'], meta['block_size'])
+  if meta.get('bytes') != nbytes:
+    return f'claims {meta.get("bytes")!r} bytes; its payload layout holds {nbytes}'
   hashes = meta.get('payload_hashes') or {}
   if trees.tree_hash(hashes) != meta.get('content_hash'):
     return 'payload hashes do not match the content hash'
@@ -334,15 +511,22 @@ def decide_round(run: dict, round_index: int, base_hash: str | None, committed: 
         rejected.append({'silo': entry['silo'], 'reason': (
             f'delta norm {entry["measured_norm"]:.4g} is more than {multiple:g}x the median '
             'of the other silos\' norms')})
-  weights = (outer.aggregation_weights([e['tokens'] for e in included],
-                                       [silo_weight[e['silo']] for e in included])
-             if included else [])
-  for entry, w in zip(included, weights):
+  # A silo of weight 0 (federation.silo_weights) is included with weight 0: it is
+  # recorded, but it moves nothing (`contributing`); if none is left the model carries over.
+  active = contributing(included, silo_weight)
+  weights = (outer.aggregation_weights([e['tokens'] for e in active],
+                                       [silo_weight[e['silo']] for e in active])
+             if active else [])
+  for entry in included:
+    entry['weight'] = 0.0
+  for entry, w in zip(active, weights):
     entry['weight'] = float(w)
-  if included and fed.get('clip_multiple'):
-    factors = outer.clip_factors([e['measured_norm'] for e in included], weights,
+  if active and fed.get('clip_multiple'):
+    factors = outer.clip_factors([e['measured_norm'] for e in active], weights,
                                  fed['clip_multiple'])
-    for entry, factor in zip(included, factors):
+    for entry in included:
+      entry['clip_factor'] = 1.0
+    for entry, factor in zip(active, factors):
       entry['clip_factor'] = float(factor)
   return {
       'round': round_index, 'run_id': run['run_id'], 'base_global_hash': base_hash,
@@ -352,6 +536,48 @@ def decide_round(run: dict, round_index: int, base_hash: str | None, committed: 
       'robust': {'method': fed.get('robust', 'mean'), 'trim': fed.get('trim', 1),
                  'clip_multiple': fed.get('clip_multiple', 0.0)},
   }
+
+
+def check_manifest(run: dict, round_index: int, manifest) -> str | None:
+  """Why a manifest read from the bucket must not be used, or None.
+
+  Signed runs check the aggregator's signature first; this checks what every
+  reader computes with: the run and round, and the numbers of each entry.
+  """
+  if not isinstance(manifest, dict):
+    return 'not a JSON object'
+  try:
+    if manifest.get('run_id') != run['run_id'] or manifest.get('round') != round_index:
+      return f'it says run {manifest.get("run_id")!r} round {manifest.get("round")!r}'
+    ids = silo_ids(run)
+    included = manifest['included']
+    for e in included:
+      if e['silo'] not in ids:
+        return f'it includes {e["silo"]!r}, which is not in run.json'
+      if not (is_int(e['tokens']) and e['tokens'] > 0 and is_int(e['bytes'])
+              and e['bytes'] >= 0 and is_number(e['weight']) and 0 <= e['weight'] <= 1
+              and is_number(e['train_loss']) and is_number(e.get('clip_factor', 1.0))):
+        return f'entry of {e["silo"]!r} has a token count, byte count, weight or loss out of range'
+    if included and contributing(included) and not math.isclose(
+        sum(e['weight'] for e in included), 1.0, rel_tol=1e-6):
+      return 'its weights do not sum to 1'
+    for e in manifest['rejected']:
+      if not (isinstance(e['silo'], str) and isinstance(e['reason'], str)):
+        return 'a rejection is not a silo and a reason'
+    if not all(s in ids for s in manifest['missing'] + manifest['late_from_previous_round']):
+      return 'it lists silos that are not in run.json as missing or late'
+    if not is_number(manifest['decided_after_s']):
+      return f'decided_after_s {manifest["decided_after_s"]!r} is not a number'
+  except MALFORMED as e:
+    return malformed(e)
+  return None
+
+
+def contributing(included: list[dict], silo_weight: dict | None = None) -> list[dict]:
+  """The manifest entries that move the model: weight > 0 (by silo weight, or as decided)."""
+  if silo_weight is not None:
+    return [e for e in included if silo_weight[e['silo']] > 0]
+  return [e for e in included if e['weight'] > 0]
 
 
 def check_still_included(round_index: int, entry: dict, meta: dict | None) -> str | None:
@@ -388,8 +614,9 @@ def check_eval_record(run: dict, round_index: int, silo: str, record,
       or record.get('silo') != silo):
     return (f'it says run {record.get("run_id")!r} round {record.get("round")} silo '
             f'{record.get("silo")!r} (a replayed or moved record)')
-  if not isinstance(record.get('eval_loss'), (int, float)):
-    return f'eval_loss {record.get("eval_loss")!r} is not a number'
+  if not is_number(record.get('eval_loss')) or not is_int(record.get('step')):
+    return (f'eval_loss {record.get("eval_loss")!r} or step {record.get("step")!r} is not a '
+            'finite number')
   return None
 
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from fedpt import checkpoint as checkpoint_lib
 from fedpt import compression
+from fedpt import config as config_lib
 from fedpt import faults
 from fedpt import loading
 from fedpt import metrics as metrics_lib
@@ -67,7 +68,8 @@ def make_delta(run, round_index, silo_id, base_hash, global_flat, local_flat, re
       payload_hashes=hashes, content_hash=trees.tree_hash(hashes),
       compression_format=fed.compression, block_size=fed.block_size, nbytes=nbytes,
       delta_norm=delta_norm, steps=steps, tokens=tokens, train_loss=train_loss,
-      global_eval_loss=global_eval_loss, inner_seconds=inner_seconds)
+      global_eval_loss=global_eval_loss, inner_seconds=inner_seconds,
+      inner_steps=fed.inner_steps, round_budget_s=fed.round_budget_s)
   return payload, new_residual, meta
 
 
@@ -146,18 +148,17 @@ class _Private:
 class _Silo:
   """One silo's parts: the run, its trainer, the bucket, its checkpoints; one method a phase."""
 
-  def __init__(self, config, silo_id, storage_root, workdir, keys_dir):
+  def __init__(self, config, silo_id, storage_root, workdir, keys_dir, overrides):
     sharding.maybe_initialize_distributed(config.distributed)
-    self.config = config = protocol.federated_config(config)
-    self.fed = config.federation
     self.silo_id = silo_id
     self.store = storage_lib.RunStorage(storage_root)
     self.run = self.store.read_run()
-    protocol.check_silo_listed(self.run, silo_id)
     self.identity = signing.party_identity(self.run, keys_dir, signing.silo_key_name(silo_id))
+    self.config = config = self._join_config(config, overrides)
+    self.fed = config.federation
     self.trainer = trainer_lib.Trainer(
         config, data_seed=protocol.silo_data_seed(config.seed, silo_id))
-    protocol.check_joins_run(self.run, config, silo_id, self.trainer.tokenizer_sha256)
+    protocol.check_tokenizer(self.run, self.trainer.tokenizer_sha256)
     self.total_rounds = self.run['federation']['rounds']
     self.use_feedback = self.fed.error_feedback and self.fed.compression != 'none'
     self.private = _Private(
@@ -169,6 +170,13 @@ class _Silo:
     self.preemption = multihost.Preemption()
     self.summary = {'silo': silo_id, 'rounds': [], 'preempted': False}
     self.residual_base = None  # Error feedback: the residual the last delta was built with.
+
+  def _join_config(self, config, overrides):
+    config, adopted = protocol.join_config(self.run, config, self.silo_id, overrides)
+    if adopted:
+      self.log(f'run.json fixes {len(adopted)} field(s) this silo\'s config file sets '
+               f'otherwise; using the run\'s: {config_lib.describe(adopted, "run.json")}')
+    return config
 
   def publish_eval(self, round_index, eval_loss, step):
     """The held-out loss of a global round on this silo's split: only the number leaves."""
@@ -463,17 +471,20 @@ class _Silo:
 
 
 def run_silo(config, silo_id: str, storage_root: str, workdir: str,
-             stop_after_rounds: int | None = None, keys_dir: str | None = None) -> dict:
+             stop_after_rounds: int | None = None, keys_dir: str | None = None,
+             overrides=frozenset()) -> dict:
   """Joins the run at `storage_root` as `silo_id` and trains until the last round.
 
   `keys_dir` is the silo's private key folder (silo_<id>.key and the pinned
-  aggregator.pub); a signed run requires it. On SIGTERM (on any host of a
+  aggregator.pub); a signed run requires it. The run's contract (run.json)
+  replaces what `config` sets otherwise, unless the field is in `overrides` (set
+  on the command line, `cli.config_overrides`): then the silo is refused. On SIGTERM (on any host of a
   multi-host silo) every host checkpoints the same step and the summary says
   'preempted'; running it again resumes there. Returns {'silo', 'rounds' (one
   record per round published: round, tokens, train_loss, bytes, seconds),
   'preempted', 'round', 'state', and 'final_eval_loss' after the last round}.
   """
-  silo = _Silo(config, silo_id, storage_root, workdir, keys_dir)
+  silo = _Silo(config, silo_id, storage_root, workdir, keys_dir, overrides)
   try:
     return silo.run_rounds(stop_after_rounds)
   finally:

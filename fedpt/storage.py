@@ -40,6 +40,7 @@ import orbax.checkpoint as ocp
 from fedpt import errors
 from fedpt import faults
 from fedpt import multihost
+from fedpt import protocol
 from fedpt.checkpoint import ORBAX_LOCK
 from fedpt.trees import flatten_params
 from fedpt.trees import tree_hash
@@ -252,7 +253,7 @@ class RunStorage:
         return json.loads(path.read_text())
       except FileNotFoundError:
         return None
-      except (json.JSONDecodeError, UnicodeDecodeError):
+      except (ValueError, RecursionError):  # JSONDecodeError, bad UTF-8, 5000-digit ints.
         return None  # A torn write of a small object reads as absent.
     return self._retry(f'reading {path}', read)
 
@@ -325,6 +326,7 @@ class RunStorage:
       raise StorageError(
           f'no run at {self.root} ({self.run_path} is missing). Fix: create it with '
           f'scripts/init_run.py --storage={self.root}, or pass the right --storage.')
+    protocol.check_run_record(run, str(self.run_path))
     return run
 
   # -- Orbax trees ---------------------------------------------------------------
@@ -588,14 +590,16 @@ class Lease:
 
   def acquire(self) -> 'Lease':
     current = self.store.read_json(self.path)
+    if current is not None and not isinstance(current, dict):
+      current = {}  # Not a lease record: nobody we could recognise holds it; watch it once.
     if current is not None and current.get('id') != self.holder['id']:
       if self._holder_alive(current):
         raise self._refusal(current)
     self.store.write_json(self.path, self._record())
     time.sleep(self.settle_s)
     current = self.store.read_json(self.path)
-    if current is None or current.get('id') != self.holder['id']:
-      raise self._refusal(current or {})
+    if not isinstance(current, dict) or current.get('id') != self.holder['id']:
+      raise self._refusal(current if isinstance(current, dict) else {})
     self._thread = threading.Thread(target=self._renew, daemon=True, name=f'lease-{self.name}')
     self._thread.start()
     return self
@@ -604,9 +608,10 @@ class Lease:
     while not self._stop.wait(self.ttl_s / 3):
       try:
         current = self.store.read_json(self.path)
-        if current is None or current.get('id') != self.holder['id']:
-          self.lost = (f'lost the lease {self.path} to host {(current or {}).get("host")} pid '
-                       f'{(current or {}).get("pid")}')
+        current = current if isinstance(current, dict) else {}
+        if current.get('id') != self.holder['id']:
+          self.lost = (f'lost the lease {self.path} to host {current.get("host")} pid '
+                       f'{current.get("pid")}')
           return
         self.store.write_json(self.path, self._record())
       except StorageError as e:
@@ -622,7 +627,7 @@ class Lease:
     if self._thread is not None:
       self._thread.join()
     current = self.store.read_json(self.path)
-    if current is not None and current.get('id') == self.holder['id']:
+    if isinstance(current, dict) and current.get('id') == self.holder['id']:
       self.store.delete(self.path)
 
   def __enter__(self):
@@ -645,7 +650,8 @@ def _machine_id() -> str:
 
 
 def _pid_alive(pid) -> bool:
-  if not isinstance(pid, int):
+  """Whether process `pid` (read from the bucket: any JSON value) runs on this machine."""
+  if not protocol.is_int(pid) or not 0 < pid < 2**31:  # 0 and -n would name process groups.
     return False
   try:
     os.kill(pid, 0)

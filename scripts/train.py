@@ -40,7 +40,8 @@ def main(argv):
     raise app.UsageError('--silo and --storage go together: pass both to join a run.')
   if FLAGS.silo is not None:
     summary = cli.run_or_explain(silo.run_silo, FLAGS.config, FLAGS.silo, FLAGS.storage,
-                                 FLAGS.workdir, keys_dir=FLAGS.keys)
+                                 FLAGS.workdir, keys_dir=FLAGS.keys,
+                                 overrides=cli.config_overrides())
   else:
     summary = cli.run_or_explain(trainer.train_and_evaluate, FLAGS.config, FLAGS.workdir,
                                  stop_at_step=FLAGS.stop_at_step)

@@ -9,13 +9,17 @@ from fedpt import trees
 LEAVES = {'embed_vd': (8, 4), 'final_norm/scale': (4,)}
 
 
-def _run(silos=('a', 'b', 'c'), weights=None, **federation):
-  fed = {'rounds': 3, 'inner_steps': 2, 'min_silos': 0, 'drop_probability': 0.0,
-         'reject_norm_multiple': 10.0, 'clip_multiple': 0.0, 'robust': 'mean', 'trim': 1,
-         **federation}
-  weights = weights or [1.0] * len(silos)
-  return {'run_id': 'run-1', 'silos': [{'id': s, 'weight': w} for s, w in zip(silos, weights)],
-          'federation': fed, 'model_spec': {}, 'tokenizer_sha256': 't' * 64}
+def _config(silos=('a', 'b', 'c'), weights=(), **federation):
+  config = config_lib.base_config()
+  config.federation.update({'rounds': 3, 'inner_steps': 2, 'silos': tuple(silos),
+                            'silo_weights': tuple(weights), 'compression': 'int8',
+                            'block_size': 4, **federation})
+  return config
+
+
+def _run(silos=('a', 'b', 'c'), weights=(), **federation):
+  """A real run.json: 16 x 256 = 4096 tokens per step, H = 2, int8 in blocks of 4."""
+  return protocol.run_record(_config(silos, weights, **federation), 't' * 64, 'run-1')
 
 
 def _meta(silo='a', round_index=0, tokens=100, fmt='int8', **overrides):
@@ -26,14 +30,17 @@ def _meta(silo='a', round_index=0, tokens=100, fmt='int8', **overrides):
   meta = protocol.delta_meta(
       _run(), round_index, silo, 'base-0', leaf_shapes=LEAVES, payload_layout=layout,
       payload_hashes=hashes, content_hash=trees.tree_hash(hashes), compression_format=fmt,
-      block_size=4, nbytes=123, delta_norm=1.0, steps=2, tokens=tokens, train_loss=3.0,
-      global_eval_loss=4.0, inner_seconds=0.5)
+      block_size=4, nbytes=sum(compression.compressed_nbytes(s, fmt, 4) for s in LEAVES.values()),
+      delta_norm=1.0, steps=2, tokens=tokens, train_loss=3.0, global_eval_loss=4.0,
+      inner_seconds=0.5, inner_steps=2, round_budget_s=0.0)
   meta.update(overrides)
   return meta
 
 
-def _check(meta, silo='a', round_index=0, check_signature=None):
-  return protocol.check_delta_meta(_run(), round_index, silo, meta, 'base-0', LEAVES,
+def _check(meta, silo='a', round_index=0, check_signature=None, run=None):
+  fmt = meta.get('compression') if isinstance(meta, dict) else 'int8'
+  run = run or _run(compression=fmt if fmt in compression.FORMATS else 'int8')
+  return protocol.check_delta_meta(run, round_index, silo, meta, 'base-0', LEAVES,
                                    check_signature)
 
 
@@ -77,9 +84,27 @@ def _forged_hash(meta):
     (lambda m: {**m, 'round': 1}, 'a', 'metadata says round 1'),
     (lambda m: m, 'b', "silo 'a' (a replayed or moved delta)"),
     (lambda m: {**m, 'base_global_hash': 'base-9'}, 'a', 'different global model'),
-    (lambda m: {**m, 'compression': 'zip'}, 'a', "unknown compression 'zip'"),
+    (lambda m: {**m, 'compression': 'zip'}, 'a', "compression 'zip' with block size 4 is not"),
+    (lambda m: {**m, 'block_size': 8}, 'a', "block size 8 is not the run's 'int8' with 4"),
     (lambda m: {**m, 'tokens': 0}, 'a', 'bad token count 0'),
     (lambda m: {**m, 'tokens': 1.5}, 'a', 'bad token count 1.5'),
+    # Numbers from the bucket: type, finiteness, plausibility against the run's contract.
+    (lambda m: {**m, 'tokens': 10**400}, 'a', 'at most 8192 tokens (4096 per step)'),
+    (lambda m: {**m, 'tokens': 8193}, 'a', 'bad token count 8193: 2 steps train on at most 8192'),
+    (lambda m: {**m, 'tokens': True}, 'a', 'bad token count True'),
+    (lambda m: {**m, 'steps': 3}, 'a', 'bad step count 3: a round is H=2 inner steps'),
+    (lambda m: {**m, 'steps': 1}, 'a', 'bad step count 1'),
+    (lambda m: {**m, 'steps': '2'}, 'a', "bad step count '2'"),
+    (lambda m: {**m, 'inner_steps': 50}, 'a', 'declares inner_steps=50, but run.json declares 2'),
+    (lambda m: {**m, 'round_budget_s': 5.0}, 'a', 'declares round_budget_s=5.0'),
+    (lambda m: {**m, 'train_loss': float('nan')}, 'a', 'bad train_loss nan'),
+    (lambda m: {**m, 'train_loss': 'low'}, 'a', "bad train_loss 'low'"),
+    (lambda m: {**m, 'global_eval_loss': float('inf')}, 'a', 'bad global_eval_loss inf'),
+    (lambda m: {**m, 'delta_norm': -1.0}, 'a', 'bad delta_norm -1.0: not a finite number >= 0'),
+    (lambda m: {**m, 'inner_seconds': None}, 'a', 'bad inner_seconds None'),
+    (lambda m: {**m, 'bytes': 10**12}, 'a', 'claims 1000000000000 bytes; its payload layout holds'),
+    (lambda m: {**m, 'tree': {**m['tree'], 'embed_vd': {**m['tree']['embed_vd'], 'shape': [10**400]}}},
+     'a', 'parameter embed_vd has shape'),
     (_extra_leaf, 'a', 'parameter tree differs'),
     (_wrong_leaf_shape, 'a', 'parameter embed_vd has shape [4, 8], expected [8, 4]'),
     (_wrong_layout, 'a', 'payload layout'),
@@ -146,6 +171,15 @@ def test_all_silos_weighted_by_tokens_and_silo_weight():
   assert (m['round'], m['run_id'], m['base_global_hash'], m['decided_after_s']) == (
       0, 'run-1', 'base-0', 1.5)
   assert m['robust'] == {'method': 'mean', 'trim': 1, 'clip_multiple': 0.0}
+
+
+def test_a_zero_weight_silo_is_recorded_but_moves_nothing():
+  m = _decide(_run(weights=[1.0, 0.0, 1.0], clip_multiple=2.0), 'abc',
+              _measured({'a': 1.0, 'b': 1.0, 'c': 1.0}, tokens={'a': 100, 'b': 300, 'c': 300}))
+  assert [(e['silo'], e['weight']) for e in m['included']] == [('a', 0.25), ('b', 0.0), ('c', 0.75)]
+  assert [e['silo'] for e in protocol.contributing(m['included'])] == ['a', 'c']
+  m = _decide(_run(weights=[1.0, 0.0, 1.0], min_silos=1), 'b', _measured({'b': 1.0}))
+  assert m['included'][0]['weight'] == 0.0 and protocol.contributing(m['included']) == []
 
 
 def test_quorum_after_the_deadline_and_missing_silos():
@@ -272,36 +306,81 @@ def test_a_run_of_another_format_is_refused():
   config = config_lib.base_config()
   run = protocol.run_record(config, 't' * 64, 'run-1')
   with pytest.raises(protocol.RunMismatchError, match='protocol format 1.*Fix'):
-    protocol.check_joins_run({**run, 'format_version': 1}, config, 'web', 't' * 64)
+    protocol.join_config({**run, 'format_version': 1}, config, 'web')
 
 
-# -- run.json ----------------------------------------------------------------------------------
+# -- run.json: the run's contract ---------------------------------------------------------------
 
 
-def test_run_record_and_joining():
-  config = config_lib.base_config()
-  config.federation.silos = ('a', 'b')
+def test_run_record_holds_the_whole_contract_and_per_silo_declarations():
+  config = _config(silos=('a', 'b'), silo_inner_steps=(2, 5), silo_round_budget_s=(0.0, 30.0))
   run = protocol.run_record(config, 't' * 64, 'run-1')
   assert run['format_version'] == protocol.FORMAT_VERSION
-  assert run['silos'] == [{'id': 'a', 'weight': 1.0}, {'id': 'b', 'weight': 1.0}]
-  assert run['model_spec'] == config_lib.model_spec(config)
-  protocol.check_joins_run(run, config, 'a', 't' * 64)
+  assert run['silos'] == [{'id': 'a', 'weight': 1.0, 'inner_steps': 2, 'round_budget_s': 0.0},
+                          {'id': 'b', 'weight': 1.0, 'inner_steps': 5, 'round_budget_s': 30.0}]
+  # The model's function, not only its shapes; the inner optimizer; what each step trains on.
+  assert run['model']['rope_theta'] == 10_000.0 and run['model']['norm_eps'] == 1e-5
+  assert run['model']['param_dtype'] == 'float32' and run['inner']['lr'] == 1e-3
+  assert run['data'] == {'seq_len': 256, 'global_batch': 16}
+  assert protocol.tokens_per_step(run) == 4096
+  # What each party chooses for itself is not in the contract.
+  for field in ('model.remat', 'data.corpus', 'data.tokenizer', 'inner.grad_accum', 'train.steps',
+                'mesh.data'):
+    assert field not in protocol.recorded_contract(run), field
+  assert protocol.recorded_contract(run) == protocol.contract(config)
   with pytest.raises(protocol.RunMismatchError, match="silo 'zz' is not in this run"):
-    protocol.check_joins_run(run, config, 'zz', 't' * 64)
+    protocol.join_config(run, config, 'zz')
   with pytest.raises(protocol.RunMismatchError, match='tokenizer.*Fix'):
-    protocol.check_joins_run(run, config, 'a', 'u' * 64)
+    protocol.check_tokenizer(run, 'u' * 64)
   config.model.d_model = 8
-  with pytest.raises(protocol.RunMismatchError, match='d_model'):
+  with pytest.raises(protocol.RunMismatchError, match='model.d_model=8 .yours. vs 256'):
     protocol.check_model_matches_run(run, config, 't' * 64)
-  config.federation.silo_weights = (1.0,)
-  with pytest.raises(config_lib.ConfigError, match='silo_weights'):
-    protocol.run_record(config, 't' * 64, 'run-1')
+
+
+def test_a_silo_takes_the_run_s_values_and_is_refused_for_typed_ones():
+  """The config file's values give way to run.json; typed ones that disagree are refused."""
+  run = protocol.run_record(_config(silos=('web', 'mine'), inner_steps=10, silo_weights=(1.0, 3.0)),
+                            't' * 64, 'run-1')
+  mine = config_lib.base_config()  # The silo's own file: the defaults (H = 50, other silos).
+  mine.model.rope_theta = 500_000.0
+  mine.model.remat = 'full'  # A party field: the silo's own choice.
+  config, adopted = protocol.join_config(run, mine, 'web')
+  assert config.federation.inner_steps == 10 and config.train.steps == 3 * 10
+  assert config.model.rope_theta == 10_000.0 and config.federation.silos == ('web', 'mine')
+  assert config.federation.silo_weights == (1.0, 3.0) and config.model.remat == 'full'
+  assert adopted['federation.inner_steps'] == (50, 10)
+  assert adopted['model.rope_theta'] == (500_000.0, 10_000.0)
+  for typed, message in [
+      ({'model.rope_theta'}, 'model.rope_theta=500000.0 .yours. vs 10000.0 .run.json.'),
+      ({'federation.inner_steps'}, 'federation.inner_steps=50 .yours. vs 10'),
+  ]:
+    with pytest.raises(protocol.RunMismatchError, match=f'{message}.*Fix: drop those'):
+      protocol.join_config(run, mine, 'web', typed)
+  mine.federation.update(poll_s=2.0, inner_steps=10)  # Typed and equal, or a party default.
+  config, _ = protocol.join_config(run, mine, 'web', {'federation.poll_s', 'model.remat',
+                                                      'federation.inner_steps'})
+  assert config.federation.poll_s == 2.0 and config.federation.wait_timeout_s == 3600.0
+
+
+def test_a_silo_s_declared_h_and_budget_come_from_run_json():
+  run = protocol.run_record(
+      _config(silos=('a', 'b'), silo_inner_steps=(2, 7), silo_round_budget_s=(0.0, 9.0)),
+      't' * 64, 'run-1')
+  config, _ = protocol.join_config(run, config_lib.base_config(), 'b')
+  assert (config.federation.inner_steps, config.federation.round_budget_s) == (7, 9.0)
+  assert config.train.steps == 3 * 7
+  with pytest.raises(protocol.RunMismatchError, match='round_budget_s=0.0 .yours. vs 9.0'):
+    protocol.join_config(run, config_lib.base_config(), 'b', {'federation.round_budget_s'})
 
 
 @pytest.mark.parametrize('field, value', [
     ('rounds', 0), ('inner_steps', -1), ('silos', ('a', 'a')), ('silos', ('a b',)),
     ('min_silos', 9), ('compression', 'zip'), ('block_size', 3), ('num_shards', 0),
     ('reject_norm_multiple', 0.5), ('drop_probability', 1.0), ('wait_timeout_s', 0.0),
+    ('silo_weights', (0.0, 0.0, 0.0, 0.0)), ('silo_weights', (1.0, float('inf'), 1.0, 1.0)),
+    ('silo_weights', (1.0, -1.0, 1.0, 1.0)), ('poll_s', 0.0), ('round_budget_s', -1.0),
+    ('round_deadline_s', -5.0), ('silo_inner_steps', (5, 0, 5, 5)), ('silo_inner_steps', (5,)),
+    ('silo_round_budget_s', (1.0, 1.0, -2.0, 1.0)), ('keep_last_rounds', 0),
 ])
 def test_validate_federation_names_the_field(field, value):
   config = config_lib.base_config()
