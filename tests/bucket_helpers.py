@@ -2,6 +2,7 @@
 import jax
 import numpy as np
 
+from fedpt import protocol
 from fedpt import silo as silo_lib
 
 
@@ -15,9 +16,15 @@ def global_params(store, round_index: int) -> dict:
   return out
 
 
-def fake_delta(store, run, round_index, silo, fed, scale, *, tokens=1000, steps=4,
-               local_fn=None, mutate=None):
-  """A real silo delta (compressed, hashed, not yet committed) of `scale` on every leaf."""
+def fake_delta(store, run, round_index, silo, fed, scale, *, tokens=None, local_fn=None,
+               mutate=None):
+  """A real silo delta (compressed, hashed, not yet committed) of `scale` on every leaf.
+
+  It claims the silo's H steps (run.json) and `tokens` (default: all those steps train on).
+  """
+  steps = protocol.silo_entry(run, silo)['inner_steps'] if silo in protocol.silo_ids(run) else (
+      fed.inner_steps)
+  tokens = steps * protocol.tokens_per_step(run) if tokens is None else tokens
   global_flat = global_params(store, round_index)
   local_flat = {n: v - scale for n, v in global_flat.items()}
   if local_fn:

@@ -30,7 +30,7 @@ def test_evaluation_matrix_of_a_known_run(tiny_config, corpus_dir, tmp_path, rep
   for r in range(2):  # Known deltas, and the held-out losses silos would publish.
     for silo, scale, loss in (('a', 0.01, 7.0 - r), ('b', 0.02, 6.5 - r)):
       payload, meta = bucket_helpers.fake_delta(store, run, r, silo, fed, scale,
-                                                tokens=1000 * (r + 1), steps=1)
+                                                tokens=500 * (r + 1))
       store.publish_delta(r, silo, payload, meta)
       store.publish_eval(r, silo, {'round': r, 'silo': silo, 'eval_loss': loss, 'step': r})
       published.setdefault(r, {})[silo] = loss

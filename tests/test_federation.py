@@ -104,7 +104,8 @@ def test_quorum_deadline_late_and_rejected_deltas(fed_config, tmp_path):
     meta = dict(meta, base_global_hash='0' * 64)
     return payload, meta
 
-  _publish_fake_delta(store, run, 1, 'a', fed, 0.02, local_fn=nan_leaf)
+  _publish_fake_delta(store, run, 1, 'a', fed, 0.02, local_fn=nan_leaf,  # Claims a sane norm.
+                      mutate=lambda p, m: (p, dict(m, delta_norm=0.5)))
   _publish_fake_delta(store, run, 1, 'b', fed, 0.02, mutate=wrong_base)
   _publish_fake_delta(store, run, 1, 'c', fed, 0.02)
   _publish_fake_delta(store, run, 1, 'd', fed, 0.02, mutate=flipped_value)  # Not in run.json.
@@ -180,16 +181,31 @@ def test_garbage_collection_keeps_last_n_and_every_mth(fed_config, tmp_path):
   assert store.committed_silos(1) == [] and store.committed_silos(6) == ['a']
 
 
-def test_silo_that_does_not_match_the_run_is_refused(fed_config, tmp_path):
+def test_a_silo_takes_the_run_s_contract_and_refuses_typed_contradictions(fed_config, tmp_path):
+  """run.json is the truth: a silo's config file gives way, its command line is refused."""
+  fed_config.federation.silo_inner_steps = (2, 4, 4)
   root = str(tmp_path / 'bucket')
   run = aggregator_lib.init_run(fed_config, root)
+  mine = fed_config.copy_and_resolve_references()  # The silo's own file differs from the run's:
+  mine.federation.update(inner_steps=50, silo_inner_steps=(), compression='int4')
+  mine.model.norm_eps = 1e-6
+  mine.inner.lr = 1e-2
+  silo = silo_lib._Silo(mine, 'a', root, str(tmp_path / 'a'), None, overrides=set())
+  try:
+    assert silo.fed.inner_steps == 2 and silo.config.train.steps == 3 * 2
+    assert (silo.fed.compression, silo.config.model.norm_eps, silo.config.inner.lr) == (
+        'int8', 1e-5, fed_config.inner.lr)
+    assert silo.trainer.total_steps == 6
+  finally:
+    silo.close()
+  with pytest.raises(protocol.RunMismatchError,
+                     match=r'model.norm_eps=1e-06 \(yours\) vs 1e-05 \(run.json\).*Fix'):
+    silo_lib.run_silo(mine, 'b', root, str(tmp_path / 'b'), overrides={'model.norm_eps'})
   with pytest.raises(protocol.RunMismatchError, match="silo 'zz' is not in this run"):
-    protocol.check_joins_run(run, fed_config, 'zz', run['tokenizer_sha256'])
+    silo_lib.run_silo(mine, 'zz', root, str(tmp_path / 'zz'))
   with pytest.raises(protocol.RunMismatchError, match='tokenizer'):
-    protocol.check_joins_run(run, fed_config, 'a', 'f' * 64)
-  fed_config.model.d_model = 32
-  with pytest.raises(protocol.RunMismatchError, match='d_model'):
-    protocol.check_joins_run(run, fed_config, 'a', run['tokenizer_sha256'])
+    protocol.check_tokenizer(run, 'f' * 64)
+  assert not (tmp_path / 'b').exists() and storage_lib.RunStorage(root).committed_silos(0) == []
   with pytest.raises(storage_lib.StorageError, match='holds a run'):
     aggregator_lib.init_run(fed_config, root)
 
@@ -292,19 +308,15 @@ def test_kill_9_anywhere_then_restart_gives_the_identical_global_model(
   assert clean.global_hash(3) != clean.global_hash(0)
 
 
-def _run_in_threads(config, root, workdir, silo_overrides=None, start_delays=None):
-  """Silos as threads of this process (each with its own config), the aggregator in this one."""
+def _run_in_threads(config, root, workdir, start_delays=None):
+  """Silos as threads of this process, the aggregator in this one."""
   threads = []
   results = {}
   for silo in config.federation.silos:
-    silo_config = config.copy_and_resolve_references()
-    for key, value in (silo_overrides or {}).get(silo, {}).items():
-      section, field = key.split('.')
-      silo_config[section][field] = value
-
-    def work(silo=silo, silo_config=silo_config):
+    def work(silo=silo):
       time.sleep((start_delays or {}).get(silo, 0))
-      results[silo] = silo_lib.run_silo(silo_config, silo, root, f'{workdir}/{silo}')
+      results[silo] = silo_lib.run_silo(config.copy_and_resolve_references(), silo, root,
+                                        f'{workdir}/{silo}')
 
     threads.append(threading.Thread(target=work, daemon=True))
   for t in threads:
@@ -317,12 +329,12 @@ def _run_in_threads(config, root, workdir, silo_overrides=None, start_delays=Non
 
 def test_compression_error_feedback_and_per_silo_steps(fed_config, tmp_path):
   fed = fed_config.federation
-  fed.update(rounds=2, silos=('a', 'b'), compression='int4', error_feedback=True)
+  # Silo b runs on slower hardware: half the inner steps (declared in run.json), half the weight.
+  fed.update(rounds=2, silos=('a', 'b'), compression='int4', error_feedback=True,
+             silo_inner_steps=(4, 2))
   root = str(tmp_path / 'bucket')
   aggregator_lib.init_run(fed_config, root)
-  # Silo b runs on slower hardware: half the inner steps, so half the weight.
-  results = _run_in_threads(fed_config, root, str(tmp_path),
-                            silo_overrides={'b': {'federation.inner_steps': 2}})
+  results = _run_in_threads(fed_config, root, str(tmp_path))
   store = storage_lib.RunStorage(root)
   shapes = {n: tuple(s) for m in store.global_shard_metas(0) for n, s in m['leaf_shapes'].items()}
   expected_bytes = sum(compression_lib.compressed_nbytes(s, 'int4') for s in shapes.values())

@@ -27,8 +27,7 @@ def test_inspect_global_round_and_private_checkpoint(tiny_config, tmp_path, repo
   run = aggregator_lib.init_run(tiny_config, root, keys_dir=keys)
   store = storage_lib.RunStorage(root)
   for silo, tokens in (('a', 100), ('b', 300)):
-    payload, meta = bucket_helpers.fake_delta(store, run, 0, silo, fed, 0.01, tokens=tokens,
-                                              steps=1)
+    payload, meta = bucket_helpers.fake_delta(store, run, 0, silo, fed, 0.01, tokens=tokens)
     store.publish_delta(0, silo, payload, signing.sign(meta, signing.load_secret(
         keys, f'silo_{silo}')))
   aggregator_lib.run_aggregator(root, keys_dir=keys)

@@ -1,7 +1,7 @@
 """Everything read from the bucket is untrusted: each bad delta is rejected with its reason.
 
 One signed run on a real GCS-protocol server. In round 0 three honest silos publish,
-and each of a dozen other silos publishes one kind of bad delta; in round 1 one silo
+and each of 14 other silos publishes one kind of bad delta; in round 1 one silo
 replays its round-0 delta. The global models after both rounds must be bit-identical
 to a run in which the bad deltas never existed. Then the silo side: tampered global
 rounds, manifests and run.json are refused before anything is loaded.
@@ -21,13 +21,14 @@ from fedpt import trees
 
 HONEST = {'a': 0.01, 'b': 0.02, 'r': 0.03}  # silo -> its delta (scale * ones on every leaf).
 BAD = ('flip', 'missing', 'nosig', 'badsig', 'wrongkey', 'wrongbase', 'tree', 'shape', 'dtype',
-       'nan', 'norm', 'junk')
+       'nan', 'norm', 'junk', 'steps', 'tokens')
 EXPECTED_REASON = {
     'flip': ('content hash', 'unreadable'), 'missing': 'unreadable', 'nosig': 'missing signature',
     'badsig': 'bad signature', 'wrongkey': 'bad signature', 'zz': 'unknown silo',
     'wrongbase': 'different global model', 'tree': 'parameter tree differs',
     'shape': 'has shape', 'dtype': 'layout', 'nan': 'NaN', 'norm': 'more than 10x',
-    'junk': 'malformed metadata',
+    'junk': 'malformed metadata', 'steps': 'bad step count 1000000: a round is H=2',
+    'tokens': 'bad token count 1000' + '0' * 397,
 }
 
 
@@ -41,7 +42,7 @@ def fed_config(tiny_config):
 
 def _delta(store, run, round_index, silo, fed, scale, secret=None, local_fn=None, mutate=None):
   """A real compressed, hashed (and signed with `secret`) delta of `scale` on every leaf."""
-  payload, meta = bucket_helpers.fake_delta(store, run, round_index, silo, fed, scale, steps=2,
+  payload, meta = bucket_helpers.fake_delta(store, run, round_index, silo, fed, scale,
                                             local_fn=local_fn, mutate=mutate)
   if secret is not None:
     meta = signing.sign(meta, secret)
@@ -75,6 +76,10 @@ def _publish_bad(store, run, fed, silo, secrets):
       'shape': lambda p, m: _relayout(p, m, 'final_norm/scale', np.zeros(65, np.float32)),
       'dtype': lambda p, m: _relayout(p, m, 'final_norm/scale', np.zeros(64, np.float16)),
       'junk': lambda p, m: (p, dict(m, tree={k: 'x' for k in m['tree']})),  # Signed garbage.
+      'nan': lambda p, m: (p, dict(m, delta_norm=1.0)),  # Lies about its norm.
+      # Signed claims no silo can make: they would take the round's weight, or overflow it.
+      'steps': lambda p, m: (p, dict(m, steps=10**6, tokens=10**6 * 1024)),
+      'tokens': lambda p, m: (p, dict(m, tokens=10**400)),
   }
   secret = {'nosig': None, 'wrongkey': secrets['a']}.get(silo, secrets[silo])
   local_fn = {
