@@ -429,7 +429,7 @@ def _decode(raw: bytes) -> tuple[str, tuple[int, str] | None]:
     line_start = raw.rfind(b'\n', 0, e.start) + 1
     what = (f'byte 0x{raw[e.start]:02x} at column {e.start - line_start + 1} '
             'is not UTF-8 (Latin-1, cp1252 or binary data?). Fix: re-encode '
-            f'the file as UTF-8, {_POLICY_FIX}')
+            f'the source as UTF-8, {_POLICY_FIX}')
     return (_BAD_CHARS.sub('\ufffd', raw.decode('utf-8', 'surrogateescape')),
             (raw.count(b'\n', 0, e.start) + 1, what))
   return _clean(text)
