@@ -18,6 +18,7 @@ Bad input raises `DataError`, whose message names the problem and the fix.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+import codecs
 import glob
 import hashlib
 import io
@@ -331,7 +332,7 @@ class TextSources:
 def read_sources(specs: Sequence[str], text_field: str = 'text', *,
                  tfds_data_dir: str | None = None,
                  on_bad_text: str = 'error') -> TextSources:
-  """Documents from text files, JSONL files and TFDS datasets, in spec order.
+  """Documents from text files, JSONL files, directories and TFDS datasets.
 
   Each spec is one of:
     * a path or glob of text files (`data/*.txt`): one document per file;
@@ -462,6 +463,8 @@ def _read_jsonl(path, text_field):
   with _open(path) as f:
     for line_number, raw_line in enumerate(f, start=1):
       where = f'{path}:{line_number}'
+      if line_number == 1:  # Windows tools start UTF-8 files with a BOM.
+        raw_line = raw_line.removeprefix(codecs.BOM_UTF8)
       line, bad = _decode(raw_line)
       if not line.strip():
         continue

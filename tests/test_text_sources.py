@@ -41,7 +41,8 @@ def test_directory_source_is_read_recursively_in_sorted_order(tmp_path):
   (tmp_path / '.git').mkdir()
   (tmp_path / 'b' / 'deep' / 'z.txt').write_text('deep z')
   (tmp_path / 'b' / 'a.md').write_text('# b/a')
-  (tmp_path / 'b' / 'rows.jsonl').write_text('{"text": "row 1"}\n{"text": "row 2"}\n')
+  (tmp_path / 'b' / 'rows.jsonl').write_bytes(  # A BOM starts the file.
+      '\ufeff{"text": "row 1"}\n{"text": "row 2"}\n'.encode())
   (tmp_path / 'a.rst').write_text('top a')
   (tmp_path / 'code.py').write_text('not a text extension')
   (tmp_path / '.notes.txt').write_text('hidden file')
