@@ -4,7 +4,9 @@ The pipeline has three stages, each usable on its own:
 
   1. Text: `stdlib_documents()` (the Python standard library's sources, which
      every Python install already has, so nothing needs downloading) or
-     `read_sources()` (text files, JSONL, TFDS array_record datasets).
+     `read_sources()` (text files, JSONL, directories of them, TFDS
+     array_record datasets), which decodes every byte of text itself under
+     one bad-text policy, so nothing malformed reaches SentencePiece.
   2. Shards: `prepare_data()` tokenises documents once into flat `train.bin` /
      `val.bin` token files plus `meta.json` (see docs/data.md).
   3. Batches: `TokenDataset.batch()` is a pure function of (seed, step, row),
@@ -16,11 +18,13 @@ Bad input raises `DataError`, whose message names the problem and the fix.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+import codecs
 import glob
 import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import sys
 import sysconfig
@@ -214,11 +218,11 @@ def train_tokenizer(documents: Iterable[str], model_prefix: str,
   characters outside the vocabulary. Whitespace runs (indentation) may form
   pieces, which matters for code. Ids: pad=0, unk=1, bos=2, eos=3.
   """
-  chunks = _reservoir_sample(
-      _training_chunks(documents), _TRAIN_MAX_CHUNKS, _TRAIN_SEED)
+  chunks = _reservoir_sample(_training_chunks(_checked_documents(documents)),
+                             _TRAIN_MAX_CHUNKS, _TRAIN_SEED)
   if not chunks:
     raise DataError('No text to train the tokenizer on; pass non-empty '
-                    'documents (check the --input specs).')
+                    f'documents (check the --input specs){_skipped(documents)}.')
   model = io.BytesIO()
   try:
     spm.SentencePieceTrainer.train(
@@ -242,11 +246,14 @@ def train_tokenizer(documents: Iterable[str], model_prefix: str,
         minloglevel=2,
     )
   except RuntimeError as e:
+    # Bad text never gets here (_checked_documents), so these are about size.
     if 'required_chars' in str(e):
       fix = ('increase vocab_size: it must cover 256 byte pieces, 4 special '
              'pieces and the frequent characters of the text')
-    else:
+    elif 'too high' in str(e):
       fix = 'use a smaller vocab_size or more text'
+    else:
+      fix = 'try another vocab_size, or more or different text'
     raise DataError(f'SentencePiece could not train a {vocab_size}-piece '
                     f'tokenizer ({str(e).strip()}); {fix}.') from e
   model_path = model_prefix + '.model'
@@ -281,35 +288,84 @@ def load_tokenizer(path: str) -> spm.SentencePieceProcessor:
 # ----------------------------------------------------------------------------
 
 _TFDS_PREFIX = 'tfds:'
+# What a directory source reads (recursively, hidden files and folders left
+# out); other files, e.g. code, are named with a glob such as 'DIR/**/*.py'.
+TEXT_EXTENSIONS = ('.jsonl', '.md', '.rst', '.text', '.txt')
+# What to do with a record (a JSONL line, a text file, a TFDS record) whose text
+# is not valid: stop, repair it with U+FFFD, or drop it.
+BAD_TEXT_POLICIES = ('error', 'replace', 'skip')
+# Characters sentencepiece must never see: lone UTF-16 surrogates (UTF-8 cannot
+# encode them; undecodable bytes become them under 'surrogateescape') and NUL,
+# which betrays binary data or UTF-16.
+_BAD_CHARS = re.compile('[\x00\ud800-\udfff]')
+_POLICY_FIX = 'or pass --on_bad_text=replace or skip'
+_SKIP_FIX = 'or pass --on_bad_text=skip to drop such records'
+
+
+class TextSources:
+  """The documents of read_sources, decoded under one bad-text policy.
+
+  Iterating reads the sources afresh; `bad_text` then counts the records the
+  policy repaired ('replaced') or dropped ('skipped'), for the caller to report.
+  """
+
+  def __init__(self, readers, on_bad_text: str):
+    self._readers = readers
+    self.on_bad_text = on_bad_text
+    self.bad_text = {'replaced': 0, 'skipped': 0}
+
+  def __iter__(self) -> Iterator[str]:
+    self.bad_text = {'replaced': 0, 'skipped': 0}
+    for reader in self._readers:
+      for where, text, problem in reader():
+        if problem is None:
+          yield text
+        elif self.on_bad_text == 'error':
+          raise DataError(f'{where}: {problem}')
+        elif self.on_bad_text == 'skip' or text is None:
+          self.bad_text['skipped'] += 1
+        else:
+          self.bad_text['replaced'] += 1
+          yield text
 
 
 def read_sources(specs: Sequence[str], text_field: str = 'text', *,
-                 tfds_data_dir: str | None = None) -> Iterator[str]:
-  """Documents from text files, JSONL files and TFDS datasets, in spec order.
+                 tfds_data_dir: str | None = None,
+                 on_bad_text: str = 'error') -> TextSources:
+  """Documents from text files, JSONL files, directories and TFDS datasets.
 
   Each spec is one of:
     * a path or glob of text files (`data/*.txt`): one document per file;
     * a path or glob of `.jsonl` files: one document per line, from the
       string field `text_field`;
+    * a directory: its files ending in TEXT_EXTENSIONS, recursively, sorted
+      by path (`.jsonl` ones read as JSONL);
     * `tfds:NAME[/CONFIG][:SPLIT]` (split defaults to 'train'): a TFDS
       dataset prepared in array_record format, read with tfds.data_source so
       TensorFlow is not needed. Its directory is `tfds_data_dir`, else TFDS's
       default ($TFDS_DATA_DIR or ~/tensorflow_datasets).
 
-  Every spec is resolved before the first document is yielded, so a typo in
-  the last spec fails fast instead of after hours of reading.
+  Text must be UTF-8 without NUL; a record that is not (or that has no text)
+  is handled by `on_bad_text`, one of BAD_TEXT_POLICIES: 'error' raises
+  DataError naming its file and line, 'replace' puts U+FFFD for each bad byte,
+  lone surrogate or NUL (and drops records with no text to repair), 'skip'
+  drops it. Every spec is resolved before the first document is read, so a
+  typo in the last spec fails fast instead of after hours of reading.
   """
   if isinstance(specs, str):
     specs = [specs]
   if not specs:
-    raise DataError('No data sources given; pass at least one file, glob or '
-                    'tfds:NAME spec.')
+    raise DataError('No data sources given; pass at least one file, glob, '
+                    'directory or tfds:NAME spec.')
+  if on_bad_text not in BAD_TEXT_POLICIES:
+    raise DataError(f'on_bad_text={on_bad_text!r} is not a policy. Fix: use '
+                    f'one of {", ".join(BAD_TEXT_POLICIES)}.')
   readers = [_resolve_spec(spec, text_field, tfds_data_dir) for spec in specs]
-  return (document for reader in readers for document in reader())
+  return TextSources(readers, on_bad_text)
 
 
 def _resolve_spec(spec, text_field, tfds_data_dir):
-  """Checks that a spec names existing data; returns a document generator."""
+  """Checks that a spec names existing data; returns its record reader."""
   if spec.startswith(_TFDS_PREFIX):
     source = _open_tfds(spec, tfds_data_dir)
     return lambda: _read_tfds(spec, source, text_field)
@@ -319,64 +375,150 @@ def _resolve_spec(spec, text_field, tfds_data_dir):
     if not paths:
       raise DataError(f'Glob {spec!r} matches no files; check the pattern '
                       '(quote it so the shell does not expand it).')
+  elif os.path.isdir(spec):
+    paths = _text_files(spec)
+    if not paths:
+      raise DataError(
+          f'Directory {spec} holds no text files ({", ".join(TEXT_EXTENSIONS)}'
+          ', searched recursively); check the path, or name other files with '
+          f'a glob such as {os.path.join(spec, "**", "*.py")!r}.')
+  elif not os.path.isfile(spec):
+    raise DataError(f'Data file {spec} does not exist; check the path.')
   else:
     paths = [spec]
-  for path in paths:
-    if os.path.isdir(path):
-      raise DataError(f'{path} is a directory; pass a file or a glob such as '
-                      f'{os.path.join(path, "*.txt")!r}.')
-    if not os.path.isfile(path):
-      raise DataError(f'Data file {path} does not exist; check the path.')
   return lambda: _read_files(paths, text_field)
 
 
+def _text_files(directory: str) -> list[str]:
+  paths = []
+  for dirpath, dirnames, filenames in os.walk(directory):
+    dirnames[:] = [d for d in dirnames if not d.startswith('.')]
+    paths.extend(os.path.join(dirpath, name) for name in filenames
+                 if not name.startswith('.') and
+                 name.lower().endswith(TEXT_EXTENSIONS))
+  return sorted(paths)
+
+
 def _read_files(paths, text_field):
+  """(where, text or None, problem or None) of each record of the files."""
   for path in paths:
-    if path.endswith('.jsonl'):
+    if path.lower().endswith('.jsonl'):
       yield from _read_jsonl(path, text_field)
-    else:
-      with open(path, 'rb') as f:
-        yield _decode_utf8(f.read(), path)
+      continue
+    with _open(path) as f:
+      text, bad = _decode(f.read())
+    yield (path, text, None) if bad is None else (f'{path}:{bad[0]}', text,
+                                                   bad[1])
 
 
-def _decode_utf8(raw: bytes, where: str) -> str:
+def _open(path):
   try:
-    return raw.decode('utf-8')
+    return open(path, 'rb')
+  except OSError as e:
+    raise DataError(f'{path}: cannot be read ({e.strerror}). Fix: check its '
+                    'permissions, or leave it out of the sources.') from e
+
+
+# Each returns (text with U+FFFD for each bad byte or character; None, or the
+# line of the first one and what is wrong with it, with the fix).
+
+
+def _decode(raw: bytes) -> tuple[str, tuple[int, str] | None]:
+  try:
+    text = raw.decode('utf-8')
   except UnicodeDecodeError as e:
-    raise DataError(f'{where} is not UTF-8 text ({e.reason} at byte '
-                    f'{e.start}); convert it to UTF-8 or leave it out of the '
-                    'sources.') from e
+    line_start = raw.rfind(b'\n', 0, e.start) + 1
+    what = (f'byte 0x{raw[e.start]:02x} at column {e.start - line_start + 1} '
+            'is not UTF-8 (Latin-1, cp1252 or binary data?). Fix: re-encode '
+            f'the source as UTF-8, {_POLICY_FIX}')
+    return (_BAD_CHARS.sub('\ufffd', raw.decode('utf-8', 'surrogateescape')),
+            (raw.count(b'\n', 0, e.start) + 1, what))
+  return _clean(text)
+
+
+def _clean(text: str) -> tuple[str, tuple[int, str] | None]:
+  bad = _bad_char(text)
+  if bad is None:
+    return text, None
+  return (_BAD_CHARS.sub('\ufffd', text),
+          (bad[0], f'{bad[1]}. Fix: correct or remove it, {_POLICY_FIX}'))
+
+
+def _bad_char(text: str) -> tuple[int, str] | None:
+  """The line of the first lone surrogate or NUL and what it is, or None."""
+  match = _BAD_CHARS.search(text)
+  if match is None:
+    return None
+  index, char = match.start(), match.group()
+  column = index - text.rfind('\n', 0, index)
+  if char == '\x00':
+    what = f'NUL character at column {column} (binary data or UTF-16?)'
+  else:
+    what = (f'lone surrogate \\u{ord(char):04x} at column {column} (half a '
+            'UTF-16 pair, which UTF-8 cannot encode)')
+  return text.count('\n', 0, index) + 1, what
 
 
 def _read_jsonl(path, text_field):
-  with open(path, 'rb') as f:
+  with _open(path) as f:
     for line_number, raw_line in enumerate(f, start=1):
       where = f'{path}:{line_number}'
-      line = _decode_utf8(raw_line, where)
+      if line_number == 1:  # Windows tools start UTF-8 files with a BOM.
+        raw_line = raw_line.removeprefix(codecs.BOM_UTF8)
+      line, bad = _decode(raw_line)
       if not line.strip():
         continue
+      bad = bad and bad[1]
       try:
         record = json.loads(line)
       except json.JSONDecodeError as e:
-        raise DataError(f'{where}: invalid JSON ({e.msg} at column '
-                        f'{e.colno}); fix or delete that line.') from None
-      yield _text_of(record, text_field, where)
+        yield where, None, bad or (
+            f'invalid JSON ({e.msg} at column {e.colno}). Fix: correct or '
+            f'delete that line, {_SKIP_FIX}')
+        continue
+      text, problem = _text_of(record, text_field)
+      yield where, text, bad or problem
 
 
-def _text_of(record: Any, text_field: str, where: str) -> str:
+def _text_of(record: Any, text_field: str) -> tuple[str | None, str | None]:
+  """(the record's text, repaired, or None; what is wrong with it or None)."""
   if not isinstance(record, dict) or text_field not in record:
     fields = sorted(record) if isinstance(record, dict) else []
-    raise DataError(
-        f'{where}: record has no field {text_field!r} (fields: {fields}); '
-        'set --text_field to the field that holds the text.')
+    return None, (f'record has no field {text_field!r} (fields: {fields}). '
+                  'Fix: set --text_field to the field that holds the text, '
+                  f'{_SKIP_FIX}')
   text = record[text_field]
   if isinstance(text, bytes):
-    text = _decode_utf8(text, where)
-  if not isinstance(text, str):
-    raise DataError(f'{where}: field {text_field!r} is a '
-                    f'{type(text).__name__}, not text; set --text_field to a '
-                    'string field.')
-  return text
+    text, bad = _decode(text)
+  elif isinstance(text, str):
+    text, bad = _clean(text)
+  else:
+    return None, (f'field {text_field!r} is a {type(text).__name__}, not '
+                  'text. Fix: set --text_field to a string field, '
+                  f'{_SKIP_FIX}')
+  return text, bad and f'field {text_field!r}: {bad[1]}'
+
+
+def _checked_documents(documents: Iterable[str]) -> Iterator[str]:
+  """Documents as sentencepiece must get them: str, UTF-8-encodable, no NUL."""
+  for i, text in enumerate(documents):
+    if not isinstance(text, str):
+      raise DataError(f'Document {i} is a {type(text).__name__}, not str; '
+                      'pass decoded text.')
+    bad = _bad_char(text)
+    if bad is not None:
+      raise DataError(f'Document {i}, line {bad[0]}: {bad[1]}. Fix: pass '
+                      'valid text, e.g. read it with read_sources(on_bad_text'
+                      '=...).')
+    yield text
+
+
+def _skipped(documents) -> str:
+  """A note for an empty result: the bad-text policy may have dropped it all."""
+  skipped = (documents.bad_text['skipped']
+             if isinstance(documents, TextSources) else 0)
+  return (f'; the bad-text policy skipped {skipped} record(s) (rerun with '
+          '--on_bad_text=error to see why)' if skipped else '')
 
 
 def _parse_tfds_spec(spec: str) -> tuple[str, str]:
@@ -407,7 +549,7 @@ def _open_tfds(spec, data_dir):
 
 def _read_tfds(spec, source, text_field):
   for i in range(len(source)):
-    yield _text_of(source[i], text_field, f'{spec}[{i}]')
+    yield (f'{spec}[{i}]', *_text_of(source[i], text_field))
 
 
 # ----------------------------------------------------------------------------
@@ -465,6 +607,10 @@ def prepare_data(documents: Iterable[str], tokenizer_path: str, out_dir: str,
         'val_fraction': val_fraction,
         'splits': counts,
         'sources': list(sources) if sources is not None else None,
+        # Plain documents with bad text raise, so they have none to count.
+        'bad_text': (dict(documents.bad_text)
+                     if isinstance(documents, TextSources)
+                     else {'replaced': 0, 'skipped': 0}),
     }
     with open(os.path.join(tmp_dir, _META_FILE), 'w') as f:
       json.dump(meta, f, indent=2, sort_keys=True)
@@ -507,7 +653,7 @@ def _write_splits(documents, tokenizer, dtype, val_fraction, out_dir):
   if counts['train']['documents'] + counts['val']['documents'] == 0:
     raise DataError('The corpus is empty (no non-empty documents); check the '
                     'sources, e.g. that the glob matches text files and '
-                    '--text_field names the text.')
+                    f'--text_field names the text{_skipped(documents)}.')
   if (val_fraction > 0 and counts['val']['documents'] == 0 and
       counts['train']['documents'] >= 2):
     _move_document_to_val(out_dir, dtype, counts, *first_train_doc[1:])
@@ -516,10 +662,7 @@ def _write_splits(documents, tokenizer, dtype, val_fraction, out_dir):
 
 def _batched_documents(documents):
   batch = []
-  for i, text in enumerate(documents):
-    if not isinstance(text, str):
-      raise DataError(f'Document {i} is a {type(text).__name__}, not str; '
-                      'pass decoded text.')
+  for text in _checked_documents(documents):
     if text:
       batch.append(text)
     if len(batch) == _ENCODE_BATCH_DOCS:

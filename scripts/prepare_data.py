@@ -1,10 +1,13 @@
 r"""Tokenises a corpus into the shard format fedpt trains on (docs/data.md).
 
   python scripts/prepare_data.py --source='data/*.txt' --source=more.jsonl \
-      --out=/data/mycorpus [--tokenizer=out/sp.model] [--val_fraction=0.02]
+      --source=data/dir --out=/data/mycorpus [--tokenizer=out/sp.model] \
+      [--val_fraction=0.02] [--on_bad_text=error|replace|skip]
 
 Then train with data.corpus=/data/mycorpus (and data.tokenizer set to the same
-.model if it is not the shipped default).
+.model if it is not the shipped default). A user error (a missing source, text
+that is not UTF-8 under --on_bad_text=error, ...) prints one line
+`error: ...` and exits with status 2.
 """
 import os
 import sys
@@ -15,11 +18,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app
 from absl import flags
 
+from fedpt import cli
 from fedpt import data
 
 _SOURCE = flags.DEFINE_multi_string(
-    'source', None, 'Text/JSONL file or glob, or tfds:NAME[/CONFIG][:SPLIT]. '
-    'Repeatable.', required=True)
+    'source', None, 'Text/JSONL file or glob, directory (its '
+    f'{"/".join(data.TEXT_EXTENSIONS)} files, recursively), or '
+    'tfds:NAME[/CONFIG][:SPLIT]. Repeatable.', required=True)
 _TOKENIZER = flags.DEFINE_string('tokenizer', data.default_tokenizer_path(),
                                  'SentencePiece .model file.')
 _OUT = flags.DEFINE_string('out', None, 'Output data dir.', required=True)
@@ -27,23 +32,31 @@ _VAL_FRACTION = flags.DEFINE_float('val_fraction', 0.02,
                                    'Fraction of documents for validation.')
 _TEXT_FIELD = flags.DEFINE_string('text_field', 'text',
                                   'Field holding the text in JSONL/TFDS.')
+_ON_BAD_TEXT = flags.DEFINE_enum(
+    'on_bad_text', 'error', data.BAD_TEXT_POLICIES,
+    'A record (JSONL line, text file, TFDS record) whose text is not UTF-8, '
+    'holds a lone surrogate or NUL, or is missing: error stops naming its '
+    'file and line; replace puts U+FFFD for each bad byte or character; skip '
+    'drops the record.')
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  try:
-    meta = data.prepare_data(
-        data.read_sources(_SOURCE.value, _TEXT_FIELD.value),
-        _TOKENIZER.value, _OUT.value, _VAL_FRACTION.value,
-        sources=_SOURCE.value)
-  except data.DataError as e:
-    sys.exit(f'error: {e}')
+  documents = cli.run_or_explain(data.read_sources, _SOURCE.value,
+                                 _TEXT_FIELD.value,
+                                 on_bad_text=_ON_BAD_TEXT.value)
+  meta = cli.run_or_explain(data.prepare_data, documents, _TOKENIZER.value,
+                            _OUT.value, _VAL_FRACTION.value,
+                            sources=_SOURCE.value)
   for split, counts in meta['splits'].items():
     print(f'{split}: {counts["documents"]} documents, '
           f'{counts["tokens"]} tokens')
+  bad = meta['bad_text']
+  print(f'bad text (--on_bad_text={_ON_BAD_TEXT.value}): {bad["replaced"]} '
+        f'records replaced, {bad["skipped"]} skipped')
   print(f'wrote {_OUT.value} (vocab {meta["vocab_size"]}, {meta["dtype"]})')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags_or_explain)

@@ -167,8 +167,9 @@ def test_read_sources_errors(tmp_path):
     data.read_sources([str(tmp_path / 'missing.txt')])  # Fails before reading.
   with pytest.raises(data.DataError, match='matches no files'):
     data.read_sources([str(tmp_path / '*.nothing')])
-  with pytest.raises(data.DataError, match='is a directory'):
-    data.read_sources([str(tmp_path)])
+  (tmp_path / 'empty').mkdir()
+  with pytest.raises(data.DataError, match='holds no text files'):
+    data.read_sources([str(tmp_path / 'empty')])
   binary = tmp_path / 'x.bin'
   binary.write_bytes(b'\xff\xfe\x00')
   with pytest.raises(data.DataError, match='not UTF-8'):
@@ -490,29 +491,40 @@ def _run_script(repo_root, name, *args):
 
 
 def test_scripts_prepare_data_and_clean_errors(repo_root, tmp_path):
-  (tmp_path / 'a.txt').write_text('print("hello")\n' * 50)
-  (tmp_path / 'b.txt').write_text('x = [1, 2, 3]\n' * 50)
-  result = _run_script(repo_root, 'prepare_data.py',
-                       f'--source={tmp_path}/*.txt', f'--out={tmp_path}/out')
+  (tmp_path / 'src' / 'sub').mkdir(parents=True)
+  (tmp_path / 'src' / 'a.txt').write_text('print("hello")\n' * 50)
+  (tmp_path / 'src' / 'sub' / 'b.md').write_text('x = [1, 2, 3]\n' * 50)
+  bad = tmp_path / 'src' / 'sub' / 'c.txt'
+  bad.write_bytes(b'ok\nstray \x93quote\x94\n')  # cp1252 curly quotes.
+  source = f'--source={tmp_path}/src'
+  result = _run_script(repo_root, 'prepare_data.py', source,
+                       f'--out={tmp_path}/out', '--on_bad_text=skip')
   assert result.returncode == 0, result.stderr
-  assert 'documents' in result.stdout
+  assert ('bad text (--on_bad_text=skip): 0 records replaced, 1 skipped'
+          in result.stdout)
   meta = json.loads((tmp_path / 'out' / 'meta.json').read_text())
   assert sum(s['documents'] for s in meta['splits'].values()) == 2
-  assert meta['sources'] == [f'{tmp_path}/*.txt']
-  result = _run_script(repo_root, 'prepare_data.py',
-                       f'--source={tmp_path}/missing.txt',
+  assert meta['sources'] == [f'{tmp_path}/src']
+  assert meta['bad_text'] == {'replaced': 0, 'skipped': 1}
+  result = _run_script(repo_root, 'prepare_data.py', source,
                        f'--out={tmp_path}/out2')
-  assert result.returncode != 0
-  assert 'Traceback' not in result.stderr
-  assert result.stderr.strip().splitlines()[-1].startswith('error: Data file')
+  assert result.returncode == 2
+  assert result.stderr.splitlines() == [
+      f'error: {bad}:2: byte 0x93 at column 7 is not UTF-8 (Latin-1, cp1252 '
+      'or binary data?). Fix: re-encode the source as UTF-8, or pass '
+      '--on_bad_text=replace or skip']
+  assert not (tmp_path / 'out2').exists()
 
 
 def test_scripts_train_tokenizer(repo_root, tmp_path):
   (tmp_path / 'code.jsonl').write_text(''.join(
       json.dumps({'text': f'def f{i}(x):\n    return x * {i}\n'}) + '\n'
-      for i in range(300)))
+      for i in range(300)) + '{"text": "lone \\udbff half"}\n')
   result = _run_script(repo_root, 'train_tokenizer.py',
                        f'--input={tmp_path}/code.jsonl',
-                       f'--model_prefix={tmp_path}/sp', '--vocab_size=300')
+                       f'--model_prefix={tmp_path}/sp', '--vocab_size=300',
+                       '--on_bad_text=replace')
   assert result.returncode == 0, result.stderr
+  assert ('bad text (--on_bad_text=replace): 1 records replaced, 0 skipped'
+          in result.stdout)
   assert data.load_tokenizer(str(tmp_path / 'sp.model')).get_piece_size() == 300
