@@ -328,8 +328,9 @@ def _as_lists(value):
   return [_as_lists(v) for v in value] if isinstance(value, (tuple, list)) else value
 
 
-def _as_tuples(value):
-  return tuple(_as_tuples(v) for v in value) if isinstance(value, (tuple, list)) else value
+def as_tuples(value):
+  """`flat`'s lists back to the tuples configs hold."""
+  return tuple(as_tuples(v) for v in value) if isinstance(value, (tuple, list)) else value
 
 
 def differences(recorded: dict, config, fields=None) -> dict:
@@ -357,5 +358,5 @@ def with_values(config, values: dict):
       node = config
       for s in sections:
         node = node[s]
-      node[field] = _as_tuples(value) if isinstance(node[field], tuple) else value
+      node[field] = as_tuples(value) if isinstance(node[field], tuple) else value
   return config

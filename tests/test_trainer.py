@@ -209,6 +209,39 @@ def test_impossible_configs_name_the_field(tiny_config, overrides, field):
   assert 'Fix:' in str(err.value)
 
 
+@pytest.mark.parametrize('field, value, problem', [
+    ('inner.b2', 1.0, r'must be in \[0, 1\)'), ('outer.momentum', 1.5, r'must be in \[0, 1\)'),
+    ('federation.poll_s', 0.001, r'must be in \[0.01, 600\]'), ('seed', -3, 'must be in'),
+    ('model.norm_eps', 0.0, r'must be in \(0, 1\]'), ('train.eval_batches', 0, 'must be in'),
+    ('outer.lr', float('nan'), 'must be a finite number, got nan'),
+    ('model.rope_theta', float('inf'), 'must be a finite number'),
+    ('federation.rounds', True, 'must be an integer, got True'),
+    ('inner.lr', '1e-3', "must be a finite number, got '1e-3'"),
+    ('federation.error_feedback', 1, 'must be True or False'),
+    ('federation.silo_weights', (1.0, float('nan')), 'weight nan is not a finite number >= 0'),
+])
+def test_every_field_has_a_type_and_a_range(tiny_config, field, value, problem):
+  section, _, name = field.rpartition('.')
+  node = tiny_config[section] if section else tiny_config
+  with node.ignore_type():
+    node[name] = value
+  with pytest.raises(config_lib.ConfigError, match=f'{field}.: {problem}.*Fix') as err:
+    config_lib.validate(tiny_config)
+  assert err.value.field == field
+
+
+def test_every_range_in_the_table_is_enforced():
+  for field, (ok, what), _ in config_lib.RANGES:
+    bad = next(v for v in (-1, 0, 2**40) if not ok(v))
+    config = config_lib.base_config()
+    section, _, name = field.rpartition('.')
+    with config.ignore_type():
+      (config[section] if section else config)[name] = bad
+    with pytest.raises(config_lib.ConfigError, match=field) as err:
+      config_lib.validate(config)
+    assert err.value.field == field and what in str(err.value)
+
+
 def test_missing_corpus_is_a_clear_error(tiny_config, tmp_path):
   tiny_config.data.corpus = str(tmp_path / 'nowhere')
   with pytest.raises(data_lib.DataError, match='data.corpus'):
