@@ -181,7 +181,8 @@ def test_garbage_collection_keeps_last_n_and_every_mth(fed_config, tmp_path):
   assert store.committed_silos(1) == [] and store.committed_silos(6) == ['a']
 
 
-def test_a_silo_takes_the_run_s_contract_and_refuses_typed_contradictions(fed_config, tmp_path):
+def test_a_silo_takes_the_run_s_contract_and_refuses_typed_contradictions(fed_config, tmp_path,
+                                                                         repo_root):
   """run.json is the truth: a silo's config file gives way, its command line is refused."""
   fed_config.federation.silo_inner_steps = (2, 4, 4)
   root = str(tmp_path / 'bucket')
@@ -208,6 +209,17 @@ def test_a_silo_takes_the_run_s_contract_and_refuses_typed_contradictions(fed_co
   assert not (tmp_path / 'b').exists() and storage_lib.RunStorage(root).committed_silos(0) == []
   with pytest.raises(storage_lib.StorageError, match='holds a run'):
     aggregator_lib.init_run(fed_config, root)
+  # The command line is what the silo typed: one line, exit 2, nothing written.
+  proc = subprocess.run(
+      [sys.executable, str(repo_root / 'scripts' / 'train.py'),
+       f'--config={repo_root / "configs" / "tiny.py"}', f'--storage={root}', '--silo=c',
+       f'--workdir={tmp_path / "c"}', f'--config.data.corpus={fed_config.data.corpus}',
+       '--config.inner.b2=0.99', "--config.federation.silos=('a','b','c')"],
+      capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr.count('\n') == 1 and proc.stderr.startswith('error: run ')
+  assert 'inner.b2=0.99 (yours) vs 0.95 (run.json)' in proc.stderr
+  assert 'federation.silos' not in proc.stderr  # Typed, but the same as the run's.
 
 
 def test_waits_time_out_with_what_they_wait_for():
