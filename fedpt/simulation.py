@@ -151,16 +151,14 @@ def _tail(path: str, lines: int = 20) -> str:
 
 
 def _check_resumable(store, config) -> dict:
-  """The run already at the storage root, if this config may resume it."""
+  """The run already at the storage root, if this config may resume it (the same contract)."""
   run = store.read_run()
-  fed = run['federation']
-  mine = protocol.run_record(config, run['tokenizer_sha256'], run['run_id'])['federation']
-  for key in sorted(set(mine) | set(fed)):
-    if mine.get(key) != fed.get(key):
-      raise config_lib.ConfigError(
-          f'federation.{key}', f'{mine.get(key)!r} differs from the unfinished run at '
-          f'{store.root} ({fed.get(key)!r})', 'resume with the run\'s config, or pass a new '
-          '--storage / --workdir')
+  diff = config_lib.differences(protocol.recorded_contract(run), config)
+  if diff:
+    raise protocol.RunMismatchError(
+        f'the unfinished run at {store.root} was made with other settings: '
+        f'{config_lib.describe(diff, "run.json")}. Fix: resume with the run\'s config, or pass '
+        'a new --storage / --workdir.')
   return run
 
 

@@ -10,6 +10,7 @@ import pytest
 
 import bucket_helpers
 from fedpt import ledger
+from fedpt import protocol
 from fedpt import signing
 from fedpt import simulation
 from fedpt import storage as storage_lib
@@ -135,6 +136,12 @@ def test_simulate_end_to_end_through_gcs_and_ledger(tiny_config, repo_root, tmp_
                               log=lines.append)
   assert again['finished'] and again['final_eval_by_silo'] == summary['final_eval_by_silo']
   assert f'is finished ({ROUNDS} rounds); nothing to do' in lines[-1], lines[-1]
+  assert (_snapshot(tmp_path), sorted(map(str, bucket_helpers.files(store.root)))) == before
+  changed = tiny_config.copy_and_resolve_references()
+  changed.model.rope_theta = 20_000.0  # Not the run's contract: refused before anything starts.
+  with pytest.raises(protocol.RunMismatchError, match=r'model.rope_theta=20000.0 \(yours\)'):
+    simulation.simulate(changed, _tiny_file(repo_root), root, str(tmp_path / 'work'),
+                        log=lines.append)
   assert (_snapshot(tmp_path), sorted(map(str, bucket_helpers.files(store.root)))) == before
 
   # Evaluations are signed by their silo: a forged loss stops every reader.
