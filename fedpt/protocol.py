@@ -158,7 +158,11 @@ def check_run_record(run, where: str) -> None:
     raise RunMismatchError(f'{where} is not a JSON object. Fix: recreate the run.')
   check_format(run)
   try:
-    config = config_lib.with_values(config_lib.base_config(), recorded_contract(run))
+    recorded = recorded_contract(run)
+    unknown = sorted(set(recorded) - set(contract(config_lib.base_config())))
+    if unknown:
+      raise ValueError(f'unknown contract field(s) {unknown}')
+    config = config_lib.with_values(config_lib.base_config(), recorded)
     validate_federation(config)
     ids = [s['id'] for s in run['silos']]
     if ids != list(config.federation.silos):
@@ -554,10 +558,13 @@ def check_manifest(run: dict, round_index: int, manifest) -> str | None:
     for e in included:
       if e['silo'] not in ids:
         return f'it includes {e["silo"]!r}, which is not in run.json'
-      if not (is_int(e['tokens']) and e['tokens'] > 0 and is_int(e['bytes'])
+      h = silo_entry(run, e['silo'])['inner_steps']
+      if not (is_int(e['steps']) and 1 <= e['steps'] <= h and is_int(e['tokens'])
+              and 0 < e['tokens'] <= e['steps'] * tokens_per_step(run) and is_int(e['bytes'])
               and e['bytes'] >= 0 and is_number(e['weight']) and 0 <= e['weight'] <= 1
               and is_number(e['train_loss']) and is_number(e.get('clip_factor', 1.0))):
-        return f'entry of {e["silo"]!r} has a token count, byte count, weight or loss out of range'
+        return (f'entry of {e["silo"]!r} has a step, token or byte count, weight or loss out of '
+                'range')
     if included and contributing(included) and not math.isclose(
         sum(e['weight'] for e in included), 1.0, rel_tol=1e-6):
       return 'its weights do not sum to 1'
@@ -637,6 +644,37 @@ def global_shard_meta(run_id: str, round_index: int, shard: int, num_shards: int
       'leaf_hashes': leaf_hashes, 'leaf_shapes': leaf_shapes, 'leaf_dtypes': leaf_dtypes,
       'outer_state_hashes': outer_state_hashes, 'contributors': contributors, 'tokens': tokens,
   }
+
+
+def check_shard_meta_form(meta) -> str | None:
+  """Why a global shard meta read from the bucket is not even well-formed, or None.
+
+  Every party polls these (`storage.global_shard_metas`), so a malformed one is
+  named before anyone indexes into it; `check_global_meta` then checks whose it is.
+  """
+  if not isinstance(meta, dict):
+    return 'its meta.json is not a JSON object'
+  try:
+    n = meta['num_shards']
+    if not (is_int(n) and n >= 1 and is_int(meta['shard']) and 0 <= meta['shard'] < n
+            and is_int(meta['round']) and is_int(meta['tokens']) and meta['tokens'] >= 0):
+      return (f'its meta.json says round {meta["round"]!r}, shard {meta["shard"]!r} of '
+              f'{n!r}, tokens {meta["tokens"]!r}')
+    hashes, shapes, dtypes = meta['leaf_hashes'], meta['leaf_shapes'], meta['leaf_dtypes']
+    if not (isinstance(hashes, dict) and sorted(hashes) == sorted(shapes) == sorted(dtypes)):
+      return 'its meta.json lists different leaves for hashes, shapes and dtypes'
+    for name in hashes:
+      shape = shapes[name]
+      if not (isinstance(hashes[name], str) and isinstance(shape, list)
+              and all(is_int(d) and 0 <= d < 2**40 for d in shape)
+              and math.prod(shape) < 2**40 and dtypes[name] in config_lib.DTYPES):
+        return f'its meta.json describes leaf {name!r} as {shape!r} {dtypes[name]!r}'
+    if not (isinstance(meta['contributors'], list)
+            and all(isinstance(c, str) for c in meta['contributors'])):
+      return 'its meta.json has no list of contributors'
+  except MALFORMED as e:
+    return malformed(e)
+  return None
 
 
 def check_shard_arrays(meta: dict, param_hashes: dict, outer_state_hashes: dict) -> str | None:

@@ -431,9 +431,16 @@ class RunStorage:
     """All shard metas of a global round once every shard is committed, else None."""
     metas = [self.read_json(p / META) for p in self.list_dir(self.global_dir(round_index))
              if p.name.startswith('shard_')]
-    if not metas or any(m is None for m in metas) or len(metas) != metas[0]['num_shards']:
+    if not metas or any(m is None for m in metas):
       return None
-    return metas
+    for i, meta in enumerate(metas):  # Written once and atomically: malformed is tampered.
+      reason = protocol.check_shard_meta_form(meta)
+      if reason:
+        raise tampered(self.root, round_index, meta.get('shard', i) if isinstance(
+            meta, dict) else i, reason)
+    if len({m['num_shards'] for m in metas}) != 1:
+      raise tampered(self.root, round_index, 'metas', 'its shards disagree on num_shards')
+    return metas if len(metas) == metas[0]['num_shards'] else None
 
   def global_hash(self, round_index: int) -> str | None:
     metas = self.global_shard_metas(round_index)

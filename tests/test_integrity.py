@@ -465,3 +465,21 @@ def test_a_full_disk_is_one_line_naming_the_path(tmp_path, monkeypatch):
   with pytest.raises(checkpoint_lib.CheckpointError,
                      match=r'saving checkpoint step 1 in .*work: No space left on device\. Fix:'):
     ckpt.save(1, {'x': np.zeros(3)}, {})
+
+
+def test_a_malformed_global_meta_is_named_by_every_reader(bucket, tmp_path):
+  """Parties poll global shard metas: junk there is one 'tampered' line, never a TypeError."""
+  config, _, root, workdir, store = bucket
+  shard = store.global_dir(1) / 'shard_000_of_001'
+  shard.mkdir(parents=True)
+  store.write_json(shard / 'meta.json', ['not', 'a', 'meta'])
+  with pytest.raises(storage_lib.StorageError,
+                     match='global round 1 shard 0 .*not a JSON object. The bucket was tampered'):
+    store.latest_global_round()
+  meta = dict(store.global_shard_metas(0)[0], round=1)
+  meta['leaf_shapes'] = dict(meta['leaf_shapes'], embed_vd=[-4, 64])
+  store.write_json(shard / 'meta.json', meta)
+  with pytest.raises(storage_lib.StorageError, match="describes leaf 'embed_vd' as \\[-4, 64\\]"):
+    silo_lib.run_silo(config, 'a', root, f'{workdir}/a')
+  with pytest.raises(storage_lib.StorageError, match='tampered'):
+    ledger.status(root)

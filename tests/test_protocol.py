@@ -286,6 +286,59 @@ def test_global_meta_checks():
   assert protocol.global_leaves([meta]) == ({'x': (2,)}, {'x': 'float32'}, {'x': 'h'})
 
 
+def test_a_global_meta_must_be_well_formed_before_anyone_reads_it():
+  meta = protocol.global_shard_meta('run-1', 2, 0, 1, leaf_hashes={'x': 'h'},
+                                    leaf_shapes={'x': [2, 3]}, leaf_dtypes={'x': 'float32'},
+                                    outer_state_hashes={}, contributors=['a'], tokens=5)
+  assert protocol.check_shard_meta_form(meta) is None
+  for edit, reason in [
+      ({'leaf_shapes': {'x': [10**400]}}, "describes leaf 'x' as"),
+      ({'leaf_dtypes': {'x': 'object'}}, "describes leaf 'x' as [2, 3] 'object'"),
+      ({'leaf_shapes': {'y': [2]}}, 'different leaves'),
+      ({'num_shards': 0}, 'shard 0 of 0'), ({'tokens': -1}, 'tokens -1'),
+      ({'contributors': 'a'}, 'no list of contributors'),
+      ({'leaf_hashes': None}, 'different leaves'),
+  ]:
+    got = protocol.check_shard_meta_form({**meta, **edit})
+    assert got is not None and reason in got, (edit, got)
+  assert 'not a JSON object' in protocol.check_shard_meta_form([meta])
+  assert 'malformed' in protocol.check_shard_meta_form({k: v for k, v in meta.items()
+                                                          if k != 'tokens'})
+
+
+def test_a_manifest_read_back_is_checked():
+  run = _run()
+  m = _decide(run, 'abc', _measured({'a': 1.0, 'b': 1.0, 'c': 1.0}))
+  assert protocol.check_manifest(run, 0, m) is None
+  first = m['included'][0]
+  for edit, reason in [
+      ({'round': 1}, 'round 1'),
+      ({'included': [{**first, 'tokens': 10**400}] + m['included'][1:]}, 'out of range'),
+      ({'included': [{**first, 'weight': float('nan')}] + m['included'][1:]}, 'out of range'),
+      ({'included': [{**first, 'silo': 'zz'}] + m['included'][1:]}, "includes 'zz'"),
+      ({'included': m['included'][:2]}, 'do not sum to 1'),
+      ({'missing': ['zz']}, 'not in run.json'), ({'decided_after_s': 'soon'}, "'soon'"),
+      ({'rejected': [{'silo': 'a'}]}, 'malformed'),
+  ]:
+    got = protocol.check_manifest(run, 0, {**m, **edit})
+    assert got is not None and reason in got, (edit, got)
+
+
+def test_run_json_is_checked_by_every_reader():
+  run = _run()
+  protocol.check_run_record(run, 'run.json')
+  for edit, reason in [
+      ({'federation': {**run['federation'], 'poll_s': -1.0}}, 'federation.poll_s'),
+      ({'silos': [{**s, 'weight': 0.0} for s in run['silos']]}, 'every silo weight is 0'),
+      ({'silos': run['silos'][:2]}, 'are not federation.silos'),
+      ({'model': {**run['model'], 'rope_theta': 'big'}}, 'model.rope_theta'),
+      ({'inner': {**run['inner'], 'lr_typo': 1.0}}, r"unknown contract field\(s\) \['inner.lr_typo'\]"),
+      ({'format_version': 2}, 'protocol format 2'),
+  ]:
+    with pytest.raises(protocol.RunMismatchError, match=reason):
+      protocol.check_run_record({**run, **edit}, 'run.json')
+
+
 def test_a_global_shards_arrays_must_be_the_ones_its_meta_lists():
   meta = protocol.global_shard_meta('run-1', 2, 0, 1, leaf_hashes={'x': 'h', 'y': 'i'},
                                     leaf_shapes={}, leaf_dtypes={},
