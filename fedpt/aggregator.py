@@ -18,6 +18,7 @@ from fedpt import errors
 from fedpt import metrics as metrics_lib
 from fedpt import outer
 from fedpt import protocol
+from fedpt import records
 from fedpt import signing
 from fedpt import storage as storage_lib
 from fedpt import trees
@@ -55,6 +56,7 @@ class Aggregator:
           f'this run is aggregated in {fed["num_shards"]} shards (run.json), not '
           f'{self.num_shards}. Fix: pass --shard=i/{fed["num_shards"]}.')
     self.shard = shard
+    protocol.check_format(self.run)
     self.optimizer = outer.make_outer_optimizer(ml_collections.ConfigDict(self.run['outer']))
     newest = self.store.latest_global_round()  # Round 0 may be garbage-collected.
     if newest is None:
@@ -221,8 +223,8 @@ class Aggregator:
       if not protocol.dropped(self.run, round_index, silo):
         try:
           measured[silo] = self.measure(round_index, silo, base_hash)
-        except protocol.MALFORMED as e:
-          measured[silo] = protocol.Measured(None, protocol.malformed(e))
+        except records.MALFORMED as e:
+          measured[silo] = protocol.Measured(None, records.malformed(e))
     manifest = protocol.decide_round(
         self.run, round_index, base_hash, committed, measured,
         previous_manifest=self.store.read_manifest(round_index - 1) if round_index else None,

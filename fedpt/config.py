@@ -284,6 +284,15 @@ def validate(config) -> None:
   require(fed.poll_s <= fed.wait_timeout_s, 'federation.poll_s',
           f'{fed.poll_s}s is longer than wait_timeout_s={fed.wait_timeout_s}s',
           'poll more often than the timeout')
+  require(len(fed.silos) > 0 and len(set(fed.silos)) == len(fed.silos), 'federation.silos',
+          f'need distinct silo ids, got {list(fed.silos)}', 'list each silo id once')
+  for s in fed.silos:  # Ids name bucket paths: nothing else may get through.
+    require(isinstance(s, str) and s.isascii() and s.replace('-', '').replace('_', '').isalnum(),
+            'federation.silos', f'silo id {s!r} must be letters, digits, - or _',
+            'rename the silo')
+  require(fed.min_silos <= len(fed.silos), 'federation.min_silos',
+          f'{fed.min_silos} is not between 0 and {len(fed.silos)} silos',
+          'use 0 (all silos) or a quorum size')
   weights = list(fed.silo_weights)
   for w in weights:
     require(not isinstance(w, bool) and isinstance(w, numbers.Real) and math.isfinite(w)

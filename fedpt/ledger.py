@@ -10,6 +10,7 @@ import json
 import numpy as np
 
 from fedpt import protocol
+from fedpt import records
 from fedpt import signing
 from fedpt import storage as storage_lib
 
@@ -84,7 +85,7 @@ def round_record(store: storage_lib.RunStorage, run: dict, round_index: int,
   for entry in rejected:
     meta = store.delta_meta(round_index, entry['silo'])  # Gone once garbage-collected.
     claimed = meta.get('bytes') if isinstance(meta, dict) else None
-    if protocol.is_int(claimed) and 0 <= claimed <= 4 * (model_nbytes or 0):
+    if records.is_int(claimed) and 0 <= claimed <= 4 * (model_nbytes or 0):
       rejected_bytes += claimed  # What it says it uploaded, if that can be true.
   global_hash = store.global_hash(round_index + 1)
   if global_hash is None:  # Garbage-collected; the next round's manifest still names it.

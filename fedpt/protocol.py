@@ -23,6 +23,7 @@ from fedpt import compression
 from fedpt import config as config_lib
 from fedpt import errors
 from fedpt import outer
+from fedpt import records
 from fedpt import trees
 
 FORMAT_VERSION = 3  # 3: run.json holds the run's whole contract; deltas declare H and budget.
@@ -37,15 +38,10 @@ PARTY_DEFAULTS = ('federation.wait_timeout_s', 'federation.poll_s')
 # Declared per silo in run.json's silo list (from federation.silo_<name>); the
 # config field of the same name is the default for silos without a declaration.
 PER_SILO = {'federation.inner_steps': 'inner_steps', 'federation.round_budget_s': 'round_budget_s'}
-CONTRACT_SECTIONS = ('model', 'data', 'inner', 'federation', 'outer')
 
 # What the manifest copies from each included delta's meta.json (the ledger's inputs).
 MANIFEST_ENTRY_FIELDS = ('silo', 'tokens', 'steps', 'train_loss', 'bytes', 'compression',
                          'block_size', 'delta_norm', 'content_hash', 'global_eval_loss')
-
-# What indexing into (or computing with) malformed metadata raises: such a delta is
-# rejected with the error as its reason, never a crash of the aggregator.
-MALFORMED = (TypeError, KeyError, ValueError, AttributeError, IndexError, ArithmeticError)
 
 
 class RunMismatchError(errors.UserError, ValueError):
@@ -70,14 +66,6 @@ def validate_federation(config) -> None:
   def require(ok, field, problem, fix):
     config_lib.require(ok, f'federation.{field}', problem, fix)
 
-  require(len(fed.silos) > 0 and len(set(fed.silos)) == len(fed.silos), 'silos',
-          f'need distinct silo ids, got {list(fed.silos)}', 'list each silo id once')
-  for s in fed.silos:
-    require(isinstance(s, str) and s.replace('-', '').replace('_', '').isalnum(), 'silos',
-            f'silo id {s!r} must be letters, digits, - or _', 'rename the silo')
-  require(0 <= fed.min_silos <= len(fed.silos), 'min_silos',
-          f'{fed.min_silos} is not between 0 and {len(fed.silos)} silos',
-          'use 0 (all silos) or a quorum size')
   require(fed.compression in compression.FORMATS, 'compression',
           f'unknown format {fed.compression!r}', f'use one of {compression.FORMATS}')
   require(fed.block_size % 2 == 0, 'block_size',
@@ -139,50 +127,6 @@ def run_record(config, tokenizer_sha256: str, run_id: str) -> dict:
   return record
 
 
-def recorded_contract(run: dict) -> dict:
-  """run.json's contract as {'section.field': value} (the inverse of `run_record`)."""
-  out = {'seed': run['seed']}
-  for section in CONTRACT_SECTIONS:
-    out.update({f'{section}.{k}': v for k, v in run[section].items()})
-  return out
-
-
-def check_run_record(run, where: str) -> None:
-  """run.json comes from the bucket: every field is checked before any party acts on it.
-
-  Raises RunMismatchError naming what is wrong: another format, a contract
-  that fails the config checks (a poll interval of -1, weights that are all 0,
-  an unknown field), or silo records that are not numbers in range.
-  """
-  if not isinstance(run, dict):
-    raise RunMismatchError(f'{where} is not a JSON object. Fix: recreate the run.')
-  check_format(run)
-  try:
-    recorded = recorded_contract(run)
-    unknown = sorted(set(recorded) - set(contract(config_lib.base_config())))
-    if unknown:
-      raise ValueError(f'unknown contract field(s) {unknown}')
-    config = config_lib.with_values(config_lib.base_config(), recorded)
-    validate_federation(config)
-    ids = [s['id'] for s in run['silos']]
-    if ids != list(config.federation.silos):
-      raise ValueError(f'silos {ids} are not federation.silos {list(config.federation.silos)}')
-    for s in run['silos']:
-      if not (is_number(s['weight']) and s['weight'] >= 0 and is_int(s['inner_steps'])
-              and s['inner_steps'] > 0 and is_number(s['round_budget_s'])
-              and s['round_budget_s'] >= 0):
-        raise ValueError(f'silo record {s} needs weight >= 0, inner_steps > 0, '
-                         'round_budget_s >= 0')
-    if not sum(s['weight'] for s in run['silos']) > 0:
-      raise ValueError('every silo weight is 0')
-    if not (isinstance(run['run_id'], str) and isinstance(run['tokenizer_sha256'], str)):
-      raise ValueError('run_id and tokenizer_sha256 must be strings')
-  except (config_lib.ConfigError, *MALFORMED) as e:
-    raise RunMismatchError(
-        f'{where} is invalid: {errors.one_line(e)}. Fix: recreate the run with '
-        'scripts/init_run.py; a run.json must not be edited by hand.') from None
-
-
 def silo_entry(run: dict, silo_id: str) -> dict:
   """Silo `silo_id`'s record in run.json: id, weight, inner_steps (H) and round_budget_s."""
   check_silo_listed(run, silo_id)
@@ -198,7 +142,7 @@ def adopt_run_config(run: dict, config, silo_id: str | None, typed=frozenset()):
   silo's H and round budget are its declaration in run.json's silo list;
   `PARTY_DEFAULTS` may be typed freely. `silo_id` None: a reader (evaluate, sample).
   """
-  recorded = recorded_contract(run)
+  recorded = records.recorded_contract(run)
   if silo_id is not None:
     entry = silo_entry(run, silo_id)
     recorded.update({field: entry[key] for field, key in PER_SILO.items()})
@@ -311,12 +255,8 @@ def check_delta_meta(run: dict, round_index: int, silo: str, meta, base_hash: st
   try:
     return _check_delta_meta(run, round_index, silo, meta, base_hash, leaf_shapes,
                              check_signature)
-  except MALFORMED as e:
-    return malformed(e)
-
-
-def malformed(error: BaseException) -> str:
-  return f'malformed metadata ({type(error).__name__}: {errors.one_line(error)})'
+  except records.MALFORMED as e:
+    return records.malformed(e)
 
 
 def _check_author(run: dict, silo: str, record: dict, check_signature) -> str | None:
@@ -343,17 +283,6 @@ def check_delta_identity(run: dict, round_index: int, silo: str, meta: dict,
   return None
 
 
-def is_int(value) -> bool:
-  """A JSON integer (not a bool, which Python counts as one)."""
-  return isinstance(value, int) and not isinstance(value, bool)
-
-
-def is_number(value) -> bool:
-  """A finite JSON number; 1e999 and NaN parse, and break sums and sorts downstream."""
-  return (isinstance(value, (int, float)) and not isinstance(value, bool)
-          and math.isfinite(value))
-
-
 def tokens_per_step(run: dict) -> int:
   """Tokens one inner step of any silo trains on: the run's global batch x sequence length."""
   return run['data']['global_batch'] * run['data']['seq_len']
@@ -370,17 +299,17 @@ def _check_delta_numbers(run: dict, silo: str, meta: dict) -> str | None:
     return (f'compression {meta.get("compression")!r} with block size {meta.get("block_size")!r}'
             f' is not the run\'s {fed["compression"]!r} with {fed["block_size"]}')
   steps, tokens, h = meta.get('steps'), meta.get('tokens'), entry['inner_steps']
-  if not is_int(steps) or not 1 <= steps <= h or (steps < h and not entry['round_budget_s']):
+  if not records.is_int(steps) or not 1 <= steps <= h or (steps < h and not entry['round_budget_s']):
     return (f'bad step count {steps!r}: a round is H={h} inner steps'
             + (' or fewer when its time budget ends' if entry['round_budget_s'] else ''))
   most = steps * tokens_per_step(run)
-  if not is_int(tokens) or not 0 < tokens <= most:
+  if not records.is_int(tokens) or not 0 < tokens <= most:
     return (f'bad token count {tokens!r}: {steps} steps train on at most {most} tokens '
             f'({tokens_per_step(run)} per step)')
   for key, optional in (('train_loss', False), ('global_eval_loss', True),
                         ('delta_norm', False), ('inner_seconds', False)):
     value = meta.get(key)
-    if not (is_number(value) or (optional and value is None)) or (
+    if not (records.is_number(value) or (optional and value is None)) or (
         key != 'train_loss' and key != 'global_eval_loss' and value < 0):
       return f'bad {key} {value!r}: not a finite number' + ('' if 'loss' in key else ' >= 0')
   return None
@@ -396,8 +325,8 @@ def check_delta_claims(run: dict, round_index: int, silo: str, meta) -> str | No
   try:
     return (check_delta_identity(run, round_index, silo, meta)
             or _check_delta_numbers(run, silo, meta))
-  except MALFORMED as e:
-    return malformed(e)
+  except records.MALFORMED as e:
+    return records.malformed(e)
 
 
 def _check_delta_meta(run, round_index, silo, meta, base_hash, leaf_shapes, check_signature):
@@ -559,10 +488,10 @@ def check_manifest(run: dict, round_index: int, manifest) -> str | None:
       if e['silo'] not in ids:
         return f'it includes {e["silo"]!r}, which is not in run.json'
       h = silo_entry(run, e['silo'])['inner_steps']
-      if not (is_int(e['steps']) and 1 <= e['steps'] <= h and is_int(e['tokens'])
-              and 0 < e['tokens'] <= e['steps'] * tokens_per_step(run) and is_int(e['bytes'])
-              and e['bytes'] >= 0 and is_number(e['weight']) and 0 <= e['weight'] <= 1
-              and is_number(e['train_loss']) and is_number(e.get('clip_factor', 1.0))):
+      if not (records.is_int(e['steps']) and 1 <= e['steps'] <= h and records.is_int(e['tokens'])
+              and 0 < e['tokens'] <= e['steps'] * tokens_per_step(run) and records.is_int(e['bytes'])
+              and e['bytes'] >= 0 and records.is_number(e['weight']) and 0 <= e['weight'] <= 1
+              and records.is_number(e['train_loss']) and records.is_number(e.get('clip_factor', 1.0))):
         return (f'entry of {e["silo"]!r} has a step, token or byte count, weight or loss out of '
                 'range')
     if included and contributing(included) and not math.isclose(
@@ -573,10 +502,10 @@ def check_manifest(run: dict, round_index: int, manifest) -> str | None:
         return 'a rejection is not a silo and a reason'
     if not all(s in ids for s in manifest['missing'] + manifest['late_from_previous_round']):
       return 'it lists silos that are not in run.json as missing or late'
-    if not is_number(manifest['decided_after_s']):
+    if not records.is_number(manifest['decided_after_s']):
       return f'decided_after_s {manifest["decided_after_s"]!r} is not a number'
-  except MALFORMED as e:
-    return malformed(e)
+  except records.MALFORMED as e:
+    return records.malformed(e)
   return None
 
 
@@ -621,7 +550,7 @@ def check_eval_record(run: dict, round_index: int, silo: str, record,
       or record.get('silo') != silo):
     return (f'it says run {record.get("run_id")!r} round {record.get("round")} silo '
             f'{record.get("silo")!r} (a replayed or moved record)')
-  if not is_number(record.get('eval_loss')) or not is_int(record.get('step')):
+  if not records.is_number(record.get('eval_loss')) or not records.is_int(record.get('step')):
     return (f'eval_loss {record.get("eval_loss")!r} or step {record.get("step")!r} is not a '
             'finite number')
   return None
@@ -644,37 +573,6 @@ def global_shard_meta(run_id: str, round_index: int, shard: int, num_shards: int
       'leaf_hashes': leaf_hashes, 'leaf_shapes': leaf_shapes, 'leaf_dtypes': leaf_dtypes,
       'outer_state_hashes': outer_state_hashes, 'contributors': contributors, 'tokens': tokens,
   }
-
-
-def check_shard_meta_form(meta) -> str | None:
-  """Why a global shard meta read from the bucket is not even well-formed, or None.
-
-  Every party polls these (`storage.global_shard_metas`), so a malformed one is
-  named before anyone indexes into it; `check_global_meta` then checks whose it is.
-  """
-  if not isinstance(meta, dict):
-    return 'its meta.json is not a JSON object'
-  try:
-    n = meta['num_shards']
-    if not (is_int(n) and n >= 1 and is_int(meta['shard']) and 0 <= meta['shard'] < n
-            and is_int(meta['round']) and is_int(meta['tokens']) and meta['tokens'] >= 0):
-      return (f'its meta.json says round {meta["round"]!r}, shard {meta["shard"]!r} of '
-              f'{n!r}, tokens {meta["tokens"]!r}')
-    hashes, shapes, dtypes = meta['leaf_hashes'], meta['leaf_shapes'], meta['leaf_dtypes']
-    if not (isinstance(hashes, dict) and sorted(hashes) == sorted(shapes) == sorted(dtypes)):
-      return 'its meta.json lists different leaves for hashes, shapes and dtypes'
-    for name in hashes:
-      shape = shapes[name]
-      if not (isinstance(hashes[name], str) and isinstance(shape, list)
-              and all(is_int(d) and 0 <= d < 2**40 for d in shape)
-              and math.prod(shape) < 2**40 and dtypes[name] in config_lib.DTYPES):
-        return f'its meta.json describes leaf {name!r} as {shape!r} {dtypes[name]!r}'
-    if not (isinstance(meta['contributors'], list)
-            and all(isinstance(c, str) for c in meta['contributors'])):
-      return 'its meta.json has no list of contributors'
-  except MALFORMED as e:
-    return malformed(e)
-  return None
 
 
 def check_shard_arrays(meta: dict, param_hashes: dict, outer_state_hashes: dict) -> str | None:

@@ -26,6 +26,7 @@ from fedpt import errors
 from fedpt import evaluation
 from fedpt import ledger
 from fedpt import protocol
+from fedpt import records
 from fedpt import signing
 from fedpt import storage as storage_lib
 
@@ -153,7 +154,7 @@ def _tail(path: str, lines: int = 20) -> str:
 def _check_resumable(store, config) -> dict:
   """The run already at the storage root, if this config may resume it (the same contract)."""
   run = store.read_run()
-  diff = config_lib.differences(protocol.recorded_contract(run), config)
+  diff = config_lib.differences(records.recorded_contract(run), config)
   if diff:
     raise protocol.RunMismatchError(
         f'the unfinished run at {store.root} was made with other settings: '

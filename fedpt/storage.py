@@ -40,7 +40,7 @@ import orbax.checkpoint as ocp
 from fedpt import errors
 from fedpt import faults
 from fedpt import multihost
-from fedpt import protocol
+from fedpt import records
 from fedpt.checkpoint import ORBAX_LOCK
 from fedpt.trees import flatten_params
 from fedpt.trees import tree_hash
@@ -326,7 +326,7 @@ class RunStorage:
       raise StorageError(
           f'no run at {self.root} ({self.run_path} is missing). Fix: create it with '
           f'scripts/init_run.py --storage={self.root}, or pass the right --storage.')
-    protocol.check_run_record(run, str(self.run_path))
+    records.check_run_form(run, str(self.run_path))
     return run
 
   # -- Orbax trees ---------------------------------------------------------------
@@ -434,7 +434,7 @@ class RunStorage:
     if not metas or any(m is None for m in metas):
       return None
     for i, meta in enumerate(metas):  # Written once and atomically: malformed is tampered.
-      reason = protocol.check_shard_meta_form(meta)
+      reason = records.check_shard_meta_form(meta)
       if reason:
         raise tampered(self.root, round_index, meta.get('shard', i) if isinstance(
             meta, dict) else i, reason)
@@ -658,7 +658,7 @@ def _machine_id() -> str:
 
 def _pid_alive(pid) -> bool:
   """Whether process `pid` (read from the bucket: any JSON value) runs on this machine."""
-  if not protocol.is_int(pid) or not 0 < pid < 2**31:  # 0 and -n would name process groups.
+  if not records.is_int(pid) or not 0 < pid < 2**31:  # 0 and -n would name process groups.
     return False
   try:
     os.kill(pid, 0)

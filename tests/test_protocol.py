@@ -4,6 +4,7 @@ import pytest
 from fedpt import compression
 from fedpt import config as config_lib
 from fedpt import protocol
+from fedpt import records
 from fedpt import trees
 
 LEAVES = {'embed_vd': (8, 4), 'final_norm/scale': (4,)}
@@ -290,7 +291,7 @@ def test_a_global_meta_must_be_well_formed_before_anyone_reads_it():
   meta = protocol.global_shard_meta('run-1', 2, 0, 1, leaf_hashes={'x': 'h'},
                                     leaf_shapes={'x': [2, 3]}, leaf_dtypes={'x': 'float32'},
                                     outer_state_hashes={}, contributors=['a'], tokens=5)
-  assert protocol.check_shard_meta_form(meta) is None
+  assert records.check_shard_meta_form(meta) is None
   for edit, reason in [
       ({'leaf_shapes': {'x': [10**400]}}, "describes leaf 'x' as"),
       ({'leaf_dtypes': {'x': 'object'}}, "describes leaf 'x' as [2, 3] 'object'"),
@@ -299,10 +300,10 @@ def test_a_global_meta_must_be_well_formed_before_anyone_reads_it():
       ({'contributors': 'a'}, 'no list of contributors'),
       ({'leaf_hashes': None}, 'different leaves'),
   ]:
-    got = protocol.check_shard_meta_form({**meta, **edit})
+    got = records.check_shard_meta_form({**meta, **edit})
     assert got is not None and reason in got, (edit, got)
-  assert 'not a JSON object' in protocol.check_shard_meta_form([meta])
-  assert 'malformed' in protocol.check_shard_meta_form({k: v for k, v in meta.items()
+  assert 'not a JSON object' in records.check_shard_meta_form([meta])
+  assert 'malformed' in records.check_shard_meta_form({k: v for k, v in meta.items()
                                                           if k != 'tokens'})
 
 
@@ -326,17 +327,21 @@ def test_a_manifest_read_back_is_checked():
 
 def test_run_json_is_checked_by_every_reader():
   run = _run()
-  protocol.check_run_record(run, 'run.json')
+  records.check_run_form(run, 'run.json')
   for edit, reason in [
       ({'federation': {**run['federation'], 'poll_s': -1.0}}, 'federation.poll_s'),
       ({'silos': [{**s, 'weight': 0.0} for s in run['silos']]}, 'every silo weight is 0'),
       ({'silos': run['silos'][:2]}, 'are not federation.silos'),
       ({'model': {**run['model'], 'rope_theta': 'big'}}, 'model.rope_theta'),
-      ({'inner': {**run['inner'], 'lr_typo': 1.0}}, r"unknown contract field\(s\) \['inner.lr_typo'\]"),
-      ({'format_version': 2}, 'protocol format 2'),
+      ({'inner': {**run['inner'], 'lr_typo': 1.0}},
+       r"unknown contract field\(s\) \['inner.lr_typo'\]"),
+      ({'federation': {**run['federation'], 'silos': ['a', '../b', 'c']}}, "silo id '../b'"),
+      ({'seed': None}, 'seed'),
   ]:
-    with pytest.raises(protocol.RunMismatchError, match=reason):
-      protocol.check_run_record({**run, **edit}, 'run.json')
+    with pytest.raises(records.RecordError, match=f'run.json is invalid: .*{reason}.*Fix'):
+      records.check_run_form({**run, **edit}, 'run.json')
+  with pytest.raises(protocol.RunMismatchError, match='protocol format 2'):
+    protocol.check_format({**run, 'format_version': 2})
 
 
 def test_a_global_shards_arrays_must_be_the_ones_its_meta_lists():
@@ -379,8 +384,8 @@ def test_run_record_holds_the_whole_contract_and_per_silo_declarations():
   # What each party chooses for itself is not in the contract.
   for field in ('model.remat', 'data.corpus', 'data.tokenizer', 'inner.grad_accum', 'train.steps',
                 'mesh.data'):
-    assert field not in protocol.recorded_contract(run), field
-  assert protocol.recorded_contract(run) == protocol.contract(config)
+    assert field not in records.recorded_contract(run), field
+  assert records.recorded_contract(run) == protocol.contract(config)
   with pytest.raises(protocol.RunMismatchError, match="silo 'zz' is not in this run"):
     protocol.join_config(run, config, 'zz')
   with pytest.raises(protocol.RunMismatchError, match='tokenizer.*Fix'):
