@@ -153,6 +153,7 @@ class _Silo:
     self.silo_id = silo_id
     self.store = storage_lib.RunStorage(storage_root)
     self.run = self.store.read_run()
+    protocol.check_silo_listed(self.run, silo_id)
     self.identity = signing.party_identity(self.run, keys_dir, signing.silo_key_name(silo_id))
     self.config = config = self._join_config(config, overrides)
     self.fed = config.federation

@@ -44,7 +44,7 @@ MAX_JSON_STRING = 256
 TEXT_WINDOW = 40
 ORBAX_MARKERS = ('_CHECKPOINT_METADATA', '_METADATA')
 
-CANARY_SILOS = {'canary_int8': 'int8', 'canary_none': 'none'}  # silo id -> compression
+CANARY_SILOS = ('canary_a', 'canary_b')  # Both train on the canary corpus.
 OTHER_SILO = 'other'
 
 
@@ -337,20 +337,17 @@ def test_bucket_holds_no_canary_text_or_token_ids(fed_config, tmp_path, gcs_buck
         seed=protocol.silo_data_seed(config.seed, silo))]
     assert any(_contains_sequence(row, needle) for row in rows), silo
 
-  # A real federation. The two canary silos upload the same kind of data in two formats
-  # (a silo's compression is its own setting, recorded per delta), which covers both in
-  # one run instead of two; int8 also keeps an error-feedback residual in its workdir.
-  # Signed, through a real GCS-protocol server, as in production.
+  # A real federation in the run's format (uncompressed fp32 deltas: the most a delta can
+  # carry), signed, through a real GCS-protocol server, as in production.
   bucket = epath.Path(f'{gcs_bucket}/run')
   keys = str(private / 'keys')
   signing.generate_named(keys, ['aggregator', *(f'silo_{s}' for s in (OTHER_SILO,
                                                                      *CANARY_SILOS))])
   aggregator_lib.init_run(fed_config, str(bucket), keys_dir=keys)
   silo_configs = {OTHER_SILO: fed_config}
-  for silo, fmt in CANARY_SILOS.items():
+  for silo in CANARY_SILOS:
     silo_configs[silo] = fed_config.copy_and_resolve_references()
     silo_configs[silo].data.corpus = canary_corpus
-    silo_configs[silo].federation.update(compression=fmt, error_feedback=fmt != 'none')
   workdirs = {silo: private / 'workdir' / silo for silo in silo_configs}
   errors = []
 
@@ -371,12 +368,12 @@ def test_bucket_holds_no_canary_text_or_token_ids(fed_config, tmp_path, gcs_buck
   assert not errors and not any(w.is_alive() for w in workers), errors
 
   scan = scan_bucket(bucket)
-  # The scan saw the whole run: every silo's committed delta of every round, both formats.
+  # The scan saw the whole run: every silo's committed delta of every round.
   for r in range(2):
     manifest = scan.json_objects[f'rounds/{r:06d}/manifest.json']
     assert sorted(e['silo'] for e in manifest['included']) == sorted(silo_configs)
-    for silo, fmt in CANARY_SILOS.items():
-      assert scan.json_objects[f'rounds/{r:06d}/silo_{silo}/meta.json']['compression'] == fmt
+    for silo in CANARY_SILOS:
+      assert scan.json_objects[f'rounds/{r:06d}/silo_{silo}/meta.json']['compression'] == 'none'
       assert f'rounds/{r:06d}/silo_{silo}/payload' in scan.orbax_dirs
   assert 'global/round_000002/shard_000_of_001/params' in scan.orbax_dirs
 
@@ -412,31 +409,31 @@ def test_bucket_holds_no_canary_text_or_token_ids(fed_config, tmp_path, gcs_buck
 
   # Negative controls: leaks planted into this bucket are each caught by its detector.
   ids = {enc: needle.astype(dtype) for enc, dtype in TOKEN_ENCODINGS.items()}
-  (bucket / 'rounds/000001/silo_canary_int8/notes.txt').write_text(f'sample: {canary}\n')
+  (bucket / 'rounds/000001/silo_canary_a/notes.txt').write_text(f'sample: {canary}\n')
   _plant_orbax(bucket / 'rounds/000001/leak', {
       'text': np.frombuffer(canary.encode(), np.uint8), **ids})
-  _plant_orbax(bucket / 'rounds/000002/silo_canary_none/payload',
+  _plant_orbax(bucket / 'rounds/000002/silo_canary_b/payload',
                {'embed_vd': {'values': needle.astype(np.float32)}})
-  (bucket / 'rounds/000002/silo_canary_none/meta.json').write_text(json.dumps(
+  (bucket / 'rounds/000002/silo_canary_b/meta.json').write_text(json.dumps(
       {'batch': needle.tolist(), 'batch_text': ' '.join(map(str, needle)),
        'loss_on': f'print({canary!r})  ' * 8}))
   leaky = scan_bucket(bucket)
   assert set(leaky.find_bytes(secrets['canary'])) >= {
-      'rounds/000001/leak:text', 'rounds/000001/silo_canary_int8/notes.txt',
-      'rounds/000002/silo_canary_none/meta.json'}
+      'rounds/000001/leak:text', 'rounds/000001/silo_canary_a/notes.txt',
+      'rounds/000002/silo_canary_b/meta.json'}
   found = leaky.find_tokens(needle)
   for enc in TOKEN_ENCODINGS:
     assert f'rounds/000001/leak:{enc}' in found[enc], enc
-  assert 'rounds/000002/silo_canary_none/payload:embed_vd/values' in found['value']
+  assert 'rounds/000002/silo_canary_b/payload:embed_vd/values' in found['value']
   problems = array_problems(leaky, layout)
   assert 'rounds/000001/leak: Orbax arrays at an unexpected location' in problems
-  assert any(p.startswith('rounds/000002/silo_canary_none/payload:embed_vd/values is ((')
+  assert any(p.startswith('rounds/000002/silo_canary_b/payload:embed_vd/values is ((')
              for p in problems)
-  assert unexpected_objects(leaky) == ['rounds/000001/silo_canary_int8/notes.txt']
+  assert unexpected_objects(leaky) == ['rounds/000001/silo_canary_a/notes.txt']
   flagged = token_like_json(leaky)
   for key in ('batch', 'batch_text', 'loss_on'):
-    assert any(p.startswith(f'rounds/000002/silo_canary_none/meta.json.{key}:')
+    assert any(p.startswith(f'rounds/000002/silo_canary_b/meta.json.{key}:')
                for p in flagged), key
-  assert json_with_text(leaky, canary) == ['rounds/000002/silo_canary_none/meta.json.loss_on']
+  assert json_with_text(leaky, canary) == ['rounds/000002/silo_canary_b/meta.json.loss_on']
   assert json_with_text(leaky, private_text) == [
-      'rounds/000002/silo_canary_none/meta.json.loss_on']
+      'rounds/000002/silo_canary_b/meta.json.loss_on']
