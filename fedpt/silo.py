@@ -307,6 +307,9 @@ class _Silo:
         break
       if self.fed.round_budget_s and multihost.agree_flag(
           time.monotonic() - start >= self.fed.round_budget_s):
+        if len(position.losses) < self.fed.inner_steps:
+          self.log(f'round {position.round}: its {self.fed.round_budget_s:g}s budget ended '
+                   f'after {len(position.losses)} of H={self.fed.inner_steps} inner steps')
         break
     position.losses = [float(x) for x in position.losses]  # Waits for the last step.
     return state, step
