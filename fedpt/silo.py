@@ -293,7 +293,7 @@ class _Silo:
         position.phase = Phase.TRAINING
         self.private.save(state, residual, position)
         self.summary['preempted'] = True
-        self.log(f'SIGTERM: checkpointed round {position.round} after '
+        self.log(f'{self.preemption.cause}: checkpointed round {position.round} after '
                  f'{len(position.losses)} inner steps; exiting for a restart to resume')
         break
       if self.fed.round_budget_s and multihost.agree_flag(

@@ -13,6 +13,7 @@ import pytest
 from fedpt import checkpoint as checkpoint_lib
 from fedpt import config as config_lib
 from fedpt import data as data_lib
+from fedpt import errors
 from fedpt import sharding
 from fedpt import trainer as trainer_lib
 
@@ -141,7 +142,7 @@ def test_sigterm_checkpoints_and_resume_is_bit_exact(tiny_config, tmp_path, repo
     time.sleep(0.2)
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=240)
-  assert proc.returncode == trainer_lib.PREEMPTED_EXIT_CODE, out
+  assert proc.returncode == errors.PREEMPTED_EXIT_CODE, out
   assert 'SIGTERM: checkpointed step' in out
   stopped_at, _ = _final_params(str(workdir), tiny_config)
   assert 0 < stopped_at < 60, out
