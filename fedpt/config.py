@@ -251,7 +251,7 @@ def differences(recorded: dict, config, fields=None) -> dict:
   record lacks is not compared (a record written by an older fedpt).
   """
   mine = flat(config)
-  return {k: (mine.get(k), recorded[k]) for k in sorted(fields or recorded)
+  return {k: (mine.get(k), recorded[k]) for k in sorted(recorded if fields is None else fields)
           if k in recorded and k in mine and mine[k] != recorded[k]}
 
 
