@@ -3,6 +3,8 @@
 The metadata (model spec, tokenizer hash, data position, federation round) is
 JSON so that a mismatched workdir is refused before any array is read.
 """
+import contextlib
+import functools
 import logging
 import os
 import sys
@@ -133,10 +135,13 @@ class Checkpointer:
     """Waits for the save in flight; `quiet` when another error is already on its way out."""
     try:
       self.wait()
-      self._manager.close()
     except Exception:  # pylint: disable=broad-except
+      with contextlib.suppress(Exception):  # Its own wait would raise the same again.
+        self._manager.close()
       if not quiet:
         raise
+      return
+    self._manager.close()
 
 
 def abstract_like(state, shardings):
@@ -175,9 +180,7 @@ def last_good_note(directory: str) -> str:
   return f'. The last good checkpoint is step {step}: a rerun resumes from it'
 
 
-_QUIET = []
-
-
+@functools.cache
 def _quiet_background_refusals() -> None:
   """Keeps Orbax's background threads from printing tracebacks of an OS refusal.
 
@@ -186,10 +189,6 @@ def _quiet_background_refusals() -> None:
   failing thread, and tensorstore's 'Event loop is closed' callbacks after the
   failed save's event loop is gone, would bury it. Other errors are logged as before.
   """
-  if _QUIET:
-    return
-  _QUIET.append(True)
-
   def keep(record: logging.LogRecord) -> bool:
     error = record.exc_info[1] if record.exc_info else None
     return not ('orbax' in record.pathname and error is not None

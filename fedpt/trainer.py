@@ -194,12 +194,12 @@ def resume_config(config, workdir: str, typed=None, allow_change: bool = False):
 
 
 def _record_config(workdir, config, record, changed, step, note) -> None:
-  """Writes config.json on a first start, or when a resume changed a value (with its step)."""
+  """Writes config.json when it is new or differs; an allowed change is listed with its step."""
   changes = list((record or {}).get('config_changes', []))
   if changed:
-    changes.append({'step': step, 'date': datetime.datetime.now(datetime.timezone.utc).isoformat(
-        timespec='seconds'), 'changes': {k: {'from': old, 'to': new}
-                                         for k, (new, old) in changed.items()}})
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
+    changes.append({'step': step, 'date': now, 'changes': {
+        k: {'from': old, 'to': new} for k, (new, old) in changed.items()}})
     metrics_lib.log(f'config changed from step {step} on (--allow_config_change): '
                     f'{config_lib.describe(changed)}; recorded in '
                     f'{loading.config_record_path(workdir)}')

@@ -16,6 +16,8 @@ from fedpt import checkpoint as checkpoint_lib
 from fedpt import config as config_lib
 from fedpt import data as data_lib
 from fedpt import errors
+from fedpt import inspection
+from fedpt import loading
 from fedpt import sharding
 from fedpt import trainer as trainer_lib
 
@@ -209,6 +211,7 @@ def test_a_resume_keeps_the_recorded_config_unless_a_change_is_allowed(tiny_conf
   assert change['changes'] == {'train.steps': {'from': 4, 'to': 6}}
   logged = [json.loads(l)['step'] for l in open(tmp_path / 'metrics.jsonl')]
   assert logged == [2, 3, 4, 5, 6]
+  assert inspection.describe(loading.Source(workdir=workdir))['config_changes'] == [change]
 
   # A workdir of an older fedpt (no config.json) takes --config, and records it.
   (tmp_path / 'config.json').unlink()
