@@ -4,6 +4,8 @@ The metadata (model spec, tokenizer hash, data position, federation round) is
 JSON so that a mismatched workdir is refused before any array is read.
 """
 import contextlib
+import functools
+import logging
 import os
 import sys
 import threading
@@ -26,15 +28,25 @@ class CheckpointError(errors.UserError, ValueError):
 
 
 class Checkpointer:
-  """Async Orbax CheckpointManager keeping the last N steps of `{'state', 'meta'}`."""
+  """Async Orbax CheckpointManager keeping the last N steps of `{'state', 'meta'}`.
 
-  def __init__(self, directory: str, keep: int, async_save: bool = True):
+  A step is written under a temporary name and renamed once whole, so a save cut
+  short (disk full, a kill) is never listed; the workdir's writer (`clean_up`)
+  deletes such leftovers when it starts. An OS refusal, also one raised in
+  Orbax's background save threads, is one CheckpointError line naming the step
+  that failed and the last good one.
+  """
+
+  def __init__(self, directory: str, keep: int, async_save: bool = True, clean_up: bool = True):
     self.directory = os.path.abspath(directory) if '://' not in directory else directory
+    self._pending = None  # The step of an async save not yet known to be complete.
+    _quiet_background_refusals()
     with self._refusals('creating the checkpoint folder'):
       self._manager = ocp.CheckpointManager(
           self.directory,
           options=ocp.CheckpointManagerOptions(
-              max_to_keep=keep, create=True, enable_async_checkpointing=async_save),
+              max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+              cleanup_tmp_directories=clean_up),
           item_names=('state', 'meta'))
 
   def latest_step(self) -> int | None:
@@ -44,20 +56,16 @@ class Checkpointer:
     return list(self._manager.all_steps())
 
   def save(self, step: int, state, meta: dict) -> None:
+    self.wait()  # Orbax would wait too; here a failure of the previous save is named as such.
     with self._refusals(f'saving checkpoint step {step}'), ORBAX_LOCK:
+      self._pending = step
       self._manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 
-  @contextlib.contextmanager
   def _refusals(self, what: str):
     """An OS refusal (permission, read-only, disk full) becomes one CheckpointError line."""
-    try:
-      yield
-    except Exception as e:  # pylint: disable=broad-except
-      refused = errors.os_refusal(e, self.directory)
-      if refused is None:
-        raise
-      raise CheckpointError(f'{what} in {self.directory}: {refused}') from None
+    return errors.refusals(f'{what} in {self.directory}', self.directory, CheckpointError,
+                           note=lambda: last_good_note(self.directory))
 
   def read_meta(self, step: int) -> dict:
     with ORBAX_LOCK:
@@ -116,11 +124,23 @@ class Checkpointer:
     return tree.item_metadata.tree if hasattr(tree, 'item_metadata') else tree
 
   def wait(self) -> None:
-    with self._refusals('finishing a checkpoint'):
+    """Until the async save in flight is on disk; its failure is raised here."""
+    what = 'finishing a checkpoint' if self._pending is None else (
+        f'saving checkpoint step {self._pending}')
+    with self._refusals(what):
       self._manager.wait_until_finished()
+    self._pending = None
 
-  def close(self) -> None:
-    self.wait()
+  def close(self, quiet: bool = False) -> None:
+    """Waits for the save in flight; `quiet` when another error is already on its way out."""
+    try:
+      self.wait()
+    except Exception:  # pylint: disable=broad-except
+      with contextlib.suppress(Exception):  # Its own wait would raise the same again.
+        self._manager.close()
+      if not quiet:
+        raise
+      return
     self._manager.close()
 
 
@@ -142,3 +162,42 @@ def check_meta(meta: dict, expected: dict, what: str) -> None:
 
 def expected_meta(config, tokenizer_sha256: str) -> dict:
   return {'model_spec': config_lib.model_spec(config), 'tokenizer_sha256': tokenizer_sha256}
+
+
+def last_good_step(directory: str) -> int | None:
+  """The newest step complete on disk (a save cut short keeps its temporary name)."""
+  return max(ocp.path.step.checkpoint_steps(directory), default=None)
+
+
+def last_good_note(directory: str) -> str:
+  """What a rerun resumes from, for the end of an error line."""
+  try:
+    step = last_good_step(directory)
+  except Exception:  # pylint: disable=broad-except  # The folder itself is what failed.
+    return ''
+  if step is None:
+    return '. No checkpoint is complete yet: a rerun starts from step 0'
+  return f'. The last good checkpoint is step {step}: a rerun resumes from it'
+
+
+@functools.cache
+def _quiet_background_refusals() -> None:
+  """Keeps Orbax's background threads from printing tracebacks of an OS refusal.
+
+  The same error is raised in the main thread at the next save, wait or close,
+  which `errors.refusals` turns into one line; the tracebacks logged by each
+  failing thread, and tensorstore's 'Event loop is closed' callbacks after the
+  failed save's event loop is gone, would bury it. Other errors are logged as before.
+  """
+  def keep(record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    return not ('orbax' in record.pathname and error is not None
+                and errors.os_refusal(error, '') is not None)
+  logging.getLogger('absl').addFilter(keep)
+  previous = sys.unraisablehook
+
+  def unraisable(info):
+    if not (isinstance(info.exc_value, RuntimeError)
+            and str(info.exc_value) == 'Event loop is closed'):
+      previous(info)
+  sys.unraisablehook = unraisable

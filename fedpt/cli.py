@@ -10,13 +10,20 @@ from fedpt import errors
 
 
 def run_or_explain(fn, *args, **kwargs):
-  """Calls fn; a user error exits with status 2 and its message."""
+  """Calls fn; a user error exits with status 2 and its message, a Ctrl-C with 75 and a line."""
   try:
     return fn(*args, **kwargs)
   except errors.UserError as e:
-    print(f'error: {e}', file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    os._exit(2)  # Skip atexit hooks of half-initialised libraries (e.g. Orbax threads).
+    _exit(f'error: {e}', 2)
+  except KeyboardInterrupt:  # Where no checkpoint was due; training loops handle it themselves.
+    _exit('interrupted (Ctrl-C): nothing half-written is kept; rerun the same command to resume',
+          errors.PREEMPTED_EXIT_CODE)
+
+
+def _exit(line: str, status: int):
+  print(line, file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(status)  # Skip atexit hooks of half-initialised libraries (e.g. Orbax threads).
 
 
 def parse_flags_or_explain(argv):

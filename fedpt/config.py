@@ -4,6 +4,7 @@ Every config starts from `base_config()`, so a field that is not in the schema
 is a typo and is reported with the closest valid name.
 """
 import difflib
+import fnmatch
 import math
 import numbers
 
@@ -34,6 +35,10 @@ DEFAULT_RULES = (
     ('norm', None),
     ('layers', None),
 )
+
+
+class RecordedConfigError(errors.UserError, ValueError):
+  """A config that disagrees with the one a workdir recorded, or none where one is needed."""
 
 
 class ConfigError(errors.UserError, ValueError):
@@ -315,11 +320,27 @@ def _describe_type(default) -> str:
   return 'a tuple'
 
 
+SHAPE_FIELDS = ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'head_dim', 'd_ff',
+                'tie_embeddings')
+
+# What makes a trained model the function it is. A tool reading its weights (sample, evaluate,
+# export) may change anything else: the data it evaluates on, eval batches, compute dtype.
+MODEL_FIELDS = (*(f'model.{k}' for k in SHAPE_FIELDS), 'model.rope_theta', 'model.norm_eps',
+                'model.init_std', 'model.param_dtype', 'data.tokenizer')
+
+# What a resumed run may change without --allow_config_change: how it is run, logged and
+# checkpointed, not what it computes. Every other field is compared with the workdir's record.
+# federation.* and outer.*: a plain run does not read them (a federated run's are in run.json).
+RESUMABLE_FIELDS = ('name', 'model.remat', 'model.attention', 'inner.grad_accum', 'train.log_every',
+                    'train.eval_every', 'train.eval_batches', 'train.checkpoint_every',
+                    'train.keep_checkpoints', 'train.async_checkpoints',
+                    'train.peak_tflops_per_device', 'mesh.*', 'sharding.*', 'distributed.*',
+                    'federation.*', 'outer.*')
+
+
 def model_spec(config) -> dict:
   """The fields that fix parameter shapes; checkpoints and runs must agree on them."""
-  m = config.model
-  return {k: m[k] for k in ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads',
-                            'head_dim', 'd_ff', 'tie_embeddings')}
+  return {k: config.model[k] for k in SHAPE_FIELDS}
 
 
 def flat(config) -> dict:
@@ -349,7 +370,7 @@ def differences(recorded: dict, config, fields=None) -> dict:
   record lacks is not compared (a record written by an older fedpt).
   """
   mine = flat(config)
-  return {k: (mine.get(k), recorded[k]) for k in sorted(fields or recorded)
+  return {k: (mine.get(k), recorded[k]) for k in sorted(recorded if fields is None else fields)
           if k in recorded and k in mine and mine[k] != recorded[k]}
 
 
@@ -369,3 +390,29 @@ def with_values(config, values: dict):
         node = node[s]
       node[field] = as_tuples(value) if isinstance(node[field], tuple) else value
   return config
+
+
+def compared_on_resume(fields) -> list[str]:
+  """Those of `fields` a resume must keep (all but RESUMABLE_FIELDS)."""
+  return [f for f in fields if not any(fnmatch.fnmatchcase(f, p) for p in RESUMABLE_FIELDS)]
+
+
+def from_flat(values: dict):
+  """The locked config a record describes; fields this fedpt does not know are left out."""
+  known = flat(base_config())
+  config = with_values(base_config(), {k: v for k, v in values.items() if k in known})
+  config.lock()
+  return config
+
+
+def over_record(recorded: dict, config, typed):
+  """The recorded config with the `typed` fields (those set on the command line) from `config`.
+
+  A record is the truth about a run: a config file's defaults do not override it,
+  only what the user typed does (the caller checks those). `typed=None` means every
+  field of `config` was asked for (an in-process call): `config` itself.
+  """
+  if typed is None:
+    return config
+  mine = flat(config) if config is not None else {}
+  return from_flat({**recorded, **{k: mine[k] for k in typed if k in mine}})

@@ -4,8 +4,14 @@ Its message names the problem and the fix. Every entry point turns it into one
 line on stderr and exit status 2 (`cli.run_or_explain`); anything else is a bug
 and keeps its traceback.
 """
+import contextlib
 import errno
 import os
+
+
+# Exit status of a run stopped by SIGTERM or Ctrl-C after it kept its work (EX_TEMPFAIL,
+# "retry later"): supervisors restart it, and rerunning the same command resumes.
+PREEMPTED_EXIT_CODE = 75
 
 
 class UserError(Exception):
@@ -44,3 +50,21 @@ def os_refusal(error: BaseException, where: str) -> str | None:
     if os.strerror(code) in text:
       return f'{os.strerror(code)}. Fix: {_OS_FIXES[code].format(where=where)}, then rerun'
   return None
+
+
+@contextlib.contextmanager
+def refusals(what: str, where: str, error=UserError, note=lambda: ''):
+  """An OS refusal inside becomes one `error` line: what, the OS's reason, the fix, `note()`.
+
+  `note` adds what is still good (e.g. the checkpoint a rerun resumes from).
+  Anything else keeps its traceback.
+  """
+  try:
+    yield
+  except UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    refused = os_refusal(e, where)
+    if refused is None:
+      raise
+    raise error(f'{what}: {refused}{note()}') from None

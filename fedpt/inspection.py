@@ -63,15 +63,17 @@ def describe_private_checkpoint(workdir: str, step: int | None = None) -> dict:
             for path, m in jax.tree_util.tree_flatten_with_path(params)[0]}
   shapes = {n: tuple(m.shape) for n, m in leaves.items()}
   dtypes = {n: np.dtype(m.dtype) for n, m in leaves.items()}
+  record = loading.read_config_record(workdir) or {}
   return {'source': f'{workdir} step {step}', 'step': step,
           **{k: meta.get(k) for k in ('run_id', 'silo', 'round', 'tokenizer_sha256')},
+          'config_changes': record.get('config_changes', []),  # Allowed on a resume.
           **_summary(_leaf_rows(shapes, dtypes))}
 
 
 def render(info: dict) -> str:
   lines = [f"{info['source']}"]
   for key in ('run_id', 'round', 'silo', 'step', 'global_hash', 'signatures', 'contributors',
-              'tokens', 'weights', 'rejected'):
+              'tokens', 'weights', 'rejected', 'config_changes'):
     if info.get(key) not in (None, [], {}):
       lines.append(f'  {key}: {info[key]}')
   lines.append(f"  parameters: {info['param_count']:,} in {len(info['leaves'])} arrays, "

@@ -11,6 +11,7 @@ array against the hash the aggregator committed.
 """
 import contextlib
 import dataclasses
+import json
 import os
 
 from etils import epath
@@ -18,10 +19,12 @@ import jax
 import jax.numpy as jnp
 
 from fedpt import checkpoint as checkpoint_lib
+from fedpt import config as config_lib
 from fedpt import data as data_lib
 from fedpt import errors
 from fedpt import inner
 from fedpt import model as model_lib
+from fedpt import multihost
 from fedpt import protocol
 from fedpt import signing
 from fedpt import storage as storage_lib
@@ -66,6 +69,78 @@ class Loaded:
   model_config: model_lib.ModelConfig
   tokenizer_path: str
   source: str  # For people: '<workdir> step N' or '<root> global round N'.
+
+
+# -- the config a workdir recorded -----------------------------------------------------
+
+CONFIG_RECORD = 'config.json'
+
+
+def config_record_path(workdir: str) -> epath.Path:
+  return epath.Path(workdir) / CONFIG_RECORD
+
+
+def read_config_record(workdir: str) -> dict | None:
+  """A plain run's config.json (`config.flat` plus `config_changes`), or None if it has none.
+
+  None for a new workdir, a federated silo's (its run's config is run.json) and
+  one trained by an older fedpt.
+  """
+  path = config_record_path(workdir)
+  with errors.refusals(f'reading {path}', str(path)):
+    try:
+      text = path.read_text()
+    except FileNotFoundError:
+      return None
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as e:
+    raise config_lib.RecordedConfigError(
+        f'{path} is not valid JSON ({e}). Fix: restore it from a backup, or delete it and pass '
+        '--config with the values the run was started with') from None
+
+
+def write_config_record(workdir: str, record: dict, note=lambda: '') -> None:
+  """Writes config.json whole or not at all (process 0 of a multi-host silo only)."""
+  if not multihost.is_leader():
+    return
+  path = config_record_path(workdir)
+  with errors.refusals(f'writing {path}', workdir, note=note):
+    storage_lib.write_atomically(path, json.dumps(record, indent=1, sort_keys=True) + '\n')
+
+
+def source_config(config=None, typed=frozenset(), *, workdir: str | None = None,
+                  step: int | None = None, storage: str | None = None,
+                  round_index: int | None = None):
+  """The config a tool reads a source's model with: the one the source recorded, else --config.
+
+  A workdir's config.json is its model's config, so --config (`config`) is then
+  optional. Of the fields typed on the command line (`typed`), one that would change
+  the model (`config.MODEL_FIELDS`) is refused, naming both values; the others (eval
+  batches, the data) apply. A workdir without a record (an older fedpt's, a
+  federated silo's) and a global round take --config.
+  """
+  source = Source(workdir=workdir, step=step, storage=storage, round_index=round_index)
+  record = read_config_record(source.workdir) if source.workdir is not None else None
+  # Hook: a --storage source, and a silo's workdir, get their run's recorded config (run.json).
+  if record is None:
+    if config is None:
+      if source.workdir is not None:
+        with open_checkpoint(source.workdir, source.step):  # No checkpoint at all says so first.
+          pass
+      raise config_lib.RecordedConfigError(
+          f'--config is required: {source.describe()} records no config (only plain runs '
+          f'started by this fedpt write {CONFIG_RECORD}). Fix: pass --config=<the configs/*.py '
+          'file it was trained with> and the overrides it was trained with')
+    return config
+  changed = {} if config is None else config_lib.differences(
+      record, config, fields=[f for f in typed if f in config_lib.MODEL_FIELDS])
+  if changed:
+    raise config_lib.RecordedConfigError(
+        f'{config_lib.describe(changed, "recorded")}: the model at {source.workdir} was '
+        f'trained with the recorded values. Fix: drop those overrides; the tools read the '
+        f'model\'s config from {config_record_path(source.workdir)}')
+  return config_lib.over_record(record, config, typed)
 
 
 # -- abstract trees -------------------------------------------------------------------
@@ -114,7 +189,7 @@ def open_checkpoint(workdir: str, step: int | None = None):
   if not epath.Path(directory).is_dir():
     raise checkpoint_lib.CheckpointError(
         f'no checkpoint in --workdir={workdir} ({directory} is missing). {fix}.')
-  checkpointer = checkpoint_lib.Checkpointer(directory, keep=1, async_save=False)
+  checkpointer = checkpoint_lib.Checkpointer(directory, keep=1, async_save=False, clean_up=False)
   try:
     steps = checkpointer.all_steps()
     if not steps or (step is not None and step not in steps):

@@ -1,9 +1,12 @@
 """Metrics: TensorBoard events and metrics.jsonl (process 0 only), plus a progress line."""
+import contextlib
 import json
 import os
 import time
 
 import jax
+
+from fedpt import errors
 
 # Peak dense bf16 FLOP/s per device, from the vendors' data sheets; MFU is relative to these.
 PEAK_TFLOPS_BY_DEVICE_KIND = (
@@ -34,34 +37,68 @@ def itstime(step: int, every: int, total: int | None = None) -> bool:
   return (every > 0 and step % every == 0) or (total is not None and step == total)
 
 
-class MetricWriter:
-  """Appends one JSON object per logged step and mirrors scalars to TensorBoard."""
+class MetricsError(errors.UserError, OSError):
+  """metrics.jsonl or the TensorBoard events could not be written; the message names the path."""
 
-  def __init__(self, workdir: str, enabled: bool | None = None):
+
+class MetricWriter:
+  """Appends one JSON object per logged step and mirrors scalars to TensorBoard events.
+
+  Both are written and flushed synchronously: a full disk or a read-only folder is
+  then one MetricsError line naming the file (with `note()`, e.g. the checkpoint a
+  rerun resumes from), where tensorboardX's writer thread would die and block the
+  trainer on its full queue. A line the disk cut short is removed.
+  """
+
+  def __init__(self, workdir: str, enabled: bool | None = None, note=lambda: ''):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
-    self._tb = None
-    self._jsonl = None
+    self._note = note
+    self._jsonl = self._events = None
+    self._path = os.path.join(workdir, 'metrics.jsonl')
+    self._tb_dir = os.path.join(workdir, 'tensorboard')
     if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      with self._refusals(self._path):
+        os.makedirs(workdir, exist_ok=True)
+        self._jsonl = open(self._path, 'ab', buffering=0)
+      from tensorboardX import event_file_writer  # pylint: disable=g-import-not-at-top  # 1.5 s.
+      with self._refusals(self._tb_dir):
+        os.makedirs(self._tb_dir, exist_ok=True)
+        self._events = event_file_writer.EventsWriter(os.path.join(self._tb_dir, 'events'))
+        self._events.flush()
+
+  def _refusals(self, path: str):
+    return errors.refusals(f'writing {path}', path, MetricsError, self._note)
 
   def write(self, step: int, scalars: dict) -> None:
     if not self.enabled:
       return
     record = {'step': int(step), **{k: float(v) for k, v in scalars.items() if v is not None}}
-    self._jsonl.write(json.dumps(record) + '\n')
-    self._jsonl.flush()
-    for key, value in record.items():
-      if key != 'step':
-        self._tb.add_scalar(key, value, global_step=int(step))
+    with self._refusals(self._path):
+      line = memoryview((json.dumps(record) + '\n').encode())
+      start = self._jsonl.seek(0, os.SEEK_END)
+      try:
+        while line:
+          line = line[self._jsonl.write(line):]
+      except OSError:
+        with contextlib.suppress(OSError):  # No torn line for readers.
+          self._jsonl.truncate(start)
+        raise
+    from tensorboardX import summary  # pylint: disable=g-import-not-at-top
+    from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+    with self._refusals(self._tb_dir):
+      now = time.time()
+      for key, value in record.items():
+        if key != 'step':
+          self._events.write_event(event_pb2.Event(
+              wall_time=now, step=int(step), summary=summary.scalar(key, value)))
+      self._events.flush()
 
   def close(self) -> None:
-    if self.enabled:
-      self._tb.flush()
-      self._tb.close()
-      self._jsonl.close()
+    """Releases the files; every record was flushed when written."""
+    for f in (self._jsonl, self._events):
+      if f is not None:
+        with contextlib.suppress(OSError):
+          f.close()
 
 
 class Progress:

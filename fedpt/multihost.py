@@ -8,8 +8,10 @@ process 0 writes JSON (metadata, manifests, metrics); Orbax writes array shards
 from every host in parallel.
 """
 import contextlib
+import os
 import signal
 import socket
+import sys
 import threading
 import time
 
@@ -135,19 +137,37 @@ def _wait_for_keys(client, prefix: str, count: int, timeout_s: float) -> None:
 
 
 class Preemption:
-  """SIGTERM on any host (TPU maintenance, SLURM, Kubernetes) -> all hosts stop at one step.
+  """A SIGTERM or a Ctrl-C to any host -> every host checkpoints the same step and stops.
 
-  One process polls a flag set by a Python handler. Several processes use the
-  preemption service of `jax.distributed`, which catches SIGTERM itself and
-  picks a step every host reaches, so that all of them checkpoint the same one.
+  SIGTERM is how TPU maintenance, SLURM and Kubernetes preempt. One process
+  polls a flag set by a Python handler. Several processes use the preemption
+  service of `jax.distributed`, which catches SIGTERM itself and picks a step
+  every host reaches; it does not watch SIGINT, so a Ctrl-C sends this process a
+  SIGTERM. A second Ctrl-C stops at once without a checkpoint (status 130): the
+  last complete checkpoint stays the one a rerun resumes from.
   """
 
   def __init__(self):
     self._event = threading.Event()
-    self._previous = None
+    self._previous = {}
     self._shared = is_multihost()
-    if not self._shared and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, lambda *_: self._event.set())
+    self.cause = 'SIGTERM'  # For the last log line: 'SIGINT' if a Ctrl-C came to this host.
+    if threading.current_thread() is threading.main_thread():
+      for signum in (signal.SIGINT,) if self._shared else (signal.SIGINT, signal.SIGTERM):
+        self._previous[signum] = signal.signal(signum, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    if self._event.is_set():
+      if signum == signal.SIGINT:
+        print('second interrupt: stopping now, without a checkpoint; a rerun resumes from the '
+              'last complete one', file=sys.stderr, flush=True)
+        os._exit(130)  # pylint: disable=protected-access
+      return
+    self.cause = signal.Signals(signum).name
+    self._event.set()
+    if self._shared:
+      os.kill(os.getpid(), signal.SIGTERM)
 
   def reached(self, step: int) -> bool:
     """Whether to checkpoint and exit after `step`; call it with every step, in order."""
@@ -156,6 +176,6 @@ class Preemption:
     return self._event.is_set()
 
   def restore(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}

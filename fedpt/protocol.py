@@ -79,7 +79,7 @@ def validate_federation(config) -> None:
     declared = list(fed[f'silo_{key}'])
     require(not declared or len(declared) == len(fed.silos), f'silo_{key}',
             f'{len(declared)} values for {len(fed.silos)} silos',
-            f'give one value per silo (in the order of federation.silos), or none')
+            'give one value per silo (in the order of federation.silos), or none')
     for value in declared:
       config_lib.require(
           not config_lib._type_problem(value, fed[key]) and
@@ -188,7 +188,7 @@ def check_format(run: dict) -> None:
         '(docs/protocol.md lists the formats), or create a new run.')
 
 
-def join_config(run: dict, config, silo_id: str, overrides=frozenset()):
+def join_config(run: dict, config, silo_id: str, typed=frozenset()):
   """(the config silo `silo_id` trains with in `run`, {field: (file's, run's)} adopted).
 
   Raises RunMismatchError if the run speaks another format, does not list the
@@ -196,7 +196,7 @@ def join_config(run: dict, config, silo_id: str, overrides=frozenset()):
   The result is `federated_config`'d: train.steps is rounds x the silo's H.
   """
   check_format(run)
-  config, adopted = adopt_run_config(run, config, silo_id, overrides)
+  config, adopted = adopt_run_config(run, config, silo_id, typed)
   return federated_config(config), adopted
 
 

@@ -148,14 +148,14 @@ class _Private:
 class _Silo:
   """One silo's parts: the run, its trainer, the bucket, its checkpoints; one method a phase."""
 
-  def __init__(self, config, silo_id, storage_root, workdir, keys_dir, overrides):
+  def __init__(self, config, silo_id, storage_root, workdir, keys_dir, typed):
     sharding.maybe_initialize_distributed(config.distributed)
     self.silo_id = silo_id
     self.store = storage_lib.RunStorage(storage_root)
     self.run = self.store.read_run()
     protocol.check_silo_listed(self.run, silo_id)
     self.identity = signing.party_identity(self.run, keys_dir, signing.silo_key_name(silo_id))
-    self.config = config = self._join_config(config, overrides)
+    self.config = config = self._join_config(config, typed)
     self.fed = config.federation
     self.trainer = trainer_lib.Trainer(
         config, data_seed=protocol.silo_data_seed(config.seed, silo_id))
@@ -172,8 +172,8 @@ class _Silo:
     self.summary = {'silo': silo_id, 'rounds': [], 'preempted': False}
     self.residual_base = None  # Error feedback: the residual the last delta was built with.
 
-  def _join_config(self, config, overrides):
-    config, adopted = protocol.join_config(self.run, config, self.silo_id, overrides)
+  def _join_config(self, config, typed):
+    config, adopted = protocol.join_config(self.run, config, self.silo_id, typed)
     if adopted:
       self.log(f'run.json fixes {len(adopted)} field(s) this silo\'s config file sets '
                f'otherwise; using the run\'s: {config_lib.describe(adopted, "run.json")}')
@@ -302,7 +302,7 @@ class _Silo:
         position.phase = Phase.TRAINING
         self.private.save(state, residual, position)
         self.summary['preempted'] = True
-        self.log(f'SIGTERM: checkpointed round {position.round} after '
+        self.log(f'{self.preemption.cause}: checkpointed round {position.round} after '
                  f'{len(position.losses)} inner steps; exiting for a restart to resume')
         break
       if self.fed.round_budget_s and multihost.agree_flag(
@@ -476,19 +476,19 @@ class _Silo:
 
 def run_silo(config, silo_id: str, storage_root: str, workdir: str,
              stop_after_rounds: int | None = None, keys_dir: str | None = None,
-             overrides=frozenset()) -> dict:
+             typed=frozenset()) -> dict:
   """Joins the run at `storage_root` as `silo_id` and trains until the last round.
 
   `keys_dir` is the silo's private key folder (silo_<id>.key and the pinned
   aggregator.pub); a signed run requires it. The run's contract (run.json)
-  replaces what `config` sets otherwise, unless the field is in `overrides` (set
-  on the command line, `cli.config_overrides`): then the silo is refused. On SIGTERM (on any host of a
-  multi-host silo) every host checkpoints the same step and the summary says
+  replaces what `config` sets otherwise, unless the field is in `typed` (set on
+  the command line, `cli.config_overrides`): then the silo is refused. On SIGTERM
+  or Ctrl-C (on any host of a multi-host silo) every host checkpoints the same step and the summary says
   'preempted'; running it again resumes there. Returns {'silo', 'rounds' (one
   record per round published: round, tokens, train_loss, bytes, seconds),
   'preempted', 'round', 'state', and 'final_eval_loss' after the last round}.
   """
-  silo = _Silo(config, silo_id, storage_root, workdir, keys_dir, overrides)
+  silo = _Silo(config, silo_id, storage_root, workdir, keys_dir, typed)
   try:
     return silo.run_rounds(stop_after_rounds)
   finally:

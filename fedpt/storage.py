@@ -111,6 +111,24 @@ def retry_delays(budget_s: float, first_s: float = 0.5, max_s: float = 8.0):
     delay = min(delay * 2, max_s)
 
 
+def write_atomically(path: epath.Path, text: str) -> None:
+  """A small object, whole or not at all: one object write remotely, a renamed file locally.
+
+  A local write that fails (a full disk) removes its temporary file.
+  """
+  if is_remote(str(path)):
+    path.write_text(text)
+    return
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / f'.{path.name}.tmp{random.getrandbits(32):08x}'
+  try:
+    tmp.write_text(text)
+    tmp.replace(path)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
+
+
 def array_hash(x) -> str:
   """sha256 over dtype, shape and bytes: identical arrays hash identically on every host."""
   x = np.ascontiguousarray(multihost.host_copy(x))
@@ -269,16 +287,7 @@ class RunStorage:
     if exclusive and self.exists(path):
       raise StorageError(f'{path} already exists and is written only once')
     text = json.dumps(obj, indent=1, sort_keys=True)
-
-    def write():
-      if self.remote:
-        path.write_text(text)
-        return
-      path.parent.mkdir(parents=True, exist_ok=True)
-      tmp = path.parent / f'.{path.name}.tmp{random.getrandbits(32):08x}'
-      tmp.write_text(text)
-      tmp.replace(path)
-    self._retry(f'writing {path}', write)
+    self._retry(f'writing {path}', lambda: write_atomically(path, text))
 
   def exists(self, path: epath.Path) -> bool:
     return self._retry(f'looking up {path}', path.exists)

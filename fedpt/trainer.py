@@ -4,6 +4,7 @@
 `train_and_evaluate` is the single-silo loop behind `scripts/train.py`, and the
 federation worker drives the same `Trainer` for H steps per round.
 """
+import datetime
 import functools
 import os
 
@@ -19,14 +20,11 @@ from fedpt import config as config_lib
 from fedpt import data as data_lib
 from fedpt import errors
 from fedpt import inner
+from fedpt import loading
 from fedpt import metrics as metrics_lib
 from fedpt import model as model_lib
 from fedpt import multihost
 from fedpt import sharding
-
-# Exit status after a SIGTERM-triggered checkpoint: EX_TEMPFAIL, "retry later".
-PREEMPTED_EXIT_CODE = 75
-
 
 class TrainingDivergedError(errors.UserError, RuntimeError):
   """The loss became NaN or Inf; continuing would only waste compute."""
@@ -160,35 +158,94 @@ def _check_finite(step: int, loss: float):
         'or add inner.z_loss, then resume from the last good checkpoint.')
 
 
-def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) -> dict:
+def resume_config(config, workdir: str, typed=None, allow_change: bool = False):
+  """(config to train with, the workdir's config record or None, {field: (new, recorded)}).
+
+  A workdir records its config at its first start (`loading.CONFIG_RECORD`), and a
+  resume keeps it: a field outside `config.RESUMABLE_FIELDS` with another value is
+  refused, naming each field with both values, unless `allow_change` (then the new
+  value is used and the change recorded). `typed` are the fields set on the command
+  line: the others come from the record, so `config` may be None (train.py
+  --workdir=X alone); None means all of `config` (an in-process call).
+  """
+  record = loading.read_config_record(workdir)
+  if record is None:
+    if config is None:
+      raise config_lib.RecordedConfigError(
+          f'--config is required: {workdir} has no {loading.CONFIG_RECORD} (a new workdir, or '
+          'one trained by an older fedpt). Fix: pass --config=configs/<name>.py')
+    return config, None, {}
+  path = loading.config_record_path(workdir)
+  compared = config_lib.compared_on_resume(record)
+  wanted = config_lib.over_record(record, config, set() if config is None else typed)
+  changed = config_lib.differences(record, wanted, fields=compared)
+  if changed and not allow_change:
+    raise config_lib.RecordedConfigError(
+        f'{workdir} is a run of another config: {config_lib.describe(changed)} in {path}. '
+        'Fix: resume with the recorded values (train.py --workdir alone does), start a new '
+        '--workdir, or pass --allow_config_change to change them from the resumed step on')
+  if config is not None and typed is not None:
+    ignored = config_lib.differences(record, config, fields=[f for f in compared
+                                                             if f not in typed])
+    if ignored:
+      metrics_lib.log(f'note: --config differs from {path} in {", ".join(ignored)}; a resume '
+                      'keeps the recorded values (type a field to change it)')
+  return wanted, record, changed
+
+
+def _record_config(workdir, config, record, changed, step, note) -> None:
+  """Writes config.json when it is new or differs; an allowed change is listed with its step."""
+  changes = list((record or {}).get('config_changes', []))
+  if changed:
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
+    changes.append({'step': step, 'date': now, 'changes': {
+        k: {'from': old, 'to': new} for k, (new, old) in changed.items()}})
+    metrics_lib.log(f'config changed from step {step} on (--allow_config_change): '
+                    f'{config_lib.describe(changed)}; recorded in '
+                    f'{loading.config_record_path(workdir)}')
+  new_record = {**config_lib.flat(config), **({'config_changes': changes} if changes else {})}
+  if new_record != record:
+    loading.write_config_record(workdir, new_record, note)
+
+
+def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None, *, typed=None,
+                       allow_config_change: bool = False) -> dict:
   """Trains one silo with no federation (also the centralised baseline).
 
-  Resumes from `workdir` automatically. `stop_at_step` ends this invocation early
-  (e.g. at the end of a job's time slot) with a checkpoint, like a preemption.
-  Returns a summary with the final step, losses and whether it was preempted.
+  Resumes from `workdir` automatically, with the config it recorded
+  (`resume_config`: `config` may be None, `typed` and `allow_config_change` come
+  from the command line). `stop_at_step` ends this invocation early (e.g. at the
+  end of a job's time slot) with a checkpoint, like a preemption, SIGTERM or
+  Ctrl-C. Returns a summary with the final step, losses and whether it was
+  preempted. A path the OS refuses (disk full, read-only) is one UserError naming
+  it and the last good checkpoint.
   """
+  config, record, changed = resume_config(config, workdir, typed, allow_config_change)
   trainer = Trainer(config)  # Starts jax.distributed first, for a multi-host silo.
   cfg = config.train
   checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                              keep=cfg.keep_checkpoints,
                                              async_save=cfg.async_checkpoints)
-  state, start = restore_or_init(trainer, checkpointer)
-  meta = checkpoint_lib.expected_meta(config, trainer.tokenizer_sha256)
-  writer = metrics_lib.MetricWriter(workdir)
-  progress = metrics_lib.Progress(
-      trainer.total_steps, trainer.tokens_per_step(), trainer.flops_per_step(),
-      metrics_lib.peak_flops_per_device(cfg.peak_tflops_per_device), start_step=start)
+  note = functools.partial(checkpoint_lib.last_good_note, checkpointer.directory)
   preemption = multihost.Preemption()
-  last = stop_at_step if stop_at_step is not None else trainer.total_steps
-  summary = {'start_step': start, 'preempted': False}
-  metrics_lib.log(
-      f'fedpt {config.name}: {model_lib.param_count(trainer.model_config):,} parameters, '
-      f'{jax.device_count()} {jax.default_backend()} device(s), mesh '
-      f'{dict(trainer.mesh.shape)}, {trainer.train_data.num_tokens:,} training tokens, '
-      f'{trainer.total_steps} steps of {trainer.tokens_per_step():,} tokens')
-  if start:
-    metrics_lib.log(f'resumed from step {start} in {workdir}')
+  writer, finished = None, False
   try:
+    state, start = restore_or_init(trainer, checkpointer)
+    _record_config(workdir, config, record, changed, start, note)
+    meta = checkpoint_lib.expected_meta(config, trainer.tokenizer_sha256)
+    writer = metrics_lib.MetricWriter(workdir, note=note)
+    progress = metrics_lib.Progress(
+        trainer.total_steps, trainer.tokens_per_step(), trainer.flops_per_step(),
+        metrics_lib.peak_flops_per_device(cfg.peak_tflops_per_device), start_step=start)
+    last = stop_at_step if stop_at_step is not None else trainer.total_steps
+    summary = {'start_step': start, 'preempted': False}
+    metrics_lib.log(
+        f'fedpt {config.name}: {model_lib.param_count(trainer.model_config):,} parameters, '
+        f'{jax.device_count()} {jax.default_backend()} device(s), mesh '
+        f'{dict(trainer.mesh.shape)}, {trainer.train_data.num_tokens:,} training tokens, '
+        f'{trainer.total_steps} steps of {trainer.tokens_per_step():,} tokens')
+    if start:
+      metrics_lib.log(f'resumed from step {start} in {workdir}')
     step = start
     while step < min(last, trainer.total_steps):
       state, step_metrics = trainer.train_step(state, trainer.batch(step))
@@ -209,15 +266,20 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
           or step == last):
         checkpointer.save(step, state, {**meta, 'step': step})
       if preempted:
-        metrics_lib.log(f'SIGTERM: checkpointed step {step}; exiting for a restart to resume')
+        metrics_lib.log(f'{preemption.cause}: checkpointed step {step}; exiting with status '
+                        f'{errors.PREEMPTED_EXIT_CODE}: rerun the same command to resume')
         summary['preempted'] = True
         break
     summary['step'] = step
     summary['state'] = state
-    metrics_lib.log(f"stopped at step {step}; eval loss {summary.get('eval_loss')}; "
-                    f'checkpoints, metrics.jsonl and TensorBoard events in {workdir}')
+    finished = True
   finally:
-    preemption.restore()
-    checkpointer.close()
-    writer.close()
+    try:
+      checkpointer.close(quiet=not finished)  # Waits for the last save; a 2nd Ctrl-C aborts it.
+    finally:
+      preemption.restore()
+      if writer is not None:
+        writer.close()
+  metrics_lib.log(f"stopped at step {step}; eval loss {summary.get('eval_loss')}; "
+                  f'checkpoints, metrics.jsonl and TensorBoard events in {workdir}')
   return summary

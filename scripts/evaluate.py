@@ -2,6 +2,12 @@ r"""Evaluates global rounds and private checkpoints on held-out sets; writes tab
 
   python scripts/evaluate.py --config=configs/demo.py --storage=gs://bucket/run1 --rounds=all \
       --eval_set=web=/data/web --workdir=web=/private/web-alone --out=/tmp/eval
+  python scripts/evaluate.py --workdir=alone=/tmp/fedpt-demo --eval_set=held=/data/web \
+      --out=/tmp/eval
+
+--config is optional when the (first) --workdir recorded its config (<workdir>/config.json);
+typed --config.* values may change how it is evaluated (eval batches, sequence length) but
+not the model.
 
 Writes <out>/eval.json, eval.csv (loss, perplexity, bits per byte per model and set) and
 loss_by_round.png / loss_vs_tokens.png (each silo's published loss on its own private split,
@@ -19,26 +25,34 @@ from ml_collections import config_flags  # noqa: E402
 
 from fedpt import cli  # noqa: E402
 from fedpt import evaluation  # noqa: E402
+from fedpt import loading  # noqa: E402
 
-config_flags.DEFINE_config_file('config', None, 'The config the model was trained with.',
+config_flags.DEFINE_config_file('config', None, 'The config the model was trained with; '
+                                'optional when the first --workdir recorded it.',
                                 lock_config=True)
 flags.DEFINE_string('out', None, 'Output folder.')
 flags.DEFINE_string('storage', None, 'A federated run\'s storage root (its global rounds).')
 flags.DEFINE_string('rounds', 'all', 'Global rounds: all, N, A:B or A,B,C.')
 flags.DEFINE_multi_string('eval_set', [], 'NAME=DIR: a prepare_data.py output (its val split).')
 flags.DEFINE_multi_string('workdir', [], 'NAME=DIR: a private checkpoint to evaluate too.')
-flags.mark_flags_as_required(['config', 'out'])
+flags.mark_flags_as_required(['out'])
 FLAGS = flags.FLAGS
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  eval_sets = cli.run_or_explain(evaluation.parse_eval_sets, FLAGS.eval_set)
+  workdirs = cli.run_or_explain(evaluation.parse_eval_sets, FLAGS.workdir)
+  config = FLAGS.config
+  if workdirs or FLAGS.storage:  # Else evaluate() says there is nothing to evaluate.
+    source = {'workdir': next(iter(workdirs.values()))} if workdirs else {
+        'storage': FLAGS.storage}
+    config = cli.run_or_explain(loading.source_config, FLAGS.config, cli.config_overrides(),
+                                **source)
   result = cli.run_or_explain(
-      evaluation.evaluate, FLAGS.config, FLAGS.out,
-      eval_sets=cli.run_or_explain(evaluation.parse_eval_sets, FLAGS.eval_set),
-      storage=FLAGS.storage, rounds=FLAGS.rounds,
-      workdirs=cli.run_or_explain(evaluation.parse_eval_sets, FLAGS.workdir))
+      evaluation.evaluate, config, FLAGS.out, eval_sets=eval_sets, storage=FLAGS.storage,
+      rounds=FLAGS.rounds, workdirs=workdirs)
   for row in result['rows']:
     print(f"{row['model']:<20} {row['eval_set']:<14} loss {row['loss']:.4f}  "
           f"ppl {row['perplexity']:9.2f}  bpb {row['bits_per_byte']:.4f}")

@@ -1,6 +1,6 @@
 r"""Samples text from a trained model: a training run's checkpoint or a federated global round.
 
-  python scripts/sample.py --config=configs/tiny.py --workdir=/tmp/fedpt-tiny \
+  python scripts/sample.py --workdir=/tmp/fedpt-tiny \
       --prompt='def main(' --temperature=0.8 --top_p=0.95 --num_samples=2
   python scripts/sample.py --config=configs/demo.py --storage=/shared/run1 --round=3 \
       --prompt='import os'
@@ -8,8 +8,10 @@ r"""Samples text from a trained model: a training run's checkpoint or a federate
 --workdir reads the newest (or --step) private checkpoint of a plain or silo run;
 --storage reads global round --round (the newest committed one when left out).
 These are the sources evaluate.py, export_hf.py and inspect_checkpoint.py take
-too (fedpt/loading.py). The config must be the one the model was trained with:
-checkpoints of another model shape or tokenizer are refused.
+too (fedpt/loading.py). A workdir's model is read with the config it recorded
+(<workdir>/config.json), so --config is optional there; a typed --config.* value
+that would change the model is refused. Elsewhere --config must be the one the
+model was trained with: checkpoints of another model shape or tokenizer are refused.
 """
 import os
 import sys
@@ -21,10 +23,12 @@ from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from fedpt import cli  # noqa: E402
+from fedpt import loading  # noqa: E402
 from fedpt import sampling  # noqa: E402
 
 config_flags.DEFINE_config_file('config', None, 'The configs/*.py file the model was '
-                                'trained with.', lock_config=True)
+                                'trained with; optional for a workdir that recorded it.',
+                                lock_config=True)
 flags.DEFINE_string('prompt', '', 'Text the samples continue.')
 flags.DEFINE_integer('max_new_tokens', 64, 'Tokens to generate (fewer if EOS comes first).',
                      lower_bound=1)
@@ -35,7 +39,6 @@ flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling: the smallest set of tokens w
                    'probability mass; 1: all.', lower_bound=0.0, upper_bound=1.0)
 flags.DEFINE_integer('seed', 0, 'Sampling seed: the same seed gives the same samples.')
 flags.DEFINE_integer('num_samples', 1, 'Independent samples of the prompt.', lower_bound=1)
-flags.mark_flags_as_required(['config'])
 cli.define_source_flags('sample')
 FLAGS = flags.FLAGS
 
@@ -43,8 +46,10 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  config = cli.run_or_explain(loading.source_config, FLAGS.config, cli.config_overrides(),
+                              **cli.source_flags())
   texts = cli.run_or_explain(
-      sampling.sample_text, FLAGS.config, FLAGS.prompt, **cli.source_flags(),
+      sampling.sample_text, config, FLAGS.prompt, **cli.source_flags(),
       max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
       top_p=FLAGS.top_p, seed=FLAGS.seed, num_samples=FLAGS.num_samples)
   for i, text in enumerate(texts):

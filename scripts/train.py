@@ -4,9 +4,13 @@ r"""Trains one silo: alone (the centralised baseline), or in a federated run.
   python scripts/train.py --config=configs/demo.py --workdir=/tmp/silo-web \
       --silo=web --storage=/shared/run1 --config.data.stdlib_group=web
 
-Resumes automatically from --workdir. On SIGTERM (to any host of a multi-host
-silo) every host checkpoints the same step and exits with status 75 (EX_TEMPFAIL)
-so that a supervisor restarts it. A silo spanning hosts sets
+  python scripts/train.py --workdir=/tmp/fedpt-demo        # resumes with its recorded config
+
+Resumes automatically from --workdir with the config it recorded at its first start
+(<workdir>/config.json): a changed value that would change the run is refused unless
+--allow_config_change. On SIGTERM or Ctrl-C (to any host of a multi-host silo) every
+host checkpoints the same step and exits with status 75 (EX_TEMPFAIL) so that a
+supervisor restarts it; a second Ctrl-C stops at once. A silo spanning hosts sets
 --config.distributed.mode=auto (TPU, SLURM, Open MPI) or =explicit.
 """
 import os
@@ -19,6 +23,7 @@ from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from fedpt import cli  # noqa: E402
+from fedpt import errors  # noqa: E402
 from fedpt import silo  # noqa: E402
 from fedpt import trainer  # noqa: E402
 
@@ -29,7 +34,9 @@ flags.DEFINE_string('silo', None, 'Join a federated run as this silo id (see run
 flags.DEFINE_string('storage', None, 'The federated run\'s shared storage root.')
 flags.DEFINE_string('keys', None, 'This silo\'s key folder (silo_<id>.key and the pinned '
                     'aggregator.pub); needed by signed runs.')
-flags.mark_flags_as_required(['config', 'workdir'])
+flags.DEFINE_bool('allow_config_change', False, 'Resume with the typed --config.* values even '
+                  'where they differ from the workdir\'s recorded config; the change is recorded.')
+flags.mark_flags_as_required(['workdir'])
 FLAGS = flags.FLAGS
 
 
@@ -39,14 +46,17 @@ def main(argv):
   if (FLAGS.silo is None) != (FLAGS.storage is None):
     raise app.UsageError('--silo and --storage go together: pass both to join a run.')
   if FLAGS.silo is not None:
+    if FLAGS.config is None:  # Hook: a silo will read its run's recorded config (run.json).
+      raise app.UsageError('--config is required with --silo.')
     summary = cli.run_or_explain(silo.run_silo, FLAGS.config, FLAGS.silo, FLAGS.storage,
                                  FLAGS.workdir, keys_dir=FLAGS.keys,
-                                 overrides=cli.config_overrides())
+                                 typed=cli.config_overrides())
   else:
-    summary = cli.run_or_explain(trainer.train_and_evaluate, FLAGS.config, FLAGS.workdir,
-                                 stop_at_step=FLAGS.stop_at_step)
+    summary = cli.run_or_explain(
+        trainer.train_and_evaluate, FLAGS.config, FLAGS.workdir, stop_at_step=FLAGS.stop_at_step,
+        typed=cli.config_overrides(), allow_config_change=FLAGS.allow_config_change)
   if summary['preempted']:
-    sys.exit(trainer.PREEMPTED_EXIT_CODE)
+    sys.exit(errors.PREEMPTED_EXIT_CODE)
 
 
 if __name__ == '__main__':

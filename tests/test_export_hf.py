@@ -90,8 +90,7 @@ def test_llama_tokenizer_gives_fedpt_ids(tmp_path):
 
 def _run(repo_root, *args):
   proc = subprocess.run([sys.executable, str(repo_root / 'scripts' / 'export_hf.py'),
-                         f'--config={repo_root / "configs" / "tiny.py"}', *map(str, args)],
-                        capture_output=True, text=True, timeout=120)
+                         *map(str, args)], capture_output=True, text=True, timeout=120)
   return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -102,8 +101,7 @@ def test_cli_exports_a_trained_workdir(tiny_config, tmp_path, repo_root):
   summary = trainer_lib.train_and_evaluate(tiny_config, str(workdir))
   flat = trees.flatten_params(summary['state']['params'])
   out = tmp_path / 'hf'
-  corpus = f'--config.data.corpus={tiny_config.data.corpus}'
-  code, log = _run(repo_root, f'--workdir={workdir}', f'--out={out}', corpus)
+  code, log = _run(repo_root, f'--workdir={workdir}', f'--out={out}')  # Its config.json says all.
   assert code == 0, log
   config_json = json.loads((out / 'config.json').read_text())
   assert config_json['num_key_value_heads'] == 2 and config_json['tie_word_embeddings']
@@ -130,7 +128,8 @@ def test_cli_exports_a_federated_round_and_explains_a_bad_round(tiny_config, tmp
       model_lib.ModelConfig.from_config(tiny_config.model, 'cpu'))
   assert (out / 'model.safetensors').exists() and (out / 'tokenizer.model').exists()
 
-  code, log = _run(repo_root, f'--storage={root}', '--round=7', f'--out={tmp_path / "x"}',
+  code, log = _run(repo_root, f'--config={repo_root / "configs" / "tiny.py"}', f'--storage={root}',
+                   '--round=7', f'--out={tmp_path / "x"}',
                    f'--config.data.corpus={tiny_config.data.corpus}')
   errors = [line for line in log.splitlines() if line.startswith('error:')]
   assert code == 2 and len(errors) == 1 and 'Traceback' not in log, log

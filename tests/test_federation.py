@@ -191,7 +191,7 @@ def test_a_silo_takes_the_run_s_contract_and_refuses_typed_contradictions(fed_co
   mine.federation.update(inner_steps=50, silo_inner_steps=(), compression='int4')
   mine.model.norm_eps = 1e-6
   mine.inner.lr = 1e-2
-  silo = silo_lib._Silo(mine, 'a', root, str(tmp_path / 'a'), None, overrides=set())
+  silo = silo_lib._Silo(mine, 'a', root, str(tmp_path / 'a'), None, typed=set())
   try:
     assert silo.fed.inner_steps == 2 and silo.config.train.steps == 3 * 2
     assert (silo.fed.compression, silo.config.model.norm_eps, silo.config.inner.lr) == (
@@ -201,7 +201,7 @@ def test_a_silo_takes_the_run_s_contract_and_refuses_typed_contradictions(fed_co
     silo.close()
   with pytest.raises(protocol.RunMismatchError,
                      match=r'model.norm_eps=1e-06 \(yours\) vs 1e-05 \(run.json\).*Fix'):
-    silo_lib.run_silo(mine, 'b', root, str(tmp_path / 'b'), overrides={'model.norm_eps'})
+    silo_lib.run_silo(mine, 'b', root, str(tmp_path / 'b'), typed={'model.norm_eps'})
   with pytest.raises(protocol.RunMismatchError, match="silo 'zz' is not in this run"):
     silo_lib.run_silo(mine, 'zz', root, str(tmp_path / 'zz'))
   with pytest.raises(protocol.RunMismatchError, match='tokenizer'):

@@ -2,6 +2,7 @@
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -15,9 +16,11 @@ import bucket_helpers
 import conftest
 from fedpt import aggregator as aggregator_lib
 from fedpt import checkpoint as checkpoint_lib
+from fedpt import errors
 from fedpt import faults
 from fedpt import ledger
 from fedpt import loading
+from fedpt import metrics as metrics_lib
 from fedpt import silo as silo_lib
 from fedpt import storage as storage_lib
 from fedpt import trainer as trainer_lib
@@ -412,20 +415,32 @@ def _alive(pid):
   return state != 'Z'
 
 
-def test_the_simulators_children_die_with_it(tmp_path):
-  """kill -9 of simulate.py: its silos and aggregator get SIGTERM and exit; none is orphaned."""
+@pytest.mark.parametrize('stop', ['kill -9', 'Ctrl-C'])
+def test_the_simulators_children_die_with_it(tmp_path, stop):
+  """kill -9 or Ctrl-C of simulate.py: its silos and aggregator get SIGTERM and exit.
+
+  None is orphaned; a Ctrl-C also ends in one line and status 75, a rerun resumes.
+  """
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   env['JAX_PLATFORMS'] = 'cpu'
   sim = subprocess.Popen(
       [sys.executable, str(conftest.REPO / 'scripts' / 'simulate.py'),
        f'--config={conftest.REPO / "configs" / "tiny.py"}', f'--workdir={tmp_path / "w"}',
        '--config.federation.silos=("web","text")', '--config.federation.rounds=50'],
-      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
   _wait(lambda: len(_children_of(sim.pid)) == 3 or sim.poll() is not None, 'three children')
   children = _children_of(sim.pid)
   assert len(children) == 3, sim.poll()
-  sim.kill()
-  sim.wait()
+  if stop == 'kill -9':
+    sim.kill()
+    sim.wait()
+  else:
+    time.sleep(1.0)  # Past starting them: the simulator is watching the bucket.
+    sim.send_signal(signal.SIGINT)
+    _, err = sim.communicate(timeout=120)
+    assert sim.returncode == errors.PREEMPTED_EXIT_CODE and 'Traceback' not in err, err
+    assert err.splitlines()[-1] == ('interrupted (Ctrl-C): nothing half-written is kept; rerun '
+                                    'the same command to resume'), err
   _wait(lambda: not any(_alive(c) for c in children), 'the orphans to exit', timeout_s=90)
 
 
@@ -465,6 +480,65 @@ def test_a_full_disk_is_one_line_naming_the_path(tmp_path, monkeypatch):
   with pytest.raises(checkpoint_lib.CheckpointError,
                      match=r'saving checkpoint step 1 in .*work: No space left on device\. Fix:'):
     ckpt.save(1, {'x': np.zeros(3)}, {})
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A real 6 MB file system (tmpfs): room for one checkpoint of the tiny model, not two."""
+  disk = tmp_path / 'disk'
+  disk.mkdir()
+  mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=6m', 'tmpfs', str(disk)],
+                           capture_output=True, text=True, check=False)
+  if mounted.returncode:
+    pytest.skip(f'mounting a small tmpfs needs root (CAP_SYS_ADMIN): {mounted.stderr.strip()}')
+  yield disk
+  subprocess.run(['umount', '-l', str(disk)], check=False)
+
+
+def _remount(disk, options):
+  subprocess.run(['mount', '-o', f'remount,{options}', str(disk)], check=True)
+
+
+def test_a_full_disk_is_one_line_and_a_rerun_resumes_from_the_last_good_checkpoint(
+    small_disk, corpus_dir):
+  """The 2nd save fails in Orbax's background threads; it surfaces at the 3rd as one line."""
+  workdir, env = small_disk / 'run', {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  done = subprocess.run(
+      [sys.executable, str(conftest.REPO / 'scripts' / 'train.py'),
+       f'--config={conftest.REPO / "configs" / "tiny.py"}', f'--workdir={workdir}',
+       f'--config.data.corpus={corpus_dir}', '--config.data.seq_len=32',
+       '--config.data.global_batch=8', '--config.train.steps=6',
+       '--config.train.checkpoint_every=2', '--config.train.log_every=2',
+       '--config.train.eval_every=100'], capture_output=True, text=True, env=env, timeout=300)
+  lines = [line for line in done.stderr.splitlines() if line.strip()]
+  assert done.returncode == 2 and len(lines) == 1, done.stderr[-3000:]
+  assert lines[0].startswith(f'error: saving checkpoint step 4 in {workdir}/checkpoints: No '
+                             'space left on device. Fix: free space'), lines[0]
+  assert lines[0].endswith('The last good checkpoint is step 2: a rerun resumes from it')
+  assert 'step 6/6' in done.stdout and 'Traceback' not in done.stdout
+  assert checkpoint_lib.last_good_step(str(workdir / 'checkpoints')) == 2  # Step 4 is torn.
+
+  _remount(small_disk, 'size=64m')  # Space is freed: the recorded config resumes from step 2.
+  summary = trainer_lib.train_and_evaluate(None, str(workdir), typed=set())
+  assert (summary['start_step'], summary['step']) == (2, 6)
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '4', '6']  # The torn one is gone.
+
+
+def test_a_read_only_workdir_is_one_line_naming_the_file_and_the_last_good_checkpoint(
+    small_disk, tiny_config):
+  tiny_config.train.update(steps=4, checkpoint_every=2, log_every=1, eval_every=100,
+                           async_checkpoints=False)
+  tiny_config.data.update(global_batch=8, seq_len=32)
+  workdir = small_disk / 'run'
+  trainer_lib.train_and_evaluate(tiny_config, str(workdir), stop_at_step=2)
+  _remount(small_disk, 'ro')
+  with pytest.raises(metrics_lib.MetricsError) as err:
+    trainer_lib.train_and_evaluate(tiny_config, str(workdir))
+  assert str(err.value) == (
+      f'writing {workdir}/metrics.jsonl: Read-only file system on {workdir}/metrics.jsonl. Fix: '
+      f'{workdir}/metrics.jsonl is on a read-only file system: mount it read-write or use '
+      'another path, then rerun. The last good checkpoint is step 2: a rerun resumes from it')
+  assert checkpoint_lib.last_good_step(str(workdir / 'checkpoints')) == 2
 
 
 def test_a_malformed_global_meta_is_named_by_every_reader(bucket, tmp_path):

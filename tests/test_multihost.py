@@ -18,13 +18,13 @@ import pytest
 from fedpt import aggregator as aggregator_lib
 from fedpt import checkpoint as checkpoint_lib
 from fedpt import config as config_lib
+from fedpt import errors
 from fedpt import faults
 from fedpt import ledger
 from fedpt import silo as silo_lib
 from fedpt import sharding
 from fedpt import simulation
 from fedpt import storage as storage_lib
-from fedpt import trainer as trainer_lib
 
 from bucket_helpers import global_params
 
@@ -165,7 +165,7 @@ def test_two_hosts_equal_one_host_through_sigterm_and_kill_9(reference, repo_roo
   try:
     # Only host 1 gets the notice, half-way through round 0: both checkpoint one step, exit 75.
     codes = run.wait(run.start_hosts(crash_at=(None, 'silo_inner@0:SIGTERM')))
-    assert codes == [trainer_lib.PREEMPTED_EXIT_CODE] * 2, run.logs()
+    assert codes == [errors.PREEMPTED_EXIT_CODE] * 2, run.logs()
     progress = run.private_meta()
     assert (progress['phase'], progress['round']) == ('training', 0), progress
     assert INNER_STEPS // 2 < progress['steps_done'] < INNER_STEPS

@@ -2,6 +2,7 @@
 import functools
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 
@@ -12,7 +13,9 @@ import pytest
 from flax import nnx
 
 from fedpt import checkpoint as checkpoint_lib
+from fedpt import config as config_lib
 from fedpt import data as data_lib
+from fedpt import loading
 from fedpt import model as model_lib
 from fedpt import protocol
 from fedpt import sampling
@@ -129,28 +132,53 @@ def trained_workdir(corpus_dir, tmp_path_factory):
 def _sample_cli(*args):
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   env['JAX_PLATFORMS'] = 'cpu'
-  return subprocess.run([sys.executable, os.path.join(REPO, 'scripts', 'sample.py'),
-                         f'--config={os.path.join(REPO, "configs", "tiny.py")}', *args],
+  return subprocess.run([sys.executable, os.path.join(REPO, 'scripts', 'sample.py'), *args],
                         capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
 
 
 def test_cli_prints_samples_and_refuses_bad_sources(trained_workdir, tmp_path):
-  config, workdir = trained_workdir
-  ok = _sample_cli(f'--workdir={workdir}', f'--config.data.corpus={config.data.corpus}',
-                   '--prompt=import os', '--max_new_tokens=8', '--temperature=1.0',
-                   '--num_samples=2')
+  _, workdir = trained_workdir
+  ok = _sample_cli(f'--workdir={workdir}', '--prompt=import os', '--max_new_tokens=8',
+                   '--temperature=1.0', '--num_samples=2')  # No --config: the workdir's.
   assert ok.returncode == 0, ok.stderr
   assert ok.stdout.count('import os') == 2 and '--- sample 1 ---' in ok.stdout
 
   bad_workdir = _sample_cli(f'--workdir={tmp_path / "missing"}')
   assert bad_workdir.returncode == 2
   assert bad_workdir.stderr.startswith('error: ') and 'Fix:' in bad_workdir.stderr
+  assert 'no checkpoint in --workdir' in bad_workdir.stderr
   assert 'Traceback' not in bad_workdir.stderr and len(bad_workdir.stderr.splitlines()) == 1
 
-  bad_round = _sample_cli(f'--storage={tmp_path / "no_run"}', '--round=3')
+  bad_round = _sample_cli(f'--config={os.path.join(REPO, "configs", "tiny.py")}',
+                          f'--storage={tmp_path / "no_run"}', '--round=3')
   assert bad_round.returncode == 2
   assert 'Traceback' not in bad_round.stderr and len(bad_round.stderr.splitlines()) == 1
   assert not (tmp_path / 'missing').exists()
+
+
+def test_a_workdir_gives_the_tools_its_config(trained_workdir, tmp_path):
+  """--config is optional; typed fields may change how a model is used, never the model."""
+  config, workdir = trained_workdir
+  assert config_lib.flat(loading.source_config(workdir=workdir)) == config_lib.flat(config)
+  from_file = _tiny_config(config.data.corpus)  # As --config=configs/tiny.py would give it,
+  from_file.data.global_batch = 16  # with a default that differs from the record.
+  from_file.model.d_model, from_file.train.eval_batches, from_file.data.seq_len = 32, 3, 16
+  with pytest.raises(config_lib.RecordedConfigError) as err:
+    loading.source_config(from_file, {'model.d_model', 'train.eval_batches'}, workdir=workdir)
+  assert 'model.d_model=32 (yours) vs 64 (recorded)' in str(err.value), err.value
+  assert f'{workdir}/config.json' in str(err.value) and 'eval_batches' not in str(err.value)
+  used = loading.source_config(from_file, {'train.eval_batches', 'data.seq_len'},
+                               workdir=workdir)
+  assert (used.train.eval_batches, used.data.seq_len) == (3, 16)  # Typed: how it is used.
+  assert (used.model.d_model, used.data.global_batch) == (64, 8)  # Untyped: the record's.
+  assert sampling.sample_text(used, 'x', workdir=workdir, max_new_tokens=2)[0].startswith('x')
+
+  older = tmp_path / 'older'  # A workdir of an older fedpt: no config.json, --config needed.
+  shutil.copytree(workdir, older)
+  (older / 'config.json').unlink()
+  with pytest.raises(config_lib.RecordedConfigError, match='--config is required.*Fix'):
+    loading.source_config(workdir=str(older))
+  assert loading.source_config(from_file, {'model.d_model'}, workdir=str(older)) is from_file
 
 
 def test_refuses_another_model_or_an_uncommitted_round(trained_workdir, tmp_path):

@@ -1,4 +1,5 @@
 """The sharded silo trainer: shardings, mesh equivalence, exact resume, learning, bad input."""
+import datetime
 import json
 import os
 import signal
@@ -10,9 +11,13 @@ import jax
 import numpy as np
 import pytest
 
+import conftest
 from fedpt import checkpoint as checkpoint_lib
 from fedpt import config as config_lib
 from fedpt import data as data_lib
+from fedpt import errors
+from fedpt import inspection
+from fedpt import loading
 from fedpt import sharding
 from fedpt import trainer as trainer_lib
 
@@ -120,37 +125,99 @@ def _write_config_override_file(tmp_path, config):
   return path
 
 
-@pytest.mark.slow
-def test_sigterm_checkpoints_and_resume_is_bit_exact(tiny_config, tmp_path, repo_root):
-  tiny_config.train.update(steps=60, checkpoint_every=1000, log_every=2, eval_every=1000)
-  straight = trainer_lib.train_and_evaluate(tiny_config, str(tmp_path / 'straight'))
-  workdir = tmp_path / 'preempted'
-  cmd = [sys.executable, str(repo_root / 'scripts' / 'train.py'),
-         f'--config={repo_root / "configs" / "tiny.py"}', f'--workdir={workdir}',
-         f'--config.data.corpus={tiny_config.data.corpus}',
-         '--config.train.steps=60', '--config.train.checkpoint_every=1000',
-         '--config.train.log_every=2', '--config.train.eval_every=1000']
-  env = dict(os.environ)
-  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
-  metrics_file = workdir / 'metrics.jsonl'
+def _stop_after_log_lines(proc, metrics_file, lines, signum):
   deadline = time.time() + 240
   while time.time() < deadline and proc.poll() is None:
-    if metrics_file.exists() and metrics_file.read_text().count('\n') >= 2:
+    if metrics_file.exists() and metrics_file.read_text().count('\n') >= lines:
       break
     time.sleep(0.2)
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(signum)
   out, _ = proc.communicate(timeout=240)
-  assert proc.returncode == trainer_lib.PREEMPTED_EXIT_CODE, out
-  assert 'SIGTERM: checkpointed step' in out
+  assert proc.returncode == errors.PREEMPTED_EXIT_CODE, out
+  assert 'Traceback' not in out, out
+  return out
+
+
+@pytest.mark.slow
+def test_ctrl_c_and_sigterm_checkpoint_and_resume_is_bit_exact(tiny_config, tmp_path, repo_root):
+  """Ctrl-C is a preemption: checkpoint, one line, exit 75; `train.py --workdir` alone resumes."""
+  tiny_config.train.update(steps=40, checkpoint_every=1000, log_every=2, eval_every=1000)
+  straight = trainer_lib.train_and_evaluate(tiny_config, str(tmp_path / 'straight'))
+  workdir = tmp_path / 'preempted'
+  train = [sys.executable, str(repo_root / 'scripts' / 'train.py'), f'--workdir={workdir}']
+  cmd = train + [f'--config={repo_root / "configs" / "tiny.py"}',
+                 f'--config.data.corpus={tiny_config.data.corpus}',
+                 '--config.train.steps=40', '--config.train.checkpoint_every=1000',
+                 '--config.train.log_every=2', '--config.train.eval_every=1000']
+  def popen(args):
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+  out = _stop_after_log_lines(popen(cmd), workdir / 'metrics.jsonl', 2, signal.SIGINT)
+  assert 'SIGINT: checkpointed step' in out
+  interrupted_at, _ = _final_params(str(workdir), tiny_config)
+  assert 0 < interrupted_at < 40, out
+  # Resumed from the recorded config alone, then preempted by SIGTERM further on.
+  lines = len((workdir / 'metrics.jsonl').read_text().splitlines())
+  out = _stop_after_log_lines(popen(train), workdir / 'metrics.jsonl', lines + 2, signal.SIGTERM)
+  assert f'resumed from step {interrupted_at}' in out and 'SIGTERM: checkpointed step' in out
   stopped_at, _ = _final_params(str(workdir), tiny_config)
-  assert 0 < stopped_at < 60, out
-  proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+  assert interrupted_at < stopped_at < 40, out
+  proc = subprocess.run(train, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert f'resumed from step {stopped_at}' in proc.stdout
   final_step, params = _final_params(str(workdir), tiny_config)
-  assert final_step == 60
+  assert final_step == 40
   _assert_bitwise_equal(params, jax.device_get(straight['state']['params']))
+
+
+def test_a_resume_keeps_the_recorded_config_unless_a_change_is_allowed(tiny_config, tmp_path):
+  tiny_config.train.update(steps=4, checkpoint_every=2, log_every=2, eval_every=100,
+                           async_checkpoints=False)
+  tiny_config.data.update(global_batch=8, seq_len=32)
+  workdir = str(tmp_path)
+  trainer_lib.train_and_evaluate(tiny_config, workdir, stop_at_step=2)
+  record = json.loads((tmp_path / 'config.json').read_text())
+  assert record == config_lib.flat(tiny_config)
+
+  changed = tiny_config.copy_and_resolve_references()
+  changed.inner.lr, changed.data.seq_len = 5e-2, 16
+  with pytest.raises(config_lib.RecordedConfigError) as err:
+    trainer_lib.train_and_evaluate(changed, workdir)
+  assert ('data.seq_len=16 (yours) vs 32 (recorded), inner.lr=0.05 (yours) vs 0.003 (recorded)'
+          in str(err.value)), err.value
+  assert f'{tmp_path}/config.json' in str(err.value) and '--allow_config_change' in str(err.value)
+  assert '\n' not in str(err.value)
+
+  # On the command line the record wins over the config file's defaults (seq_len 64, 100
+  # steps); only typed fields count, and cadence ones may change.
+  from_file = conftest.load_config('tiny', tiny_config.data.corpus)
+  from_file.train.log_every = 1
+  config, _, diff = trainer_lib.resume_config(from_file, workdir, typed={'train.log_every'})
+  assert diff == {} and config.data.seq_len == 32 and config.train.steps == 4
+  assert config.train.log_every == 1
+  assert config_lib.flat(trainer_lib.resume_config(None, workdir)[0]) == record
+
+  # Allowed: the run is extended to 6 steps from step 2 on, and the change is recorded.
+  longer = tiny_config.copy_and_resolve_references()
+  longer.train.update(steps=6, log_every=1)
+  summary = trainer_lib.train_and_evaluate(longer, workdir, allow_config_change=True)
+  assert summary['start_step'] == 2 and summary['step'] == 6
+  record = json.loads((tmp_path / 'config.json').read_text())
+  assert record['train.steps'] == 6 and record['train.log_every'] == 1
+  [change] = record['config_changes']
+  age = datetime.datetime.now(datetime.timezone.utc) - datetime.datetime.fromisoformat(
+      change['date'])
+  assert change['step'] == 2 and 0 <= age.total_seconds() < 600
+  assert change['changes'] == {'train.steps': {'from': 4, 'to': 6}}
+  logged = [json.loads(l)['step'] for l in open(tmp_path / 'metrics.jsonl')]
+  assert logged == [2, 3, 4, 5, 6]
+  assert inspection.describe(loading.Source(workdir=workdir))['config_changes'] == [change]
+
+  # A workdir of an older fedpt (no config.json) takes --config, and records it.
+  (tmp_path / 'config.json').unlink()
+  with pytest.raises(config_lib.RecordedConfigError, match='--config is required'):
+    trainer_lib.resume_config(None, workdir)
+  assert trainer_lib.resume_config(longer, workdir) == (longer, None, {})
 
 
 @pytest.mark.slow
@@ -260,8 +327,11 @@ def test_workdir_with_another_model_shape_is_refused(tiny_config, tmp_path):
   tiny_config.train.update(steps=2, checkpoint_every=2, log_every=2, eval_every=2)
   trainer_lib.train_and_evaluate(tiny_config, str(tmp_path))
   tiny_config.model.d_model = 128
-  with pytest.raises(checkpoint_lib.CheckpointError, match='model_spec.*fresh --workdir'):
+  with pytest.raises(config_lib.RecordedConfigError, match='model.d_model=128 .yours. vs 64'):
     trainer_lib.train_and_evaluate(tiny_config, str(tmp_path))
+  # Allowing config changes does not make the checkpoint fit another model.
+  with pytest.raises(checkpoint_lib.CheckpointError, match='model_spec.*fresh --workdir'):
+    trainer_lib.train_and_evaluate(tiny_config, str(tmp_path), allow_config_change=True)
   # The old checkpoint is untouched.
   assert checkpoint_lib.Checkpointer(str(tmp_path / 'checkpoints'), keep=3).latest_step() == 2
 
