@@ -81,10 +81,11 @@ def config_record_path(workdir: str) -> epath.Path:
 
 
 def read_config_record(workdir: str) -> dict | None:
-  """A plain run's config.json (`config.flat` plus `config_changes`), or None if it has none.
+  """A workdir's config.json (`config.flat`, plus `config_changes` for a plain run), or None.
 
-  None for a new workdir, a federated silo's (its run's config is run.json) and
-  one trained by an older fedpt.
+  A plain run writes it at its first start; a federated silo at every start (its
+  run.json contract over its own fields). None for a new workdir and one trained
+  by an older fedpt.
   """
   path = config_record_path(workdir)
   with errors.refusals(f'reading {path}', str(path)):
@@ -117,12 +118,13 @@ def source_config(config=None, typed=frozenset(), *, workdir: str | None = None,
   A workdir's config.json is its model's config, so --config (`config`) is then
   optional. Of the fields typed on the command line (`typed`), one that would change
   the model (`config.MODEL_FIELDS`) is refused, naming both values; the others (eval
-  batches, the data) apply. A workdir without a record (an older fedpt's, a
-  federated silo's) and a global round take --config.
+  batches, the data) apply. A global round's config is its run's (`run_config`). A
+  workdir without a record (an older fedpt's) takes --config.
   """
   source = Source(workdir=workdir, step=step, storage=storage, round_index=round_index)
-  record = read_config_record(source.workdir) if source.workdir is not None else None
-  # Hook: a --storage source, and a silo's workdir, get their run's recorded config (run.json).
+  if source.storage is not None:
+    return run_config(storage_lib.RunStorage(source.storage).read_run(), config, typed)
+  record = read_config_record(source.workdir)
   if record is None:
     if config is None:
       if source.workdir is not None:
@@ -141,6 +143,22 @@ def source_config(config=None, typed=frozenset(), *, workdir: str | None = None,
         f'trained with the recorded values. Fix: drop those overrides; the tools read the '
         f'model\'s config from {config_record_path(source.workdir)}')
   return config_lib.over_record(record, config, typed)
+
+
+def run_config(run: dict, config=None, typed=frozenset()):
+  """The config a reader of `run`'s global rounds uses: the run's contract, typed usage fields.
+
+  As for a workdir: the contract (run.json) replaces what a config file sets
+  (`config` may be None: the defaults), a typed field that changes the model is
+  refused, and other typed fields (eval batches, data) apply.
+  """
+  protocol.check_format(run)
+  config = config_lib.base_config() if config is None else config
+  typed = set(typed or ())
+  adopted, _ = protocol.adopt_run_config(run, config, None, typed & set(config_lib.MODEL_FIELDS))
+  mine = config_lib.flat(config)
+  return protocol.federated_config(config_lib.with_values(
+      adopted, {k: mine[k] for k in typed - set(config_lib.MODEL_FIELDS) if k in mine}))
 
 
 # -- abstract trees -------------------------------------------------------------------

@@ -155,6 +155,7 @@ class _Silo:
     self.run = self.store.read_run()
     protocol.check_silo_listed(self.run, silo_id)
     self.identity = signing.party_identity(self.run, keys_dir, signing.silo_key_name(silo_id))
+    self.workdir = workdir
     self.config = config = self._join_config(config, typed)
     self.fed = config.federation
     self.trainer = trainer_lib.Trainer(
@@ -167,16 +168,18 @@ class _Silo:
         {**checkpoint_lib.expected_meta(config, self.trainer.tokenizer_sha256),
          'run_id': self.run['run_id'], 'silo': silo_id},
         self.use_feedback, config.train.async_checkpoints)
-    self.workdir = workdir
     self.preemption = multihost.Preemption()
     self.summary = {'silo': silo_id, 'rounds': [], 'preempted': False}
     self.residual_base = None  # Error feedback: the residual the last delta was built with.
 
   def _join_config(self, config, typed):
-    config, adopted = protocol.join_config(self.run, config, self.silo_id, typed)
+    """The run's contract over `config` (None: the defaults), recorded in the workdir for tools."""
+    config, adopted = protocol.join_config(
+        self.run, config_lib.base_config() if config is None else config, self.silo_id, typed)
     if adopted:
       self.log(f'run.json fixes {len(adopted)} field(s) this silo\'s config file sets '
                f'otherwise; using the run\'s: {config_lib.describe(adopted, "run.json")}')
+    loading.write_config_record(self.workdir, config_lib.flat(config))
     return config
 
   def publish_eval(self, round_index, eval_loss, step):

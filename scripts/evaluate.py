@@ -46,8 +46,8 @@ def main(argv):
   workdirs = cli.run_or_explain(evaluation.parse_eval_sets, FLAGS.workdir)
   config = FLAGS.config
   if workdirs or FLAGS.storage:  # Else evaluate() says there is nothing to evaluate.
-    source = {'workdir': next(iter(workdirs.values()))} if workdirs else {
-        'storage': FLAGS.storage}
+    source = ({'storage': FLAGS.storage} if FLAGS.storage else
+              {'workdir': next(iter(workdirs.values()))})
     config = cli.run_or_explain(loading.source_config, FLAGS.config, cli.config_overrides(),
                                 **source)
   result = cli.run_or_explain(

@@ -46,8 +46,6 @@ def main(argv):
   if (FLAGS.silo is None) != (FLAGS.storage is None):
     raise app.UsageError('--silo and --storage go together: pass both to join a run.')
   if FLAGS.silo is not None:
-    if FLAGS.config is None:  # Hook: a silo will read its run's recorded config (run.json).
-      raise app.UsageError('--config is required with --silo.')
     summary = cli.run_or_explain(silo.run_silo, FLAGS.config, FLAGS.silo, FLAGS.storage,
                                  FLAGS.workdir, keys_dir=FLAGS.keys,
                                  typed=cli.config_overrides())

@@ -19,6 +19,7 @@ from fedpt import evaluation
 from fedpt import export_hf
 from fedpt import inspection
 from fedpt import loading
+from fedpt import protocol
 from fedpt import sampling
 from fedpt import silo as silo_lib
 from fedpt import storage as storage_lib
@@ -117,9 +118,8 @@ def test_a_federated_silos_workdir_loads_exports_and_describes(federated):
   for name in global_flat:
     np.testing.assert_array_equal(np.asarray(flat[name]), np.asarray(global_flat[name]))
 
-  done = _cli('export_hf.py', f'--config={REPO}/configs/tiny.py', f'--workdir={workdir}',
-              f'--out={tmp / "hf_silo"}', f'--config.data.corpus={config.data.corpus}',
-              '--config.data.seq_len=32', '--config.data.global_batch=8')
+  # No --config: the silo recorded its config (the run's contract over its own fields).
+  done = _cli('export_hf.py', f'--workdir={workdir}', f'--out={tmp / "hf_silo"}')
   assert done.returncode == 0, done.stderr
   assert f'parameters of {workdir} step' in done.stdout
   tokens = np.random.default_rng(0).integers(0, loaded.model_config.vocab_size, (2, 32))
@@ -132,6 +132,21 @@ def test_a_federated_silos_workdir_loads_exports_and_describes(federated):
   assert {x['name']: tuple(x['shape']) for x in info['leaves']} == {
       n: tuple(v.shape) for n, v in flat.items()}
   assert sampling.sample_text(config, 'x', workdir=workdir, max_new_tokens=2)[0].startswith('x')
+
+
+def test_a_global_round_is_read_with_its_run_s_contract(federated):
+  """A reader's config file gives way to run.json; a typed model field that differs is refused."""
+  config, root, _, _ = federated
+  config = loading.source_config(None, set(), storage=root)  # No config file at all.
+  assert (config.model.d_model, config.data.seq_len, config.federation.silos) == (64, 32, ('a',))
+  assert sampling.sample_text(config, 'x', storage=root, max_new_tokens=2)[0].startswith('x')
+  mine = conftest.load_config('tiny', config.data.corpus)
+  mine.model.n_layers, mine.train.eval_batches = 3, 7
+  typed = {'train.eval_batches', 'data.global_batch'}
+  got = loading.source_config(mine, typed, storage=root)
+  assert (got.model.n_layers, got.train.eval_batches, got.data.global_batch) == (2, 7, 16)
+  with pytest.raises(protocol.RunMismatchError, match=r'model.n_layers=3 \(yours\) vs 2'):
+    loading.source_config(mine, typed | {'model.n_layers'}, storage=root)
 
 
 BAD_SOURCES = [
