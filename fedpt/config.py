@@ -397,10 +397,14 @@ def compared_on_resume(fields) -> list[str]:
   return [f for f in fields if not any(fnmatch.fnmatchcase(f, p) for p in RESUMABLE_FIELDS)]
 
 
-def from_flat(values: dict):
-  """The locked config a record describes; fields this fedpt does not know are left out."""
-  known = flat(base_config())
-  config = with_values(base_config(), {k: v for k, v in values.items() if k in known})
+def from_flat(values: dict, base=None):
+  """The locked config a record describes, over `base` (default: `base_config()`).
+
+  Fields this fedpt does not know are left out; those the record lacks keep `base`'s.
+  """
+  base = base_config() if base is None else base
+  known = flat(base)
+  config = with_values(base, {k: v for k, v in values.items() if k in known})
   config.lock()
   return config
 
@@ -415,4 +419,4 @@ def over_record(recorded: dict, config, typed):
   if typed is None:
     return config
   mine = flat(config) if config is not None else {}
-  return from_flat({**recorded, **{k: mine[k] for k in typed if k in mine}})
+  return from_flat({**recorded, **{k: mine[k] for k in typed if k in mine}}, base=config)
