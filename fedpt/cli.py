@@ -10,11 +10,17 @@ from fedpt import errors
 
 
 def run_or_explain(fn, *args, **kwargs):
-  """Calls fn; a user error exits with status 2 and its message, a Ctrl-C with 75 and a line."""
+  """Calls fn; a user error or an OS refusal (disk full, read-only, permission) exits with
+  status 2 and one line, a Ctrl-C with 75 and a line."""
   try:
     return fn(*args, **kwargs)
   except errors.UserError as e:
     _exit(f'error: {e}', 2)
+  except OSError as e:  # Disk full, read-only, permission: wherever a tool writes or reads.
+    refused = errors.os_refusal(e, e.filename or 'the path it names')
+    if refused is None:
+      raise
+    _exit(f'error: {refused}', 2)
   except KeyboardInterrupt:  # Where no checkpoint was due; training loops handle it themselves.
     _exit('interrupted (Ctrl-C): nothing half-written is kept; rerun the same command to resume',
           errors.PREEMPTED_EXIT_CODE)

@@ -193,11 +193,10 @@ def join_config(run: dict, config, silo_id: str, typed=frozenset()):
 
   Raises RunMismatchError if the run speaks another format, does not list the
   silo, or fixes a field this command line set otherwise (`adopt_run_config`).
-  The result is `federated_config`'d: train.steps is rounds x the silo's H.
+  `federated_config` of the result sets train.steps to rounds x the silo's H.
   """
   check_format(run)
-  config, adopted = adopt_run_config(run, config, silo_id, typed)
-  return federated_config(config), adopted
+  return adopt_run_config(run, config, silo_id, typed)
 
 
 def check_tokenizer(run: dict, tokenizer_sha256: str) -> None:

@@ -148,15 +148,20 @@ class _Private:
 class _Silo:
   """One silo's parts: the run, its trainer, the bucket, its checkpoints; one method a phase."""
 
-  def __init__(self, config, silo_id, storage_root, workdir, keys_dir, typed):
-    sharding.maybe_initialize_distributed(config.distributed)
+  def __init__(self, config, silo_id, storage_root, workdir, keys_dir, typed=None,
+               allow_config_change=False):
     self.silo_id = silo_id
+    self.workdir = workdir
+    # The silo's own fields (corpus, tokenizer path, grad_accum, ...) resume as recorded.
+    config, record, changed = trainer_lib.resume_config(
+        config if config is not None or loading.read_config_record(workdir) is not None
+        else config_lib.base_config(), workdir, typed, allow_config_change)
+    sharding.maybe_initialize_distributed(config.distributed)
     self.store = storage_lib.RunStorage(storage_root)
     self.run = self.store.read_run()
     protocol.check_silo_listed(self.run, silo_id)
     self.identity = signing.party_identity(self.run, keys_dir, signing.silo_key_name(silo_id))
-    self.workdir = workdir
-    self.config = config = self._join_config(config, typed)
+    self.config = config = self._join_config(config, typed or frozenset(), record, changed)
     self.fed = config.federation
     self.trainer = trainer_lib.Trainer(
         config, data_seed=protocol.silo_data_seed(config.seed, silo_id))
@@ -172,15 +177,14 @@ class _Silo:
     self.summary = {'silo': silo_id, 'rounds': [], 'preempted': False}
     self.residual_base = None  # Error feedback: the residual the last delta was built with.
 
-  def _join_config(self, config, typed):
-    """The run's contract over `config` (None: the defaults), recorded in the workdir for tools."""
-    config, adopted = protocol.join_config(
-        self.run, config_lib.base_config() if config is None else config, self.silo_id, typed)
+  def _join_config(self, config, typed, record, changed):
+    """The run's contract over `config`, recorded in the workdir (for resumes and tools)."""
+    config, adopted = protocol.join_config(self.run, config, self.silo_id, typed)
     if adopted:
       self.log(f'run.json fixes {len(adopted)} field(s) this silo\'s config file sets '
                f'otherwise; using the run\'s: {config_lib.describe(adopted, "run.json")}')
-    loading.write_config_record(self.workdir, config_lib.flat(config))
-    return config
+    trainer_lib.record_config(self.workdir, config, record, changed, None)
+    return protocol.federated_config(config)
 
   def publish_eval(self, round_index, eval_loss, step):
     """The held-out loss of a global round on this silo's split: only the number leaves."""
@@ -479,19 +483,22 @@ class _Silo:
 
 def run_silo(config, silo_id: str, storage_root: str, workdir: str,
              stop_after_rounds: int | None = None, keys_dir: str | None = None,
-             typed=frozenset()) -> dict:
+             typed=None, allow_config_change: bool = False) -> dict:
   """Joins the run at `storage_root` as `silo_id` and trains until the last round.
 
   `keys_dir` is the silo's private key folder (silo_<id>.key and the pinned
   aggregator.pub); a signed run requires it. The run's contract (run.json)
   replaces what `config` sets otherwise, unless the field is in `typed` (set on
-  the command line, `cli.config_overrides`): then the silo is refused. On SIGTERM
+  the command line, `cli.config_overrides`): then the silo is refused. The
+  silo's own fields resume from its workdir's config.json as a plain run's do
+  (`trainer.resume_config`; `config` may then be None; `typed` None means all of
+  `config`, an in-process call). On SIGTERM
   or Ctrl-C (on any host of a multi-host silo) every host checkpoints the same step and the summary says
   'preempted'; running it again resumes there. Returns {'silo', 'rounds' (one
   record per round published: round, tokens, train_loss, bytes, seconds),
   'preempted', 'round', 'state', and 'final_eval_loss' after the last round}.
   """
-  silo = _Silo(config, silo_id, storage_root, workdir, keys_dir, typed)
+  silo = _Silo(config, silo_id, storage_root, workdir, keys_dir, typed, allow_config_change)
   try:
     return silo.run_rounds(stop_after_rounds)
   finally:

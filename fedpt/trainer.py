@@ -193,7 +193,7 @@ def resume_config(config, workdir: str, typed=None, allow_change: bool = False):
   return wanted, record, changed
 
 
-def _record_config(workdir, config, record, changed, step, note) -> None:
+def record_config(workdir, config, record, changed, step, note=lambda: '') -> None:
   """Writes config.json when it is new or differs; an allowed change is listed with its step."""
   changes = list((record or {}).get('config_changes', []))
   if changed:
@@ -231,7 +231,7 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None, *,
   writer, finished = None, False
   try:
     state, start = restore_or_init(trainer, checkpointer)
-    _record_config(workdir, config, record, changed, start, note)
+    record_config(workdir, config, record, changed, start, note)
     meta = checkpoint_lib.expected_meta(config, trainer.tokenizer_sha256)
     writer = metrics_lib.MetricWriter(workdir, note=note)
     progress = metrics_lib.Progress(

@@ -48,7 +48,8 @@ def main(argv):
   if FLAGS.silo is not None:
     summary = cli.run_or_explain(silo.run_silo, FLAGS.config, FLAGS.silo, FLAGS.storage,
                                  FLAGS.workdir, keys_dir=FLAGS.keys,
-                                 typed=cli.config_overrides())
+                                 typed=cli.config_overrides(),
+                                 allow_config_change=FLAGS.allow_config_change)
   else:
     summary = cli.run_or_explain(
         trainer.train_and_evaluate, FLAGS.config, FLAGS.workdir, stop_at_step=FLAGS.stop_at_step,

@@ -199,6 +199,12 @@ def test_a_silo_takes_the_run_s_contract_and_refuses_typed_contradictions(fed_co
     assert silo.trainer.total_steps == 6
   finally:
     silo.close()
+  # A restart with no config at all: its own fields (here the corpus) from its workdir's record.
+  silo = silo_lib._Silo(None, 'a', root, str(tmp_path / 'a'), None, typed=set())
+  try:
+    assert silo.config.data.corpus == fed_config.data.corpus and silo.fed.inner_steps == 2
+  finally:
+    silo.close()
   with pytest.raises(protocol.RunMismatchError,
                      match=r'model.norm_eps=1e-06 \(yours\) vs 1e-05 \(run.json\).*Fix'):
     silo_lib.run_silo(mine, 'b', root, str(tmp_path / 'b'), typed={'model.norm_eps'})

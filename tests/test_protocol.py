@@ -403,7 +403,8 @@ def test_a_silo_takes_the_run_s_values_and_is_refused_for_typed_ones():
   mine.model.rope_theta = 500_000.0
   mine.model.remat = 'full'  # A party field: the silo's own choice.
   config, adopted = protocol.join_config(run, mine, 'web')
-  assert config.federation.inner_steps == 10 and config.train.steps == 3 * 10
+  assert config.federation.inner_steps == 10
+  assert protocol.federated_config(config).train.steps == 3 * 10
   assert config.model.rope_theta == 10_000.0 and config.federation.silos == ('web', 'mine')
   assert config.federation.silo_weights == (1.0, 3.0) and config.model.remat == 'full'
   assert adopted['federation.inner_steps'] == (50, 10)
@@ -426,7 +427,7 @@ def test_a_silo_s_declared_h_and_budget_come_from_run_json():
       't' * 64, 'run-1')
   config, _ = protocol.join_config(run, config_lib.base_config(), 'b')
   assert (config.federation.inner_steps, config.federation.round_budget_s) == (7, 9.0)
-  assert config.train.steps == 3 * 7
+  assert protocol.federated_config(config).train.steps == 3 * 7
   with pytest.raises(protocol.RunMismatchError, match='round_budget_s=0.0 .yours. vs 9.0'):
     protocol.join_config(run, config_lib.base_config(), 'b', {'federation.round_budget_s'})
 
