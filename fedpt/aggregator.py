@@ -56,7 +56,7 @@ class Aggregator:
           f'this run is aggregated in {fed["num_shards"]} shards (run.json), not '
           f'{self.num_shards}. Fix: pass --shard=i/{fed["num_shards"]}.')
     self.shard = shard
-    protocol.check_format(self.run)
+    protocol.check_run(self.run)
     self.optimizer = outer.make_outer_optimizer(ml_collections.ConfigDict(self.run['outer']))
     newest = self.store.latest_global_round()  # Round 0 may be garbage-collected.
     if newest is None:

@@ -45,7 +45,7 @@ class ConfigError(errors.UserError, ValueError):
   """A bad config value; the message names the field and the fix."""
 
   def __init__(self, field: str, problem: str, fix: str):
-    self.field = field
+    self.field, self.problem = field, problem
     super().__init__(f'config field {field!r}: {problem}. Fix: {fix}.')
 
 
@@ -303,6 +303,22 @@ def validate(config) -> None:
     require(not isinstance(w, bool) and isinstance(w, numbers.Real) and math.isfinite(w)
             and w >= 0, 'federation.silo_weights', f'weight {w!r} is not a finite number >= 0',
             'give each silo a multiplier >= 0, e.g. 1.0')
+  require(not weights or len(weights) == len(fed.silos), 'federation.silo_weights',
+          f'{len(weights)} weights for {len(fed.silos)} silos', 'give one weight per silo, or none')
+  require(all(w <= 1e6 for w in weights), 'federation.silo_weights',
+          f'{tuple(weights)} has a weight above 1e6: tokens x weight would overflow',
+          'use relative multipliers, e.g. 1.0 and 2.0')
+  for field, default in (('silo_inner_steps', 'inner_steps'),
+                         ('silo_round_budget_s', 'round_budget_s')):
+    declared = list(fed[field])
+    require(not declared or len(declared) == len(fed.silos), f'federation.{field}',
+            f'{len(declared)} values for {len(fed.silos)} silos',
+            'give one value per silo (in the order of federation.silos), or none')
+    for value in declared:
+      problem = _type_problem(value, fed[default])
+      require(problem is None and (value > 0 if default == 'inner_steps' else value >= 0),
+              f'federation.{field}', problem or f'{value!r} is out of range',
+              f'see federation.{default}')
   require(not weights or sum(weights) > 0, 'federation.silo_weights',
           f'every weight is zero {tuple(weights)}: no delta could move the model',
           'give at least one silo a weight > 0, or leave silo_weights empty (all 1.0)')

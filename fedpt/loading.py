@@ -152,7 +152,7 @@ def run_config(run: dict, config=None, typed=frozenset()):
   (`config` may be None: the defaults), a typed field that changes the model is
   refused, and other typed fields (eval batches, data) apply.
   """
-  protocol.check_format(run)
+  protocol.check_run(run)
   config = config_lib.base_config() if config is None else config
   typed = set(typed or ())
   adopted, _ = protocol.adopt_run_config(run, config, None, typed & set(config_lib.MODEL_FIELDS))

@@ -32,7 +32,7 @@ class OuterConfigError(errors.UserError, ValueError):
   """A bad `outer.*` config value; the message names the field and the fix."""
 
   def __init__(self, field: str, problem: str, fix: str):
-    self.field = field
+    self.field, self.problem = field, problem
     super().__init__(f'config field {field!r}: {problem}. Fix: {fix}.')
 
 

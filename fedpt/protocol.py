@@ -26,18 +26,6 @@ from fedpt import outer
 from fedpt import records
 from fedpt import trees
 
-FORMAT_VERSION = 3  # 3: run.json holds the run's whole contract; deltas declare H and budget.
-
-# Config fields each party chooses for itself (how it computes, where its data and
-# tokenizer file are, how it logs); everything else is the run's contract, in run.json.
-PARTY_FIELDS = ('name', 'model.remat', 'model.attention', 'model.compute_dtype', 'data.corpus',
-                'data.stdlib_group', 'data.tokenizer', 'inner.grad_accum', 'train.', 'mesh.',
-                'sharding.', 'distributed.')
-# In run.json as every party's default; a party may pass its own value.
-PARTY_DEFAULTS = ('federation.wait_timeout_s', 'federation.poll_s')
-# Declared per silo in run.json's silo list (from federation.silo_<name>); the
-# config field of the same name is the default for silos without a declaration.
-PER_SILO = {'federation.inner_steps': 'inner_steps', 'federation.round_budget_s': 'round_budget_s'}
 
 # What the manifest copies from each included delta's meta.json (the ledger's inputs).
 MANIFEST_ENTRY_FIELDS = ('silo', 'tokens', 'steps', 'train_loss', 'bytes', 'compression',
@@ -61,6 +49,7 @@ def federated_config(config):
 
 def validate_federation(config) -> None:
   """Checks `federation.*` before a run is created; raises ConfigError naming field and fix."""
+  config_lib.validate(config)
   fed = config.federation
 
   def require(ok, field, problem, fix):
@@ -74,26 +63,23 @@ def validate_federation(config) -> None:
                             fed.clip_multiple or None)
   require(fed.reject_norm_multiple == 0 or fed.reject_norm_multiple > 1, 'reject_norm_multiple',
           f'{fed.reject_norm_multiple} would reject ordinary deltas', 'use 0 (off) or > 1, e.g. 10')
-  config_lib.validate(config)
-  for field, key in PER_SILO.items():
-    declared = list(fed[f'silo_{key}'])
-    require(not declared or len(declared) == len(fed.silos), f'silo_{key}',
-            f'{len(declared)} values for {len(fed.silos)} silos',
-            'give one value per silo (in the order of federation.silos), or none')
-    for value in declared:
-      config_lib.require(
-          not config_lib._type_problem(value, fed[key]) and
-          (value > 0 if key == 'inner_steps' else value >= 0), f'federation.silo_{key}',
-          f'{value!r} is not a valid {field}', f'see {field}')
+  outer.make_outer_optimizer(config.outer)  # Names a bad outer.* field and its fix.
 
 
-def _is_party_field(field: str) -> bool:
-  return any(field == p or (p.endswith('.') and field.startswith(p)) for p in PARTY_FIELDS)
+def check_run(run: dict) -> None:
+  """The run-level rules (`validate_federation`) on a run.json read back from the bucket.
 
-
-def contract(config) -> dict:
-  """{'section.field': value} of what the run fixes: every field but `PARTY_FIELDS`."""
-  return {k: v for k, v in config_lib.flat(config).items() if not _is_party_field(k)}
+  `records.check_run_form` (every read) checked its form and each field; this
+  adds what needs round math: compression, robust rules, the outer optimizer.
+  """
+  records.check_format(run)
+  try:
+    validate_federation(config_lib.with_values(config_lib.base_config(),
+                                               records.recorded_contract(run)))
+  except (config_lib.ConfigError, outer.OuterConfigError) as e:
+    raise RunMismatchError(
+        f'run {run["run_id"]}\'s run.json breaks a run rule: config field {e.field!r} '
+        f'{e.problem}. Fix: recreate the run with scripts/init_run.py.') from None
 
 
 def run_record(config, tokenizer_sha256: str, run_id: str) -> dict:
@@ -104,21 +90,9 @@ def run_record(config, tokenizer_sha256: str, run_id: str) -> dict:
   weight, H and round budget.
   """
   config_lib.validate(config)
-  fed = config.federation
-  per_silo = {'weight': list(fed.silo_weights) or [1.0] * len(fed.silos)}
-  for field, key in PER_SILO.items():
-    per_silo[key] = list(fed[f'silo_{key}']) or [fed[key]] * len(fed.silos)
-  if len(per_silo['weight']) != len(fed.silos):
-    raise config_lib.ConfigError(
-        'federation.silo_weights', f'{len(per_silo["weight"])} weights for {len(fed.silos)} '
-        'silos', 'give one weight per silo, or none')
-  record = {'format_version': FORMAT_VERSION, 'run_id': run_id,
-            'tokenizer_sha256': tokenizer_sha256,
-            'silos': [{'id': s, 'weight': float(per_silo['weight'][i]),
-                       'inner_steps': int(per_silo['inner_steps'][i]),
-                       'round_budget_s': float(per_silo['round_budget_s'][i])}
-                      for i, s in enumerate(fed.silos)]}
-  for field, value in contract(config).items():
+  record = {'format_version': records.FORMAT_VERSION, 'run_id': run_id,
+            'tokenizer_sha256': tokenizer_sha256, 'silos': records.silo_records(config)}
+  for field, value in records.contract(config).items():
     *sections, name = field.split('.')
     node = record
     for section in sections:
@@ -140,14 +114,14 @@ def adopt_run_config(run: dict, config, silo_id: str | None, typed=frozenset()):
   from `cli.config_overrides`) that disagrees with the run is refused, naming
   both values; one that only the config file sets takes the run's value. A
   silo's H and round budget are its declaration in run.json's silo list;
-  `PARTY_DEFAULTS` may be typed freely. `silo_id` None: a reader (evaluate, sample).
+  `records.PARTY_DEFAULTS` may be typed freely. `silo_id` None: a reader (evaluate, sample).
   """
   recorded = records.recorded_contract(run)
   if silo_id is not None:
     entry = silo_entry(run, silo_id)
-    recorded.update({field: entry[key] for field, key in PER_SILO.items()})
+    recorded.update({field: entry[key] for field, key in records.PER_SILO.items()})
   diff = config_lib.differences(recorded, config)
-  refused = {k: v for k, v in diff.items() if k in typed and k not in PARTY_DEFAULTS}
+  refused = {k: v for k, v in diff.items() if k in typed and k not in records.PARTY_DEFAULTS}
   if refused:
     raise RunMismatchError(
         f'run {run["run_id"]} fixes what this command line changes: '
@@ -179,15 +153,6 @@ def check_model_matches_run(run: dict, config, tokenizer_sha256: str) -> None:
   check_tokenizer(run, tokenizer_sha256)
 
 
-def check_format(run: dict) -> None:
-  """Records of another protocol version would be misread: refuse the run."""
-  if run.get('format_version') != FORMAT_VERSION:
-    raise RunMismatchError(
-        f'the run {run.get("run_id")!r} speaks protocol format {run.get("format_version")!r}; '
-        f'this fedpt speaks {FORMAT_VERSION}. Fix: use the fedpt version that created the run '
-        '(docs/protocol.md lists the formats), or create a new run.')
-
-
 def join_config(run: dict, config, silo_id: str, typed=frozenset()):
   """(the config silo `silo_id` trains with in `run`, {field: (file's, run's)} adopted).
 
@@ -195,7 +160,7 @@ def join_config(run: dict, config, silo_id: str, typed=frozenset()):
   silo, or fixes a field this command line set otherwise (`adopt_run_config`).
   `federated_config` of the result sets train.steps to rounds x the silo's H.
   """
-  check_format(run)
+  check_run(run)
   return adopt_run_config(run, config, silo_id, typed)
 
 
@@ -229,7 +194,7 @@ def delta_meta(run: dict, round_index: int, silo_id: str, base_hash: str, *,
   (run.json); `steps` is what it ran: H, or fewer when the budget ran out.
   """
   return {
-      'format_version': FORMAT_VERSION, 'run_id': run['run_id'], 'round': round_index,
+      'format_version': records.FORMAT_VERSION, 'run_id': run['run_id'], 'round': round_index,
       'silo': silo_id, 'base_global_hash': base_hash, 'tokens': tokens, 'steps': steps,
       'train_loss': train_loss, 'global_eval_loss': global_eval_loss,
       'compression': compression_format, 'block_size': block_size, 'bytes': nbytes,

@@ -16,8 +16,20 @@ from fedpt import errors
 # refused with the error as its reason, never a crash of the reader.
 MALFORMED = (TypeError, KeyError, ValueError, AttributeError, IndexError, ArithmeticError)
 
+FORMAT_VERSION = 3  # 3: run.json holds the run's whole contract; deltas declare H and budget.
+
 # run.json stores the run's contract in these config sections, plus 'seed'.
 CONTRACT_SECTIONS = ('model', 'data', 'inner', 'federation', 'outer')
+# Config fields each party chooses for itself (how it computes, where its data and
+# tokenizer file are, how it logs); every other field is the run's contract.
+PARTY_FIELDS = ('name', 'model.remat', 'model.attention', 'model.compute_dtype', 'data.corpus',
+                'data.stdlib_group', 'data.tokenizer', 'inner.grad_accum', 'train.', 'mesh.',
+                'sharding.', 'distributed.')
+# In run.json as every party's default; a party may pass its own value.
+PARTY_DEFAULTS = ('federation.wait_timeout_s', 'federation.poll_s')
+# Declared per silo in run.json's silo list (from federation.silo_<name>); the
+# config field of the same name is the default for silos without a declaration.
+PER_SILO = {'federation.inner_steps': 'inner_steps', 'federation.round_budget_s': 'round_budget_s'}
 
 
 class RecordError(errors.UserError, ValueError):
@@ -39,6 +51,37 @@ def malformed(error: BaseException) -> str:
   return f'malformed metadata ({type(error).__name__}: {errors.one_line(error)})'
 
 
+def _is_party_field(field: str) -> bool:
+  return any(field == p or (p.endswith('.') and field.startswith(p)) for p in PARTY_FIELDS)
+
+
+def contract(config) -> dict:
+  """{'section.field': value} of what a run fixes: every field but `PARTY_FIELDS`."""
+  return {k: v for k, v in config_lib.flat(config).items() if not _is_party_field(k)}
+
+
+def silo_records(config) -> list[dict]:
+  """run.json's `silos`: each silo's id, weight, H and round budget, resolved from `config`."""
+  fed = config.federation
+  per_silo = {'weight': list(fed.silo_weights) or [1.0] * len(fed.silos)}
+  for field, key in PER_SILO.items():
+    per_silo[key] = list(fed[f'silo_{key}']) or [fed[key]] * len(fed.silos)
+  return [{'id': s, 'weight': float(per_silo['weight'][i]),
+           'inner_steps': int(per_silo['inner_steps'][i]),
+           'round_budget_s': float(per_silo['round_budget_s'][i])}
+          for i, s in enumerate(fed.silos)]
+
+
+def check_format(run) -> None:
+  """Records of another protocol version would be misread: refuse the run first."""
+  version = run.get('format_version') if isinstance(run, dict) else None
+  if version != FORMAT_VERSION:
+    raise RecordError(
+        f'the run {run.get("run_id") if isinstance(run, dict) else None!r} speaks protocol '
+        f'format {version!r}; this fedpt speaks {FORMAT_VERSION}. Fix: use the fedpt version '
+        'that created the run (docs/protocol.md lists the formats), or create a new run.')
+
+
 def recorded_contract(run: dict) -> dict:
   """run.json's contract as {'section.field': value} (the inverse of `protocol.run_record`)."""
   out = {'seed': run['seed']}
@@ -48,38 +91,36 @@ def recorded_contract(run: dict) -> dict:
 
 
 def check_run_form(run, where: str) -> None:
-  """Raises RecordError unless run.json's contract and silo records are well-formed.
+  """Raises RecordError unless run.json is of this format and its contract well-formed.
 
-  The contract must pass the config's own checks (`config.validate`: every
-  field's type and range, silo ids, weights), so a run.json with a poll
-  interval of -1 or all-zero weights stops every party with one line.
+  Every contract field must be there and pass the config's own checks
+  (`config.validate`: each field's type and range, silo ids, weights, per-silo
+  declarations), and `silos` must be what the contract resolves to; so a
+  run.json with a poll interval of -1, all-zero weights or a missing field stops
+  every party with one line. `protocol.check_run` adds the run-level rules.
   """
+  check_format(run)
   try:
-    if not isinstance(run, dict):
-      raise ValueError('it is not a JSON object')
     recorded = recorded_contract(run)
-    unknown = sorted(set(recorded) - set(config_lib.flat(config_lib.base_config())))
-    if unknown:
-      raise ValueError(f'unknown contract field(s) {unknown}')
+    expected = set(contract(config_lib.base_config()))
+    if set(recorded) != expected:
+      raise ValueError(f'unknown contract field(s) {sorted(set(recorded) - expected)}, missing '
+                       f'{sorted(expected - set(recorded))}')
     config = config_lib.with_values(config_lib.base_config(), recorded)
     config_lib.validate(config)
-    ids = [s['id'] for s in run['silos']]
-    if ids != list(config.federation.silos):
-      raise ValueError(f'silos {ids} are not federation.silos {list(config.federation.silos)}')
-    for s in run['silos']:
-      if not (is_number(s['weight']) and s['weight'] >= 0 and is_int(s['inner_steps'])
-              and s['inner_steps'] > 0 and is_number(s['round_budget_s'])
-              and s['round_budget_s'] >= 0):
-        raise ValueError(f'silo record {s} needs weight >= 0, inner_steps > 0, '
-                         'round_budget_s >= 0')
-    if not sum(s['weight'] for s in run['silos']) > 0:
-      raise ValueError('every silo weight is 0')
+    if run['silos'] != silo_records(config):
+      raise ValueError(f'its silo list {run["silos"]} is not what its federation section '
+                       'declares')
     if not (isinstance(run['run_id'], str) and isinstance(run['tokenizer_sha256'], str)):
       raise ValueError('run_id and tokenizer_sha256 must be strings')
-  except (config_lib.ConfigError, *MALFORMED) as e:
+  except config_lib.ConfigError as e:
+    raise RecordError(f'{where} is invalid: config field {e.field!r} {e.problem}. Fix: '
+                      'recreate the run with scripts/init_run.py; run.json is not to be edited '
+                      'by hand.') from None
+  except MALFORMED as e:
     raise RecordError(
         f'{where} is invalid: {errors.one_line(e)}. Fix: recreate the run with '
-        'scripts/init_run.py; a run.json must not be edited by hand.') from None
+        'scripts/init_run.py; run.json is not to be edited by hand.') from None
 
 
 def check_shard_meta_form(meta) -> str | None:

@@ -328,20 +328,30 @@ def test_a_manifest_read_back_is_checked():
 def test_run_json_is_checked_by_every_reader():
   run = _run()
   records.check_run_form(run, 'run.json')
+  protocol.check_run(run)
+  fed = run['federation']
   for edit, reason in [
-      ({'federation': {**run['federation'], 'poll_s': -1.0}}, 'federation.poll_s'),
-      ({'silos': [{**s, 'weight': 0.0} for s in run['silos']]}, 'every silo weight is 0'),
-      ({'silos': run['silos'][:2]}, 'are not federation.silos'),
-      ({'model': {**run['model'], 'rope_theta': 'big'}}, 'model.rope_theta'),
-      ({'inner': {**run['inner'], 'lr_typo': 1.0}},
-       r"unknown contract field\(s\) \['inner.lr_typo'\]"),
-      ({'federation': {**run['federation'], 'silos': ['a', '../b', 'c']}}, "silo id '../b'"),
-      ({'seed': None}, 'seed'),
+      ({'format_version': 2}, 'speaks protocol format 2; this fedpt speaks 3'),
+      ({'federation': {**fed, 'poll_s': -1.0}}, "'federation.poll_s' must be in"),
+      ({'federation': {**fed, 'silo_weights': [0.0, 0.0, 0.0]}}, 'every weight is zero'),
+      ({'silos': [{**s, 'weight': 0.0} for s in run['silos']]}, 'is not what its federation'),
+      ({'silos': run['silos'][:2]}, 'is not what its federation section declares'),
+      ({'model': {**run['model'], 'rope_theta': 'big'}}, "'model.rope_theta' must be a finite"),
+      ({'inner': {**run['inner'], 'lr_typo': 1.0}}, r"unknown contract field\(s\) \['inner.lr_typo'\]"),
+      ({'federation': {k: v for k, v in fed.items() if k != 'min_silos'}},
+       r"missing \['federation.min_silos'\]"),
+      ({'federation': {**fed, 'silos': ['a', '../b', 'c']}}, "silo id '../b'"),
+      ({'seed': None}, "'seed' must be an integer"),
   ]:
-    with pytest.raises(records.RecordError, match=f'run.json is invalid: .*{reason}.*Fix'):
+    with pytest.raises(records.RecordError, match=f'{reason}.*Fix'):
       records.check_run_form({**run, **edit}, 'run.json')
-  with pytest.raises(protocol.RunMismatchError, match='protocol format 2'):
-    protocol.check_format({**run, 'format_version': 2})
+  for edit, field in [({'compression': 'zip'}, 'federation.compression'),
+                      ({'robust': 'bogus'}, 'federation.robust'),
+                      ({'reject_norm_multiple': 0.5}, 'federation.reject_norm_multiple')]:
+    with pytest.raises(protocol.RunMismatchError, match=f'breaks a run rule: .*{field}.*Fix'):
+      protocol.check_run({**run, 'federation': {**fed, **edit}})
+  with pytest.raises(protocol.RunMismatchError, match="breaks a run rule: .*'outer.optimizer'"):
+    protocol.check_run({**run, 'outer': {**run['outer'], 'optimizer': 'bogus'}})
 
 
 def test_a_global_shards_arrays_must_be_the_ones_its_meta_lists():
@@ -363,7 +373,7 @@ def test_a_global_shards_arrays_must_be_the_ones_its_meta_lists():
 def test_a_run_of_another_format_is_refused():
   config = config_lib.base_config()
   run = protocol.run_record(config, 't' * 64, 'run-1')
-  with pytest.raises(protocol.RunMismatchError, match='protocol format 1.*Fix'):
+  with pytest.raises(records.RecordError, match='protocol format 1.*Fix'):
     protocol.join_config({**run, 'format_version': 1}, config, 'web')
 
 
@@ -373,7 +383,7 @@ def test_a_run_of_another_format_is_refused():
 def test_run_record_holds_the_whole_contract_and_per_silo_declarations():
   config = _config(silos=('a', 'b'), silo_inner_steps=(2, 5), silo_round_budget_s=(0.0, 30.0))
   run = protocol.run_record(config, 't' * 64, 'run-1')
-  assert run['format_version'] == protocol.FORMAT_VERSION
+  assert run['format_version'] == records.FORMAT_VERSION
   assert run['silos'] == [{'id': 'a', 'weight': 1.0, 'inner_steps': 2, 'round_budget_s': 0.0},
                           {'id': 'b', 'weight': 1.0, 'inner_steps': 5, 'round_budget_s': 30.0}]
   # The model's function, not only its shapes; the inner optimizer; what each step trains on.
@@ -385,7 +395,7 @@ def test_run_record_holds_the_whole_contract_and_per_silo_declarations():
   for field in ('model.remat', 'data.corpus', 'data.tokenizer', 'inner.grad_accum', 'train.steps',
                 'mesh.data'):
     assert field not in records.recorded_contract(run), field
-  assert records.recorded_contract(run) == protocol.contract(config)
+  assert records.recorded_contract(run) == records.contract(config)
   with pytest.raises(protocol.RunMismatchError, match="silo 'zz' is not in this run"):
     protocol.join_config(run, config, 'zz')
   with pytest.raises(protocol.RunMismatchError, match='tokenizer.*Fix'):
@@ -440,6 +450,7 @@ def test_a_silo_s_declared_h_and_budget_come_from_run_json():
     ('silo_weights', (1.0, -1.0, 1.0, 1.0)), ('poll_s', 0.0), ('round_budget_s', -1.0),
     ('round_deadline_s', -5.0), ('silo_inner_steps', (5, 0, 5, 5)), ('silo_inner_steps', (5,)),
     ('silo_round_budget_s', (1.0, 1.0, -2.0, 1.0)), ('keep_last_rounds', 0),
+    ('silo_weights', (1e300, 1e300, 1.0, 1.0)), ('silo_weights', (1.0, 2.0)),
 ])
 def test_validate_federation_names_the_field(field, value):
   config = config_lib.base_config()
