@@ -43,6 +43,10 @@ def describe_global_round(store: storage_lib.RunStorage, round_index: int | None
   if check is not None and any(check(m) for m in metas):
     signatures = 'INVALID on at least one shard: the bucket was tampered with'
   manifest = store.read_manifest(round_index - 1) if round_index > 0 else None
+  if manifest is not None and protocol.check_manifest(run, round_index - 1, manifest):
+    signatures += (f'; the manifest of round {round_index - 1} is malformed: '
+                   f'{protocol.check_manifest(run, round_index - 1, manifest)}')
+    manifest = None
   return {
       'source': f'{store.root} global round {round_index}', 'run_id': run['run_id'],
       'round': round_index, 'global_hash': store.global_hash(round_index),

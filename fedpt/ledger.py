@@ -89,7 +89,9 @@ def round_record(store: storage_lib.RunStorage, run: dict, round_index: int,
       rejected_bytes += claimed  # What it says it uploaded, if that can be true.
   global_hash = store.global_hash(round_index + 1)
   if global_hash is None:  # Garbage-collected; the next round's manifest still names it.
-    global_hash = (store.read_manifest(round_index + 1) or {}).get('base_global_hash')
+    following = store.read_manifest(round_index + 1)
+    global_hash = (following.get('base_global_hash') if isinstance(following, dict)
+                   and protocol.check_manifest(run, round_index + 1, following) is None else None)
   latest = store.latest_global_round()
   done = global_hash is not None or (latest is not None and latest > round_index)
   if done:

@@ -252,31 +252,45 @@ def tokens_per_step(run: dict) -> int:
   return run['data']['global_batch'] * run['data']['seq_len']
 
 
-def _check_delta_numbers(run: dict, silo: str, meta: dict) -> str | None:
-  """The numbers a delta claims, checked for type, finiteness and plausibility."""
+def _check_claims(run: dict, silo: str, record: dict) -> str | None:
+  """The numbers a delta claims (its meta.json, or its manifest entry), checked for type,
+  finiteness and plausibility against the run's contract and the silo's declaration."""
   fed, entry = run['federation'], silo_entry(run, silo)
-  for key in ('inner_steps', 'round_budget_s'):
-    if meta.get(key) != entry[key]:
-      return (f'declares {key}={meta.get(key)!r}, but run.json declares {entry[key]!r} for '
-              f'this silo')
-  if meta.get('compression') != fed['compression'] or meta.get('block_size') != fed['block_size']:
-    return (f'compression {meta.get("compression")!r} with block size {meta.get("block_size")!r}'
-            f' is not the run\'s {fed["compression"]!r} with {fed["block_size"]}')
-  steps, tokens, h = meta.get('steps'), meta.get('tokens'), entry['inner_steps']
-  if not records.is_int(steps) or not 1 <= steps <= h or (steps < h and not entry['round_budget_s']):
+  if (record.get('compression') != fed['compression']
+      or record.get('block_size') != fed['block_size']):
+    return (f'compression {record.get("compression")!r} with block size '
+            f'{record.get("block_size")!r} is not the run\'s {fed["compression"]!r} with '
+            f'{fed["block_size"]}')
+  steps, tokens, h = record.get('steps'), record.get('tokens'), entry['inner_steps']
+  if (not records.is_int(steps) or not 1 <= steps <= h
+      or (steps < h and not entry['round_budget_s'])):
     return (f'bad step count {steps!r}: a round is H={h} inner steps'
             + (' or fewer when its time budget ends' if entry['round_budget_s'] else ''))
   most = steps * tokens_per_step(run)
   if not records.is_int(tokens) or not 0 < tokens <= most:
     return (f'bad token count {tokens!r}: {steps} steps train on at most {most} tokens '
             f'({tokens_per_step(run)} per step)')
-  for key, optional in (('train_loss', False), ('global_eval_loss', True),
-                        ('delta_norm', False), ('inner_seconds', False)):
-    value = meta.get(key)
+  if not records.is_int(record.get('bytes')) or record['bytes'] < 0:
+    return f'bad byte count {record.get("bytes")!r}'
+  for key, optional, sign in (('train_loss', False, False), ('global_eval_loss', True, False),
+                              ('delta_norm', False, True)):
+    value = record.get(key)
     if not (records.is_number(value) or (optional and value is None)) or (
-        key != 'train_loss' and key != 'global_eval_loss' and value < 0):
-      return f'bad {key} {value!r}: not a finite number' + ('' if 'loss' in key else ' >= 0')
+        sign and value < 0):
+      return f'bad {key} {value!r}: not a finite number' + (' >= 0' if sign else '')
   return None
+
+
+def _check_delta_numbers(run: dict, silo: str, meta: dict) -> str | None:
+  """A delta's claims, its declaration (run.json's H and budget) and its inner seconds."""
+  entry = silo_entry(run, silo)
+  for key in ('inner_steps', 'round_budget_s'):
+    if meta.get(key) != entry[key]:
+      return (f'declares {key}={meta.get(key)!r}, but run.json declares {entry[key]!r} for '
+              f'this silo')
+  if not records.is_number(meta.get('inner_seconds')) or meta['inner_seconds'] < 0:
+    return f'bad inner_seconds {meta.get("inner_seconds")!r}: not a finite number >= 0'
+  return _check_claims(run, silo, meta)
 
 
 def check_delta_claims(run: dict, round_index: int, silo: str, meta) -> str | None:
@@ -448,16 +462,24 @@ def check_manifest(run: dict, round_index: int, manifest) -> str | None:
       return f'it says run {manifest.get("run_id")!r} round {manifest.get("round")!r}'
     ids = silo_ids(run)
     included = manifest['included']
+    if len({e['silo'] for e in included}) != len(included):
+      return 'it includes a silo twice'
     for e in included:
       if e['silo'] not in ids:
         return f'it includes {e["silo"]!r}, which is not in run.json'
-      h = silo_entry(run, e['silo'])['inner_steps']
-      if not (records.is_int(e['steps']) and 1 <= e['steps'] <= h and records.is_int(e['tokens'])
-              and 0 < e['tokens'] <= e['steps'] * tokens_per_step(run) and records.is_int(e['bytes'])
-              and e['bytes'] >= 0 and records.is_number(e['weight']) and 0 <= e['weight'] <= 1
-              and records.is_number(e['train_loss']) and records.is_number(e.get('clip_factor', 1.0))):
-        return (f'entry of {e["silo"]!r} has a step, token or byte count, weight or loss out of '
-                'range')
+      reason = _check_claims(run, e['silo'], e)
+      if reason:
+        return f'entry of {e["silo"]!r}: {reason}'
+      if not (records.is_number(e['weight']) and 0 <= e['weight'] <= 1
+              and records.is_number(e['measured_norm']) and e['measured_norm'] >= 0
+              and records.is_number(e.get('clip_factor', 1.0))
+              and 0 < e.get('clip_factor', 1.0) <= 1):
+        return f'entry of {e["silo"]!r} has a weight, norm or clip factor out of range'
+    robust = manifest['robust']
+    if robust['method'] not in outer.ROBUST_METHODS or not records.is_int(robust['trim']):
+      return f'its robust rule {robust!r} is not one of {outer.ROBUST_METHODS}'
+    if not isinstance(manifest['base_global_hash'], (str, type(None))):
+      return f'base_global_hash {manifest["base_global_hash"]!r} is not a hash'
     if included and contributing(included) and not math.isclose(
         sum(e['weight'] for e in included), 1.0, rel_tol=1e-6):
       return 'its weights do not sum to 1'

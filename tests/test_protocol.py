@@ -314,8 +314,15 @@ def test_a_manifest_read_back_is_checked():
   first = m['included'][0]
   for edit, reason in [
       ({'round': 1}, 'round 1'),
-      ({'included': [{**first, 'tokens': 10**400}] + m['included'][1:]}, 'out of range'),
+      ({'included': [{**first, 'tokens': 10**400}] + m['included'][1:]}, "'a': bad token count"),
+      ({'included': [{**first, 'steps': 1}] + m['included'][1:]}, "'a': bad step count 1"),
       ({'included': [{**first, 'weight': float('nan')}] + m['included'][1:]}, 'out of range'),
+      ({'included': [{**first, 'clip_factor': -5.0}] + m['included'][1:]}, 'out of range'),
+      ({'included': [{**first, 'measured_norm': 'x'}] + m['included'][1:]}, 'out of range'),
+      ({'included': [{**first, 'compression': 'none'}] + m['included'][1:]}, "is not the run's"),
+      ({'included': m['included'] + [first]}, 'includes a silo twice'),
+      ({'robust': {'method': 'zz', 'trim': 1}}, 'robust rule'),
+      ({'base_global_hash': 5}, 'base_global_hash 5'),
       ({'included': [{**first, 'silo': 'zz'}] + m['included'][1:]}, "includes 'zz'"),
       ({'included': m['included'][:2]}, 'do not sum to 1'),
       ({'missing': ['zz']}, 'not in run.json'), ({'decided_after_s': 'soon'}, "'soon'"),
