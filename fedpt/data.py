@@ -444,6 +444,13 @@ def _clean(text: str) -> tuple[str, tuple[int, str] | None]:
           (bad[0], f'{bad[1]}. Fix: correct or remove it, {_POLICY_FIX}'))
 
 
+def check_text(text: str, where: str) -> None:
+  """Raises DataError if `text` (typed by a user, e.g. a prompt) cannot be tokenised."""
+  bad = _bad_char(text)
+  if bad is not None:
+    raise DataError(f'{where}: line {bad[0]}: {bad[1]}. Fix: pass valid UTF-8 text')
+
+
 def _bad_char(text: str) -> tuple[int, str] | None:
   """The line of the first lone surrogate or NUL and what it is, or None."""
   match = _BAD_CHARS.search(text)
@@ -471,10 +478,11 @@ def _read_jsonl(path, text_field):
       bad = bad and bad[1]
       try:
         record = json.loads(line)
-      except json.JSONDecodeError as e:
+      except (ValueError, RecursionError) as e:  # Also 5000-digit numbers, deep nesting.
+        what = (f'{e.msg} at column {e.colno}' if isinstance(e, json.JSONDecodeError)
+                else errors.one_line(e))
         yield where, None, bad or (
-            f'invalid JSON ({e.msg} at column {e.colno}). Fix: correct or '
-            f'delete that line, {_SKIP_FIX}')
+            f'invalid JSON ({what}). Fix: correct or delete that line, {_SKIP_FIX}')
         continue
       text, problem = _text_of(record, text_field)
       yield where, text, bad or problem
@@ -719,8 +727,10 @@ def _read_meta(data_dir: str) -> dict[str, Any]:
   try:
     with open(meta_path) as f:
       meta = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise DataError(f'{meta_path} is corrupt ({e}); {_PREPARE_HINT}.') from e
+  except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, ...
+    raise DataError(f'{meta_path} is corrupt ({errors.one_line(e)}); {_PREPARE_HINT}.') from None
+  if not isinstance(meta, dict):
+    raise DataError(f'{meta_path} is corrupt (not a JSON object); {_PREPARE_HINT}.')
   if meta.get('format_version') != FORMAT_VERSION:
     raise DataError(
         f'{data_dir} has format_version {meta.get("format_version")}, this '

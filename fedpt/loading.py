@@ -90,15 +90,18 @@ def read_config_record(workdir: str) -> dict | None:
   path = config_record_path(workdir)
   with errors.refusals(f'reading {path}', str(path)):
     try:
-      text = path.read_text()
+      raw = path.read_bytes()
     except FileNotFoundError:
       return None
   try:
-    return json.loads(text)
-  except json.JSONDecodeError as e:
+    record = json.loads(raw)
+    if not isinstance(record, dict):
+      raise ValueError('not a JSON object')
+    return record
+  except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, ...
     raise config_lib.RecordedConfigError(
-        f'{path} is not valid JSON ({e}). Fix: restore it from a backup, or delete it and pass '
-        '--config with the values the run was started with') from None
+        f'{path} is not valid JSON ({errors.one_line(e)}). Fix: restore it from a backup, or '
+        'delete it and pass --config with the values the run was started with') from None
 
 
 def write_config_record(workdir: str, record: dict, note=lambda: '') -> None:

@@ -147,6 +147,9 @@ def check_shard_meta_form(meta) -> str | None:
               and all(is_int(d) and 0 <= d < 2**40 for d in shape)
               and math.prod(shape) < 2**40 and dtypes[name] in config_lib.DTYPES):
         return f'its meta.json describes leaf {name!r} as {shape!r} {dtypes[name]!r}'
+    if not (isinstance(meta['outer_state_hashes'], dict) and all(
+        isinstance(k, str) and isinstance(v, str) for k, v in meta['outer_state_hashes'].items())):
+      return 'its meta.json has no table of outer-optimizer state hashes'
     if not (isinstance(meta['contributors'], list)
             and all(isinstance(c, str) for c in meta['contributors'])):
       return 'its meta.json has no list of contributors'

@@ -116,6 +116,7 @@ def sample_text(config, prompt: str, *, workdir: str | None = None, step: int | 
                 max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                 top_p: float = 1.0, seed: int = 0, num_samples: int = 1) -> list[str]:
   """Prompt + continuation, decoded with the run's tokenizer, for each of `num_samples`."""
+  data_lib.check_text(prompt, 'the prompt')
   device = jax.devices()[0]
   loaded = loading.load(config, loading.Source(workdir=workdir, step=step, storage=storage,
                                                round_index=round_index))

@@ -134,3 +134,13 @@ def test_no_bad_text_reaches_sentencepiece(tmp_path):
   assert sp.decode(sp.encode('# \ufffd')) == '# \ufffd'
   with pytest.raises(data.DataError, match=r'No text .*policy skipped 50 record\(s\)'):
     data.train_tokenizer(data.read_sources([path], on_bad_text='skip'), str(tmp_path / 'sp2'))
+
+
+def test_json_the_parser_refuses_is_a_bad_record_and_a_bad_prompt_is_named(tmp_path):
+  path = _write_jsonl(tmp_path / 'n.jsonl', [
+      b'{"text": "one"}', b'{"text": "two", "n": ' + b'9' * 5000 + b'}', b'[' * 100_000])
+  with pytest.raises(data.DataError, match=f'{path}:2: invalid JSON .*Exceeds the limit'):
+    list(data.read_sources([path]))
+  assert _read([path], 'skip') == (['one'], {'replaced': 0, 'skipped': 2})
+  with pytest.raises(data.DataError, match='the prompt: line 2: lone surrogate .udce9'):
+    data.check_text('ok\ncaf\udce9', 'the prompt')
