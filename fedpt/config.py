@@ -168,21 +168,24 @@ def require(ok: bool, field: str, problem: str, fix: str):
     raise ConfigError(field, problem, fix)
 
 
+def _type_of(default) -> tuple[str, object]:
+  """(what a field with this schema default must be, the check of a value)."""
+  if isinstance(default, bool):
+    return 'True or False', lambda v: isinstance(v, bool)
+  if isinstance(default, int):
+    return 'an integer', lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)
+  if isinstance(default, float):
+    return 'a finite number', lambda v: (isinstance(v, numbers.Real) and not isinstance(v, bool)
+                                         and math.isfinite(v))
+  if isinstance(default, str):
+    return 'a string', lambda v: isinstance(v, str)
+  return 'a tuple', lambda v: isinstance(v, (tuple, list))
+
+
 def _type_problem(value, default) -> str | None:
   """Why `value` cannot stand where the schema's `default` is, or None."""
-  if isinstance(default, bool):
-    ok, want = isinstance(value, bool), 'True or False'
-  elif isinstance(default, int):
-    ok, want = isinstance(value, numbers.Integral) and not isinstance(value, bool), 'an integer'
-  elif isinstance(default, float):
-    ok = (isinstance(value, numbers.Real) and not isinstance(value, bool)
-          and math.isfinite(value))
-    want = 'a finite number'
-  elif isinstance(default, str):
-    ok, want = isinstance(value, str), 'a string'
-  else:
-    ok, want = isinstance(value, (tuple, list)), 'a tuple'
-  return None if ok else f'must be {want}, got {value!r}'
+  want, ok = _type_of(default)
+  return None if ok(value) else f'must be {want}, got {value!r}'
 
 
 def _in(low, high, low_open=False, high_open=False):
@@ -257,7 +260,7 @@ def validate(config) -> None:
   for field, default in schema.items():
     problem = _type_problem(values[field], default)
     if problem:
-      raise ConfigError(field, problem, f'set {field} to {_describe_type(default)}')
+      raise ConfigError(field, problem, f'set {field} to {_type_of(default)[0]}')
   for field, (ok, what), fix in RANGES:
     require(ok(values[field]), field, f'{what}, got {values[field]!r}', fix)
   m, d, i = config.model, config.data, config.inner
@@ -326,14 +329,6 @@ def validate(config) -> None:
           'distributed.process_id',
           f'{config.distributed.process_id} with num_processes={config.distributed.num_processes}',
           'number the processes 0..num_processes-1')
-
-
-def _describe_type(default) -> str:
-  for kind, text in ((bool, 'True or False'), (int, 'an integer'), (float, 'a finite number'),
-                     (str, 'a string')):
-    if isinstance(default, kind):
-      return text
-  return 'a tuple'
 
 
 SHAPE_FIELDS = ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'head_dim', 'd_ff',

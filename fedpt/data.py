@@ -390,8 +390,11 @@ def _resolve_spec(spec, text_field, tfds_data_dir):
 
 
 def _text_files(directory: str) -> list[str]:
+  def refuse(error: OSError):  # An unreadable folder is not silently skipped.
+    raise DataError(f'cannot read {error.filename}: {error.strerror}. Fix: grant read access '
+                    'to every folder of the source, or pass the readable ones')
   paths = []
-  for dirpath, dirnames, filenames in os.walk(directory):
+  for dirpath, dirnames, filenames in os.walk(directory, onerror=refuse):
     dirnames[:] = [d for d in dirnames if not d.startswith('.')]
     paths.extend(os.path.join(dirpath, name) for name in filenames
                  if not name.startswith('.') and

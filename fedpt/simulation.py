@@ -151,16 +151,17 @@ def _tail(path: str, lines: int = 20) -> str:
 # -- the run --------------------------------------------------------------------------
 
 
-def _check_resumable(store, config) -> dict:
-  """The run already at the storage root, if this config may resume it (the same contract)."""
+def _resume_config(store, config, typed):
+  """(the run at the storage root, `config` with its contract) if this config may resume it.
+
+  As for a silo: the config file's values give way to run.json, typed ones that
+  disagree are refused; `typed` None (an in-process call) counts every field as typed.
+  """
   run = store.read_run()
-  diff = config_lib.differences(records.recorded_contract(run), config)
-  if diff:
-    raise protocol.RunMismatchError(
-        f'the unfinished run at {store.root} was made with other settings: '
-        f'{config_lib.describe(diff, "run.json")}. Fix: resume with the run\'s config, or pass '
-        'a new --storage / --workdir.')
-  return run
+  protocol.check_run(run)
+  typed = set(records.contract(config)) if typed is None else set(typed)
+  config, adopted = protocol.adopt_run_config(run, config, None, typed)
+  return run, config, adopted
 
 
 def _silo_group_override(config, silo_id: str) -> list[str]:
@@ -215,7 +216,7 @@ def _line(rec: dict) -> str:
 
 
 def simulate(config, config_file: str, storage_root: str, workdir: str,
-             log=print) -> dict:
+             log=print, typed=None) -> dict:
   """Runs (or resumes) the federated run `config` with every party as its own process.
 
   Args:
@@ -226,6 +227,8 @@ def simulate(config, config_file: str, storage_root: str, workdir: str,
       party's Ed25519 key pair is made in keys/ (one machine plays all parties, so
       one folder holds every secret; real parties each keep their own).
     log: where progress lines go.
+    typed: the fields set on the command line (`cli.config_overrides`); resuming a
+      run, the others take run.json's values. None: every field of `config`.
 
   Returns:
     A summary with one record per round (also in <workdir>/rounds.jsonl).
@@ -235,13 +238,17 @@ def simulate(config, config_file: str, storage_root: str, workdir: str,
   if not storage_lib.is_remote(storage_root):
     storage_root = os.path.abspath(storage_root)
   workdir = os.path.abspath(workdir)
+  store = storage_lib.RunStorage(storage_root)
+  keys_dir = os.path.join(workdir, 'keys')
+  resuming = store.exists(store.run_path)
+  if resuming:
+    run, config, adopted = _resume_config(store, config, typed)
+    if adopted:
+      log(f'resuming with run.json\'s values: {config_lib.describe(adopted, "run.json")}')
   overrides = config_overrides(config, config_file)
   config = protocol.federated_config(config)
   protocol.validate_federation(config)
-  store = storage_lib.RunStorage(storage_root)
-  keys_dir = os.path.join(workdir, 'keys')
-  if store.exists(store.run_path):
-    run = _check_resumable(store, config)
+  if resuming:
     if (store.latest_global_round() or 0) >= run['federation']['rounds']:
       log(f'run {run["run_id"]} at {storage_root} is finished ({run["federation"]["rounds"]} '
           f'rounds); nothing to do. Ledger: python3 scripts/status.py --storage={storage_root}')

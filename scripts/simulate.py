@@ -31,7 +31,8 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   storage = FLAGS.storage or os.path.join(FLAGS.workdir, 'bucket')
   cli.run_or_explain(simulation.simulate, FLAGS.config,
-                     config_flags.get_config_filename(FLAGS['config']), storage, FLAGS.workdir)
+                     config_flags.get_config_filename(FLAGS['config']), storage, FLAGS.workdir,
+                     typed=cli.config_overrides())
 
 
 if __name__ == '__main__':
