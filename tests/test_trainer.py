@@ -132,11 +132,13 @@ def test_ctrl_c_checkpoints_and_resume_is_bit_exact(tiny_config, tmp_path, repo_
   `train.py --workdir` alone then resumes with the recorded config.
   """
   tiny_config.train.update(steps=40, checkpoint_every=1000, log_every=2, eval_every=1000)
+  tiny_config.data.update(seq_len=32, global_batch=8)
   straight = trainer_lib.train_and_evaluate(tiny_config, str(tmp_path / 'straight'))
   workdir = tmp_path / 'preempted'
   train = [sys.executable, str(repo_root / 'scripts' / 'train.py'), f'--workdir={workdir}']
   cmd = train + [f'--config={repo_root / "configs" / "tiny.py"}',
                  f'--config.data.corpus={tiny_config.data.corpus}',
+                 '--config.data.seq_len=32', '--config.data.global_batch=8',
                  '--config.train.steps=40', '--config.train.checkpoint_every=1000',
                  '--config.train.log_every=2', '--config.train.eval_every=1000']
   proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
