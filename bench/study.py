@@ -45,8 +45,10 @@ from fedpt import aggregator  # noqa: E402
 from fedpt import cli  # noqa: E402
 from fedpt import data as data_lib  # noqa: E402
 from fedpt import errors  # noqa: E402
+from fedpt import ledger  # noqa: E402
 from fedpt import metrics as metrics_lib  # noqa: E402
 from fedpt import model as model_lib  # noqa: E402
+from fedpt import protocol  # noqa: E402
 from fedpt import silo as silo_lib  # noqa: E402
 from fedpt import storage as storage_lib  # noqa: E402
 from fedpt import trainer as trainer_lib  # noqa: E402
@@ -57,7 +59,8 @@ COLUMNS = EVAL_SETS + ('domain mean',)  # The union weighs domains by val tokens
 METRIC = 'domain mean'  # The one number the line plots show.
 PARTITIONS = ('domains1', 'domains2', 'domains4', 'domains8', 'iid4')
 VAL_FRACTION = 0.1
-QUESTIONS = (1, 2, 3, 4, 5, 6, 7)
+QUESTIONS = (1, 2, 3, 4, 5, 6, 7, 8)
+LONG = 8  # The long-horizon member-gain question: its own --out and --steps.
 
 config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'Model config.', lock_config=True)
 flags.DEFINE_string('out', 'bench/study', 'Folder for results.json, study.md and the plots.')
@@ -74,6 +77,13 @@ flags.DEFINE_float('central_lr', 2e-2, 'Peak lr of the central baselines at batc
 flags.DEFINE_float('adam_lr', 0.1, 'Outer Adam lr (eps 0.1 >> |delta|, so about FedAvg scale).')
 flags.DEFINE_float('drop_probability', 0.5, 'Question 6: chance that a delta is lost.')
 flags.DEFINE_integer('eval_batches', 32, 'Fixed eval batches (of B windows) per val split.')
+flags.DEFINE_integer('personal_steps', 100, 'Question 8: P, personalisation steps per silo; '
+                     'isolated silos train S + P steps.')
+flags.DEFINE_float('personal_lr', 2e-3, 'Question 8: peak lr of personalisation (fresh AdamW).')
+flags.DEFINE_integer('momentum_warmup', 4, 'Question 8: outer momentum warm-up in rounds.')
+flags.DEFINE_float('prox_mu', 0.01, 'Question 8: FedProx mu.')
+flags.DEFINE_integer('curve_batches', 4, 'Question 8: eval batches per domain of each point of '
+                     'the loss-against-tokens curves (the silos\' per-round held-out loss).')
 FLAGS = flags.FLAGS
 
 
@@ -94,6 +104,11 @@ class Run:
   outer_lr: float | None = None  # None: the config's (or --adam_lr for outer Adam).
   outer_momentum: float | None = None
   central_batch: int = 4  # Central runs: batch in units of B (4 = the K silos' tokens per step).
+  extra_steps: int = 0  # Central runs: steps beyond S (an isolated silo's personalisation budget).
+  silo_order: bool = False  # Central runs on one domain: that silo's data order in the federation.
+  drift: str = 'none'  # inner.drift_correction: none, scaffold or fedprox.
+  prox_mu: float | None = None
+  momentum_warmup: int = 0  # outer.momentum_warmup_rounds.
 
   @property
   def central(self) -> bool:
@@ -103,7 +118,9 @@ class Run:
   def key(self) -> str:
     if self.central:
       batch = '' if self.central_batch == 4 else f'/x{self.central_batch}'
-      return f'{self.partition}{batch}/s{self.seed}'
+      extra = f'/+{self.extra_steps}' if self.extra_steps else ''
+      order = '/silo-order' if self.silo_order else ''
+      return f'{self.partition}{batch}{extra}{order}/s{self.seed}'
     parts = [self.partition, f'H{self.inner_steps}', self.optimizer, self.compression]
     if self.error_feedback:
       parts.append('ef')
@@ -113,14 +130,23 @@ class Run:
       parts.append(f'lr{self.outer_lr:g}')
     if self.outer_momentum is not None:
       parts.append(f'momentum{self.outer_momentum:g}')
+    if self.momentum_warmup:
+      parts.append(f'mwarmup{self.momentum_warmup}')
+    if self.drift != 'none':
+      parts.append(self.drift + ('' if self.prox_mu is None else f'{self.prox_mu:g}'))
     return '/'.join(parts) + f'/s{self.seed}'
 
 
 # -- the questions: (row label, run) per seed ------------------------------------------
 
 
-def plan(questions, seeds, base_h, h_values, k_values, drop_probability) -> dict:
-  """{question: [(label, [Run per seed])]}; identical runs share one key."""
+def plan(questions, seeds, base_h, h_values, k_values, drop_probability, personal_steps=0,
+         momentum_warmup=0, prox_mu=0.01) -> dict:
+  """{question: [(label, [Run per seed])]}; identical runs share one key.
+
+  Question 8's rows come in priority order (a study stopped early has the core rows
+  for every seed): the baselines, then each method at H = base_h, then the H sweep.
+  """
   def fed(label, partition='domains4', **kw):
     kw.setdefault('inner_steps', base_h)
     return label, [Run(partition, s, **kw) for s in seeds]
@@ -156,6 +182,18 @@ def plan(questions, seeds, base_h, h_values, k_values, drop_probability) -> dict
           fed('FedAvg, H=10 (20 rounds)', inner_steps=10, optimizer='fedavg'),
           fed('DiLoCo, H=5 (40 rounds)', inner_steps=5),
           fed('FedAvg, H=5 (40 rounds)', inner_steps=5, optimizer='fedavg')],
+      LONG: [central('data-parallel, K x B batch', 'union')] +
+            [central(f'{d} alone, batch B, S + P steps', d, central_batch=1,
+                     extra_steps=personal_steps, silo_order=True) for d in DOMAINS] +
+            [fed(f'FedAvg, H={base_h}', optimizer='fedavg'), fed(f'DiLoCo, H={base_h}'),
+             fed(f'SCAFFOLD (FedAvg outer), H={base_h}', optimizer='fedavg', drift='scaffold'),
+             fed(f'DiLoCo, momentum warm-up {momentum_warmup} rounds, H={base_h}',
+                 momentum_warmup=momentum_warmup),
+             fed(f'FedProx mu={prox_mu:g} (FedAvg outer), H={base_h}', optimizer='fedavg',
+                 drift='fedprox', prox_mu=prox_mu)] +
+            [fed(f'{name}, H={h}', inner_steps=h, optimizer=opt)
+             for h in h_values if h != base_h
+             for name, opt in (('FedAvg', 'fedavg'), ('DiLoCo', 'diloco'))],
   }
   return {q: table[q] for q in questions}
 
@@ -252,6 +290,12 @@ def run_federated(config, run: Run, steps: int, adam_lr: float) -> dict:
     config.outer.lr = run.outer_lr
   if run.outer_momentum is not None:
     config.outer.momentum = run.outer_momentum
+  if run.momentum_warmup:
+    config.outer.momentum_warmup_rounds = run.momentum_warmup
+  if run.drift != 'none':
+    config.inner.drift_correction = run.drift
+    if run.prox_mu is not None:
+      config.inner.prox_mu = run.prox_mu
   with tempfile.TemporaryDirectory() as tmp:
     root = os.path.join(tmp, 'bucket')
     aggregator.init_run(_with(config, corpus=next(iter(corpora.values()))), root,
@@ -277,8 +321,13 @@ def run_federated(config, run: Run, steps: int, adam_lr: float) -> dict:
       raise next(iter(errors.values()))
     store = storage_lib.RunStorage(root)
     manifests = [store.read_manifest(r) for r in range(config.federation.rounds)]
+    record = store.read_run()
+    # Each silo's held-out loss of every global round on its own domain (the curves).
+    curve = [[r * run.inner_steps, ledger.eval_losses(store, record, r)]
+             for r in range(config.federation.rounds + 1)]
   first = results[next(iter(corpora))]
   return {
+      'curve': curve,
       'params': first['state']['params'],
       'rounds': config.federation.rounds,
       'bytes_up': max(sum(r['bytes'] for r in results[s]['rounds']) for s in corpora),
@@ -290,30 +339,62 @@ def run_federated(config, run: Run, steps: int, adam_lr: float) -> dict:
   }
 
 
-def run_central(config, run: Run, steps: int, batch: int, central_lr: float) -> dict:
-  """Plain training for S steps; at K x B batches it spends the same tokens as K silos."""
-  config = _with(config, corpus=central_corpus(run.partition.split(':', 1)[1]),
-                 global_batch=run.central_batch * batch)
+def run_central(config, run: Run, steps: int, batch: int, central_lr: float,
+                curve_eval=None, curve_points: int = 0) -> dict:
+  """Plain training for S (+ extra) steps; at K x B batches it spends the K silos' tokens.
+
+  With `silo_order` a domain's run sees its silo's batches in the federation's order
+  (the isolated baseline of question 8). `curve_eval` scores `curve_points` points.
+  """
+  domain = run.partition.split(':', 1)[1]
+  config = _with(config, corpus=central_corpus(domain), global_batch=run.central_batch * batch)
   config.seed = run.seed
   if run.central_batch > 1:  # Batch B keeps the silos' lr, tuned at B.
     config.inner.lr = central_lr
-  config.train.steps = steps
-  trainer = trainer_lib.Trainer(config)
+  total = steps + run.extra_steps
+  config.train.steps = total
+  data_seed = protocol.silo_data_seed(run.seed, domain) if run.silo_order else None
+  trainer = trainer_lib.Trainer(config, data_seed=data_seed)
   state = trainer.init_state()
-  for step in range(steps):
+  every = max(total // curve_points, 1) if curve_points else 0
+  curve = []
+  for step in range(total):
+    if every and step % every == 0:
+      curve.append([step, curve_eval(state['params'])])
     state, metrics = trainer.train_step(state, trainer.batch(step))
   loss = float(metrics['train_loss'])
   if not math.isfinite(loss):
     raise trainer_lib.TrainingDivergedError(f'final train loss {loss}')
-  return {'params': state['params'], 'rounds': 0, 'bytes_up': None}
+  if every:
+    curve.append([total, curve_eval(state['params'])])
+  return {'params': state['params'], 'rounds': 0, 'bytes_up': None, 'curve': curve}
+
+
+def personalise(config, params, domain: str, seed: int, start_step: int, steps: int,
+                lr: float):
+  """Fine-tunes `params` on one domain's silo data for `steps` steps (fresh AdamW).
+
+  The batches continue the silo's data order after its `start_step` federated steps.
+  """
+  config = _with(config, corpus=central_corpus(domain))
+  config.seed = seed
+  config.inner.update(lr=lr, warmup_steps=min(10, steps // 4))
+  config.train.steps = steps
+  trainer = trainer_lib.Trainer(config, data_seed=protocol.silo_data_seed(seed, domain))
+  state = trainer.init_state()
+  host = jax.tree.map(np.asarray, params)  # Fresh buffers: the train step donates its state.
+  state = {**state, 'params': jax.device_put(host, trainer.param_shardings)}
+  for step in range(steps):
+    state, _ = trainer.train_step(state, trainer.batch(start_step + step))
+  return state['params']
 
 
 class Evaluator:
   """One Trainer that scores any params on fixed windows of every domain and the union."""
 
-  def __init__(self, config, eval_batches: int):
-    corpora = eval_corpora()
-    config = _with(config, corpus=corpora['union'])
+  def __init__(self, config, eval_batches: int, names=EVAL_SETS):
+    corpora = {n: c for n, c in eval_corpora().items() if n in names}
+    config = _with(config, corpus=eval_corpora()['union'])
     config.train.eval_batches = eval_batches
     self.trainer = trainer_lib.Trainer(config)
     self.vals = {name: data_lib.TokenDataset(corpus, 'val', self.trainer.tokenizer_sha256)
@@ -395,6 +476,7 @@ TITLES = {
     5: 'IID against non-IID shards',
     6: 'Deltas dropped at random',
     7: 'Outer lr, momentum and number of rounds (for the defaults)',
+    8: 'Long horizon: methods against data-parallel and isolated silos (same tokens)',
 }
 
 
@@ -426,7 +508,7 @@ def plot(summary: dict, out_dir: str) -> list[str]:
   written = []
   for q, rows in summary.items():
     rows = [r for r in rows if r[METRIC] is not None]
-    if not rows:
+    if not rows or q == LONG:  # Question 8 has its own plots (plot_curves).
       continue
     fig, ax = plt.subplots(figsize=(7, 4.2))
     if q in (2, 3):  # Loss against bytes uploaded, log x.
@@ -479,6 +561,144 @@ def plot(summary: dict, out_dir: str) -> list[str]:
   return written
 
 
+# -- question 8: does every member gain? ------------------------------------------------------
+
+
+def _isolated(rows, runs) -> dict:
+  """{(domain, seed): own-domain loss of that silo trained alone}."""
+  out = {}
+  for _, seeded in rows:
+    for r in seeded:
+      domain = r.partition.split(':', 1)[-1]
+      if r.central and domain in DOMAINS and r.key in runs and 'losses' in runs[r.key]:
+        out[domain, r.seed] = runs[r.key]['losses'][domain]
+  return out
+
+
+def member_gain(rows, runs) -> list[dict]:
+  """Per federated method: global and personalised own-domain losses against isolated silos.
+
+  gain = isolated loss - model loss on the silo's own held-out split (> 0: joining
+  paid), per (domain, seed); the isolated silo trained S + P steps, the same compute
+  as S federated inner steps plus P personalisation steps.
+  """
+  iso = _isolated(rows, runs)
+  out = []
+  for label, seeded in rows:
+    done = [r for r in seeded if not r.central and r.key in runs and 'losses' in runs[r.key]]
+    if not done:
+      continue
+    row = {'label': label, 'seeds': len(done)}
+    for kind, get in (('global', lambda rec, d: rec['losses'][d]),
+                      ('personal', lambda rec, d: rec.get('personal', {}).get(d))):
+      gains = {d: [iso[d, r.seed] - get(runs[r.key], d) for r in done
+                   if (d, r.seed) in iso and get(runs[r.key], d) is not None] for d in DOMAINS}
+      row[kind] = {d: spread(g) if g else None for d, g in gains.items()}
+      flat = [g for d in DOMAINS for g in gains[d]]
+      row[kind + '_wins'] = (sum(g > 0 for g in flat), len(flat))
+      losses = [np.mean([get(runs[r.key], d) for d in DOMAINS]) for r in done
+                if all(get(runs[r.key], d) is not None for d in DOMAINS)]
+      row[kind + '_mean'] = spread(losses) if losses else None
+    out.append(row)
+  return out
+
+
+def member_gain_markdown(rows, runs) -> str:
+  table = member_gain(rows, runs)
+  iso = _isolated(rows, runs)
+  dp = next((runs[r.key] for label, seeded in rows if label.startswith('data-parallel')
+             for r in seeded if r.key in runs and 'losses' in runs[r.key]), None)
+  lines = ['### Question 8: does every member gain? (own held-out split, same compute per silo)',
+           '', 'gain = isolated loss − model loss on the silo\'s own split, mean ± half-range '
+           'over seeds (> 0: joining paid). Isolated: the silo alone for S + P steps at batch '
+           'B in its federated data order; global: the final global model (S steps per silo); '
+           'personalised: the global model fine-tuned P steps on the silo\'s data.', '']
+  if iso:
+    lines.append('Isolated own-domain loss: ' + ', '.join(
+        f'{d} {spread([v for (dd, _), v in iso.items() if dd == d])[0]:.3f}'
+        for d in DOMAINS if any(dd == d for dd, _ in iso)))
+    lines.append('')
+  lines += ['| method | seeds | global domain mean | personalised domain mean | ' +
+            ' | '.join(f'{d} gain (global / personalised)' for d in DOMAINS) +
+            ' | personalised wins |', '|---|---:|---:|---:|' + '---:|' * len(DOMAINS) + '---:|']
+
+  def cell(x):
+    return '-' if x is None else f'{x[0]:+.3f} ± {x[1]:.3f}'
+  for row in table:
+    wins, total = row['personal_wins']
+    lines.append(
+        f"| {row['label']} | {row['seeds']} | {_loss(row['global_mean'])} | "
+        f"{_loss(row['personal_mean']) if row['personal_mean'] else '-'} | " +
+        ' | '.join(f"{cell(row['global'][d])} / {cell(row['personal'][d])}" for d in DOMAINS) +
+        f' | {wins}/{total} |')
+  if dp is not None and table:
+    dp_mean = float(np.mean([dp['losses'][d] for d in DOMAINS]))
+    best = min(table, key=lambda r: r['global_mean'][0] if r['global_mean'] else math.inf)
+    lines += ['', f"Best federated global model: {best['label']}, domain mean "
+              f"{best['global_mean'][0]:.3f} against data-parallel's {dp_mean:.3f} "
+              f"({(best['global_mean'][0] / dp_mean - 1) * 100:+.1f}%; seed 0's data-parallel "
+              'run if only one seed is done).']
+  return '\n'.join(lines) + '\n'
+
+
+def _curve_mean(curves, own=None) -> tuple[list, list]:
+  """Steps and the domain-mean loss at each, averaged over runs (seeds or domains)."""
+  steps = [p[0] for p in curves[0]]
+  ys = []
+  for i in range(len(steps)):
+    if own is None:
+      ys.append(np.mean([np.mean(list(c[i][1].values())) for c in curves]))
+    else:
+      ys.append(np.mean([c[i][1][d] for c, d in zip(curves, own)]))
+  return steps, ys
+
+
+def plot_curves(rows, runs, out_dir, batch, seq_len, personal_steps) -> list[str]:
+  """q8_curves.png: each silo's own held-out loss (mean over domains) against its tokens."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(8, 5))
+  tokens = batch * seq_len  # Per silo per step; data-parallel's K x B step is K silos' steps.
+  isolated = {}
+  for label, seeded in rows:
+    done = [runs[r.key] for r in seeded if r.key in runs and runs[r.key].get('curve')]
+    if not done:
+      continue
+    run = seeded[0]
+    if run.central and run.partition != 'central:union':
+      for r, rec in zip(seeded, done):
+        isolated.setdefault(r.seed, []).append((rec['curve'], run.partition.split(':')[1]))
+      continue
+    try:
+      steps, ys = _curve_mean([rec['curve'] for rec in done])
+    except (IndexError, KeyError):
+      continue
+    style = '--' if run.central else '-'
+    ax.plot(np.asarray(steps) * tokens, ys, style, label=label, marker='.' if len(steps) < 30
+            else None)
+    personal = [np.mean(list(rec['personal'].values())) for rec in done if rec.get('personal')]
+    if personal:
+      ax.scatter([(steps[-1] + personal_steps) * tokens], [np.mean(personal)],
+                 marker='*', s=60)
+  for seed, curves in sorted(isolated.items())[:1]:
+    if len(curves) == len(DOMAINS):
+      steps, ys = _curve_mean([c for c, _ in curves], own=[d for _, d in curves])
+      ax.plot(np.asarray(steps) * tokens, ys, ':', color='black',
+              label=f'isolated silos, own split (seed {seed})')
+  ax.set_xlabel('tokens per silo')
+  ax.set_ylabel('held-out loss on each silo\'s own split (mean of 4)')
+  ax.set_title('Q8: loss against tokens (stars: personalised)', fontsize=9)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=6)
+  ax.set_ylim(top=min(ax.get_ylim()[1], 8.5))
+  fig.tight_layout()
+  path = os.path.join(out_dir, 'q8_curves.png')
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return [path]
+
+
 # -- the study ----------------------------------------------------------------------------
 
 
@@ -501,37 +721,92 @@ def base_config(config, steps, batch, seq_len, silo_lr, central_lr, adam_lr, eva
   return base, setup
 
 
+@dataclasses.dataclass(frozen=True)
+class LongOptions:
+  """Question 8's settings (recorded in results.json's setup when it is asked)."""
+  personal_steps: int = 100
+  personal_lr: float = 2e-3
+  momentum_warmup: int = 4
+  prox_mu: float = 0.01
+  curve_batches: int = 4
+  curve_points: int = 20  # Points of the central runs' curves.
+
+
+def _missing_feature(base, run: Run) -> str | None:
+  """Why this fedpt cannot train `run` (a method it does not have), or None."""
+  if run.drift != 'none' and 'drift_correction' not in base.inner:
+    return f'inner.drift_correction={run.drift}'
+  if run.momentum_warmup and 'momentum_warmup_rounds' not in base.outer:
+    return 'outer.momentum_warmup_rounds'
+  return None
+
+
+def _save_params(out_dir: str, key: str, params) -> str:
+  """The final params, so a later evaluation (whole splits) needs no retraining."""
+  flat = {'/'.join(str(getattr(k, 'key', k)) for k in path): np.asarray(v)
+          for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+  path = os.path.join(out_dir, 'params', key.replace('/', '.') + '.npz')
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  np.savez(path, **flat)
+  return path
+
+
 def study(config, out_dir, seeds, questions, steps, base_h, h_values, k_values, batch, seq_len,
-          silo_lr, central_lr, adam_lr, drop_probability, eval_batches) -> dict:
+          silo_lr, central_lr, adam_lr, drop_probability, eval_batches,
+          long: LongOptions = LongOptions()) -> dict:
   """Trains every planned run not yet in results.json, then writes study.md and the plots."""
   check_flags(steps, base_h, h_values, k_values, questions)
   os.makedirs(out_dir, exist_ok=True)
   base, setup = base_config(config, steps, batch, seq_len, silo_lr, central_lr, adam_lr,
                             eval_batches)
+  if LONG in questions:
+    setup['long'] = dataclasses.asdict(long)
+    base.train.eval_batches = long.curve_batches  # The silos' per-round held-out loss.
   path = os.path.join(out_dir, 'results.json')
   results = load_results(path, setup)
-  questions_plan = plan(questions, seeds, base_h, h_values, k_values, drop_probability)
+  questions_plan = plan(questions, seeds, base_h, h_values, k_values, drop_probability,
+                        long.personal_steps, long.momentum_warmup, long.prox_mu)
   check_flags(steps, base_h, sorted({run.inner_steps for rows in questions_plan.values()
                                      for _, seeded in rows for run in seeded} - {0}),
               k_values, questions)
   evaluator = Evaluator(base, eval_batches)
+  curve_eval = Evaluator(base, long.curve_batches, names=DOMAINS) if LONG in questions else None
+  long_keys = {r.key for _, seeded in questions_plan.get(LONG, []) for r in seeded}
   todo = {}
-  for seed in seeds:  # Seed-major: a stopped study still has whole questions for seed 0.
-    for rows in questions_plan.values():
-      for _, seeded in rows:
-        for run in seeded:
-          if run.seed == seed and run.key not in results['runs']:
-            todo.setdefault(run.key, run)
+  for q, rows in questions_plan.items():
+    if q == LONG:  # Row-major: the core rows for every seed first.
+      order = [run for _, seeded in rows for run in seeded]
+    else:  # Seed-major: a stopped study still has whole questions for seed 0.
+      order = [run for seed in seeds for _, seeded in rows for run in seeded if run.seed == seed]
+    for run in order:
+      if run.key not in results['runs']:
+        todo.setdefault(run.key, run)
   metrics_lib.log(f'study: {len(results["runs"])} runs done, {len(todo)} to go -> {path}')
   for i, run in enumerate(todo.values()):
+    missing = _missing_feature(base, run)
+    if missing:
+      metrics_lib.log(f'study [{i + 1}/{len(todo)}] {run.key}: skipped, this fedpt has no '
+                      f'{missing}')
+      continue
     start = time.monotonic()
     record = {}
+    in_long = run.key in long_keys
     try:
       if run.central:
-        trained = run_central(base, run, steps, batch, central_lr)
+        trained = run_central(base, run, steps, batch, central_lr, curve_eval,
+                              long.curve_points if in_long else 0)
       else:
         trained = run_federated(base, run, steps, adam_lr)
-      record['losses'] = evaluator(trained.pop('params'))
+      params = trained.pop('params')
+      record['losses'] = evaluator(params)
+      if in_long:
+        record['params_file'] = _save_params(out_dir, run.key, params)
+      if in_long and not run.central and long.personal_steps:
+        record['personal'] = {
+            d: evaluator.trainer.evaluate(
+                personalise(base, params, d, run.seed, steps, long.personal_steps,
+                            long.personal_lr), dataset=evaluator.vals[d])
+            for d in DOMAINS}
     except trainer_lib.TrainingDivergedError as e:
       trained, record['diverged'] = {'rounds': 0, 'bytes_up': None}, str(e)
     rounds = trained['rounds']
@@ -545,10 +820,15 @@ def study(config, out_dir, seeds, questions, steps, base_h, h_values, k_values, 
     metrics_lib.log(f'study [{i + 1}/{len(todo)}] {run.key}: union loss {union:.4f} '
                     f'({record["seconds"]:.0f}s)')
   summary = summarise(questions_plan, results['runs'])
-  with open(os.path.join(out_dir, 'study.md'), 'w') as f:
-    f.write(markdown(summary, setup))
+  text = markdown(summary, setup)
   plots = plot(summary, out_dir)
-  print(markdown(summary, setup))
+  if LONG in questions_plan:
+    text += member_gain_markdown(questions_plan[LONG], results['runs'])
+    plots += plot_curves(questions_plan[LONG], results['runs'], out_dir, batch, seq_len,
+                         long.personal_steps)
+  with open(os.path.join(out_dir, 'study.md'), 'w') as f:
+    f.write(text)
+  print(text)
   print('plots: ' + ', '.join(plots))
   return summary
 
@@ -573,7 +853,9 @@ def main(argv):
         study, FLAGS.config, FLAGS.out, _ints('seeds'), _ints('questions'), FLAGS.steps,
         FLAGS.base_h, _ints('h_values'), _ints('k_values'), FLAGS.batch, FLAGS.seq_len,
         FLAGS.silo_lr, FLAGS.central_lr, FLAGS.adam_lr, FLAGS.drop_probability,
-        FLAGS.eval_batches)
+        FLAGS.eval_batches, LongOptions(FLAGS.personal_steps, FLAGS.personal_lr,
+                                        FLAGS.momentum_warmup, FLAGS.prox_mu,
+                                        FLAGS.curve_batches))
   except StudyError as e:
     print(f'error: {e}', file=sys.stderr, flush=True)
     sys.exit(2)
