@@ -18,8 +18,9 @@ PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 
 
 def test_plan_trains_each_distinct_run_once():
-  questions = study.plan(study.QUESTIONS, [0, 1], base_h=25, h_values=[10, 25, 50, 100, 200],
-                         k_values=[1, 2, 4, 8], drop_probability=0.5)
+  questions = study.plan(tuple(q for q in study.QUESTIONS if q != study.LONG), [0, 1], base_h=25,
+                         h_values=[10, 25, 50, 100, 200], k_values=[1, 2, 4, 8],
+                         drop_probability=0.5)
   keys = {run.key for rows in questions.values() for _, seeded in rows for run in seeded}
   # Per seed: 3 outer optimizers + DP + 4 alone, 4 more H, 4 more formats, K=1,2,8, IID, drop,
   # 3 more outer settings, FedAvg at H=10 and both at H=5, plain training at batch B, FedAvg
@@ -41,7 +42,7 @@ def test_plan_trains_each_distinct_run_once():
     (dict(h_values=[30]), 'H=30 does not divide --steps=200'),
     (dict(base_h=0), 'H=0'),
     (dict(k_values=[3]), 'K=3 has no non-IID partition'),
-    (dict(questions=[8]), 'question 8 does not exist'),
+    (dict(questions=[9]), 'question 9 does not exist'),
 ])
 def test_bad_study_flags_name_the_fix(kwargs, match):
   args = dict(steps=200, base_h=25, h_values=[10], k_values=[4], questions=[1])
@@ -136,3 +137,43 @@ def test_study_cli_explains_bad_flags(repo_root):
                         cwd=repo_root, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2
   assert 'H=30 does not divide --steps=200' in proc.stderr and 'Traceback' not in proc.stderr
+
+
+def test_long_horizon_plan_and_member_gain(tmp_path):
+  """Question 8: baselines first, isolated silos at S + P steps, gains per domain and seed."""
+  questions = study.plan([study.LONG], [0, 1], 100, [25, 100], [4], 0.5, personal_steps=10,
+                         momentum_warmup=4, prox_mu=0.01)
+  rows = questions[study.LONG]
+  keys = [r.key for _, seeded in rows for r in seeded]
+  assert keys[:4] == ['central:union/s0', 'central:union/s1', 'central:web/x1/+10/silo-order/s0',
+                      'central:web/x1/+10/silo-order/s1']
+  assert 'domains4/H100/fedavg/none/scaffold/s1' in keys
+  assert 'domains4/H100/fedavg/none/fedprox0.01/s0' in keys
+  assert 'domains4/H100/diloco/none/mwarmup4/s0' in keys
+  assert 'domains4/H25/diloco/none/s1' in keys and len(keys) == len(set(keys)) == 2 * 12
+  runs = {}
+  for label, seeded in rows:
+    for r in seeded:
+      if r.central:
+        own = r.partition.split(':')[1]
+        losses = {n: 6.0 + (0.5 if n == own else 0.0) for n in study.EVAL_SETS}
+        runs[r.key] = {'losses': losses, 'curve': [[0, {d: 8.0 for d in study.DOMAINS}],
+                                                   [110, {d: 6.0 for d in study.DOMAINS}]]}
+      elif label.startswith('FedAvg, H=100'):
+        runs[r.key] = {'losses': {n: 6.3 + 0.1 * r.seed for n in study.EVAL_SETS},
+                       'personal': {d: 6.4 for d in study.DOMAINS},
+                       'curve': [[0, {d: 8.0 for d in study.DOMAINS}],
+                                 [100, {d: 6.2 for d in study.DOMAINS}]]}
+  gain = study.member_gain(rows, runs)
+  assert [g['label'] for g in gain] == ['FedAvg, H=100']
+  fedavg = gain[0]
+  # Isolated: 6.5 on its own domain. Global: 6.3 (seed 0), 6.4 (seed 1); personalised 6.4.
+  assert fedavg['global']['web'] == pytest.approx((0.15, 0.05))
+  assert fedavg['personal']['tools'] == pytest.approx((0.1, 0.0))
+  assert fedavg['personal_wins'] == (8, 8) and fedavg['global_wins'] == (8, 8)
+  table = study.member_gain_markdown(rows, runs)
+  assert '| FedAvg, H=100 | 2 | 6.350 ± 0.050 | 6.400 ± 0.000 |' in table
+  assert 'against data-parallel\'s 6.000 (+5.8%' in table
+  path, = study.plot_curves(rows, runs, str(tmp_path), batch=8, seq_len=16, personal_steps=10)
+  with open(path, 'rb') as f:
+    assert f.read(8) == PNG_MAGIC
