@@ -679,9 +679,9 @@ def _check_splits(counts, val_fraction, explicit_val) -> None:
                       'document. Fix: pass a --val file with held-out text.')
     raise DataError(
         f'The val split would be empty: {train} document(s), none held out at '
-        f'val_fraction={val_fraction} (a text file is one document). Fix: pass '
-        '--val=FILE with held-out text, or give more documents (a JSONL file holds one per '
-        'line, a directory one per file), or raise --val_fraction.')
+        f'val_fraction={val_fraction} (a text file is one document). Fix: hold out text of '
+        'your own (scripts/prepare_data.py --val=FILE), or give more documents (a JSONL file '
+        'holds one per line, a directory one per file), or raise --val_fraction.')
 
 
 # A split of fewer windows of seq_len + 1 tokens than this is worth a warning: training
