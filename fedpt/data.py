@@ -369,6 +369,16 @@ def _resolve_spec(spec, text_field, tfds_data_dir):
   if spec.startswith(_TFDS_PREFIX):
     source = _open_tfds(spec, tfds_data_dir)
     return lambda: _read_tfds(spec, source, text_field)
+  paths = source_files(spec)
+  return lambda: _read_files(paths, text_field)
+
+
+def source_files(spec: str) -> list[str]:
+  """The files a (non-tfds) source spec names, sorted; DataError if it names none.
+
+  What read_sources will read, so callers can check access or fingerprint a
+  source (size and mtime) without reading it.
+  """
   if glob.has_magic(spec):
     paths = [p for p in sorted(glob.glob(spec, recursive=True))
              if os.path.isfile(p)]
@@ -386,7 +396,7 @@ def _resolve_spec(spec, text_field, tfds_data_dir):
     raise DataError(f'Data file {spec} does not exist; check the path.')
   else:
     paths = [spec]
-  return lambda: _read_files(paths, text_field)
+  return paths
 
 
 def _text_files(directory: str) -> list[str]:
@@ -586,13 +596,21 @@ def _split_hash(text: str) -> float:
 
 def prepare_data(documents: Iterable[str], tokenizer_path: str, out_dir: str,
                  val_fraction: float = 0.02, *,
-                 sources: Sequence[str] | None = None) -> dict[str, Any]:
+                 sources: Sequence[str] | None = None,
+                 val_documents: Iterable[str] | None = None,
+                 val_sources: Sequence[str] | None = None,
+                 require_splits: bool = False) -> dict[str, Any]:
   """Tokenises documents into out_dir/{train,val}.bin and meta.json.
 
   Each document is followed by EOS. Output is written into a temporary
   sibling directory that replaces out_dir only when complete (meta.json
   last), so an interrupted run never leaves a directory that looks valid.
-  `sources` is a free-form description stored in meta.json. Returns the meta.
+  `sources` is a free-form description stored in meta.json. With
+  `val_documents` (e.g. read_sources of a held-out file) every document of
+  `documents` goes to train and val is exactly `val_documents`
+  (`val_fraction` is ignored); meta.json records `val_sources` (None: held out
+  by hash). `require_splits`: an empty train or val split raises DataError
+  (with the fix) before out_dir is touched. Returns the meta.
   """
   if not 0.0 <= val_fraction < 1.0:
     raise DataError(f'val_fraction={val_fraction} is outside [0, 1); use e.g. '
@@ -606,8 +624,12 @@ def prepare_data(documents: Iterable[str], tokenizer_path: str, out_dir: str,
   os.makedirs(parent, exist_ok=True)
   tmp_dir = tempfile.mkdtemp(prefix=f'.{os.path.basename(out_dir)}.tmp-',
                              dir=parent)
+  explicit_val = val_documents is not None
   try:
-    counts = _write_splits(documents, tokenizer, dtype, val_fraction, tmp_dir)
+    counts = _write_splits(documents, tokenizer, dtype, val_fraction, tmp_dir,
+                           val_documents)
+    if require_splits:
+      _check_splits(counts, val_fraction, explicit_val)
     meta = {
         'format_version': FORMAT_VERSION,
         'tokenizer_sha256': file_sha256(tokenizer_path),
@@ -615,13 +637,14 @@ def prepare_data(documents: Iterable[str], tokenizer_path: str, out_dir: str,
         'dtype': dtype.name,
         'byte_order': 'little',
         'eos_id': tokenizer.eos_id(),
-        'val_fraction': val_fraction,
+        'val_fraction': None if explicit_val else val_fraction,
         'splits': counts,
         'sources': list(sources) if sources is not None else None,
+        # Where val came from: None, held out from `sources` by hash.
+        'val_sources': (list(val_sources) if val_sources is not None else
+                        ['(val documents)'] if explicit_val else None),
         # Plain documents with bad text raise, so they have none to count.
-        'bad_text': (dict(documents.bad_text)
-                     if isinstance(documents, TextSources)
-                     else {'replaced': 0, 'skipped': 0}),
+        'bad_text': _bad_text_counts(documents, val_documents),
     }
     with open(os.path.join(tmp_dir, _META_FILE), 'w') as f:
       json.dump(meta, f, indent=2, sort_keys=True)
@@ -634,27 +657,83 @@ def prepare_data(documents: Iterable[str], tokenizer_path: str, out_dir: str,
   return meta
 
 
-def _write_splits(documents, tokenizer, dtype, val_fraction, out_dir):
-  """Streams documents to the split files; returns per-split counts."""
+def _bad_text_counts(documents, val_documents) -> dict[str, int]:
+  counts = {'replaced': 0, 'skipped': 0}
+  for docs in (documents, val_documents):
+    if isinstance(docs, TextSources):
+      for key in counts:
+        counts[key] += docs.bad_text[key]
+  return counts
+
+
+def _check_splits(counts, val_fraction, explicit_val) -> None:
+  """An empty split cannot be trained or evaluated on: say so, with the fix, before writing."""
+  train, val = counts['train']['documents'], counts['val']['documents']
+  if train == 0:
+    fix = ('pass more training text' if explicit_val else
+           f'lower --val_fraction (now {val_fraction}) or pass more documents')
+    raise DataError(f'The train split would be empty ({val} document(s), all in val). Fix: {fix}.')
+  if val == 0:
+    if explicit_val:
+      raise DataError('The val split would be empty: the --val sources hold no non-empty '
+                      'document. Fix: pass a --val file with held-out text.')
+    raise DataError(
+        f'The val split would be empty: {train} document(s), none held out at '
+        f'val_fraction={val_fraction} (a text file is one document). Fix: hold out text of '
+        'your own (scripts/prepare_data.py --val=FILE), or give more documents (a JSONL file '
+        'holds one per line, a directory one per file), or raise --val_fraction.')
+
+
+# A split of fewer windows of seq_len + 1 tokens than this is worth a warning: training
+# repeats it every few steps, and held-out losses on it are noise.
+TINY_SPLIT_WINDOWS = 4
+
+
+def tiny_split_warnings(meta: dict[str, Any], seq_len: int) -> list[str]:
+  """One line per split of `meta` with fewer than TINY_SPLIT_WINDOWS windows of seq_len+1."""
+  lines = []
+  for split in _SPLITS:
+    tokens = meta['splits'][split]['tokens']
+    windows = tokens // (seq_len + 1)
+    if windows < TINY_SPLIT_WINDOWS:
+      lines.append(
+          f'the {split} split is tiny: {tokens} tokens, {windows} window(s) of seq_len+1 = '
+          f'{seq_len + 1} (fewer than {TINY_SPLIT_WINDOWS}); '
+          + ('not one window: a run of this seq_len cannot use it' if windows == 0 else
+             'training will repeat it every few steps' if split == 'train' else
+             'its held-out loss will be noisy') + '. Fix: add text'
+          + ('' if split == 'train' else ' to val (--val=FILE or a larger --val_fraction)'))
+  return lines
+
+
+def _write_splits(documents, tokenizer, dtype, val_fraction, out_dir, val_documents=None):
+  """Streams documents to the split files; returns per-split counts.
+
+  `val_documents` None: each document's split is chosen by its hash; else every
+  document of `documents` is train and every one of `val_documents` is val.
+  """
   counts = {split: {'tokens': 0, 'documents': 0} for split in _SPLITS}
   # The train document with the smallest hash: moved to val if val would
   # otherwise be empty (tiny corpora), which keeps the choice order-free.
   first_train_doc = None  # (hash, start token, end token)
   eos = tokenizer.eos_id()
+  streams = ([(documents, None)] if val_documents is None else
+             [(documents, 'train'), (val_documents, 'val')])
   files = {s: open(os.path.join(out_dir, f'{s}.bin'), 'wb') for s in _SPLITS}
   try:
-    for batch in _batched_documents(documents):
-      for text, ids in zip(batch, tokenizer.encode(batch)):
-        position = _split_hash(text)
-        split = 'val' if position < val_fraction else 'train'
-        tokens = np.array(ids + [eos], dtype=dtype)
-        start = counts[split]['tokens']
-        if split == 'train' and (first_train_doc is None or
-                                 position < first_train_doc[0]):
-          first_train_doc = (position, start, start + len(tokens))
-        files[split].write(tokens.tobytes())
-        counts[split]['tokens'] += len(tokens)
-        counts[split]['documents'] += 1
+    for stream, fixed_split in streams:
+      for batch in _batched_documents(stream):
+        for text, ids in zip(batch, tokenizer.encode(batch)):
+          position = _split_hash(text) if fixed_split is None else 1.0
+          split = fixed_split or ('val' if position < val_fraction else 'train')
+          tokens = np.array(ids + [eos], dtype=dtype)
+          start = counts[split]['tokens']
+          if split == 'train' and (first_train_doc is None or
+                                   position < first_train_doc[0]):
+            first_train_doc = (position, start, start + len(tokens))
+          files[split].write(tokens.tobytes())
+          counts[split]['tokens'] += len(tokens)
+          counts[split]['documents'] += 1
     for f in files.values():
       f.flush()
       os.fsync(f.fileno())
@@ -665,7 +744,7 @@ def _write_splits(documents, tokenizer, dtype, val_fraction, out_dir):
     raise DataError('The corpus is empty (no non-empty documents); check the '
                     'sources, e.g. that the glob matches text files and '
                     f'--text_field names the text{_skipped(documents)}.')
-  if (val_fraction > 0 and counts['val']['documents'] == 0 and
+  if (val_documents is None and val_fraction > 0 and counts['val']['documents'] == 0 and
       counts['train']['documents'] >= 2):
     _move_document_to_val(out_dir, dtype, counts, *first_train_doc[1:])
   return counts

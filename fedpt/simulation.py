@@ -21,6 +21,7 @@ from ml_collections import config_flags
 
 from fedpt import aggregator
 from fedpt import config as config_lib
+from fedpt import corpora
 from fedpt import data as data_lib
 from fedpt import errors
 from fedpt import evaluation
@@ -176,6 +177,23 @@ def _silo_group_override(config, silo_id: str) -> list[str]:
   return []
 
 
+def _silos_of(config, silo_data, typed):
+  """(config, typed): the silos are --silo_data's names unless federation.silos was typed."""
+  config = config.copy_and_resolve_references()
+  typed = set(records.contract(config)) if typed is None else set(typed)
+  if 'federation.silos' not in typed:
+    config.federation.silos = tuple(silo_data)
+    typed.add('federation.silos')  # A resumed run with other silos is refused, not adopted.
+  return config, typed
+
+
+def _corpus_override(overrides, corpus_dir):
+  """The silo's own corpus in place of the shared one in `overrides`."""
+  own = [o for o in overrides if not o.startswith(('--config.data.corpus=',
+                                                    '--config.data.stdlib_group='))]
+  return own + [f'--config.data.corpus={corpus_dir}']
+
+
 def _init_config(config):
   """init_run builds a model and loads a corpus; use a silo's group, not all of stdlib."""
   config = config.copy_and_resolve_references()
@@ -216,7 +234,8 @@ def _line(rec: dict) -> str:
 
 
 def simulate(config, config_file: str, storage_root: str, workdir: str,
-             log=print, typed=None) -> dict:
+             log=print, typed=None, silo_data=None, tokenizer: str = 'config',
+             text_field: str = 'text', on_bad_text: str = 'error') -> dict:
   """Runs (or resumes) the federated run `config` with every party as its own process.
 
   Args:
@@ -229,6 +248,12 @@ def simulate(config, config_file: str, storage_root: str, workdir: str,
     log: where progress lines go.
     typed: the fields set on the command line (`cli.config_overrides`); resuming a
       run, the others take run.json's values. None: every field of `config`.
+    silo_data: each silo's own corpus, ['NAME=PATH,...', ...] (`corpora.parse`);
+      the silos are these names unless federation.silos is typed. Raw sources
+      are tokenised into <workdir>/data/<silo>/ before any process starts.
+    tokenizer, text_field, on_bad_text: with silo_data, the run's tokenizer
+      ('config': data.tokenizer; 'train': trained on the silos' text) and how
+      raw sources are read (`corpora.prepare`).
 
   Returns:
     A summary with one record per round (also in <workdir>/rounds.jsonl).
@@ -238,6 +263,10 @@ def simulate(config, config_file: str, storage_root: str, workdir: str,
   if not storage_lib.is_remote(storage_root):
     storage_root = os.path.abspath(storage_root)
   workdir = os.path.abspath(workdir)
+  if silo_data:
+    silo_data = corpora.parse(silo_data)
+    config, typed = _silos_of(config, silo_data, typed)
+    corpora.check(silo_data, config.federation.silos, tokenizer=tokenizer)
   store = storage_lib.RunStorage(storage_root)
   keys_dir = os.path.join(workdir, 'keys')
   resuming = store.exists(store.run_path)
@@ -245,6 +274,15 @@ def simulate(config, config_file: str, storage_root: str, workdir: str,
     run, config, adopted = _resume_config(store, config, typed)
     if adopted:
       log(f'resuming with run.json\'s values: {config_lib.describe(adopted, "run.json")}')
+  corpus_by_silo = {}
+  if silo_data:
+    corpus_by_silo, tokenizer_path = corpora.prepare(
+        config, silo_data, workdir, tokenizer=tokenizer, text_field=text_field,
+        on_bad_text=on_bad_text, run_tokenizer_sha256=run['tokenizer_sha256'] if resuming
+        else None, log=log)
+    config = config.copy_and_resolve_references()
+    config.data.tokenizer = tokenizer_path
+    config.data.corpus = corpus_by_silo[config.federation.silos[0]]  # For init_run's model.
   overrides = config_overrides(config, config_file)
   config = protocol.federated_config(config)
   protocol.validate_federation(config)
@@ -274,7 +312,8 @@ def simulate(config, config_file: str, storage_root: str, workdir: str,
     for silo_id in silos:
       children.start(f'silo_{silo_id}', [
           sys.executable, os.path.join(scripts, 'train.py'), f'--config={config_file}',
-          *overrides, *_silo_group_override(config, silo_id), f'--silo={silo_id}',
+          *(_corpus_override(overrides, corpus_by_silo[silo_id]) if corpus_by_silo else
+            [*overrides, *_silo_group_override(config, silo_id)]), f'--silo={silo_id}',
           f'--storage={storage_root}', f'--workdir={os.path.join(workdir, "silos", silo_id)}',
           *keys_flag])
     for shard in range(fed['num_shards']):

@@ -3,6 +3,8 @@
 #
 #   launch/local.sh --config=configs/tiny.py --silos=web,concurrency --workdir=/tmp/fedpt-local \
 #       -- --config.federation.rounds=2 --config.federation.inner_steps=2
+#   launch/local.sh --config=configs/tiny.py --silo-data=web=/data/web.jsonl,code=/data/code \
+#       --workdir=/tmp/fedpt-own [--tokenizer=train] -- --config.federation.rounds=2
 #
 # Unlike scripts/simulate.py it runs the parties' own commands (keys.py, init_run.py,
 # train.py, aggregate.py), so its --dry-run output is what each organisation would type.
@@ -31,9 +33,18 @@ failed (the others are stopped). Running it again resumes.
 Required:
   --config=FILE      a configs/*.py file
   --silos=ID,...     silo ids (also --silo=ID, repeatable); an id that is a stdlib
-                     group (web concurrency text tools core) reads that group
+                     group (web concurrency text tools core) reads that group;
+                     default with --silo-data: its names
   --workdir=DIR      logs/ and silos/<id>/ (each silo's private checkpoints)
 Options:
+  --silo-data=ID=PATH,...  each silo's own corpus (repeatable; also --silo_data):
+                     a prepared dir (prepare_data.py), a text/JSONL file or a
+                     directory of text files; raw ones are tokenised once into
+                     WORKDIR/data/<id>/ (scripts/prepare_silos.py) and each silo
+                     trains on its own with --config.data.corpus
+  --tokenizer=config|train  with --silo-data: config (default) keeps
+                     --config.data.tokenizer; train trains one on the silos' text
+                     into WORKDIR/tokenizer/sp.model for every party
   --storage=ROOT     the run's storage root, a path or gs://bucket/path
                      (default WORKDIR/bucket)
   --keys=DIR         every party's key folder (default WORKDIR/keys); one machine
@@ -47,8 +58,9 @@ a signal or a silo's preemption (run it again to resume), 2 on a bad setting.
 EOF
 }
 
-config="" workdir="" storage="" keys="" dry_run=0
+config="" workdir="" storage="" keys="" dry_run=0 tokenizer=config
 silos=()
+silo_data=()  # ID=PATH entries.
 train_args=()
 while (($#)); do
   case "$1" in
@@ -58,10 +70,12 @@ while (($#)); do
     --workdir=*) workdir="${1#*=}" ;;
     --storage=*) storage="${1#*=}" ;;
     --keys=*) keys="${1#*=}" ;;
+    --silo-data=* | --silo_data=*) IFS=, read -r -a more <<<"${1#*=}"; silo_data+=("${more[@]}") ;;
+    --tokenizer=*) tokenizer="${1#*=}" ;;
     --dry-run) dry_run=1 ;;
     -h | --help) usage; exit 0 ;;
     --) shift; train_args=("$@"); break ;;
-    --config | --silos | --silo | --workdir | --storage | --keys)
+    --config | --silos | --silo | --workdir | --storage | --keys | --silo-data | --silo_data | --tokenizer)
       die "$1 needs a value: write $1=VALUE" ;;
     *) die "unknown argument '$1'. Fix: see $0 --help; train.py flags go after --" ;;
   esac
@@ -71,6 +85,15 @@ done
 [[ -n "$config" ]] || die "--config is missing. Fix: pass a config file, e.g. --config=configs/tiny.py"
 config="${config/#\~\//$HOME/}"
 [[ -f "${config%%:*}" ]] || die "--config=$config is not a file. Fix: pass a configs/*.py file"
+[[ "$tokenizer" == config || "$tokenizer" == train ]] ||
+  die "--tokenizer=$tokenizer is not config or train. Fix: pass --tokenizer=train or leave it out"
+[[ "$tokenizer" == config ]] || ((${#silo_data[@]})) ||
+  die "--tokenizer=train needs --silo-data (the text to train on). Fix: add --silo-data=ID=PATH,..."
+if ((${#silo_data[@]})) && ((${#silos[@]} == 0)); then  # The silos are the names given.
+  for entry in "${silo_data[@]}"; do
+    [[ " ${silos[*]} " == *" ${entry%%=*} "* ]] || silos+=("${entry%%=*}")
+  done
+fi
 ((${#silos[@]})) || die "--silos is missing. Fix: name the silos, e.g. --silos=web,concurrency"
 [[ -n "$workdir" ]] || die "--workdir is missing. Fix: pass a folder for logs and checkpoints, e.g. --workdir=/tmp/fedpt-local"
 seen=" "
@@ -90,12 +113,32 @@ silo_tuple="$(printf "'%s'," "${silos[@]}")"  # A Python tuple literal: ('web','
 ((${#silos[@]} > 1)) && silo_tuple="${silo_tuple%,}"
 run_args=("--config.federation.silos=(${silo_tuple})")
 
-group_of() {  # Sets `group` to silo $1's data-group flag, if $1 names a built-in corpus group.
+group_of() {  # Sets `group` to silo $1's data flags: its own corpus, or its built-in group.
   group=()
-  if [[ "$STDLIB_GROUPS" == *" $1 "* ]]; then
+  local entry path
+  if ((${#silo_data[@]})); then
+    for entry in "${silo_data[@]}"; do
+      [[ "${entry%%=*}" == "$1" ]] && path="${entry#*=}"
+    done
+    path="${path/#\~\//$HOME/}"
+    # fedpt/corpora.py corpus_dir: a prepared dir (meta.json) itself, else WORKDIR/data/ID.
+    [[ -f "$path/meta.json" ]] || path="$workdir/data/$1"
+    group=("--config.data.corpus=$path")
+    [[ "$tokenizer" == config ]] || group+=("--config.data.tokenizer=$workdir/tokenizer/sp.model")
+  elif [[ "$STDLIB_GROUPS" == *" $1 "* ]]; then
     group=("--config.data.stdlib_group=$1")
   fi
 }
+
+if ((${#silo_data[@]})); then  # Every corpus checked (and raw ones tokenised) before any party starts.
+  config_args=()
+  for arg in "${train_args[@]}"; do
+    [[ "$arg" != --config.* ]] || config_args+=("$arg")
+  done
+  run "$PYTHON" "$REPO/scripts/prepare_silos.py" "--config=$config" "--workdir=$workdir" \
+    "--silo_data=$(IFS=,; printf '%s' "${silo_data[*]}")" "--tokenizer=$tokenizer" \
+    "${run_args[@]}" "${config_args[@]}"
+fi
 
 run mkdir -p "$workdir/logs"
 
@@ -108,7 +151,7 @@ if ((${#missing[@]})); then
   run "$PYTHON" "$REPO/scripts/keys.py" "--keys=$keys" "--names=$names"
 fi
 
-# init_run.py loads a corpus too: give it the first silo's group, not all of stdlib.
+# init_run.py loads a corpus too: give it the first silo's (or its group), not all of stdlib.
 group_of "${silos[0]}"
 init=("$PYTHON" "$REPO/scripts/init_run.py" "--config=$config" "--storage=$storage" "--keys=$keys"
       "${run_args[@]}" "${group[@]}" "${train_args[@]}")

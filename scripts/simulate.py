@@ -4,8 +4,14 @@ r"""Simulates a whole federated run on one machine: every silo and aggregator is
   python scripts/simulate.py --config=configs/tiny.py --workdir=/tmp/sim \
       --config.federation.silos="('web','text')" --config.federation.rounds=3
 
+  python scripts/simulate.py --config=configs/tiny.py --workdir=/tmp/own \
+      --silo_data=web=/data/web.jsonl,code=/data/code_dir,news=/data/news_prepared \
+      [--tokenizer=train]
+
 Prints one line per round and a summary. Run it again with the same flags to
-resume an interrupted run; a finished run is refused.
+resume an interrupted run; a finished run is refused. --silo_data gives each
+silo its own corpus (a prepared dir, a text/JSONL file or a directory of text
+files; docs/data.md); raw ones are tokenised once into <workdir>/data/<silo>/.
 """
 import os
 import sys
@@ -17,11 +23,25 @@ from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from fedpt import cli  # noqa: E402
+from fedpt import corpora  # noqa: E402
+from fedpt import data  # noqa: E402
 from fedpt import simulation  # noqa: E402
 
 config_flags.DEFINE_config_file('config', None, 'A configs/*.py file.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Logs, the silos\' private checkpoints, rounds.jsonl.')
 flags.DEFINE_string('storage', None, 'The run\'s shared storage root (default <workdir>/bucket).')
+flags.DEFINE_multi_string(
+    'silo_data', None, 'NAME=PATH,...: each silo\'s own corpus, a prepared dir '
+    '(prepare_data.py), a text/JSONL file or a directory of text files. Repeatable. '
+    'The silos are these names unless --config.federation.silos is given.')
+flags.DEFINE_enum('tokenizer', 'config', corpora.TOKENIZER_CHOICES,
+                  'With --silo_data: config uses --config.data.tokenizer; train trains a '
+                  'SentencePiece model of model.vocab_size pieces on the union of the '
+                  'silos\' raw text into <workdir>/tokenizer/, for every silo and init.')
+flags.DEFINE_string('text_field', 'text', 'With --silo_data: the text field of JSONL sources.')
+flags.DEFINE_enum('on_bad_text', 'error', data.BAD_TEXT_POLICIES,
+                  'With --silo_data: a record whose text is not UTF-8 (or holds a NUL or lone '
+                  'surrogate) stops the run (error), gets U+FFFD (replace) or is dropped (skip).')
 flags.mark_flags_as_required(['config', 'workdir'])
 FLAGS = flags.FLAGS
 
@@ -32,7 +52,9 @@ def main(argv):
   storage = FLAGS.storage or os.path.join(FLAGS.workdir, 'bucket')
   cli.run_or_explain(simulation.simulate, FLAGS.config,
                      config_flags.get_config_filename(FLAGS['config']), storage, FLAGS.workdir,
-                     typed=cli.config_overrides())
+                     typed=cli.config_overrides(), silo_data=FLAGS.silo_data,
+                     tokenizer=FLAGS.tokenizer, text_field=FLAGS.text_field,
+                     on_bad_text=FLAGS.on_bad_text)
 
 
 if __name__ == '__main__':

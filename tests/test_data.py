@@ -528,3 +528,34 @@ def test_scripts_train_tokenizer(repo_root, tmp_path):
   assert ('bad text (--on_bad_text=replace): 1 records replaced, 0 skipped'
           in result.stdout)
   assert data.load_tokenizer(str(tmp_path / 'sp.model')).get_piece_size() == 300
+
+
+def test_scripts_prepare_data_val_is_exactly_the_val_file(repo_root, tmp_path):
+  """--val: nothing is held out of train by hash; val is the --val file's tokens."""
+  train_text = ''.join(f'total_{i} = {i} * 7\n' for i in range(300))
+  val_text = 'held out = True\n' * 3
+  (tmp_path / 'train.txt').write_text(train_text)
+  (tmp_path / 'val.txt').write_text(val_text)
+  (tmp_path / 'empty.txt').write_text('')
+  result = _run_script(repo_root, 'prepare_data.py', f'--source={tmp_path}/train.txt',
+                       f'--val={tmp_path}/val.txt', f'--out={tmp_path}/out', '--seq_len=64')
+  assert result.returncode == 0, result.stderr
+  tokenizer = data.load_tokenizer(data.default_tokenizer_path())
+  eos = tokenizer.eos_id()
+  meta = json.loads((tmp_path / 'out' / 'meta.json').read_text())
+  assert np.fromfile(tmp_path / 'out' / 'val.bin', np.uint16).tolist() == (
+      tokenizer.encode(val_text) + [eos])
+  assert np.fromfile(tmp_path / 'out' / 'train.bin', np.uint16).tolist() == (
+      tokenizer.encode(train_text) + [eos])
+  assert meta['val_sources'] == [f'{tmp_path}/val.txt'] and meta['val_fraction'] is None
+  # A val of fewer than TINY_SPLIT_WINDOWS windows of seq_len+1 warns; train does not.
+  warnings = [line for line in result.stderr.splitlines() if line.startswith('warning: ')]
+  assert len(warnings) == 1 and 'the val split is tiny' in warnings[0], result.stderr
+  # An empty val is refused, and so is a single document with nothing held out.
+  for args in ([f'--val={tmp_path}/empty.txt'], []):
+    result = _run_script(repo_root, 'prepare_data.py', f'--source={tmp_path}/train.txt',
+                         *args, f'--out={tmp_path}/bad')
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith('error: The val split would be empty') and (
+        len(result.stderr.splitlines()) == 1), result.stderr
+    assert not (tmp_path / 'bad').exists()

@@ -206,6 +206,49 @@ def test_local_refuses_a_silo_named_twice(tmp_path):
   assert result.returncode == 2 and "silo 'web' is named twice" in result.stderr
 
 
+def test_local_dry_run_gives_each_silo_its_own_corpus(tmp_path):
+  """--silo-data: the silos are its names; raw text is tokenised first (prepare_silos.py)
+  into WORKDIR/data/ID, a prepared dir is used as it is, and --tokenizer=train's model goes
+  to init and every silo."""
+  w, prepared = tmp_path / 'w', tmp_path / 'prepared'
+  prepared.mkdir()
+  (prepared / 'meta.json').write_text('{}')
+  result = _script('local.sh', '--dry-run', '--config=configs/tiny.py',
+                   f'--silo-data=web=/data/web.jsonl,code={prepared}', '--silo_data=news=/n',
+                   f'--workdir={w}', '--tokenizer=train', '--',
+                   '--config.federation.rounds=2', '--allow_config_change')
+  assert result.returncode == 0, result.stderr
+  lines = _lines(result.stdout)
+  silos = "--config.federation.silos=('web','code','news')"
+  assert lines[0] == ['python3', f'{REPO}/scripts/prepare_silos.py', '--config=configs/tiny.py',
+                      f'--workdir={w}', f'--silo_data=web=/data/web.jsonl,code={prepared},news=/n',
+                      '--tokenizer=train', silos, '--config.federation.rounds=2']
+  assert lines[1] == ['mkdir', '-p', f'{w}/logs']
+  tokenizer = f'--config.data.tokenizer={w}/tokenizer/sp.model'
+  corpus = {'web': f'{w}/data/web', 'code': str(prepared), 'news': f'{w}/data/news'}
+  init = next(line for line in lines if 'scripts/init_run.py' in line[1])
+  assert [a for a in init if a.startswith('--config.data.')] == [
+      f'--config.data.corpus={corpus["web"]}', tokenizer]
+  for silo, path in corpus.items():
+    train = next(line for line in lines if f'--silo={silo}' in line)
+    assert silos in train and tokenizer in train and '--allow_config_change' in train
+    assert [a for a in train if a.startswith('--config.data.')] == [
+        f'--config.data.corpus={path}', tokenizer]
+
+
+def test_local_refuses_bad_silo_data_before_starting_anything(tmp_path):
+  w = tmp_path / 'w'
+  result = _script('local.sh', '--config=configs/tiny.py', '--silos=web,text',
+                   f'--silo-data=web={tmp_path}/nope.txt,text={tmp_path}', f'--workdir={w}')
+  assert result.returncode == 2, result.stderr
+  assert result.stderr.splitlines() == [
+      f"error: --silo_data: silo 'web': {tmp_path}/nope.txt does not exist. Fix: check the path"]
+  assert not w.exists()
+  result = _script('local.sh', '--dry-run', '--config=configs/tiny.py', '--silos=web',
+                   '--tokenizer=train', f'--workdir={w}')
+  assert result.returncode == 2 and '--tokenizer=train needs --silo-data' in result.stderr
+
+
 def test_local_knows_every_stdlib_group():
   from fedpt import data  # pylint: disable=g-import-not-at-top
   line = re.search(r'^STDLIB_GROUPS="(.*)"$', (LAUNCH / 'local.sh').read_text(), re.M).group(1)
