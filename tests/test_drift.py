@@ -177,6 +177,7 @@ def identical_runs(corpus_dir, tmp_path_factory):
     patch.undo()
 
 
+@pytest.mark.slow
 def test_identical_silos_scaffold_is_fedavg_bit_for_bit(identical_runs):
   plain, scaffold = identical_runs['none'], identical_runs['scaffold']
   for r in range(1, 3):
