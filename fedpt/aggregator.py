@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 
 from fedpt import compression
+from fedpt import drift as drift_lib
 from fedpt import errors
 from fedpt import metrics as metrics_lib
 from fedpt import outer
@@ -58,6 +59,7 @@ class Aggregator:
     self.shard = shard
     protocol.check_run(self.run)
     self.optimizer = outer.make_outer_optimizer(ml_collections.ConfigDict(self.run['outer']))
+    self.scaffold = protocol.scaffold(self.run)
     newest = self.store.latest_global_round()  # Round 0 may be garbage-collected.
     if newest is None:
       raise storage_lib.StorageError(
@@ -102,8 +104,17 @@ class Aggregator:
     state = jax.eval_shape(lambda: outer.init_outer_state(self.optimizer, params))
     return params, state
 
+  def _abstract_arrays(self, abstract_state) -> dict:
+    """The outer-state arrays of this shard: the optax states, and c (SCAFFOLD) per leaf."""
+    arrays = state_to_arrays(abstract_state)
+    if self.scaffold:
+      arrays.update({protocol.control_name(n): jax.ShapeDtypeStruct(self.leaf_shapes[n],
+                                                                    np.float32)
+                     for n in self.my_leaves})
+    return arrays
+
   def read_shard(self, round_index: int):
-    """This shard's params and outer state of a global round, vetted like a silo's read.
+    """(params, outer state, {leaf: c} or {}) of a global round, vetted like a silo's read.
 
     The aggregator trusts none of its own earlier output: the shard meta must be
     this run's and round's and (signed runs) carry its signature, and every
@@ -120,13 +131,15 @@ class Aggregator:
     if reason is None:
       params, state_arrays = self.store.read_global_shard(
           round_index, self.shard, self.num_shards, abstract_params,
-          state_to_arrays(abstract_state))
+          self._abstract_arrays(abstract_state))
       reason = protocol.check_shard_arrays(
           meta, {n: storage_lib.array_hash(v) for n, v in params.items()},
           {n: storage_lib.array_hash(v) for n, v in state_arrays.items()})
     if reason:
       raise storage_lib.tampered(self.store.root, round_index, self.shard, reason)
-    return params, arrays_to_state(state_arrays, abstract_state)
+    controls = ({n: state_arrays[protocol.control_name(n)] for n in self.my_leaves}
+                if self.scaffold else {})
+    return params, arrays_to_state(state_arrays, abstract_state), controls
 
   def next_round(self) -> int:
     """The round this shard aggregates next: the newest global round it has committed.
@@ -166,20 +179,23 @@ class Aggregator:
     norm_sq = 0.0
     for name in sorted(meta['tree']):
       try:
-        values = self.read_leaf(round_index, silo, name, meta, meta['compression'],
-                                meta['block_size'])
+        values, control = self.read_leaf(round_index, silo, name, meta, meta['compression'],
+                                         meta['block_size'], with_control=True)
       except storage_lib.StorageError as e:
         return protocol.Measured(meta, str(e))
       if not bool(jnp.all(jnp.isfinite(values))):
         return protocol.Measured(meta, f'parameter {name} has NaN or Inf values')
+      if control is not None and not bool(jnp.all(jnp.isfinite(control))):
+        return protocol.Measured(meta, f'control variate update of {name} has NaN or Inf values')
       norm_sq += float(jnp.sum(jnp.square(values)))
     return protocol.Measured(meta, norm=norm_sq ** 0.5)
 
   def read_leaf(self, round_index: int, silo: str, name: str, meta: dict, compression_format: str,
-                block_size: int) -> jax.Array:
+                block_size: int, with_control: bool = False):
     """One parameter of a delta, checked against the hashes the silo signed, decompressed.
 
     The format comes from the caller: meta.json when deciding, the manifest when aggregating.
+    `with_control`: (delta, SCAFFOLD's delta_c_i or None) from the same payload read.
     """
     try:
       payload = self.store.read_delta_leaf(round_index, silo, name, meta['tree'][name]['payload'])
@@ -191,8 +207,10 @@ class Aggregator:
       reason = protocol.check_payload_hash(name, key, meta, storage_lib.array_hash(value))
       if reason:
         raise storage_lib.StorageError(reason)
-    return compression.decompress(payload, compression_format, self.leaf_shapes[name],
-                                  block_size)
+    control = payload.pop(protocol.CONTROL, None)
+    values = compression.decompress(payload, compression_format, self.leaf_shapes[name],
+                                    block_size)
+    return (values, control) if with_control else values
 
   def decide(self, round_index: int) -> dict:
     """Waits for every silo, or for a quorum after the deadline; writes the manifest."""
@@ -242,8 +260,12 @@ class Aggregator:
   # -- the outer step -------------------------------------------------------------
 
   def aggregate(self, round_index: int, manifest: dict, inputs=None) -> dict:
-    """Steps this shard's leaves with the manifest's deltas; `inputs` is `read_shard`'s."""
-    params, outer_state = inputs or self.read_shard(round_index)
+    """Steps this shard's leaves with the manifest's deltas; `inputs` is `read_shard`'s.
+
+    SCAFFOLD: c <- c + (1/N) sum of the contributing silos' delta_c_i
+    (`drift.server_control_update`), read from the same payloads as the deltas.
+    """
+    params, outer_state, controls = inputs or self.read_shard(round_index)
     included = protocol.contributing(manifest['included'])
     # Loop invariants: each silo's payload layout (its meta.json, read once) and the method.
     metas = {e['silo']: self.store.delta_meta(round_index, e['silo']) for e in included}
@@ -254,20 +276,28 @@ class Aggregator:
     robust = manifest.get('robust', {'method': 'mean', 'trim': 1})
     factors = ([e['clip_factor'] for e in included]
                if included and 'clip_factor' in included[0] else None)
-    new_params, new_state = {}, {}
+    new_params, new_state, new_controls = {}, {}, {}
+    num_silos = len(protocol.silo_ids(self.run))
     for name in self.my_leaves:
       if not included:  # Nothing valid arrived: carry the model and the momentum over.
         new_params[name], new_state[name] = params[name], outer_state[name]
+        if self.scaffold:
+          new_controls[name] = controls[name]
         continue
-      leaves = (self.read_leaf(round_index, e['silo'], name, metas[e['silo']], e['compression'],
-                               e['block_size']) for e in included)
-      mean_delta = outer.robust_mean(leaves, [e['weight'] for e in included], robust['method'],
-                                     trim=robust['trim'], factors=factors)
+      read = (self.read_leaf(round_index, e['silo'], name, metas[e['silo']], e['compression'],
+                             e['block_size'], with_control=True) for e in included)
+      if self.scaffold:  # Both from one read of each payload: K leaves held, not one.
+        read = list(read)
+        new_controls[name] = np.asarray(drift_lib.server_control_update(
+            controls[name], (c for _, c in read), num_silos))
+      mean_delta = outer.robust_mean((d for d, _ in read), [e['weight'] for e in included],
+                                     robust['method'], trim=robust['trim'], factors=factors)
       step_params, step_state = outer.outer_step(
           self.optimizer, {name: params[name]}, {name: mean_delta}, {name: outer_state[name]})
       new_params[name] = np.asarray(step_params[name])
       new_state[name] = jax.tree.map(np.asarray, step_state[name])
     state_arrays = state_to_arrays(new_state)
+    state_arrays.update({protocol.control_name(n): c for n, c in new_controls.items()})
     meta = self.sign(global_shard_meta(
         self.run['run_id'], round_index + 1, self.shard, self.num_shards, new_params,
         state_arrays, contributors=[e['silo'] for e in included],
@@ -386,6 +416,9 @@ def init_run(config, storage_root: str, run_id: str | None = None,
     names = outer.shard_leaf_names(sorted(params), shard, num_shards, sizes)
     shard_params = {n: np.asarray(params[n]) for n in names}
     state_arrays = state_to_arrays({n: jax.tree.map(np.asarray, state[n]) for n in names})
+    if config.inner.drift_correction == 'scaffold':  # Round 0: c = 0.
+      state_arrays.update({protocol.control_name(n): np.zeros(shard_params[n].shape, np.float32)
+                           for n in names})
     store.publish_global_shard(
         0, shard, num_shards, shard_params, state_arrays,
         sign(global_shard_meta(info['run_id'], 0, shard, num_shards, shard_params, state_arrays,

@@ -16,6 +16,9 @@ DTYPES = ('float32', 'bfloat16', 'float16')
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch')
 SCHEDULES = ('cosine', 'constant', 'linear')
 ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')
+# inner.drift_correction: SCAFFOLD (Karimireddy et al. 2019) or FedProx (Li et al. 2018);
+# fedpt/drift.py has the math, docs/protocol.md what SCAFFOLD adds to the bucket.
+DRIFT_CORRECTIONS = ('none', 'scaffold', 'fedprox')
 
 DEFAULT_RULES = (
     # Activations.
@@ -92,6 +95,8 @@ def base_config() -> ml_collections.ConfigDict:
       grad_clip=1.0,
       grad_accum=1,
       z_loss=0.0,
+      drift_correction='none',  # none, scaffold or fedprox: federated silos only.
+      prox_mu=0.0,  # FedProx's mu (> 0 with drift_correction='fedprox'), e.g. 0.01.
   ))
   c.train = ml_collections.ConfigDict(dict(
       steps=200,
@@ -136,6 +141,8 @@ def base_config() -> ml_collections.ConfigDict:
       b1=0.9,
       b2=0.99,
       eps=0.1,  # DiLoCo found outer Adam needs a large eps to be stable.
+      momentum_warmup_rounds=0,  # >0: momentum ramps from 0 to outer.momentum (diloco, sgd).
+      lr_warmup_rounds=0,  # >0: outer.lr ramps from 0 over this many rounds.
   ))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.sharding = ml_collections.ConfigDict(dict(rules=DEFAULT_RULES))
@@ -216,6 +223,7 @@ RANGES = (
     ('inner.weight_decay', _NON_NEGATIVE, 'use 0 (off) or e.g. 0.1'),
     ('inner.grad_clip', _NON_NEGATIVE, 'use 0 (off) or e.g. 1.0'),
     ('inner.z_loss', _NON_NEGATIVE, 'use 0 (off) or a small weight like 1e-4'),
+    ('inner.prox_mu', _NON_NEGATIVE, 'use 0, or e.g. 0.01 with drift_correction=\'fedprox\''),
     ('train.steps', _POSITIVE, 'set it > 0'),
     ('train.log_every', _POSITIVE, 'set it > 0'),
     ('train.eval_every', _POSITIVE, 'set it > 0'),
@@ -244,6 +252,8 @@ RANGES = (
     ('outer.b1', _BETA, 'use e.g. 0.9'),
     ('outer.b2', _BETA, 'use e.g. 0.99'),
     ('outer.eps', _POSITIVE, 'use e.g. 0.1'),
+    ('outer.momentum_warmup_rounds', _NON_NEGATIVE, 'use 0 (off) or a number of rounds'),
+    ('outer.lr_warmup_rounds', _NON_NEGATIVE, 'use 0 (off) or a number of rounds'),
     ('distributed.num_processes', _in(1, None), 'use 1 or more'),
     ('distributed.process_id', _NON_NEGATIVE, 'number the processes 0..num_processes-1'),
 )
@@ -288,6 +298,11 @@ def validate(config) -> None:
           'micro-batches', 'choose grad_accum dividing data.global_batch')
   require(i.schedule in SCHEDULES, 'inner.schedule', f'unknown {i.schedule!r}',
           f'use one of {SCHEDULES}')
+  require(i.drift_correction in DRIFT_CORRECTIONS, 'inner.drift_correction',
+          f'unknown {i.drift_correction!r}', f'use one of {DRIFT_CORRECTIONS}')
+  require(i.drift_correction != 'fedprox' or i.prox_mu > 0, 'inner.prox_mu',
+          f'{i.prox_mu} with drift_correction=\'fedprox\' adds no proximal term',
+          'set inner.prox_mu > 0 (FedProx tried 0.001 to 1; 0.01 is a common start)')
   fed = config.federation
   require(fed.poll_s <= fed.wait_timeout_s, 'federation.poll_s',
           f'{fed.poll_s}s is longer than wait_timeout_s={fed.wait_timeout_s}s',

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from fedpt import drift as drift_lib
 from fedpt.sharding import constrain
 
 
@@ -47,9 +48,14 @@ def make_optimizer(inner_config, total_steps: int) -> optax.GradientTransformati
   )
 
 
-def init_state(params, optimizer) -> dict:
-  return {'step': jnp.zeros((), jnp.int32), 'params': params,
-          'opt_state': optimizer.init(params)}
+def init_state(params, optimizer, drift_correction: str = 'none') -> dict:
+  """{'step', 'params', 'opt_state'}, plus 'drift' (`drift.init_drift_state`) if one is on."""
+  state = {'step': jnp.zeros((), jnp.int32), 'params': params,
+           'opt_state': optimizer.init(params)}
+  drift = drift_lib.init_drift_state(params, drift_correction)
+  if drift is not None:
+    state['drift'] = drift
+  return state
 
 
 def loss_and_metrics(params, tokens_bt1, *, graphdef, z_loss: float):
@@ -86,10 +92,15 @@ def train_step(state, tokens_bt1, *, graphdef, optimizer, inner_config):
                                           state['params']))
     (loss, aux, grads), _ = jax.lax.scan(accumulate, zeros, micro_abt)
     loss, aux, grads = jax.tree.map(lambda x: x / accum, (loss, aux, grads))
+  # SCAFFOLD / FedProx act on the raw gradient, before clipping and AdamW (fedpt/drift.py).
+  grads, drift = drift_lib.correct_gradients(grads, state['params'], state.get('drift'),
+                                             inner_config.get('prox_mu', 0.0))
   updates, opt_state = optimizer.update(grads, state['opt_state'], state['params'])
   params = optax.apply_updates(state['params'], updates)
   metrics = {'train_loss': aux['nll'], 'loss_with_z': loss, 'grad_norm': optax.tree.norm(grads)}
   new_state = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}
+  if drift is not None:
+    new_state['drift'] = drift
   return new_state, metrics
 
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from fedpt import checkpoint as checkpoint_lib
 from fedpt import config as config_lib
 from fedpt import data as data_lib
+from fedpt import drift as drift_lib
 from fedpt import errors
 from fedpt import inner
 from fedpt import model as model_lib
@@ -183,16 +184,19 @@ def train_state_abstract(config, params: dict) -> dict:
 
 
 def silo_checkpoint_abstract(train_state: dict, with_residual: bool,
-                             with_residual_base: bool = False) -> dict:
-  """A federated silo's private checkpoint: {'train': state, 'residual'?, 'residual_base'?}.
+                             with_residual_base: bool = False, with_control: bool = False,
+                             with_control_base: bool = False) -> dict:
+  """A federated silo's private checkpoint: {'train': state, 'residual'?, 'residual_base'?,
+  'control'?, 'control_base'?}.
 
   The residuals (error feedback, fp32 like the params) are the one after and the
-  one before the last published round.
+  one before the last published round; so are the SCAFFOLD control variates c_i.
   """
   tree = {'train': train_state}
   fp32 = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=x.sharding),
                       train_state['params'])
-  for name, wanted in (('residual', with_residual), ('residual_base', with_residual_base)):
+  for name, wanted in (('residual', with_residual), ('residual_base', with_residual_base),
+                       ('control', with_control), ('control_base', with_control_base)):
     if wanted:
       tree[name] = fp32
   return tree
@@ -233,8 +237,16 @@ def _restore_workdir(config, source: Source, train_state: dict, tokenizer_sha256
     layout = checkpointer.state_layout(step)
     abstract = train_state
     if 'train' in layout:  # A federated silo's checkpoint (silo.run_silo).
+      if 'drift' in layout['train']:  # SCAFFOLD's or FedProx's round state (fedpt/drift.py).
+        kind = 'scaffold' if 'correction' in layout['train']['drift'] else 'fedprox'
+        drift = jax.eval_shape(lambda p: drift_lib.init_drift_state(p, kind),
+                               train_state['params'])
+        train_state = {**train_state, 'drift': jax.tree.map(
+            lambda d, p: jax.ShapeDtypeStruct(d.shape, d.dtype, sharding=p.sharding),
+            drift, {k: train_state['params'] for k in drift})}
       abstract = silo_checkpoint_abstract(train_state, 'residual' in layout,
-                                          'residual_base' in layout)
+                                          'residual_base' in layout, 'control' in layout,
+                                          'control_base' in layout)
     try:
       state, _ = checkpointer.restore(
           step, abstract, checkpoint_lib.expected_meta(config, tokenizer_sha256))
@@ -287,6 +299,50 @@ def read_global_params(store: storage_lib.RunStorage, run: dict, round_index: in
                 if check_aggregator is not None and round_index > 0 else None)
     return protocol.check_global_meta(run, round_index, meta, check_aggregator, previous)
   return store.read_global_params(round_index, abstract_flat, check_meta=check)
+
+
+def read_global_controls(store: storage_lib.RunStorage, run: dict, round_index: int,
+                         abstract_flat: dict, identity=None) -> dict:
+  """SCAFFOLD's server control variate c of a committed global round, {leaf: fp32 array}.
+
+  Vetted as `read_global_params` is: each shard meta by `protocol.check_global_meta`,
+  each array against the hash that meta lists for it; restored in `abstract_flat`'s
+  placement.
+  """
+  check_aggregator = (identity.check_aggregator if identity is not None
+                      else signing.listed_aggregator_check(run))
+  metas = store.global_shard_metas(round_index)
+  if metas is None:
+    raise storage_lib.StorageError(
+        f'global round {round_index} is not committed under {store.root}')
+  previous = (store.read_manifest(round_index - 1)
+              if check_aggregator is not None and round_index > 0 else None)
+  out = {}
+  for meta in metas:
+    reason = protocol.check_global_meta(run, round_index, meta, check_aggregator, previous)
+    names = sorted(meta['leaf_hashes'])
+    wanted = {protocol.control_name(n): n for n in names}
+    hashes = meta['outer_state_hashes']
+    if reason is None and any(k not in hashes for k in wanted):
+      reason = 'its meta.json lists no SCAFFOLD control variates (protocol.CONTROL)'
+    if reason:
+      raise storage_lib.tampered(store.root, round_index, meta.get('shard'), reason)
+    abstract = {k: jax.ShapeDtypeStruct(abstract_flat[n].shape, jnp.float32,
+                                        sharding=abstract_flat[n].sharding)
+                for k, n in wanted.items()}
+    arrays = store.read_global_outer_arrays(round_index, meta['shard'], meta['num_shards'],
+                                            abstract)
+    for k, n in wanted.items():
+      if storage_lib.array_hash(arrays[k]) != hashes[k]:
+        raise storage_lib.tampered(store.root, round_index, meta['shard'], (
+            f'control variate {k} does not match its committed hash: the object was modified '
+            'or torn after commit'))
+      out[n] = arrays[k]
+  if set(out) != set(abstract_flat):
+    raise storage_lib.StorageError(
+        f'global round {round_index} lacks control variates of '
+        f'{sorted(set(abstract_flat) - set(out))[:3]}. Fix: use the run\'s config.')
+  return out
 
 
 # -- the loader ---------------------------------------------------------------------------

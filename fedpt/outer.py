@@ -67,13 +67,45 @@ def _in_unit_interval(outer_config, name: str, why: str) -> float:
   return value
 
 
+def _warmup_rounds(outer_config, name: str) -> int:
+  """`outer.<name>` (0 when absent: a run.json from before the field)."""
+  value = getattr(outer_config, name, 0)
+  value = 0 if value is None else value
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+    raise OuterConfigError(f'outer.{name}', f'{value!r} is not an integer >= 0',
+                           f'set outer.{name} to 0 (off) or a number of rounds')
+  return int(value)
+
+
+def warmup_schedule(peak: float, rounds: int) -> optax.Schedule:
+  """peak * min(r / rounds, 1) at the r-th outer step (r = 0, 1, ...): 0 first, peak from `rounds` on."""
+  return optax.linear_schedule(0.0, peak, rounds)
+
+
 def make_outer_optimizer(outer_config) -> optax.GradientTransformation:
-  """The optax transform that treats the weighted mean pseudo-gradient as a gradient."""
+  """The optax transform that treats the weighted mean pseudo-gradient as a gradient.
+
+  `outer.lr_warmup_rounds` / `momentum_warmup_rounds` > 0 wrap it in
+  `optax.inject_hyperparams` with `warmup_schedule`s, whose step count is the
+  number of outer steps taken (kept in each leaf's outer state). Momentum
+  warm-up is a tuning knob (no DiLoCo/FedOpt paper prescribes it): early
+  pseudo-gradients of a fresh model are large and change direction fast, and a
+  momentum of 0.9 keeps replaying them. 0 (the default) builds the plain
+  transform, so the outer-state layout and the results of earlier runs are unchanged.
+  """
   name = _field(outer_config, 'optimizer')
   if name not in OUTER_OPTIMIZERS:
     raise OuterConfigError('outer.optimizer', f'unknown optimizer {name!r}',
                            f'use one of {OUTER_OPTIMIZERS}')
+  lr_warmup = _warmup_rounds(outer_config, 'lr_warmup_rounds')
+  momentum_warmup = _warmup_rounds(outer_config, 'momentum_warmup_rounds')
   if name == 'fedavg':
+    for field, value in (('lr_warmup_rounds', lr_warmup),
+                         ('momentum_warmup_rounds', momentum_warmup)):
+      if value:
+        raise OuterConfigError(f'outer.{field}', f'{value} with fedavg, which has no outer '
+                               'lr or momentum (it averages the silos)',
+                               f'set outer.{field}=0, or use outer.optimizer=diloco or sgd')
     # Plain averaging of the silos' params: lr 1 makes global - mean(delta) = mean(local).
     return optax.sgd(1.0)
 
@@ -81,11 +113,25 @@ def make_outer_optimizer(outer_config) -> optax.GradientTransformation:
   if lr <= 0:
     raise OuterConfigError('outer.lr', f'{lr} is not positive',
                            'set outer.lr > 0 (DiLoCo uses 0.7 with Nesterov momentum 0.9)')
+  lr_arg = warmup_schedule(lr, lr_warmup) if lr_warmup else lr
   if name in ('diloco', 'sgd'):
     momentum = _in_unit_interval(outer_config, 'momentum', 'DiLoCo uses 0.9; 0 disables it')
-    if name == 'diloco':
+    if momentum_warmup and not momentum:
+      raise OuterConfigError('outer.momentum_warmup_rounds',
+                             f'{momentum_warmup} with outer.momentum=0: nothing to warm up',
+                             'set outer.momentum > 0, or momentum_warmup_rounds=0')
+    momentum_arg = warmup_schedule(momentum, momentum_warmup) if momentum_warmup else momentum
+    nesterov = name == 'diloco'
+    if lr_warmup or momentum_warmup:
+      return optax.inject_hyperparams(optax.sgd, static_args=('nesterov',))(
+          learning_rate=lr_arg, momentum=momentum_arg if momentum else None, nesterov=nesterov)
+    if nesterov:
       return optax.sgd(lr, momentum=momentum, nesterov=True)
     return optax.sgd(lr, momentum=momentum or None)
+  if momentum_warmup:
+    raise OuterConfigError('outer.momentum_warmup_rounds',
+                           f'{momentum_warmup} with {name}, which has no outer.momentum',
+                           'set it to 0, or use outer.optimizer=diloco or sgd')
 
   b1 = _in_unit_interval(outer_config, 'b1', 'the first-moment decay, typically 0.9')
   b2 = _in_unit_interval(outer_config, 'b2', 'the second-moment decay, typically 0.99')
@@ -93,9 +139,20 @@ def make_outer_optimizer(outer_config) -> optax.GradientTransformation:
   if eps <= 0:
     raise OuterConfigError('outer.eps', f'{eps} is not positive',
                            'set outer.eps > 0; FedOpt uses ~1e-3 for the outer Adam/Yogi')
-  if name == 'fedadam':
-    return optax.adam(lr, b1=b1, b2=b2, eps=eps)
-  return optax.yogi(lr, b1=b1, b2=b2, eps=eps)
+  make = optax.adam if name == 'fedadam' else optax.yogi
+  if lr_warmup:
+    make = optax.inject_hyperparams(make)
+  return make(lr_arg, b1=b1, b2=b2, eps=eps)
+
+
+def last_hyperparams(leaf_state) -> dict:
+  """{'learning_rate', 'momentum', ...} the last outer step of a warmed-up leaf used.
+
+  After the outer step of the r-th aggregated round (r = 0, 1, ...) that is
+  `warmup_schedule(peak, rounds)(r)`; {} for a plain (no warm-up) state.
+  """
+  return {k: float(v) for k, v in getattr(leaf_state, 'hyperparams', {}).items()
+          if v is not None}
 
 
 # ---------------------------------------------------------------------- aggregation

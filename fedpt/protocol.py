@@ -32,6 +32,22 @@ MANIFEST_ENTRY_FIELDS = ('silo', 'tokens', 'steps', 'train_loss', 'bytes', 'comp
                          'block_size', 'delta_norm', 'content_hash', 'global_eval_loss')
 
 
+# SCAFFOLD (inner.drift_correction='scaffold'): each delta leaf's payload holds the silo's
+# control-variate update delta_c_i under this key, in float32; each global shard's outer
+# state holds the server control variate c as '<leaf>/control' (fedpt/drift.py).
+CONTROL = 'control'
+
+
+def scaffold(run: dict) -> bool:
+  """Whether `run` exchanges SCAFFOLD control variates (absent in runs from before them)."""
+  return run['inner'].get('drift_correction', 'none') == 'scaffold'
+
+
+def control_name(leaf: str) -> str:
+  """The outer-state array name of leaf `leaf`'s server control variate c."""
+  return f'{leaf}/{CONTROL}'
+
+
 class RunMismatchError(errors.UserError, ValueError):
   """This party's config or tokenizer does not match the run it tries to join."""
 
@@ -320,10 +336,14 @@ def _check_delta_meta(run, round_index, silo, meta, base_hash, leaf_shapes, chec
   if sorted(tree) != sorted(leaf_shapes):
     return 'parameter tree differs from the run\'s model'
   nbytes = 0
+  with_control = scaffold(run)
   for name, shape in leaf_shapes.items():
     if tuple(tree[name]['shape']) != tuple(shape):
       return f'parameter {name} has shape {tree[name]["shape"]}, expected {list(shape)}'
     expected = compression.payload_spec(shape, meta['compression'], meta['block_size'])
+    if with_control:  # delta_c_i, uncompressed: SCAFFOLD's c must not drift by rounding.
+      expected = {**expected, CONTROL: (tuple(shape), 'float32')}
+      nbytes += 4 * math.prod(shape)
     declared = {k: (tuple(s), d) for k, (s, d) in tree[name]['payload'].items()}
     if declared != expected:
       return (f'parameter {name} payload layout {declared} is not the {meta["compression"]} '

@@ -30,6 +30,10 @@ PARTY_DEFAULTS = ('federation.wait_timeout_s', 'federation.poll_s')
 # Declared per silo in run.json's silo list (from federation.silo_<name>); the
 # config field of the same name is the default for silos without a declaration.
 PER_SILO = {'federation.inner_steps': 'inner_steps', 'federation.round_budget_s': 'round_budget_s'}
+# Contract fields added within format 3, with the value a run.json written before them
+# means (all 'off'): so older runs stay readable and resume unchanged.
+LATER_FIELDS = {'inner.drift_correction': 'none', 'inner.prox_mu': 0.0,
+                'outer.momentum_warmup_rounds': 0, 'outer.lr_warmup_rounds': 0}
 
 
 class RecordError(errors.UserError, ValueError):
@@ -87,7 +91,7 @@ def recorded_contract(run: dict) -> dict:
   out = {'seed': run['seed']}
   for section in CONTRACT_SECTIONS:
     out.update({f'{section}.{k}': v for k, v in run[section].items()})
-  return out
+  return {**LATER_FIELDS, **out}
 
 
 def check_run_form(run, where: str) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 from fedpt import checkpoint as checkpoint_lib
 from fedpt import compression
 from fedpt import config as config_lib
+from fedpt import drift as drift_lib
 from fedpt import faults
 from fedpt import loading
 from fedpt import metrics as metrics_lib
@@ -30,7 +31,7 @@ from fedpt import trainer as trainer_lib
 from fedpt import trees
 
 
-def _compress_delta(global_flat, local_flat, residual_flat, fed, mesh=None):
+def _compress_delta(global_flat, local_flat, residual_flat, fed, mesh=None, control_flat=None):
   payload, new_residual, nbytes, norm_sq = {}, {}, 0, 0.0
   for name in sorted(global_flat):
     delta = (global_flat[name].astype(jnp.float32) - local_flat[name].astype(jnp.float32))
@@ -40,6 +41,8 @@ def _compress_delta(global_flat, local_flat, residual_flat, fed, mesh=None):
           delta, residual_flat[name], fed.compression, fed.block_size)
     else:
       leaf_payload = compression.compress(delta, fed.compression, fed.block_size)
+    if control_flat is not None:  # SCAFFOLD's delta_c_i, in fp32 (protocol.CONTROL).
+      leaf_payload = {**leaf_payload, protocol.CONTROL: control_flat[name].astype(jnp.float32)}
     if mesh is None:
       payload[name] = {k: np.asarray(jax.device_get(v)) for k, v in leaf_payload.items()}
     else:  # Stays on the devices, split so that every host uploads its own slice.
@@ -50,14 +53,15 @@ def _compress_delta(global_flat, local_flat, residual_flat, fed, mesh=None):
 
 def make_delta(run, round_index, silo_id, base_hash, global_flat, local_flat, residual_flat,
                fed, *, steps, tokens, train_loss, global_eval_loss=None, inner_seconds=0.0,
-               mesh=None):
+               mesh=None, control_flat=None):
   """The compressed pseudo-gradient, the next error-feedback residual and the delta's meta.json.
 
   With `mesh` the payload stays sharded on the silo's devices (a multi-host
-  silo writes it from every host); without, it is host numpy.
+  silo writes it from every host); without, it is host numpy. `control_flat`
+  (SCAFFOLD) is the silo's delta_c_i per leaf, added to each leaf's payload.
   """
   payload, new_residual, nbytes, delta_norm = _compress_delta(
-      global_flat, local_flat, residual_flat, fed, mesh)
+      global_flat, local_flat, residual_flat, fed, mesh, control_flat)
   hashes = {f'{name}/{k}': storage_lib.array_hash(v)
             for name, leaf in payload.items() for k, v in leaf.items()}
   meta = protocol.delta_meta(
@@ -107,33 +111,45 @@ class _Private:
   Keys count saves, so every save is newer than the one before.
   """
 
-  def __init__(self, trainer, workdir, expected_meta, use_feedback, async_save):
+  def __init__(self, trainer, workdir, expected_meta, use_feedback, async_save,
+               use_control=False):
     self._trainer = trainer
     self._ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=2,
                                              async_save=async_save)
     self._expected = expected_meta
     self._use_feedback = use_feedback
+    self._use_control = use_control  # SCAFFOLD: c_i, and c_i before the last publish.
 
   def latest(self) -> int | None:
     return self._ckpt.latest_step()
 
   def restore(self):
-    """(state, residual_flat, Position) of the newest save, or None for a fresh silo."""
+    """(state, (residual, residual_base), Position, (control, control_base)) of the newest
+    save (flat dicts or None), or None for a fresh silo."""
     def abstract_for(key):
       layout = self._ckpt.state_layout(key)
       return loading.silo_checkpoint_abstract(self._trainer.abstract_state(),
-                                              self._use_feedback, 'residual_base' in layout)
+                                              self._use_feedback, 'residual_base' in layout,
+                                              self._use_control, 'control_base' in layout)
     restored = self._ckpt.restore_newest_intact(abstract_for, self._expected)
     if restored is None:
       return None
     _, private, meta = restored
-    residual, base = (None if name not in private else trees.flatten_params(private[name])
-                      for name in ('residual', 'residual_base'))
-    return private['train'], (residual, base), Position.from_record(meta)
+    residual, base, control, control_base = (
+        None if name not in private else trees.flatten_params(private[name])
+        for name in ('residual', 'residual_base', 'control', 'control_base'))
+    return (private['train'], (residual, base), Position.from_record(meta),
+            (control, control_base))
 
-  def save(self, state, residual, position: Position, residual_base=None):
-    """`residual_base`: with error feedback, the residual the round's delta was compressed with."""
+  def save(self, state, residual, position: Position, residual_base=None, control=None,
+           control_base=None):
+    """`residual_base`: with error feedback, the residual the round's delta was compressed with;
+    `control_base`: with SCAFFOLD, the c_i the round's delta_c_i was taken from."""
     tree = {'train': state}
+    if self._use_control:
+      tree['control'] = trees.unflatten_params(control)
+      if control_base is not None:
+        tree['control_base'] = trees.unflatten_params(control_base)
     if self._use_feedback:
       tree['residual'] = trees.unflatten_params(residual)
       if residual_base is not None:
@@ -163,8 +179,10 @@ class _Silo:
     self.identity = signing.party_identity(self.run, keys_dir, signing.silo_key_name(silo_id))
     self.config = config = self._join_config(config, typed or frozenset(), record, changed)
     self.fed = config.federation
+    self.drift = config.inner.drift_correction
     self.trainer = trainer_lib.Trainer(
-        config, data_seed=protocol.silo_data_seed(config.seed, silo_id))
+        config, data_seed=protocol.silo_data_seed(config.seed, silo_id),
+        drift_correction=self.drift)
     protocol.check_tokenizer(self.run, self.trainer.tokenizer_sha256)
     self.total_rounds = self.run['federation']['rounds']
     self.use_feedback = self.fed.error_feedback and self.fed.compression != 'none'
@@ -172,10 +190,15 @@ class _Silo:
         self.trainer, workdir,
         {**checkpoint_lib.expected_meta(config, self.trainer.tokenizer_sha256),
          'run_id': self.run['run_id'], 'silo': silo_id},
-        self.use_feedback, config.train.async_checkpoints)
+        self.use_feedback, config.train.async_checkpoints, self.drift == 'scaffold')
     self.preemption = multihost.Preemption()
     self.summary = {'silo': silo_id, 'rounds': [], 'preempted': False}
     self.residual_base = None  # Error feedback: the residual the last delta was built with.
+    self.control = self.control_base = None  # SCAFFOLD: c_i now, and before the last publish.
+
+  def save(self, state, residual, position, residual_base=None, control_base=None):
+    """A private checkpoint of the silo's state, with its control variates (SCAFFOLD)."""
+    self.private.save(state, residual, position, residual_base, self.control, control_base)
 
   def _join_config(self, config, typed, record, changed):
     """The run's contract over `config`, recorded in the workdir (for resumes and tools)."""
@@ -208,7 +231,8 @@ class _Silo:
     """(state, residual, Position): the newest private checkpoint, or the newest global."""
     restored = self.private.restore()
     if restored is not None:
-      state, (residual, self.residual_base), position = restored
+      state, (residual, self.residual_base), position, (self.control, self.control_base) = (
+          restored)
       self.log(f'resumed in round {position.round} ({position.phase.value}, '
                f'{len(position.losses)} inner steps done) from {self.workdir}')
       return state, residual, position
@@ -218,6 +242,9 @@ class _Silo:
     state = self.load_global(round_index, self.trainer.init_state())
     residual = ({k: jnp.zeros(v.shape, jnp.float32, device=v.sharding) for k, v in
                  trees.flatten_params(state['params']).items()} if self.use_feedback else None)
+    if self.drift == 'scaffold':  # c_i = 0 at a silo's start (Algorithm 1).
+      self.control = {k: jnp.zeros(v.shape, jnp.float32, device=v.sharding) for k, v in
+                      trees.flatten_params(state['params']).items()}
     return state, residual, Position(round_index)
 
   def wait_for_next(self, position, step):
@@ -296,6 +323,28 @@ class _Silo:
     eval_seconds = time.monotonic() - start
     return base, self.store.global_hash(position.round), eval_seconds
 
+  def start_drift(self, position, state):
+    """`state` with the round's drift state: c - c_i (SCAFFOLD) or the anchor w^t (FedProx).
+
+    Only at a round's start: a round resumed mid-way keeps its checkpointed one.
+    """
+    if self.drift == 'scaffold':
+      server = loading.read_global_controls(
+          self.store, self.run, position.round,
+          trees.flatten_params(self.trainer.abstract_state()['params']), self.identity)
+      drift = drift_lib.scaffold_state(server, self.control)
+      return {**state, 'drift': {k: trees.unflatten_params(v) for k, v in drift.items()}}
+    if self.drift == 'fedprox':
+      return {**state, 'drift': drift_lib.fedprox_state(state['params'])}
+    return state
+
+  def control_delta(self, position, state, control):
+    """SCAFFOLD's flat delta_c_i of the round from the c_i it started with; else None."""
+    if self.drift != 'scaffold':
+      return None
+    grad_sum = trees.flatten_params(state['drift']['grad_sum'])
+    return drift_lib.control_delta(grad_sum, len(position.losses), control)
+
   def inner_steps(self, position, state, residual, step):
     """Trains until H steps, the round's time budget, or a preemption (checkpointed)."""
     start = time.monotonic()
@@ -307,7 +356,7 @@ class _Silo:
         faults.crash_point('silo_inner', position.round)
       if self.preemption.reached(step):
         position.phase = Phase.TRAINING
-        self.private.save(state, residual, position)
+        self.save(state, residual, position)
         self.summary['preempted'] = True
         self.log(f'{self.preemption.cause}: checkpointed round {position.round} after '
                  f'{len(position.losses)} inner steps; exiting for a restart to resume')
@@ -321,8 +370,12 @@ class _Silo:
     position.losses = [float(x) for x in position.losses]  # Waits for the last step.
     return state, step
 
-  def build_delta(self, position, state, residual, base_flat, base_hash, inner_seconds):
-    """(payload, next residual, signed meta) of the round; refuses a non-finite model."""
+  def build_delta(self, position, state, residual, base_flat, base_hash, inner_seconds,
+                  control_flat=None):
+    """(payload, next residual, signed meta) of the round; refuses a non-finite model.
+
+    `control_flat`: SCAFFOLD's delta_c_i (`control_delta`), sent with the delta.
+    """
     losses = position.losses
     train_loss = float(np.mean(np.asarray(losses, np.float32)))
     if not np.isfinite(train_loss):
@@ -334,7 +387,7 @@ class _Silo:
         trees.flatten_params(state['params']), residual, self.fed, steps=len(losses),
         tokens=len(losses) * self.trainer.tokens_per_step(), train_loss=train_loss,
         global_eval_loss=position.global_eval, inner_seconds=inner_seconds,
-        mesh=self.trainer.mesh)
+        mesh=self.trainer.mesh, control_flat=control_flat)
     if not np.isfinite(meta['delta_norm']):
       local = trees.flatten_params(state['params'])
       bad = [n for n in sorted(local) if not bool(jnp.all(jnp.isfinite(local[n])))]
@@ -379,11 +432,12 @@ class _Silo:
     'checkpoint' are added, and it becomes the round's record in the summary.
     """
     start = time.monotonic()
+    control_delta = self.control_delta(position, state, self.control)
     payload, next_residual, meta = self.build_delta(position, state, residual, base_flat,
-                                                    base_hash, seconds['inner'])
+                                                    base_hash, seconds['inner'], control_delta)
     position.phase = Phase.PUBLISHED
     if not self.clear_own_path(position, meta):
-      self.private.save(state, residual, position)  # The residual was not spent.
+      self.save(state, residual, position)  # The residual and c_i were not spent.
       return residual
     self.store.publish_delta(position.round, self.silo_id, payload, meta)
     seconds['publish'] = time.monotonic() - start
@@ -391,7 +445,11 @@ class _Silo:
     self.log(f'round {position.round} published ({meta["steps"]} steps, loss '
              f'{meta["train_loss"]:.4f}, {meta["bytes"]:,} bytes)')
     self.residual_base = residual
-    self.private.save(state, next_residual, position, residual_base=residual)
+    if control_delta is not None:  # c_i <- c_i + delta_c_i, as the server adds it to c.
+      self.control_base = self.control
+      self.control = drift_lib.apply_control_delta(self.control, control_delta)
+    self.save(state, next_residual, position, residual_base=residual,
+              control_base=self.control_base if control_delta is not None else None)
     seconds['checkpoint'] = time.monotonic() - start - seconds['publish']
     self.summary['rounds'].append({**{k: meta[k] for k in ('round', 'tokens', 'train_loss',
                                                            'bytes')}, 'seconds': seconds})
@@ -406,8 +464,9 @@ class _Silo:
     self.log(f'round {position.round}: its committed delta is gone from the bucket and the '
              'round is undecided; republishing it from the round\'s base and the private state')
     base_flat = trees.flatten_params(self.load_global(position.round, state)['params'])
-    payload, _, meta = self.build_delta(position, state, self.residual_base, base_flat,
-                                        self.store.global_hash(position.round), 0.0)
+    payload, _, meta = self.build_delta(
+        position, state, self.residual_base, base_flat, self.store.global_hash(position.round),
+        0.0, self.control_delta(position, state, self.control_base))
     self.store.publish_delta(position.round, self.silo_id, payload, meta)
 
   def finish(self, position, state, step):
@@ -453,7 +512,7 @@ class _Silo:
               wait=load_start - wait_start, load=time.monotonic() - load_start)
         rounds_done += 1
         if position.round >= self.total_rounds:
-          self.private.save(state, residual, position)
+          self.save(state, residual, position)
         if stop_after_rounds is not None and rounds_done >= stop_after_rounds:
           break
       if position.round >= self.total_rounds:
@@ -464,6 +523,8 @@ class _Silo:
                  f'{newest}')
         state, position = self.load_global(newest, state), Position(newest)
         continue
+      if position.phase == Phase.START:
+        state = self.start_drift(position, state)
       base_flat, base_hash, eval_seconds = self.begin_round(position, state, step)
       inner_start = time.monotonic()
       state, step = self.inner_steps(position, state, residual, step)

@@ -518,6 +518,13 @@ class RunStorage:
           directory / 'outer_state', unflatten_params(abstract_outer), partial=False))
     return params, outer_arrays
 
+  def read_global_outer_arrays(self, round_index: int, shard: int, num_shards: int,
+                               abstract_arrays: dict) -> dict:
+    """Some of one shard's outer-state arrays (a partial read: SCAFFOLD's c for a silo)."""
+    directory = self.shard_dir(round_index, shard, num_shards) / 'outer_state'
+    return flatten_params(self._restore_tree(directory, unflatten_params(abstract_arrays),
+                                             partial=True))
+
   # -- evaluations ----------------------------------------------------------------
 
   def publish_eval(self, round_index: int, silo: str, record: dict) -> None:

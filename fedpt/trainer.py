@@ -33,8 +33,11 @@ class TrainingDivergedError(errors.UserError, RuntimeError):
 class Trainer:
   """The sharded model, optimizer, data and jitted steps of one silo."""
 
-  def __init__(self, config, devices=None, data_seed: int | None = None):
+  def __init__(self, config, devices=None, data_seed: int | None = None,
+               drift_correction: str = 'none'):
+    """`drift_correction`: a federated silo's `inner.drift_correction` (a 'drift' state entry)."""
     sharding.maybe_initialize_distributed(config.distributed)
+    self.drift_correction = drift_correction
     self.data_seed = config.seed if data_seed is None else data_seed
     devices = jax.devices() if devices is None else devices
     with multihost.startup('trainer'):  # A host that cannot start stops every host, in a line.
@@ -67,6 +70,10 @@ class Trainer:
         transform_non_params=lambda _: self.replicated)
     self.state_shardings = {'step': self.replicated, 'params': self.param_shardings,
                             'opt_state': opt_shardings}
+    drift = jax.eval_shape(lambda p: inner.drift_lib.init_drift_state(p, drift_correction),
+                           abstract_params)
+    if drift is not None:  # Each entry is params-shaped: sharded as the params.
+      self.state_shardings['drift'] = {k: self.param_shardings for k in drift}
     self.batch_sharding = NamedSharding(
         self.mesh, sharding.logical_to_spec(('batch', 'length'), self.rules))
 
@@ -87,7 +94,7 @@ class Trainer:
   def _init_state(self):
     model = model_lib.Transformer(self.model_config, nnx.Rngs(self.config.seed))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return inner.init_state(params, self.optimizer)
+    return inner.init_state(params, self.optimizer, self.drift_correction)
 
   def init_state(self):
     """Fresh state, created directly in its sharded layout."""
@@ -221,6 +228,11 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None, *,
   it and the last good checkpoint.
   """
   config, record, changed = resume_config(config, workdir, typed, allow_config_change)
+  if config.inner.drift_correction != 'none':
+    raise config_lib.ConfigError(
+        'inner.drift_correction', f'{config.inner.drift_correction!r} corrects federated '
+        'silos towards the global model, which a plain run does not have',
+        "set it to 'none', or train as a silo of a run (--silo and --storage)")
   trainer = Trainer(config)  # Starts jax.distributed first, for a multi-host silo.
   cfg = config.train
   checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
