@@ -147,9 +147,13 @@ class Trainer:
                                        global_batch=d.global_batch, seq_len=d.seq_len, **where)]
         return (float(jnp.mean(jnp.stack(losses))),
                 self.config.train.eval_batches * d.global_batch * d.seq_len)
-      sums = [self._eval_sums(params, self._global_array(rows), self._global_array(weights))
-              for rows, weights in dataset.whole_batches(global_batch=d.global_batch,
-                                                         seq_len=d.seq_len, **where)]
+      sums = []
+      for rows, weights in dataset.whole_batches(global_batch=d.global_batch,
+                                                 seq_len=d.seq_len, **where):
+        sums.append(self._eval_sums(params, self._global_array(rows),
+                                    self._global_array(weights)))
+        if len(sums) > 1:  # At most two batches in flight: a long split never floods the queue.
+          jax.block_until_ready(sums[-2])
     totals = np.asarray(jax.device_get(sums), np.float64).sum(axis=0)  # float64 across batches.
     return float(totals[0] / totals[1]), int(round(totals[1]))
 
@@ -230,19 +234,21 @@ def record_config(workdir, config, record, changed, step, note=lambda: '') -> No
 
 
 def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None, *, typed=None,
-                       allow_config_change: bool = False) -> dict:
+                       allow_config_change: bool = False, data_seed: int | None = None) -> dict:
   """Trains one silo with no federation (also the centralised baseline).
 
   Resumes from `workdir` automatically, with the config it recorded
   (`resume_config`: `config` may be None, `typed` and `allow_config_change` come
-  from the command line). `stop_at_step` ends this invocation early (e.g. at the
+  from the command line). `data_seed` (default `config.seed`) orders the data: an
+  isolated baseline passes its silo's (`protocol.silo_data_seed`) to see the batches
+  that silo saw, in the same order. `stop_at_step` ends this invocation early (e.g. at the
   end of a job's time slot) with a checkpoint, like a preemption, SIGTERM or
   Ctrl-C. Returns a summary with the final step, losses and whether it was
   preempted. A path the OS refuses (disk full, read-only) is one UserError naming
   it and the last good checkpoint.
   """
   config, record, changed = resume_config(config, workdir, typed, allow_config_change)
-  trainer = Trainer(config)  # Starts jax.distributed first, for a multi-host silo.
+  trainer = Trainer(config, data_seed=data_seed)  # Starts jax.distributed first (multi-host).
   cfg = config.train
   checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                              keep=cfg.keep_checkpoints,
