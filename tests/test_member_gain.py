@@ -158,7 +158,7 @@ def test_member_gain_table_is_the_trainers_own_scores(sim, corpus_dir):
   assert [float(r['isolated_loss']) for r in table] == pytest.approx(
       [rows[s]['isolated_loss'] for s in SILOS])
   markdown = (out / 'member_gain.md').read_text()
-  assert markdown.count('\n| ') == 1 + len(SILOS) and f'{tokens:,}' in markdown
+  assert markdown.count('\n| ') == 2 + len(SILOS) and f'{tokens:,}' in markdown  # Head, rule.
   image = matplotlib.image.imread(out / 'member_gain.png')
   assert image.shape[0] > 100 and image.std() > 0.01
 
