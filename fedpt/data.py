@@ -936,7 +936,7 @@ class TokenDataset:
     return self.num_tokens // (seq_len + 1)
 
   def _check_batch_args(self, global_batch, seq_len, process_index,
-                        process_count) -> int:
+                        process_count, need_window: bool = True) -> int:
     """Validates the arguments; returns the number of windows."""
     if global_batch <= 0 or seq_len <= 0:
       raise DataError(f'global_batch={global_batch} and seq_len={seq_len} '
@@ -950,7 +950,7 @@ class TokenDataset:
           f'process_count={process_count}; make the global batch a multiple '
           'of the number of processes.')
     num_windows = self.num_windows(seq_len)
-    if num_windows == 0:
+    if num_windows == 0 and (need_window or self.num_tokens < 2):
       raise DataError(
           f'Split {self._split!r} of {self._data_dir} has {self.num_tokens} '
           f'tokens, fewer than one window of seq_len + 1 = {seq_len + 1}; '
@@ -1008,6 +1008,43 @@ class TokenDataset:
                       for r in rows], seq_len)
         for b in range(num_batches)
     ]
+
+
+  def whole_batches(self, *, global_batch: int, seq_len: int, process_index: int = 0,
+                    process_count: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Every window of the split once, then its partial tail: (tokens, weights) per batch.
+
+    Yields int32 tokens and float32 weights, both [global_batch // process_count,
+    seq_len + 1] (this process's rows, as `batch`). Window w is row w % global_batch
+    of batch w // global_batch; the tail (the last num_tokens % (seq_len + 1) tokens,
+    if at least 2) is one more window, zero-padded. weights[r, t] is 1 where token t
+    is a scored target, else 0: each window's first token is context only (as in
+    training), padding and pad rows weigh 0. Every batch has the same shape, so one
+    compiled step scores them all; the weights sum to `scored_tokens(seq_len)`.
+    """
+    self._check_batch_args(global_batch, seq_len, process_index, process_count,
+                           need_window=False)
+    length = seq_len + 1
+    full = self.num_windows(seq_len)
+    tail = self.num_tokens - full * length
+    total = full + (tail >= 2)
+    rows = self._local_rows(global_batch, process_index, process_count)
+    for b in range(-(-total // global_batch)):
+      tokens = np.zeros((len(rows), length), np.int32)
+      weights = np.zeros((len(rows), length), np.float32)
+      for i, r in enumerate(rows):
+        w = b * global_batch + r
+        size = length if w < full else tail if w < total else 0
+        if size:
+          tokens[i, :size] = self.tokens[w * length:w * length + size]
+          weights[i, 1:size] = 1.0
+      yield tokens, weights
+
+  def scored_tokens(self, seq_len: int) -> int:
+    """How many target tokens `whole_batches` scores: all but each window's first."""
+    full = self.num_windows(seq_len)
+    tail = self.num_tokens - full * (seq_len + 1)
+    return full * seq_len + max(tail - 1, 0)
 
 
 def _index_shuffle_fn():

@@ -1,7 +1,9 @@
 """Held-out evaluation of global rounds and private checkpoints, and the run's plots.
 
-Loss is the mean next-token cross-entropy (nats) over fixed validation windows
-(`TokenDataset.eval_batches`, jitted and sharded like training). Bits per byte
+Loss is the mean next-token cross-entropy (nats) over every token of each held-out
+set (`Trainer.score(whole=True)`: all windows and the tail once, token-weighted),
+or, asked for, over the sampled `train.eval_batches` windows; every row says how
+many tokens it scored. Jitted and sharded like training. Bits per byte
 divide the summed loss by the UTF-8 bytes of the predicted tokens, so models
 with different tokenizers compare. The per-silo table also uses what silos
 published themselves (`rounds/NNNNNN/eval/silo_<id>.json`): each silo's loss on
@@ -70,49 +72,64 @@ def bits_per_byte(mean_loss: float, tokens: int, nbytes: int) -> float:
   return mean_loss * tokens / (math.log(2) * nbytes)
 
 
-def _predicted_bytes(dataset, tokenizer, trainer) -> tuple[int, int]:
-  """(tokens, UTF-8 bytes) of the tokens the loss predicts over the eval windows."""
+def _piece_bytes(tokenizer) -> np.ndarray:
+  """UTF-8 bytes each token id stands for ([vocab] int64); control and unknown pieces are 0."""
+  def one(token):
+    if tokenizer.is_control(token) or tokenizer.is_unknown(token):
+      return 0
+    if tokenizer.is_byte(token):
+      return 1
+    return len(tokenizer.id_to_piece(token).replace('\u2581', ' ').encode())
+  return np.array([one(t) for t in range(tokenizer.get_piece_size())], np.int64)
+
+
+def predicted_bytes(dataset, piece_bytes: np.ndarray, trainer, whole: bool) -> int:
+  """UTF-8 bytes of the tokens `trainer.score(..., whole=whole)` predicts on `dataset`."""
   d = trainer.config.data
-  tokens = nbytes = 0
-  for rows in dataset.eval_batches(trainer.config.train.eval_batches,
-                                   global_batch=d.global_batch, seq_len=d.seq_len):
-    for row in np.asarray(rows):
-      targets = [int(t) for t in row[1:]]
-      tokens += len(targets)
-      nbytes += sum(_piece_bytes(tokenizer, t) for t in targets)
-  return tokens, nbytes
+  if whole:
+    return int(sum((piece_bytes[rows] * weights).sum() for rows, weights in
+                   dataset.whole_batches(global_batch=d.global_batch, seq_len=d.seq_len)))
+  return int(sum(piece_bytes[np.asarray(rows)[:, 1:]].sum() for rows in dataset.eval_batches(
+      trainer.config.train.eval_batches, global_batch=d.global_batch, seq_len=d.seq_len)))
 
 
-def _piece_bytes(tokenizer, token: int) -> int:
-  if tokenizer.is_control(token) or tokenizer.is_unknown(token):
-    return 0
-  if tokenizer.is_byte(token):
-    return 1
-  return len(tokenizer.id_to_piece(token).replace('\u2581', ' ').encode())
+def describe_mode(whole: bool, trainer) -> str:
+  """What a loss was measured on, for tables and logs."""
+  if whole:
+    return 'whole split'
+  d = trainer.config.data
+  return (f'sample of {trainer.config.train.eval_batches * d.global_batch} windows '
+          '(train.eval_batches x data.global_batch)')
 
 
-def evaluate_params(trainer, params, datasets: dict, byte_counts: dict) -> dict:
+def evaluate_params(trainer, params, datasets: dict, nbytes: dict, whole: bool = True) -> dict:
+  """{set: loss, perplexity, bits_per_byte, tokens (scored), mode} of one model."""
   out = {}
   for name, dataset in datasets.items():
-    loss = trainer.evaluate(params, dataset)
-    tokens, nbytes = byte_counts[name]
+    loss, tokens = trainer.score(params, dataset, whole=whole)
     out[name] = {'loss': loss, 'perplexity': math.exp(min(loss, 700.0)),
-                 'bits_per_byte': bits_per_byte(loss, tokens, nbytes), 'tokens': tokens}
+                 'bits_per_byte': bits_per_byte(loss, tokens, nbytes[name]), 'tokens': tokens,
+                 'mode': 'whole' if whole else 'sample'}
   return out
 
 
 def evaluate(config, out_dir: str, *, eval_sets: dict[str, str], storage: str | None = None,
-             rounds: str = 'all', workdirs: dict[str, str] | None = None) -> dict:
-  """Evaluates global rounds and/or private checkpoints; writes eval.json, eval.csv, plots."""
+             rounds: str = 'all', workdirs: dict[str, str] | None = None,
+             whole: bool = True) -> dict:
+  """Evaluates global rounds and/or private checkpoints; writes eval.json, eval.csv, plots.
+
+  `whole`: every token of each set once (`Trainer.score`); else the sampled
+  `train.eval_batches` windows. Every row says how many tokens it scored.
+  """
   from fedpt import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
   if not storage and not workdirs:
     raise EvalError('nothing to evaluate. Fix: pass --storage (global rounds) and/or '
                     '--workdir=NAME=DIR (private checkpoints, e.g. isolated baselines)')
   trainer = trainer_lib.Trainer(protocol.federated_config(config) if storage else config)
-  tokenizer = data_lib.load_tokenizer(trainer.tokenizer_path)
+  piece_bytes = _piece_bytes(data_lib.load_tokenizer(trainer.tokenizer_path))
   datasets = {n: open_eval_set(n, p, os.path.join(out_dir, 'eval_sets'), trainer)
               for n, p in eval_sets.items()}
-  byte_counts = {n: _predicted_bytes(ds, tokenizer, trainer) for n, ds in datasets.items()}
+  nbytes = {n: predicted_bytes(ds, piece_bytes, trainer, whole) for n, ds in datasets.items()}
   rows, published, store, run = [], {}, None, None
   sources = []  # (model label, round or None, loading.Source)
   if storage:
@@ -127,18 +144,18 @@ def evaluate(config, out_dir: str, *, eval_sets: dict[str, str], storage: str | 
   train_state = trainer.abstract_state()
   for label, round_index, source in sources:
     params = loading.load(trainer.config, source, train_state=train_state).params
-    for name, m in evaluate_params(trainer, params, datasets, byte_counts).items():
+    for name, m in evaluate_params(trainer, params, datasets, nbytes, whole).items():
       rows.append({'model': label, 'round': round_index, 'eval_set': name, **m})
     if round_index is not None:
       published[round_index] = ledger.eval_losses(store, run, round_index)
-  result = {'rows': rows, 'published_by_round': published,
+  result = {'rows': rows, 'mode': describe_mode(whole, trainer), 'published_by_round': published,
             'versus_baseline': versus_baseline(rows)}
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, 'eval.json'), 'w', encoding='utf-8') as f:
     json.dump(result, f, indent=1)
   with open(os.path.join(out_dir, 'eval.csv'), 'w', newline='', encoding='utf-8') as f:
     writer = csv.DictWriter(f, ['model', 'round', 'eval_set', 'loss', 'perplexity',
-                                'bits_per_byte', 'tokens'])
+                                'bits_per_byte', 'tokens', 'mode'])
     writer.writeheader()
     writer.writerows(rows)
   if store is not None:
@@ -147,19 +164,24 @@ def evaluate(config, out_dir: str, *, eval_sets: dict[str, str], storage: str | 
 
 
 def versus_baseline(rows: list[dict]) -> list[dict]:
-  """Per eval set named after a baseline: the newest global round's loss against it."""
+  """One line per silo: its baseline (a workdir named after its eval set) vs the newest round.
+
+  A baseline is compared only with its own silo's held-out set (baseline NAME with
+  eval set NAME): that is the member question; other pairs answer nothing.
+  """
   globals_ = [r for r in rows if r['round'] is not None]
   if not globals_:
     return []
   newest = max(r['round'] for r in globals_)
   out = []
-  for base in (r for r in rows if r['round'] is None):
+  for base in (r for r in rows if r['round'] is None and r['model'] == r['eval_set']):
     match = next((g for g in globals_ if g['round'] == newest
                   and g['eval_set'] == base['eval_set']), None)
     if match:
       out.append({'eval_set': base['eval_set'], 'baseline': base['model'],
                   'baseline_loss': base['loss'], 'global_round': newest,
-                  'global_loss': match['loss'], 'gain': base['loss'] - match['loss']})
+                  'global_loss': match['loss'], 'gain': base['loss'] - match['loss'],
+                  'tokens': base['tokens']})
   return out
 
 

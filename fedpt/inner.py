@@ -107,3 +107,17 @@ def train_step(state, tokens_bt1, *, graphdef, optimizer, inner_config):
 def eval_step(params, tokens_bt1, *, graphdef):
   _, aux = loss_and_metrics(params, tokens_bt1, graphdef=graphdef, z_loss=0.0)
   return aux['nll']
+
+
+def eval_sums(params, tokens_bt1, weights_bt1, *, graphdef):
+  """(sum of weighted next-token losses in nats, sum of weights) over a [batch, length+1] block.
+
+  weights_bt1[:, t] weighs the prediction of token t (column 0 is never predicted);
+  a whole-split evaluation uses 0 for padding, so batches of one shape cover any split.
+  """
+  inputs_bt, targets_bt = tokens_bt1[:, :-1], tokens_bt1[:, 1:]
+  weights_bt = weights_bt1[:, 1:]
+  logits_btv = nnx.merge(graphdef, params)(inputs_bt).astype(jnp.float32)
+  log_z_bt = jax.nn.logsumexp(logits_btv, axis=-1)
+  target_logit_bt = jnp.take_along_axis(logits_btv, targets_bt[..., None], axis=-1)[..., 0]
+  return jnp.sum((log_z_bt - target_logit_bt) * weights_bt), jnp.sum(weights_bt)

@@ -114,6 +114,7 @@ def round_record(store: storage_lib.RunStorage, run: dict, round_index: int,
       'train_loss': _mean(e['train_loss'] for e in included),
       'train_loss_by_silo': {e['silo']: float(e['train_loss']) for e in included},
       'tokens_by_silo': {e['silo']: int(e['tokens']) for e in included},
+      'steps_by_silo': {e['silo']: int(e['steps']) for e in included},
       'norm_by_silo': {e['silo']: float(e.get('measured_norm', e.get('delta_norm')))
                        for e in included if e.get('measured_norm', e.get('delta_norm'))
                        is not None},

@@ -210,7 +210,16 @@ class _Silo:
     return protocol.federated_config(config)
 
   def publish_eval(self, round_index, eval_loss, step):
-    """The held-out loss of a global round on this silo's split: only the number leaves."""
+    """The held-out loss of a global round on this silo's split: only the number leaves.
+
+    A cheap sample (`Trainer.evaluate`: train.eval_batches x data.global_batch windows)
+    as it runs every round; member_gain.py scores the whole split.
+    """
+    d = self.config.data
+    self.log(f'global round {round_index}: held-out loss {eval_loss:.4f} on a sample of '
+             f'{self.config.train.eval_batches * d.global_batch} windows '
+             f'({self.config.train.eval_batches * d.global_batch * d.seq_len:,} tokens) '
+             'of its own split')
     record = protocol.eval_record(self.run, round_index, self.silo_id, eval_loss, step)
     self.store.publish_eval(round_index, self.silo_id,
                             self.identity.sign(record) if self.identity else record)

@@ -26,6 +26,7 @@ from fedpt import data as data_lib
 from fedpt import errors
 from fedpt import evaluation
 from fedpt import ledger
+from fedpt import member_gain
 from fedpt import protocol
 from fedpt import records
 from fedpt import signing
@@ -235,7 +236,8 @@ def _line(rec: dict) -> str:
 
 def simulate(config, config_file: str, storage_root: str, workdir: str,
              log=print, typed=None, silo_data=None, tokenizer: str = 'config',
-             text_field: str = 'text', on_bad_text: str = 'error') -> dict:
+             text_field: str = 'text', on_bad_text: str = 'error',
+             baselines: bool = False) -> dict:
   """Runs (or resumes) the federated run `config` with every party as its own process.
 
   Args:
@@ -254,6 +256,8 @@ def simulate(config, config_file: str, storage_root: str, workdir: str,
     tokenizer, text_field, on_bad_text: with silo_data, the run's tokenizer
       ('config': data.tokenizer; 'train': trained on the silos' text) and how
       raw sources are read (`corpora.prepare`).
+    baselines: then train each silo's isolated baseline (`train_baselines`) and
+      print the member-gain report (`member_gain.member_gain`).
 
   Returns:
     A summary with one record per round (also in <workdir>/rounds.jsonl).
@@ -290,9 +294,11 @@ def simulate(config, config_file: str, storage_root: str, workdir: str,
     if (store.latest_global_round() or 0) >= run['federation']['rounds']:
       log(f'run {run["run_id"]} at {storage_root} is finished ({run["federation"]["rounds"]} '
           f'rounds); nothing to do. Ledger: python3 scripts/status.py --storage={storage_root}')
-      return {'run_id': run['run_id'], 'storage': storage_root, 'workdir': workdir,
-              'finished': True, 'rounds': [], 'final_eval_by_silo': ledger.eval_losses(
-                  store, run, run['federation']['rounds']), 'wall_s': time.monotonic() - started}
+      return _and_baselines(baselines, {
+          'run_id': run['run_id'], 'storage': storage_root, 'workdir': workdir,
+          'finished': True, 'rounds': [], 'final_eval_by_silo': ledger.eval_losses(
+              store, run, run['federation']['rounds']), 'wall_s': time.monotonic() - started},
+          config_file, overrides, config, log)
     log(f'resuming run {run["run_id"]} at {storage_root} from global round '
         f'{store.latest_global_round()}')
   else:
@@ -378,4 +384,79 @@ def simulate(config, config_file: str, storage_root: str, workdir: str,
       f"{summary['wall_s']:.0f}s")
   log('final held-out loss per silo: ' + ', '.join(f'{s} {v:.3f}' for s, v in final.items()))
   log(f'ledger: python3 scripts/status.py --storage={storage_root}')
+  return _and_baselines(baselines, summary, config_file, overrides, config, log)
+
+
+# -- isolated baselines and the member question ------------------------------------------------
+
+
+def _and_baselines(wanted: bool, summary: dict, config_file, overrides, config, log) -> dict:
+  if not wanted:
+    return summary
+  summary['baselines'] = train_baselines(config_file, overrides, config, summary['storage'],
+                                         summary['workdir'], log)
+  run = storage_lib.RunStorage(summary['storage']).read_run()
+  members = member_gain.members_from_workdir(summary['workdir'], protocol.silo_ids(run))
+  summary['member_gain'] = member_gain.member_gain(
+      summary['storage'], members, os.path.join(summary['workdir'], 'member_gain'), log=log)
   return summary
+
+
+def baseline_command(config_file: str, overrides: list[str], config, storage_root: str,
+                     workdir: str, silo_id: str) -> tuple[list[str], int]:
+  """(train.py argv, steps) of silo `silo_id`'s isolated baseline in <workdir>/baselines/<id>.
+
+  The silo's own recorded config (its corpus, batch, inner optimizer), a plain run
+  of `member_gain.baseline_steps` steps in the silo's data order (--data_order_of),
+  starting from the same initial model (config.seed) as the run's round 0.
+  """
+  run = storage_lib.RunStorage(storage_root).read_run()
+  steps = member_gain.baseline_steps(run, silo_id, config)
+  silo_config = member_gain.silo_config(workdir, silo_id)
+  if silo_config is None:  # The silo never started: what it would have run with.
+    own = overrides + _silo_group_override(config, silo_id)
+  else:
+    own = config_overrides(silo_config, config_file)
+  return [sys.executable, os.path.join(REPO, 'scripts', 'train.py'), f'--config={config_file}',
+          *own, f'--config.train.steps={steps}', f'--data_order_of={silo_id}',
+          f'--workdir={member_gain.baseline_dir(workdir, silo_id)}'], steps
+
+
+def train_baselines(config_file: str, overrides: list[str], config, storage_root: str,
+                    workdir: str, log=print) -> dict[str, dict]:
+  """Trains every silo's isolated baseline, one process at a time; resumes those started.
+
+  Returns silo -> {'workdir', 'steps'}. A finished baseline is not started again.
+  """
+  run = storage_lib.RunStorage(storage_root).read_run()
+  children = _Children(os.path.join(workdir, 'logs'))
+  out = {}
+  previous_handler = _exit_on_sigterm()
+  try:
+    for silo_id in protocol.silo_ids(run):
+      argv, steps = baseline_command(config_file, overrides, config, storage_root, workdir,
+                                     silo_id)
+      directory = member_gain.baseline_dir(workdir, silo_id)
+      out[silo_id] = {'workdir': directory, 'steps': steps}
+      if _baseline_done(directory, steps):
+        log(f'baseline {silo_id}: already trained ({steps} steps) in {directory}')
+        continue
+      log(f'baseline {silo_id}: training alone on its own corpus for {steps} steps (its inner '
+          f'steps in the run), in {directory}')
+      started = time.monotonic()
+      children.start(f'baseline_{silo_id}', argv)
+      while not children.check():
+        time.sleep(0.5)
+      log(f'baseline {silo_id}: done in {time.monotonic() - started:.0f}s')
+  finally:
+    children.stop()
+    if previous_handler is not None:
+      signal.signal(signal.SIGTERM, previous_handler)
+  return out
+
+
+def _baseline_done(directory: str, steps: int) -> bool:
+  try:
+    return member_gain.checkpoint_step(directory) >= steps
+  except errors.UserError:  # No checkpoint yet.
+    return False

@@ -88,6 +88,10 @@ class Trainer:
         functools.partial(inner.eval_step, graphdef=self.graphdef),
         in_shardings=(self.param_shardings, self.batch_sharding),
         out_shardings=self.replicated)
+    self._eval_sums = jax.jit(
+        functools.partial(inner.eval_sums, graphdef=self.graphdef),
+        in_shardings=(self.param_shardings, self.batch_sharding, self.batch_sharding),
+        out_shardings=(self.replicated, self.replicated))
 
   # -- state ------------------------------------------------------------------
 
@@ -127,17 +131,38 @@ class Trainer:
     with self._rules():
       return self._train_step(state, batch)
 
-  def evaluate(self, params, dataset=None) -> float:
-    """Mean held-out loss over `train.eval_batches` fixed validation batches."""
+  def evaluate(self, params, dataset=None, *, whole: bool = False) -> float:
+    """Mean held-out loss (nats): `score`'s loss without the token count."""
+    return self.score(params, dataset, whole=whole)[0]
+
+  def score(self, params, dataset=None, *, whole: bool = False) -> tuple[float, int]:
+    """(mean next-token loss in nats, number of target tokens scored) on `dataset`.
+
+    `whole`: every token of the split once (`TokenDataset.whole_batches`: all
+    windows and the partial tail, padded rows weighing 0), the token-weighted
+    mean; costs a pass over the split. Else the cheap sample: `train.eval_batches`
+    fixed batches of windows spread over the split (`eval_batches`), each batch's
+    mean averaged. Each process reads only its own rows, either way.
+    """
     d = self.config.data
     dataset = dataset or self.val_data
-    losses = []
+    where = {'process_index': jax.process_index(), 'process_count': jax.process_count()}
     with self._rules():
-      for rows in dataset.eval_batches(
-          self.config.train.eval_batches, global_batch=d.global_batch, seq_len=d.seq_len,
-          process_index=jax.process_index(), process_count=jax.process_count()):
-        losses.append(self._eval_step(params, self._global_array(rows)))
-    return float(jnp.mean(jnp.stack(losses)))
+      if not whole:
+        losses = [self._eval_step(params, self._global_array(rows)) for rows in
+                  dataset.eval_batches(self.config.train.eval_batches,
+                                       global_batch=d.global_batch, seq_len=d.seq_len, **where)]
+        return (float(jnp.mean(jnp.stack(losses))),
+                self.config.train.eval_batches * d.global_batch * d.seq_len)
+      sums = []
+      for rows, weights in dataset.whole_batches(global_batch=d.global_batch,
+                                                 seq_len=d.seq_len, **where):
+        sums.append(self._eval_sums(params, self._global_array(rows),
+                                    self._global_array(weights)))
+        if len(sums) > 1:  # At most two batches in flight: a long split never floods the queue.
+          jax.block_until_ready(sums[-2])
+    totals = np.asarray(jax.device_get(sums), np.float64).sum(axis=0)  # float64 across batches.
+    return float(totals[0] / totals[1]), int(round(totals[1]))
 
   def tokens_per_step(self) -> int:
     return self.config.data.global_batch * self.config.data.seq_len
@@ -216,12 +241,14 @@ def record_config(workdir, config, record, changed, step, note=lambda: '') -> No
 
 
 def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None, *, typed=None,
-                       allow_config_change: bool = False) -> dict:
+                       allow_config_change: bool = False, data_seed: int | None = None) -> dict:
   """Trains one silo with no federation (also the centralised baseline).
 
   Resumes from `workdir` automatically, with the config it recorded
   (`resume_config`: `config` may be None, `typed` and `allow_config_change` come
-  from the command line). `stop_at_step` ends this invocation early (e.g. at the
+  from the command line). `data_seed` (default `config.seed`) orders the data: an
+  isolated baseline passes its silo's (`protocol.silo_data_seed`) to see the batches
+  that silo saw, in the same order. `stop_at_step` ends this invocation early (e.g. at the
   end of a job's time slot) with a checkpoint, like a preemption, SIGTERM or
   Ctrl-C. Returns a summary with the final step, losses and whether it was
   preempted. A path the OS refuses (disk full, read-only) is one UserError naming
@@ -233,7 +260,7 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None, *,
         'inner.drift_correction', f'{config.inner.drift_correction!r} corrects federated '
         'silos towards the global model, which a plain run does not have',
         "set it to 'none', or train as a silo of a run (--silo and --storage)")
-  trainer = Trainer(config)  # Starts jax.distributed first, for a multi-host silo.
+  trainer = Trainer(config, data_seed=data_seed)  # Starts jax.distributed first (multi-host).
   cfg = config.train
   checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                              keep=cfg.keep_checkpoints,

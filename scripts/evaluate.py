@@ -9,10 +9,13 @@ r"""Evaluates global rounds and private checkpoints on held-out sets; writes tab
 typed --config.* values may change how it is evaluated (eval batches, sequence length) but
 not the model.
 
-Writes <out>/eval.json, eval.csv (loss, perplexity, bits per byte per model and set) and
+Scores every token of each set once (--sampled: only the train.eval_batches sampled windows)
+and says how many. Writes <out>/eval.json, eval.csv (loss, perplexity, bits per byte and
+tokens scored per model and set) and
 loss_by_round.png / loss_vs_tokens.png (each silo's published loss on its own private split,
 the global mean, and the sets evaluated here). A --workdir named after an eval set is that
-silo's isolated baseline; eval.json's `versus_baseline` compares the newest global round to it.
+silo's isolated baseline; eval.json's `versus_baseline` compares the newest global round to it
+on that set only (one line per silo). For the full member question see member_gain.py.
 """
 import os
 import sys
@@ -35,6 +38,9 @@ flags.DEFINE_string('storage', None, 'A federated run\'s storage root (its globa
 flags.DEFINE_string('rounds', 'all', 'Global rounds: all, N, A:B or A,B,C.')
 flags.DEFINE_multi_string('eval_set', [], 'NAME=DIR: a prepare_data.py output (its val split).')
 flags.DEFINE_multi_string('workdir', [], 'NAME=DIR: a private checkpoint to evaluate too.')
+flags.DEFINE_bool('sampled', False, 'Score only the train.eval_batches x data.global_batch '
+                  'sampled windows (fast, what silos publish each round) instead of every token '
+                  'of each set.')
 flags.mark_flags_as_required(['out'])
 FLAGS = flags.FLAGS
 
@@ -52,14 +58,16 @@ def main(argv):
                                 **source)
   result = cli.run_or_explain(
       evaluation.evaluate, config, FLAGS.out, eval_sets=eval_sets, storage=FLAGS.storage,
-      rounds=FLAGS.rounds, workdirs=workdirs)
+      rounds=FLAGS.rounds, workdirs=workdirs, whole=not FLAGS.sampled)
   for row in result['rows']:
     print(f"{row['model']:<20} {row['eval_set']:<14} loss {row['loss']:.4f}  "
-          f"ppl {row['perplexity']:9.2f}  bpb {row['bits_per_byte']:.4f}")
+          f"ppl {row['perplexity']:9.2f}  bpb {row['bits_per_byte']:.4f}  "
+          f"on {row['tokens']:,} tokens")
   for row in result['versus_baseline']:
     print(f"{row['eval_set']}: global round {row['global_round']} {row['global_loss']:.4f} vs "
-          f"baseline {row['baseline']} {row['baseline_loss']:.4f} (gain {row['gain']:+.4f})")
-  print(f'wrote {FLAGS.out}/eval.json, eval.csv and plots')
+          f"baseline {row['baseline']} {row['baseline_loss']:.4f} (gain {row['gain']:+.4f}) "
+          f"on {row['tokens']:,} tokens")
+  print(f"({result['mode']}) wrote {FLAGS.out}/eval.json, eval.csv and plots")
 
 
 if __name__ == '__main__':

@@ -12,6 +12,9 @@ Prints one line per round and a summary. Run it again with the same flags to
 resume an interrupted run; a finished run is refused. --silo_data gives each
 silo its own corpus (a prepared dir, a text/JSONL file or a directory of text
 files; docs/data.md); raw ones are tokenised once into <workdir>/data/<silo>/.
+--baselines then trains each
+silo's isolated baseline with the same compute and data order, one process at a
+time (resumable too), and prints the member-gain table: does joining pay, per silo?
 """
 import os
 import sys
@@ -42,6 +45,9 @@ flags.DEFINE_string('text_field', 'text', 'With --silo_data: the text field of J
 flags.DEFINE_enum('on_bad_text', 'error', data.BAD_TEXT_POLICIES,
                   'With --silo_data: a record whose text is not UTF-8 (or holds a NUL or lone '
                   'surrogate) stops the run (error), gets U+FFFD (replace) or is dropped (skip).')
+flags.DEFINE_bool('baselines', False, 'After the run, train each silo\'s isolated baseline '
+                  '(<workdir>/baselines/<id>: its own corpus, data order and inner steps) and '
+                  'print the member-gain report (<workdir>/member_gain/).')
 flags.mark_flags_as_required(['config', 'workdir'])
 FLAGS = flags.FLAGS
 
@@ -54,7 +60,7 @@ def main(argv):
                      config_flags.get_config_filename(FLAGS['config']), storage, FLAGS.workdir,
                      typed=cli.config_overrides(), silo_data=FLAGS.silo_data,
                      tokenizer=FLAGS.tokenizer, text_field=FLAGS.text_field,
-                     on_bad_text=FLAGS.on_bad_text)
+                     on_bad_text=FLAGS.on_bad_text, baselines=FLAGS.baselines)
 
 
 if __name__ == '__main__':

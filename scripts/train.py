@@ -5,6 +5,8 @@ r"""Trains one silo: alone (the centralised baseline), or in a federated run.
       --silo=web --storage=/shared/run1 --config.data.stdlib_group=web
 
   python scripts/train.py --workdir=/tmp/fedpt-demo        # resumes with its recorded config
+  python scripts/train.py --config=... --workdir=/tmp/alone-web --data_order_of=web \
+      --config.train.steps=400   # silo web's isolated baseline (simulate --baselines does this)
 
 Resumes automatically from --workdir with the config it recorded at its first start
 (<workdir>/config.json): a changed value that would change the run is refused unless
@@ -24,6 +26,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from fedpt import cli  # noqa: E402
 from fedpt import errors  # noqa: E402
+from fedpt import protocol  # noqa: E402
 from fedpt import silo  # noqa: E402
 from fedpt import trainer  # noqa: E402
 
@@ -36,8 +39,21 @@ flags.DEFINE_string('keys', None, 'This silo\'s key folder (silo_<id>.key and th
                     'aggregator.pub); needed by signed runs.')
 flags.DEFINE_bool('allow_config_change', False, 'Resume with the typed --config.* values even '
                   'where they differ from the workdir\'s recorded config; the change is recorded.')
+flags.DEFINE_string('data_order_of', None, 'A plain run reads its data in this silo\'s '
+                    'order (the seed the silo uses in its run): an isolated baseline then sees '
+                    'the batches that silo saw. Pass it again to resume.')
 flags.mark_flags_as_required(['workdir'])
 FLAGS = flags.FLAGS
+
+
+def _data_seed(silo_id, workdir):
+  """The data seed of --data_order_of's silo, with the seed the workdir records (or --config's)."""
+  if silo_id is None:
+    return None
+  if FLAGS.silo is not None:
+    raise app.UsageError('--data_order_of is for a plain run (an isolated baseline), not --silo')
+  config = trainer.resume_config(FLAGS.config, workdir, cli.config_overrides(), True)[0]
+  return protocol.silo_data_seed(config.seed, silo_id)
 
 
 def main(argv):
@@ -53,7 +69,8 @@ def main(argv):
   else:
     summary = cli.run_or_explain(
         trainer.train_and_evaluate, FLAGS.config, FLAGS.workdir, stop_at_step=FLAGS.stop_at_step,
-        typed=cli.config_overrides(), allow_config_change=FLAGS.allow_config_change)
+        typed=cli.config_overrides(), allow_config_change=FLAGS.allow_config_change,
+        data_seed=cli.run_or_explain(_data_seed, FLAGS.data_order_of, FLAGS.workdir))
   if summary['preempted']:
     sys.exit(errors.PREEMPTED_EXIT_CODE)
 

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import matplotlib.image
-import numpy as np
 import pytest
 
 import bucket_helpers
@@ -55,21 +54,24 @@ def test_evaluation_matrix_of_a_known_run(tiny_config, corpus_dir, tmp_path, rep
   trainer = trainer_lib.Trainer(protocol.federated_config(tiny_config))
   val = data.TokenDataset(corpus_dir, 'val', trainer.tokenizer_sha256)
   for r in range(3):
-    expected = trainer.evaluate(trees.unflatten_params(bucket_helpers.global_params(store, r)), val)
+    expected, tokens = trainer.score(
+        trees.unflatten_params(bucket_helpers.global_params(store, r)), val, whole=True)
     row = rows[(f'global_round_{r}', 'held')]
     assert row['loss'] == pytest.approx(expected, rel=1e-6)
+    assert row['tokens'] == tokens == val.scored_tokens(tiny_config.data.seq_len)
     assert row['perplexity'] == pytest.approx(math.exp(expected), rel=1e-6)
     assert 0.5 < row['loss'] / row['bits_per_byte'] / math.log(2) < 10  # tokens ~ 1-10 bytes.
   assert rows[('global_round_2', 'held')]['loss'] != rows[('global_round_0', 'held')]['loss']
   whole = data.TokenDataset(str(out / 'eval_sets' / 'txt'), 'train', trainer.tokenizer_sha256)
   assert whole.num_tokens > 1000
   assert rows[('global_round_1', 'txt')]['loss'] == pytest.approx(trainer.evaluate(
-      trees.unflatten_params(bucket_helpers.global_params(store, 1)), whole), rel=1e-6)
+      trees.unflatten_params(bucket_helpers.global_params(store, 1)), whole, whole=True),
+      rel=1e-6)
   # Bits per byte: the summed loss over the UTF-8 bytes of the predicted text, decoded here.
   tokenizer = data.load_tokenizer(trainer.tokenizer_path)
-  d = tiny_config.data
-  targets = [row[1:].tolist() for rows_ in whole.eval_batches(
-      2, global_batch=d.global_batch, seq_len=d.seq_len) for row in np.asarray(rows_)]
+  length = tiny_config.data.seq_len + 1
+  targets = [whole.tokens[start + 1:start + length].tolist()
+             for start in range(0, whole.num_tokens - 1, length)]
   nbytes = sum(len(tokenizer.decode(t).encode()) for t in targets)
   ntokens = sum(len(t) for t in targets)
   row = rows[('global_round_1', 'txt')]
@@ -77,8 +79,10 @@ def test_evaluation_matrix_of_a_known_run(tiny_config, corpus_dir, tmp_path, rep
   assert row['bits_per_byte'] == pytest.approx(
       row['loss'] * ntokens / (math.log(2) * nbytes), rel=0.02)
   assert result['published_by_round'] == {0: published[0], 1: published[1], 2: {}}
-  versus = {v['eval_set']: v for v in result['versus_baseline']}['held']
+  assert [v['eval_set'] for v in result['versus_baseline']] == ['held']  # Not 'txt'.
+  versus = result['versus_baseline'][0]
   assert versus['global_round'] == 2 and versus['baseline'] == 'held'
+  assert versus['tokens'] == rows[('held', 'held')]['tokens']
   assert versus['gain'] == pytest.approx(versus['baseline_loss'] - versus['global_loss'])
 
   on_disk = json.loads((out / 'eval.json').read_text())
