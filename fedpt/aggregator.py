@@ -256,7 +256,8 @@ class Aggregator:
                if included and 'clip_factor' in included[0] else None)
     new_params, new_state = {}, {}
     for name in self.my_leaves:
-      if not included:  # Nothing valid arrived: carry the model and the momentum over.
+      # Nothing valid arrived, or a private leaf (no silo uploads it): carry it over as it is.
+      if not included or protocol.is_private(self.run, name):
         new_params[name], new_state[name] = params[name], outer_state[name]
         continue
       leaves = (self.read_leaf(round_index, e['silo'], name, metas[e['silo']], e['compression'],
