@@ -6,13 +6,11 @@ compile time does not grow with depth. The same forward serves training and
 sampling: given a KV cache (`init_cache`) it also returns the updated cache.
 """
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fedpt import trees
 from fedpt.sharding import constrain
 
 REMAT_POLICIES = {
@@ -234,12 +232,6 @@ def abstract_model(cfg: ModelConfig):
   """
   graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
   return graphdef, nnx.to_pure_dict(state), nnx.to_pure_dict(nnx.get_partition_spec(state))
-
-
-@functools.lru_cache(maxsize=8)
-def leaf_names(cfg: ModelConfig) -> tuple[str, ...]:
-  """The model's flat parameter names (`trees.flatten_params`), e.g. 'embed_vd', sorted."""
-  return tuple(trees.flatten_params(abstract_model(cfg)[1]))
 
 
 def param_count(cfg: ModelConfig, include_embeddings: bool = True) -> int:

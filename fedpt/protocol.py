@@ -23,7 +23,6 @@ import math
 from fedpt import compression
 from fedpt import config as config_lib
 from fedpt import errors
-from fedpt import model as model_lib
 from fedpt import outer
 from fedpt import records
 from fedpt import trees
@@ -66,9 +65,6 @@ def validate_federation(config) -> None:
   require(fed.reject_norm_multiple == 0 or fed.reject_norm_multiple > 1, 'reject_norm_multiple',
           f'{fed.reject_norm_multiple} would reject ordinary deltas', 'use 0 (off) or > 1, e.g. 10')
   outer.make_outer_optimizer(config.outer)  # Names a bad outer.* field and its fix.
-  if fed.private_params:
-    check_private_params(fed.private_params, model_lib.leaf_names(
-        model_lib.ModelConfig.from_config(config.model, 'cpu')))
 
 
 def check_run(run: dict) -> None:
@@ -202,7 +198,11 @@ def shared_leaves(run: dict, names) -> list[str]:
 
 
 def check_private_params(patterns, names) -> None:
-  """ConfigError unless every glob matches a leaf of `names` and some leaf stays shared."""
+  """ConfigError unless every glob matches a leaf of `names` and some leaf stays shared.
+
+  `names` are the model's flat leaf names: `init_run` checks the config before the
+  run exists, the aggregator and every silo check run.json's patterns when they start.
+  """
   field = 'federation.private_params'
   for pattern in patterns:
     config_lib.require(

@@ -170,6 +170,8 @@ class _Silo:
     self.trainer = trainer_lib.Trainer(
         config, data_seed=protocol.silo_data_seed(config.seed, silo_id))
     protocol.check_tokenizer(self.run, self.trainer.tokenizer_sha256)
+    protocol.check_private_params(self.fed.private_params, sorted(trees.flatten_params(
+        self.trainer.abstract_state()['params'])))
     self.total_rounds = self.run['federation']['rounds']
     self.use_feedback = self.fed.error_feedback and self.fed.compression != 'none'
     self.private = _Private(
