@@ -170,6 +170,7 @@ def test_private_leaves_never_reach_the_bucket_and_stay_per_silo(reference):
   assert not any(n.startswith('embed_vd') for names in payloads.values() for n in names)
 
 
+@pytest.mark.slow
 def test_kill_9_mid_round_and_mid_personalisation_resumes_bit_identically(
     reference, corpus_dir, tmp_path, repo_root):
   config, ref_root, ref_workdir, _ = reference
