@@ -1,7 +1,7 @@
 r"""Fine-tunes a federated run's global model on one silo's own data: its personal model.
 
-  python scripts/personalize.py --workdir=/tmp/silo-web --silo=web --storage=/shared/run1 \
-      --config.personal.steps=200 [--round=8] [--force]
+  python scripts/personalize.py --config=configs/demo.py --workdir=/tmp/silo-web --silo=web \
+      --storage=/shared/run1 --config.personal.steps=200 [--round=8] [--force]
 
 Trains global round --round (the newest when left out), with the silo's own private
 parameters, for personal.steps AdamW steps on the silo's training batches that its
