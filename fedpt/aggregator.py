@@ -69,6 +69,7 @@ class Aggregator:
     for meta in metas:
       self.check_own(meta, f'global round {newest} shard {meta.get("shard")}')
     self.leaf_shapes, self.leaf_dtypes, _ = protocol.global_leaves(metas)
+    protocol.check_private_params(fed['private_params'], sorted(self.leaf_shapes))
     self.my_leaves = sorted(k for m in metas if m['shard'] == shard for k in m['leaf_hashes'])
     self._collected: set[int] = set()  # Rounds already garbage-collected by this process.
     self.lease: storage_lib.Lease | None = None
@@ -279,7 +280,8 @@ class Aggregator:
     new_params, new_state, new_controls = {}, {}, {}
     num_silos = len(protocol.silo_ids(self.run))
     for name in self.my_leaves:
-      if not included:  # Nothing valid arrived: carry the model and the momentum over.
+      # Nothing valid arrived, or a private leaf (no silo uploads it): carry it over as it is.
+      if not included or protocol.is_private(self.run, name):
         new_params[name], new_state[name] = params[name], outer_state[name]
         if self.scaffold:
           new_controls[name] = controls[name]
@@ -404,6 +406,8 @@ def init_run(config, storage_root: str, run_id: str | None = None,
                  if keys_dir else None)
   sign = (lambda record: signing.sign(record, secret)) if secret else (lambda record: record)
   trainer = trainer_lib.Trainer(config)
+  protocol.check_private_params(config.federation.private_params,
+                                sorted(trees.flatten_params(trainer.abstract_state()['params'])))
   params = trees.flatten_params(jax.device_get(trainer.init_state()['params']))
   info = protocol.run_record(config, trainer.tokenizer_sha256, run_id or uuid.uuid4().hex)
   if public_keys:

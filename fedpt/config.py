@@ -131,6 +131,9 @@ def base_config() -> ml_collections.ConfigDict:
       drop_probability=0.0,  # Studies of lossy links: the aggregator loses each delta with this p.
       keep_last_rounds=3,
       keep_every_rounds=10,
+      # fnmatch globs over flat leaf names ('embed_vd', 'blocks/mlp/*'): leaves never averaged,
+      # kept per silo (DEPT, arXiv 2410.05021; Photon's personalised layers). See protocol.py.
+      private_params=(),
   ))
   c.outer = ml_collections.ConfigDict(dict(
       # fedavg (plain averaging) beat the paper's diloco (Nesterov) at 8-40 rounds in
@@ -143,6 +146,13 @@ def base_config() -> ml_collections.ConfigDict:
       eps=0.1,  # DiLoCo found outer Adam needs a large eps to be stable.
       momentum_warmup_rounds=0,  # >0: momentum ramps from 0 to outer.momentum (diloco, sgd).
       lr_warmup_rounds=0,  # >0: outer.lr ramps from 0 over this many rounds.
+  ))
+  # A silo's private fine-tune of the final global model on its own data (fedpt/personal.py).
+  c.personal = ml_collections.ConfigDict(dict(
+      steps=0,  # 0: off. Steps of AdamW after the last round, from the silo's unseen batches.
+      lr=3e-4,
+      warmup_steps=10,
+      schedule='cosine',  # As inner.schedule; decays over personal.steps to inner.min_lr_ratio.
   ))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.sharding = ml_collections.ConfigDict(dict(rules=DEFAULT_RULES))
@@ -247,6 +257,9 @@ RANGES = (
      'use 0 (off), or e.g. 0.5 to study lossy links'),
     ('federation.keep_last_rounds', _in(1, None), 'keep at least the newest round'),
     ('federation.keep_every_rounds', _NON_NEGATIVE, 'use 0 (none) or e.g. 10'),
+    ('personal.steps', _NON_NEGATIVE, 'use 0 (off) or a few hundred steps'),
+    ('personal.lr', _POSITIVE, 'set a positive learning rate, e.g. 3e-4'),
+    ('personal.warmup_steps', _NON_NEGATIVE, 'use 0 or more steps'),
     ('outer.lr', _POSITIVE, 'use e.g. 0.7'),
     ('outer.momentum', _BETA, 'use e.g. 0.9'),
     ('outer.b1', _BETA, 'use e.g. 0.9'),
@@ -296,14 +309,20 @@ def validate(config) -> None:
   require(i.grad_accum >= 1 and d.global_batch % i.grad_accum == 0, 'inner.grad_accum',
           f'global_batch={d.global_batch} is not divisible into grad_accum={i.grad_accum} '
           'micro-batches', 'choose grad_accum dividing data.global_batch')
-  require(i.schedule in SCHEDULES, 'inner.schedule', f'unknown {i.schedule!r}',
-          f'use one of {SCHEDULES}')
+  for field in ('inner.schedule', 'personal.schedule'):
+    section, name = field.split('.')
+    require(config[section][name] in SCHEDULES, field, f'unknown {config[section][name]!r}',
+            f'use one of {SCHEDULES}')
   require(i.drift_correction in DRIFT_CORRECTIONS, 'inner.drift_correction',
           f'unknown {i.drift_correction!r}', f'use one of {DRIFT_CORRECTIONS}')
   require(i.drift_correction != 'fedprox' or i.prox_mu > 0, 'inner.prox_mu',
           f'{i.prox_mu} with drift_correction=\'fedprox\' adds no proximal term',
           'set inner.prox_mu > 0 (FedProx tried 0.001 to 1; 0.01 is a common start)')
   fed = config.federation
+  for pattern in fed.private_params:
+    require(isinstance(pattern, str) and pattern.strip() == pattern and pattern,
+            'federation.private_params', f'{pattern!r} is not a glob pattern',
+            "list fnmatch globs over flat leaf names, e.g. ('embed_vd',)")
   require(fed.poll_s <= fed.wait_timeout_s, 'federation.poll_s',
           f'{fed.poll_s}s is longer than wait_timeout_s={fed.wait_timeout_s}s',
           'poll more often than the timeout')
@@ -361,7 +380,7 @@ RESUMABLE_FIELDS = ('name', 'model.remat', 'model.attention', 'inner.grad_accum'
                     'train.eval_every', 'train.eval_batches', 'train.checkpoint_every',
                     'train.keep_checkpoints', 'train.async_checkpoints',
                     'train.peak_tflops_per_device', 'mesh.*', 'sharding.*', 'distributed.*',
-                    'federation.*', 'outer.*')
+                    'federation.*', 'outer.*', 'personal.*')
 
 
 def model_spec(config) -> dict:

@@ -11,7 +11,7 @@ from typing import Callable
 
 ENV_VAR = 'FEDPT_CRASH_AT'
 POINTS = ('silo_upload_begin', 'silo_inner', 'silo_upload', 'silo_published',
-          'aggregate_upload')
+          'aggregate_upload', 'silo_personal')  # silo_personal@<step of the personal phase>.
 _HOOKS: dict[str, Callable[[], None]] = {}
 
 

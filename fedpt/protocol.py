@@ -16,6 +16,7 @@ reason as a string (it goes into the manifest, the ledger and the logs), or
 raises `RunMismatchError` / `config.ConfigError` where a party must not start.
 """
 import dataclasses
+import fnmatch
 import hashlib
 import math
 
@@ -193,6 +194,44 @@ def silo_data_seed(seed: int, silo_id: str) -> int:
   return int.from_bytes(hashlib.sha256(f'{seed}/{silo_id}'.encode()).digest()[:4], 'little')
 
 
+# -- private parameters (federation.private_params) ----------------------------------------
+#
+# Leaves matching one of the run's fnmatch globs (on the flat names of `trees.py`, e.g.
+# 'embed_vd', 'blocks/mlp/*') are never averaged: silos upload no delta for them, the
+# aggregator keeps them at their initial values (what a newcomer starts from), and each
+# silo keeps its own across rounds. Every rule keyed by leaf name asks these two.
+
+
+def is_private(run: dict, name: str) -> bool:
+  """Whether leaf `name` is one of the run's private parameters (run.json's federation)."""
+  return any(fnmatch.fnmatchcase(name, p)
+             for p in run['federation'].get('private_params', ()))
+
+
+def shared_leaves(run: dict, names) -> list[str]:
+  """Those of `names` that are averaged (uploaded in deltas), sorted."""
+  return [n for n in sorted(names) if not is_private(run, n)]
+
+
+def check_private_params(patterns, names) -> None:
+  """ConfigError unless every glob matches a leaf of `names` and some leaf stays shared.
+
+  `names` are the model's flat leaf names: `init_run` checks the config before the
+  run exists, the aggregator and every silo check run.json's patterns when they start.
+  """
+  field = 'federation.private_params'
+  for pattern in patterns:
+    config_lib.require(
+        any(fnmatch.fnmatchcase(n, pattern) for n in names), field,
+        f'{pattern!r} matches no parameter of the model (its leaves: {", ".join(names)})',
+        "use fnmatch globs over those names, e.g. 'embed_vd' or 'blocks/mlp/*'")
+  private = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+  config_lib.require(
+      len(private) < len(names), field,
+      f'{tuple(patterns)} makes every parameter private: nothing would be averaged',
+      'leave at least one leaf shared, or train each silo alone (scripts/train.py)')
+
+
 # -- a delta's meta.json ------------------------------------------------------------------
 
 
@@ -226,7 +265,8 @@ def check_delta_meta(run: dict, round_index: int, silo: str, meta, base_hash: st
                      leaf_shapes: dict, check_signature=None) -> str | None:
   """The reason a committed delta's metadata is unacceptable in this round, or None.
 
-  `leaf_shapes` is the run's {leaf: shape} (from global round 0);
+  `leaf_shapes` is the run's {leaf: shape} (from global round 0), private leaves
+  included: a delta must hold exactly the `shared_leaves`.
   `check_signature(meta, silo)` a signed run's signature check. Malformed
   metadata is a reason too.
   """
@@ -333,6 +373,11 @@ def _check_delta_meta(run, round_index, silo, meta, base_hash, leaf_shapes, chec
   if reason:
     return reason
   tree = meta.get('tree') or {}
+  leaf_shapes = {n: leaf_shapes[n] for n in shared_leaves(run, leaf_shapes)}
+  uploaded_private = [n for n in sorted(tree) if is_private(run, n)]
+  if uploaded_private:
+    return (f'it uploads private parameter(s) {uploaded_private} '
+            '(federation.private_params: never averaged)')
   if sorted(tree) != sorted(leaf_shapes):
     return 'parameter tree differs from the run\'s model'
   nbytes = 0

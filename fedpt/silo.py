@@ -23,6 +23,7 @@ from fedpt import faults
 from fedpt import loading
 from fedpt import metrics as metrics_lib
 from fedpt import multihost
+from fedpt import personal
 from fedpt import protocol
 from fedpt import sharding
 from fedpt import signing
@@ -31,9 +32,12 @@ from fedpt import trainer as trainer_lib
 from fedpt import trees
 
 
-def _compress_delta(global_flat, local_flat, residual_flat, fed, mesh=None, control_flat=None):
-  payload, new_residual, nbytes, norm_sq = {}, {}, 0, 0.0
-  for name in sorted(global_flat):
+def _compress_delta(global_flat, local_flat, residual_flat, fed, names, mesh=None,
+                    control_flat=None):
+  """The payload of leaves `names` (the shared ones); a private leaf's residual is kept."""
+  payload, nbytes, norm_sq = {}, 0, 0.0
+  new_residual = dict(residual_flat) if residual_flat is not None else {}
+  for name in names:
     delta = (global_flat[name].astype(jnp.float32) - local_flat[name].astype(jnp.float32))
     norm_sq += float(jnp.sum(jnp.square(delta)))
     if residual_flat is not None:
@@ -57,11 +61,13 @@ def make_delta(run, round_index, silo_id, base_hash, global_flat, local_flat, re
   """The compressed pseudo-gradient, the next error-feedback residual and the delta's meta.json.
 
   With `mesh` the payload stays sharded on the silo's devices (a multi-host
-  silo writes it from every host); without, it is host numpy. `control_flat`
-  (SCAFFOLD) is the silo's delta_c_i per leaf, added to each leaf's payload.
+  silo writes it from every host); without, it is host numpy. Private leaves
+  (`protocol.is_private`) are not in it at all. `control_flat` (SCAFFOLD) is the
+  silo's delta_c_i per shared leaf, added to each leaf's payload.
   """
   payload, new_residual, nbytes, delta_norm = _compress_delta(
-      global_flat, local_flat, residual_flat, fed, mesh, control_flat)
+      global_flat, local_flat, residual_flat, fed, protocol.shared_leaves(run, global_flat),
+      mesh, control_flat)
   hashes = {f'{name}/{k}': storage_lib.array_hash(v)
             for name, leaf in payload.items() for k, v in leaf.items()}
   meta = protocol.delta_meta(
@@ -184,6 +190,8 @@ class _Silo:
         config, data_seed=protocol.silo_data_seed(config.seed, silo_id),
         drift_correction=self.drift)
     protocol.check_tokenizer(self.run, self.trainer.tokenizer_sha256)
+    protocol.check_private_params(self.fed.private_params, sorted(trees.flatten_params(
+        self.trainer.abstract_state()['params'])))
     self.total_rounds = self.run['federation']['rounds']
     self.use_feedback = self.fed.error_feedback and self.fed.compression != 'none'
     self.private = _Private(
@@ -228,10 +236,16 @@ class _Silo:
     metrics_lib.log(f'silo {self.silo_id}: {line}')
 
   def load_global(self, round_index, state):
-    """`state` with its params replaced by verified global round `round_index`."""
+    """`state` with its params replaced by verified global round `round_index`.
+
+    Private leaves (federation.private_params) stay the silo's own, and so does
+    their inner AdamW state (as every leaf's does across rounds).
+    """
     flat = loading.read_global_params(
         self.store, self.run, round_index, trees.flatten_params(self.trainer.abstract_state()[
             'params']), self.identity)
+    own = trees.flatten_params(state['params'])
+    flat.update({n: own[n] for n in flat if protocol.is_private(self.run, n)})
     return {**state, 'params': trees.unflatten_params(flat)}
 
   # -- the phases ---------------------------------------------------------------------
@@ -566,10 +580,33 @@ def run_silo(config, silo_id: str, storage_root: str, workdir: str,
   or Ctrl-C (on any host of a multi-host silo) every host checkpoints the same step and the summary says
   'preempted'; running it again resumes there. Returns {'silo', 'rounds' (one
   record per round published: round, tokens, train_loss, bytes, seconds),
-  'preempted', 'round', 'state', and 'final_eval_loss' after the last round}.
+  'preempted', 'round', 'state', and 'final_eval_loss' after the last round}; with
+  personal.steps > 0, the last round is followed by the silo's personalisation
+  phase (`personal.run_phase`), whose summary is under 'personal'.
   """
   silo = _Silo(config, silo_id, storage_root, workdir, keys_dir, typed, allow_config_change)
   try:
-    return silo.run_rounds(stop_after_rounds)
+    summary = silo.run_rounds(stop_after_rounds)
+    if (silo.config.personal.steps and not summary['preempted']
+        and summary['round'] >= silo.total_rounds):
+      summary['personal'] = personal.run_phase(silo, summary.get('state'))
+      summary['preempted'] = summary['personal']['preempted']
+    return summary
+  finally:
+    silo.close()
+
+
+def personalize(config, silo_id: str, storage_root: str, workdir: str,
+                round_index: int | None = None, force: bool = False,
+                keys_dir: str | None = None, typed=None) -> dict:
+  """Silo `silo_id`'s personal model of global round `round_index` (the newest), on demand.
+
+  The phase `run_silo` runs after the last round when personal.steps > 0
+  (`personal.run_phase`); written to <workdir>/personal/, nothing published.
+  `config` may be None: the silo's workdir recorded its config.
+  """
+  silo = _Silo(config, silo_id, storage_root, workdir, keys_dir, typed)
+  try:
+    return personal.run_phase(silo, None, round_index, force)
   finally:
     silo.close()

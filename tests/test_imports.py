@@ -52,7 +52,7 @@ def test_only_entry_points_and_the_simulation_import_the_silo_worker():
   assert importers in ([], ['simulation']), importers
   scripts = {p.name for p in (REPO / 'scripts').glob('*.py')
              if 'silo' in _imports(p, top_level_only=False)}
-  assert scripts == {'train.py'}, scripts
+  assert scripts == {'train.py', 'personalize.py'}, scripts
 
 
 def test_the_protocol_is_pure():
