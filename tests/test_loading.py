@@ -88,8 +88,9 @@ def test_every_tool_reads_the_same_global_round(federated):
   from fedpt import protocol  # pylint: disable=g-import-not-at-top
   trainer = trainer_lib.Trainer(protocol.federated_config(config))
   held = data_lib.TokenDataset(config.data.corpus, 'val', trainer.tokenizer_sha256)
-  assert result['rows'][0]['loss'] == pytest.approx(
-      trainer.evaluate(trees.unflatten_params(flat), held), rel=1e-6)
+  whole_loss, whole_tokens = trainer.score(trees.unflatten_params(flat), held, whole=True)
+  assert result['rows'][0]['loss'] == pytest.approx(whole_loss, rel=1e-6)
+  assert result['rows'][0]['tokens'] == whole_tokens
 
   # sample: greedy text equals decoding these params directly.
   text = sampling.sample_text(config, 'import os', storage=root, round_index=1,
