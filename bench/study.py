@@ -52,6 +52,7 @@ from fedpt import protocol  # noqa: E402
 from fedpt import silo as silo_lib  # noqa: E402
 from fedpt import storage as storage_lib  # noqa: E402
 from fedpt import trainer as trainer_lib  # noqa: E402
+from fedpt import trees  # noqa: E402
 
 DOMAINS = ('web', 'concurrency', 'text', 'tools')
 EVAL_SETS = DOMAINS + ('union',)
@@ -743,8 +744,7 @@ def _missing_feature(base, run: Run) -> str | None:
 
 def _save_params(out_dir: str, key: str, params) -> str:
   """The final params, so a later evaluation (whole splits) needs no retraining."""
-  flat = {'/'.join(str(getattr(k, 'key', k)) for k in path): np.asarray(v)
-          for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+  flat = {name: np.asarray(v) for name, v in trees.flatten_params(params).items()}
   path = os.path.join(out_dir, 'params', key.replace('/', '.') + '.npz')
   os.makedirs(os.path.dirname(path), exist_ok=True)
   np.savez(path, **flat)
