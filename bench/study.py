@@ -48,7 +48,9 @@ from fedpt import errors  # noqa: E402
 from fedpt import ledger  # noqa: E402
 from fedpt import metrics as metrics_lib  # noqa: E402
 from fedpt import model as model_lib  # noqa: E402
+from fedpt import personal as personal_lib  # noqa: E402
 from fedpt import protocol  # noqa: E402
+from fedpt import records  # noqa: E402
 from fedpt import silo as silo_lib  # noqa: E402
 from fedpt import storage as storage_lib  # noqa: E402
 from fedpt import trainer as trainer_lib  # noqa: E402
@@ -373,18 +375,16 @@ def run_central(config, run: Run, steps: int, batch: int, central_lr: float,
 
 def personalise(config, params, domain: str, seed: int, start_step: int, steps: int,
                 lr: float):
-  """Fine-tunes `params` on one domain's silo data for `steps` steps (fresh AdamW).
+  """Fine-tunes `params` on one domain's silo data for `steps` steps (`fedpt.personal`).
 
-  The batches continue the silo's data order after its `start_step` federated steps.
+  The batches continue the silo's data order after its `start_step` federated steps,
+  as a silo's personalisation phase does; a fresh AdamW with a short warm-up.
   """
   config = _with(config, corpus=central_corpus(domain))
   config.seed = seed
-  config.inner.update(lr=lr, warmup_steps=min(10, steps // 4))
-  config.train.steps = steps
-  trainer = trainer_lib.Trainer(config, data_seed=protocol.silo_data_seed(seed, domain))
-  state = trainer.init_state()
-  host = jax.tree.map(np.asarray, params)  # Fresh buffers: the train step donates its state.
-  state = {**state, 'params': jax.device_put(host, trainer.param_shardings)}
+  config.personal.update(steps=steps, lr=lr, warmup_steps=min(10, steps // 4))
+  trainer = personal_lib.phase_trainer(config, protocol.silo_data_seed(seed, domain))
+  state = personal_lib.start_state(trainer, params)
   for step in range(steps):
     state, _ = trainer.train_step(state, trainer.batch(start_step + step))
   return state['params']
@@ -703,6 +703,14 @@ def plot_curves(rows, runs, out_dir, batch, seq_len, personal_steps) -> list[str
 # -- the study ----------------------------------------------------------------------------
 
 
+def _settings(config, section: str) -> dict:
+  """A config section for the setup record; fields added later, at their defaults, left out
+  (`records.LATER_FIELDS`), so results from before them still resume."""
+  missing = object()
+  return {k: v for k, v in config[section].items()
+          if records.LATER_FIELDS.get(f'{section}.{k}', missing) != v}
+
+
 def base_config(config, steps, batch, seq_len, silo_lr, central_lr, adam_lr, eval_batches):
   """The config every run starts from, and the settings results.json is tied to."""
   base = config.copy_and_resolve_references()
@@ -712,8 +720,8 @@ def base_config(config, steps, batch, seq_len, silo_lr, central_lr, adam_lr, eva
   base.outer.update(optimizer='diloco', lr=0.7, momentum=0.9, b1=0.9, b2=0.99, eps=0.1)
   setup = dict(config=config.name, steps=steps, batch=batch, seq_len=seq_len, silo_lr=silo_lr,
                val_fraction=VAL_FRACTION, central_lr=central_lr, adam_lr=adam_lr,
-               eval_batches=eval_batches, model=dict(base.model), inner=dict(base.inner),
-               outer=dict(base.outer))
+               eval_batches=eval_batches, **{name: _settings(base, name)
+                                             for name in ('model', 'inner', 'outer')})
   base.train.update(eval_batches=1)  # Silos' per-round eval; the tables use the Evaluator.
   base.train.async_checkpoints = False  # Threads: a save must finish before the next round.
   # A silo thread that fails leaves the aggregator waiting: bound that to 10 minutes (the

@@ -69,7 +69,7 @@ class Aggregator:
     for meta in metas:
       self.check_own(meta, f'global round {newest} shard {meta.get("shard")}')
     self.leaf_shapes, self.leaf_dtypes, _ = protocol.global_leaves(metas)
-    protocol.check_private_params(fed['private_params'], sorted(self.leaf_shapes))
+    protocol.check_private_params(fed.get('private_params', ()), sorted(self.leaf_shapes))
     self.my_leaves = sorted(k for m in metas if m['shard'] == shard for k in m['leaf_hashes'])
     self._collected: set[int] = set()  # Rounds already garbage-collected by this process.
     self.lease: storage_lib.Lease | None = None

@@ -13,12 +13,15 @@ import dataclasses
 import json
 import os
 
+from etils import epath
+
 from fedpt import config as config_lib
 from fedpt import data as data_lib
 from fedpt import errors
 from fedpt import evaluation
 from fedpt import ledger
 from fedpt import loading
+from fedpt import personal as personal_lib
 from fedpt import protocol
 from fedpt import storage as storage_lib
 
@@ -113,10 +116,15 @@ def checkpoint_step(workdir: str) -> int:
 
 
 def personal_steps(workdir: str) -> int:
-  """Steps a personalised model trained: its recorded `personal.steps`, else its checkpoint step."""
-  record = loading.read_config_record(workdir) or {}
-  if isinstance(record.get('personal.steps'), int):
-    return record['personal.steps']
+  """Steps a personalised model trained.
+
+  A personalisation phase's own record (personal.json) says it; any other workdir (a plain
+  train.py run offered as the personal model) counts its checkpoint step, since its config's
+  `personal.steps` is the unused default 0.
+  """
+  summary = epath.Path(workdir) / personal_lib.SUMMARY
+  if summary.exists():
+    return int(json.loads(summary.read_text())['steps'])
   return checkpoint_step(workdir)
 
 

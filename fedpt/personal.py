@@ -61,6 +61,20 @@ def phase_config(config):
       'inner.decay_steps': 0, 'train.steps': p.steps})
 
 
+def phase_trainer(config, data_seed: int) -> trainer_lib.Trainer:
+  """The phase's Trainer: `phase_config`'s AdamW, the silo's own data order (`data_seed`)."""
+  return trainer_lib.Trainer(phase_config(config), data_seed=data_seed)
+
+
+def start_state(trainer: trainer_lib.Trainer, params) -> dict:
+  """Step 0 of the phase: `params` (host or device arrays) and a fresh AdamW (zeros, count 0).
+
+  The params are copies placed in the trainer's sharding: the train step donates its state.
+  """
+  placed = jax.device_put(params, trainer.param_shardings)
+  return {**trainer.init_state(), 'params': jax.tree.map(jnp.copy, placed)}
+
+
 def _identity(silo, round_index: int) -> dict:
   """What a personal checkpoint must match to be continued rather than redone."""
   return {'run_id': silo.run['run_id'], 'silo': silo.silo_id, 'round': round_index,
@@ -109,8 +123,8 @@ def run_phase(silo, state=None, round_index: int | None = None, force: bool = Fa
              'to do (--force redoes it)')
     return {**done, 'workdir': workdir, 'preempted': False, 'skipped': True}
 
-  config = phase_config(silo.config)
-  trainer = trainer_lib.Trainer(config, data_seed=silo.trainer.data_seed)
+  trainer = phase_trainer(silo.config, silo.trainer.data_seed)
+  config = trainer.config
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   latest = (checkpoint_lib.last_good_step(ckpt_dir)
             if epath.Path(ckpt_dir).exists() else None)
@@ -141,8 +155,7 @@ def run_phase(silo, state=None, round_index: int | None = None, force: bool = Fa
     base = silo.load_global(round_index, state)['params']  # With the silo's private leaves.
     if restored is None:
       step, data_offset = 0, int(state['step'])
-      pstate = {**trainer.init_state(),  # Fresh AdamW: zeros, count 0. A copy: it is donated.
-                'params': jax.tree.map(jnp.copy, base)}
+      pstate = start_state(trainer, base)
       silo.log(f'personalising global round {round_index}: {steps} steps from batch '
                f'{data_offset} of its own data into {workdir}')
     else:

@@ -48,7 +48,9 @@ from fedpt import compression
 from fedpt import config as config_lib
 from fedpt import inner
 from fedpt import model as model_lib
+from fedpt import protocol
 from fedpt import sharding
+from fedpt import trees
 
 GIB = 2**30
 # Below this fraction of HBM a plan "fits"; XLA needs workspace and suffers fragmentation.
@@ -114,10 +116,11 @@ class Memory:
   grad_accum: int
   activations: int
   update: int
+  drift: int = 0  # SCAFFOLD's c - c_i and gradient sum (fp32), or FedProx's anchor.
 
   @property
   def total(self) -> int:
-    return (self.params + self.opt_state + self.grads + self.grad_accum
+    return (self.params + self.opt_state + self.grads + self.grad_accum + self.drift
             + max(self.activations, self.update))
 
 
@@ -282,19 +285,51 @@ def _memory(config, num_devices: int, platform: str) -> tuple[Memory, dict]:
   memory = Memory(params=param_bytes, opt_state=_tree_shard_nbytes(opt_state, opt_shardings),
                   grads=param_bytes,
                   grad_accum=param_bytes if config.inner.grad_accum > 1 else 0,
-                  activations=acts['total'], update=2 * 4 * param_elements)
+                  activations=acts['total'], update=2 * 4 * param_elements,
+                  drift=drift_state_nbytes(config.inner.drift_correction, param_bytes,
+                                           param_elements))
   return memory, acts
 
 
-def delta_sizes(params_tree, block_size: int) -> dict[str, int]:
-  """Bytes of the whole published delta in each format, from the payload layout."""
+def drift_state_nbytes(kind: str, param_bytes: int, param_elements: int) -> int:
+  """Bytes per device of the train state's 'drift' entry (`drift.init_drift_state`)."""
+  return {'scaffold': 2 * 4 * param_elements, 'fedprox': param_bytes}.get(kind, 0)
+
+
+def delta_sizes(params_tree, block_size: int, private_params=()) -> dict[str, int]:
+  """Bytes of the whole published delta in each format, from the payload layout.
+
+  Private leaves (`federation.private_params`) are not published, so not counted.
+  """
+  shared = _shared(params_tree, private_params)
   out = {}
   for fmt in compression.FORMATS:
     out[fmt] = sum(math.prod(shape) * np.dtype(dtype).itemsize
-                   for leaf in jax.tree.leaves(params_tree)
+                   for leaf in shared.values()
                    for shape, dtype in compression.payload_spec(leaf.shape, fmt,
                                                                 block_size).values())
   return out
+
+
+def _shared(params_tree, private_params) -> dict:
+  flat = trees.flatten_params(params_tree)
+  return {n: flat[n] for n in protocol.shared_leaves(
+      {'federation': {'private_params': tuple(private_params)}}, flat)}
+
+
+def round_traffic(params_tree, fed, drift_correction: str, delta_bytes: dict) -> dict:
+  """Bytes one silo moves per round: its upload, and the global round it downloads.
+
+  SCAFFOLD adds one fp32 control-variate leaf per shared leaf each way (delta_c_i up,
+  the server's c down; docs/protocol.md).
+  """
+  control = (sum(4 * math.prod(leaf.shape) for leaf in
+                 _shared(params_tree, fed.private_params).values())
+             if drift_correction == 'scaffold' else 0)
+  params = sum(math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+               for leaf in jax.tree.leaves(params_tree))
+  return {'control_bytes': control, 'upload_bytes': delta_bytes[fed.compression] + control,
+          'download_bytes': params + control}
 
 
 def _fixes(config, num_devices: int, platform: str, budget: float) -> list[dict]:
@@ -358,7 +393,7 @@ def plan(config, num_devices: int, *, platform: str = 'gpu', hbm_gib: float = 80
   used = memory.total / hbm
   verdict = 'fits' if used <= HEADROOM else 'tight' if used <= 1 else 'does not fit'
   fed = config.federation
-  deltas = delta_sizes(params, fed.block_size)
+  deltas = delta_sizes(params, fed.block_size, fed.private_params)
   return {
       'config': config.name,
       'devices': num_devices,
@@ -383,7 +418,10 @@ def plan(config, num_devices: int, *, platform: str = 'gpu', hbm_gib: float = 80
                 _fixes(config, num_devices, platform, HEADROOM * hbm)),
       'delta': {'compression': fed.compression, 'block_size': fed.block_size,
                 'bytes': deltas,
-                'ratio_to_float32': {k: v / deltas['none'] for k, v in deltas.items()}},
+                'ratio_to_float32': {k: v / deltas['none'] for k, v in deltas.items()},
+                'drift_correction': config.inner.drift_correction,
+                'private_params': list(fed.private_params),
+                **round_traffic(params, fed, config.inner.drift_correction, deltas)},
   }
 
 
@@ -445,6 +483,8 @@ def render(info: dict) -> str:
           ('gradients', mem['grads'])]
   if mem['grad_accum']:
     rows.append(('gradient accumulator', mem['grad_accum']))
+  if mem['drift']:
+    rows.append((f"drift state ({info['delta']['drift_correction']})", mem['drift']))
   acts = info['activation_bytes']
   rows += [('activations (estimate)', mem['activations']),
            ('  saved for the backward', acts['saved']),
@@ -469,4 +509,10 @@ def render(info: dict) -> str:
     mark = '  <- federation.compression' if fmt == delta['compression'] else ''
     lines.append(f"  {fmt:<6}{human_bytes(nbytes):>12}  {delta['ratio_to_float32'][fmt]:.3f}x "
                  f'float32{mark}')
+  if delta['private_params']:
+    lines.append(f"  private leaves {delta['private_params']} are not published")
+  if delta['control_bytes']:
+    lines.append(f"  + SCAFFOLD control variates {human_bytes(delta['control_bytes'])} each way")
+  lines.append(f"  per round: upload {human_bytes(delta['upload_bytes'])}, download "
+               f"{human_bytes(delta['download_bytes'])}")
   return '\n'.join(lines)

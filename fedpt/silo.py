@@ -362,11 +362,17 @@ class _Silo:
     return state
 
   def control_delta(self, position, state, control):
-    """SCAFFOLD's flat delta_c_i of the round from the c_i it started with; else None."""
+    """SCAFFOLD's flat delta_c_i of the round from the c_i it started with; else None.
+
+    A private leaf (federation.private_params) is never averaged, so it has no drift to
+    correct: its delta_c_i is zero, its c_i stays c's zero, and its correction c - c_i is 0.
+    """
     if self.drift != 'scaffold':
       return None
     grad_sum = trees.flatten_params(state['drift']['grad_sum'])
-    return drift_lib.control_delta(grad_sum, len(position.losses), control)
+    delta = drift_lib.control_delta(grad_sum, len(position.losses), control)
+    return {n: jnp.zeros_like(d) if protocol.is_private(self.run, n) else d
+            for n, d in delta.items()}
 
   def inner_steps(self, position, state, residual, step):
     """Trains until H steps, the round's time budget, or a preemption (checkpointed)."""

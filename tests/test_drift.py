@@ -158,19 +158,32 @@ def _run(config, root, workdir, crash=None):
   return storage_lib.RunStorage(root), killed
 
 
+PRIVATE = 'final_norm/scale'
+
+
+def _identical_config(corpus_dir, kind):
+  config = _config(corpus_dir, drift_correction=kind)
+  config.federation.rounds = 2  # Round 1 already steps with a nonzero c.
+  # A private leaf has no drift: its correction must stay 0, or the two runs part.
+  config.federation.private_params = (PRIVATE,)
+  return config
+
+
+@pytest.fixture
+def same_data_order(monkeypatch):
+  # The data order is (seed, silo id)'s; seeding it by the run seed alone makes silo a's
+  # batches silo b's.
+  monkeypatch.setattr(protocol, 'silo_data_seed', lambda seed, silo_id: seed)
+
+
 @pytest.fixture(scope='module')
 def identical_runs(corpus_dir, tmp_path_factory):
   """FedAvg and SCAFFOLD with two identical silos: same corpus, same data order."""
   tmp = tmp_path_factory.mktemp('identical')
   patch = pytest.MonkeyPatch()
-  # The data order is (seed, silo id)'s; seeding it by the run seed alone makes silo a's
-  # batches silo b's.
   patch.setattr(protocol, 'silo_data_seed', lambda seed, silo_id: seed)
   try:
-    config = {kind: _config(corpus_dir, drift_correction=kind) for kind in ('none', 'scaffold')}
-    for c in config.values():
-      c.federation.rounds = 2  # Round 1 already steps with a nonzero c.
-    return {kind: _run(config[kind], str(tmp / kind),
+    return {kind: _run(_identical_config(corpus_dir, kind), str(tmp / kind),
                        str(tmp / f'w_{kind}'))[0]
             for kind in ('none', 'scaffold')}
   finally:
@@ -197,20 +210,21 @@ def test_identical_silos_scaffold_is_fedavg_bit_for_bit(identical_runs):
       protocol.control_name(n): jax.ShapeDtypeStruct(tuple(meta['leaf_shapes'][n]), np.float32)
       for n in names})
   assert any(float(np.abs(np.asarray(v)).max()) > 0 for v in controls.values())
+  assert not np.any(np.asarray(controls[protocol.control_name(PRIVATE)]))
   ours, theirs = scaffold.delta_meta(1, 'a'), plain.delta_meta(1, 'a')
   params_bytes = sum(4 * int(np.prod(m['shape'])) for m in theirs['tree'].values())
   assert ours['bytes'] == theirs['bytes'] + params_bytes  # One fp32 params-sized upload more.
+  assert PRIVATE not in ours['tree'] and PRIVATE in names
   assert set(ours['tree'][names[0]]['payload']) == {'values', protocol.CONTROL} or (
       protocol.CONTROL in ours['tree'][names[0]]['payload'])
 
 
 @pytest.mark.slow
-def test_scaffold_silo_killed_mid_round_redoes_it_bit_for_bit(corpus_dir, tmp_path):
-  config = _config(corpus_dir, drift_correction='scaffold')
-  config.federation.rounds = 2
-  clean, _ = _run(config, str(tmp_path / 'clean'), str(tmp_path / 'w_clean'))
-  crashy, killed = _run(config, str(tmp_path / 'crashy'), str(tmp_path / 'w_crashy'),
-                        crash=['silo_published@0', 'silo_inner@1'])
+def test_scaffold_silo_killed_mid_round_redoes_it_bit_for_bit(identical_runs, same_data_order,
+                                                              corpus_dir, tmp_path):
+  clean = identical_runs['scaffold']  # The same run, never killed.
+  crashy, killed = _run(_identical_config(corpus_dir, 'scaffold'), str(tmp_path / 'crashy'),
+                        str(tmp_path / 'w_crashy'), crash=['silo_published@0', 'silo_inner@1'])
   assert len(killed) == 2
   assert crashy.global_hash(2) == clean.global_hash(2) != clean.global_hash(1)
   for r in range(2):

@@ -15,6 +15,7 @@ from fedpt import config as config_lib
 from fedpt import model as model_lib
 from fedpt import planning
 from fedpt import trainer as trainer_lib
+from fedpt import trees
 
 
 def _config(repo_root, name):
@@ -63,6 +64,37 @@ def test_tiny_plan_matches_hand_count_real_shards_and_real_deltas(tiny_config):
     assert info['delta']['bytes'][fmt] == published, fmt
   assert info['delta']['bytes']['none'] == 4 * param_count
   assert info['delta']['ratio_to_float32']['int4'] < info['delta']['ratio_to_float32']['int8'] < 0.5
+
+
+@pytest.mark.parametrize('kind', ['scaffold', 'fedprox'])
+def test_drift_state_and_round_traffic_are_counted(tiny_config, kind):
+  """SCAFFOLD's/FedProx's train-state entry per device, and SCAFFOLD's bytes each way."""
+  tiny_config.mesh.update(data=2, fsdp=4, tensor=1)
+  tiny_config.inner.drift_correction, tiny_config.inner.prox_mu = kind, 0.01
+  tiny_config.federation.private_params = ('embed_vd',)
+  info = planning.plan(tiny_config, 8, platform='cpu')
+  state = trainer_lib.Trainer(tiny_config, drift_correction=kind).init_state()
+  memory = info['per_device_bytes']
+  assert memory['drift'] == _device_bytes(state['drift'], jax.devices()[0]) > 0
+  plain = planning.plan(_without_drift(tiny_config), 8, platform='cpu')['per_device_bytes']
+  assert memory['total'] == plain['total'] + memory['drift'] and plain['drift'] == 0
+  delta, params = info['delta'], state['params']
+  shared = sum(leaf.size for name, leaf in trees.flatten_params(params).items()
+               if name != 'embed_vd')
+  assert delta['bytes']['none'] == 4 * shared  # The private embedding is not published.
+  control = 4 * shared if kind == 'scaffold' else 0
+  assert delta['control_bytes'] == control
+  assert delta['upload_bytes'] == delta['bytes'][tiny_config.federation.compression] + control
+  assert delta['download_bytes'] == 4 * sum(x.size for x in jax.tree.leaves(params)) + control
+  text = planning.render(info)
+  assert f'drift state ({kind})' in text and "private leaves ['embed_vd']" in text
+  assert ('SCAFFOLD control variates' in text) == (kind == 'scaffold')
+
+
+def _without_drift(config):
+  config = config.copy_and_resolve_references()
+  config.inner.drift_correction = 'none'
+  return config
 
 
 def test_estimate_is_close_to_xla_buffer_assignment(tiny_config):

@@ -1,4 +1,6 @@
 """The round protocol's rules on plain dicts: no bucket, no devices, no arrays."""
+import json
+
 import pytest
 
 from fedpt import compression
@@ -382,6 +384,22 @@ def test_a_run_of_another_format_is_refused():
   run = protocol.run_record(config, 't' * 64, 'run-1')
   with pytest.raises(records.RecordError, match='protocol format 1.*Fix'):
     protocol.join_config({**run, 'format_version': 1}, config, 'web')
+
+
+def test_a_run_json_from_before_the_later_fields_reads_with_their_defaults():
+  """Format-3 runs written before drift correction and private params still load, as before."""
+  config = config_lib.base_config()
+  run = json.loads(json.dumps(protocol.run_record(config, 't' * 64, 'run-1')))
+  for field in records.LATER_FIELDS:
+    section, name = field.split('.')
+    del run[section][name]
+  records.check_run_form(run, 'run.json')
+  recorded = records.recorded_contract(run)
+  assert recorded['inner.drift_correction'] == 'none' and recorded['outer.lr_warmup_rounds'] == 0
+  assert not protocol.is_private(run, 'embed_vd') and protocol.shared_leaves(run, ['b', 'a']) == [
+      'a', 'b']
+  joined, _ = protocol.join_config(run, config_lib.base_config(), 'web')
+  assert tuple(joined.federation.private_params) == () and joined.inner.prox_mu == 0.0
 
 
 # -- run.json: the run's contract ---------------------------------------------------------------
