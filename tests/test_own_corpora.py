@@ -56,12 +56,12 @@ def _silo_data(sources):
 
 
 RUN_ARGS = ('--config.federation.rounds=1', '--config.federation.inner_steps=2',
-            '--config.federation.poll_s=0.2', '--config.train.eval_batches=1')
+            '--config.federation.poll_s=0.2', '--config.train.eval_batches=1', '--baselines')
 
 
 @pytest.fixture(scope='module')
 def simulated(sources, tmp_path_factory):
-  """One 3-silo federation, 1 round of 2 steps (~40 s on 2 idle cores), for every assertion."""
+  """One 3-silo federation, 1 round of 2 steps, with its isolated baselines, for every assertion."""
   workdir = tmp_path_factory.mktemp('sim') / 'w'
   result = _simulate(workdir, f'--silo_data={_silo_data(sources)}', *RUN_ARGS)
   assert result.returncode == 0, result.stdout + result.stderr
@@ -103,6 +103,18 @@ def test_each_silo_trains_on_exactly_its_own_corpus(simulated, sources):
     assert recorded['data.corpus'] == corpus, recorded
     log = (workdir / 'logs' / f'silo_{silo}.log').read_text()
     assert f'--config.data.corpus={corpus} ' in log and f'silo {silo}: round 0 published' in log
+    # Its isolated baseline trained alone on the same corpus, and the member-gain report
+    # scored every model on that silo's own held-out split.
+    base = json.loads((workdir / 'baselines' / silo / 'config.json').read_text())
+    assert base['data.corpus'] == corpus and base['train.steps'] == 2, base
+  gain = json.loads((workdir / 'member_gain' / 'member_gain.json').read_text())
+  tokens = {r['silo']: r['tokens'] for r in gain['rows']}
+  for silo, path in sources.items():
+    corpus = str(workdir / 'data' / silo) if silo != 'gamma' else path
+    val = data.TokenDataset(corpus, 'val')
+    assert tokens[silo] == val.scored_tokens(64), silo  # configs/tiny.py: seq_len 64.
+  assert len(set(tokens.values())) == 3  # Three different held-out splits, not one.
+  assert all(r['baseline_steps'] == r['silo_steps'] == 2 for r in gain['rows'])
   run = json.loads((workdir / 'bucket' / 'run.json').read_text())
   assert [s['id'] for s in run['silos']] == ['alpha', 'beta', 'gamma']
   assert run['tokenizer_sha256'] == data.file_sha256(data.default_tokenizer_path())
