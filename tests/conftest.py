@@ -4,9 +4,13 @@ import os
 import shutil
 import tempfile
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+# Tiny models compile for longer than they run, so LLVM's expensive passes are skipped, in
+# this process and in every process a test starts (`child_env`): runs compared bit for bit
+# are compiled alike.
+CHILD_XLA_FLAGS = "--xla_llvm_disable_expensive_passes=true"
+os.environ["XLA_FLAGS"] = " ".join([
+    os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8", CHILD_XLA_FLAGS
+]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the session, inherited by every process a test
 # starts: the tiny model's steps compile once, not once per silo, host and restart. A size
@@ -24,6 +28,12 @@ import pathlib  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def child_env(**overrides) -> dict:
+  """This environment for a process with one CPU device (a silo, a script): less to compile
+  than the 8 fake devices here, and the same compilation cache and XLA flags."""
+  return {**os.environ, "XLA_FLAGS": CHILD_XLA_FLAGS, "JAX_PLATFORMS": "cpu", **overrides}
 
 
 @pytest.fixture(scope="session")
@@ -75,3 +85,4 @@ def gcs_bucket(gcs_server, request):
   import uuid  # pylint: disable=g-import-not-at-top
   name = re.sub(r'[^a-z0-9-]', '-', request.node.name.lower())[:40].strip('-')
   return gcs_server.create_bucket(f'{name}-{uuid.uuid4().hex[:8]}')
+

@@ -424,7 +424,7 @@ def test_the_simulators_children_die_with_it(tmp_path, stop):
 
   None is orphaned; a Ctrl-C also ends in one line and status 75, a rerun resumes.
   """
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env = conftest.child_env()
   env['JAX_PLATFORMS'] = 'cpu'
   sim = subprocess.Popen(
       [sys.executable, str(conftest.REPO / 'scripts' / 'simulate.py'),
@@ -452,7 +452,7 @@ def test_an_unusable_path_is_one_line_naming_it(script, flag, tmp_path):
   """The OS refuses (here: a file where a folder must be): one line, the path, the fix, exit 2."""
   blocker = tmp_path / 'a_file'
   blocker.write_text('not a folder')
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env = conftest.child_env()
   env['JAX_PLATFORMS'] = 'cpu'
   done = subprocess.run(
       [sys.executable, str(conftest.REPO / 'scripts' / script),
@@ -505,7 +505,7 @@ def _remount(disk, options):
 def test_a_full_disk_is_one_line_and_a_rerun_resumes_from_the_last_good_checkpoint(
     small_disk, corpus_dir):
   """The 2nd save fails in Orbax's background threads; it surfaces at the 3rd as one line."""
-  workdir, env = small_disk / 'run', {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  workdir, env = small_disk / 'run', conftest.child_env()
   done = subprocess.run(
       [sys.executable, str(conftest.REPO / 'scripts' / 'train.py'),
        f'--config={conftest.REPO / "configs" / "tiny.py"}', f'--workdir={workdir}',

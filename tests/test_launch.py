@@ -18,6 +18,8 @@ import time
 import pytest
 import yaml
 
+import conftest
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = REPO / 'launch'
 SHELL_SCRIPTS = ('local.sh', 'tpu_vm.sh', 'slurm.sbatch')
@@ -339,7 +341,8 @@ def test_local_runs_a_real_federation(tmp_path):
                  '--config.federation.rounds=2', '--config.federation.inner_steps=2',
                  '--config.federation.poll_s=0.2', '--config.train.eval_batches=1'],
                 # One CPU device per party, not the test process's 8 fake ones: less to compile.
-                env={'PYTHON': sys.executable, 'XLA_FLAGS': '', 'JAX_PLATFORMS': 'cpu'},
+                env={'PYTHON': sys.executable, **{k: v for k, v in conftest.child_env().items()
+                                                  if k.startswith(('JAX_', 'XLA_'))}},
                 timeout=600)
   assert result.returncode == 0, result.stdout + result.stderr
   assert 'done: every party finished' in result.stderr

@@ -53,7 +53,7 @@ def federated(corpus_dir, tmp_path_factory):
 
 
 def _cli(script, *args):
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env = conftest.child_env()
   env['JAX_PLATFORMS'] = 'cpu'
   return subprocess.run([sys.executable, os.path.join(REPO, 'scripts', script), *args],
                         capture_output=True, text=True, env=env, cwd=REPO, timeout=180)

@@ -10,6 +10,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
+import conftest
 from fedpt import data
 from fedpt import evaluation
 from fedpt import inner
@@ -76,13 +77,12 @@ SILOS, ROUNDS, H = ('web', 'text'), 2, 2
 @pytest.fixture(scope='module')
 def sim(corpus_dir, tmp_path_factory, repo_root):
   """`simulate --baselines` of 2 silos x 2 rounds x H=2 on the small corpus (real processes)."""
-  import conftest  # pylint: disable=g-import-not-at-top
   config = conftest.load_config('tiny', corpus_dir)
   config.federation.update(silos=SILOS, rounds=ROUNDS, inner_steps=H, poll_s=0.2)
   config.train.update(log_every=1, eval_batches=2)
   work = tmp_path_factory.mktemp('sim')
   flags_before = os.environ.get('XLA_FLAGS')
-  os.environ['XLA_FLAGS'] = ''  # Children need one CPU device each.
+  os.environ['XLA_FLAGS'] = conftest.CHILD_XLA_FLAGS  # Children need one CPU device each.
   try:
     lines = []
     summary = simulation.simulate(config, str(repo_root / 'configs' / 'tiny.py'),
@@ -172,7 +172,7 @@ def test_member_gain_script_for_one_member(sim, corpus_dir, repo_root, tmp_path)
   done = subprocess.run(script + ['--silo=web', f'--eval_set={corpus_dir}', f'--baseline={base}',
                                   f'--personal={base}', '--sampled', '--round=1'],
                         capture_output=True, text=True, timeout=300, check=False,
-                        env={**os.environ, 'XLA_FLAGS': ''})
+                        env=conftest.child_env())
   assert done.returncode == 0, done.stderr
   result = json.loads((tmp_path / 'member_gain.json').read_text())
   (row,) = result['rows']

@@ -85,8 +85,8 @@ class TwoHostSilo:
     port = _free_port()
     procs = []
     for process_id, crash in enumerate(crash_at):
-      env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4',
-             'JAX_PLATFORMS': 'cpu'}
+      env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': os.environ['XLA_FLAGS'].replace(
+          'device_count=8', 'device_count=4')}  # The suite's other XLA flags stay.
       env.pop(faults.ENV_VAR, None)
       if crash:
         env[faults.ENV_VAR] = crash
@@ -221,8 +221,8 @@ def test_a_host_that_cannot_start_stops_every_host_in_one_line(reference, repo_r
     port = _free_port()
     procs = []
     for process_id in range(2):
-      env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4',
-             'JAX_PLATFORMS': 'cpu'}
+      env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': os.environ['XLA_FLAGS'].replace(
+          'device_count=8', 'device_count=4')}  # The suite's other XLA flags stay.
       corpus = config.data.corpus if process_id == 0 else str(tmp_path / 'no_corpus')
       argv = [sys.executable, str(repo_root / 'scripts' / 'train.py'), *run.overrides,
               f'--config.data.corpus={corpus}', '--silo=a', f'--storage={run.root}',

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 
+import conftest
 from fedpt import corpora
 from fedpt import data
 
@@ -48,7 +49,7 @@ def _simulate(workdir, *args, timeout=600):
        f'--workdir={workdir}', *args],
       cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False,
       # One CPU device per child, not the test process's 8 fake ones: less to compile.
-      env={**os.environ, 'XLA_FLAGS': '', 'JAX_PLATFORMS': 'cpu'})
+      env=conftest.child_env())
 
 
 def _silo_data(sources):

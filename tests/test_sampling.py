@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import conftest
 from fedpt import checkpoint as checkpoint_lib
 from fedpt import config as config_lib
 from fedpt import data as data_lib
@@ -130,7 +131,7 @@ def trained_workdir(corpus_dir, tmp_path_factory):
 
 
 def _sample_cli(*args):
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env = conftest.child_env()
   env['JAX_PLATFORMS'] = 'cpu'
   return subprocess.run([sys.executable, os.path.join(REPO, 'scripts', 'sample.py'), *args],
                         capture_output=True, text=True, env=env, cwd=REPO, timeout=120)

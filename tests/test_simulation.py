@@ -9,6 +9,7 @@ import matplotlib.image
 import pytest
 
 import bucket_helpers
+import conftest
 from fedpt import ledger
 from fedpt import protocol
 from fedpt import signing
@@ -63,7 +64,7 @@ def test_simulate_end_to_end_through_gcs_and_ledger(tiny_config, repo_root, tmp_
                                                     gcs_bucket):
   """Separate silo and aggregator processes whose only channel is a gs:// bucket."""
   # Children need one CPU device each, not the 8 fake ones of this test process.
-  monkeypatch.setenv('XLA_FLAGS', '')
+  monkeypatch.setenv('XLA_FLAGS', conftest.CHILD_XLA_FLAGS)
   fed = tiny_config.federation
   fed.silos, fed.rounds, fed.inner_steps, fed.poll_s = SILOS, ROUNDS, H, 0.2
   root = f'{gcs_bucket}/run'
