@@ -185,9 +185,11 @@ def plan(questions, seeds, base_h, h_values, k_values, drop_probability, persona
           fed('FedAvg, H=10 (20 rounds)', inner_steps=10, optimizer='fedavg'),
           fed('DiLoCo, H=5 (40 rounds)', inner_steps=5),
           fed('FedAvg, H=5 (40 rounds)', inner_steps=5, optimizer='fedavg')],
-      LONG: [central('data-parallel, K x B batch', 'union')] +
-            [central(f'{d} alone, batch B, S + P steps', d, central_batch=1,
+      # The isolated silos (one silo's compute each) before data-parallel (K silos' in one
+      # run, the longest): a session cut short still leaves whole runs behind.
+      LONG: [central(f'{d} alone, batch B, S + P steps', d, central_batch=1,
                      extra_steps=personal_steps, silo_order=True) for d in DOMAINS] +
+            [central('data-parallel, K x B batch', 'union')] +
             [fed(f'FedAvg, H={base_h}', optimizer='fedavg'), fed(f'DiLoCo, H={base_h}'),
              fed(f'SCAFFOLD (FedAvg outer), H={base_h}', optimizer='fedavg', drift='scaffold'),
              fed(f'DiLoCo, momentum warm-up {momentum_warmup} rounds, H={base_h}',
