@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from fedpt import data as data_lib
+from fedpt import trainer as trainer_lib
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 'bench'))
@@ -98,6 +99,11 @@ def test_results_from_other_settings_are_not_mixed(tmp_path):
   assert study.load_results(path, {'steps': 200, 'batch': 8})['runs'] == {'a': 1}
   with pytest.raises(study.StudyError, match=r'other settings \(steps\).*same flags'):
     study.load_results(path, {'steps': 100, 'batch': 8})
+  # Before personal_lr left the setup: each personalised run keeps the lr it was scored at.
+  study.save_results(path, {'setup': {'long': {'personal_steps': 100, 'personal_lr': 2e-3}},
+                            'runs': {'a': {'personal': {}}, 'b': {'losses': {}}}})
+  runs = study.load_results(path, {'long': {'personal_steps': 100}})['runs']
+  assert runs == {'a': {'personal': {}, 'personal_lr': 2e-3}, 'b': {'losses': {}}}
 
 
 def test_a_real_study_trains_writes_and_resumes(tiny_config, corpus_dir, tmp_path, monkeypatch):
@@ -131,6 +137,20 @@ def test_a_real_study_trains_writes_and_resumes(tiny_config, corpus_dir, tmp_pat
   again = study.study(tiny_config, out, **args)
   assert again[6][0]['union'] == summary[6][0]['union']
 
+  # A new personalisation lr rescores saved params (here: a fresh model), retraining nothing.
+  key = 'domains4/H2/diloco/none/s3'
+  params = trainer_lib.Trainer(study._with(tiny_config, corpus=corpus_dir)).init_state()['params']
+  results['runs'][key].update(personal={d: 0.0 for d in study.DOMAINS}, personal_lr=1.0,
+                              params_file=study._save_params(out, key, params))
+  study.save_results(os.path.join(out, 'results.json'), results)
+  calls = []
+  monkeypatch.setattr(study, 'personalise',
+                      lambda c, p, d, seed, start, steps, lr: calls.append((d, seed, start, lr)) or p)
+  study.study(tiny_config, out, **args)
+  rescored = json.load(open(os.path.join(out, 'results.json')))['runs'][key]
+  assert calls == [(d, 3, 4, 3e-4) for d in study.DOMAINS] and rescored['personal_lr'] == 3e-4
+  assert all(5 < v < 9 for v in rescored['personal'].values())  # A fresh model's loss, scored.
+
 
 def test_study_cli_explains_bad_flags(repo_root):
   proc = subprocess.run([sys.executable, 'bench/study.py', '--h_values=30', '--out=/nonexistent'],
@@ -150,7 +170,8 @@ def test_long_horizon_plan_and_member_gain(tmp_path):
   assert 'domains4/H100/fedavg/none/scaffold/s1' in keys
   assert 'domains4/H100/fedavg/none/fedprox0.01/s0' in keys
   assert 'domains4/H100/diloco/none/mwarmup4/s0' in keys
-  assert 'domains4/H25/diloco/none/s1' in keys and len(keys) == len(set(keys)) == 2 * 12
+  assert 'domains4/H25/fedavg/none/scaffold/s0' in keys  # SCAFFOLD at the smallest H too.
+  assert 'domains4/H25/diloco/none/s1' in keys and len(keys) == len(set(keys)) == 2 * 13
   runs = {}
   for label, seeded in rows:
     for r in seeded:
