@@ -88,6 +88,8 @@ flags.DEFINE_integer('momentum_warmup', 4, 'Question 8: outer momentum warm-up i
 flags.DEFINE_float('prox_mu', 0.01, 'Question 8: FedProx mu.')
 flags.DEFINE_integer('curve_batches', 4, 'Question 8: eval batches per domain of each point of '
                      'the loss-against-tokens curves (the silos\' per-round held-out loss).')
+flags.DEFINE_bool('report_only', False, 'Train nothing: write study.md and the plots from the '
+                  'runs in results.json so far.')
 FLAGS = flags.FLAGS
 
 
@@ -773,8 +775,12 @@ def _save_params(out_dir: str, key: str, params) -> str:
 
 def study(config, out_dir, seeds, questions, steps, base_h, h_values, k_values, batch, seq_len,
           silo_lr, central_lr, adam_lr, drop_probability, eval_batches,
-          long: LongOptions = LongOptions()) -> dict:
-  """Trains every planned run not yet in results.json, then writes study.md and the plots."""
+          long: LongOptions = LongOptions(), report_only: bool = False) -> dict:
+  """Trains every planned run not yet in results.json, then writes study.md and the plots.
+
+  `report_only` trains nothing: the tables and plots of the runs done so far (a long study
+  reports while it is still going, from another process).
+  """
   check_flags(steps, base_h, h_values, k_values, questions)
   os.makedirs(out_dir, exist_ok=True)
   base, setup = base_config(config, steps, batch, seq_len, silo_lr, central_lr, adam_lr,
@@ -814,6 +820,8 @@ def study(config, out_dir, seeds, questions, steps, base_h, h_values, k_values, 
     for run in order:
       if run.key not in results['runs']:
         todo.setdefault(run.key, run)
+  if report_only:
+    todo = {}
   metrics_lib.log(f'study: {len(results["runs"])} runs done, {len(todo)} to go -> {path}')
   for i, run in enumerate(todo.values()):
     missing = _missing_feature(base, run)
@@ -884,7 +892,7 @@ def main(argv):
         FLAGS.silo_lr, FLAGS.central_lr, FLAGS.adam_lr, FLAGS.drop_probability,
         FLAGS.eval_batches, LongOptions(FLAGS.personal_steps, FLAGS.personal_lr,
                                         FLAGS.momentum_warmup, FLAGS.prox_mu,
-                                        FLAGS.curve_batches))
+                                        FLAGS.curve_batches), FLAGS.report_only)
   except StudyError as e:
     print(f'error: {e}', file=sys.stderr, flush=True)
     sys.exit(2)

@@ -117,6 +117,10 @@ def test_a_real_study_trains_writes_and_resumes(tiny_config, corpus_dir, tmp_pat
   args = dict(seeds=[3], questions=[6], steps=4, base_h=2, h_values=[2], k_values=[4], batch=8,
               seq_len=16, silo_lr=3e-3, central_lr=3e-3, adam_lr=0.1, drop_probability=0.5,
               eval_batches=2)
+  with monkeypatch.context() as m:  # A report of nothing done yet trains nothing.
+    m.setattr(study, 'run_federated', lambda *a: pytest.fail('trained in a report'))
+    assert study.study(tiny_config, out, report_only=True, **args) == {6: []}
+  assert os.path.exists(os.path.join(out, 'study.md'))
   summary = study.study(tiny_config, out, **args)
   results = json.load(open(os.path.join(out, 'results.json')))
   kept = results['runs']['domains4/H2/diloco/none/s3']
