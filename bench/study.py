@@ -62,13 +62,14 @@ COLUMNS = EVAL_SETS + ('domain mean',)  # The union weighs domains by val tokens
 METRIC = 'domain mean'  # The one number the line plots show.
 PARTITIONS = ('domains1', 'domains2', 'domains4', 'domains8', 'iid4')
 VAL_FRACTION = 0.1
-QUESTIONS = (1, 2, 3, 4, 5, 6, 7, 8)
+QUESTIONS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
 LONG = 8  # The long-horizon member-gain question: its own --out and --steps.
 
 config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'Model config.', lock_config=True)
 flags.DEFINE_string('out', 'bench/study', 'Folder for results.json, study.md and the plots.')
 flags.DEFINE_list('seeds', ['0', '1'], 'Seeds (init and data order); tables show mean and spread.')
-flags.DEFINE_list('questions', [str(q) for q in QUESTIONS], 'Which questions to run: 1-6 from the issue, 7 the outer lr.')
+flags.DEFINE_list('questions', [str(q) for q in QUESTIONS], 'Which questions to run: 1-6 from the issue, 7 the outer lr, 8 the long '
+                  'horizon, 9 SCAFFOLD\'s step sizes and H.')
 flags.DEFINE_integer('steps', 200, 'S: inner steps per silo (rounds x H) of every federated run.')
 flags.DEFINE_integer('base_h', 25, 'H of every run outside the H sweep.')
 flags.DEFINE_list('h_values', ['10', '25', '50', '100', '200'], 'Question 2: H values.')
@@ -115,6 +116,7 @@ class Run:
   drift: str = 'none'  # inner.drift_correction: none, scaffold or fedprox.
   prox_mu: float | None = None
   momentum_warmup: int = 0  # outer.momentum_warmup_rounds.
+  inner_lr_scale: float = 1.0  # Federated runs: inner lr = this x --silo_lr.
 
   @property
   def central(self) -> bool:
@@ -140,6 +142,8 @@ class Run:
       parts.append(f'mwarmup{self.momentum_warmup}')
     if self.drift != 'none':
       parts.append(self.drift + ('' if self.prox_mu is None else f'{self.prox_mu:g}'))
+    if self.inner_lr_scale != 1.0:
+      parts.append(f'innerlrx{self.inner_lr_scale:g}')
     return '/'.join(parts) + f'/s{self.seed}'
 
 
@@ -204,6 +208,16 @@ def plan(questions, seeds, base_h, h_values, k_values, drop_probability, persona
             [fed(f'{name}, H={h}', inner_steps=h, optimizer=opt)
              for h in h_values if h != base_h
              for name, opt in (('FedAvg', 'fedavg'), ('DiLoCo', 'diloco'))],
+      # Does SCAFFOLD want a larger server step (averaging K AdamW walks shrinks the step),
+      # a larger inner lr, or more rounds? FedOpt's server SGD, Reddi et al. arXiv 2003.00295.
+      9: [central('data-parallel, K x B batch', 'union'),
+          fed(f'SCAFFOLD, H={base_h} (FedAvg outer)', optimizer='fedavg', drift='scaffold')] +
+         [fed(f'SCAFFOLD, H={base_h}, outer SGD lr {lr:g}', optimizer='sgd', outer_lr=lr,
+              outer_momentum=0.0, drift='scaffold') for lr in (0.7, 2.0)] +
+         [fed(f'SCAFFOLD, H={base_h}, inner lr 2x', optimizer='fedavg', drift='scaffold',
+              inner_lr_scale=2.0),
+          *[fed(f'SCAFFOLD, H={h} (FedAvg outer)', inner_steps=h, optimizer='fedavg',
+                drift='scaffold') for h in sorted(h_values)[:1] if h < base_h]],
   }
   return {q: table[q] for q in questions}
 
@@ -294,6 +308,7 @@ def run_federated(config, run: Run, steps: int, adam_lr: float) -> dict:
       compression=run.compression, error_feedback=run.error_feedback,
       drop_probability=run.drop_probability)
   config.outer.optimizer = run.optimizer
+  config.inner.lr *= run.inner_lr_scale
   if run.optimizer == 'fedadam':
     config.outer.lr = adam_lr
   if run.outer_lr is not None:
@@ -490,6 +505,7 @@ TITLES = {
     6: 'Deltas dropped at random',
     7: 'Outer lr, momentum and number of rounds (for the defaults)',
     8: 'Long horizon: methods against data-parallel and isolated silos (same tokens)',
+    9: 'SCAFFOLD: server step, inner lr and H (same tokens)',
 }
 
 
@@ -543,7 +559,7 @@ def plot(summary: dict, out_dir: str) -> list[str]:
       ax.set_xscale('log', base=2)
       ax.set_xticks(ks, [str(k) for k in ks])
       ax.set_xlabel('silos K (each S steps at batch B)')
-    elif q == 7:  # One bar per setting: too many rows to group by eval set.
+    elif q in (7, 9):  # One bar per setting: too many rows to group by eval set.
       y = np.arange(len(rows))
       ax.barh(y, [r[METRIC][0] for r in rows], xerr=[r[METRIC][1] for r in rows], capsize=3)
       ax.set_yticks(y, [r['label'] for r in rows], fontsize=8)

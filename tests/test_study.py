@@ -25,8 +25,8 @@ def test_plan_trains_each_distinct_run_once():
   keys = {run.key for rows in questions.values() for _, seeded in rows for run in seeded}
   # Per seed: 3 outer optimizers + DP + 4 alone, 4 more H, 4 more formats, K=1,2,8, IID, drop,
   # 3 more outer settings, FedAvg at H=10 and both at H=5, plain training at batch B, FedAvg
-  # with drops.
-  assert len(keys) == 2 * 29
+  # with drops; question 9: SCAFFOLD with FedAvg, two server lrs, 2x inner lr and at H=10.
+  assert len(keys) == 2 * 34
   base = questions[1][0][1][0]
   assert base.key == 'domains4/H25/diloco/none/s0'
   for q, index in ((2, 1), (3, 0), (4, 2), (5, 0), (6, 0)):  # The same run in every question.
@@ -37,13 +37,16 @@ def test_plan_trains_each_distinct_run_once():
   assert questions[4][4][1][1].key == 'central:union/x1/s1'
   assert questions[7][3][1][0].key == 'domains4/H25/diloco/none/momentum0.5/s0'
   assert questions[7][1][1][0] == base and questions[7][4][1][0] == questions[1][1][1][0]
+  assert [r[0].key for _, r in questions[9][3:]] == [
+      'domains4/H25/sgd/none/lr2/momentum0/scaffold/s0',
+      'domains4/H25/fedavg/none/scaffold/innerlrx2/s0', 'domains4/H10/fedavg/none/scaffold/s0']
 
 
 @pytest.mark.parametrize('kwargs, match', [
     (dict(h_values=[30]), 'H=30 does not divide --steps=200'),
     (dict(base_h=0), 'H=0'),
     (dict(k_values=[3]), 'K=3 has no non-IID partition'),
-    (dict(questions=[9]), 'question 9 does not exist'),
+    (dict(questions=[10]), 'question 10 does not exist'),
 ])
 def test_bad_study_flags_name_the_fix(kwargs, match):
   args = dict(steps=200, base_h=25, h_values=[10], k_values=[4], questions=[1])
