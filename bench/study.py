@@ -200,7 +200,7 @@ def plan(questions, seeds, base_h, h_values, k_values, drop_probability, persona
             [fed(f'FedAvg, H={base_h}', optimizer='fedavg'), fed(f'DiLoCo, H={base_h}'),
              fed(f'SCAFFOLD (FedAvg outer), H={base_h}', optimizer='fedavg', drift='scaffold')] +
             [fed(f'SCAFFOLD (FedAvg outer), H={h}', inner_steps=h, optimizer='fedavg',
-                 drift='scaffold') for h in h_values if h < base_h][:1] +
+                 drift='scaffold') for h in sorted(h_values, reverse=True) if h < base_h] +
             [             fed(f'DiLoCo, momentum warm-up {momentum_warmup} rounds, H={base_h}',
                  momentum_warmup=momentum_warmup),
              fed(f'FedProx mu={prox_mu:g} (FedAvg outer), H={base_h}', optimizer='fedavg',
