@@ -864,7 +864,8 @@ def study(config, out_dir, seeds, questions, steps, base_h, h_values, k_values, 
       trained, record['diverged'] = {'rounds': 0, 'bytes_up': None}, str(e)
     rounds = trained['rounds']
     record.update(trained, seconds=time.monotonic() - start,
-                  bytes_down=(rounds * evaluator.param_bytes if rounds else None))
+                  bytes_down=(rounds * evaluator.param_bytes * (2 if run.drift == 'scaffold' else 1)
+                              if rounds else None))  # SCAFFOLD: the global model and c.
     if run.partition == 'central:union' and run.central_batch > 1:  # Data-parallel over K.
       record['bytes_up'] = record['bytes_down'] = steps * evaluator.param_bytes
     results['runs'][run.key] = record
