@@ -15,13 +15,18 @@ train/val split of every document is the same in all of them:
   domains8  each domain halved                iid4      the union dealt into 4 shards
   domains1  all four domains in one silo
 
-Questions 1-6 are the issue's; 7 (outer lr, momentum and rounds) chose the defaults.
+Questions 1-6 are the issue's; 7 (outer lr, momentum and rounds) chose the defaults;
+8 is the long horizon (does every member gain? isolated silos, data-parallel, FedAvg,
+DiLoCo, SCAFFOLD, FedProx, each personalised), with its own --out and --steps; 9 screens
+SCAFFOLD's server step, inner lr and H. --report_only rewrites the tables mid-study.
 
 Results go to --out/results.json after every run, so an interrupted study
 resumes where it stopped; --out/study.md and --out/*.png are rewritten from it.
 
   python bench/study.py --out=bench/study   # all 58 runs: ~60 min on 2 CPU cores
   python bench/study.py --out=/tmp/s --seeds=0 --questions=1 --steps=40 --base_h=10
+  python bench/study.py --out=bench/study_4k --questions=8 --steps=4000 --base_h=100 \
+      --h_values=10,25,100,250 --personal_steps=100   # ~8 h on 2 CPU cores
 """
 import dataclasses
 import hashlib
