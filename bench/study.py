@@ -73,7 +73,8 @@ LONG = 8  # The long-horizon member-gain question: its own --out and --steps.
 config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'Model config.', lock_config=True)
 flags.DEFINE_string('out', 'bench/study', 'Folder for results.json, study.md and the plots.')
 flags.DEFINE_list('seeds', ['0', '1'], 'Seeds (init and data order); tables show mean and spread.')
-flags.DEFINE_list('questions', [str(q) for q in QUESTIONS], 'Which questions to run: 1-6 from the issue, 7 the outer lr, 8 the long '
+flags.DEFINE_list('questions', [str(q) for q in QUESTIONS],
+                  'Which questions to run: 1-6 from the issue, 7 the outer lr, 8 the long '
                   'horizon, 9 SCAFFOLD\'s step sizes and H.')
 flags.DEFINE_integer('steps', 200, 'S: inner steps per silo (rounds x H) of every federated run.')
 flags.DEFINE_integer('base_h', 25, 'H of every run outside the H sweep.')
@@ -206,7 +207,7 @@ def plan(questions, seeds, base_h, h_values, k_values, drop_probability, persona
              fed(f'SCAFFOLD (FedAvg outer), H={base_h}', optimizer='fedavg', drift='scaffold')] +
             [fed(f'SCAFFOLD (FedAvg outer), H={h}', inner_steps=h, optimizer='fedavg',
                  drift='scaffold') for h in sorted(h_values, reverse=True) if h < base_h] +
-            [             fed(f'DiLoCo, momentum warm-up {momentum_warmup} rounds, H={base_h}',
+            [fed(f'DiLoCo, momentum warm-up {momentum_warmup} rounds, H={base_h}',
                  momentum_warmup=momentum_warmup),
              fed(f'FedProx mu={prox_mu:g} (FedAvg outer), H={base_h}', optimizer='fedavg',
                  drift='fedprox', prox_mu=prox_mu)] +
@@ -461,6 +462,11 @@ def save_results(path: str, results: dict) -> None:
   os.replace(tmp, path)  # A kill mid-write never loses the runs already done.
 
 
+def _domain_mean(losses: dict) -> float:
+  """The unweighted mean over the four domains ('domain mean'; the union weighs by tokens)."""
+  return float(np.mean([losses[d] for d in DOMAINS]))
+
+
 def spread(values) -> tuple[float, float]:
   """Mean and half the range: with 2 seeds, each seed lies at mean +- spread."""
   values = np.asarray(values, np.float64)
@@ -481,8 +487,7 @@ def summarise(questions: dict, runs: dict) -> dict:
       finite = [d for d in done if not d.get('diverged')]
       for name in EVAL_SETS:
         row[name] = spread([d['losses'][name] for d in finite]) if finite else None
-      row['domain mean'] = spread([np.mean([d['losses'][n] for n in DOMAINS])
-                                   for d in finite]) if finite else None
+      row['domain mean'] = spread([_domain_mean(d['losses']) for d in finite]) if finite else None
       row['bytes_up'] = done[0]['bytes_up']
       row['bytes_down'] = done[0]['bytes_down']
       row['rounds'] = done[0]['rounds']
@@ -623,8 +628,7 @@ def member_gain(rows, runs) -> list[dict]:
     if not done:
       continue
     row = {'label': label, 'seeds': len(done),
-           'global_by_seed': {r.seed: float(np.mean([runs[r.key]['losses'][d] for d in DOMAINS]))
-                              for r in done}}
+           'global_by_seed': {r.seed: _domain_mean(runs[r.key]['losses']) for r in done}}
     for kind, get in (('global', lambda rec, d: rec['losses'][d]),
                       ('personal', lambda rec, d: rec.get('personal', {}).get(d))):
       gains = {d: [iso[d, r.seed] - get(runs[r.key], d) for r in done
@@ -642,7 +646,7 @@ def member_gain(rows, runs) -> list[dict]:
 def member_gain_markdown(rows, runs) -> str:
   table = member_gain(rows, runs)
   iso = _isolated(rows, runs)
-  dp = {r.seed: float(np.mean([runs[r.key]['losses'][d] for d in DOMAINS]))
+  dp = {r.seed: _domain_mean(runs[r.key]['losses'])
         for label, seeded in rows if label.startswith('data-parallel')
         for r in seeded if r.key in runs and 'losses' in runs[r.key]}
 
@@ -664,24 +668,26 @@ def member_gain_markdown(rows, runs) -> str:
         f'{d} {spread([v for (dd, _), v in iso.items() if dd == d])[0]:.3f}'
         for d in DOMAINS if any(dd == d for dd, _ in iso)))
     lines.append('')
-  lines += ['| method | seeds | global domain mean | vs data-parallel | personalised domain mean | ' +
+  lines += ['| method | seeds | global domain mean | vs data-parallel | '
+            'personalised domain mean | ' +
             ' | '.join(f'{d} gain (global / personalised)' for d in DOMAINS) +
-            ' | personalised wins |', '|---|---:|---:|---:|---:|' + '---:|' * len(DOMAINS) + '---:|']
+            ' | personalised wins |',
+            '|---|---:|---:|---:|---:|' + '---:|' * len(DOMAINS) + '---:|']
 
   def cell(x):
     return '-' if x is None else f'{x[0]:+.3f} ± {x[1]:.3f}'
-  for row in table:
+  gaps = [versus_dp(row) for row in table]
+  for row, gap in zip(table, gaps):
     wins, total = row['personal_wins']
-    gap = versus_dp(row)
     lines.append(
         f"| {row['label']} | {row['seeds']} | {_loss(row['global_mean'])} | "
         f"{'-' if gap is None else f'{gap[1] * 100:+.1f}%'} | "
         f"{_loss(row['personal_mean']) if row['personal_mean'] else '-'} | " +
         ' | '.join(f"{cell(row['global'][d])} / {cell(row['personal'][d])}" for d in DOMAINS) +
         f' | {wins}/{total} |')
-  best = min((r for r in table if versus_dp(r)), key=lambda r: versus_dp(r)[1], default=None)
+  best = min((pair for pair in zip(table, gaps) if pair[1]), key=lambda p: p[1][1], default=None)
   if best:
-    dp_mean, gap = versus_dp(best)
+    best, (dp_mean, gap) = best
     lines += ['', f"Best federated global model: {best['label']}, domain mean "
               f"{np.mean(list(best['global_by_seed'].values())):.3f} against data-parallel's "
               f"{dp_mean:.3f} ({gap * 100:+.1f}%, over the seeds both have done)."]

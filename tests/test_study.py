@@ -151,8 +151,12 @@ def test_a_real_study_trains_writes_and_resumes(tiny_config, corpus_dir, tmp_pat
                               params_file=study._save_params(out, key, params))
   study.save_results(os.path.join(out, 'results.json'), results)
   calls = []
-  monkeypatch.setattr(study, 'personalise',
-                      lambda c, p, d, seed, start, steps, lr: calls.append((d, seed, start, lr)) or p)
+
+  def spy(c, p, d, seed, start, steps, lr):
+    del c, steps
+    calls.append((d, seed, start, lr))
+    return p
+  monkeypatch.setattr(study, 'personalise', spy)
   study.study(tiny_config, out, **args)
   rescored = json.load(open(os.path.join(out, 'results.json')))['runs'][key]
   assert calls == [(d, 3, 4, 3e-4) for d in study.DOMAINS] and rescored['personal_lr'] == 3e-4
@@ -204,7 +208,8 @@ def test_long_horizon_plan_and_member_gain(tmp_path):
   assert 'against data-parallel\'s 6.000 (+5.8%' in table
   # Against data-parallel over the seeds both have: seed 0 only, 6.3 / 6.0.
   one_dp = {k: v for k, v in runs.items() if k != 'central:union/s1'}
-  assert '| FedAvg, H=100 | 2 | 6.350 ± 0.050 | +5.0% |' in study.member_gain_markdown(rows, one_dp)
+  one_dp_table = study.member_gain_markdown(rows, one_dp)
+  assert '| FedAvg, H=100 | 2 | 6.350 ± 0.050 | +5.0% |' in one_dp_table
   path, = study.plot_curves(rows, runs, str(tmp_path), batch=8, seq_len=16, personal_steps=10)
   with open(path, 'rb') as f:
     assert f.read(8) == PNG_MAGIC
