@@ -818,8 +818,9 @@ def study(config, out_dir, seeds, questions, steps, base_h, h_values, k_values, 
           long: LongOptions = LongOptions(), report_only: bool = False) -> dict:
   """Trains every planned run not yet in results.json, then writes study.md and the plots.
 
-  `report_only` trains nothing: the tables and plots of the runs done so far (a long study
-  reports while it is still going, from another process).
+  `report_only` trains nothing and leaves results.json alone: the tables and plots of the
+  runs done so far (a long study reports while it is still going, from another process);
+  personalised losses stay at the lr each run records.
   """
   check_flags(steps, base_h, h_values, k_values, questions)
   os.makedirs(out_dir, exist_ok=True)
@@ -843,7 +844,9 @@ def study(config, out_dir, seeds, questions, steps, base_h, h_values, k_values, 
             personalise(base, params, d, seed, steps, long.personal_steps, long.personal_lr),
             dataset=evaluator.vals[d]) for d in DOMAINS}}
 
-  for key, record in results['runs'].items():  # Personalisation is post hoc: rescore.
+  # Personalisation is post hoc: rescore. Not in a report, which trains and writes nothing
+  # (the study it reports on may be running and writing results.json).
+  for key, record in ([] if report_only else results['runs'].items()):
     if 'personal' in record and record['personal_lr'] != long.personal_lr:
       params = trees.unflatten_params(dict(np.load(record['params_file'])))
       record.update(personalised(params, int(key.rsplit('/s', 1)[1])))

@@ -157,6 +157,11 @@ def test_a_real_study_trains_writes_and_resumes(tiny_config, corpus_dir, tmp_pat
     calls.append((d, seed, start, lr))
     return p
   monkeypatch.setattr(study, 'personalise', spy)
+  with open(os.path.join(out, 'results.json'), 'rb') as f:
+    before = f.read()
+  study.study(tiny_config, out, report_only=True, **args)  # A report rescores nothing.
+  with open(os.path.join(out, 'results.json'), 'rb') as f:
+    assert not calls and f.read() == before
   study.study(tiny_config, out, **args)
   rescored = json.load(open(os.path.join(out, 'results.json')))['runs'][key]
   assert calls == [(d, 3, 4, 3e-4) for d in study.DOMAINS] and rescored['personal_lr'] == 3e-4
