@@ -161,7 +161,9 @@ def plan(questions, seeds, base_h, h_values, k_values, drop_probability, persona
   """{question: [(label, [Run per seed])]}; identical runs share one key.
 
   Question 8's rows come in priority order (a study stopped early has the core rows
-  for every seed): the baselines, then each method at H = base_h, then the H sweep.
+  for every seed): the baselines, then each method at H = base_h, SCAFFOLD at every H
+  below it, the H sweep in --h_values order (where does DiLoCo cross FedAvg?), and FedProx
+  last (SCAFFOLD already answers drift correction).
   """
   def fed(label, partition='domains4', **kw):
     kw.setdefault('inner_steps', base_h)
@@ -208,12 +210,12 @@ def plan(questions, seeds, base_h, h_values, k_values, drop_probability, persona
             [fed(f'SCAFFOLD (FedAvg outer), H={h}', inner_steps=h, optimizer='fedavg',
                  drift='scaffold') for h in sorted(h_values, reverse=True) if h < base_h] +
             [fed(f'DiLoCo, momentum warm-up {momentum_warmup} rounds, H={base_h}',
-                 momentum_warmup=momentum_warmup),
-             fed(f'FedProx mu={prox_mu:g} (FedAvg outer), H={base_h}', optimizer='fedavg',
-                 drift='fedprox', prox_mu=prox_mu)] +
+                 momentum_warmup=momentum_warmup)] +
             [fed(f'{name}, H={h}', inner_steps=h, optimizer=opt)
              for h in h_values if h != base_h
-             for name, opt in (('FedAvg', 'fedavg'), ('DiLoCo', 'diloco'))],
+             for name, opt in (('FedAvg', 'fedavg'), ('DiLoCo', 'diloco'))] +
+            [fed(f'FedProx mu={prox_mu:g} (FedAvg outer), H={base_h}', optimizer='fedavg',
+                 drift='fedprox', prox_mu=prox_mu)],
       # Does SCAFFOLD want a larger server step (averaging K AdamW walks shrinks the step),
       # a larger inner lr, or more rounds? FedOpt's server SGD, Reddi et al. arXiv 2003.00295.
       9: [central('data-parallel, K x B batch', 'union'),

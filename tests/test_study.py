@@ -188,6 +188,9 @@ def test_long_horizon_plan_and_member_gain(tmp_path):
   assert 'domains4/H100/diloco/none/mwarmup4/s0' in keys
   assert 'domains4/H25/fedavg/none/scaffold/s0' in keys  # SCAFFOLD at the smallest H too.
   assert 'domains4/H25/diloco/none/s1' in keys and len(keys) == len(set(keys)) == 2 * 13
+  # The H sweep before FedProx, which is last: a study cut short has the sweep.
+  assert keys.index('domains4/H25/diloco/none/s1') < keys.index(
+      'domains4/H100/fedavg/none/fedprox0.01/s0') == len(keys) - 2
   runs = {}
   for label, seeded in rows:
     for r in seeded:
