@@ -1,18 +1,27 @@
-r"""Tokens/s of fedpt's train step next to a bare hand-written JAX step of the same model.
+r"""Tokens/s of fedpt's train step next to the plainest JAX step of the same model (the floor).
 
-Both run in one process on the same devices and batch, interleaved A/B/A/B so that
-machine noise hits both; the ratio fedpt/bare is the figure of merit (target >= 0.95).
+The floor ('bare'): fedpt's forward math on a dict of arrays, its layers an unrolled Python
+loop, `optax.adamw` at a constant lr, no gradient clipping, no weight-decay mask, no z-loss.
+Each fedpt feature the floor lacks can be added to it alone (--variants) to price it, and
+'all' adds every one (the bare step then does fedpt's exact work, minus the framework). All
+steps run in one process on one device and batch, interleaved trial by trial so that machine
+noise hits each alike; fedpt/bare is the figure of merit (target >= 0.97).
 
-  python bench/throughput.py --config=configs/demo.py
-  python bench/throughput.py --config=configs/1b.py --config.data.global_batch=8  # GPU
+  python bench/throughput.py                               # tiny, demo, 7m, 150m side by side
+  python bench/throughput.py --sizes=7m --variants=scan,clip,decay_mask,z_loss,all
+  python bench/throughput.py --sizes= --config=configs/1b.py --config.data.global_batch=8 \
+      --remats=dots_no_batch,full --json_out=/tmp/1b.json  # GPU
 """
-import functools
+import importlib.util
+import json
 import os
 import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, 'bench'))
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
@@ -20,92 +29,57 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+import bare_step  # noqa: E402
+from fedpt import cli  # noqa: E402
 from fedpt import metrics as metrics_lib  # noqa: E402
 from fedpt import model as model_lib  # noqa: E402
+from fedpt import planning  # noqa: E402
 from fedpt import trainer as trainer_lib  # noqa: E402
 
-config_flags.DEFINE_config_file('config', 'configs/demo.py', 'Model config.', lock_config=True)
+# The sizes a CPU run compares side by side: (config file, overrides). 7m is the shape an
+# outside review timed against an unrolled optax step; 150m runs at a CPU-sized batch.
+SIZES = {
+    'tiny': ('configs/tiny.py', {}),
+    'demo': ('configs/demo.py', {}),
+    '7m': ('configs/demo.py', {
+        'model.d_model': 256, 'model.n_layers': 4, 'model.n_heads': 4, 'model.n_kv_heads': 4,
+        'model.head_dim': 64, 'model.d_ff': 682, 'model.vocab_size': 8192,
+        'model.tie_embeddings': False, 'data.global_batch': 16, 'data.seq_len': 256}),
+    '150m': ('configs/150m.py', {'data.global_batch': 2, 'data.seq_len': 256}),
+}
+
+flags.DEFINE_list('sizes', list(SIZES), f'Sizes to compare, from {", ".join(SIZES)}; empty '
+                  'for --config alone.')
+config_flags.DEFINE_config_file('config', None, 'A config to compare besides --sizes.',
+                                lock_config=False)
+flags.DEFINE_list('variants', [], 'Bare steps besides the floor: a feature of '
+                  f'{", ".join(bare_step.FEATURES)} added alone, "all" (every one), or a+b.')
+flags.DEFINE_list('remats', [], 'Remat policies to time each size at (default: its own).')
 flags.DEFINE_integer('steps', 10, 'Timed steps per trial.')
-flags.DEFINE_integer('trials', 3, 'A/B trials; the median is reported.')
+flags.DEFINE_integer('trials', 3, 'Interleaved trials; the median is reported.')
+flags.DEFINE_string('json_out', None, 'Also write the rows as JSON here.')
 FLAGS = flags.FLAGS
 
 
-# -- the bare baseline: plain jnp, a dict of arrays, hand-written AdamW --------------------
-
-def _bare_init(cfg: model_lib.ModelConfig, key):
-  d, f, n, k, h, layers = (cfg.d_model, cfg.d_ff, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
-                           cfg.n_layers)
-  keys = iter(jax.random.split(key, 16))
-  normal = lambda shape, std=cfg.init_std: std * jax.random.normal(next(keys), shape)
-  params = {
-      'embed': normal((cfg.vocab_size, d)),
-      'final_norm': jnp.ones((d,)),
-      'layers': {
-          'attn_norm': jnp.ones((layers, d)), 'mlp_norm': jnp.ones((layers, d)),
-          'wq': normal((layers, d, n, h)), 'wk': normal((layers, d, k, h)),
-          'wv': normal((layers, d, k, h)), 'wo': normal((layers, n, h, d)),
-          'w_gate': normal((layers, d, f)), 'w_up': normal((layers, d, f)),
-          'w_down': normal((layers, f, d)),
-      },
-  }
-  if not cfg.tie_embeddings:
-    params['unembed'] = normal((d, cfg.vocab_size))
-  return params
+ThroughputError = bare_step.ThroughputError
 
 
-def _bare_loss(params, tokens, cfg: model_lib.ModelConfig):
-  dt = jnp.dtype(cfg.compute_dtype)
-  x = params['embed'][tokens[:, :-1]].astype(dt)
-  t = x.shape[1]
-  half = cfg.head_dim // 2
-  ang = jnp.arange(t)[:, None] / cfg.rope_theta ** (jnp.arange(half) / half)
-  sin, cos = jnp.sin(ang)[None, :, None], jnp.cos(ang)[None, :, None]
-
-  def rms(x, w):
-    x32 = x.astype(jnp.float32)
-    return (x32 * jax.lax.rsqrt((x32 ** 2).mean(-1, keepdims=True) + cfg.norm_eps) * w).astype(dt)
-
-  def rot(x):
-    a, b = jnp.split(x.astype(jnp.float32), 2, -1)
-    return jnp.concatenate([a * cos - b * sin, b * cos + a * sin], -1).astype(dt)
-
-  def layer(x, p):
-    y = rms(x, p['attn_norm'])
-    q = rot(jnp.einsum('btd,dnh->btnh', y, p['wq'].astype(dt)))
-    k = rot(jnp.einsum('btd,dkh->btkh', y, p['wk'].astype(dt)))
-    v = jnp.einsum('btd,dkh->btkh', y, p['wv'].astype(dt))
-    o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=cfg.attention)
-    x = x + jnp.einsum('btnh,nhd->btd', o, p['wo'].astype(dt))
-    y = rms(x, p['mlp_norm'])
-    g = jax.nn.silu(y @ p['w_gate'].astype(dt)) * (y @ p['w_up'].astype(dt))
-    return x + g @ p['w_down'].astype(dt), None
-
-  if cfg.remat != 'none':
-    layer = jax.checkpoint(layer, policy=model_lib.REMAT_POLICIES[cfg.remat],
-                           prevent_cse=False)
-  x, _ = jax.lax.scan(layer, x, params['layers'])
-  x = rms(x, params['final_norm'])
-  unembed = params['embed'].T if cfg.tie_embeddings else params['unembed']
-  logits = jnp.einsum('btd,dv->btv', x, unembed.astype(dt), preferred_element_type=jnp.float32)
-  logz = jax.nn.logsumexp(logits, -1)
-  return jnp.mean(logz - jnp.take_along_axis(logits, tokens[:, 1:, None], -1)[..., 0])
-
-
-def _bare_step(state, tokens, cfg, lr=1e-3, b1=0.9, b2=0.95, eps=1e-8, wd=0.1, clip=1.0):
-  params, mu, nu, count = state
-  loss, grads = jax.value_and_grad(_bare_loss)(params, tokens, cfg)
-  norm = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(grads)))
-  grads = jax.tree.map(lambda g: g * jnp.minimum(1.0, clip / (norm + 1e-6)), grads)
-  count = count + 1
-  mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, mu, grads)
-  nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, nu, grads)
-  def update(p, m, v):
-    m_hat, v_hat = m / (1 - b1 ** count), v / (1 - b2 ** count)
-    return p - lr * (m_hat / (jnp.sqrt(v_hat) + eps) + wd * p)
-  return (jax.tree.map(update, params, mu, nu), mu, nu, count), loss
+def load_size(name: str):
+  """configs/<file>.py of a preset in SIZES with its overrides, as a ConfigDict."""
+  if name not in SIZES:
+    raise ThroughputError(f'unknown size {name!r}. Fix: use --sizes from {", ".join(SIZES)}')
+  path, overrides = SIZES[name]
+  spec = importlib.util.spec_from_file_location(f'config_{name}', os.path.join(REPO, path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.update_from_flattened_dict(overrides)
+  config.name = name
+  return config
 
 
 # -- timing ----------------------------------------------------------------------------------
+
 
 def _time_steps(step_fn, state, batch, steps):
   state, out = step_fn(state, batch)  # Warm (already compiled).
@@ -117,7 +91,13 @@ def _time_steps(step_fn, state, batch, steps):
   return state, (time.perf_counter() - start) / steps
 
 
-def run(config, steps: int, trials: int) -> dict:
+def _peak_bytes(device) -> int | None:
+  stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
+  return (stats or {}).get('peak_bytes_in_use')
+
+
+def run(config, steps: int, trials: int, variants=()) -> dict:
+  """One row: tokens/s of fedpt's step, the floor and each variant; ratios to the floor."""
   config.mesh.update(data=1, fsdp=1, tensor=1)  # The bare step is single-device.
   devices = jax.devices()[:1]
   trainer = trainer_lib.Trainer(config, devices=devices)
@@ -126,58 +106,107 @@ def run(config, steps: int, trials: int) -> dict:
       jax.random.randint(jax.random.key(0), (config.data.global_batch, config.data.seq_len + 1),
                          0, config.model.vocab_size), trainer.batch_sharding)
 
+  runners, first_step_s = {}, {}
   fedpt_state = trainer.init_state()
-  bare_params = jax.jit(functools.partial(_bare_init, cfg))(jax.random.key(0))
-  zeros = jax.tree.map(jnp.zeros_like, bare_params)
-  bare_state = (bare_params, zeros, jax.tree.map(jnp.zeros_like, bare_params), jnp.zeros(()))
-  bare_step = jax.jit(functools.partial(_bare_step, cfg=cfg), donate_argnums=(0,))
-
+  init_params = jax.tree.map(jnp.copy, fedpt_state['params'])
   t0 = time.perf_counter()
   fedpt_state, _ = trainer.train_step(fedpt_state, batch)
   jax.block_until_ready(fedpt_state)
-  compile_fedpt = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  bare_state, _ = bare_step(bare_state, batch)
-  jax.block_until_ready(bare_state)
-  compile_bare = time.perf_counter() - t0
+  first_step_s['fedpt'] = time.perf_counter() - t0
+  runners['fedpt'] = (trainer.train_step, fedpt_state)
+  fedpt_peak = _peak_bytes(devices[0])  # Before any bare state exists.
+  for features in [frozenset(), *variants]:
+    name = bare_step.variant_name(features)
+    step, state = bare_step.make_bare(features, trainer, init_params)
+    t0 = time.perf_counter()
+    state, _ = step(state, batch)
+    jax.block_until_ready(state)
+    first_step_s[name] = time.perf_counter() - t0
+    runners[name] = (step, state)
 
-  fedpt_times, bare_times = [], []
+  times = {name: [] for name in runners}
   for _ in range(trials):
-    fedpt_state, seconds = _time_steps(trainer.train_step, fedpt_state, batch, steps)
-    fedpt_times.append(seconds)
-    bare_state, seconds = _time_steps(bare_step, bare_state, batch, steps)
-    bare_times.append(seconds)
+    for name, (step, state) in runners.items():
+      state, seconds = _time_steps(step, state, batch, steps)
+      runners[name] = (step, state)
+      times[name].append(seconds)
 
   tokens = config.data.global_batch * config.data.seq_len
-  fedpt_tps = tokens / statistics.median(fedpt_times)
-  bare_tps = tokens / statistics.median(bare_times)
+  tps = {name: tokens / statistics.median(t) for name, t in times.items()}
   peak = metrics_lib.peak_flops_per_device(config.train.peak_tflops_per_device)
   flops_per_token = model_lib.flops_per_token(cfg, config.data.seq_len)
+  platform = devices[0].platform
+  estimate = planning.plan(config, 1, platform=platform)['per_device_bytes']['total']
   return {
-      'device': devices[0].device_kind, 'params': model_lib.param_count(cfg),
-      'batch': config.data.global_batch, 'seq_len': config.data.seq_len,
-      'compute_dtype': cfg.compute_dtype, 'remat': cfg.remat,
-      'fedpt_tokens_per_s': fedpt_tps, 'bare_tokens_per_s': bare_tps,
-      'ratio': fedpt_tps / bare_tps,
-      'fedpt_mfu': flops_per_token * fedpt_tps / peak if peak else None,
-      'bare_mfu': flops_per_token * bare_tps / peak if peak else None,
-      'first_step_s': {'fedpt': compile_fedpt, 'bare': compile_bare},
+      'size': config.name, 'device': devices[0].device_kind, 'platform': platform,
+      'params': model_lib.param_count(cfg), 'batch': config.data.global_batch,
+      'seq_len': config.data.seq_len, 'compute_dtype': cfg.compute_dtype, 'remat': cfg.remat,
+      'attention': cfg.attention, 'steps': steps, 'trials': trials,
+      'tokens_per_s': tps, 'ratio': tps['fedpt'] / tps['bare'],
+      'ratio_to_bare': {name: v / tps['bare'] for name, v in tps.items()},
+      'mfu': {name: flops_per_token * v / peak for name, v in tps.items()} if peak else None,
+      'first_step_s': first_step_s,
+      'fedpt_peak_bytes': fedpt_peak, 'plan_bytes': estimate,
+      'peak_over_plan': fedpt_peak / estimate if fedpt_peak else None,
   }
+
+
+def configs_to_run(sizes, config, remats) -> list:
+  """(size, remat) rows: each of `sizes` (then --config) at each remat policy."""
+  for remat in remats:
+    if remat not in model_lib.REMAT_POLICIES and remat != 'none':
+      raise ThroughputError(f'unknown remat policy {remat!r}. Fix: use --remats from none, '
+                            f'{", ".join(model_lib.REMAT_POLICIES)}')
+  bases = [load_size(s) for s in sizes] + ([config] if config is not None else [])
+  if not bases:
+    raise ThroughputError('nothing to time. Fix: give --sizes or --config')
+  out = []
+  for base in bases:
+    for remat in remats or [base.model.remat]:
+      c = base.copy_and_resolve_references()
+      c.model.remat = remat
+      out.append(c)
+  return out
+
+
+def markdown(rows: list[dict]) -> str:
+  names = list(rows[0]['tokens_per_s'])
+  head = ('| size | params | batch x seq | dtype | remat | '
+          + ' | '.join(f'{n} tokens/s' for n in names) + ' | fedpt/bare | MFU fedpt |')
+  lines = [head, '|' + '---|' * (head.count('|') - 1)]
+  for r in rows:
+    mfu = f"{r['mfu']['fedpt']:.1%}" if r['mfu'] else 'n/a'
+    lines.append(
+        f"| {r['size']} | {r['params'] / 1e6:.2f}M | {r['batch']} x {r['seq_len']} | "
+        f"{r['compute_dtype']} | {r['remat']} | "
+        + ' | '.join(f"{r['tokens_per_s'][n]:,.0f}" for n in names)
+        + f" | **{r['ratio']:.3f}** | {mfu} |")
+  return '\n'.join(lines)
+
+
+def throughput(sizes, config, variants, remats, steps, trials, json_out=None) -> list[dict]:
+  """Times every (size, remat) row; prints each as it lands, then the Markdown table."""
+  variants = [bare_step.parse_variant(v) for v in variants]
+  rows = []
+  for c in configs_to_run(sizes, config, remats):
+    rows.append(run(c, steps, trials, variants))
+    r = rows[-1]
+    print(f"{r['size']} ({r['params']:,} params, {r['batch']}x{r['seq_len']}, "
+          f"{r['compute_dtype']}, remat {r['remat']}, {r['device']}): " + ', '.join(
+              f'{n} {v:,.0f}' for n, v in r['tokens_per_s'].items())
+          + f" tokens/s; fedpt/bare {r['ratio']:.3f}", flush=True)
+  print(markdown(rows))
+  if json_out:
+    with open(json_out, 'w') as f:
+      json.dump(rows, f, indent=1)
+  return rows
 
 
 def main(argv):
   del argv
-  result = run(FLAGS.config, FLAGS.steps, FLAGS.trials)
-  mfu = lambda x: 'n/a (no peak for this device)' if x is None else f'{x:.1%}'
-  print(f"config={FLAGS.config.name} device={result['device']} params={result['params']:,} "
-        f"batch={result['batch']}x{result['seq_len']} dtype={result['compute_dtype']} "
-        f"remat={result['remat']}")
-  print(f"fedpt train step : {result['fedpt_tokens_per_s']:12,.0f} tokens/s   "
-        f"MFU {mfu(result['fedpt_mfu'])}")
-  print(f"bare JAX step    : {result['bare_tokens_per_s']:12,.0f} tokens/s   "
-        f"MFU {mfu(result['bare_mfu'])}")
-  print(f"ratio fedpt/bare : {result['ratio']:.3f}  (target >= 0.95)")
+  cli.run_or_explain(throughput, FLAGS.sizes, FLAGS.config, FLAGS.variants, FLAGS.remats,
+                     FLAGS.steps, FLAGS.trials, FLAGS.json_out)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags_or_explain)

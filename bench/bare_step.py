@@ -1,0 +1,132 @@
+"""The floor fedpt's train step is measured against: fedpt's math, nothing else.
+
+The bare step computes `fedpt.model.Transformer`'s forward, written out in plain jnp, on
+fedpt's pure-dict params (so both start equal), its layers an unrolled Python loop, with `optax.adamw` at a constant lr: no gradient
+clipping, no weight-decay mask, no z-loss, no schedule. Each of those features can be added
+to it alone, to price it (bench/throughput.py --variants). Flag-free, so tests import it.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedpt import errors
+from fedpt import inner
+from fedpt import model as model_lib
+
+# What fedpt's step does that the floor does not; each can be added to the floor alone.
+FEATURES = ('scan', 'clip', 'decay_mask', 'z_loss', 'schedule')
+
+
+class ThroughputError(errors.UserError, ValueError):
+  """A bad size, variant or remat policy."""
+
+
+def parse_variant(text: str) -> frozenset:
+  """'all', '' (the floor) or features joined by '+', e.g. 'scan+clip'."""
+  if text == 'all':
+    return frozenset(FEATURES)
+  features = frozenset(f for f in text.split('+') if f)
+  unknown = sorted(features - set(FEATURES))
+  if unknown:
+    raise ThroughputError(f'unknown bare-step feature {unknown[0]!r}. Fix: use --variants from '
+                          f'{", ".join(FEATURES)}, "all", or features joined by +')
+  return features
+
+
+def variant_name(features: frozenset) -> str:
+  if features == frozenset(FEATURES):
+    return 'bare+all'
+  return '+'.join(['bare', *sorted(features)])
+
+
+# -- the bare step: fedpt's math on a dict of arrays ------------------------------------------
+
+
+def bare_params(params, scan: bool):
+  """fedpt's pure-dict params; unless `scan`, the stacked blocks as a list of layers."""
+  if scan:
+    return params
+  layers = jax.tree.leaves(params['blocks'])[0].shape[0]
+  return {**params, 'blocks': [jax.tree.map(lambda a, i=i: a[i], params['blocks'])
+                               for i in range(layers)]}
+
+
+def bare_loss(params, tokens_bt1, cfg: model_lib.ModelConfig, z_loss: float = 0.0):
+  """Mean next-token loss (+ z-loss) of [batch, length+1] tokens: `inner.loss_and_metrics`."""
+  dt = jnp.dtype(cfg.compute_dtype)
+  inputs_bt, targets_bt = tokens_bt1[:, :-1], tokens_bt1[:, 1:]
+  x = jnp.take(params['embed_vd'], inputs_bt, axis=0).astype(dt)
+  half = cfg.head_dim // 2
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(half, dtype=jnp.float32) / half))
+  angles = jnp.arange(inputs_bt.shape[1], dtype=jnp.float32)[:, None] * inv_freq
+  sin, cos = jnp.sin(angles)[None, :, None], jnp.cos(angles)[None, :, None]
+
+  def rms(x, scale):
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + cfg.norm_eps)
+            * scale.astype(jnp.float32)).astype(dt)
+
+  def rot(x):
+    a, b = jnp.split(x.astype(jnp.float32), 2, -1)
+    return jnp.concatenate([a * cos - b * sin, b * cos + a * sin], -1).astype(dt)
+
+  def layer(x, p):
+    attn, mlp = p['attn'], p['mlp']
+    y = rms(x, p['attn_norm']['scale'])
+    q = rot(jnp.einsum('btd,dnh->btnh', y, attn['q_weight_dnh'].astype(dt)))
+    k = rot(jnp.einsum('btd,dkh->btkh', y, attn['k_weight_dkh'].astype(dt)))
+    v = jnp.einsum('btd,dkh->btkh', y, attn['v_weight_dkh'].astype(dt))
+    o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=cfg.attention)
+    x = x + jnp.einsum('btnh,nhd->btd', o, attn['o_weight_nhd'].astype(dt))
+    y = rms(x, p['mlp_norm']['scale'])
+    g = (jax.nn.silu(jnp.einsum('btd,df->btf', y, mlp['gate_weight_df'].astype(dt)))
+         * jnp.einsum('btd,df->btf', y, mlp['up_weight_df'].astype(dt)))
+    return x + jnp.einsum('btf,fd->btd', g, mlp['down_weight_fd'].astype(dt)), None
+
+  scan = not isinstance(params['blocks'], list)
+  if cfg.remat != 'none':
+    layer = jax.checkpoint(layer, policy=model_lib.REMAT_POLICIES[cfg.remat],
+                           prevent_cse=not scan)
+  if scan:
+    x, _ = jax.lax.scan(layer, x, params['blocks'])
+  else:
+    for p in params['blocks']:
+      x, _ = layer(x, p)
+  x = rms(x, params['final_norm']['scale'])
+  unembed = params['embed_vd'].T if cfg.tie_embeddings else params['unembed_dv']
+  logits = jnp.einsum('btd,dv->btv', x, unembed.astype(dt), preferred_element_type=jnp.float32)
+  log_z = jax.nn.logsumexp(logits, -1)
+  nll = jnp.mean(log_z - jnp.take_along_axis(logits, targets_bt[..., None], -1)[..., 0])
+  return nll + z_loss * jnp.mean(jnp.square(log_z))
+
+
+def bare_optimizer(features: frozenset, inner_config, total_steps: int):
+  """optax.adamw at a constant lr; each feature adds fedpt's own piece (`inner.py`)."""
+  lr = (inner.lr_schedule(inner_config, total_steps) if 'schedule' in features
+        else inner_config.lr)
+  tx = optax.adamw(lr, b1=inner_config.b1, b2=inner_config.b2, eps=inner_config.eps,
+                   weight_decay=inner_config.weight_decay,
+                   mask=inner._decay_mask if 'decay_mask' in features else None)  # pylint: disable=protected-access
+  if 'clip' in features and inner_config.grad_clip > 0:
+    tx = optax.chain(optax.clip_by_global_norm(inner_config.grad_clip), tx)
+  return tx
+
+
+def bare_step(state, tokens_bt1, *, cfg, optimizer, z_loss):
+  params, opt_state = state
+  loss, grads = jax.value_and_grad(bare_loss)(params, tokens_bt1, cfg, z_loss)
+  updates, opt_state = optimizer.update(grads, opt_state, params)
+  return (optax.apply_updates(params, updates), opt_state), loss
+
+
+def make_bare(features: frozenset, trainer, params):
+  """(jitted step, initial state) of one bare variant, on copies of fedpt's initial params."""
+  config = trainer.config
+  optimizer = bare_optimizer(features, config.inner, trainer.total_steps)
+  z_loss = config.inner.z_loss if 'z_loss' in features else 0.0
+  step = jax.jit(functools.partial(bare_step, cfg=trainer.model_config, optimizer=optimizer,
+                                   z_loss=z_loss), donate_argnums=(0,))
+  params = jax.tree.map(jnp.copy, bare_params(params, 'scan' in features))
+  return step, (params, optimizer.init(params))
