@@ -65,7 +65,11 @@ mkdir -p "$out"
 "$python" -m pip download --quiet --no-deps --only-binary=:all: \
   --implementation cp --python-version "$python_version" \
   --platform "manylinux_2_28_$arch" --platform "manylinux_2_17_$arch" \
-  --platform "manylinux2014_$arch" --platform any -d "$out" "${missing[@]}"
+  --platform "manylinux2014_$arch" --platform any -d "$out" "${missing[@]}" 2> "$tmp/pip.err" || {
+    echo "gpu_wheels: pip could not download the wheels:" \
+         "$(grep -m1 ERROR "$tmp/pip.err" || tail -n1 "$tmp/pip.err"). Fix: check the index" >&2
+    exit 2
+  }
 printf '%s\n' "${missing[@]}" > "$out/requirements.txt"
 echo "gpu_wheels: ${#missing[@]} wheels, $(du -sh "$out" | cut -f1) in $out:" \
      "$(tr '\n' ' ' < "$out/requirements.txt")"

@@ -1,4 +1,8 @@
-"""Test setup: 8 fake CPU devices, set before anything imports jax."""
+"""Test setup: 8 fake CPU devices, set before anything imports jax.
+
+FEDPT_TEST_DEVICES=1 gives one, as on a one-GPU machine: bench/gpu_check.sh's dry run
+proves its test selection (`-m gpu`) passes there; tests that need a mesh of several
+devices skip (`needs_devices`)."""
 import atexit
 import os
 import shutil
@@ -9,7 +13,9 @@ import tempfile
 # are compiled alike.
 CHILD_XLA_FLAGS = "--xla_llvm_disable_expensive_passes=true"
 os.environ["XLA_FLAGS"] = " ".join([
-    os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8", CHILD_XLA_FLAGS
+    os.environ.get("XLA_FLAGS", ""),
+    f"--xla_force_host_platform_device_count={os.environ.get('FEDPT_TEST_DEVICES', '8')}",
+    CHILD_XLA_FLAGS
 ]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the session, inherited by every process a test
@@ -34,6 +40,12 @@ def child_env(**overrides) -> dict:
   """This environment for a process with one CPU device (a silo, a script): less to compile
   than the 8 fake devices here, and the same compilation cache and XLA flags."""
   return {**os.environ, "XLA_FLAGS": CHILD_XLA_FLAGS, "JAX_PLATFORMS": "cpu", **overrides}
+
+
+def needs_devices(n: int):
+  """Skips a test whose mesh needs `n` devices where fewer exist (e.g. on one GPU)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return pytest.mark.skipif(jax.device_count() < n, reason=f'needs {n} devices')
 
 
 @pytest.fixture(scope="session")

@@ -46,6 +46,7 @@ def _publish_fake_delta(store, run, round_index, silo, fed, scale, tokens=1000, 
 # -- in-process protocol tests ------------------------------------------------------------
 
 
+@pytest.mark.gpu
 def test_plain_training_is_the_k1_h1_fedavg_special_case(fed_config, tmp_path):
   fed_config.federation.update(rounds=5, inner_steps=1, silos=('solo',), compression='none')
   fed_config.outer.optimizer = 'fedavg'
@@ -137,6 +138,7 @@ def test_quorum_deadline_late_and_rejected_deltas(fed_config, tmp_path):
     agg.decide(3)
 
 
+@pytest.mark.gpu
 def test_split_aggregation_equals_unsplit(fed_config, tmp_path):
   fed = fed_config.federation
   results = {}
@@ -345,6 +347,7 @@ def _run_in_threads(config, root, workdir, start_delays=None):
   return results
 
 
+@pytest.mark.gpu
 def test_compression_error_feedback_and_per_silo_steps(fed_config, tmp_path):
   fed = fed_config.federation
   # Silo b runs on slower hardware: half the inner steps (declared in run.json), half the weight.

@@ -9,6 +9,8 @@ from fedpt import config as config_lib
 from fedpt import inner
 from fedpt import model as model_lib
 
+pytestmark = pytest.mark.gpu  # Numerics that must hold on an accelerator too.
+
 
 def _tiny(**overrides):
   c = config_lib.base_config()

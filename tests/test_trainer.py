@@ -29,6 +29,8 @@ def _with_mesh(config, mesh):
   return config
 
 
+@pytest.mark.gpu
+@conftest.needs_devices(8)
 @pytest.mark.parametrize('mesh', MESHES)
 def test_params_are_sharded_as_the_rules_say(tiny_config, mesh):
   trainer = trainer_lib.Trainer(_with_mesh(tiny_config, mesh))
@@ -68,6 +70,8 @@ def _one_step(config, devices):
   return float(metrics['train_loss']), jax.device_get(state['params'])
 
 
+@pytest.mark.gpu
+@conftest.needs_devices(8)
 def test_one_step_matches_single_device_on_every_mesh(tiny_config):
   single = tiny_config.copy_and_resolve_references()
   single.mesh.update(data=1, fsdp=1, tensor=1)
@@ -80,6 +84,8 @@ def test_one_step_matches_single_device_on_every_mesh(tiny_config):
                  params, ref_params)
 
 
+@pytest.mark.gpu
+@conftest.needs_devices(8)
 def test_gradient_accumulation_matches_full_batch(tiny_config):
   _with_mesh(tiny_config, (2, 2, 2))
   loss_full, params_full = _one_step(tiny_config.copy_and_resolve_references(), None)
@@ -104,6 +110,7 @@ def _assert_bitwise_equal(a, b):
 
 
 @pytest.mark.slow
+@pytest.mark.gpu
 def test_resume_is_bit_exact(tiny_config, tmp_path):
   tiny_config.train.update(steps=20, checkpoint_every=100, log_every=5, eval_every=10)
   straight = trainer_lib.train_and_evaluate(tiny_config, str(tmp_path / 'straight'))
@@ -213,6 +220,7 @@ def test_a_resume_keeps_the_recorded_config_unless_a_change_is_allowed(tiny_conf
 
 
 @pytest.mark.slow
+@pytest.mark.gpu
 def test_tiny_config_learns_real_text(tiny_config, tmp_path):
   tiny_config.train.update(steps=100, eval_every=100, log_every=10)
   trainer = trainer_lib.Trainer(tiny_config)
