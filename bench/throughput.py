@@ -12,6 +12,7 @@ noise hits each alike; fedpt/bare is the figure of merit (target >= 0.97).
   python bench/throughput.py --sizes= --config=configs/1b.py --config.data.global_batch=8 \
       --remats=dots_no_batch,full --json_out=/tmp/1b.json  # GPU
 """
+import ast
 import importlib.util
 import json
 import os
@@ -54,6 +55,8 @@ config_flags.DEFINE_config_file('config', None, 'A config to compare besides --s
                                 lock_config=False)
 flags.DEFINE_list('variants', [], 'Bare steps besides the floor: a feature of '
                   f'{", ".join(bare_step.FEATURES)} added alone, "all" (every one), or a+b.')
+flags.DEFINE_list('fedpt_overrides', [], 'More fedpt steps beside the config\'s own, one per '
+                  'FIELD=VALUE, e.g. model.scan_layers=False.')
 flags.DEFINE_list('remats', [], 'Remat policies to time each size at (default: its own).')
 flags.DEFINE_integer('steps', 10, 'Timed steps per trial.')
 flags.DEFINE_integer('trials', 3, 'Interleaved trials; the median is reported.')
@@ -96,8 +99,39 @@ def _peak_bytes(device) -> int | None:
   return (stats or {}).get('peak_bytes_in_use')
 
 
-def run(config, steps: int, trials: int, variants=()) -> dict:
-  """One row: tokens/s of fedpt's step, the floor and each variant; ratios to the floor."""
+def parse_override(text: str) -> tuple[str, object]:
+  """'model.scan_layers=False' -> ('model.scan_layers', False)."""
+  field, sep, value = text.partition('=')
+  try:
+    if sep and field.strip():
+      return field.strip(), ast.literal_eval(value.strip())
+  except (ValueError, SyntaxError):
+    pass
+  raise ThroughputError(f'--fedpt_overrides={text!r} is not FIELD=VALUE with a Python literal '
+                        'value. Fix: e.g. --fedpt_overrides=model.scan_layers=False')
+
+
+def _with_override(config, field: str, value):
+  config = config.copy_and_resolve_references()
+  try:
+    config.update_from_flattened_dict({field: value})
+  except (KeyError, TypeError) as e:
+    raise ThroughputError(f'--fedpt_overrides={field}={value!r}: {e}. Fix: name a config field '
+                          'and give a value of its type') from None
+  return config
+
+
+def _first_step(trainer, batch):
+  """(state after fedpt's first step from its initial state, seconds it took: compile)."""
+  state = trainer.init_state()
+  t0 = time.perf_counter()
+  state, _ = trainer.train_step(state, batch)
+  jax.block_until_ready(state)
+  return state, time.perf_counter() - t0
+
+
+def run(config, steps: int, trials: int, variants=(), fedpt_overrides=()) -> dict:
+  """One row: tokens/s of fedpt's step (and each override), the floor and each variant."""
   config.mesh.update(data=1, fsdp=1, tensor=1)  # The bare step is single-device.
   devices = jax.devices()[:1]
   trainer = trainer_lib.Trainer(config, devices=devices)
@@ -107,14 +141,15 @@ def run(config, steps: int, trials: int, variants=()) -> dict:
                          0, config.model.vocab_size), trainer.batch_sharding)
 
   runners, first_step_s = {}, {}
-  fedpt_state = trainer.init_state()
-  init_params = jax.tree.map(jnp.copy, fedpt_state['params'])
-  t0 = time.perf_counter()
-  fedpt_state, _ = trainer.train_step(fedpt_state, batch)
-  jax.block_until_ready(fedpt_state)
-  first_step_s['fedpt'] = time.perf_counter() - t0
-  runners['fedpt'] = (trainer.train_step, fedpt_state)
-  fedpt_peak = _peak_bytes(devices[0])  # Before any bare state exists.
+  init_params = jax.tree.map(jnp.copy, trainer.init_state()['params'])
+  state, first_step_s['fedpt'] = _first_step(trainer, batch)
+  runners['fedpt'] = (trainer.train_step, state)
+  fedpt_peak = _peak_bytes(devices[0])  # Before any other state exists.
+  for field, value in fedpt_overrides:
+    name = f'fedpt[{field}={value}]'
+    other = trainer_lib.Trainer(_with_override(config, field, value), devices=devices)
+    state, first_step_s[name] = _first_step(other, batch)
+    runners[name] = (other.train_step, state)
   for features in [frozenset(), *variants]:
     name = bare_step.variant_name(features)
     step, state = bare_step.make_bare(features, trainer, init_params)
@@ -184,12 +219,18 @@ def markdown(rows: list[dict]) -> str:
   return '\n'.join(lines)
 
 
-def throughput(sizes, config, variants, remats, steps, trials, json_out=None) -> list[dict]:
+def throughput(sizes, config, variants, remats, steps, trials, json_out=None,
+               fedpt_overrides=()) -> list[dict]:
   """Times every (size, remat) row; prints each as it lands, then the Markdown table."""
   variants = [bare_step.parse_variant(v) for v in variants]
+  overrides = [parse_override(o) for o in fedpt_overrides]
+  configs = configs_to_run(sizes, config, remats)
+  for c in configs:  # Every bad override is refused before anything compiles.
+    for field, value in overrides:
+      _with_override(c, field, value)
   rows = []
-  for c in configs_to_run(sizes, config, remats):
-    rows.append(run(c, steps, trials, variants))
+  for c in configs:
+    rows.append(run(c, steps, trials, variants, overrides))
     r = rows[-1]
     print(f"{r['size']} ({r['params']:,} params, {r['batch']}x{r['seq_len']}, "
           f"{r['compute_dtype']}, remat {r['remat']}, {r['device']}): " + ', '.join(
@@ -205,7 +246,7 @@ def throughput(sizes, config, variants, remats, steps, trials, json_out=None) ->
 def main(argv):
   del argv
   cli.run_or_explain(throughput, FLAGS.sizes, FLAGS.config, FLAGS.variants, FLAGS.remats,
-                     FLAGS.steps, FLAGS.trials, FLAGS.json_out)
+                     FLAGS.steps, FLAGS.trials, FLAGS.json_out, FLAGS.fedpt_overrides)
 
 
 if __name__ == '__main__':

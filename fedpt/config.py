@@ -74,6 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
       compute_dtype='auto',  # bfloat16 on GPU/TPU, float32 on CPU.
       remat='none',
       attention='auto',
+      scan_layers=True,  # False: a Python loop over layers (compile time grows with depth).
   ))
   c.data = ml_collections.ConfigDict(dict(
       corpus='stdlib',  # The built-in corpus, or a directory from prepare_data.py.
@@ -376,8 +377,8 @@ MODEL_FIELDS = (*(f'model.{k}' for k in SHAPE_FIELDS), 'model.rope_theta', 'mode
 # What a resumed run may change without --allow_config_change: how it is run, logged and
 # checkpointed, not what it computes. Every other field is compared with the workdir's record.
 # federation.* and outer.*: a plain run does not read them (a federated run's are in run.json).
-RESUMABLE_FIELDS = ('name', 'model.remat', 'model.attention', 'inner.grad_accum', 'train.log_every',
-                    'train.eval_every', 'train.eval_batches', 'train.checkpoint_every',
+RESUMABLE_FIELDS = ('name', 'model.remat', 'model.attention', 'model.scan_layers',
+                    'inner.grad_accum', 'train.log_every', 'train.eval_every', 'train.eval_batches', 'train.checkpoint_every',
                     'train.keep_checkpoints', 'train.async_checkpoints',
                     'train.peak_tflops_per_device', 'mesh.*', 'sharding.*', 'distributed.*',
                     'federation.*', 'outer.*', 'personal.*')

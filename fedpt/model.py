@@ -2,7 +2,8 @@
 
 Parameters are annotated with logical axis names only; `sharding.py` maps them
 onto the mesh. The layer stack is one vmapped Block scanned with `lax.scan`, so
-compile time does not grow with depth. The same forward serves training and
+compile time does not grow with depth (`scan_layers=False` unrolls the same stacked
+params into a Python loop, as MaxText's `scan_layers`). The same forward serves training and
 sampling: given a KV cache (`init_cache`) it also returns the updated cache.
 """
 import dataclasses
@@ -37,6 +38,7 @@ class ModelConfig:
   compute_dtype: str = 'float32'
   remat: str = 'none'
   attention: str = 'xla'
+  scan_layers: bool = True
 
   @classmethod
   def from_config(cls, model_config, platform: str | None = None):
@@ -201,11 +203,20 @@ class Transformer(nnx.Module):
       layer_state, layer_cache = layer
       return nnx.merge(block_graph, layer_state)(x_btd, positions_bt, layer_cache, cache_index)
 
-    if cfg.remat != 'none':
+    if cfg.remat != 'none':  # CSE is only safe to allow inside a scan.
       apply_block = jax.checkpoint(apply_block, policy=REMAT_POLICIES[cfg.remat],
-                                   prevent_cse=False)
+                                   prevent_cse=not cfg.scan_layers)
     # The cache's leading axis is the layer, so it is scanned with the blocks.
-    x_btd, cache_out = jax.lax.scan(apply_block, x_btd, (block_state, cache))
+    if cfg.scan_layers:
+      x_btd, cache_out = jax.lax.scan(apply_block, x_btd, (block_state, cache))
+    else:  # The same stacked params, one layer at a time: no stacked buffers for the
+      # scan's residuals and gradients, at a compile time that grows with depth.
+      caches = []
+      for i in range(cfg.n_layers):
+        x_btd, layer_cache = apply_block(x_btd, jax.tree.map(lambda a, i=i: a[i],
+                                                             (block_state, cache)))
+        caches.append(layer_cache)
+      cache_out = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *caches)
     x_btd = self.final_norm(x_btd)
     unembed_dv = (self.embed_vd[...].T if cfg.tie_embeddings else self.unembed_dv[...])
     logits_btv = jnp.einsum('btd,dv->btv', x_btd, unembed_dv.astype(dtype),

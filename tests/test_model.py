@@ -129,6 +129,27 @@ def test_remat_policies_do_not_change_gradients(policy):
                grads['none'], grads[policy])
 
 
+@pytest.mark.parametrize('remat', ['none', 'full'])
+def test_unrolled_layers_compute_what_the_scan_computes(remat):
+  """model.scan_layers=False: the same params, loss, gradients and KV cache."""
+  tokens = jax.random.randint(jax.random.key(0), (2, 9), 0, 97)
+  out = {}
+  for scan in (True, False):
+    cfg = _tiny(remat=remat, scan_layers=scan)
+    model = model_lib.Transformer(cfg, nnx.Rngs(0))
+    graphdef, params = nnx.graphdef(model), nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    loss, grads = jax.value_and_grad(lambda p: inner.loss_and_metrics(
+        p, tokens, graphdef=graphdef, z_loss=1e-3)[0])(params)
+    _, cache = nnx.merge(graphdef, nnx.state(model))(
+        tokens, cache=model_lib.init_cache(cfg, 2, 12), cache_index=0)
+    out[scan] = (params, loss, grads, cache)
+  jax.tree.map(np.testing.assert_array_equal, out[True][0], out[False][0])  # One layout.
+  np.testing.assert_allclose(out[False][1], out[True][1], rtol=1e-6)
+  assert float(out[True][1]) > 4.0
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               out[False][2:], out[True][2:])
+
+
 def test_z_loss_adds_mean_squared_log_partition():
   cfg = _tiny()
   model = model_lib.Transformer(cfg, nnx.Rngs(0))

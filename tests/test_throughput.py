@@ -68,6 +68,9 @@ def test_variant_names_parse_and_bad_ones_are_refused():
     (['--sizes=huge'], "unknown size 'huge'"),
     (['--sizes=tiny', '--remats=everything'], "unknown remat policy 'everything'"),
     (['--sizes=tiny', '--variants=fused'], "unknown bare-step feature 'fused'"),
+    (['--sizes=tiny', '--fedpt_overrides=model.scan_layers'], 'is not FIELD=VALUE'),
+    (['--sizes=tiny', '--fedpt_overrides=model.scan_layer=False'], 'did you mean'),
+    (['--sizes=tiny', '--fedpt_overrides=model.scan_layers=3'], 'give a value of its type'),
 ])
 def test_bad_flags_are_one_line(repo_root, args, expected):
   proc = subprocess.run([sys.executable, 'bench/throughput.py', *args], cwd=repo_root,
