@@ -5,7 +5,8 @@ loop, `optax.adamw` at a constant lr, no gradient clipping, no weight-decay mask
 Each fedpt feature the floor lacks can be added to it alone (--variants) to price it, and
 'all' adds every one (the bare step then does fedpt's exact work, minus the framework). All
 steps run in one process on one device and batch, interleaved trial by trial so that machine
-noise hits each alike; fedpt/bare is the figure of merit (target >= 0.97).
+noise hits each alike (each trial rotates which goes first); fedpt/bare is the figure
+of merit (target >= 0.97).
 
   python bench/throughput.py                               # tiny, demo, 7m, 150m side by side
   python bench/throughput.py --sizes=7m --variants=scan,clip,decay_mask,z_loss,all
@@ -160,8 +161,10 @@ def run(config, steps: int, trials: int, variants=(), fedpt_overrides=()) -> dic
     runners[name] = (step, state)
 
   times = {name: [] for name in runners}
-  for _ in range(trials):
-    for name, (step, state) in runners.items():
+  names = list(runners)
+  for trial in range(trials):  # Each trial starts one runner later: no runner always goes first.
+    for name in names[trial % len(names):] + names[:trial % len(names)]:
+      step, state = runners[name]
       state, seconds = _time_steps(step, state, batch, steps)
       runners[name] = (step, state)
       times[name].append(seconds)
