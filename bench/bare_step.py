@@ -1,4 +1,4 @@
-"""The floor fedpt's train step is measured against: fedpt's math, nothing else.
+"""The floor fedpt's train step is measured against (fedpt's math, nothing else), and the sizes.
 
 The bare step computes `fedpt.model.Transformer`'s forward, written out in plain jnp, on
 fedpt's pure-dict params (so both start equal), its layers an unrolled Python loop, with `optax.adamw` at a constant lr: no gradient
@@ -6,6 +6,8 @@ clipping, no weight-decay mask, no z-loss, no schedule. Each of those features c
 to it alone, to price it (bench/throughput.py --variants). Flag-free, so tests import it.
 """
 import functools
+import importlib.util
+import os
 
 import jax
 import jax.numpy as jnp
@@ -15,12 +17,39 @@ from fedpt import errors
 from fedpt import inner
 from fedpt import model as model_lib
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The sizes a CPU run compares side by side: (config file, overrides). 7m is the shape an
+# outside review timed against an unrolled optax step; 150m runs at a CPU-sized batch.
+SIZES = {
+    'tiny': ('configs/tiny.py', {}),
+    'demo': ('configs/demo.py', {}),
+    '7m': ('configs/demo.py', {
+        'model.d_model': 256, 'model.n_layers': 4, 'model.n_heads': 4, 'model.n_kv_heads': 4,
+        'model.head_dim': 64, 'model.d_ff': 682, 'model.vocab_size': 8192,
+        'model.tie_embeddings': False, 'data.global_batch': 16, 'data.seq_len': 256}),
+    '150m': ('configs/150m.py', {'data.global_batch': 2, 'data.seq_len': 256}),
+}
 # What fedpt's step does that the floor does not; each can be added to the floor alone.
 FEATURES = ('scan', 'clip', 'decay_mask', 'z_loss', 'schedule')
 
 
 class ThroughputError(errors.UserError, ValueError):
   """A bad size, variant or remat policy."""
+
+
+def load_size(name: str):
+  """configs/<file>.py of a preset in SIZES with its overrides, as a ConfigDict."""
+  if name not in SIZES:
+    raise ThroughputError(f'unknown size {name!r}. Fix: use --sizes from {", ".join(SIZES)}')
+  path, overrides = SIZES[name]
+  spec = importlib.util.spec_from_file_location(f'config_{name}', os.path.join(REPO, path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.update_from_flattened_dict(overrides)
+  config.name = name
+  return config
 
 
 def parse_variant(text: str) -> frozenset:

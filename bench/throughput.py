@@ -14,16 +14,14 @@ of merit (target >= 0.97).
       --remats=dots_no_batch,full --json_out=/tmp/1b.json  # GPU
 """
 import ast
-import importlib.util
 import json
 import os
 import statistics
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.join(REPO, 'bench'))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
@@ -38,19 +36,7 @@ from fedpt import model as model_lib  # noqa: E402
 from fedpt import planning  # noqa: E402
 from fedpt import trainer as trainer_lib  # noqa: E402
 
-# The sizes a CPU run compares side by side: (config file, overrides). 7m is the shape an
-# outside review timed against an unrolled optax step; 150m runs at a CPU-sized batch.
-SIZES = {
-    'tiny': ('configs/tiny.py', {}),
-    'demo': ('configs/demo.py', {}),
-    '7m': ('configs/demo.py', {
-        'model.d_model': 256, 'model.n_layers': 4, 'model.n_heads': 4, 'model.n_kv_heads': 4,
-        'model.head_dim': 64, 'model.d_ff': 682, 'model.vocab_size': 8192,
-        'model.tie_embeddings': False, 'data.global_batch': 16, 'data.seq_len': 256}),
-    '150m': ('configs/150m.py', {'data.global_batch': 2, 'data.seq_len': 256}),
-}
-
-flags.DEFINE_list('sizes', list(SIZES), f'Sizes to compare, from {", ".join(SIZES)}; empty '
+flags.DEFINE_list('sizes', list(bare_step.SIZES), f'Sizes to compare, from {", ".join(bare_step.SIZES)}; empty '
                   'for --config alone.')
 config_flags.DEFINE_config_file('config', None, 'A config to compare besides --sizes.',
                                 lock_config=False)
@@ -66,20 +52,6 @@ FLAGS = flags.FLAGS
 
 
 ThroughputError = bare_step.ThroughputError
-
-
-def load_size(name: str):
-  """configs/<file>.py of a preset in SIZES with its overrides, as a ConfigDict."""
-  if name not in SIZES:
-    raise ThroughputError(f'unknown size {name!r}. Fix: use --sizes from {", ".join(SIZES)}')
-  path, overrides = SIZES[name]
-  spec = importlib.util.spec_from_file_location(f'config_{name}', os.path.join(REPO, path))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config.update_from_flattened_dict(overrides)
-  config.name = name
-  return config
 
 
 # -- timing ----------------------------------------------------------------------------------
@@ -195,7 +167,7 @@ def configs_to_run(sizes, config, remats) -> list:
     if remat not in model_lib.REMAT_POLICIES and remat != 'none':
       raise ThroughputError(f'unknown remat policy {remat!r}. Fix: use --remats from none, '
                             f'{", ".join(model_lib.REMAT_POLICIES)}')
-  bases = [load_size(s) for s in sizes] + ([config] if config is not None else [])
+  bases = [bare_step.load_size(s) for s in sizes] + ([config] if config is not None else [])
   if not bases:
     raise ThroughputError('nothing to time. Fix: give --sizes or --config')
   out = []

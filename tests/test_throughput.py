@@ -1,5 +1,6 @@
 """bench/throughput.py's floor does fedpt's work: the same loss on the same params and batch,
 and with every feature added, the same update; bad flags are one line."""
+import json
 import os
 import subprocess
 import sys
@@ -77,3 +78,20 @@ def test_bad_flags_are_one_line(repo_root, args, expected):
                         capture_output=True, text=True, env=conftest.child_env(), timeout=120)
   assert proc.returncode == 2, proc.stderr
   assert expected in proc.stderr and 'Traceback' not in proc.stderr
+
+
+def test_profile_prices_clipping_and_finds_no_framework_overhead(repo_root, tmp_path):
+  out = tmp_path / 'profile.json'
+  proc = subprocess.run([sys.executable, 'bench/profile_step.py', '--size=tiny',
+                         '--variants=clip,all', '--steps=1', f'--json_out={out}'],
+                        cwd=repo_root, capture_output=True, text=True, env=conftest.child_env(),
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  static = json.loads(out.read_text())['static']
+  # A global-norm clip makes XLA write the gradients out and read them back.
+  assert static['bare+clip']['gb_accessed'] > 1.01 * static['bare']['gb_accessed']
+  # fedpt's program is the bare step with every feature: the framework adds no traffic.
+  assert static['fedpt']['gb_accessed'] == pytest.approx(static['bare+all']['gb_accessed'],
+                                                         rel=0.01)
+  assert static['fedpt']['gflop'] == pytest.approx(static['bare+all']['gflop'], rel=0.001)
+  assert 'fedpt: ' in proc.stdout and 'ms of ops per step' in proc.stdout
