@@ -36,11 +36,11 @@ FLAGS = flags.FLAGS
 
 TEST_FILES = ('tests/test_model.py', 'tests/test_trainer.py', 'tests/test_federation.py')
 # (config file, overrides, remat policies): a realistic per-GPU batch at the paper's lengths.
-GPU_SIZES = (
-    ('configs/150m.py', {'data.global_batch': 16, 'data.seq_len': 1024},
-     ('none', 'dots_no_batch')),
+GPU_SIZES = (  # 1b first: its MFU is the target, and rows past the budget are skipped.
     ('configs/1b.py', {'data.global_batch': 8, 'data.seq_len': 2048, 'inner.grad_accum': 1},
      ('none', 'dots_no_batch', 'full')),
+    ('configs/150m.py', {'data.global_batch': 16, 'data.seq_len': 1024},
+     ('none', 'dots_no_batch')),
 )
 DRY_SIZES = (('configs/tiny.py', {}, ('dots_no_batch',)),)
 TARGETS = {'mfu_1b': 0.45, 'ratio': 0.97, 'memory_over_plan': 0.10}
@@ -219,7 +219,7 @@ def markdown(results: dict) -> str:
   rows = stages.get('throughput', {}).get('rows', [])
   if rows:
     lines += ['', '| config | status | params | batch x seq | dtype | attention | remat | '
-              'fedpt tokens/s | bare tokens/s | fedpt/bare | MFU fedpt | peak / plan |',
+              'fedpt tokens/s | floor tokens/s | fedpt/floor | MFU fedpt | peak / plan |',
               '|---|---|---|---|---|---|---|---|---|---|---|---|']
     for r in rows:
       if r['status'] != 'ok':
@@ -230,7 +230,7 @@ def markdown(results: dict) -> str:
       lines.append(
           f"| {r['config']} | ok | {r['params'] / 1e6:.1f}M | {r['batch']} x {r['seq_len']} | "
           f"{r['compute_dtype']} | {r['attention']} | {r['remat']} | "
-          f"{r['tokens_per_s']['fedpt']:,.0f} | {r['tokens_per_s']['bare']:,.0f} | "
+          f"{r['tokens_per_s']['fedpt']:,.0f} | {r['tokens_per_s'][r['floor']]:,.0f} | "
           f"{r['ratio']:.3f} | {mfu} | {mem} |")
   if 'targets' in results:
     fmt = lambda v: f'{v:.3f}' if isinstance(v, float) else str(v)
