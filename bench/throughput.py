@@ -27,7 +27,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 import bare_step  # noqa: E402
@@ -37,8 +36,8 @@ from fedpt import model as model_lib  # noqa: E402
 from fedpt import planning  # noqa: E402
 from fedpt import trainer as trainer_lib  # noqa: E402
 
-flags.DEFINE_list('sizes', list(bare_step.SIZES), f'Sizes to compare, from {", ".join(bare_step.SIZES)}; empty '
-                  'for --config alone.')
+flags.DEFINE_list('sizes', list(bare_step.SIZES),
+                  f'Sizes to compare, from {", ".join(bare_step.SIZES)}; empty for --config.')
 config_flags.DEFINE_config_file('config', None, 'A config to compare besides --sizes.',
                                 lock_config=False)
 flags.DEFINE_list('variants', ['scan'], 'Bare steps besides the plain one: a feature of '
@@ -115,10 +114,10 @@ def run(config, steps: int, trials: int, variants=(), fedpt_overrides=()) -> dic
                          0, config.model.vocab_size), trainer.batch_sharding)
 
   runners, first_step_s = {}, {}
-  init_params = jax.tree.map(jnp.copy, trainer.init_state()['params'])
   state, first_step_s['fedpt'] = _first_step(trainer, batch)
   runners['fedpt'] = (trainer.train_step, state)
-  fedpt_peak = _peak_bytes(devices[0])  # Before any other state exists.
+  fedpt_peak = _peak_bytes(devices[0])  # fedpt's state and step alone: plan.py's estimate.
+  init_params = trainer.init_state()['params']  # Deterministic: the params fedpt started from.
   for field, value in fedpt_overrides:
     name = f'fedpt[{field}={value}]'
     other = trainer_lib.Trainer(_with_override(config, field, value), devices=devices)
