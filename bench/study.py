@@ -761,8 +761,9 @@ def _settings(config, section: str) -> dict:
   """A config section for the setup record; fields added later, at their defaults, left out
   (`records.LATER_FIELDS`), so results from before them still resume."""
   missing = object()
+  later = {**records.LATER_FIELDS, 'model.scan_layers': True}
   return {k: v for k, v in config[section].items()
-          if records.LATER_FIELDS.get(f'{section}.{k}', missing) != v}
+          if later.get(f'{section}.{k}', missing) != v}
 
 
 def base_config(config, steps, batch, seq_len, silo_lr, central_lr, adam_lr, eval_batches):
@@ -772,6 +773,8 @@ def base_config(config, steps, batch, seq_len, silo_lr, central_lr, adam_lr, eva
   base.inner.lr = silo_lr
   # The paper's outer settings, whatever fedpt's defaults are.
   base.outer.update(optimizer='diloco', lr=0.7, momentum=0.9, b1=0.9, b2=0.99, eps=0.1)
+  # The layout every study run so far used (the same function; float sums in another order).
+  base.model.scan_layers = True
   setup = dict(config=config.name, steps=steps, batch=batch, seq_len=seq_len, silo_lr=silo_lr,
                val_fraction=VAL_FRACTION, central_lr=central_lr, adam_lr=adam_lr,
                eval_batches=eval_batches, **{name: _settings(base, name)

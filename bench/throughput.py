@@ -16,7 +16,9 @@ figure of merit (target >= 0.97).
 """
 import ast
 import json
+import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -43,9 +45,10 @@ config_flags.DEFINE_config_file('config', None, 'A config to compare besides --s
 flags.DEFINE_list('variants', ['scan'], 'Bare steps besides the plain one: a feature of '
                   f'{", ".join(bare_step.FEATURES)} added alone, "all" (every one), or a+b.')
 flags.DEFINE_list('fedpt_overrides', [], 'More fedpt steps beside the config\'s own, one per '
-                  'FIELD=VALUE, e.g. model.scan_layers=False.')
+                  'FIELD=VALUE[+FIELD=VALUE], e.g. model.scan_layers=False+inner.grad_clip=0.0.')
 flags.DEFINE_list('remats', [], 'Remat policies to time each size at (default: its own).')
-flags.DEFINE_integer('steps', 10, 'Timed steps per trial.')
+flags.DEFINE_integer('steps', 3, 'Timed steps per trial, at least.')
+flags.DEFINE_float('min_trial_s', 3.0, 'Seconds a trial lasts at least (more steps if need be).')
 flags.DEFINE_integer('trials', 3, 'Interleaved trials; the median is reported.')
 flags.DEFINE_string('json_out', None, 'Also write the rows as JSON here.')
 FLAGS = flags.FLAGS
@@ -72,25 +75,31 @@ def _peak_bytes(device) -> int | None:
   return (stats or {}).get('peak_bytes_in_use')
 
 
-def parse_override(text: str) -> tuple[str, object]:
-  """'model.scan_layers=False' -> ('model.scan_layers', False)."""
-  field, sep, value = text.partition('=')
-  try:
-    if sep and field.strip():
-      return field.strip(), ast.literal_eval(value.strip())
-  except (ValueError, SyntaxError):
-    pass
-  raise ThroughputError(f'--fedpt_overrides={text!r} is not FIELD=VALUE with a Python literal '
-                        'value. Fix: e.g. --fedpt_overrides=model.scan_layers=False')
+def parse_override(text: str) -> tuple[tuple[str, object], ...]:
+  """'model.scan_layers=False+inner.grad_clip=0.0' -> ((field, value), ...): one fedpt step."""
+  pairs = []
+  for part in re.split(r'\+(?=[A-Za-z_][\w.]*=)', text):
+    field, sep, value = part.partition('=')
+    try:
+      if sep and field.strip():
+        pairs.append((field.strip(), ast.literal_eval(value.strip())))
+        continue
+    except (ValueError, SyntaxError):
+      pass
+    raise ThroughputError(f'--fedpt_overrides={text!r} is not FIELD=VALUE[+FIELD=VALUE] with '
+                          'Python literal values. Fix: e.g. --fedpt_overrides=model.scan_layers='
+                          'False+inner.grad_clip=0.0')
+  return tuple(pairs)
 
 
-def _with_override(config, field: str, value):
+def _with_override(config, pairs):
   config = config.copy_and_resolve_references()
-  try:
-    config.update_from_flattened_dict({field: value})
-  except (KeyError, TypeError) as e:
-    raise ThroughputError(f'--fedpt_overrides={field}={value!r}: {e}. Fix: name a config field '
-                          'and give a value of its type') from None
+  for field, value in pairs:
+    try:
+      config.update_from_flattened_dict({field: value})
+    except (KeyError, TypeError) as e:
+      raise ThroughputError(f'--fedpt_overrides={field}={value!r}: {e}. Fix: name a config '
+                            'field and give a value of its type') from None
   return config
 
 
@@ -103,7 +112,8 @@ def _first_step(trainer, batch):
   return state, time.perf_counter() - t0
 
 
-def run(config, steps: int, trials: int, variants=(), fedpt_overrides=()) -> dict:
+def run(config, steps: int, trials: int, variants=(), fedpt_overrides=(),
+        min_trial_s: float = 0.0) -> dict:
   """One row: tokens/s of fedpt's step (and each override), the floor and each variant."""
   config.mesh.update(data=1, fsdp=1, tensor=1)  # The bare step is single-device.
   devices = jax.devices()[:1]
@@ -118,9 +128,9 @@ def run(config, steps: int, trials: int, variants=(), fedpt_overrides=()) -> dic
   runners['fedpt'] = (trainer.train_step, state)
   fedpt_peak = _peak_bytes(devices[0])  # fedpt's state and step alone: plan.py's estimate.
   init_params = trainer.init_state()['params']  # Deterministic: the params fedpt started from.
-  for field, value in fedpt_overrides:
-    name = f'fedpt[{field}={value}]'
-    other = trainer_lib.Trainer(_with_override(config, field, value), devices=devices)
+  for pairs in fedpt_overrides:
+    name = 'fedpt[' + ', '.join(f'{field}={value}' for field, value in pairs) + ']'
+    other = trainer_lib.Trainer(_with_override(config, pairs), devices=devices)
     state, first_step_s[name] = _first_step(other, batch)
     runners[name] = (other.train_step, state)
   for features in [frozenset(), *variants]:
@@ -132,6 +142,11 @@ def run(config, steps: int, trials: int, variants=(), fedpt_overrides=()) -> dic
     first_step_s[name] = time.perf_counter() - t0
     runners[name] = (step, state)
 
+  # Enough steps that a trial lasts min_trial_s: short trials measure the switch between
+  # steps (cold caches, a waking thread pool), not the steps.
+  state, one_step_s = _time_steps(*runners['fedpt'], batch, 1)
+  runners['fedpt'] = (runners['fedpt'][0], state)
+  steps = max(steps, math.ceil(min_trial_s / one_step_s))
   times = {name: [] for name in runners}
   names = list(runners)
   for trial in range(trials):  # Each trial starts one runner later: no runner always goes first.
@@ -197,17 +212,17 @@ def markdown(rows: list[dict]) -> str:
 
 
 def throughput(sizes, config, variants, remats, steps, trials, json_out=None,
-               fedpt_overrides=()) -> list[dict]:
+               fedpt_overrides=(), min_trial_s=0.0) -> list[dict]:
   """Times every (size, remat) row; prints each as it lands, then the Markdown table."""
   variants = [bare_step.parse_variant(v) for v in variants]
   overrides = [parse_override(o) for o in fedpt_overrides]
   configs = configs_to_run(sizes, config, remats)
   for c in configs:  # Every bad override is refused before anything compiles.
-    for field, value in overrides:
-      _with_override(c, field, value)
+    for pairs in overrides:
+      _with_override(c, pairs)
   rows = []
   for c in configs:
-    rows.append(run(c, steps, trials, variants, overrides))
+    rows.append(run(c, steps, trials, variants, overrides, min_trial_s))
     r = rows[-1]
     print(f"{r['size']} ({r['params']:,} params, {r['batch']}x{r['seq_len']}, "
           f"{r['compute_dtype']}, remat {r['remat']}, {r['device']}): " + ', '.join(
@@ -223,7 +238,8 @@ def throughput(sizes, config, variants, remats, steps, trials, json_out=None,
 def main(argv):
   del argv
   cli.run_or_explain(throughput, FLAGS.sizes, FLAGS.config, FLAGS.variants, FLAGS.remats,
-                     FLAGS.steps, FLAGS.trials, FLAGS.json_out, FLAGS.fedpt_overrides)
+                     FLAGS.steps, FLAGS.trials, FLAGS.json_out, FLAGS.fedpt_overrides,
+                     FLAGS.min_trial_s)
 
 
 if __name__ == '__main__':
