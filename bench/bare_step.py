@@ -52,10 +52,13 @@ def load_size(name: str):
   return config
 
 
+ALL = frozenset({'all'})  # Every feature fedpt's step has, in its config's layer layout.
+
+
 def parse_variant(text: str) -> frozenset:
   """'all', '' (the floor) or features joined by '+', e.g. 'scan+clip'."""
   if text == 'all':
-    return frozenset(FEATURES)
+    return ALL
   features = frozenset(f for f in text.split('+') if f)
   unknown = sorted(features - set(FEATURES))
   if unknown:
@@ -65,7 +68,7 @@ def parse_variant(text: str) -> frozenset:
 
 
 def variant_name(features: frozenset) -> str:
-  if features == frozenset(FEATURES):
+  if features == ALL:
     return 'bare+all'
   return '+'.join(['bare', *sorted(features)])
 
@@ -80,6 +83,13 @@ def bare_params(params, scan: bool):
   layers = jax.tree.leaves(params['blocks'])[0].shape[0]
   return {**params, 'blocks': [jax.tree.map(lambda a, i=i: a[i], params['blocks'])
                                for i in range(layers)]}
+
+
+def stacked_params(params):
+  """`bare_params`' inverse: fedpt's layout, the layers stacked on a leading axis."""
+  if not isinstance(params['blocks'], list):
+    return params
+  return {**params, 'blocks': jax.tree.map(lambda *layers: jnp.stack(layers), *params['blocks'])}
 
 
 def bare_loss(params, tokens_bt1, cfg: model_lib.ModelConfig, z_loss: float = 0.0):
@@ -151,8 +161,14 @@ def bare_step(state, tokens_bt1, *, cfg, optimizer, z_loss):
 
 
 def make_bare(features: frozenset, trainer, params):
-  """(jitted step, initial state) of one bare variant, on copies of fedpt's initial params."""
+  """(jitted step, initial state) of one bare variant, on copies of fedpt's initial params.
+
+  ALL is fedpt's own computation: every feature, scanned or not as fedpt's config says.
+  """
   config = trainer.config
+  if features == ALL:
+    features = frozenset(f for f in FEATURES
+                         if f != 'scan' or trainer.model_config.scan_layers)
   optimizer = bare_optimizer(features, config.inner, trainer.total_steps)
   z_loss = config.inner.z_loss if 'z_loss' in features else 0.0
   step = jax.jit(functools.partial(bare_step, cfg=trainer.model_config, optimizer=optimizer,

@@ -136,7 +136,8 @@ class Check:
         argv = [sys.executable, 'bench/throughput.py', '--sizes=', f'--config={path}',
                 f'--config.model.remat={remat}', f'--json_out={json_out}',
                 *[f'--config.{k}={v}' for k, v in overrides.items()],
-                *(['--steps=2', '--trials=1'] if self.dry_run else ['--steps=5', '--trials=2'])]
+                *(['--steps=2', '--trials=1', '--min_trial_s=0.3'] if self.dry_run
+                  else ['--steps=5', '--trials=2', '--min_trial_s=2'])]
         result = self.child(f'throughput_{name}', argv, 60 if self.dry_run else 120)
         if result['status'] == 'ok':
           with open(json_out) as f:

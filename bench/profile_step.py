@@ -4,7 +4,8 @@ Two views, both of the compiled programs bench/throughput.py times:
 - XLA's static cost analysis of each program: FLOPs, bytes accessed and fusion count. Noise
   free, so a feature's extra memory traffic shows exactly (a global-norm clip forces the
   gradients to be written out and read back). XLA counts a while loop's body once, so scanned
-  programs (fedpt, bare+scan, bare+all) are comparable with each other, not with unrolled ones.
+  programs are comparable with each other, not with unrolled ones ('bare+all' takes fedpt's
+  layout, so it is always comparable with fedpt).
 - A `jax.profiler` trace of --steps steps of fedpt and of the floor: device time per op
   category (fusion kind with its number stripped), per step.
 

@@ -49,7 +49,7 @@ def test_bare_with_every_feature_takes_fedpts_step(setup):
   step, bare = bare_step.make_bare(every, trainer, params)
   (bare_params, _), _ = step(bare, batch)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-               jax.device_get(bare_params), fedpt_params)
+               jax.device_get(bare_step.stacked_params(bare_params)), fedpt_params)
   # The floor lacks clipping, the mask, z-loss: a different step, so the features matter.
   floor_step, floor = bare_step.make_bare(frozenset(), trainer, params)
   (floor_params, _), _ = floor_step(floor, batch)
