@@ -1,8 +1,9 @@
 """The floor fedpt's train step is measured against (fedpt's math, nothing else), and the sizes.
 
 The bare step computes `fedpt.model.Transformer`'s forward, written out in plain jnp, on
-fedpt's pure-dict params (so both start equal), its layers an unrolled Python loop, with `optax.adamw` at a constant lr: no gradient
-clipping, no weight-decay mask, no z-loss, no schedule. Each of those features can be added
+fedpt's pure-dict params (so both start equal), its layers an unrolled Python loop, with
+`optax.adamw` at a constant lr: no gradient clipping, no weight-decay mask, no z-loss, no
+schedule. Each of those features can be added
 to it alone, to price it (bench/throughput.py --variants). Flag-free, so tests import it.
 """
 import functools
@@ -16,6 +17,7 @@ import optax
 from fedpt import errors
 from fedpt import inner
 from fedpt import model as model_lib
+from fedpt import trainer as trainer_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,6 +52,16 @@ def load_size(name: str):
   config.update_from_flattened_dict(overrides)
   config.name = name
   return config
+
+
+def single_device(config):
+  """(Trainer on one device, a random batch on it): what the floor and fedpt both step on."""
+  config.mesh.update(data=1, fsdp=1, tensor=1)  # The bare step is single-device.
+  trainer = trainer_lib.Trainer(config, devices=jax.devices()[:1])
+  tokens = jax.random.randint(jax.random.key(0),
+                              (config.data.global_batch, config.data.seq_len + 1),
+                              0, config.model.vocab_size)
+  return trainer, jax.device_put(tokens, trainer.batch_sharding)
 
 
 ALL = frozenset({'all'})  # Every feature fedpt's step has, in its config's layer layout.

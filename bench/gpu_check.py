@@ -99,8 +99,7 @@ class Check:
     print(f'gpu_check: {name} ...', flush=True)
     self.results['stages'][name] = result = fn()
     self.save()
-    status = result.get('status') if isinstance(result, dict) else None
-    print(f'gpu_check: {name}: {status or "done"} ({time.monotonic() - self.started:.0f}s in)',
+    print(f'gpu_check: {name}: {result["status"]} ({time.monotonic() - self.started:.0f}s in)',
           flush=True)
 
   # -- stages ------------------------------------------------------------------------------

@@ -32,7 +32,6 @@ import jax  # noqa: E402
 import bare_step  # noqa: E402
 from fedpt import cli  # noqa: E402
 from fedpt import model as model_lib  # noqa: E402
-from fedpt import trainer as trainer_lib  # noqa: E402
 
 flags.DEFINE_string('size', '150m', f'One of {", ".join(bare_step.SIZES)}.')
 flags.DEFINE_list('variants', ['scan', 'clip', 'decay_mask', 'z_loss', 'schedule', 'all'],
@@ -79,11 +78,7 @@ def op_times(step, state, batch, steps: int, trace_dir: str) -> tuple[dict, floa
 
 def profile(size: str, variants, steps: int, trace_dir: str) -> dict:
   config = bare_step.load_size(size)
-  config.mesh.update(data=1, fsdp=1, tensor=1)
-  trainer = trainer_lib.Trainer(config, devices=jax.devices()[:1])
-  batch = jax.device_put(
-      jax.random.randint(jax.random.key(0), (config.data.global_batch, config.data.seq_len + 1),
-                         0, config.model.vocab_size), trainer.batch_sharding)
+  trainer, batch = bare_step.single_device(config)
   state = trainer.init_state()
   params = jax.device_get(state['params'])
   with trainer._rules():  # pylint: disable=protected-access

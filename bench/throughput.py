@@ -115,13 +115,9 @@ def _first_step(trainer, batch):
 def run(config, steps: int, trials: int, variants=(), fedpt_overrides=(),
         min_trial_s: float = 0.0) -> dict:
   """One row: tokens/s of fedpt's step (and each override), the floor and each variant."""
-  config.mesh.update(data=1, fsdp=1, tensor=1)  # The bare step is single-device.
-  devices = jax.devices()[:1]
-  trainer = trainer_lib.Trainer(config, devices=devices)
+  trainer, batch = bare_step.single_device(config)
+  devices = trainer.mesh.devices.flatten().tolist()
   cfg = trainer.model_config
-  batch = jax.device_put(
-      jax.random.randint(jax.random.key(0), (config.data.global_batch, config.data.seq_len + 1),
-                         0, config.model.vocab_size), trainer.batch_sharding)
 
   runners, first_step_s = {}, {}
   state, first_step_s['fedpt'] = _first_step(trainer, batch)

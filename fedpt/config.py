@@ -378,7 +378,8 @@ MODEL_FIELDS = (*(f'model.{k}' for k in SHAPE_FIELDS), 'model.rope_theta', 'mode
 # checkpointed, not what it computes. Every other field is compared with the workdir's record.
 # federation.* and outer.*: a plain run does not read them (a federated run's are in run.json).
 RESUMABLE_FIELDS = ('name', 'model.remat', 'model.attention', 'model.scan_layers',
-                    'inner.grad_accum', 'train.log_every', 'train.eval_every', 'train.eval_batches', 'train.checkpoint_every',
+                    'inner.grad_accum', 'train.log_every', 'train.eval_every',
+                    'train.eval_batches', 'train.checkpoint_every',
                     'train.keep_checkpoints', 'train.async_checkpoints',
                     'train.peak_tflops_per_device', 'mesh.*', 'sharding.*', 'distributed.*',
                     'federation.*', 'outer.*', 'personal.*')

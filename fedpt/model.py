@@ -3,8 +3,8 @@
 Parameters are annotated with logical axis names only; `sharding.py` maps them
 onto the mesh. The layer stack is one vmapped Block scanned with `lax.scan`, so
 compile time does not grow with depth (`scan_layers=False` unrolls the same stacked
-params into a Python loop, as MaxText's `scan_layers`). The same forward serves training and
-sampling: given a KV cache (`init_cache`) it also returns the updated cache.
+params into a Python loop, as MaxText's `scan_layers`). The same forward serves training
+and sampling: given a KV cache (`init_cache`) it also returns the updated cache.
 """
 import dataclasses
 

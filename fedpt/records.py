@@ -23,8 +23,8 @@ CONTRACT_SECTIONS = ('model', 'data', 'inner', 'federation', 'outer')
 # Config fields each party chooses for itself (how it computes, where its data and
 # tokenizer file are, how it logs); every other field is the run's contract.
 PARTY_FIELDS = ('name', 'model.remat', 'model.attention', 'model.scan_layers',
-                'model.compute_dtype', 'data.corpus', 'data.stdlib_group', 'data.tokenizer', 'inner.grad_accum', 'train.', 'mesh.',
-                'sharding.', 'distributed.', 'personal.')
+                'model.compute_dtype', 'data.corpus', 'data.stdlib_group', 'data.tokenizer',
+                'inner.grad_accum', 'train.', 'mesh.', 'sharding.', 'distributed.', 'personal.')
 # In run.json as every party's default; a party may pass its own value.
 PARTY_DEFAULTS = ('federation.wait_timeout_s', 'federation.poll_s')
 # Declared per silo in run.json's silo list (from federation.silo_<name>); the
