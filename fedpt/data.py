@@ -872,6 +872,8 @@ def cached_stdlib_corpus(name: str, documents, source: str, *, val_fraction: flo
       cache_root or default_cache_root(),
       f'stdlib-py{python_version}-{name}-{tokenizer_sha256[:12]}')
   if not _is_prepared(data_dir, tokenizer_sha256):
+    print(f'tokenising the built-in corpus ({source}) into {data_dir}: once per Python '
+          'version and tokenizer, about 30 s for the whole stdlib', flush=True)
     prepare_data(documents(), tokenizer_path, data_dir, val_fraction=val_fraction,
                  sources=[f'python{python_version} {source}'])
   return data_dir

@@ -50,7 +50,11 @@ class MetricWriter:
   trainer on its full queue. A line the disk cut short is removed.
   """
 
-  def __init__(self, workdir: str, enabled: bool | None = None, note=lambda: ''):
+  def __init__(self, workdir: str, enabled: bool | None = None, note=lambda: '',
+               resume_step: int | None = None):
+    """`resume_step`: the step a resumed run restarts from. Rows logged after it (by the
+    run that was stopped) are dropped from metrics.jsonl and purged from TensorBoard,
+    so the redone steps are not there twice."""
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._note = note
     self._jsonl = self._events = None
@@ -59,11 +63,18 @@ class MetricWriter:
     if self.enabled:
       with self._refusals(self._path):
         os.makedirs(workdir, exist_ok=True)
+        if resume_step is not None:
+          _drop_rows_after(self._path, resume_step)
         self._jsonl = open(self._path, 'ab', buffering=0)
       from tensorboardX import event_file_writer  # pylint: disable=g-import-not-at-top  # 1.5 s.
+      from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
       with self._refusals(self._tb_dir):
         os.makedirs(self._tb_dir, exist_ok=True)
         self._events = event_file_writer.EventsWriter(os.path.join(self._tb_dir, 'events'))
+        if resume_step is not None:  # TensorBoard drops the older files' events from here on.
+          self._events.write_event(event_pb2.Event(
+              step=resume_step + 1, wall_time=time.time(),
+              session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
         self._events.flush()
 
   def _refusals(self, path: str):
@@ -101,6 +112,28 @@ class MetricWriter:
           f.close()
 
 
+def _drop_rows_after(path: str, step: int) -> None:
+  """Rewrites metrics.jsonl without the rows of steps > `step` (atomically; no-op if none)."""
+  if not os.path.exists(path):
+    return
+  with open(path, 'rb') as f:
+    lines = f.read().splitlines(keepends=True)
+  kept = []
+  for line in lines:
+    try:
+      row_step = json.loads(line).get('step')
+    except (ValueError, AttributeError):
+      continue  # A line cut short by a crash.
+    if isinstance(row_step, int) and row_step <= step:
+      kept.append(line if line.endswith(b'\n') else line + b'\n')
+  if len(kept) == len(lines):
+    return
+  tmp = f'{path}.tmp'
+  with open(tmp, 'wb') as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
+
+
 class Progress:
   """Tokens/s, MFU and ETA between log steps, measured on the host without device stalls."""
 
@@ -110,31 +143,52 @@ class Progress:
     self.tokens_per_step = tokens_per_step
     self.flops_per_step = flops_per_step
     self.peak_flops = peak_flops
-    self._last_step = start_step
-    self._last_time = time.perf_counter()
+    self.step_time = None  # Seconds per step at the last update.
+    self.restart(start_step)
 
-  def update(self, step: int) -> dict:
+  def restart(self, step: int) -> None:
+    """Measures from here: after the first step (compilation) or a wait between rounds."""
+    self._last_step, self._last_time = step, time.perf_counter()
+
+  def update(self, step: int, eta_s: float | None = None) -> dict:
+    """Rates since the last update or restart; {} if no step was taken since then.
+
+    `eta_s` overrides the ETA (a federated silo's includes its rounds' waits).
+    """
     now = time.perf_counter()
-    steps = max(step - self._last_step, 1)
+    steps = step - self._last_step
+    if steps <= 0:
+      return {}
     seconds = max(now - self._last_time, 1e-9)
     self._last_step, self._last_time = step, now
     step_time = seconds / steps
+    self.step_time = step_time
     out = {'tokens_per_s': self.tokens_per_step / step_time, 'step_time_s': step_time,
-           'eta_s': step_time * (self.total_steps - step)}
+           'eta_s': step_time * (self.total_steps - step) if eta_s is None else eta_s}
     if self.peak_flops:
       out['mfu'] = self.flops_per_step / step_time / (self.peak_flops * jax.device_count())
     return out
 
 
 def progress_line(step: int, total: int, scalars: dict) -> str:
+  """`step 20/100 | loss 5.1234 | 3,000 tok/s | MFU n/a (cpu) | ETA 0:01:05`."""
   parts = [f'step {step}/{total}', f"loss {scalars['train_loss']:.4f}"]
   if 'eval_loss' in scalars:
     parts.append(f"eval {scalars['eval_loss']:.4f}")
-  parts.append(f"{scalars['tokens_per_s']:,.0f} tok/s")
-  parts.append(f"MFU {scalars['mfu']:.1%}" if 'mfu' in scalars else 'MFU n/a (cpu)')
-  eta = int(scalars['eta_s'])
-  parts.append(f'ETA {eta // 3600:d}:{eta // 60 % 60:02d}:{eta % 60:02d}')
+  if 'tokens_per_s' not in scalars:  # The first step of a start: its time is compilation.
+    parts.append('tok/s from the next step on (this one compiled)')
+  else:
+    parts.append(f"{scalars['tokens_per_s']:,.0f} tok/s")
+    parts.append(f"MFU {scalars['mfu']:.1%}" if 'mfu' in scalars else
+                 f'MFU n/a ({jax.default_backend()})')
+    parts.append(f"ETA {duration(scalars['eta_s'])}")
   return ' | '.join(parts)
+
+
+def duration(seconds: float) -> str:
+  """H:MM:SS."""
+  seconds = int(max(seconds, 0))
+  return f'{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
 
 
 def log(line: str) -> None:

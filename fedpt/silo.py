@@ -19,9 +19,11 @@ from fedpt import checkpoint as checkpoint_lib
 from fedpt import compression
 from fedpt import config as config_lib
 from fedpt import drift as drift_lib
+from fedpt import errors
 from fedpt import faults
 from fedpt import loading
 from fedpt import metrics as metrics_lib
+from fedpt import model as model_lib
 from fedpt import multihost
 from fedpt import personal
 from fedpt import protocol
@@ -111,6 +113,20 @@ class Position:
                meta.get('global_eval'))
 
 
+@dataclasses.dataclass
+class _RoundIO:
+  """What a round cost besides its inner steps, for its metrics.jsonl row."""
+  bytes_down: int = 0  # Global params (and SCAFFOLD's c) read for this round.
+  wait_s: float = 0.0  # Waiting for this round's global model after the last publish.
+  load_s: float = 0.0
+  round_starts: list = dataclasses.field(default_factory=list)  # monotonic s, this start.
+
+  def mean_round_s(self) -> float | None:
+    """Wall seconds per round (inner steps, publishing, waiting), measured in this start."""
+    starts = self.round_starts
+    return (starts[-1] - starts[0]) / (len(starts) - 1) if len(starts) > 1 else None
+
+
 class _Private:
   """The silo's private checkpoints: train state, residual and its `Position`.
 
@@ -120,7 +136,8 @@ class _Private:
   def __init__(self, trainer, workdir, expected_meta, use_feedback, async_save,
                use_control=False):
     self._trainer = trainer
-    self._ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=2,
+    self._ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                             keep=trainer.config.train.keep_checkpoints,
                                              async_save=async_save)
     self._expected = expected_meta
     self._use_feedback = use_feedback
@@ -163,6 +180,10 @@ class _Private:
     key = (self._ckpt.latest_step() or 0) + 1
     self._ckpt.save(key, tree, {**self._expected, **position.record()})
 
+  def note(self) -> str:
+    """Where a rerun resumes from: for an error line about a path the OS refused."""
+    return checkpoint_lib.last_good_note(self._ckpt.directory)
+
   def close(self):
     self._ckpt.close()
 
@@ -200,6 +221,8 @@ class _Silo:
          'run_id': self.run['run_id'], 'silo': silo_id},
         self.use_feedback, config.train.async_checkpoints, self.drift == 'scaffold')
     self.preemption = multihost.Preemption()
+    self.logger = None  # trainer.StepLogger, once the resumed step is known.
+    self.round_io = _RoundIO()
     self.summary = {'silo': silo_id, 'rounds': [], 'preempted': False}
     self.residual_base = None  # Error feedback: the residual the last delta was built with.
     self.control = self.control_base = None  # SCAFFOLD: c_i now, and before the last publish.
@@ -211,6 +234,12 @@ class _Silo:
   def _join_config(self, config, typed, record, changed):
     """The run's contract over `config`, recorded in the workdir (for resumes and tools)."""
     config, adopted = protocol.join_config(self.run, config, self.silo_id, typed)
+    steps = protocol.federated_config(config).train.steps
+    if 'train.steps' in typed and config.train.steps != steps:
+      raise config_lib.ConfigError(
+          'train.steps', f'{config.train.steps} was typed, but a silo of run '
+          f'{self.run["run_id"]} trains federation.rounds x inner_steps = {steps} steps',
+          'drop --config.train.steps: the run fixes it')
     if adopted:
       self.log(f'run.json fixes {len(adopted)} field(s) this silo\'s config file sets '
                f'otherwise; using the run\'s: {config_lib.describe(adopted, "run.json")}')
@@ -244,11 +273,22 @@ class _Silo:
     flat = loading.read_global_params(
         self.store, self.run, round_index, trees.flatten_params(self.trainer.abstract_state()[
             'params']), self.identity)
+    self.round_io.bytes_down += sum(int(v.nbytes) for v in flat.values())
     own = trees.flatten_params(state['params'])
     flat.update({n: own[n] for n in flat if protocol.is_private(self.run, n)})
     return {**state, 'params': trees.unflatten_params(flat)}
 
   # -- the phases ---------------------------------------------------------------------
+
+  def announce(self):
+    """The start-up line: what this silo is about to do, and how big it is."""
+    t, fed = self.trainer, self.fed
+    self.log(f'joining run {self.run["run_id"]} ({len(self.run["silos"])} silos, '
+             f'{self.total_rounds} rounds of H={fed.inner_steps} inner steps of '
+             f'{t.tokens_per_step():,} tokens): {model_lib.param_count(t.model_config):,} '
+             f'parameters on {jax.device_count()} {jax.default_backend()} device(s), mesh '
+             f'{dict(t.mesh.shape)}, {t.train_data.num_tokens:,} training tokens in its corpus; '
+             f'metrics in {self.workdir}')
 
   def join_or_resume(self):
     """(state, residual, Position): the newest private checkpoint, or the newest global."""
@@ -261,7 +301,10 @@ class _Silo:
       return state, residual, position
     round_index = multihost.agree_int(storage_lib.wait_for(
         self.store.latest_global_round, 'the initial global model',
-        timeout_s=self.fed.wait_timeout_s, poll_s=self.fed.poll_s))
+        timeout_s=self.fed.wait_timeout_s, poll_s=self.fed.poll_s,
+        notify=lambda waited: self.log(
+            f'waiting for the run\'s initial global model under {self.store.root}'
+            + (f' ({metrics_lib.duration(waited)} so far)' if waited else ''))))
     state = self.load_global(round_index, self.trainer.init_state())
     residual = ({k: jnp.zeros(v.shape, jnp.float32, device=v.sharding) for k, v in
                  trees.flatten_params(state['params']).items()} if self.use_feedback else None)
@@ -287,7 +330,23 @@ class _Silo:
     return multihost.agree_int(storage_lib.wait_for(
         newer, f'global round {position.round + 1} (the aggregator\'s output for round '
         f'{position.round}) under {self.store.root}', timeout_s=self.fed.wait_timeout_s,
-        poll_s=self.fed.poll_s, stop=lambda: self.preemption.reached(step + 1)))
+        poll_s=self.fed.poll_s, stop=lambda: self.preemption.reached(step + 1),
+        notify=lambda waited: self.log(self.waiting_line(position.round, waited))))
+
+  def waiting_line(self, round_index, waited) -> str:
+    """Who global round `round_index + 1` still waits for: named silos, or the aggregator."""
+    listed = [s['id'] for s in self.run['silos']]
+    committed = set(self.store.committed_silos(round_index))
+    missing = [s for s in listed if s not in committed]
+    if self.store.read_manifest(round_index) is not None:
+      why = f'round {round_index} is decided; the aggregator is writing it'
+    elif missing:
+      why = (f'round {round_index} has {len(listed) - len(missing)}/{len(listed)} deltas; '
+             f'missing: {", ".join(missing)}')
+    else:
+      why = f'all {len(listed)} silos published round {round_index}; the aggregator has not decided'
+    return (f'waiting for global round {round_index + 1} ({why})'
+            + (f', {metrics_lib.duration(waited)} so far' if waited else ''))
 
   def own_delta(self, round_index):
     """(meta at this silo's path in the round, why it is not this silo's own delta or None)."""
@@ -355,6 +414,7 @@ class _Silo:
       server = loading.read_global_controls(
           self.store, self.run, position.round,
           trees.flatten_params(self.trainer.abstract_state()['params']), self.identity)
+      self.round_io.bytes_down += sum(int(v.nbytes) for v in server.values())
       drift = drift_lib.scaffold_state(server, self.control)
       return {**state, 'drift': {k: trees.unflatten_params(v) for k, v in drift.items()}}
     if self.drift == 'fedprox':
@@ -374,15 +434,32 @@ class _Silo:
     return {n: jnp.zeros_like(d) if protocol.is_private(self.run, n) else d
             for n, d in delta.items()}
 
+  def eta_s(self, position, step_time) -> float:
+    """Seconds to the run's end: this round's steps left, then whole rounds as measured."""
+    h = self.fed.inner_steps
+    per_round = self.round_io.mean_round_s() or h * step_time
+    return ((h - len(position.losses)) * step_time
+            + max(self.total_rounds - position.round - 1, 0) * per_round)
+
   def inner_steps(self, position, state, residual, step):
     """Trains until H steps, the round's time budget, or a preemption (checkpointed)."""
     start = time.monotonic()
-    while len(position.losses) < self.fed.inner_steps:
+    self.logger.restart()  # Tokens/s count inner steps only, not the wait before them.
+    h = self.fed.inner_steps
+    while len(position.losses) < h:
       state, step_metrics = self.trainer.train_step(state, self.trainer.batch(step))
       position.losses.append(step_metrics['train_loss'])
       step += 1
-      if len(position.losses) == self.fed.inner_steps // 2:
+      self.logger.after_step(
+          step, step_metrics, state['params'], extra={'round': position.round},
+          force=len(position.losses) == h, eta_s=lambda t: self.eta_s(position, t),
+          prefix=f'silo {self.silo_id}: round {position.round}/{self.total_rounds} ')
+      if len(position.losses) == h // 2:
         faults.crash_point('silo_inner', position.round)
+      if (len(position.losses) < h and not self.preemption.reached(step)
+          and metrics_lib.itstime(step, self.config.train.checkpoint_every)):
+        position.phase = Phase.TRAINING  # Resumable mid-round, as after a preemption.
+        self.save(state, residual, position)
       if self.preemption.reached(step):
         position.phase = Phase.TRAINING
         self.save(state, residual, position)
@@ -454,11 +531,12 @@ class _Silo:
     self.store.remove_delta(position.round, self.silo_id)
     return True
 
-  def publish(self, position, state, residual, base_flat, base_hash, seconds):
+  def publish(self, position, state, residual, base_flat, base_hash, seconds, step):
     """Compresses and commits the round's delta, then checkpoints; returns the next residual.
 
     `seconds` holds the round's 'eval' and 'inner' seconds; 'publish' and
-    'checkpoint' are added, and it becomes the round's record in the summary.
+    'checkpoint' are added, and it becomes the round's record in the summary. The
+    round's metrics.jsonl row (at `step`, the data position) is written once committed.
     """
     start = time.monotonic()
     control_delta = self.control_delta(position, state, self.control)
@@ -470,6 +548,13 @@ class _Silo:
       return residual
     self.store.publish_delta(position.round, self.silo_id, payload, meta)
     seconds['publish'] = time.monotonic() - start
+    io = self.round_io
+    self.logger.writer.write(step, {
+        'round': position.round, 'global_eval_loss': position.global_eval,
+        'round_train_loss': meta['train_loss'], 'bytes_up': meta['bytes'],
+        'bytes_down': io.bytes_down, 'wait_s': io.wait_s, 'load_s': io.load_s,
+        'eval_s': seconds['eval'], 'inner_s': seconds['inner'], 'publish_s': seconds['publish']})
+    io.bytes_down, io.wait_s, io.load_s = 0, 0.0, 0.0
     faults.crash_point('silo_published', position.round)
     self.log(f'round {position.round} published ({meta["steps"]} steps, loss '
              f'{meta["train_loss"]:.4f}, {meta["bytes"]:,} bytes)')
@@ -520,8 +605,10 @@ class _Silo:
                'committed); nothing to do')
       self.summary.update(round=self.total_rounds, finished=True)
       return self.summary
+    self.announce()
     state, residual, position = self.join_or_resume()
     step = int(state['step'])  # The data position; tracked on the host from here on.
+    self.logger = trainer_lib.StepLogger(self.trainer, self.workdir, step, self.private.note)
     rounds_done = 0
     while True:
       if position.phase == Phase.PUBLISHED:  # Everything is saved: a SIGTERM may end the wait.
@@ -529,6 +616,9 @@ class _Silo:
         next_round = self.wait_for_next(position, step)
         if next_round is None:
           self.summary['preempted'] = True
+          self.log(f'{self.preemption.cause} while waiting for global round {position.round + 1}: '
+                   f'round {position.round}\'s delta is published and checkpointed; exiting with '
+                   f'status {errors.PREEMPTED_EXIT_CODE}: rerun the same command to resume')
           break
         if next_round == position.round:
           self.republish(position, state)
@@ -536,9 +626,11 @@ class _Silo:
         next_round = self.round_to_load(position.round + 1, next_round)
         load_start = time.monotonic()
         state, position = self.load_global(next_round, state), Position(next_round)
+        self.round_io.wait_s = load_start - wait_start
+        self.round_io.load_s = time.monotonic() - load_start
         if self.summary['rounds']:  # Rounds published by this invocation report their wait.
           self.summary['rounds'][-1]['seconds'].update(
-              wait=load_start - wait_start, load=time.monotonic() - load_start)
+              wait=self.round_io.wait_s, load=self.round_io.load_s)
         rounds_done += 1
         if position.round >= self.total_rounds:
           self.save(state, residual, position)
@@ -552,6 +644,7 @@ class _Silo:
                  f'{newest}')
         state, position = self.load_global(newest, state), Position(newest)
         continue
+      self.round_io.round_starts.append(time.monotonic())
       if position.phase == Phase.START:
         state = self.start_drift(position, state)
       base_flat, base_hash, eval_seconds = self.begin_round(position, state, step)
@@ -560,7 +653,7 @@ class _Silo:
       if self.summary['preempted']:
         break
       residual = self.publish(position, state, residual, base_flat, base_hash, {
-          'eval': eval_seconds, 'inner': time.monotonic() - inner_start})
+          'eval': eval_seconds, 'inner': time.monotonic() - inner_start}, step)
     if position.round >= self.total_rounds:
       self.finish(position, state, step)
     self.summary.update(round=position.round, state=state)
@@ -569,6 +662,8 @@ class _Silo:
   def close(self):
     self.preemption.restore()
     self.private.close()
+    if self.logger is not None:
+      self.logger.close()
 
 
 def run_silo(config, silo_id: str, storage_root: str, workdir: str,

@@ -149,16 +149,25 @@ _SHARED_ARRAY_HANDLERS = ocp.type_handlers.create_type_handler_registry(
 )
 
 
+WAIT_NOTICE_S = 60.0  # A waiting party says what it waits on this often (FEDPT_WAIT_NOTICE_S).
+
+
 def wait_for(check: Callable[[], Any], what: str, timeout_s: float, poll_s: float = 0.5,
-             max_poll_s: float | None = None, stop: Callable[[], bool] | None = None):
+             max_poll_s: float | None = None, stop: Callable[[], bool] | None = None,
+             notify: Callable[[float], None] | None = None):
   """Polls `check` with jittered exponential backoff until it returns non-None.
 
   The backoff stops at 4 x poll_s by default: a round's wait is long, and a late
   poll adds straight to it, while a listing every few seconds costs nothing.
   Returns None early if `stop()` becomes true (a preemption notice).
+  `notify(seconds_waited)` is called when the wait begins (the first check came
+  back empty) and every WAIT_NOTICE_S seconds after, for a line saying what it waits on.
   """
-  deadline = time.monotonic() + timeout_s
+  start = time.monotonic()
+  deadline = start + timeout_s
   max_poll_s = 4 * poll_s if max_poll_s is None else max_poll_s
+  notice_s = float(os.environ.get('FEDPT_WAIT_NOTICE_S', WAIT_NOTICE_S))
+  next_notice = start
   delay = poll_s
   while True:
     result = check()
@@ -166,9 +175,14 @@ def wait_for(check: Callable[[], Any], what: str, timeout_s: float, poll_s: floa
       return result
     if stop is not None and stop():
       return None
-    if time.monotonic() >= deadline:
+    now = time.monotonic()
+    if now >= deadline:
       raise WaitTimeout(f'timed out after {timeout_s:.0f}s waiting for {what}')
-    time.sleep(min(delay * (0.75 + 0.5 * random.random()), max(deadline - time.monotonic(), 0)))
+    if notify is not None and now >= next_notice:
+      notify(0.0 if next_notice == start else now - start)
+      next_notice = now + notice_s
+    time.sleep(min(delay * (0.75 + 0.5 * random.random()), max(deadline - time.monotonic(), 0),
+                   max(next_notice - time.monotonic(), 0.01) if notify else delay))
     delay = min(delay * 1.5, max_poll_s)
 
 

@@ -4,9 +4,11 @@
 `train_and_evaluate` is the single-silo loop behind `scripts/train.py`, and the
 federation worker drives the same `Trainer` for H steps per round.
 """
+import contextlib
 import datetime
 import functools
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -77,6 +79,7 @@ class Trainer:
     self.batch_sharding = NamedSharding(
         self.mesh, sharding.logical_to_spec(('batch', 'length'), self.rules))
 
+    self._compiled = set()  # The jitted functions called once already (`_compiling`).
     self._init = jax.jit(self._init_state, out_shardings=self.state_shardings)
     self._train_step = jax.jit(
         functools.partial(inner.train_step, graphdef=self.graphdef,
@@ -128,8 +131,26 @@ class Trainer:
   # -- steps ------------------------------------------------------------------
 
   def train_step(self, state, batch):
-    with self._rules():
+    with self._rules(), self._compiling('train step', self._train_step):
       return self._train_step(state, batch)
+
+  @contextlib.contextmanager
+  def _compiling(self, what: str, jitted):
+    """Says so when `jitted`'s first call compiles (seconds to minutes), and how long it took.
+
+    A jitted call returns once compiled and dispatched, so for a train step that time is
+    the compilation's."""
+    if jitted in self._compiled:
+      yield
+      return
+    metrics_lib.log(f'compiling the {what} ({model_lib.param_count(self.model_config):,} '
+                    f'parameters, {len(self.mesh.devices.flat)} {jax.default_backend()} '
+                    'device(s))...')
+    start = time.perf_counter()
+    yield
+    self._compiled.add(jitted)
+    metrics_lib.log(f'the first {what} took {time.perf_counter() - start:.1f}s, compilation '
+                    'included')
 
   def evaluate(self, params, dataset=None, *, whole: bool = False) -> float:
     """Mean held-out loss (nats): `score`'s loss without the token count."""
@@ -147,7 +168,8 @@ class Trainer:
     d = self.config.data
     dataset = dataset or self.val_data
     where = {'process_index': jax.process_index(), 'process_count': jax.process_count()}
-    with self._rules():
+    jitted = self._eval_sums if whole else self._eval_step
+    with self._rules(), self._compiling('eval step', jitted):
       if not whole:
         losses = [self._eval_step(params, self._global_array(rows)) for rows in
                   dataset.eval_batches(self.config.train.eval_batches,
@@ -170,6 +192,63 @@ class Trainer:
   def flops_per_step(self) -> float:
     return model_lib.flops_per_token(
         self.model_config, self.config.data.seq_len) * self.tokens_per_step()
+
+
+class StepLogger:
+  """Every `train.log_every` steps: one metrics.jsonl row, TensorBoard scalars and a line.
+
+  The one home of per-step metrics, for a plain run and a federated silo alike: train
+  loss, lr, grad norm, tokens/s, MFU where the device's peak is known, the ETA, and the
+  held-out loss every `train.eval_every` steps. Rates are measured from the first step
+  of a start on, so compilation never counts (nor, after `restart`, a silo's wait).
+  Rows after `start_step` (from a run stopped later than its checkpoint) are dropped.
+  """
+
+  def __init__(self, trainer: Trainer, workdir: str, start_step: int, note=lambda: ''):
+    self._trainer = trainer
+    self._cfg = trainer.config.train
+    self.writer = metrics_lib.MetricWriter(workdir, note=note, resume_step=start_step)
+    self.progress = metrics_lib.Progress(
+        trainer.total_steps, trainer.tokens_per_step(), trainer.flops_per_step(),
+        metrics_lib.peak_flops_per_device(self._cfg.peak_tflops_per_device),
+        start_step=start_step)
+    self._restart_at_next = True
+
+  def restart(self) -> None:
+    """The next step's time is not a step's (a compilation, a wait between rounds)."""
+    self._restart_at_next = True
+
+  def after_step(self, step: int, step_metrics, params, *, extra: dict | None = None,
+                 force: bool = False, eta_s=None, prefix: str = '') -> dict | None:
+    """Logs step `step` (1-based) if it is a log step (or `force`): returns its scalars.
+
+    None if not logged. `extra` joins the row (e.g. the silo's round); `eta_s(step_time)`
+    replaces the plain ETA; `prefix` starts the line. A NaN or Inf loss raises
+    TrainingDivergedError.
+    """
+    if self._restart_at_next:
+      self.progress.restart(step)
+      self._restart_at_next = False
+    total = self._trainer.total_steps
+    if not (force or metrics_lib.itstime(step, self._cfg.log_every, total)):
+      return None
+    scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+    _check_finite(step, scalars['train_loss'])
+    scalars['lr'] = float(self._trainer.lr_schedule(step - 1))
+    rates = self.progress.update(step)
+    if rates and eta_s is not None:
+      rates['eta_s'] = eta_s(rates['step_time_s'])
+    scalars.update(rates)
+    if metrics_lib.itstime(step, self._cfg.eval_every, total):
+      scalars['eval_loss'] = self._trainer.evaluate(params)
+      self.progress.restart(step)  # The next rate is the steps', not the evaluation's.
+    scalars.update(extra or {})
+    self.writer.write(step, scalars)
+    metrics_lib.log(prefix + metrics_lib.progress_line(step, total, scalars))
+    return scalars
+
+  def close(self) -> None:
+    self.writer.close()
 
 
 def restore_or_init(trainer: Trainer, checkpointer: checkpoint_lib.Checkpointer):
@@ -267,15 +346,12 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None, *,
                                              async_save=cfg.async_checkpoints)
   note = functools.partial(checkpoint_lib.last_good_note, checkpointer.directory)
   preemption = multihost.Preemption()
-  writer, finished = None, False
+  logger, finished = None, False
   try:
     state, start = restore_or_init(trainer, checkpointer)
     record_config(workdir, config, record, changed, start, note)
     meta = checkpoint_lib.expected_meta(config, trainer.tokenizer_sha256)
-    writer = metrics_lib.MetricWriter(workdir, note=note)
-    progress = metrics_lib.Progress(
-        trainer.total_steps, trainer.tokens_per_step(), trainer.flops_per_step(),
-        metrics_lib.peak_flops_per_device(cfg.peak_tflops_per_device), start_step=start)
+    logger = StepLogger(trainer, workdir, start, note)
     last = stop_at_step if stop_at_step is not None else trainer.total_steps
     summary = {'start_step': start, 'preempted': False}
     metrics_lib.log(
@@ -289,15 +365,8 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None, *,
     while step < min(last, trainer.total_steps):
       state, step_metrics = trainer.train_step(state, trainer.batch(step))
       step += 1
-      if metrics_lib.itstime(step, cfg.log_every, trainer.total_steps):
-        scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-        _check_finite(step, scalars['train_loss'])
-        scalars['lr'] = float(trainer.lr_schedule(step - 1))
-        scalars.update(progress.update(step))
-        if metrics_lib.itstime(step, cfg.eval_every, trainer.total_steps):
-          scalars['eval_loss'] = trainer.evaluate(state['params'])
-        writer.write(step, scalars)
-        metrics_lib.log(metrics_lib.progress_line(step, trainer.total_steps, scalars))
+      scalars = logger.after_step(step, step_metrics, state['params'])
+      if scalars is not None:
         summary.update(train_loss=scalars['train_loss'],
                        eval_loss=scalars.get('eval_loss', summary.get('eval_loss')))
       preempted = preemption.reached(step)
@@ -317,8 +386,8 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None, *,
       checkpointer.close(quiet=not finished)  # Waits for the last save; a 2nd Ctrl-C aborts it.
     finally:
       preemption.restore()
-      if writer is not None:
-        writer.close()
+      if logger is not None:
+        logger.close()
   metrics_lib.log(f"stopped at step {step}; eval loss {summary.get('eval_loss')}; "
                   f'checkpoints, metrics.jsonl and TensorBoard events in {workdir}')
   return summary

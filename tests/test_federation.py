@@ -1,4 +1,5 @@
 """Federation through a shared directory: protocol, aggregation decisions, crash safety."""
+import json
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from fedpt import checkpoint as checkpoint_lib
 from fedpt import compression as compression_lib
 from fedpt import config as config_lib
 from fedpt import faults
+from fedpt import ledger
 from fedpt import outer
 from fedpt import protocol
 from fedpt import silo as silo_lib
@@ -519,9 +521,13 @@ def test_robust_settings_are_validated(fed_config, tmp_path):
 
 
 def test_sigterm_mid_round_and_while_waiting_resumes_to_the_identical_model(
-    fed_config, tmp_path):
-  """One-process silo: SIGTERM half-way through round 0's inner steps, then after round 1."""
+    fed_config, tmp_path, capsys):
+  """One-process silo: SIGTERM half-way through round 0's inner steps, then after round 1.
+
+  Its metrics.jsonl and TensorBoard hold each step and each round once across the restarts.
+  """
   fed_config.federation.update(rounds=2, silos=('a',))
+  fed_config.train.log_every = 1
   aggregator_lib.init_run(fed_config, str(tmp_path / 'clean'))
   _run_in_threads(fed_config, str(tmp_path / 'clean'), str(tmp_path / 'w_clean'))
 
@@ -553,3 +559,26 @@ def test_sigterm_mid_round_and_while_waiting_resumes_to_the_identical_model(
   for r in range(2):
     assert store.delta_meta(r, 'a')['train_loss'] == clean.delta_meta(r, 'a')['train_loss']
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+  out = capsys.readouterr().out
+  assert 'silo a: joining run ' in out and 'rounds of H=4 inner steps' in out, out
+  assert 'silo a: round 1/2 step 6/8 | loss ' in out, out
+  assert ('silo a: SIGTERM while waiting for global round 2: round 1\'s delta is published and '
+          'checkpointed; exiting with status 75') in out, out
+  rows = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  steps = [r for r in rows if 'train_loss' in r]
+  assert [r['step'] for r in steps] == list(range(1, 9))
+  assert [r['round'] for r in steps] == [0] * 4 + [1] * 4
+  rounds = [r for r in rows if 'bytes_up' in r]
+  assert [(r['step'], r['round']) for r in rounds] == [(4, 0), (8, 1)]
+  model_bytes = ledger.global_nbytes(store, 0)
+  for r in range(2):
+    assert rounds[r]['bytes_up'] == store.delta_meta(r, 'a')['bytes']
+    assert rounds[r]['bytes_down'] == model_bytes  # The round's global model, read once.
+    assert rounds[r]['round_train_loss'] == store.delta_meta(r, 'a')['train_loss']
+    assert rounds[r]['inner_s'] > 0 and rounds[r]['publish_s'] > 0
+  assert rounds[0]['global_eval_loss'] > rounds[1]['global_eval_loss'] > 0
+  from tensorboard.backend.event_processing import event_accumulator
+  acc = event_accumulator.EventAccumulator(os.path.join(workdir, 'tensorboard'))
+  acc.Reload()
+  assert [e.step for e in acc.Scalars('train_loss')] == list(range(1, 9))
+  assert [e.step for e in acc.Scalars('bytes_up')] == [4, 8]

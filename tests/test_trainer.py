@@ -2,6 +2,7 @@
 import datetime
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -232,15 +233,31 @@ def test_tiny_config_learns_real_text(tiny_config, tmp_path):
   assert summary['eval_loss'] < initial - 1.0, (initial, summary)
 
 
-def test_tensorboard_events_hold_the_logged_losses(tiny_config, tmp_path):
+def test_tensorboard_events_hold_the_logged_losses_once_after_a_resume(tiny_config, tmp_path,
+                                                                        capsys):
   from tensorboard.backend.event_processing import event_accumulator
-  tiny_config.train.update(steps=4, log_every=2, eval_every=4, checkpoint_every=4)
+  tiny_config.train.update(steps=4, log_every=1, eval_every=4, checkpoint_every=2,
+                           async_checkpoints=False)
   trainer_lib.train_and_evaluate(tiny_config, str(tmp_path))
+  first = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
+  out = capsys.readouterr().out
+  # Compilation is said, and never counted in a rate: step 1 has none.
+  assert 'compiling the train step (' in out and 'the first train step took' in out, out
+  assert 'tok/s from the next step on (this one compiled)' in out, out
+  assert 'tokens_per_s' not in first[0] and first[1]['tokens_per_s'] > 0, first
+  # The run is resumed from step 2 (as after a crash that lost the newer checkpoint): the
+  # rows and events of steps 3 and 4 are replaced, not repeated, in the same TensorBoard run.
+  shutil.rmtree(tmp_path / 'checkpoints' / '4')
+  summary = trainer_lib.train_and_evaluate(tiny_config, str(tmp_path))
+  assert summary['start_step'] == 2
+  records = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
+  assert [r['step'] for r in records] == [1, 2, 3, 4]
+  assert records[:2] == first[:2]
+  assert len(os.listdir(tmp_path / 'tensorboard')) == 2  # One run: a file per start.
   acc = event_accumulator.EventAccumulator(str(tmp_path / 'tensorboard'))
   acc.Reload()
   train = [(e.step, e.value) for e in acc.Scalars('train_loss')]
-  records = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
-  assert [s for s, _ in train] == [2, 4]
+  assert [s for s, _ in train] == [1, 2, 3, 4]
   np.testing.assert_allclose([v for _, v in train], [r['train_loss'] for r in records],
                              rtol=1e-6)
   assert [e.step for e in acc.Scalars('eval_loss')] == [4]
