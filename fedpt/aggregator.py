@@ -231,7 +231,8 @@ class Aggregator:
       committed = storage_lib.wait_for(
           ready, f'round {round_index} deltas: need all of {sorted(expected)}, or '
           f'{fed["min_silos"] or len(expected)} after the {fed["round_deadline_s"]:.0f}s deadline',
-          timeout_s=fed['wait_timeout_s'], poll_s=fed['poll_s'])
+          timeout_s=fed['wait_timeout_s'], poll_s=fed['poll_s'],
+          notify=lambda waited: self.log_waiting(round_index, waited))
     except storage_lib.WaitTimeout as e:
       have = self.store.committed_silos(round_index)
       raise storage_lib.WaitTimeout(
@@ -253,6 +254,14 @@ class Aggregator:
     self.lease_check()
     self.store.write_manifest(round_index, manifest)
     return manifest
+
+  def log_waiting(self, round_index: int, waited: float) -> None:
+    """Which silos round `round_index` still lacks: when the wait begins and every minute."""
+    have, listed = set(self.store.committed_silos(round_index)), protocol.silo_ids(self.run)
+    missing = [s for s in listed if s not in have]
+    metrics_lib.log(f'aggregator: round {round_index} has {len(listed) - len(missing)} of '
+                    f'{len(listed)} deltas; waiting for {", ".join(missing) or "the deadline"}'
+                    + (f' ({metrics_lib.duration(waited)} so far)' if waited else ''))
 
   def lease_check(self) -> None:
     if self.lease is not None:

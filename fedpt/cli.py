@@ -2,6 +2,7 @@
 import os
 import sys
 
+from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
@@ -30,6 +31,19 @@ def _exit(line: str, status: int):
   print(line, file=sys.stderr, flush=True)
   sys.stdout.flush()
   os._exit(status)  # Skip atexit hooks of half-initialised libraries (e.g. Orbax threads).
+
+
+def run(main) -> None:
+  """`app.run(main)` for every entry point: flag errors and usage errors are one line, status 2.
+
+  (absl prints the whole flag help and exits 1 for an `app.UsageError`.)
+  """
+  def checked(argv):
+    try:
+      return main(argv)
+    except app.UsageError as e:
+      _exit(f'error: {e}', 2)
+  app.run(checked, flags_parser=parse_flags_or_explain)
 
 
 def parse_flags_or_explain(argv):

@@ -344,7 +344,8 @@ class _Silo:
       why = (f'round {round_index} has {len(listed) - len(missing)}/{len(listed)} deltas; '
              f'missing: {", ".join(missing)}')
     else:
-      why = f'all {len(listed)} silos published round {round_index}; the aggregator has not decided'
+      why = (f'round {round_index} has {len(listed)}/{len(listed)} deltas; the aggregator has '
+             'not decided yet')
     return (f'waiting for global round {round_index + 1} ({why})'
             + (f', {metrics_lib.duration(waited)} so far' if waited else ''))
 

@@ -42,4 +42,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=cli.parse_flags_or_explain)
+  cli.run(main)

@@ -61,6 +61,13 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if (FLAGS.silo is None) != (FLAGS.storage is None):
     raise app.UsageError('--silo and --storage go together: pass both to join a run.')
+  if FLAGS.silo is not None and FLAGS.stop_at_step is not None:
+    raise app.UsageError('--stop_at_step is for a plain run; a silo stops at round boundaries. '
+                         'Fix: drop it, and stop the silo with SIGTERM or Ctrl-C (it '
+                         'checkpoints and resumes where it stopped)')
+  if FLAGS.silo is None and FLAGS.keys is not None:
+    raise app.UsageError('--keys is for a silo of a signed run (with --silo and --storage); a '
+                         'plain run signs nothing. Fix: drop --keys, or add --silo and --storage')
   if FLAGS.silo is not None:
     summary = cli.run_or_explain(silo.run_silo, FLAGS.config, FLAGS.silo, FLAGS.storage,
                                  FLAGS.workdir, keys_dir=FLAGS.keys,
@@ -76,4 +83,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=cli.parse_flags_or_explain)
+  cli.run(main)

@@ -16,6 +16,7 @@ from fedpt import aggregator as aggregator_lib
 from fedpt import checkpoint as checkpoint_lib
 from fedpt import compression as compression_lib
 from fedpt import config as config_lib
+from fedpt import errors
 from fedpt import faults
 from fedpt import ledger
 from fedpt import outer
@@ -440,6 +441,55 @@ def test_federation_entry_points_explain_bad_input(fed_config, tmp_path, repo_ro
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, (argv, out)
     assert expected in out and 'Fix' in out and 'Traceback' not in out, (argv, out)
+
+
+@pytest.mark.slow
+def test_a_silo_says_in_one_line_why_it_waits_stops_or_has_nothing_to_do(
+    fed_config, tmp_path, repo_root):
+  """SIGTERM while waiting, a finished run for the aggregator and for a joining silo: a line each."""
+  fed_config.federation.update(rounds=1, inner_steps=2, silos=('a',))
+  root = str(tmp_path / 'bucket')
+  aggregator_lib.init_run(fed_config, root, run_id='lines')
+  silo = [sys.executable, str(repo_root / 'scripts' / 'train.py'),
+          f'--config={repo_root / "configs" / "tiny.py"}', '--silo=a', f'--storage={root}',
+          *_cli_overrides(fed_config)]
+  aggregate = [sys.executable, str(repo_root / 'scripts' / 'aggregate.py'), f'--storage={root}']
+  proc = subprocess.Popen(silo + [f'--workdir={tmp_path / "a"}'], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True,
+                          env={**os.environ, 'FEDPT_WAIT_NOTICE_S': '1'})
+  lines = []
+  reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+  reader.start()
+  waiting = 'silo a: waiting for global round 1 (round 0 has 1/1 deltas; the aggregator has not'
+  deadline = time.time() + 180
+  while time.time() < deadline and sum(waiting in l for l in lines) < 2:
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=120) == errors.PREEMPTED_EXIT_CODE, ''.join(lines)
+  reader.join(timeout=10)
+  out = ''.join(lines)
+  assert 'silo a: joining run lines (1 silos, 1 rounds of H=2 inner steps' in out, out
+  assert f'{waiting} decided yet)\n' in out and f'{waiting} decided yet), 0:00:0' in out, out
+  assert lines[-1] == ("silo a: SIGTERM while waiting for global round 1: round 0's delta is "
+                       'published and checkpointed; exiting with status 75: rerun the same '
+                       'command to resume\n'), out
+  assert 'Traceback' not in out
+
+  done = subprocess.run(aggregate, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stdout + done.stderr
+  resumed = subprocess.run(silo + [f'--workdir={tmp_path / "a"}'], capture_output=True,
+                           text=True, timeout=300)
+  assert resumed.returncode == 0 and 'global round 1: held-out loss' in resumed.stdout, (
+      resumed.stdout + resumed.stderr)
+  again = subprocess.run(aggregate, capture_output=True, text=True, timeout=300)
+  assert (again.returncode, again.stdout.splitlines(), again.stderr) == (0, [
+      'aggregator 0/1: run lines is finished (global round 1 is committed); nothing to do'], '')
+  late = subprocess.run(silo + [f'--workdir={tmp_path / "late"}'], capture_output=True,
+                        text=True, timeout=300)
+  assert late.returncode == 0, late.stdout + late.stderr
+  assert late.stdout.splitlines()[-1] == (
+      'silo a: run lines is finished (global round 1 is committed); nothing to do'), late.stdout
+  assert 'Traceback' not in late.stdout + late.stderr
 
 
 @pytest.mark.parametrize('robust, clip_multiple, reject, expected_mean_delta', [
