@@ -73,7 +73,8 @@ def round_record(store: storage_lib.RunStorage, run: dict, round_index: int,
     decided_after_s = manifest['decided_after_s']
   else:
     included, rejected, missing, late, decided_after_s = [], [], [], [], None
-    for silo in store.committed_silos(round_index):  # Undecided: vet the claims ourselves.
+    committed = store.committed_silos(round_index)
+    for silo in committed:  # Undecided: vet the claims ourselves.
       meta = store.delta_meta(round_index, silo)
       reason = (protocol.check_delta_claims(run, round_index, silo, meta) if meta is not None
                 else 'metadata unreadable')
@@ -123,6 +124,9 @@ def round_record(store: storage_lib.RunStorage, run: dict, round_index: int,
       'bytes': bytes_up + bytes_down,
       'rejected': [{'silo': e['silo'], 'reason': e['reason']} for e in rejected],
       'missing': list(missing),
+      # An open round (no manifest yet): the listed silos with no committed delta so far.
+      'waiting_for': ([] if manifest is not None else
+                      [s for s in protocol.silo_ids(run) if s not in committed]),
       'late_from_previous_round': list(late),
       'decided_after_s': decided_after_s,
       'global_hash': global_hash,
@@ -212,6 +216,9 @@ def render_table(rows: list[dict], run: dict, initial_hash: str | None = None) -
     rejected = '; '.join(f"{e['silo']}: {e['reason']}" for e in row['rejected'])
     if row['missing']:
       rejected = '; '.join(filter(None, [rejected, f"missing {','.join(row['missing'])}"]))
+    if row['waiting_for']:
+      rejected = '; '.join(filter(None, [rejected,
+                                         f"waiting for {','.join(row['waiting_for'])}"]))
     lines.append(
         f"{row['round']:>5}  {row['status']:<11} {','.join(row['contributors']):<32} "
         f"{row['tokens']:>10,} {_fmt_loss(row['train_loss']):>7} "
@@ -222,17 +229,88 @@ def render_table(rows: list[dict], run: dict, initial_hash: str | None = None) -
   return '\n'.join(lines)
 
 
+def stored_global_rounds(store: storage_lib.RunStorage) -> tuple[list[int], list[int]]:
+  """(committed global rounds still in the bucket, those up to the newest it collected).
+
+  The aggregator keeps the last `keep_last_rounds` and every `keep_every_rounds`-th;
+  the others are garbage-collected (their manifests stay, as the ledger).
+  """
+  stored = [r for r in store.global_round_dirs() if store.global_shard_metas(r) is not None]
+  return stored, ([r for r in range(stored[-1]) if r not in stored] if stored else [])
+
+
+def run_overview(store: storage_lib.RunStorage, run: dict, rows: list[dict]) -> dict:
+  """The run at a glance: its open round, total traffic, and the global rounds stored.
+
+  The open round is the one after the newest committed global model, unless that
+  was the last: who has published to it so far and who it still waits for.
+  """
+  stored, collected = stored_global_rounds(store)
+  open_round = None
+  if stored and stored[-1] < run['federation']['rounds']:
+    r = stored[-1]
+    row = next((row for row in rows if row['round'] == r), None)
+    open_round = {'round': r, 'status': 'collecting', 'published': [],
+                  'waiting_for': protocol.silo_ids(run)}
+    if row is not None:
+      open_round.update(status=row['status'], waiting_for=row['waiting_for'],
+                        published=row['contributors'] + [e['silo'] for e in row['rejected']])
+  return {
+      'open_round': open_round,
+      'bytes_up': sum(row['bytes_up'] for row in rows),
+      'bytes_down': sum(row['bytes_down'] for row in rows),
+      'stored_global_rounds': stored,
+      'collected_global_rounds': collected,
+  }
+
+
+def ranges(numbers: list[int]) -> str:
+  """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
+  out, start = [], None
+  for i, n in enumerate(numbers):
+    if start is None:
+      start = n
+    if i + 1 == len(numbers) or numbers[i + 1] != n + 1:
+      out.append(str(n) if n == start else f'{start}-{n}')
+      start = None
+  return ', '.join(out)
+
+
+def render_overview(overview: dict, total_rounds: int) -> str:
+  lines = []
+  open_round = overview['open_round']
+  if open_round is not None:
+    r = open_round['round']
+    if open_round['status'] == 'aggregating':
+      lines.append(f'round {r} is decided; the aggregator is writing global round {r + 1}')
+    else:
+      lines.append(f"round {r} is open: published {', '.join(open_round['published']) or '-'}; "
+                   f"waiting for {', '.join(open_round['waiting_for']) or 'the aggregator'}")
+  elif overview['stored_global_rounds'] and overview['stored_global_rounds'][-1] >= total_rounds:
+    lines.append(f'the run is finished: global round {total_rounds} is committed')
+  lines.append(f"traffic: {_fmt_bytes(overview['bytes_up'])} up, "
+               f"{_fmt_bytes(overview['bytes_down'])} down")
+  stored, collected = overview['stored_global_rounds'], overview['collected_global_rounds']
+  lines.append(f"global rounds stored: {ranges(stored) or 'none'}"
+               + (f' (garbage-collected: {ranges(collected)})' if collected else '')
+               + '; evaluate.py --rounds=all evaluates the stored ones')
+  return '\n'.join(lines)
+
+
 def status(storage_root: str, fmt: str = 'table') -> str:
   """The ledger of the run at `storage_root`, as a table or as JSON."""
   store = storage_lib.RunStorage(storage_root)
   run = store.read_run()
   rows = build_ledger(store)
   totals = silo_totals(rows, run)
+  overview = run_overview(store, run, rows)
   if fmt == 'json':
     return json.dumps({'run_id': run['run_id'], 'silos': run['silos'],
                        'federation': run['federation'], 'signed': bool(run.get('public_keys')),
-                       'global_round_0_hash': store.global_hash(0), 'rounds': rows,
+                       'global_round_0_hash': store.global_hash(0), **overview, 'rounds': rows,
                        'silo_totals': totals}, indent=1)
   if fmt != 'table':
     raise ValueError(f'unknown format {fmt!r}')
-  return render_table(rows, run, store.global_hash(0)) + '\n\n' + render_totals(totals)
+  return '\n\n'.join([render_table(rows, run, store.global_hash(0)),
+                       render_overview(overview, run['federation']['rounds']),
+                       render_totals(totals)])

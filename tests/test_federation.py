@@ -169,21 +169,37 @@ def test_split_aggregation_equals_unsplit(fed_config, tmp_path):
     np.testing.assert_array_equal(single[name], split[name])
 
 
-def test_garbage_collection_keeps_last_n_and_every_mth(fed_config, tmp_path):
+def test_garbage_collection_keeps_last_n_and_every_mth_and_status_says_which(fed_config,
+                                                                              tmp_path):
   fed = fed_config.federation
-  fed.update(rounds=7, keep_last_rounds=2, keep_every_rounds=3, silos=('a',))
+  fed.update(rounds=8, keep_last_rounds=2, keep_every_rounds=3, silos=('a', 'b', 'c'))
   root = str(tmp_path / 'bucket')
   run = aggregator_lib.init_run(fed_config, root)
   store = storage_lib.RunStorage(root)
   agg = aggregator_lib.Aggregator(root)
   for r in range(7):
-    _publish_fake_delta(store, run, r, 'a', fed, 0.01)
+    for silo in ('a', 'b', 'c'):
+      _publish_fake_delta(store, run, r, silo, fed, 0.01)
     agg.aggregate(r, agg.decide(r))
     agg.collect_garbage(r + 1)
   kept = sorted(r for r in range(8) if store.global_dir(r).exists())
   assert kept == [0, 3, 6, 7]
   assert all(store.read_manifest(r) is not None for r in range(7))  # The ledger stays.
-  assert store.committed_silos(1) == [] and store.committed_silos(6) == ['a']
+  assert store.committed_silos(1) == [] and store.committed_silos(6) == ['a', 'b', 'c']
+  # status.py: the open round 7 (one delta in, two missing), traffic, the rounds stored.
+  _publish_fake_delta(store, run, 7, 'b', fed, 0.01)
+  overview = json.loads(ledger.status(root, 'json'))
+  assert overview['open_round'] == {'round': 7, 'status': 'collecting', 'published': ['b'],
+                                    'waiting_for': ['a', 'c']}
+  assert overview['stored_global_rounds'] == [0, 3, 6, 7]
+  assert overview['collected_global_rounds'] == [1, 2, 4, 5]
+  model = ledger.global_nbytes(store, 7)
+  assert overview['bytes_down'] == 7 * 3 * model
+  assert overview['bytes_up'] == sum(store.delta_meta(7, 'b')['bytes'] for _ in range(22))
+  table = ledger.status(root)
+  assert 'round 7 is open: published b; waiting for a, c' in table
+  assert 'global rounds stored: 0, 3, 6-7 (garbage-collected: 1-2, 4-5)' in table
+  assert ledger.ranges([0, 1, 2, 5, 7, 8]) == '0-2, 5, 7-8'
 
 
 def test_a_silo_takes_the_run_s_contract_and_refuses_typed_contradictions(fed_config, tmp_path,
