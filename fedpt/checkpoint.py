@@ -134,6 +134,10 @@ class Checkpointer:
   def close(self, quiet: bool = False) -> None:
     """Waits for the save in flight; `quiet` when another error is already on its way out."""
     try:
+      # Orbax's close() does not wait for the temporary-folder cleanup its constructor
+      # started: a process that exits right after (a silo joining a finished run) would
+      # print that thread's traceback at interpreter shutdown.
+      getattr(self._manager, '_maybe_await_cleanup_tmp_directory', lambda: None)()
       self.wait()
     except Exception:  # pylint: disable=broad-except
       with contextlib.suppress(Exception):  # Its own wait would raise the same again.
