@@ -45,17 +45,23 @@ flags.mark_flags_as_required(['out'])
 FLAGS = flags.FLAGS
 
 
+@cli.config_resolver
+def _config():
+  """The run's config (run.json) or the first --workdir's record, with the typed overrides."""
+  workdirs = evaluation.parse_eval_sets(FLAGS.workdir)
+  if not workdirs and not FLAGS.storage:  # evaluate() says there is nothing to evaluate.
+    return FLAGS.config
+  source = ({'storage': FLAGS.storage} if FLAGS.storage else
+            {'workdir': next(iter(workdirs.values()))})
+  return loading.source_config(FLAGS.config, cli.config_overrides(), **source)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   eval_sets = cli.run_or_explain(evaluation.parse_eval_sets, FLAGS.eval_set)
   workdirs = cli.run_or_explain(evaluation.parse_eval_sets, FLAGS.workdir)
-  config = FLAGS.config
-  if workdirs or FLAGS.storage:  # Else evaluate() says there is nothing to evaluate.
-    source = ({'storage': FLAGS.storage} if FLAGS.storage else
-              {'workdir': next(iter(workdirs.values()))})
-    config = cli.run_or_explain(loading.source_config, FLAGS.config, cli.config_overrides(),
-                                **source)
+  config = cli.run_or_explain(_config)
   result = cli.run_or_explain(
       evaluation.evaluate, config, FLAGS.out, eval_sets=eval_sets, storage=FLAGS.storage,
       rounds=FLAGS.rounds, workdirs=workdirs, whole=not FLAGS.sampled)
