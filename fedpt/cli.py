@@ -67,6 +67,11 @@ def explain_flag_error(error: Exception, argv) -> str:
   for name in _config_flag_names():
     config = _config_file_config(name, argv)
     if config is None:
+      typed = _overrides_in(name, argv)
+      if typed and flags.FLAGS[name].default is None and not any(
+          a.startswith((f'--{name}=', f'-{name}=')) for a in argv):
+        return (f'--{name}.{typed[0][0]}: an override needs the config file it changes. Fix: '
+                f'pass --{name}=configs/<name>.py before it')
       continue
     for path, value in _overrides_in(name, argv):
       problem = _field_problem(config, path)
@@ -82,7 +87,10 @@ def explain_flag_error(error: Exception, argv) -> str:
                 f'one of its fields, e.g. --{name}.{path}.{first}=...')
       return (f'--{name}.{path}={value}: must be {config_lib.describe_type(default)}. Fix: '
               f'e.g. --{name}.{path}={default} (the config file\'s value)')
-  message = ' '.join(str(error).replace('\\n', ' ').replace("\\'", "'").strip("'").split())
+  message = str(error)
+  if isinstance(error, KeyError) and message[:1] == message[-1:] == "'":
+    message = message[1:-1]  # A KeyError's str() is its repr.
+  message = ' '.join(message.replace('\\n', ' ').replace("\\'", "'").split())
   return (f'bad command-line flag: {message}. Fix: check the flag\'s name and value '
           '(--helpfull lists them)')
 

@@ -379,7 +379,7 @@ def simulate(config, config_file: str, storage_root: str, workdir: str,
       signal.signal(signal.SIGTERM, previous_handler)
 
   final = ledger.eval_losses(store, run, total)
-  plots = evaluation.write_plots(store, workdir)
+  plots = evaluation.write_plots(store, workdir, config_name=config.name)
   summary = {
       'run_id': run['run_id'], 'storage': storage_root, 'workdir': workdir,
       'rounds': records,

@@ -73,7 +73,12 @@ def main(argv):
     print(f"{row['eval_set']}: global round {row['global_round']} {row['global_loss']:.4f} vs "
           f"baseline {row['baseline']} {row['baseline_loss']:.4f} (gain {row['gain']:+.4f}) "
           f"on {row['tokens']:,} tokens")
-  print(f"({result['mode']}) wrote {FLAGS.out}/eval.json, eval.csv and plots")
+  if result['garbage_collected_rounds']:
+    print(f"skipped global rounds {evaluation.spans(result['garbage_collected_rounds'])}: "
+          'garbage-collected by the aggregator (federation.keep_last_rounds, '
+          'keep_every_rounds)')
+  print(f"({result['mode']}) wrote {FLAGS.out}/eval.json, eval.csv"
+        + (' and plots' if result.get('plots') else ''))
 
 
 if __name__ == '__main__':
