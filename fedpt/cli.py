@@ -147,13 +147,15 @@ def _field_problem(config, path: str) -> str | None:
 
 
 def _nearest_field(config, path: str) -> str | None:
-  """The field(s) `path` most likely meant: its name in other groups, else the closest path."""
+  """The field(s) `path` most likely meant: a near-identical path, its name in other groups,
+  else the closest path."""
   paths = list(config_lib.flat(config)) + _group_paths(config)
+  close = difflib.get_close_matches(path, paths, n=1, cutoff=0.8)
   same_name = sorted(p for p in paths if p.rsplit('.', 1)[-1] == path.rsplit('.', 1)[-1])
-  if same_name:
+  if not close and same_name:
     return ' or '.join([', '.join(same_name[:-1]), same_name[-1]] if len(same_name) > 1
                        else same_name)
-  close = difflib.get_close_matches(path, paths, n=1, cutoff=0.6)
+  close = close or difflib.get_close_matches(path, paths, n=1, cutoff=0.6)
   return close[0] if close else None
 
 
