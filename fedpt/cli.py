@@ -90,7 +90,7 @@ def explain_flag_error(error: Exception, argv) -> str:
   message = str(error)
   if isinstance(error, KeyError) and message[:1] == message[-1:] == "'":
     message = message[1:-1]  # A KeyError's str() is its repr.
-  message = ' '.join(message.replace('\\n', ' ').replace("\\'", "'").split())
+  message = ' '.join(message.replace('\\n', ' ').replace("\\'", "'").split()).rstrip('.')
   return (f'bad command-line flag: {message}. Fix: check the flag\'s name and value '
           '(--helpfull lists them)')
 

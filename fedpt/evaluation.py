@@ -102,8 +102,9 @@ def select_rounds(store, text: str) -> tuple[list[int], list[int]]:
   if future:
     raise EvalError(f'--rounds={text}: global round {spans(future)} is not committed under '
                     f'{store.root} yet ({where}). Fix: pass --rounds=all or stored rounds')
-  if collected and (text == 'all' or ':' in text):
-    return [r for r in wanted if r in stored], collected
+  kept = [r for r in wanted if r in stored]
+  if collected and kept and (text == 'all' or ':' in text):
+    return kept, collected
   if collected:
     raise EvalError(f'--rounds={text}: global round {spans(collected)} was garbage-collected by '
                     f'the aggregator (federation.keep_last_rounds, keep_every_rounds); {where}. '

@@ -134,6 +134,7 @@ def test_garbage_collected_rounds_are_skipped_by_ranges_and_named_when_asked_for
   for text, expected in (('1', 'global round 1 was garbage-collected'),
                          ('0,3', 'global round 0 was garbage-collected'),
                          ('5', 'global round 5 is not committed'),
+                         ('0:2', 'global round 0-2 was garbage-collected'),  # None left.
                          ('3:2', 'names no round')):
     with pytest.raises(evaluation.EvalError, match=expected) as e:
       evaluation.select_rounds(store, text)
