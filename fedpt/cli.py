@@ -97,8 +97,8 @@ def explain_flag_error(error: Exception, argv) -> str:
 
 def _config_flag_names() -> list[str]:
   """The flags defined by `config_flags.DEFINE_config_*` (their values are ConfigDicts)."""
-  return [name for name, flag in flags.FLAGS._flags().items()  # pylint: disable=protected-access
-          if type(flag).__name__ == '_ConfigFlag' and name == flag.name]
+  return [name for name in flags.FLAGS
+          if type(flags.FLAGS[name]).__name__ == '_ConfigFlag' and name == flags.FLAGS[name].name]
 
 
 def _config_file_config(name: str, argv):

@@ -147,8 +147,8 @@ def test_garbage_collected_rounds_are_skipped_by_ranges_and_named_when_asked_for
   assert result['garbage_collected_rounds'] == [0, 1, 2]
 
   script = [sys.executable, str(repo_root / 'scripts' / 'evaluate.py'), f'--storage={root}',
-            f'--config={repo_root / "configs" / "tiny.py"}', f'--config.data.corpus={corpus_dir}', '--config.train.eval_batches=1', '--sampled',
-            f'--out={tmp_path / "cli"}']
+            f'--config={repo_root / "configs" / "tiny.py"}', f'--config.data.corpus={corpus_dir}',
+            '--config.train.eval_batches=1', '--sampled', f'--out={tmp_path / "cli"}']
   done = subprocess.run(script + [f'--eval_set=held={corpus_dir}', '--rounds=all'],
                         capture_output=True, text=True, timeout=300, check=False)
   assert done.returncode == 0, done.stderr
