@@ -12,10 +12,10 @@ not the model.
 At least one --eval_set is needed. Scores every token of each set once (--sampled: only the
 train.eval_batches sampled windows) and says how many. Writes <out>/eval.json, eval.csv
 (loss, perplexity, bits per byte and tokens scored per model and set) and
-loss_by_round.png / loss_vs_tokens.png (the global model on each silo's private split, as the
-silo published it, their mean, the sets evaluated here and the --workdir baselines). --rounds=all
-and ranges skip the rounds the aggregator garbage-collected and say which. A --workdir named
-after an eval set is that silo's isolated baseline; eval.json's `versus_baseline` compares the newest global round to it
+loss_by_round.png / loss_vs_tokens.png (the global model on each silo's private split, as
+the silo published it, their mean, the sets evaluated here and the --workdir baselines).
+--rounds=all and ranges skip the rounds the aggregator garbage-collected and say which. A
+--workdir named after an eval set is that silo's isolated baseline; eval.json's `versus_baseline` compares the newest global round to it
 on that set only (one line per silo). For the full member question see member_gain.py.
 """
 import os
