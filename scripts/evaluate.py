@@ -15,8 +15,9 @@ train.eval_batches sampled windows) and says how many. Writes <out>/eval.json, e
 loss_by_round.png / loss_vs_tokens.png (the global model on each silo's private split, as
 the silo published it, their mean, the sets evaluated here and the --workdir baselines).
 --rounds=all and ranges skip the rounds the aggregator garbage-collected and say which. A
---workdir named after an eval set is that silo's isolated baseline; eval.json's `versus_baseline` compares the newest global round to it
-on that set only (one line per silo). For the full member question see member_gain.py.
+--workdir named after an eval set is that silo's isolated baseline; eval.json's
+`versus_baseline` compares the newest global round to it on that set only (one line per
+silo). For the full member question see member_gain.py.
 """
 import os
 import sys
