@@ -24,6 +24,7 @@ from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from fedpt import aggregator  # noqa: E402
+from fedpt import cli  # noqa: E402
 from fedpt import gcs_emulator  # noqa: E402
 from fedpt import signing  # noqa: E402
 from fedpt import silo  # noqa: E402
@@ -96,4 +97,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags_or_explain)

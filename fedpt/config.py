@@ -200,6 +200,11 @@ def _type_of(default) -> tuple[str, object]:
   return 'a tuple', lambda v: isinstance(v, (tuple, list))
 
 
+def describe_type(default) -> str:
+  """What a field whose default is `default` takes: 'an integer', 'True or False', ..."""
+  return _type_of(default)[0]
+
+
 def _type_problem(value, default) -> str | None:
   """Why `value` cannot stand where the schema's `default` is, or None."""
   want, ok = _type_of(default)

@@ -62,10 +62,54 @@ def parse_rounds(text: str, latest: int) -> list[int]:
       return list(range(latest + 1))
     if ':' in text:
       first, last = (int(x) for x in text.split(':'))
-      return list(range(first, last + 1))
-    return [int(x) for x in text.split(',')]
+      rounds = list(range(first, last + 1))
+    else:
+      rounds = [int(x) for x in text.split(',')]
   except ValueError:
     raise EvalError(f'--rounds={text!r}: use all, N, A:B or A,B,C') from None
+  if not rounds or min(rounds) < 0:
+    raise EvalError(f'--rounds={text!r} names no round. Fix: use all, N, A:B with A <= B, or '
+                    'A,B,C, of rounds >= 0')
+  return rounds
+
+
+def spans(numbers) -> str:
+  """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
+  out, numbers = [], sorted(numbers)
+  for n in numbers:
+    if out and n == out[-1][1] + 1:
+      out[-1][1] = n
+    else:
+      out.append([n, n])
+  return ', '.join(str(a) if a == b else f'{a}-{b}' for a, b in out)
+
+
+def select_rounds(store, text: str) -> tuple[list[int], list[int]]:
+  """(the stored global rounds `text` asks for, those of them garbage-collected).
+
+  The aggregator keeps only some old rounds (federation.keep_last_rounds,
+  keep_every_rounds): `all` and ranges skip the collected ones (the caller says
+  which); a round named on its own that is collected, or not committed yet, is an
+  error naming the rounds still stored.
+  """
+  stored = store.committed_global_rounds()
+  latest = max(stored) if stored else -1
+  wanted = parse_rounds(text, latest)
+  future = [r for r in wanted if r > latest]
+  collected = [r for r in wanted if r <= latest and r not in stored]
+  where = (f'stored rounds: {spans(stored)}' if stored else
+           'no round is committed yet (scripts/init_run.py writes round 0)')
+  if future:
+    raise EvalError(f'--rounds={text}: global round {spans(future)} is not committed under '
+                    f'{store.root} yet ({where}). Fix: pass --rounds=all or stored rounds')
+  kept = [r for r in wanted if r in stored]
+  if collected and kept and (text == 'all' or ':' in text):
+    return kept, collected
+  if collected:
+    raise EvalError(f'--rounds={text}: global round {spans(collected)} was garbage-collected by '
+                    f'the aggregator (federation.keep_last_rounds, keep_every_rounds); {where}. '
+                    'Fix: pass --rounds=all (the stored ones) or stored rounds')
+  return wanted, []
 
 
 def bits_per_byte(mean_loss: float, tokens: int, nbytes: int) -> float:
@@ -125,20 +169,24 @@ def evaluate(config, out_dir: str, *, eval_sets: dict[str, str], storage: str | 
   if not storage and not workdirs:
     raise EvalError('nothing to evaluate. Fix: pass --storage (global rounds) and/or '
                     '--workdir=NAME=DIR (private checkpoints, e.g. isolated baselines)')
+  if not eval_sets:
+    raise EvalError('no held-out set to evaluate on. Fix: pass --eval_set=NAME=DIR (a '
+                    'prepare_data.py output: its val split, e.g. a silo\'s own), or '
+                    '--eval_set=NAME=FILE (text/JSONL) or NAME=tfds:DATASET[:SPLIT]')
   trainer = trainer_lib.Trainer(protocol.federated_config(config) if storage else config)
   piece_bytes = _piece_bytes(data_lib.load_tokenizer(trainer.tokenizer_path))
   datasets = {n: open_eval_set(n, p, os.path.join(out_dir, 'eval_sets'), trainer)
               for n, p in eval_sets.items()}
   nbytes = {n: predicted_bytes(ds, piece_bytes, trainer, whole) for n, ds in datasets.items()}
-  rows, published, store, run = [], {}, None, None
+  rows, published, store, run, collected = [], {}, None, None, []
   sources = []  # (model label, round or None, loading.Source)
   if storage:
     store = storage_lib.RunStorage(storage)
     run = store.read_run()
     protocol.check_model_matches_run(run, trainer.config, trainer.tokenizer_sha256)
-    latest = store.latest_global_round()
+    wanted, collected = select_rounds(store, rounds)
     sources += [(f'global_round_{r}', r, loading.Source(storage=storage, round_index=r))
-                for r in parse_rounds(rounds, -1 if latest is None else latest)]
+                for r in wanted]
   sources += [(label, None, loading.Source(workdir=workdir))
               for label, workdir in (workdirs or {}).items()]
   train_state = trainer.abstract_state()
@@ -149,7 +197,7 @@ def evaluate(config, out_dir: str, *, eval_sets: dict[str, str], storage: str | 
     if round_index is not None:
       published[round_index] = ledger.eval_losses(store, run, round_index)
   result = {'rows': rows, 'mode': describe_mode(whole, trainer), 'published_by_round': published,
-            'versus_baseline': versus_baseline(rows)}
+            'versus_baseline': versus_baseline(rows), 'garbage_collected_rounds': collected}
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, 'eval.json'), 'w', encoding='utf-8') as f:
     json.dump(result, f, indent=1)
@@ -159,7 +207,7 @@ def evaluate(config, out_dir: str, *, eval_sets: dict[str, str], storage: str | 
     writer.writeheader()
     writer.writerows(rows)
   if store is not None:
-    result['plots'] = write_plots(store, out_dir, rows)
+    result['plots'] = write_plots(store, out_dir, rows, config_name=trainer.config.name)
   return result
 
 
@@ -185,40 +233,80 @@ def versus_baseline(rows: list[dict]) -> list[dict]:
   return out
 
 
-def write_plots(store, out_dir: str, rows: list[dict] | None = None) -> list[str]:
-  """Loss by round (each silo's own split and the mean) and loss against tokens seen."""
+def loss_curves(store, rows: list[dict] | None = None) -> dict:
+  """What the plots draw: {'curves': [(label, [(round, loss)])], 'baselines': [(label, loss)],
+  'tokens_by_round': {round: tokens seen per silo before it}}.
+
+  The published curves are the global model of each round on each silo's private
+  split (each silo's own measurement), not the silos' local models.
+  """
+  ledger_rows = ledger.build_ledger(store)
+  run = store.read_run()
+  initial = ledger.eval_losses(store, run, 0)
+  silos = sorted({s for row in ledger_rows for s in row['eval_loss_by_silo']} | set(initial))
+  by_round = {0: initial, **{row['round'] + 1: row['eval_loss_by_silo'] for row in ledger_rows}}
+  per_silo = np.cumsum([0] + [row['tokens'] / max(len(row['tokens_by_silo']), 1)
+                              for row in ledger_rows])
+  curves = [(f"global model on {silo}'s split (published by {silo})",
+             sorted((r, v[silo]) for r, v in by_round.items() if silo in v)) for silo in silos]
+  curves.append(('global model, mean over the silos\' splits',
+                 sorted((r, float(np.mean(list(v.values())))) for r, v in by_round.items() if v)))
+  rows = rows or []
+  for eval_set in sorted({r['eval_set'] for r in rows if r['round'] is not None}):
+    curves.append((f'global model on {eval_set} (evaluate.py)', sorted(
+        (r['round'], r['loss']) for r in rows if r['eval_set'] == eval_set
+        and r['round'] is not None)))
+  baselines = [(f"{r['model']} alone (isolated baseline) on {r['eval_set']}"
+                if r['model'] == r['eval_set'] else f"{r['model']} (checkpoint) on {r['eval_set']}",
+                r['loss']) for r in rows if r['round'] is None]
+  return {'curves': [c for c in curves if c[1]], 'baselines': baselines,
+          'tokens_by_round': {r: int(per_silo[min(r, len(per_silo) - 1)]) for r in by_round}}
+
+
+# Distinct marker, line style and draw order per curve, so that no line hides another.
+_MARKERS = ('o', 's', '^', 'v', 'D', 'P', 'X', '*', '<', '>')
+_LINESTYLES = ('-', '--', '-.', ':')
+
+
+def loss_figures(store, rows: list[dict] | None = None, config_name: str = '') -> dict:
+  """{'loss_by_round': Figure, 'loss_vs_tokens': Figure}: the run's held-out losses."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-  ledger_rows = ledger.build_ledger(store)
-  initial = ledger.eval_losses(store, store.read_run(), 0)
-  silos = sorted({s for row in ledger_rows for s in row['eval_loss_by_silo']} | set(initial))
-  by_round = {0: initial, **{row['round'] + 1: row['eval_loss_by_silo']
-                                          for row in ledger_rows}}
-  tokens = np.cumsum([0] + [row['tokens'] for row in ledger_rows])
-  curves = []  # (label, style, [(round, loss)])
-  for silo in silos:
-    curves.append((f'silo {silo} (own split)', 'o-',
-                   sorted((r, v[silo]) for r, v in by_round.items() if silo in v)))
-  curves.append(('global (mean over silos)', 'k--',
-                 sorted((r, float(np.mean(list(v.values())))) for r, v in by_round.items() if v)))
-  for eval_set in sorted({r['eval_set'] for r in rows or [] if r['round'] is not None}):
-    curves.append((f'{eval_set} (evaluate.py)', 's-', sorted(
-        (r['round'], r['loss']) for r in rows if r['eval_set'] == eval_set
-        and r['round'] is not None)))
-  os.makedirs(out_dir, exist_ok=True)
-  paths = []
-  for name, xlabel, to_x in (('loss_by_round', 'global round', lambda r: r),
-                             ('loss_vs_tokens', 'tokens seen by the federation',
-                              lambda r: int(tokens[min(r, len(tokens) - 1)]))):
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for label, style, points in curves:
-      if points:
-        ax.plot([to_x(r) for r, _ in points], [v for _, v in points], style, label=label)
-    ax.set(xlabel=xlabel, ylabel='held-out loss (nats)', title=name.replace('_', ' '))
+  data = loss_curves(store, rows)
+  run_id = store.read_run()['run_id']
+  tokens = data['tokens_by_round']
+  figures = {}
+  for name, xlabel, to_x, what in (
+      ('loss_by_round', 'global round', lambda r: r, 'by global round'),
+      ('loss_vs_tokens', 'tokens seen (per silo, cumulative)', lambda r: tokens[r],
+       'against tokens seen')):
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, (label, points) in enumerate(data['curves']):
+      ax.plot([to_x(r) for r, _ in points], [v for _, v in points],
+              marker=_MARKERS[i % len(_MARKERS)], linestyle=_LINESTYLES[i % len(_LINESTYLES)],
+              markersize=7 - 3 * i / max(len(data['curves']), 1), alpha=0.8, zorder=2 + i,
+              label=label)
+    for i, (label, loss) in enumerate(data['baselines']):
+      ax.axhline(loss, color=f'C{(len(data["curves"]) + i) % 10}',
+                 linestyle=_LINESTYLES[(i + 1) % len(_LINESTYLES)], alpha=0.8, label=label)
+    ax.set(xlabel=xlabel, ylabel='held-out loss (nats/token)',
+           title=f'run {run_id} ({config_name or "config"}): held-out loss {what}')
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
+    figures[name] = fig
+  return figures
+
+
+def write_plots(store, out_dir: str, rows: list[dict] | None = None,
+                config_name: str = '') -> list[str]:
+  """loss_by_round.png and loss_vs_tokens.png (`loss_figures`) in `out_dir`; their paths."""
+  figures = loss_figures(store, rows, config_name)
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  os.makedirs(out_dir, exist_ok=True)
+  paths = []
+  for name, fig in figures.items():
     path = os.path.join(out_dir, f'{name}.png')
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -9,6 +9,7 @@ the I/O, and the source is read by the one model loader (`loading.py`).
 import json
 import os
 import shutil
+import stat
 
 import jax
 import numpy as np
@@ -106,13 +107,27 @@ def tokenizer_config(*, bos: str, eos: str, unk: str, pad: str, model_max_length
   }
 
 
+def _safetensors():
+  """safetensors.numpy, or an ExportError naming the install command (the `hf` extra)."""
+  try:
+    from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ExportError(f'exporting to Hugging Face needs the hf extra ({e}). Fix: run '
+                      "python3 -m pip install -e '.[hf]' in the fedpt checkout, then rerun"
+                      ) from None
+  return safetensors_numpy
+
+
 def write_hf(out_dir: str, state_dict: dict, config_json: dict, tokenizer_path: str,
              tokenizer_json: dict) -> None:
-  """Writes model.safetensors, config.json, tokenizer.model and tokenizer_config.json."""
-  from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
+  """Writes model.safetensors, config.json, tokenizer.model and tokenizer_config.json.
+
+  Every file gets the umask's usual mode (e.g. 0644): the export is meant to be shared.
+  """
+  safetensors_numpy = _safetensors()
   os.makedirs(out_dir, exist_ok=True)
-  safetensors_numpy.save_file(state_dict, os.path.join(out_dir, 'model.safetensors'),
-                              metadata={'format': 'pt'})
+  weights = os.path.join(out_dir, 'model.safetensors')
+  safetensors_numpy.save_file(state_dict, weights, metadata={'format': 'pt'})
   shutil.copyfile(tokenizer_path, os.path.join(out_dir, 'tokenizer.model'))
   for name, obj in (('config.json', config_json), ('tokenizer_config.json', tokenizer_json),
                     ('special_tokens_map.json', {k: tokenizer_json[k] for k in (
@@ -124,6 +139,8 @@ def write_hf(out_dir: str, state_dict: dict, config_json: dict, tokenizer_path: 
     with open(os.path.join(out_dir, name), 'w') as f:
       json.dump(obj, f, indent=2)
       f.write('\n')
+  # safetensors writes 0600; a new file's usual mode (0666 less the umask) is config.json's.
+  os.chmod(weights, stat.S_IMODE(os.stat(os.path.join(out_dir, 'config.json')).st_mode))
 
 
 # -- sources ------------------------------------------------------------------
@@ -136,6 +153,7 @@ def export(config, out_dir: str, *, workdir: str | None = None, step: int | None
   Returns {'out', 'parameters', 'source'}.
   """
   source = loading.Source(workdir=workdir, step=step, storage=storage, round_index=round_index)
+  _safetensors()  # Before the model is read: a missing extra is one line, not a late traceback.
   if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
     raise ExportError(f'--out={out_dir} exists and is not an empty folder. Fix: pass a new '
                       'folder; an export never overwrites')

@@ -216,6 +216,19 @@ def _plot(rows: list[dict], path: str) -> str:
   return path
 
 
+def eval_config(run: dict, members: list[Member], config=None):
+  """The config the members' models are scored with: the run's model, `config`'s usage.
+
+  `config` None: the first member's baseline's recorded config, else the run's contract.
+  """
+  if config is None:
+    recorded = next((m.baseline for m in members if m.baseline), None)
+    config = (loading.source_config(workdir=recorded) if recorded else
+              loading.run_config(run))
+  return loading.run_config(run, config, set(config_lib.flat(config)) -
+                            set(config_lib.MODEL_FIELDS))
+
+
 def member_gain(storage: str, members: list[Member], out_dir: str, *, config=None,
                 round_index: int | None = None, whole: bool = True, log=print) -> dict:
   """Scores each member's isolated, global and personalised models on its own held-out set.
@@ -241,12 +254,7 @@ def member_gain(storage: str, members: list[Member], out_dir: str, *, config=Non
   run = store.read_run()
   for m in members:
     protocol.check_silo_listed(run, m.silo)
-  if config is None:
-    recorded = next((m.baseline for m in members if m.baseline), None)
-    config = (loading.source_config(workdir=recorded) if recorded else
-              loading.run_config(run))
-  config = loading.run_config(run, config, set(config_lib.flat(config)) -
-                              set(config_lib.MODEL_FIELDS))
+  config = eval_config(run, members, config)
   trainer = trainer_lib.Trainer(config)
   protocol.check_model_matches_run(run, trainer.config, trainer.tokenizer_sha256)
   round_index, _ = loading.committed_round(store, round_index)

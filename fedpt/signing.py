@@ -83,6 +83,9 @@ def generate(keys_dir: str, name: str) -> str:
 
 def generate_named(keys_dir: str, names) -> list[str]:
   """Key pairs for several parties; checks every name before writing any file."""
+  if not names:
+    raise KeyFileError('no key name given: nothing to make. Fix: e.g. --names=silo_web (a '
+                       'silo) or --names=aggregator (the operator)')
   for name in names:
     if name != AGGREGATOR and not (name.startswith('silo_') and len(name) > len('silo_')):
       raise KeyFileError(f'key name {name!r} is neither "aggregator" nor "silo_<id>". Fix: '
@@ -99,7 +102,7 @@ def load_secret(keys_dir: str, name: str) -> ed25519.Ed25519PrivateKey:
   except FileNotFoundError:
     raise KeyFileError(
         f'secret key {path} not found. Fix: create it with scripts/keys.py --keys={keys_dir} '
-        f'--name={name}, or pass the --keys folder that holds it.') from None
+        f'--names={name}, or pass the --keys folder that holds it.') from None
   except (ValueError, TypeError) as e:
     raise KeyFileError(f'{path} is not a PEM private key ({e}). Fix: regenerate it with '
                        'scripts/keys.py.') from None
@@ -117,7 +120,8 @@ def load_public(keys_dir: str, name: str) -> str:
     key = serialization.load_pem_public_key(pem.encode())
   except FileNotFoundError:
     raise KeyFileError(
-        f'public key {path} not found. Fix: copy {name}.pub from its owner into {keys_dir}.'
+        f'public key {path} not found. Fix: copy {name}.pub from its owner into {keys_dir} '
+        f'(its owner makes it with scripts/keys.py --keys=<its folder> --names={name}).'
     ) from None
   except (ValueError, UnicodeDecodeError) as e:
     raise KeyFileError(f'{path} is not a PEM public key ({e}). Fix: ask its owner for the '
@@ -128,7 +132,19 @@ def load_public(keys_dir: str, name: str) -> str:
 
 
 def run_public_keys(keys_dir: str, silo_ids) -> dict:
-  """The `public_keys` entry of run.json, from the aggregator operator's key folder."""
+  """The `public_keys` entry of run.json, from the aggregator operator's key folder.
+
+  Every missing .pub is named at once: collecting them is a round trip to each party.
+  """
+  names = [AGGREGATOR, *(silo_key_name(s) for s in silo_ids)]
+  missing = [n for n in names
+             if not os.path.exists(os.path.join(os.path.expanduser(keys_dir), f'{n}.pub'))]
+  if missing:
+    raise KeyFileError(
+        f'{len(missing)} public key(s) missing from {keys_dir}: '
+        f'{", ".join(f"{n}.pub" for n in missing)}. Fix: each party makes its own key pair '
+        '(scripts/keys.py --keys=<its private folder> --names=<its name>, e.g. '
+        f'--names={missing[0]}) and sends you its .pub; copy them into {keys_dir}, then rerun')
   return {AGGREGATOR: load_public(keys_dir, AGGREGATOR),
           'silos': {s: load_public(keys_dir, silo_key_name(s)) for s in silo_ids}}
 
@@ -211,7 +227,8 @@ def party_identity(run: dict, keys_dir: str | None, name: str):
   if run.get('public_keys'):
     raise KeyFileError(
         f'this run is signed (run.json lists public keys): pass --keys, the folder holding '
-        f'{name}.key and aggregator.pub. Fix: scripts/keys.py creates keys.')
+        f'{name}.key and aggregator.pub. Fix: scripts/keys.py --keys=DIR --names={name} makes '
+        f'{name}.key; aggregator.pub comes from the run\'s operator.')
   return None
 
 

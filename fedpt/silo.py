@@ -188,6 +188,26 @@ class _Private:
     self._ckpt.close()
 
 
+def _own_config(config, workdir, typed, allow_config_change):
+  """The silo's own fields (corpus, tokenizer path, grad_accum, ...) resume as recorded."""
+  return trainer_lib.resume_config(
+      config if config is not None or loading.read_config_record(workdir) is not None
+      else config_lib.base_config(), workdir, typed, allow_config_change)
+
+
+def resolved_config(config, silo_id: str, storage_root: str, workdir: str, typed=None,
+                    allow_config_change: bool = False):
+  """The config `run_silo` would train with (run.json's contract over the workdir's record).
+
+  Reads only: --print_config shows it.
+  """
+  config, _, _ = _own_config(config, workdir, typed, allow_config_change)
+  run = storage_lib.RunStorage(storage_root).read_run()
+  protocol.check_silo_listed(run, silo_id)
+  return protocol.federated_config(
+      protocol.join_config(run, config, silo_id, typed or frozenset())[0])
+
+
 class _Silo:
   """One silo's parts: the run, its trainer, the bucket, its checkpoints; one method a phase."""
 
@@ -195,10 +215,7 @@ class _Silo:
                allow_config_change=False):
     self.silo_id = silo_id
     self.workdir = workdir
-    # The silo's own fields (corpus, tokenizer path, grad_accum, ...) resume as recorded.
-    config, record, changed = trainer_lib.resume_config(
-        config if config is not None or loading.read_config_record(workdir) is not None
-        else config_lib.base_config(), workdir, typed, allow_config_change)
+    config, record, changed = _own_config(config, workdir, typed, allow_config_change)
     sharding.maybe_initialize_distributed(config.distributed)
     self.store = storage_lib.RunStorage(storage_root)
     self.run = self.store.read_run()

@@ -166,6 +166,20 @@ def _resume_config(store, config, typed):
   return run, config, adopted
 
 
+def resolved_config(config, storage_root: str, typed=None, silo_data=None):
+  """The run's config as `simulate` would start or resume it (run.json's over a new one's).
+
+  Reads only (--print_config shows it); raw --silo_data would still be tokenised,
+  which sets data.corpus and data.tokenizer.
+  """
+  if silo_data:
+    config, typed = _silos_of(config, corpora.parse(silo_data), typed)
+  store = storage_lib.RunStorage(storage_root)
+  if store.exists(store.run_path):
+    config = _resume_config(store, config, typed)[1]
+  return protocol.federated_config(config)
+
+
 def _silo_group_override(config, silo_id: str) -> list[str]:
   """On the built-in corpus, a silo named after a stdlib group reads only that group.
 
@@ -365,7 +379,7 @@ def simulate(config, config_file: str, storage_root: str, workdir: str,
       signal.signal(signal.SIGTERM, previous_handler)
 
   final = ledger.eval_losses(store, run, total)
-  plots = evaluation.write_plots(store, workdir)
+  plots = evaluation.write_plots(store, workdir, config_name=config.name)
   summary = {
       'run_id': run['run_id'], 'storage': storage_root, 'workdir': workdir,
       'rounds': records,

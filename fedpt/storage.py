@@ -482,6 +482,10 @@ class RunStorage:
         return r
     return None
 
+  def committed_global_rounds(self) -> list[int]:
+    """Global rounds stored and committed, ascending: garbage collection leaves gaps."""
+    return [r for r in self.global_round_dirs() if self.global_shard_metas(r) is not None]
+
   def read_global_params(self, round_index: int, abstract_flat: dict, verify: bool = True,
                          check_meta: Callable[[dict], str | None] | None = None) -> dict:
     """All parameters of a committed global round, restored into `abstract_flat`'s shardings.

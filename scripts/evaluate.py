@@ -9,13 +9,15 @@ r"""Evaluates global rounds and private checkpoints on held-out sets; writes tab
 typed --config.* values may change how it is evaluated (eval batches, sequence length) but
 not the model.
 
-Scores every token of each set once (--sampled: only the train.eval_batches sampled windows)
-and says how many. Writes <out>/eval.json, eval.csv (loss, perplexity, bits per byte and
-tokens scored per model and set) and
-loss_by_round.png / loss_vs_tokens.png (each silo's published loss on its own private split,
-the global mean, and the sets evaluated here). A --workdir named after an eval set is that
-silo's isolated baseline; eval.json's `versus_baseline` compares the newest global round to it
-on that set only (one line per silo). For the full member question see member_gain.py.
+At least one --eval_set is needed. Scores every token of each set once (--sampled: only the
+train.eval_batches sampled windows) and says how many. Writes <out>/eval.json, eval.csv
+(loss, perplexity, bits per byte and tokens scored per model and set) and
+loss_by_round.png / loss_vs_tokens.png (the global model on each silo's private split, as
+the silo published it, their mean, the sets evaluated here and the --workdir baselines).
+--rounds=all and ranges skip the rounds the aggregator garbage-collected and say which. A
+--workdir named after an eval set is that silo's isolated baseline; eval.json's
+`versus_baseline` compares the newest global round to it on that set only (one line per
+silo). For the full member question see member_gain.py.
 """
 import os
 import sys
@@ -45,17 +47,23 @@ flags.mark_flags_as_required(['out'])
 FLAGS = flags.FLAGS
 
 
+@cli.config_resolver
+def _config():
+  """The run's config (run.json) or the first --workdir's record, with the typed overrides."""
+  workdirs = evaluation.parse_eval_sets(FLAGS.workdir)
+  if not workdirs and not FLAGS.storage:  # evaluate() says there is nothing to evaluate.
+    return FLAGS.config
+  source = ({'storage': FLAGS.storage} if FLAGS.storage else
+            {'workdir': next(iter(workdirs.values()))})
+  return loading.source_config(FLAGS.config, cli.config_overrides(), **source)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   eval_sets = cli.run_or_explain(evaluation.parse_eval_sets, FLAGS.eval_set)
   workdirs = cli.run_or_explain(evaluation.parse_eval_sets, FLAGS.workdir)
-  config = FLAGS.config
-  if workdirs or FLAGS.storage:  # Else evaluate() says there is nothing to evaluate.
-    source = ({'storage': FLAGS.storage} if FLAGS.storage else
-              {'workdir': next(iter(workdirs.values()))})
-    config = cli.run_or_explain(loading.source_config, FLAGS.config, cli.config_overrides(),
-                                **source)
+  config = cli.run_or_explain(_config)
   result = cli.run_or_explain(
       evaluation.evaluate, config, FLAGS.out, eval_sets=eval_sets, storage=FLAGS.storage,
       rounds=FLAGS.rounds, workdirs=workdirs, whole=not FLAGS.sampled)
@@ -67,7 +75,12 @@ def main(argv):
     print(f"{row['eval_set']}: global round {row['global_round']} {row['global_loss']:.4f} vs "
           f"baseline {row['baseline']} {row['baseline_loss']:.4f} (gain {row['gain']:+.4f}) "
           f"on {row['tokens']:,} tokens")
-  print(f"({result['mode']}) wrote {FLAGS.out}/eval.json, eval.csv and plots")
+  if result['garbage_collected_rounds']:
+    print(f"skipped global rounds {evaluation.spans(result['garbage_collected_rounds'])}: "
+          'garbage-collected by the aggregator (federation.keep_last_rounds, '
+          'keep_every_rounds)')
+  print(f"({result['mode']}) wrote {FLAGS.out}/eval.json, eval.csv"
+        + (' and plots' if result.get('plots') else ''))
 
 
 if __name__ == '__main__':

@@ -31,11 +31,16 @@ cli.define_source_flags('export')
 FLAGS = flags.FLAGS
 
 
+@cli.config_resolver
+def _config():
+  """The source's recorded config (its workdir's or run's), with the typed overrides."""
+  return loading.source_config(FLAGS.config, cli.config_overrides(), **cli.source_flags())
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  config = cli.run_or_explain(loading.source_config, FLAGS.config, cli.config_overrides(),
-                              **cli.source_flags())
+  config = cli.run_or_explain(_config)
   summary = cli.run_or_explain(export_hf.export, config, FLAGS.out, **cli.source_flags())
   print(f"exported {summary['parameters']:,} parameters of {summary['source']} to "
         f"{summary['out']} (load with transformers.LlamaForCausalLM.from_pretrained)")

@@ -60,6 +60,13 @@ def members():
           for m in found]
 
 
+@cli.config_resolver
+def _config():
+  """The config the members' models are scored with (the run's model, --config's usage)."""
+  run = storage_lib.RunStorage(FLAGS.storage).read_run()
+  return member_gain.eval_config(run, members(), FLAGS.config)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')

@@ -38,6 +38,13 @@ flags.mark_flags_as_required(['workdir', 'silo', 'storage'])
 FLAGS = flags.FLAGS
 
 
+@cli.config_resolver
+def _config():
+  """The silo's config: its workdir's record under run.json's contract, typed personal.*."""
+  return silo.resolved_config(FLAGS.config, FLAGS.silo, FLAGS.storage, FLAGS.workdir,
+                              cli.config_overrides())
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')

@@ -42,10 +42,17 @@ flags.mark_flags_as_required(['config'])
 FLAGS = flags.FLAGS
 
 
-def make_plan():
+@cli.config_resolver
+def _config():
+  """--config with --mesh's sizes."""
   config = FLAGS.config
   if FLAGS.mesh is not None:
     config.mesh.update(planning.parse_mesh(FLAGS.mesh))
+  return config
+
+
+def make_plan():
+  config = _config()
   num_devices = planning.device_count(config.mesh, FLAGS.devices)
   if not FLAGS.compile:
     return planning.plan(config, num_devices, platform=FLAGS.platform, hbm_gib=FLAGS.hbm_gib)

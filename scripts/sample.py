@@ -43,11 +43,16 @@ cli.define_source_flags('sample')
 FLAGS = flags.FLAGS
 
 
+@cli.config_resolver
+def _config():
+  """The source's recorded config (its workdir's or run's), with the typed overrides."""
+  return loading.source_config(FLAGS.config, cli.config_overrides(), **cli.source_flags())
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  config = cli.run_or_explain(loading.source_config, FLAGS.config, cli.config_overrides(),
-                              **cli.source_flags())
+  config = cli.run_or_explain(_config)
   texts = cli.run_or_explain(
       sampling.sample_text, config, FLAGS.prompt, **cli.source_flags(),
       max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_k=FLAGS.top_k,

@@ -52,12 +52,21 @@ flags.mark_flags_as_required(['config', 'workdir'])
 FLAGS = flags.FLAGS
 
 
+@cli.config_resolver
+def _config():
+  return simulation.resolved_config(FLAGS.config, _storage(), cli.config_overrides(),
+                                    FLAGS.silo_data)
+
+
+def _storage():
+  return FLAGS.storage or os.path.join(FLAGS.workdir, 'bucket')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  storage = FLAGS.storage or os.path.join(FLAGS.workdir, 'bucket')
   cli.run_or_explain(simulation.simulate, FLAGS.config,
-                     config_flags.get_config_filename(FLAGS['config']), storage, FLAGS.workdir,
+                     config_flags.get_config_filename(FLAGS['config']), _storage(), FLAGS.workdir,
                      typed=cli.config_overrides(), silo_data=FLAGS.silo_data,
                      tokenizer=FLAGS.tokenizer, text_field=FLAGS.text_field,
                      on_bad_text=FLAGS.on_bad_text, baselines=FLAGS.baselines)

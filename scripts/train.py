@@ -56,6 +56,16 @@ def _data_seed(silo_id, workdir):
   return protocol.silo_data_seed(config.seed, silo_id)
 
 
+@cli.config_resolver
+def _config():
+  """The config this command trains with: the workdir's record (and run.json's contract)."""
+  if FLAGS.silo is not None:
+    return silo.resolved_config(FLAGS.config, FLAGS.silo, FLAGS.storage, FLAGS.workdir,
+                                cli.config_overrides(), FLAGS.allow_config_change)
+  return trainer.resume_config(FLAGS.config, FLAGS.workdir, cli.config_overrides(),
+                               FLAGS.allow_config_change)[0]
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')

@@ -105,3 +105,102 @@ def test_evaluation_matrix_of_a_known_run(tiny_config, corpus_dir, tmp_path, rep
                           check=False)
     assert done.returncode == 2 and expected in done.stderr, done.stderr
     assert 'Traceback' not in done.stderr
+
+
+def _known_run(config, root, rounds, **fed_fields):
+  """A run of `rounds` aggregated rounds of known deltas from silos a and b, with their losses."""
+  fed = config.federation
+  fed.update(silos=('a', 'b'), rounds=rounds, inner_steps=1, **fed_fields)
+  run = aggregator_lib.init_run(config, root)
+  store = storage_lib.RunStorage(root)
+  for r in range(rounds):
+    for silo, scale, loss in (('a', 0.01, 7.0 - r), ('b', 0.02, 6.5 - r)):
+      payload, meta = bucket_helpers.fake_delta(store, run, r, silo, fed, scale)
+      store.publish_delta(r, silo, payload, meta)
+      store.publish_eval(r, silo, {'round': r, 'silo': silo, 'eval_loss': loss, 'step': r})
+    aggregator_lib.run_aggregator(root, stop_after_rounds=1)
+  return store
+
+
+def test_garbage_collected_rounds_are_skipped_by_ranges_and_named_when_asked_for(
+    tiny_config, corpus_dir, tmp_path, repo_root):
+  tiny_config.train.eval_batches = 1
+  root = str(tmp_path / 'bucket')
+  store = _known_run(tiny_config, root, 4, keep_last_rounds=2, keep_every_rounds=0)
+  assert store.committed_global_rounds() == [3, 4]  # 0-2 collected by the aggregator.
+  assert evaluation.select_rounds(store, 'all') == ([3, 4], [0, 1, 2])
+  assert evaluation.select_rounds(store, '1:3') == ([3], [1, 2])
+  assert evaluation.select_rounds(store, '3,4') == ([3, 4], [])
+  for text, expected in (('1', 'global round 1 was garbage-collected'),
+                         ('0,3', 'global round 0 was garbage-collected'),
+                         ('5', 'global round 5 is not committed'),
+                         ('0:2', 'global round 0-2 was garbage-collected'),  # None left.
+                         ('3:2', 'names no round')):
+    with pytest.raises(evaluation.EvalError, match=expected) as e:
+      evaluation.select_rounds(store, text)
+    assert 'stored rounds: 3-4' in str(e.value) or 'names no round' in str(e.value)
+
+  result = evaluation.evaluate(tiny_config, str(tmp_path / 'eval'),
+                               eval_sets={'held': corpus_dir}, storage=root, rounds='all',
+                               whole=False)
+  assert [r['round'] for r in result['rows']] == [3, 4]
+  assert result['garbage_collected_rounds'] == [0, 1, 2]
+
+  script = [sys.executable, str(repo_root / 'scripts' / 'evaluate.py'), f'--storage={root}',
+            f'--config={repo_root / "configs" / "tiny.py"}', f'--config.data.corpus={corpus_dir}',
+            '--config.train.eval_batches=1', '--sampled', f'--out={tmp_path / "cli"}']
+  done = subprocess.run(script + [f'--eval_set=held={corpus_dir}', '--rounds=all'],
+                        capture_output=True, text=True, timeout=300, check=False)
+  assert done.returncode == 0, done.stderr
+  assert ('skipped global rounds 0-2: garbage-collected by the aggregator' in done.stdout)
+  assert 'global_round_3' in done.stdout and 'global_round_4' in done.stdout
+  for extra, expected in (
+      ([f'--eval_set=held={corpus_dir}', '--rounds=2'],
+       'error: --rounds=2: global round 2 was garbage-collected by the aggregator'),
+      (['--rounds=all'], 'error: no held-out set to evaluate on. Fix: pass --eval_set=NAME=DIR '
+       '(a prepare_data.py output')):
+    done = subprocess.run(script + extra, capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert done.returncode == 2 and done.stderr.strip().startswith(expected), done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+  assert not (tmp_path / 'cli' / 'eval.json').exists() or json.loads(
+      (tmp_path / 'cli' / 'eval.json').read_text())['garbage_collected_rounds'] == [0, 1, 2]
+
+
+def test_plots_name_the_run_and_what_each_line_is(tiny_config, corpus_dir, tmp_path):
+  root = str(tmp_path / 'bucket')
+  store = _known_run(tiny_config, root, 2)
+  rows = [{'model': f'global_round_{r}', 'round': r, 'eval_set': 'a', 'loss': 6.0 - r}
+          for r in range(3)]
+  rows += [{'model': 'a', 'round': None, 'eval_set': 'a', 'loss': 5.5},  # a's baseline.
+           {'model': 'other', 'round': None, 'eval_set': 'a', 'loss': 5.8}]
+  figures = evaluation.loss_figures(store, rows, config_name='tiny')
+  run_id = store.read_run()['run_id']
+  assert sorted(figures) == ['loss_by_round', 'loss_vs_tokens']
+  for name, fig in figures.items():
+    ax = fig.axes[0]
+    assert ax.get_title().startswith(f'run {run_id} (tiny): held-out loss'), ax.get_title()
+    assert ax.get_ylabel() == 'held-out loss (nats/token)'
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert labels == ["global model on a's split (published by a)",
+                      "global model on b's split (published by b)",
+                      "global model, mean over the silos' splits",
+                      'global model on a (evaluate.py)',
+                      'a alone (isolated baseline) on a', 'other (checkpoint) on a']
+    assert [l.get_text() for l in ax.get_legend().get_texts()] == labels
+    lines = ax.get_lines()
+    styles = [(l.get_marker(), l.get_linestyle()) for l in lines[:4]]
+    assert len(set(styles)) == 4, styles  # No curve drawn exactly like another.
+    assert len({l.get_zorder() for l in lines[:4]}) == 4
+    published_a = lines[0]
+    assert list(published_a.get_ydata()) == [7.0, 6.0]  # Global rounds 0 and 1: 7 - r.
+    assert list(lines[4].get_ydata()) == [5.5, 5.5]  # The baseline: a horizontal line.
+  assert figures['loss_by_round'].axes[0].get_xlabel() == 'global round'
+  by_tokens = figures['loss_vs_tokens'].axes[0]
+  assert by_tokens.get_xlabel() == 'tokens seen (per silo, cumulative)'
+  tokens_per_round = protocol.tokens_per_step(store.read_run())  # H=1 step per silo a round.
+  assert list(by_tokens.get_lines()[0].get_xdata()) == [0, tokens_per_round]
+  paths = evaluation.write_plots(store, str(tmp_path / 'plots'), rows, config_name='tiny')
+  for plot in paths:
+    image = matplotlib.image.imread(plot)
+    assert image.shape[0] > 100 and image.std() > 0.01, plot

@@ -1,5 +1,7 @@
 """Hugging Face export: transformers' Llama reproduces fedpt's logits and tokenizer ids."""
 import json
+import os
+import stat
 import subprocess
 import sys
 
@@ -10,11 +12,13 @@ import torch
 import transformers
 from flax import nnx
 
+import bucket_helpers
 from fedpt import aggregator as aggregator_lib
 from fedpt import checkpoint as checkpoint_lib
 from fedpt import data as data_lib
 from fedpt import export_hf
 from fedpt import model as model_lib
+from fedpt import storage as storage_lib
 from fedpt import trainer as trainer_lib
 from fedpt import trees
 
@@ -135,3 +139,43 @@ def test_cli_exports_a_federated_round_and_explains_a_bad_round(tiny_config, tmp
   assert code == 2 and len(errors) == 1 and 'Traceback' not in log, log
   assert 'round 7 is not committed' in errors[0] and '--round=0' in errors[0], log
   assert not (tmp_path / 'x').exists()
+
+
+def test_export_defaults_to_the_newest_round_writes_shareable_files_and_names_the_extra(
+    tiny_config, tmp_path, repo_root):
+  fed = tiny_config.federation
+  fed.update(silos=('a', 'b'), rounds=2, inner_steps=1)
+  root = str(tmp_path / 'bucket')
+  run = aggregator_lib.init_run(tiny_config, root)
+  store = storage_lib.RunStorage(root)
+  for silo in ('a', 'b'):
+    store.publish_delta(0, silo, *bucket_helpers.fake_delta(store, run, 0, silo, fed, 0.01))
+  aggregator_lib.run_aggregator(root, stop_after_rounds=1)
+  assert store.latest_global_round() == 1
+
+  out = tmp_path / 'hf'
+  code, log = _run(repo_root, f'--storage={root}', f'--out={out}')  # No --round, no --config.
+  assert code == 0 and 'global round 1' in log, log
+  flat = bucket_helpers.global_params(store, 1)
+  cfg = model_lib.ModelConfig.from_config(tiny_config.model, 'cpu')
+  tokens = _tokens(cfg.vocab_size, (1, 16))
+  assert np.abs(_hf_logits(out, tokens) - _fedpt_logits(cfg, flat, tokens)).max() < TOLERANCE
+  umask = os.umask(0o022)
+  os.umask(umask)
+  modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+  assert 'model.safetensors' in modes and 'tokenizer.model' in modes
+  assert set(modes.values()) == {0o666 & ~umask}, modes  # Not safetensors' 0600.
+
+  # Without the hf extra (safetensors cannot be imported): one line with the install command.
+  blocked = (f"import runpy, sys; sys.modules['safetensors'] = None; "
+             f"sys.argv = ['export_hf.py', '--storage={root}', '--out={tmp_path / 'y'}']; "
+             f"runpy.run_path({str(repo_root / 'scripts' / 'export_hf.py')!r}, "
+             "run_name='__main__')")
+  done = subprocess.run([sys.executable, '-c', blocked], capture_output=True, text=True,
+                        timeout=120, check=False)
+  assert done.returncode == 2, done.stderr
+  assert done.stderr.strip() == (
+      "error: exporting to Hugging Face needs the hf extra (import of safetensors halted; None "
+      "in sys.modules). Fix: run python3 -m pip install -e '.[hf]' in the fedpt checkout, "
+      'then rerun'), done.stderr
+  assert not (tmp_path / 'y').exists()

@@ -233,8 +233,26 @@ def test_keys_cli_and_init_run_without_a_silo_key(fed_config, tmp_path, repo_roo
   with pytest.raises(signing.KeyFileError, match='neither'):
     signing.generate_named(str(keys), ['mallory'])
 
-  # The run lists silos a, b, c but the operator holds only a's public key.
+  # The run lists silos a, b, c but the operator holds only a's public key: both missing ones
+  # are named at once, with the command each party runs (the real flags).
   fed_config.federation.silos = ('a', 'b', 'c')
-  with pytest.raises(signing.KeyFileError, match=r'silo_b.pub not found.*Fix'):
+  with pytest.raises(signing.KeyFileError, match=r'2 public key\(s\) missing from .*: '
+                     r'silo_b.pub, silo_c.pub. Fix: .*scripts/keys.py --keys=.* --names='):
     aggregator_lib.init_run(fed_config, str(tmp_path / 'bucket'), keys_dir=str(keys))
   assert not (tmp_path / 'bucket').exists() or not any((tmp_path / 'bucket').iterdir())
+  done = subprocess.run(
+      [sys.executable, str(repo_root / 'scripts' / 'init_run.py'),
+       f'--config={repo_root / "configs" / "tiny.py"}', "--config.federation.silos=('a','b','c')",
+       f'--storage={tmp_path / "bucket"}', f'--keys={keys}'],
+      capture_output=True, text=True, timeout=120, check=False)
+  assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+  assert 'silo_b.pub, silo_c.pub' in done.stderr and '--names=silo_b' in done.stderr
+  # Missing secret keys name the flags keys.py really takes.
+  with pytest.raises(signing.KeyFileError, match=r'scripts/keys.py --keys=.* --names=silo_z'):
+    signing.load_secret(str(keys), 'silo_z')
+  with pytest.raises(signing.KeyFileError, match=r'--names=silo_z makes silo_z.key'):
+    signing.party_identity({'public_keys': {'aggregator': 'x'}}, None, 'silo_z')
+  # Nothing to make is said, not a silent success.
+  done = subprocess.run(command[:2] + [f'--keys={keys}', '--names='], capture_output=True,
+                        text=True, timeout=120, check=False)
+  assert done.returncode == 2 and 'no key name' in done.stderr, done.stderr

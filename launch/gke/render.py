@@ -146,8 +146,9 @@ def validate(args) -> None:
   for file in key_files(args):
     if not (keys / file).is_file():
       raise UsageError(
-          f'--keys={args.keys} has no {file}. Fix: make keys with scripts/keys.py, and copy in '
-          'the aggregator.pub the operator sent')
+          f'--keys={args.keys} has no {file}. Fix: make it with scripts/keys.py '
+          f'--keys={args.keys} --names={key_files(args)[0][:-len(".key")]}, and copy in the '
+          'aggregator.pub the operator sent')
 
 
 def key_files(args) -> list[str]:
