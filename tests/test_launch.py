@@ -171,6 +171,7 @@ def test_local_dry_run_prints_every_party_command(tmp_path):
       train('concurrency'),
       ['python3', f'{REPO}/scripts/aggregate.py', f'--storage={w}/bucket', f'--keys={w}/keys',
        '>', f'{w}/logs/aggregator.log', '2>&1', '&'],
+      ['python3', f'{REPO}/scripts/status.py', f'--storage={w}/bucket', '--follow', '&'],
   ]
   assert not w.exists()  # A dry run runs nothing.
 
@@ -306,6 +307,10 @@ def test_local_passes_a_preemption_on(tmp_path):
   assert result.returncode == 75, result.stderr
   assert 'silo_pre checkpointed after a SIGTERM (exit 75)' in result.stderr
   assert 'got SIGTERM' in (w / 'logs' / 'silo_web.log').read_text()
+  stopped, resume = result.stderr.splitlines()[-1].split(' Resume with the same command: ')
+  assert stopped == ('stopped silo_web (checkpointed, exit 75); silo_pre (checkpointed, exit 75); '
+                     'aggregator (checkpointed, exit 75).')
+  assert shlex.split(resume) == [str(a) for a in argv[1:]]
 
 
 def test_local_sigterm_stops_every_party_with_status_75(tmp_path):
@@ -320,7 +325,9 @@ def test_local_sigterm_stops_every_party_with_status_75(tmp_path):
   proc.send_signal(signal.SIGTERM)
   _, stderr = proc.communicate(timeout=30)
   assert proc.returncode == 75, stderr
-  assert 'run the same command again to resume' in stderr
+  assert stderr.splitlines()[-1].startswith(
+      'stopped silo_web (checkpointed, exit 75); silo_text (checkpointed, exit 75); aggregator '
+      '(checkpointed, exit 75). Resume with the same command: ')
   assert all('got SIGTERM' in log.read_text() for log in logs)
 
 
