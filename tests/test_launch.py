@@ -362,6 +362,70 @@ def test_local_runs_a_real_federation(tmp_path):
   assert (w / 'keys' / 'silo_web.key').exists() and (w / 'bucket' / 'run.json').exists()
 
 
+def _group_members(pgid: int) -> list[int]:
+  """The live processes of process group `pgid` (zombies count as gone)."""
+  out = []
+  for path in pathlib.Path('/proc').glob('[0-9]*/stat'):
+    try:
+      fields = path.read_text().rsplit(')', 1)[1].split()
+    except OSError:  # It exited while we looked.
+      continue
+    if fields[0] != 'Z' and int(fields[2]) == pgid:
+      out.append(int(path.parent.name))
+  return out
+
+
+@pytest.mark.slow
+def test_local_ctrl_c_stops_every_party_with_checkpoints_and_a_rerun_finishes(tmp_path):
+  """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) after the first round
+  line: every process is gone well within the stop grace, each silo exited 75 after
+  checkpointing, the last line says so and how to resume; the same command then finishes."""
+  w = tmp_path / 'w'
+  argv = ['bash', str(LAUNCH / 'local.sh'), '--config=configs/tiny.py',
+          '--silos=web,concurrency', f'--workdir={w}', '--', '--config.federation.rounds=3',
+          '--config.federation.inner_steps=2', '--config.federation.poll_s=0.2',
+          '--config.train.eval_batches=1']
+  env = {**os.environ, 'PYTHON': sys.executable,
+         **{k: v for k, v in conftest.child_env().items() if k.startswith(('JAX_', 'XLA_'))}}
+  out, err = tmp_path / 'out.txt', tmp_path / 'err.txt'
+  with open(out, 'w') as stdout, open(err, 'w') as stderr:
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=stdout, stderr=stderr,
+                            process_group=0)
+  try:
+    deadline = time.monotonic() + 400
+    while not re.search(r'^round +0 \| train ', out.read_text(), re.M):
+      assert time.monotonic() < deadline and proc.poll() is None, err.read_text()
+      time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    interrupted = time.monotonic()
+    assert proc.wait(timeout=60) == 75, err.read_text()
+    while _group_members(proc.pid):
+      assert time.monotonic() - interrupted < 60, _group_members(proc.pid)
+      time.sleep(0.2)
+  finally:
+    if _group_members(proc.pid):
+      os.killpg(proc.pid, signal.SIGKILL)
+  lines = err.read_text().splitlines()
+  assert lines[-2] == 'interrupted: stopping every party (the silos checkpoint first)', lines
+  stopped, resume = lines[-1].split(' Resume with the same command: ')
+  assert stopped.startswith('stopped silo_web (checkpointed, exit 75); silo_concurrency '
+                            '(checkpointed, exit 75); aggregator ('), stopped
+  assert shlex.split(resume) == argv[1:]
+  from fedpt import member_gain  # pylint: disable=g-import-not-at-top
+  steps = {s: member_gain.checkpoint_step(str(w / 'silos' / s)) for s in ('web', 'concurrency')}
+  assert all(step >= 2 for step in steps.values()), steps  # At least round 0's inner steps.
+  assert not re.search(r'^round +2 ', out.read_text(), re.M)  # Stopped before the end.
+
+  result = _run(argv, env=env, timeout=600)
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert 'done: every party finished' in result.stderr
+  rounds = re.findall(r'^round +(\d+) \| train concurrency [\d.]+ web [\d.]+ \| global held-out '
+                      r'[\d.]+ -> [\d.]+ \| 4,096 tokens \| [\d.]+ MB \| (-|[\d.]+s)$',
+                      result.stdout, re.M)
+  assert [r for r, _ in rounds] == ['0', '1', '2'], result.stdout
+  assert rounds[0][1] == '-'  # Finished before this invocation: no time of its own.
+
+
 # -- tpu_vm.sh ------------------------------------------------------------------------------
 
 
