@@ -237,6 +237,7 @@ stopped_line() {  # What became of each party, and the command that resumes the 
       0) fate=finished ;;
       "$PREEMPTED") fate="checkpointed, exit $PREEMPTED" ;;
       137) fate="killed after ${STOP_GRACE_S}s, not checkpointed" ;;
+      143) fate="stopped by SIGTERM" ;;  # The aggregator: its work is all in the bucket.
       *) fate="exit ${codes[i]}" ;;
     esac
     parts+="${parts:+; }${names[i]} ($fate)"

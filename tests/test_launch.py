@@ -82,7 +82,7 @@ def _shellcheck() -> str:
   return found
 
 
-@pytest.mark.parametrize('name', SHELL_SCRIPTS)
+@pytest.mark.parametrize('name', SHELL_SCRIPTS + ('host.sh',))
 def test_shellcheck_passes(name):
   # -x follows `source launch/common.sh`, which is checked with each script that uses it.
   result = _run([_shellcheck(), '-x', '--shell=bash', '--severity=style', LAUNCH / name])
@@ -409,7 +409,7 @@ def test_local_ctrl_c_stops_every_party_with_checkpoints_and_a_rerun_finishes(tm
   assert lines[-2] == 'interrupted: stopping every party (the silos checkpoint first)', lines
   stopped, resume = lines[-1].split(' Resume with the same command: ')
   assert stopped.startswith('stopped silo_web (checkpointed, exit 75); silo_concurrency '
-                            '(checkpointed, exit 75); aggregator ('), stopped
+                            '(checkpointed, exit 75); aggregator (stopped by SIGTERM).'), stopped
   assert shlex.split(resume) == argv[1:]
   from fedpt import member_gain  # pylint: disable=g-import-not-at-top
   steps = {s: member_gain.checkpoint_step(str(w / 'silos' / s)) for s in ('web', 'concurrency')}
@@ -435,9 +435,10 @@ def _tpu_args(keys):
           '--storage=gs://bucket/run1', f'--keys={keys}', '--workdir=gs://web-private/fedpt']
 
 
-def test_tpu_vm_dry_run_creates_installs_trains_on_all_workers_and_deletes(tmp_path):
+def test_tpu_vm_dry_run_creates_installs_starts_detached_waits_and_deletes(tmp_path):
   keys = _keys(tmp_path, 'silo_web.key', 'aggregator.pub')
-  result = _script('tpu_vm.sh', '--dry-run', *_tpu_args(keys), '--delete-after', '--spot', '--',
+  result = _script('tpu_vm.sh', '--dry-run', *_tpu_args(keys), '--delete-after', '--spot',
+                   '--python=3.13', '--max-restarts=5', '--',
                    '--config.data.stdlib_group=web', '--config.inner.lr=3e-4',
                    env={'TMPDIR': str(tmp_path)})
   assert result.returncode == 0, result.stderr
@@ -450,7 +451,7 @@ def test_tpu_vm_dry_run_creates_installs_trains_on_all_workers_and_deletes(tmp_p
                                  '--accelerator-type=v5litepod-16',
                                  '--version=v2-alpha-tpuv5-lite', '--spot']
   tarball = f'{tmp_path}/fedpt-src-fedpt-web.tar.gz'
-  archive, scp, setup, train, delete = _lines(result.stdout)[1:]
+  archive, scp, setup, start, wait, delete = _lines(result.stdout)[1:]
   in_git = subprocess.run(['git', '-C', str(REPO), 'rev-parse', '--is-inside-work-tree'],
                           capture_output=True).returncode == 0
   assert archive == (['git', '-C', str(REPO), 'archive', '--format=tar.gz', '--prefix=fedpt/',
@@ -461,30 +462,49 @@ def test_tpu_vm_dry_run_creates_installs_trains_on_all_workers_and_deletes(tmp_p
                  'fedpt-web:', *where, '--worker=all']
   assert setup[:-1] == [*tpu, 'ssh', 'fedpt-web', *where, '--worker=all']
   assert shlex.split(setup[-1].removeprefix('--command=')) == [
+      '{', '!', 'test', '-f', 'fedpt/launch/host.sh', '||',
+      'bash', 'fedpt/launch/host.sh', 'check', '--name=web;', '}', '&&',
       'mkdir', '-p', '-m', '700', '$HOME/.fedpt-keys', '&&',
       'mv', 'silo_web.key', 'aggregator.pub', '$HOME/.fedpt-keys/', '&&',
       'chmod', '600', '$HOME/.fedpt-keys/silo_web.key', '&&',
       'rm', '-rf', 'fedpt', '&&', 'tar', '-xzf', 'fedpt-src-fedpt-web.tar.gz', '&&',
-      'python3', '-m', 'pip', 'install', '-q', '-e', './fedpt', 'jax[tpu]']
-  assert train[:-1] == [*tpu, 'ssh', 'fedpt-web', *where, '--worker=all']
-  assert shlex.split(train[-1].removeprefix('--command=')) == [
-      'cd', 'fedpt', '&&', 'python3', 'scripts/train.py', '--config=configs/demo.py',
+      'bash', 'fedpt/launch/host.sh', 'setup', '--python=3.13', '--extra=tpu']
+  assert start[:-1] == [*tpu, 'ssh', 'fedpt-web', *where, '--worker=all']
+  assert shlex.split(start[-1].removeprefix('--command=')) == [
+      'cd', 'fedpt', '&&', 'bash', 'launch/host.sh', 'start', '--name=web', '--max-restarts=5',
+      '--', '$HOME/fedpt-venv/bin/python', 'scripts/train.py', '--config=configs/demo.py',
       '--workdir=gs://web-private/fedpt', '--silo=web', '--storage=gs://bucket/run1',
       '--keys=$HOME/.fedpt-keys', '--config.distributed.mode=auto',
       '--config.data.stdlib_group=web', '--config.inner.lr=3e-4']
+  assert wait == [*tpu, 'ssh', 'fedpt-web', *where, '--worker=0',
+                  '--command=bash fedpt/launch/host.sh wait --name=web']
   assert delete == [*tpu, 'delete', 'fedpt-web', *where, '--quiet']
+  follow = result.stderr.splitlines()[-1].split('Follow worker 0 (--worker=N for host N): ')[1]
+  assert shlex.split(follow) == [*tpu, 'ssh', 'fedpt-web', *where, '--worker=0',
+                                 '--command=tail -n 50 -F ~/fedpt-logs/web.log']
   assert not (tmp_path / 'fedpt-src-fedpt-web.tar.gz').exists()
 
 
-def test_tpu_vm_no_install_ships_only_the_keys(tmp_path):
+def test_tpu_vm_no_install_ships_only_the_keys_and_does_not_wait(tmp_path):
   keys = _keys(tmp_path, 'silo_web.key', 'aggregator.pub')
   result = _script('tpu_vm.sh', '--dry-run', '--no-install', *_tpu_args(keys))
   assert result.returncode == 0, result.stderr
   lines = _lines(result.stdout)
   assert not any(line[0] == 'git' for line in lines[1:])
   assert lines[1][4:7] == ['scp', f'{keys}/silo_web.key', f'{keys}/aggregator.pub']
-  assert 'pip install' not in lines[2][-1]
-  assert lines[-1][4] == 'ssh'  # Train last: no delete without --delete-after.
+  assert 'host.sh setup' not in lines[2][-1] and 'host.sh check' in lines[2][-1]
+  assert len(lines) == 4 and 'host.sh start' in lines[3][-1]  # Started: no wait, no delete.
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--python=3.10'], '--python=3.10 is not a Python >= 3.11'),
+    (['--max-restarts=x'], '--max-restarts=x is not a number'),
+])
+def test_tpu_vm_refuses_bad_options(tmp_path, args, message):
+  keys = _keys(tmp_path, 'silo_web.key', 'aggregator.pub')
+  result = _script('tpu_vm.sh', '--dry-run', *_tpu_args(keys), *args)
+  assert result.returncode == 2 and message in result.stderr, result.stderr
+  assert result.stdout == ''
 
 
 def test_tpu_vm_refuses_missing_key_and_unknown_accelerator(tmp_path):
@@ -497,35 +517,120 @@ def test_tpu_vm_refuses_missing_key_and_unknown_accelerator(tmp_path):
   assert result.returncode == 2 and 'Fix: pass --version=V' in result.stderr
 
 
-def test_tpu_vm_creates_restarts_after_preemption_and_deletes(tmp_path):
-  """With a fake gcloud: the slice does not exist, the first training run exits 75."""
-  count = tmp_path / 'train_runs'
-  bin_dir = _fake_bin(tmp_path, 'gcloud', f"""
-case "$*" in
-  *' describe '*) exit 1 ;;
-  *'--command=cd fedpt'*)
-    echo x >> {count}
-    [[ $(wc -l < {count}) -ge 2 ]] || exit 75 ;;
+# A gcloud that plays a one-host slice on this machine: scp copies into FAKE_VM (the VM's
+# home), ssh runs --command there with HOME=FAKE_VM, in a shell that exits right after, as an
+# SSH session does. A `uv` on PATH stands in for the real one: `venv` makes a venv whose
+# python plays train.py: it exits with the next status in FAKE_STATUSES each run (then 0).
+FAKE_GCLOUD = r"""
+case "$4" in
+  describe) exit "${FAKE_DESCRIBE:-1}" ;;
+  scp) for a in "${@:5}"; do [[ -f "$a" ]] && cp "$a" "$FAKE_VM/"; done; exit 0 ;;
+  ssh) for a in "$@"; do [[ "$a" != --command=* ]] || cmd="${a#--command=}"; done
+       cd "$FAKE_VM" && HOME="$FAKE_VM" exec bash -c "$cmd" ;;
 esac
-""")
+"""
+FAKE_UV = r"""
+if [[ "$1" == venv ]]; then
+  mkdir -p "${!#}/bin"
+  cat > "${!#}/bin/python" <<'PYTHON'
+#!/usr/bin/env bash
+[[ "$1" != -c ]] || { echo 'fedpt ready (fake)'; exit 0; }
+echo "train $* sid=$(ps -o sid= $$)" >> "$FAKE_VM/train.log"
+n=$(wc -l < "$FAKE_VM/train.log")
+statuses=($FAKE_STATUSES)
+sleep "${FAKE_TRAIN_S:-0}"
+exit "${statuses[n-1]:-0}"
+PYTHON
+  chmod +x "${!#}/bin/python"
+  ln -sf python "${!#}/bin/python3.12"
+fi
+"""
+
+
+def _fake_slice(tmp_path, statuses='', train_s=0):
+  bin_dir = _fake_bin(tmp_path, 'gcloud', FAKE_GCLOUD)
+  _fake_bin(tmp_path, 'uv', FAKE_UV)
+  vm = tmp_path / 'vm'
+  vm.mkdir()
+  return vm, {**_path_with(bin_dir), 'TMPDIR': str(tmp_path), 'FAKE_VM': str(vm),
+              'FAKE_STATUSES': statuses, 'FAKE_TRAIN_S': str(train_s)}
+
+
+def test_tpu_vm_installs_starts_detached_restarts_after_preemption_and_deletes(tmp_path):
+  """The whole flow on a fake one-host slice: the shipped checkout's host.sh installs (uv),
+  starts train.py detached, restarts it after exit 75; --delete-after waits, then deletes."""
+  vm, env = _fake_slice(tmp_path, statuses='75 75 0')
   keys = _keys(tmp_path, 'silo_web.key', 'aggregator.pub')
-  result = _script('tpu_vm.sh', *_tpu_args(keys), '--delete-after',
-                   env={**_path_with(bin_dir), 'TMPDIR': str(tmp_path)})
+  result = _script('tpu_vm.sh', *_tpu_args(keys), '--delete-after', env=env)
+  assert result.returncode == 0, result.stdout + result.stderr
+  calls = _calls(tmp_path)
+  verbs = [call[4] if call[0] == 'gcloud' else call[:3] for call in calls]
+  assert verbs == ['describe', 'create', 'scp', 'ssh', ['uv', 'python', 'install'],
+                   ['uv', 'venv', '--python=3.12'], ['uv', 'pip', 'install'], 'ssh', 'ssh',
+                   'delete']
+  assert calls[6][3:] == [f'--python={vm}/fedpt-venv/bin/python', '-e', f'{vm}/fedpt[tpu]']
+  assert (vm / '.fedpt-keys' / 'silo_web.key').exists()
+  assert (vm / 'fedpt' / 'launch' / 'host.sh').exists()  # The shipped checkout.
+  runs = (vm / 'train.log').read_text().splitlines()
+  assert len(runs) == 3 and 'scripts/train.py --config=configs/demo.py' in runs[0]
+  # Detached: a session of its own, not the SSH session's (this test's).
+  assert str(os.getsid(0)) not in {r.split('sid=')[1].strip() for r in runs}
+  log = (vm / 'fedpt-logs' / 'web.log').read_text()
+  assert 'silo web exited 75 (preempted, checkpointed): restart 2 of 3' in log
+  assert 'silo web exited 0' in log  # --wait printed it, too:
+  assert 'silo web exited 0' in result.stdout
+  assert (vm / 'fedpt-logs' / 'web.exit').read_text() == '0\n'
+
+
+def test_tpu_vm_survives_the_ssh_session_and_refuses_a_second_start(tmp_path):
+  """Without --wait the script returns while train.py runs on; the run finishes by itself,
+  and while it runs a second launch is refused before anything is shipped over it."""
+  vm, env = _fake_slice(tmp_path, statuses='75 3', train_s=2)
+  keys = _keys(tmp_path, 'silo_web.key', 'aggregator.pub')
+  args = [*_tpu_args(keys), '--max-restarts=1']
+  result = _script('tpu_vm.sh', *args, env={**env, 'FAKE_DESCRIBE': '0'})
   assert result.returncode == 0, result.stderr
-  verbs = [call[4] for call in _calls(tmp_path)]
-  assert verbs == ['describe', 'create', 'scp', 'ssh', 'ssh', 'ssh', 'delete']
-  assert 'exited 75 (preempted, checkpointed): restart 1 of 3' in result.stderr
-  assert (tmp_path / 'fedpt-src-fedpt-web.tar.gz').stat().st_size > 0
+  assert 'reusing TPU VM fedpt-web' in result.stderr
+  assert "--command='tail -n 50 -F ~/fedpt-logs/web.log'" in result.stderr
+  assert not (vm / 'fedpt-logs' / 'web.exit').exists()  # Still training, after the SSH ended.
+  again = _script('tpu_vm.sh', *args, '--no-install', env={**env, 'FAKE_DESCRIBE': '0'})
+  assert again.returncode == 2
+  assert 'error: silo web already runs on' in again.stderr, again.stderr
+  assert [c[4] for c in _calls(tmp_path)][-2:] == ['scp', 'ssh']  # Stopped at the check.
+  # `host.sh wait` (what --wait runs) follows it to the end: the second run's status.
+  wait = _run(['bash', vm / 'fedpt' / 'launch' / 'host.sh', 'wait', '--name=web'],
+              env={**env, 'HOME': str(vm)})
+  assert wait.returncode == 3, wait.stdout + wait.stderr
+  assert 'restart 1 of 1' in wait.stdout and 'silo web exited 3' in wait.stdout
+  assert len((vm / 'train.log').read_text().splitlines()) == 2
 
 
-def test_tpu_vm_reuses_the_slice_and_keeps_a_failure_status(tmp_path):
-  bin_dir = _fake_bin(tmp_path, 'gcloud', "[[ \"$*\" != *'--command=cd fedpt'* ]] || exit 3\n")
+def test_tpu_vm_keeps_the_slice_when_the_connection_drops(tmp_path):
+  bin_dir = _fake_bin(tmp_path, 'gcloud', '[[ "$*" != *"host.sh wait"* ]] || exit 255\n')
   keys = _keys(tmp_path, 'silo_web.key', 'aggregator.pub')
   result = _script('tpu_vm.sh', *_tpu_args(keys), '--no-install', '--delete-after',
                    env=_path_with(bin_dir))
-  assert result.returncode == 3
-  assert [call[4] for call in _calls(tmp_path)] == ['describe', 'scp', 'ssh', 'ssh', 'delete']
-  assert 'reusing TPU VM fedpt-web' in result.stderr
+  assert result.returncode == 255
+  assert [call[4] for call in _calls(tmp_path)] == ['describe', 'scp', 'ssh', 'ssh', 'ssh']
+  assert 'the silo keeps running there (not deleting the slice)' in result.stderr
+
+
+def test_host_setup_installs_python_with_uv(tmp_path):
+  """uv is installed only if missing (here it is on PATH), Python and the venv made once."""
+  vm, env = _fake_slice(tmp_path)
+  env = {**env, 'HOME': str(vm)}
+  result = _run(['bash', LAUNCH / 'host.sh', 'setup', '--python=3.12', '--extra=cuda12'], env=env)
+  assert result.returncode == 0, result.stderr
+  assert 'fedpt ready (fake)' in result.stdout
+  again = _run(['bash', LAUNCH / 'host.sh', 'setup', '--python=3.12', '--extra='], env=env)
+  assert again.returncode == 0, again.stderr
+  assert [c[1:] for c in _calls(tmp_path)] == [
+      ['python', 'install', '3.12'], ['venv', '--python=3.12', f'{vm}/fedpt-venv'],
+      ['pip', 'install', f'--python={vm}/fedpt-venv/bin/python', '-e', f'{REPO}[cuda12]'],
+      ['python', 'install', '3.12'],  # The venv is there: not made again.
+      ['pip', 'install', f'--python={vm}/fedpt-venv/bin/python', '-e', str(REPO)]]
+  result = _run(['bash', LAUNCH / 'host.sh', 'setup', '--python=3.9'], env=env)
+  assert result.returncode == 2 and '--python=3.9 is not a Python >= 3.11' in result.stderr
 
 
 # -- slurm.sbatch ---------------------------------------------------------------------------
