@@ -596,7 +596,8 @@ def test_tpu_vm_survives_the_ssh_session_and_refuses_a_second_start(tmp_path):
   again = _script('tpu_vm.sh', *args, '--no-install', env={**env, 'FAKE_DESCRIBE': '0'})
   assert again.returncode == 2
   assert 'error: silo web already runs on' in again.stderr, again.stderr
-  assert [c[4] for c in _calls(tmp_path)][-2:] == ['scp', 'ssh']  # Stopped at the check.
+  gcloud = [c[4] for c in _calls(tmp_path) if c[0] == 'gcloud']
+  assert gcloud[-2:] == ['scp', 'ssh'] and gcloud.count('ssh') == 3  # Stopped at the check.
   # `host.sh wait` (what --wait runs) follows it to the end: the second run's status.
   wait = _run(['bash', vm / 'fedpt' / 'launch' / 'host.sh', 'wait', '--name=web'],
               env={**env, 'HOME': str(vm)})
@@ -641,15 +642,71 @@ def _slurm_args(keys):
           '--workdir=/shared/fedpt/web']
 
 
-def test_slurm_dry_run_prints_the_srun_line(tmp_path):
+def test_slurm_dry_run_prints_the_resources_the_sbatch_and_the_srun_lines(tmp_path):
   keys = _keys(tmp_path, 'silo_web.key', 'aggregator.pub')
-  result = _script('slurm.sbatch', '--dry-run', *_slurm_args(keys), '--',
-                   '--config.mesh.fsdp=8')
+  result = _script('slurm.sbatch', '--dry-run', '--nodes=4', *_slurm_args(keys),
+                   '--gpus-per-node=4', '--time=12:00:00', '--partition=gpu', '--mem=480G', '--',
+                   '--config.mesh.fsdp=8', env={'SLURM_JOB_ID': ''})
   assert result.returncode == 0, result.stderr
-  assert _lines(result.stdout) == [[
+  resources, sbatch, srun = result.stdout.splitlines()
+  assert resources == ('# resources: 4 nodes x 4 GPUs, 4 tasks per node (16 GPUs); time limit '
+                       '12:00:00; partition gpu; memory per node 480G')
+  assert shlex.split(sbatch) == [
+      'sbatch', '--nodes=4', '--gpus-per-node=4', '--ntasks-per-node=4', '--time=12:00:00',
+      '--partition=gpu', '--mem=480G', f'{LAUNCH}/slurm.sbatch', f'--repo={REPO}',
+      *_slurm_args(keys), '--', '--config.mesh.fsdp=8']
+  assert shlex.split(srun) == [
       'srun', '--wait=300', 'python3', f'{REPO}/scripts/train.py', '--config=configs/1b.py',
       '--workdir=/shared/fedpt/web', '--silo=web', '--storage=gs://bucket/run1', f'--keys={keys}',
-      '--config.distributed.mode=auto', '--config.mesh.fsdp=8']]
+      '--config.distributed.mode=auto', '--config.mesh.fsdp=8']
+  # Without options: the #SBATCH defaults; the partition's time, partition and memory.
+  result = _script('slurm.sbatch', '--dry-run', *_slurm_args(keys), env={'SLURM_JOB_ID': ''})
+  assert result.stdout.splitlines()[0] == (
+      "# resources: 2 nodes x 8 GPUs, 8 tasks per node (16 GPUs); time limit the cluster's "
+      "default; partition the cluster's default; memory per node the cluster's default")
+  # Inside the job: the allocation is made, so no sbatch line.
+  result = _script('slurm.sbatch', '--dry-run', *_slurm_args(keys), env={'SLURM_JOB_ID': '7'})
+  assert [line.split()[0] for line in result.stdout.splitlines()] == ['#', 'srun']
+
+
+@pytest.mark.parametrize('args,env,message', [
+    (['--nodes=0'], {}, '--nodes=0 is not a valid value'),
+    (['--time=soon'], {}, '--time=soon is not a valid value'),
+    (['--mem=4X'], {}, '--mem=4X is not a valid value'),
+    (['--nodes=4'], {'SLURM_JOB_ID': '7'},
+     '--nodes=4 asks for resources, but job 7 already has its allocation'),
+    ([], {'SLURM_JOB_ID': '7', 'SLURM_NTASKS_PER_NODE': '1', 'SLURM_GPUS_PER_NODE': 'h100:8'},
+     'job 7 has 1 tasks but 8 GPUs per node. Fix: one task per GPU'),
+])
+def test_slurm_refuses_bad_resources(tmp_path, args, env, message):
+  _fake_bin(tmp_path, 'srun', 'exit 0\n')
+  keys = _keys(tmp_path, 'silo_web.key', 'aggregator.pub')
+  result = _script('slurm.sbatch', *_slurm_args(keys), *args,
+                   env={'SLURM_JOB_ID': '', **_path_with(tmp_path / 'bin'), **env})
+  assert result.returncode == 2 and message in result.stderr, result.stderr
+  assert _calls(tmp_path) == []
+
+
+def test_slurm_submits_itself_and_the_job_finds_the_checkout(tmp_path):
+  """Outside a job it runs sbatch; the job (a copy in a spool dir, submitted from elsewhere)
+  finds the checkout through --repo and runs srun."""
+  spool = tmp_path / 'spool'
+  spool.mkdir()
+  _fake_bin(tmp_path, 'srun', 'exit 0\n')
+  bin_dir = _fake_bin(tmp_path, 'sbatch', f"""
+while [[ "$1" == --* ]]; do shift; done
+cp "$1" {spool}/slurm_script; shift
+cd {spool} && SLURM_JOB_ID=99 SLURM_SUBMIT_DIR={spool} exec bash {spool}/slurm_script "$@"
+""")
+  keys = _keys(tmp_path, 'silo_web.key', 'aggregator.pub')
+  result = _script('slurm.sbatch', '--nodes=3', *_slurm_args(keys),
+                   env={**_path_with(bin_dir), 'SLURM_JOB_ID': ''})
+  assert result.returncode == 0, result.stderr
+  assert result.stderr.startswith('# resources: 3 nodes x 8 GPUs')
+  sbatch, srun = _calls(tmp_path)
+  assert sbatch[:3] == ['sbatch', '--nodes=3', f'{LAUNCH}/slurm.sbatch']
+  assert srun[:4] == ['srun', '--wait=300', 'python3', f'{REPO}/scripts/train.py']
+  assert f'--config={REPO}/configs/1b.py' in srun
 
 
 def test_slurm_sbatch_defaults_requeue_and_signal():
@@ -676,10 +733,11 @@ def test_slurm_requeues_only_after_a_preemption_checkpoint(tmp_path, status, req
   assert (calls[1:] == [['scontrol', 'requeue', '4242']]) == requeued
 
 
-def test_slurm_outside_a_job_says_how_to_submit(tmp_path):
+def test_slurm_outside_a_job_without_sbatch_says_where_to_run(tmp_path):
   keys = _keys(tmp_path, 'silo_web.key', 'aggregator.pub')
   result = _script('slurm.sbatch', *_slurm_args(keys), env={'SLURM_JOB_ID': ''})
-  assert result.returncode == 2 and 'submit it with sbatch' in result.stderr
+  assert result.returncode == 2, result.stderr
+  assert 'sbatch is not on PATH to submit one' in result.stderr
 
 
 # -- GKE --------------------------------------------------------------------------------------
