@@ -98,7 +98,8 @@ case "$mode" in
     target="$REPO"
     [[ -z "$extra" ]] || target+="[$extra]"
     run "$uv" pip install "--python=$venv/bin/python" -e "$target"
-    run "$venv/bin/python" -c 'import sys, fedpt, jax; print("fedpt ready: Python", sys.version.split()[0], "jax", jax.__version__)'
+    run "$venv/bin/python" -c \
+      'import sys, fedpt, jax; print("fedpt ready: Python", sys.version.split()[0], "jax", jax.__version__)'
     ;;
   check)
     if pid="$(supervisor_pid)"; then

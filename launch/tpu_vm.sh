@@ -183,13 +183,16 @@ run "${tpu[@]}" ssh "$tpu_name" "${where[@]}" --worker=all "--command=$setup"
 # Start train.py on every host, detached; host.sh restarts it after a preemption checkpoint.
 train="$(quoted scripts/train.py "--config=$config" "--workdir=$workdir" "--silo=$silo" \
   "--storage=$storage") --keys=$REMOTE_KEYS $(quoted --config.distributed.mode=auto "${train_args[@]}")"
-start="cd fedpt && bash launch/host.sh start $(quoted "--name=$silo" "--max-restarts=$max_restarts") -- $REMOTE_VENV/bin/python $train"
+start="cd fedpt && bash launch/host.sh start $(quoted "--name=$silo" "--max-restarts=$max_restarts")"
+start+=" -- $REMOTE_VENV/bin/python $train"
 run "${tpu[@]}" ssh "$tpu_name" "${where[@]}" --worker=all "--command=$start"
 
 # The VM's ~, in single quotes: expanded there.
-follow="$(quoted "${tpu[@]}" ssh "$tpu_name" "${where[@]}" --worker=0) --command='tail -n 50 -F ~/fedpt-logs/$silo.log'"
-printf 'silo %s runs detached on every host of %s, logging to ~/fedpt-logs/%s.log there. Follow worker 0 (--worker=N for host N): %s\n' \
-  "$silo" "$tpu_name" "$silo" "$follow" >&2
+follow="$(quoted "${tpu[@]}" ssh "$tpu_name" "${where[@]}" --worker=0)"
+follow+=" --command='tail -n 50 -F ~/fedpt-logs/$silo.log'"
+printf '%s. Follow worker 0 (--worker=N for host N): %s\n' \
+  "silo $silo runs detached on every host of $tpu_name, logging to ~/fedpt-logs/$silo.log there" \
+  "$follow" >&2
 ((wait)) || exit 0
 wait_cmd=("${tpu[@]}" ssh "$tpu_name" "${where[@]}" --worker=0 "--command=$host wait --name=$silo")
 if ((dry_run)); then
@@ -201,7 +204,8 @@ status=0
 run "${wait_cmd[@]}" || status=$?
 if ((status == 255)); then  # ssh's own failure: the silo may well run on.
   trap - EXIT
-  printf 'error: lost the connection to %s; the silo keeps running there (not deleting the slice). Follow it: %s; delete it later: %s\n' \
-    "$tpu_name" "$follow" "$(quoted "${delete[@]}")" >&2
+  printf '%s (not deleting the slice). Follow it: %s; delete it later: %s\n' \
+    "error: lost the connection to $tpu_name; the silo keeps running there" "$follow" \
+    "$(quoted "${delete[@]}")" >&2
 fi
 exit "$status"

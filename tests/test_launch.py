@@ -917,3 +917,94 @@ echo --- >> {tmp_path / 'applied.yaml'}
                                     ['kubectl', 'apply', '-f']]
   applied = [d for d in yaml.safe_load_all((tmp_path / 'applied.yaml').read_text()) if d]
   assert applied == [{'kind': 'Secret'}, *_dry_run_parts(dry.stdout)[2]]
+
+
+# -- the GKE image --------------------------------------------------------------------------
+
+
+def _dockerfile() -> list[tuple[str, str]]:
+  """(INSTRUCTION, arguments) of launch/gke/Dockerfile, continuation lines joined."""
+  text = re.sub(r'\\\n', ' ', (LAUNCH / 'gke' / 'Dockerfile').read_text())
+  return [(m.group(1).upper(), m.group(2).strip()) for m in
+          re.finditer(r'^([A-Za-z]+)\s+(.*)$', text, re.M) if not m.group(0).startswith('#')]
+
+
+def _setup_extras() -> set[str]:
+  import ast  # pylint: disable=g-import-not-at-top
+  call = next(node for node in ast.walk(ast.parse((REPO / 'setup.py').read_text()))
+              if isinstance(node, ast.Call) and getattr(node.func, 'attr', '') == 'setup')
+  extras = next(k.value for k in call.keywords if k.arg == 'extras_require')
+  return {ast.literal_eval(key) for key in extras.keys}
+
+
+def test_dockerfile_builds_from_this_checkout_with_a_real_extra_as_a_non_root_user():
+  steps = _dockerfile()
+  instructions = [i for i, _ in steps]
+  args = dict(a.split('=', 1) for i, a in steps if i == 'ARG')
+  [base] = [a for i, a in steps if i == 'FROM']
+  version = re.fullmatch(r'python:3\.(\d+)-slim', base)
+  assert version and int(version.group(1)) >= 11, base
+  for i, a in steps:  # Every COPY source is in the repository, and the build context is it.
+    if i == 'COPY':
+      *sources, _ = a.split()
+      assert all((REPO / s).exists() for s in sources), a
+  extras = _setup_extras()
+  accelerators = re.search(r'^# (\w+) or (\w+): fedpt\'s extra in setup.py',
+                           (LAUNCH / 'gke' / 'Dockerfile').read_text(), re.M).groups()
+  assert {args['ACCELERATOR'], *accelerators} <= extras, extras
+  [install] = [a for i, a in steps if i == 'RUN' and 'pip install' in a]
+  assert '-e ".[${ACCELERATOR}]"' in install
+  [workdir] = [a for i, a in steps if i == 'WORKDIR']
+  render = _render_module()
+  assert workdir == render._parser().get_default('repo_dir')  # pylint: disable=protected-access
+  [entrypoint] = [json_list for i, json_list in steps if i == 'ENTRYPOINT']
+  [path] = yaml.safe_load(entrypoint)
+  script = REPO / pathlib.Path(path).relative_to(workdir)
+  assert script.is_file() and os.access(script, os.X_OK), path
+  [user] = [a for i, a in steps if i == 'USER']
+  assert user == '${UID}:${UID}' and int(args['UID']) == render.IMAGE_GID != 0
+  assert instructions.index('USER') > max(n for n, i in enumerate(instructions) if i == 'RUN')
+  # The extras that launch/ installs on TPU VMs exist too.
+  assert re.search(r'extra=(\w+)', (LAUNCH / 'tpu_vm.sh').read_text()).group(1) in extras
+  assert re.search(r'extra=(\w+)', (LAUNCH / 'host.sh').read_text()).group(1) in extras
+
+
+def _render_module():
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location('fedpt_gke_render', RENDER)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_image_entrypoint_runs_a_script_and_refuses_an_unknown_one():
+  entrypoint = LAUNCH / 'gke' / 'entrypoint.sh'
+  result = _run(['bash', entrypoint, 'status', '--storage=/nonexistent/run'])
+  assert result.returncode == 2 and 'no run at /nonexistent/run' in result.stderr, result.stderr
+  result = _run(['bash', entrypoint, 'trian.py'])
+  assert result.returncode == 2
+  assert result.stderr.startswith("error: no script 'trian.py' in /fedpt/scripts. Fix: one of ")
+  assert 'train.py' in _run(['bash', entrypoint]).stdout
+
+
+def test_readme_builds_the_image_its_gke_commands_deploy(tmp_path):
+  """The README's docker build tag is what its render.py commands deploy, and the rendered
+  pods run that image with the fsGroup that lets the image's user read the key Secret."""
+  section = (REPO / 'README.md').read_text().split('## Launching', 1)[1].split('\n## ', 1)[0]
+  section = section.replace('\\\n', ' ')
+  [build] = re.findall(r'^docker build .*$', section, re.M)
+  tag = re.search(r' -t (\S+)', build).group(1)
+  assert '-f launch/gke/Dockerfile' in build and build.rstrip().endswith(' .')
+  assert re.search(rf'^docker push {re.escape(tag)}$', section, re.M)
+  images = re.findall(r'--image=(\S+)', section)
+  assert images and set(images) == {tag}, images
+  for role_args in (['--config=configs/150m.py', '--silo=web', '--workdir=gs://w/web'],
+                    ['--role=aggregator']):
+    keys = _keys(tmp_path, 'silo_web.key', 'aggregator.key', 'aggregator.pub')
+    result = _script('render.py', *role_args, '--storage=gs://b/run1', f'--keys={keys}',
+                     f'--image={tag}', '--dry-run')
+    assert result.returncode == 0, result.stderr
+    [doc] = _dry_run_parts(result.stdout)[2]
+    pod = _pod(doc)
+    assert pod['containers'][0]['image'] == tag
+    assert pod['securityContext'] == {'fsGroup': _render_module().IMAGE_GID}
