@@ -146,17 +146,21 @@ create=("${tpu[@]}" create "$tpu_name" "${where[@]}" "--accelerator-type=$accele
         "--version=$version")
 ((spot)) && create+=(--spot)
 describe=("${tpu[@]}" describe "$tpu_name" "${where[@]}" --format=value\(state\))
+delete=("${tpu[@]}" delete "$tpu_name" "${where[@]}" --quiet)
+delete_on_exit() {  # --delete-after: from here on, the slice goes however this script ends.
+  if ((delete_after && !dry_run)); then
+    trap 'run "${delete[@]}"' EXIT
+  fi
+}
 if ((dry_run)); then
   printf '%s >/dev/null 2>&1 || %s\n' "$(quoted "${describe[@]}")" "$(quoted "${create[@]}")"
 elif "${describe[@]}" >/dev/null 2>&1; then
+  # Not ours yet: a silo may still run there (the setup below refuses then), so the slice is
+  # deleted only once our silo started.
   printf 'reusing TPU VM %s\n' "$tpu_name" >&2
 else
   run "${create[@]}"
-fi
-
-delete=("${tpu[@]}" delete "$tpu_name" "${where[@]}" --quiet)
-if ((delete_after)) && ((!dry_run)); then
-  trap 'run "${delete[@]}"' EXIT
+  delete_on_exit
 fi
 
 # Refuse while the silo still runs there, ship the code (HEAD) and keys, install.
@@ -186,6 +190,7 @@ train="$(quoted scripts/train.py "--config=$config" "--workdir=$workdir" "--silo
 start="cd fedpt && bash launch/host.sh start $(quoted "--name=$silo" "--max-restarts=$max_restarts")"
 start+=" -- $REMOTE_VENV/bin/python $train"
 run "${tpu[@]}" ssh "$tpu_name" "${where[@]}" --worker=all "--command=$start"
+delete_on_exit
 
 # The VM's ~, in single quotes: expanded there.
 follow="$(quoted "${tpu[@]}" ssh "$tpu_name" "${where[@]}" --worker=0)"

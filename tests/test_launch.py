@@ -252,6 +252,13 @@ def test_local_refuses_bad_silo_data_before_starting_anything(tmp_path):
   assert result.returncode == 2 and '--tokenizer=train needs --silo-data' in result.stderr
 
 
+def test_follow_without_a_run_is_one_line():
+  result = _run([sys.executable, REPO / 'scripts' / 'status.py', '--storage=/nonexistent/run',
+                 '--follow'])
+  assert result.returncode == 2 and result.stdout == ''
+  assert result.stderr.startswith('error: no run at /nonexistent/run'), result.stderr
+
+
 def test_local_knows_every_stdlib_group():
   from fedpt import data  # pylint: disable=g-import-not-at-top
   line = re.search(r'^STDLIB_GROUPS="(.*)"$', (LAUNCH / 'local.sh').read_text(), re.M).group(1)
@@ -359,6 +366,7 @@ def test_local_runs_a_real_federation(tmp_path):
     assert f'silo {silo}: round 1 published' in log, log
   log = (w / 'logs' / 'aggregator.log').read_text()
   assert 'round 1 -> global 2' in log, log
+  assert re.findall(r'^round +(\d) \| train ', result.stdout, re.M) == ['0', '1']
   assert (w / 'keys' / 'silo_web.key').exists() and (w / 'bucket' / 'run.json').exists()
 
 
@@ -593,11 +601,13 @@ def test_tpu_vm_survives_the_ssh_session_and_refuses_a_second_start(tmp_path):
   assert 'reusing TPU VM fedpt-web' in result.stderr
   assert "--command='tail -n 50 -F ~/fedpt-logs/web.log'" in result.stderr
   assert not (vm / 'fedpt-logs' / 'web.exit').exists()  # Still training, after the SSH ended.
-  again = _script('tpu_vm.sh', *args, '--no-install', env={**env, 'FAKE_DESCRIBE': '0'})
+  again = _script('tpu_vm.sh', *args, '--no-install', '--delete-after',
+                  env={**env, 'FAKE_DESCRIBE': '0'})
   assert again.returncode == 2
   assert 'error: silo web already runs on' in again.stderr, again.stderr
   gcloud = [c[4] for c in _calls(tmp_path) if c[0] == 'gcloud']
-  assert gcloud[-2:] == ['scp', 'ssh'] and gcloud.count('ssh') == 3  # Stopped at the check.
+  # Stopped at the check, and the slice it runs on is not deleted.
+  assert gcloud[-2:] == ['scp', 'ssh'] and gcloud.count('ssh') == 3 and 'delete' not in gcloud
   # `host.sh wait` (what --wait runs) follows it to the end: the second run's status.
   wait = _run(['bash', vm / 'fedpt' / 'launch' / 'host.sh', 'wait', '--name=web'],
               env={**env, 'HOME': str(vm)})
