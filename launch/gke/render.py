@@ -29,6 +29,7 @@ LABEL_VALUE = re.compile(r'[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?')
 TOPOLOGY = re.compile(r'[1-9][0-9]*(x[1-9][0-9]*){1,2}')
 QUANTITY = re.compile(r'[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?')
 MAX_NAME = 40  # Pod hostnames are <name>-silo-0-<i>: keep them under 63 characters.
+IMAGE_GID = 1000  # launch/gke/Dockerfile's non-root user: the pods' fsGroup, to read the keys.
 
 
 class UsageError(ValueError):
@@ -228,7 +229,7 @@ def render(args, extra=()) -> str:
       name=json.dumps(args.name), namespace=json.dumps(args.namespace),
       silo=json.dumps(args.silo or ''), image=json.dumps(args.image),
       repo_dir=json.dumps(args.repo_dir), keys_path=json.dumps(KEYS_PATH),
-      secret=json.dumps(secret_name(args)), num_hosts=args.num_hosts,
+      secret=json.dumps(secret_name(args)), num_hosts=args.num_hosts, fs_group=IMAGE_GID,
       max_restarts=args.max_restarts, args=_yaml_list(arguments),
       pod_extras=_block(pod, indent), resources=_block(resources, indent + 2),
       annotations=_block(annotations, 2))
