@@ -70,7 +70,10 @@ class MetricWriter:
       from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
       with self._refusals(self._tb_dir):
         os.makedirs(self._tb_dir, exist_ok=True)
-        self._events = event_file_writer.EventsWriter(os.path.join(self._tb_dir, 'events'))
+        # Named to the second by tensorboardX: a start within the same second as the last
+        # would overwrite its file; the nanosecond suffix keeps the files apart, in order.
+        self._events = event_file_writer.EventsWriter(os.path.join(self._tb_dir, 'events'),
+                                                      f'.{time.time_ns():020d}')
         if resume_step is not None:  # TensorBoard drops the older files' events from here on.
           self._events.write_event(event_pb2.Event(
               step=resume_step + 1, wall_time=time.time(),
