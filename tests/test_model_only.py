@@ -1,4 +1,4 @@
-"""Round 0: the Trainer's own init, written without a corpus and in about one copy of memory."""
+"""Round 0 and the evaluation tools need the model alone: no corpus, no AdamW state."""
 import json
 import math
 import subprocess
@@ -12,6 +12,8 @@ import pytest
 from conftest import child_env
 from conftest import load_config
 from fedpt import aggregator as aggregator_lib
+from fedpt import data
+from fedpt import evaluation
 from fedpt import outer
 from fedpt import protocol
 from fedpt import storage as storage_lib
@@ -85,3 +87,28 @@ def test_init_run_of_1b_peaks_under_twice_its_params_and_reads_no_corpus(tmp_pat
   assert run['outer']['optimizer'] == 'diloco' and len(metas) == 1
   print(f'1b init_run: {time.monotonic() - started:.0f} s, peak {peak / 2**30:.2f} GiB for '
         f'{param_bytes / 2**30:.2f} GiB of params')
+
+
+def test_evaluate_reads_only_the_sets_it_is_given(tiny_config, corpus_dir, tmp_path, repo_root):
+  missing = str(tmp_path / 'no-such-corpus')
+  tiny_config.federation.silos = ('a',)
+  tiny_config.data.corpus = missing
+  root = str(tmp_path / 'bucket')
+  aggregator_lib.init_run(tiny_config, root)
+  result = evaluation.evaluate(tiny_config, str(tmp_path / 'eval'),
+                               eval_sets={'held': corpus_dir}, storage=root, rounds='0')
+  tiny_config.data.corpus = corpus_dir
+  trainer = trainer_lib.Trainer(protocol.federated_config(tiny_config))
+  val = data.TokenDataset(corpus_dir, 'val', trainer.tokenizer_sha256)
+  expected = trainer.score(trainer.init_state()['params'], val, whole=True)
+  (row,) = result['rows']
+  assert (row['loss'], row['tokens']) == (pytest.approx(expected[0], rel=1e-6), expected[1])
+  cli = subprocess.run(
+      [sys.executable, str(repo_root / 'scripts' / 'evaluate.py'), f'--storage={root}',
+       f'--eval_set=held={corpus_dir}', f'--out={tmp_path / "cli"}', '--rounds=0',
+       f'--config={repo_root / "configs" / "tiny.py"}', f'--config.data.corpus={missing}'],
+      capture_output=True, text=True, env=child_env())
+  assert cli.returncode == 0, cli.stderr[-2000:]
+  assert json.loads((tmp_path / 'cli' / 'eval.json').read_text())['rows'][0]['loss'] == (
+      pytest.approx(expected[0], rel=1e-5))
+  assert not (tmp_path / 'no-such-corpus').exists()
