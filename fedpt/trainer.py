@@ -96,7 +96,7 @@ class ShardedModel:
     out = {}
     flat = trees.flatten_params(self.abstract_params())
     with self._rules():  # Largest first: a big leaf's temporaries meet few finished leaves.
-      for name, leaf in sorted(flat.items(), key=lambda item: -item[1].size * item[1].dtype.itemsize):
+      for name, leaf in sorted(flat.items(), key=lambda kv: -kv[1].size * kv[1].dtype.itemsize):
         one = lambda name=name: trees.flatten_params(self._fresh_params())[name]  # noqa: E731
         out[name] = jax.jit(one, out_shardings=leaf.sharding)()
     return out

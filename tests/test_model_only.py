@@ -31,7 +31,7 @@ def test_round_0_is_the_trainer_s_init_bit_for_bit(tiny_config, tmp_path, optimi
   if optimizer == 'fedyogi':
     config.outer.lr_warmup_rounds = 3  # A non-zero state: yogi's nu starts at 1e-6.
   config.inner.drift_correction = drift
-  trainer = trainer_lib.Trainer(protocol.federated_config(config))  # Opens the corpus: before
+  trainer = trainer_lib.Trainer(protocol.federated_config(config))  # Opens the corpus.
   expected = trees.flatten_params(jax.device_get(trainer.init_state()['params']))
   expected_state = aggregator_lib.state_to_arrays(outer.init_outer_state(
       outer.make_outer_optimizer(config.outer), expected))
@@ -47,8 +47,8 @@ def test_round_0_is_the_trainer_s_init_bit_for_bit(tiny_config, tmp_path, optimi
   assert store.global_hash(0) == trees.tree_hash(hashes)
   state_hashes = {n: storage_lib.array_hash(v) for n, v in expected_state.items()}
   if drift == 'scaffold':
-    state_hashes.update({protocol.control_name(n): storage_lib.array_hash(np.zeros(v.shape, np.float32))
-                         for n, v in expected.items()})
+    state_hashes.update({protocol.control_name(n): storage_lib.array_hash(
+        np.zeros(v.shape, np.float32)) for n, v in expected.items()})
   assert {n: h for m in metas for n, h in m['outer_state_hashes'].items()} == state_hashes
   assert bool(state_hashes) == (optimizer != 'fedavg')  # FedAvg's plain SGD keeps no state.
   for shard in range(shards):  # What is stored is what the metas vouch for.
