@@ -403,39 +403,84 @@ def init_run(config, storage_root: str, run_id: str | None = None,
   With `keys_dir` (the aggregator's key folder, holding every silo's .pub) the
   run is signed: run.json lists the public keys and everything the aggregator
   writes carries its signature. Without it the run is unsigned (local use).
+
+  Needs the model config, the tokenizer file and nothing else: no corpus, no
+  AdamW state. The params are born sharded on this host's devices
+  (`trainer.ShardedModel`, the silos' own init) and written shard by shard; a
+  shard's outer-optimizer state is made only once its params are written and
+  freed, and Orbax copies at most ~1 GiB of device arrays to the host at once. So
+  host memory peaks near one copy of the params, whatever the outer optimizer.
   """
   from fedpt import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
   config = protocol.federated_config(config)
   protocol.validate_federation(config)
   optimizer = outer.make_outer_optimizer(config.outer)
-  store = storage_lib.RunStorage(storage_root)
+  store = storage_lib.RunStorage(storage_root, save_host_gb=1)
   store.check_no_run()
   secret = signing.load_secret(keys_dir, signing.AGGREGATOR) if keys_dir else None
   public_keys = (signing.run_public_keys(keys_dir, config.federation.silos)
                  if keys_dir else None)
   sign = (lambda record: signing.sign(record, secret)) if secret else (lambda record: record)
-  trainer = trainer_lib.Trainer(config)
-  protocol.check_private_params(config.federation.private_params,
-                                sorted(trees.flatten_params(trainer.abstract_state()['params'])))
-  params = trees.flatten_params(jax.device_get(trainer.init_state()['params']))
-  info = protocol.run_record(config, trainer.tokenizer_sha256, run_id or uuid.uuid4().hex)
+  model = trainer_lib.ShardedModel(config)
+  abstract = trees.flatten_params(model.abstract_params())
+  protocol.check_private_params(config.federation.private_params, sorted(abstract))
+  info = protocol.run_record(config, model.tokenizer_sha256, run_id or uuid.uuid4().hex)
   if public_keys:
     info['public_keys'] = public_keys
   store.remove_tree(store.global_dir(0))  # Left by an init that crashed before run.json.
-  state = outer.init_outer_state(optimizer, params)
-  sizes = outer.leaf_nbytes(params)
+  params = model.init_params()
+  sizes = outer.leaf_nbytes(abstract)
   num_shards = config.federation.num_shards
+  scaffold = config.inner.drift_correction == 'scaffold'
   for shard in range(num_shards):
-    names = outer.shard_leaf_names(sorted(params), shard, num_shards, sizes)
-    shard_params = {n: np.asarray(params[n]) for n in names}
-    state_arrays = state_to_arrays({n: jax.tree.map(np.asarray, state[n]) for n in names})
-    if config.inner.drift_correction == 'scaffold':  # Round 0: c = 0.
-      state_arrays.update({protocol.control_name(n): np.zeros(shard_params[n].shape, np.float32)
-                           for n in names})
-    store.publish_global_shard(
-        0, shard, num_shards, shard_params, state_arrays,
-        sign(global_shard_meta(info['run_id'], 0, shard, num_shards, shard_params, state_arrays,
-                               contributors=[], tokens=0)))
+    names = outer.shard_leaf_names(sorted(abstract), shard, num_shards, sizes)
+    shard_params = {n: params.pop(n) for n in names}
+    store.write_global_part(0, shard, num_shards, 'params', shard_params)
+    leaf_hashes = _hash_and_free(shard_params)
+    state_arrays = initial_outer_arrays(optimizer, {n: abstract[n] for n in names}, scaffold)
+    if state_arrays:
+      store.write_global_part(0, shard, num_shards, 'outer_state', state_arrays)
+    store.commit_global_shard(0, shard, num_shards, sign(protocol.global_shard_meta(
+        info['run_id'], 0, shard, num_shards, leaf_hashes=leaf_hashes,
+        leaf_shapes={n: list(abstract[n].shape) for n in names},
+        leaf_dtypes={n: str(np.dtype(abstract[n].dtype)) for n in names},
+        outer_state_hashes=_hash_and_free(state_arrays), contributors=[], tokens=0)))
   info = sign(info)
   store.create_run(info)
   return info
+
+
+def _hash_and_free(arrays: dict) -> dict:
+  """{name: `storage.array_hash`}, emptying `arrays` as it goes.
+
+  Hashing copies an array to the host and JAX keeps that copy with the array: each
+  is dropped once hashed, so at most one leaf's host copy is alive.
+  """
+  return {name: storage_lib.array_hash(arrays.pop(name)) for name in sorted(arrays)}
+
+
+def initial_outer_arrays(optimizer, abstract_params: dict, scaffold: bool) -> dict:
+  """Round 0's outer-state arrays of some leaves (`state_to_arrays` names), born sharded.
+
+  The values of `outer.init_outer_state` (plus SCAFFOLD's c = 0), made by one jit
+  whose params-shaped outputs take their params' shardings (`abstract_params`
+  carries them): no host copy of the whole state is ever made.
+  """
+  def make():
+    zeros = {n: jnp.zeros(p.shape, jnp.float32) for n, p in abstract_params.items()}
+    arrays = state_to_arrays(outer.init_outer_state(optimizer, zeros))
+    if scaffold:
+      arrays.update({protocol.control_name(n): z for n, z in zeros.items()})
+    return arrays
+  replicated = jax.sharding.NamedSharding(
+      next(iter(abstract_params.values())).sharding.mesh, jax.sharding.PartitionSpec())
+
+  def placed(name, x):  # A params-shaped entry is sharded as its parameter.
+    p = abstract_params[name]
+    return p.sharding if x.shape == p.shape else replicated
+  state = jax.eval_shape(lambda: outer.init_outer_state(optimizer, abstract_params))
+  shardings = state_to_arrays({n: jax.tree.map(lambda x, n=n: placed(n, x), leaf_state)
+                               for n, leaf_state in state.items()})
+  if scaffold:
+    shardings.update({protocol.control_name(n): p.sharding for n, p in abstract_params.items()})
+  return jax.jit(make, out_shardings=shardings)()

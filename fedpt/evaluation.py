@@ -1,7 +1,7 @@
 """Held-out evaluation of global rounds and private checkpoints, and the run's plots.
 
 Loss is the mean next-token cross-entropy (nats) over every token of each held-out
-set (`Trainer.score(whole=True)`: all windows and the tail once, token-weighted),
+set (`ShardedModel.score(whole=True)`: all windows and the tail once, token-weighted),
 or, asked for, over the sampled `train.eval_batches` windows; every row says how
 many tokens it scored. Jitted and sharded like training. Bits per byte
 divide the summed loss by the UTF-8 bytes of the predicted tokens, so models
@@ -41,18 +41,18 @@ def parse_eval_sets(specs) -> dict[str, str]:
   return out
 
 
-def open_eval_set(name: str, source: str, cache_dir: str, trainer):
+def open_eval_set(name: str, source: str, cache_dir: str, model):
   """A prepare_data.py output's val split; or a text/JSONL file or tfds:NAME, tokenised whole.
 
   Files and tfds splits are tokenised once with the run's tokenizer into
   `cache_dir/NAME` (every document, no validation split held back).
   """
   if os.path.isfile(os.path.join(source, 'meta.json')):
-    return data_lib.TokenDataset(source, 'val', trainer.tokenizer_sha256)
+    return data_lib.TokenDataset(source, 'val', model.tokenizer_sha256)
   out = os.path.join(cache_dir, name)
-  data_lib.prepare_data(data_lib.read_sources([source]), trainer.tokenizer_path, out,
+  data_lib.prepare_data(data_lib.read_sources([source]), model.tokenizer_path, out,
                         val_fraction=0.0, sources=[source])
-  return data_lib.TokenDataset(out, 'train', trainer.tokenizer_sha256)
+  return data_lib.TokenDataset(out, 'train', model.tokenizer_sha256)
 
 
 def parse_rounds(text: str, latest: int) -> list[int]:
@@ -127,30 +127,30 @@ def _piece_bytes(tokenizer) -> np.ndarray:
   return np.array([one(t) for t in range(tokenizer.get_piece_size())], np.int64)
 
 
-def predicted_bytes(dataset, piece_bytes: np.ndarray, trainer, whole: bool) -> int:
-  """UTF-8 bytes of the tokens `trainer.score(..., whole=whole)` predicts on `dataset`."""
-  d = trainer.config.data
+def predicted_bytes(dataset, piece_bytes: np.ndarray, model, whole: bool) -> int:
+  """UTF-8 bytes of the tokens `model.score(..., whole=whole)` predicts on `dataset`."""
+  d = model.config.data
   if whole:
     return int(sum((piece_bytes[rows] * weights).sum() for rows, weights in
                    dataset.whole_batches(global_batch=d.global_batch, seq_len=d.seq_len)))
   return int(sum(piece_bytes[np.asarray(rows)[:, 1:]].sum() for rows in dataset.eval_batches(
-      trainer.config.train.eval_batches, global_batch=d.global_batch, seq_len=d.seq_len)))
+      model.config.train.eval_batches, global_batch=d.global_batch, seq_len=d.seq_len)))
 
 
-def describe_mode(whole: bool, trainer) -> str:
+def describe_mode(whole: bool, model) -> str:
   """What a loss was measured on, for tables and logs."""
   if whole:
     return 'whole split'
-  d = trainer.config.data
-  return (f'sample of {trainer.config.train.eval_batches * d.global_batch} windows '
+  d = model.config.data
+  return (f'sample of {model.config.train.eval_batches * d.global_batch} windows '
           '(train.eval_batches x data.global_batch)')
 
 
-def evaluate_params(trainer, params, datasets: dict, nbytes: dict, whole: bool = True) -> dict:
+def evaluate_params(model, params, datasets: dict, nbytes: dict, whole: bool = True) -> dict:
   """{set: loss, perplexity, bits_per_byte, tokens (scored), mode} of one model."""
   out = {}
   for name, dataset in datasets.items():
-    loss, tokens = trainer.score(params, dataset, whole=whole)
+    loss, tokens = model.score(params, dataset, whole=whole)
     out[name] = {'loss': loss, 'perplexity': math.exp(min(loss, 700.0)),
                  'bits_per_byte': bits_per_byte(loss, tokens, nbytes[name]), 'tokens': tokens,
                  'mode': 'whole' if whole else 'sample'}
@@ -162,8 +162,9 @@ def evaluate(config, out_dir: str, *, eval_sets: dict[str, str], storage: str | 
              whole: bool = True) -> dict:
   """Evaluates global rounds and/or private checkpoints; writes eval.json, eval.csv, plots.
 
-  `whole`: every token of each set once (`Trainer.score`); else the sampled
-  `train.eval_batches` windows. Every row says how many tokens it scored.
+  `whole`: every token of each set once (`ShardedModel.score`); else the sampled
+  `train.eval_batches` windows. Every row says how many tokens it scored. Only the
+  model, its tokenizer and the sets given are read: not the config's training corpus.
   """
   from fedpt import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
   if not storage and not workdirs:
@@ -173,30 +174,30 @@ def evaluate(config, out_dir: str, *, eval_sets: dict[str, str], storage: str | 
     raise EvalError('no held-out set to evaluate on. Fix: pass --eval_set=NAME=DIR (a '
                     'prepare_data.py output: its val split, e.g. a silo\'s own), or '
                     '--eval_set=NAME=FILE (text/JSONL) or NAME=tfds:DATASET[:SPLIT]')
-  trainer = trainer_lib.Trainer(protocol.federated_config(config) if storage else config)
-  piece_bytes = _piece_bytes(data_lib.load_tokenizer(trainer.tokenizer_path))
-  datasets = {n: open_eval_set(n, p, os.path.join(out_dir, 'eval_sets'), trainer)
+  model = trainer_lib.ShardedModel(protocol.federated_config(config) if storage else config)
+  piece_bytes = _piece_bytes(data_lib.load_tokenizer(model.tokenizer_path))
+  datasets = {n: open_eval_set(n, p, os.path.join(out_dir, 'eval_sets'), model)
               for n, p in eval_sets.items()}
-  nbytes = {n: predicted_bytes(ds, piece_bytes, trainer, whole) for n, ds in datasets.items()}
+  nbytes = {n: predicted_bytes(ds, piece_bytes, model, whole) for n, ds in datasets.items()}
   rows, published, store, run, collected = [], {}, None, None, []
   sources = []  # (model label, round or None, loading.Source)
   if storage:
     store = storage_lib.RunStorage(storage)
     run = store.read_run()
-    protocol.check_model_matches_run(run, trainer.config, trainer.tokenizer_sha256)
+    protocol.check_model_matches_run(run, model.config, model.tokenizer_sha256)
     wanted, collected = select_rounds(store, rounds)
     sources += [(f'global_round_{r}', r, loading.Source(storage=storage, round_index=r))
                 for r in wanted]
   sources += [(label, None, loading.Source(workdir=workdir))
               for label, workdir in (workdirs or {}).items()]
-  train_state = trainer.abstract_state()
+  train_state = model.abstract_train_state()
   for label, round_index, source in sources:
-    params = loading.load(trainer.config, source, train_state=train_state).params
-    for name, m in evaluate_params(trainer, params, datasets, nbytes, whole).items():
+    params = loading.load(model.config, source, train_state=train_state).params
+    for name, m in evaluate_params(model, params, datasets, nbytes, whole).items():
       rows.append({'model': label, 'round': round_index, 'eval_set': name, **m})
     if round_index is not None:
       published[round_index] = ledger.eval_losses(store, run, round_index)
-  result = {'rows': rows, 'mode': describe_mode(whole, trainer), 'published_by_round': published,
+  result = {'rows': rows, 'mode': describe_mode(whole, model), 'published_by_round': published,
             'versus_baseline': versus_baseline(rows), 'garbage_collected_rounds': collected}
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, 'eval.json'), 'w', encoding='utf-8') as f:
@@ -207,7 +208,7 @@ def evaluate(config, out_dir: str, *, eval_sets: dict[str, str], storage: str | 
     writer.writeheader()
     writer.writerows(rows)
   if store is not None:
-    result['plots'] = write_plots(store, out_dir, rows, config_name=trainer.config.name)
+    result['plots'] = write_plots(store, out_dir, rows, config_name=model.config.name)
   return result
 
 

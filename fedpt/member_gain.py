@@ -237,7 +237,8 @@ def member_gain(storage: str, members: list[Member], out_dir: str, *, config=Non
     storage: the run's bucket (its run.json, ledger and global rounds).
     members: one `Member` per silo to report on.
     out_dir: where member_gain.{json,csv,md,png} go.
-    config: a config to evaluate with (batch size, the corpus the trainer opens);
+    config: a config to evaluate with (batch size, sequence length; its training corpus
+      is not read);
       default: the first member's recorded config (its baseline's or silo's), else
       the run's contract.
     round_index: the global round (default: the newest committed).
@@ -255,28 +256,28 @@ def member_gain(storage: str, members: list[Member], out_dir: str, *, config=Non
   for m in members:
     protocol.check_silo_listed(run, m.silo)
   config = eval_config(run, members, config)
-  trainer = trainer_lib.Trainer(config)
-  protocol.check_model_matches_run(run, trainer.config, trainer.tokenizer_sha256)
+  model = trainer_lib.ShardedModel(config)
+  protocol.check_model_matches_run(run, model.config, model.tokenizer_sha256)
   round_index, _ = loading.committed_round(store, round_index)
-  abstract = trainer.abstract_state()
-  load = lambda source: loading.load(trainer.config, source, train_state=abstract).params  # noqa: E731
+  abstract = model.abstract_train_state()
+  load = lambda source: loading.load(model.config, source, train_state=abstract).params  # noqa: E731
   global_params = load(loading.Source(storage=storage, round_index=round_index))
   spent = silo_steps(store, round_index)
   rows = []
   for m in members:
     dataset = evaluation.open_eval_set(m.silo, m.eval_set, os.path.join(out_dir, 'eval_sets'),
-                                       trainer)
+                                       model)
     losses, tokens = {'isolated': None, 'personal': None}, None
-    losses['global'], tokens = trainer.score(global_params, dataset, whole=whole)
+    losses['global'], tokens = model.score(global_params, dataset, whole=whole)
     for key, workdir in (('isolated', m.baseline), ('personal', m.personal)):
       if workdir:
-        losses[key] = trainer.score(load(loading.Source(workdir=workdir)), dataset,
+        losses[key] = model.score(load(loading.Source(workdir=workdir)), dataset,
                                     whole=whole)[0]
     steps = {'silo_steps': spent.get(m.silo, 0),
              'personal_steps': personal_steps(m.personal) if m.personal else 0,
              'baseline_steps': checkpoint_step(m.baseline) if m.baseline else None}
     rows.append(_gain_row(m.silo, tokens, losses, round_index, steps))
-  result = {'global_round': round_index, 'mode': evaluation.describe_mode(whole, trainer),
+  result = {'global_round': round_index, 'mode': evaluation.describe_mode(whole, model),
             'rows': rows, 'verdicts': [verdict(r) for r in rows]}
   result['files'] = write_report(result, out_dir)
   log(f"member gain on each silo's own held-out data ({result['mode']}), global round "

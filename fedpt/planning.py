@@ -5,7 +5,8 @@
     `jax.sharding.AbstractMesh`, with the Trainer's sharding rules and divisibility
     checks, so a mesh the Trainer would reject is rejected here with the same message;
   * activations: an estimate (below);
-  * the published delta in every compression format, from `compression.payload_spec`.
+  * the published delta in every compression format, from `compression.payload_spec`;
+  * the aggregator's host memory per aggregation shard (`aggregator_memory`).
 Nothing is allocated and no devices are needed: a 70B model on 256 devices plans in
 about a second on a laptop.
 
@@ -44,10 +45,12 @@ import numpy as np
 import optax
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 
+from fedpt import aggregator
 from fedpt import compression
 from fedpt import config as config_lib
 from fedpt import inner
 from fedpt import model as model_lib
+from fedpt import outer
 from fedpt import protocol
 from fedpt import sharding
 from fedpt import trees
@@ -383,8 +386,13 @@ def _fixes(config, num_devices: int, platform: str, budget: float) -> list[dict]
                      f'with {changes}', 'total_bytes': None}]
 
 
-def plan(config, num_devices: int, *, platform: str = 'gpu', hbm_gib: float = 80.0) -> dict:
-  """Per-device memory, verdict against `hbm_gib` and delta sizes; JSON-ready."""
+def plan(config, num_devices: int, *, platform: str = 'gpu', hbm_gib: float = 80.0,
+         num_shards: int | None = None) -> dict:
+  """Per-device memory, verdict against `hbm_gib`, delta sizes, aggregator host memory.
+
+  `num_shards`: the aggregation shards to plan the aggregator for (default
+  `federation.num_shards`). JSON-ready.
+  """
   memory, acts = _memory(config, num_devices, platform)
   model_config = model_lib.ModelConfig.from_config(config.model, platform)
   _, params, _ = model_lib.abstract_model(model_config)
@@ -422,6 +430,7 @@ def plan(config, num_devices: int, *, platform: str = 'gpu', hbm_gib: float = 80
                 'drift_correction': config.inner.drift_correction,
                 'private_params': list(fed.private_params),
                 **round_traffic(params, fed, config.inner.drift_correction, deltas)},
+      'aggregator': aggregator_memory(config, num_shards),
   }
 
 
@@ -454,6 +463,70 @@ def compiled_memory(config, devices) -> dict:
   extra_outputs = analysis.output_size_in_bytes - analysis.alias_size_in_bytes
   return {'arguments': arguments, 'temp': temp, 'total': arguments + extra_outputs + temp,
           'platform': devices[0].platform, 'devices': len(devices)}
+
+
+# -- the aggregator ------------------------------------------------------------------
+
+# Orbax's tensorstore writes copy host (numpy) arrays about twice while saving them
+# (measured: +1.75-1.9x the tree, fedpt/storage.py): the aggregator saves numpy arrays.
+ORBAX_SAVE_COPIES = 2
+# Python, JAX, Orbax and tensorstore themselves, before any array (measured ~0.4 GiB).
+AGGREGATOR_RUNTIME_BYTES = GIB
+
+
+def aggregator_memory(config, num_shards: int | None = None) -> dict:
+  """Host bytes one aggregation shard holds at its peak, per shard (`aggregator.aggregate`).
+
+  It holds the round it read (`read_shard`: its leaves' params, outer-optimizer state
+  and, with SCAFFOLD, control variates), the next round it builds beside them
+  (`new_*`), the deltas of one leaf at a time (the token-weighted mean streams the
+  silos: a running sum, its update and one silo's decompressed delta plus its
+  payload; SCAFFOLD, trimmed_mean and median hold every silo's at once, the robust
+  rules also stacked and sorted), and Orbax's copies while it writes the next round.
+  """
+  fed = config.federation
+  num_shards = fed.num_shards if num_shards is None else num_shards
+  if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
+    raise config_lib.ConfigError('federation.num_shards', f'{num_shards!r} is not >= 1',
+                                 'pass --num_shards=N with N >= 1')
+  model_config = model_lib.ModelConfig.from_config(config.model)
+  params = trees.flatten_params(model_lib.abstract_model(model_config)[1])
+  optimizer = outer.make_outer_optimizer(config.outer)
+  silos = len(fed.silos)
+  scaffold = config.inner.drift_correction == 'scaffold'
+  robust = fed.robust in ('trimmed_mean', 'median')
+  private = set(params) - set(protocol.shared_leaves(
+      {'federation': {'private_params': tuple(fed.private_params)}}, params))
+  nbytes = lambda x: math.prod(x.shape) * np.dtype(x.dtype).itemsize  # noqa: E731
+  shards = []
+  for shard in range(num_shards):
+    names = outer.shard_leaf_names(sorted(params), shard, num_shards, outer.leaf_nbytes(params))
+    mine = {n: params[n] for n in names}
+    state = aggregator.state_to_arrays(jax.eval_shape(
+        lambda mine=mine: outer.init_outer_state(optimizer, mine)))
+    held = {'params': sum(nbytes(x) for x in mine.values()),
+            'outer_state': sum(nbytes(x) for x in state.values()),
+            'controls': 4 * sum(math.prod(x.shape) for x in mine.values()) if scaffold else 0}
+    held['next_round'] = sum(held.values())
+    deltas = 0
+    for n in sorted(set(names) - private):
+      leaf_f32 = 4 * math.prod(params[n].shape)
+      payload = sum(math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in
+                    compression.payload_spec(params[n].shape, fed.compression,
+                                             fed.block_size).values())
+      if robust or scaffold:  # Every silo's delta (and control) at once; robust: stacked, sorted.
+        one = silos * leaf_f32 * ((2 if scaffold else 1) + (2 if robust else 0)) + payload
+      else:
+        one = 3 * leaf_f32 + payload
+      deltas = max(deltas, one)
+    held['deltas'] = deltas
+    held['orbax_save'] = ORBAX_SAVE_COPIES * held['next_round']
+    held['runtime'] = AGGREGATOR_RUNTIME_BYTES
+    shards.append({'shard': shard, 'leaves': len(names), **held,
+                   'total': sum(held.values())})
+  return {'num_shards': num_shards, 'silos': silos, 'outer_optimizer': config.outer.optimizer,
+          'robust': fed.robust, 'drift_correction': config.inner.drift_correction,
+          'shards': shards, 'max_total': max(s['total'] for s in shards)}
 
 
 # -- rendering ----------------------------------------------------------------------
@@ -515,4 +588,13 @@ def render(info: dict) -> str:
     lines.append(f"  + SCAFFOLD control variates {human_bytes(delta['control_bytes'])} each way")
   lines.append(f"  per round: upload {human_bytes(delta['upload_bytes'])}, download "
                f"{human_bytes(delta['download_bytes'])}")
+  agg = info['aggregator']
+  lines += ['', f"aggregator host memory per shard ({agg['num_shards']} shard(s), "
+                f"{agg['silos']} silos, outer {agg['outer_optimizer']}, {agg['robust']})"]
+  for shard in agg['shards']:
+    parts = ', '.join(f"{k.replace('_', ' ')} {human_bytes(shard[k])}" for k in (
+        'params', 'outer_state', 'controls', 'next_round', 'deltas', 'orbax_save', 'runtime')
+                      if shard[k])
+    lines.append(f"  shard {shard['shard']}: {human_bytes(shard['total'])} ({shard['leaves']} "
+                 f"leaves: {parts})")
   return '\n'.join(lines)

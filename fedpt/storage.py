@@ -133,7 +133,7 @@ def array_hash(x) -> str:
   """sha256 over dtype, shape and bytes: identical arrays hash identically on every host."""
   x = np.ascontiguousarray(multihost.host_copy(x))
   h = hashlib.sha256(f'{x.dtype.str}{x.shape}'.encode())
-  h.update(x.tobytes())
+  h.update(x.reshape(-1).view(np.uint8))  # The bytes in place: no second copy of a big leaf.
   return h.hexdigest()
 
 
@@ -190,17 +190,20 @@ class RunStorage:
   """Reads and writes one federated run under `root`: a directory, gs://bucket/path or s3://.
 
   `retry_s` bounds how long one operation keeps retrying transient errors
-  (FEDPT_STORAGE_RETRY_S overrides the default of 300 s).
+  (FEDPT_STORAGE_RETRY_S overrides the default of 300 s). `save_host_gb` caps the
+  GiB of arrays Orbax copies to the host and has in flight to storage at once
+  while saving (round 0 of a big model: measured ~0.9x the tree without it).
   """
 
-  def __init__(self, root: str, retry_s: float | None = None):
+  def __init__(self, root: str, retry_s: float | None = None, save_host_gb: int | None = None):
     root = str(root)
     self.remote = is_remote(root)
     self.root = epath.Path(root if self.remote else os.path.abspath(root))
     self.retry_s = float(os.environ.get('FEDPT_STORAGE_RETRY_S', 300.0)
                          if retry_s is None else retry_s)
     self._checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(
-        type_handler_registry=_SHARED_ARRAY_HANDLERS))
+        type_handler_registry=_SHARED_ARRAY_HANDLERS, save_concurrent_gb=save_host_gb,
+        save_device_host_concurrent_gb=save_host_gb))
 
   def _retry(self, what: str, fn: Callable[[], Any]):
     """fn(), retried on transient errors; a persistent one names the object and the fix."""
@@ -441,14 +444,27 @@ class RunStorage:
 
   def publish_global_shard(self, round_index: int, shard: int, num_shards: int,
                            params_flat: dict, outer_state: dict, meta: dict) -> None:
+    self.write_global_part(round_index, shard, num_shards, 'params', params_flat)
+    if outer_state:
+      self.write_global_part(round_index, shard, num_shards, 'outer_state', outer_state)
+    self.commit_global_shard(round_index, shard, num_shards, meta)
+
+  def write_global_part(self, round_index: int, shard: int, num_shards: int, item: str,
+                        arrays_flat: dict) -> None:
+    """Uploads one Orbax item ('params', 'outer_state') of an uncommitted global shard.
+
+    Separate calls let a writer free one item's arrays before it makes the next
+    (`aggregator.init_run`); `commit_global_shard` then makes the shard visible.
+    """
     directory = self.shard_dir(round_index, shard, num_shards)
     if self.read_json(directory / META) is not None:
       raise StorageError(f'{directory} is already committed; rounds are written once')
-    self._save_tree(directory / 'params', unflatten_params(params_flat))
-    if outer_state:
-      self._save_tree(directory / 'outer_state', unflatten_params(outer_state))
+    self._save_tree(directory / item, unflatten_params(arrays_flat))
+
+  def commit_global_shard(self, round_index: int, shard: int, num_shards: int,
+                          meta: dict) -> None:
     faults.crash_point('aggregate_upload', round_index - 1)
-    self.write_json(directory / META, meta)
+    self.write_json(self.shard_dir(round_index, shard, num_shards) / META, meta)
 
   def global_shard_metas(self, round_index: int) -> list[dict] | None:
     """All shard metas of a global round once every shard is committed, else None."""

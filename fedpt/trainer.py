@@ -1,6 +1,8 @@
 """One silo's sharded training program: state born sharded, jitted steps, the train loop.
 
-`Trainer` owns everything a step needs (mesh, shardings, jitted functions, data);
+`ShardedModel` is the model alone (mesh, param shardings, jitted init and eval,
+tokenizer): round 0 and the evaluation tools need no more. `Trainer` extends it
+with everything a step needs (AdamW state, data, the jitted train step);
 `train_and_evaluate` is the single-silo loop behind `scripts/train.py`, and the
 federation worker drives the same `Trainer` for H steps per round.
 """
@@ -27,66 +29,46 @@ from fedpt import metrics as metrics_lib
 from fedpt import model as model_lib
 from fedpt import multihost
 from fedpt import sharding
+from fedpt import trees
 
 class TrainingDivergedError(errors.UserError, RuntimeError):
   """The loss became NaN or Inf; continuing would only waste compute."""
 
 
-class Trainer:
-  """The sharded model, optimizer, data and jitted steps of one silo."""
+class ShardedModel:
+  """The model alone, sharded over the mesh: no optimizer state, no corpus.
 
-  def __init__(self, config, devices=None, data_seed: int | None = None,
-               drift_correction: str = 'none'):
-    """`drift_correction`: a federated silo's `inner.drift_correction` (a 'drift' state entry)."""
+  What round 0 (`aggregator.init_run`) and the held-out evaluations need: the
+  mesh, the parameter shardings, the graphdef, the jitted init and eval steps, and
+  the tokenizer (its file, never a tokenised corpus). `Trainer` adds the rest.
+  """
+
+  def __init__(self, config, devices=None):
     sharding.maybe_initialize_distributed(config.distributed)
-    self.drift_correction = drift_correction
-    self.data_seed = config.seed if data_seed is None else data_seed
     devices = jax.devices() if devices is None else devices
-    with multihost.startup('trainer'):  # A host that cannot start stops every host, in a line.
+    with multihost.startup(type(self).__name__):  # A host that cannot start stops every host.
       sharding.validate_config(config, num_devices=len(devices))
       self.config = config
       self.mesh = sharding.make_mesh(config.mesh, devices)
       self.rules = tuple(config.sharding.rules)
       self.model_config = model_lib.ModelConfig.from_config(config.model, devices[0].platform)
-      data_dir, self.tokenizer_path = data_lib.resolve_corpus(config.data)
+      self.tokenizer_path = data_lib.resolve_tokenizer(config.data)
       self.tokenizer_sha256 = data_lib.file_sha256(self.tokenizer_path)
-      self.train_data = data_lib.TokenDataset(data_dir, 'train', self.tokenizer_sha256)
-      self.val_data = data_lib.TokenDataset(data_dir, 'val', self.tokenizer_sha256)
-      if self.train_data.vocab_size > config.model.vocab_size:
+      vocab = data_lib.load_tokenizer(self.tokenizer_path).get_piece_size()
+      if vocab > config.model.vocab_size:
         raise config_lib.ConfigError(
             'model.vocab_size', f'{config.model.vocab_size} is smaller than the tokenizer '
-            f'vocabulary ({self.train_data.vocab_size})',
-            f'set model.vocab_size >= {self.train_data.vocab_size}')
+            f'vocabulary ({vocab})', f'set model.vocab_size >= {vocab}')
+      self._open_data(config)
 
-    self.total_steps = config.train.steps
-    self.optimizer = inner.make_optimizer(config.inner, self.total_steps)
-    self.lr_schedule = inner.lr_schedule(config.inner, self.total_steps)
-
-    self.graphdef, abstract_params, logical_params = model_lib.abstract_model(self.model_config)
+    self.graphdef, self._abstract_params, logical_params = model_lib.abstract_model(
+        self.model_config)
     self.param_shardings = sharding.tree_shardings(
-        self.mesh, logical_params, abstract_params, self.rules)
+        self.mesh, logical_params, self._abstract_params, self.rules)
     self.replicated = NamedSharding(self.mesh, PartitionSpec())
-    abstract_opt_state = jax.eval_shape(self.optimizer.init, abstract_params)
-    opt_shardings = optax.tree_map_params(
-        self.optimizer, lambda _, s: s, abstract_opt_state, self.param_shardings,
-        transform_non_params=lambda _: self.replicated)
-    self.state_shardings = {'step': self.replicated, 'params': self.param_shardings,
-                            'opt_state': opt_shardings}
-    drift = jax.eval_shape(lambda p: inner.drift_lib.init_drift_state(p, drift_correction),
-                           abstract_params)
-    if drift is not None:  # Each entry is params-shaped: sharded as the params.
-      self.state_shardings['drift'] = {k: self.param_shardings for k in drift}
     self.batch_sharding = NamedSharding(
         self.mesh, sharding.logical_to_spec(('batch', 'length'), self.rules))
-
     self._compiled = set()  # The jitted functions called once already (`_compiling`).
-    self._init = jax.jit(self._init_state, out_shardings=self.state_shardings)
-    self._train_step = jax.jit(
-        functools.partial(inner.train_step, graphdef=self.graphdef,
-                          optimizer=self.optimizer, inner_config=config.inner),
-        in_shardings=(self.state_shardings, self.batch_sharding),
-        out_shardings=(self.state_shardings, self.replicated),
-        donate_argnums=(0,))
     self._eval_step = jax.jit(
         functools.partial(inner.eval_step, graphdef=self.graphdef),
         in_shardings=(self.param_shardings, self.batch_sharding),
@@ -96,43 +78,63 @@ class Trainer:
         in_shardings=(self.param_shardings, self.batch_sharding, self.batch_sharding),
         out_shardings=(self.replicated, self.replicated))
 
-  # -- state ------------------------------------------------------------------
+  def _open_data(self, config) -> None:
+    """Opens what else a start needs, inside the multi-host start-up check (`Trainer`: data)."""
 
-  def _init_state(self):
+  # -- params -----------------------------------------------------------------
+
+  def _fresh_params(self):
+    """The initial params of `config.seed`: the one definition round 0 and training share."""
     model = model_lib.Transformer(self.model_config, nnx.Rngs(self.config.seed))
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return inner.init_state(params, self.optimizer, self.drift_correction)
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
-  def init_state(self):
-    """Fresh state, created directly in its sharded layout."""
-    with self._rules():
-      return self._init()
+  def init_params(self) -> dict:
+    """Fresh flat params `{leaf: array}`, born sharded, one jit per leaf.
 
-  def abstract_state(self):
-    return checkpoint_lib.abstract_like(jax.eval_shape(self._init_state),
-                                        self.state_shardings)
+    Each jit keeps one leaf of `_fresh_params` (XLA drops the rest), so the random
+    bits and temporaries of one leaf are alive at a time, not the whole model's
+    (measured at 1B: 2.4x the params in one jit, 1.4x this way). The values are the
+    Trainer's, bit for bit (`tests/test_init_run.py`).
+    """
+    out = {}
+    flat = trees.flatten_params(self.abstract_params())
+    with self._rules():  # Largest first: a big leaf's temporaries meet few finished leaves.
+      for name, leaf in sorted(flat.items(), key=lambda kv: -kv[1].size * kv[1].dtype.itemsize):
+        one = lambda name=name: trees.flatten_params(self._fresh_params())[name]  # noqa: E731
+        out[name] = jax.jit(one, out_shardings=leaf.sharding)()
+    return out
+
+  def abstract_params(self):
+    return checkpoint_lib.abstract_like(self._abstract_params, self.param_shardings)
+
+  def state_shardings_for(self, optimizer, drift_correction: str = 'none') -> dict:
+    """Shardings of a train state with `optimizer`: its moments follow their params."""
+    abstract_opt_state = jax.eval_shape(optimizer.init, self._abstract_params)
+    opt_shardings = optax.tree_map_params(
+        optimizer, lambda _, s: s, abstract_opt_state, self.param_shardings,
+        transform_non_params=lambda _: self.replicated)
+    shardings = {'step': self.replicated, 'params': self.param_shardings,
+                 'opt_state': opt_shardings}
+    drift = jax.eval_shape(lambda p: inner.drift_lib.init_drift_state(p, drift_correction),
+                           self._abstract_params)
+    if drift is not None:  # Each entry is params-shaped: sharded as the params.
+      shardings['drift'] = {k: self.param_shardings for k in drift}
+    return shardings
+
+  def abstract_train_state(self):
+    """What a workdir's checkpoint restores into: params and the config's AdamW state, sharded.
+
+    Shapes only: nothing is allocated until `loading.load` restores into it.
+    """
+    optimizer = inner.make_optimizer(self.config.inner, self.config.train.steps)
+    shapes = jax.eval_shape(lambda p: inner.init_state(p, optimizer), self._abstract_params)
+    return checkpoint_lib.abstract_like(shapes, self.state_shardings_for(optimizer))
 
   def _rules(self):
     return sharding.activation_rules(self.mesh, self.rules)
 
-  # -- data -------------------------------------------------------------------
-
   def _global_array(self, local_rows: np.ndarray):
     return jax.make_array_from_process_local_data(self.batch_sharding, local_rows)
-
-  def batch(self, step: int):
-    """The global batch of `step`; this host reads only its own rows."""
-    d = self.config.data
-    rows = self.train_data.batch(
-        step, global_batch=d.global_batch, seq_len=d.seq_len, seed=self.data_seed,
-        process_index=jax.process_index(), process_count=jax.process_count())
-    return self._global_array(rows)
-
-  # -- steps ------------------------------------------------------------------
-
-  def train_step(self, state, batch):
-    with self._rules(), self._compiling('train step', self._train_step):
-      return self._train_step(state, batch)
 
   @contextlib.contextmanager
   def _compiling(self, what: str, jitted):
@@ -152,11 +154,9 @@ class Trainer:
     metrics_lib.log(f'the first {what} took {time.perf_counter() - start:.1f}s, compilation '
                     'included')
 
-  def evaluate(self, params, dataset=None, *, whole: bool = False) -> float:
-    """Mean held-out loss (nats): `score`'s loss without the token count."""
-    return self.score(params, dataset, whole=whole)[0]
+  # -- evaluation ---------------------------------------------------------------
 
-  def score(self, params, dataset=None, *, whole: bool = False) -> tuple[float, int]:
+  def score(self, params, dataset, *, whole: bool = False) -> tuple[float, int]:
     """(mean next-token loss in nats, number of target tokens scored) on `dataset`.
 
     `whole`: every token of the split once (`TokenDataset.whole_batches`: all
@@ -166,7 +166,6 @@ class Trainer:
     mean averaged. Each process reads only its own rows, either way.
     """
     d = self.config.data
-    dataset = dataset or self.val_data
     where = {'process_index': jax.process_index(), 'process_count': jax.process_count()}
     jitted = self._eval_sums if whole else self._eval_step
     with self._rules(), self._compiling('eval step', jitted):
@@ -185,6 +184,66 @@ class Trainer:
           jax.block_until_ready(sums[-2])
     totals = np.asarray(jax.device_get(sums), np.float64).sum(axis=0)  # float64 across batches.
     return float(totals[0] / totals[1]), int(round(totals[1]))
+
+class Trainer(ShardedModel):
+  """The sharded model, optimizer, data and jitted steps of one silo."""
+
+  def __init__(self, config, devices=None, data_seed: int | None = None,
+               drift_correction: str = 'none'):
+    """`drift_correction`: a federated silo's `inner.drift_correction` (a 'drift' state entry)."""
+    self.drift_correction = drift_correction
+    self.data_seed = config.seed if data_seed is None else data_seed
+    super().__init__(config, devices)
+    self.total_steps = config.train.steps
+    self.optimizer = inner.make_optimizer(config.inner, self.total_steps)
+    self.lr_schedule = inner.lr_schedule(config.inner, self.total_steps)
+    self.state_shardings = self.state_shardings_for(self.optimizer, drift_correction)
+    self._init = jax.jit(self._init_state, out_shardings=self.state_shardings)
+    self._train_step = jax.jit(
+        functools.partial(inner.train_step, graphdef=self.graphdef,
+                          optimizer=self.optimizer, inner_config=config.inner),
+        in_shardings=(self.state_shardings, self.batch_sharding),
+        out_shardings=(self.state_shardings, self.replicated),
+        donate_argnums=(0,))
+
+  def _open_data(self, config) -> None:
+    data_dir, _ = data_lib.resolve_corpus(config.data)
+    self.train_data = data_lib.TokenDataset(data_dir, 'train', self.tokenizer_sha256)
+    self.val_data = data_lib.TokenDataset(data_dir, 'val', self.tokenizer_sha256)
+
+  # -- state ------------------------------------------------------------------
+
+  def _init_state(self):
+    return inner.init_state(self._fresh_params(), self.optimizer, self.drift_correction)
+
+  def init_state(self):
+    """Fresh state, created directly in its sharded layout."""
+    with self._rules():
+      return self._init()
+
+  def abstract_state(self):
+    return checkpoint_lib.abstract_like(jax.eval_shape(self._init_state),
+                                        self.state_shardings)
+
+  # -- data -------------------------------------------------------------------
+
+  def batch(self, step: int):
+    """The global batch of `step`; this host reads only its own rows."""
+    d = self.config.data
+    rows = self.train_data.batch(
+        step, global_batch=d.global_batch, seq_len=d.seq_len, seed=self.data_seed,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    return self._global_array(rows)
+
+  # -- steps ------------------------------------------------------------------
+
+  def train_step(self, state, batch):
+    with self._rules(), self._compiling('train step', self._train_step):
+      return self._train_step(state, batch)
+
+  def evaluate(self, params, dataset=None, *, whole: bool = False) -> float:
+    """Mean held-out loss (nats) on `dataset` (default: the silo's val split), as `score`."""
+    return self.score(params, dataset or self.val_data, whole=whole)[0]
 
   def tokens_per_step(self) -> int:
     return self.config.data.global_batch * self.config.data.seq_len

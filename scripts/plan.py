@@ -5,7 +5,9 @@ r"""Per-device memory of a config on a mesh, and the size of its published delta
   python scripts/plan.py --config=configs/70b.py --mesh=fsdp=64,tensor=4 --hbm_gib=95 \
       --platform=tpu --format=json
 
-Allocates nothing and needs none of the devices it plans for. --mesh replaces the
+Allocates nothing and needs none of the devices it plans for. It also sizes the
+aggregator: host memory per aggregation shard for --num_shards (launch/gke/render.py
+--plan reads it). --mesh replaces the
 config's mesh (axes left out are 1); --devices defaults to the mesh's product. Activation
 memory is an estimate (see fedpt/planning.py); --compile also asks XLA for its own
 numbers by compiling, not running, the train step on this host's devices.
@@ -37,6 +39,8 @@ flags.DEFINE_float('hbm_gib', 80.0, 'Memory per device in GiB (H100 80, TPU v4 3
 flags.DEFINE_bool('compile', False, 'Also compile the train step on this host\'s devices and '
                   'report XLA\'s memory numbers (slow for big models; uses this host\'s '
                   'platform instead of --platform).')
+flags.DEFINE_integer('num_shards', None, 'Aggregation shards to size the aggregator for '
+                     '(host memory per shard); default: the config\'s federation.num_shards.')
 flags.DEFINE_enum('format', 'table', ['table', 'json'], 'table for people, json for tools.')
 flags.mark_flags_as_required(['config'])
 FLAGS = flags.FLAGS
@@ -55,7 +59,8 @@ def make_plan():
   config = _config()
   num_devices = planning.device_count(config.mesh, FLAGS.devices)
   if not FLAGS.compile:
-    return planning.plan(config, num_devices, platform=FLAGS.platform, hbm_gib=FLAGS.hbm_gib)
+    return planning.plan(config, num_devices, platform=FLAGS.platform, hbm_gib=FLAGS.hbm_gib,
+                         num_shards=FLAGS.num_shards)
   devices = jax.devices()
   if len(devices) < num_devices:
     raise config_lib.ConfigError(
@@ -63,7 +68,7 @@ def make_plan():
         f'{len(devices)}', 'drop --compile, or run it where the devices are (on a CPU, '
         f'XLA_FLAGS=--xla_force_host_platform_device_count={num_devices})')
   info = planning.plan(config, num_devices, platform=devices[0].platform,
-                       hbm_gib=FLAGS.hbm_gib)
+                       hbm_gib=FLAGS.hbm_gib, num_shards=FLAGS.num_shards)
   info['compiled'] = planning.compiled_memory(config, devices[:num_devices])
   return info
 

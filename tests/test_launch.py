@@ -4,6 +4,8 @@ Dry runs are parsed back with shlex, so each test compares argv lists, not
 quoting styles. Cloud and cluster tools (gcloud, srun, scontrol, kubectl) are
 replaced by fakes on PATH that record their arguments.
 """
+import json
+import math
 import os
 import pathlib
 import re
@@ -872,12 +874,37 @@ def test_gke_aggregator_renders_a_job(tmp_path):
   assert container['command'] == ['python3', 'scripts/aggregate.py']
   assert container['args'] == ['--storage=gs://bucket/run1', '--keys=/var/run/fedpt/keys',
                                '--shard=1/2']
-  assert container['resources'] == {'requests': {'cpu': '4', 'memory': '64Gi'}}
+  assert container['resources'] == {'requests': {'cpu': '4', 'memory': '64Gi'},
+                                    'limits': {'memory': '64Gi'}}
   assert pod['volumes'][0]['secret']['secretName'] == 'fedpt-aggregator-1-of-2-key'
   assert container['volumeMounts'][0]['readOnly'] is True
   codes = {r['action']: r['onExitCodes']['values'] for r in job['spec']['podFailurePolicy']['rules']
            if 'onExitCodes' in r}
   assert codes == {'FailJob': [2], 'Ignore': [75]}
+
+
+def test_gke_aggregator_memory_comes_from_the_plan(tmp_path, repo_root):
+  plan = tmp_path / 'plan.json'
+  made = subprocess.run(
+      [sys.executable, str(repo_root / 'scripts' / 'plan.py'),
+       f'--config={repo_root / "configs" / "1b.py"}', '--mesh=fsdp=8', '--num_shards=2',
+       '--format=json'], capture_output=True, text=True, check=True)
+  plan.write_text(made.stdout)
+  shards = json.loads(made.stdout)['aggregator']['shards']
+  for shard in (0, 1):
+    _, result = _gke(tmp_path, '--role=aggregator', f'--shard={shard}/2', f'--plan={plan}',
+                     role_keys=('aggregator.key', 'aggregator.pub'))
+    assert result.returncode == 0, result.stderr
+    [container] = _pod(_dry_run_parts(result.stdout)[2][0])['containers']
+    gib = math.ceil(shards[shard]['total'] * 1.1 / 2**30)
+    assert container['resources']['requests']['memory'] == f'{gib}Gi'
+    assert container['resources']['limits']['memory'] == f'{gib}Gi'
+    assert gib > 16  # The old fixed 16Gi would not hold a 1B shard with its outer state.
+  for extra, message in (([], '--plan is missing'), (['--shard=0/3', f'--plan={plan}'],
+                                                      'plans 2 aggregation shard(s)')):
+    _, result = _gke(tmp_path, '--role=aggregator', *extra,
+                     role_keys=('aggregator.key', 'aggregator.pub'))
+    assert result.returncode == 2 and message in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize('args,message', [

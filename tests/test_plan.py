@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from fedpt import aggregator as aggregator_lib
 from fedpt import compression
 from fedpt import config as config_lib
 from fedpt import model as model_lib
@@ -223,3 +224,28 @@ def test_mesh_that_cannot_divide_the_model_is_rejected(tiny_config):
   tiny_config.mesh.update(planning.parse_mesh('tensor=8'))  # 4 heads over 8 devices.
   with pytest.raises(config_lib.ConfigError, match='mesh.tensor=8'):
     planning.plan(tiny_config, 8)
+
+
+def test_the_aggregator_plan_is_what_a_shard_holds(tiny_config, tmp_path):
+  """Params, outer state and SCAFFOLD's c of each shard: the bytes read_shard returns."""
+  tiny_config.federation.update(silos=('a', 'b', 'c'), num_shards=2)
+  tiny_config.outer.update(optimizer='fedadam', lr=0.1)  # Two moments and a count per leaf.
+  tiny_config.inner.drift_correction = 'scaffold'
+  root = str(tmp_path / 'bucket')
+  aggregator_lib.init_run(tiny_config, root)
+  planned = planning.aggregator_memory(tiny_config)
+  assert planned['num_shards'] == 2 and planned['silos'] == 3
+  for shard in planned['shards']:
+    params, state, controls = aggregator_lib.Aggregator(root, shard=shard['shard']).read_shard(0)
+    nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))  # noqa: E731
+    assert shard['leaves'] == len(params)
+    assert (shard['params'], shard['outer_state'], shard['controls']) == (
+        nbytes(params), nbytes(state), nbytes(controls))
+    assert shard['outer_state'] > 2 * shard['params']  # fedadam's mu and nu in float32.
+    assert shard['next_round'] == nbytes(params) + nbytes(state) + nbytes(controls)
+    largest = max(x.size for x in params.values())
+    assert shard['deltas'] >= 3 * 2 * 4 * largest  # SCAFFOLD: every silo's delta and control.
+    assert shard['total'] == sum(shard[k] for k in (
+        'params', 'outer_state', 'controls', 'next_round', 'deltas', 'orbax_save', 'runtime'))
+  assert planning.aggregator_memory(tiny_config, 1)['shards'][0]['params'] == sum(
+      s['params'] for s in planned['shards'])

@@ -5,8 +5,9 @@ r"""Renders and applies a silo's JobSet, or the aggregator's Job, on GKE.
       --storage=gs://bucket/run1 --keys=/private/keys --workdir=gs://web-private/fedpt \
       --image=us-docker.pkg.dev/my-project/fedpt/fedpt:0.1 --namespace=fedpt \
       --num-hosts=4 --tpu-type=tpu-v5-lite-podslice --tpu-topology=4x4 --dry-run
+  python3 scripts/plan.py --config=configs/150m.py --format=json > plan.json
   python3 launch/gke/render.py --role=aggregator --storage=gs://bucket/run1 \
-      --keys=/ops/keys --image=... --namespace=fedpt
+      --keys=/ops/keys --image=... --namespace=fedpt --plan=plan.json
 
 The party's secret key goes into a Secret with `kubectl create secret`, straight
 from the key folder, so it never appears in the rendered YAML or in the dry-run
@@ -58,7 +59,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument('--gpus', type=int, help='silo: nvidia.com/gpu per host')
   p.add_argument('--gpu-type', help='silo: e.g. nvidia-h100-80gb (node selector)')
   p.add_argument('--cpus', default='4', help='aggregator: CPU request')
-  p.add_argument('--memory', default='16Gi', help='aggregator: memory request')
+  p.add_argument('--memory', help='aggregator: memory request and limit (default: from --plan)')
+  p.add_argument('--plan', help='aggregator: `scripts/plan.py --config=... --num_shards=n '
+                 '--format=json` output; sizes the memory of this --shard from it')
   p.add_argument('--shard', help='aggregator: i/n, one of n aggregation shards')
   p.add_argument('--service-account', help='Kubernetes service account (Workload Identity '
                  'for gs://)')
@@ -135,6 +138,8 @@ def validate(args) -> None:
     suffix = f'-{args.shard.replace("/", "-of-")}' if args.shard else ''
     args.name = args.name or f'fedpt-aggregator{suffix}'
     _check(bool(QUANTITY.fullmatch(args.cpus)), 'cpus', args.cpus, 'a quantity, e.g. 4')
+    if args.memory is None:
+      args.memory = planned_memory(args)
     _check(bool(QUANTITY.fullmatch(args.memory)), 'memory', args.memory, 'a quantity, e.g. 16Gi')
   _dns_label('name', args.name, MAX_NAME)
   _dns_label('namespace', args.namespace)
@@ -150,6 +155,29 @@ def validate(args) -> None:
           f'--keys={args.keys} has no {file}. Fix: make it with scripts/keys.py '
           f'--keys={args.keys} --names={key_files(args)[0][:-len(".key")]}, and copy in the '
           'aggregator.pub the operator sent')
+
+
+def planned_memory(args) -> str:
+  """The aggregator's memory for its shard from plan.py's JSON: the planned peak + 10%, in Gi."""
+  fix = ('run python3 scripts/plan.py --config=<the run\'s config> --num_shards=<n> '
+         '--format=json > plan.json and pass --plan=plan.json, or pass --memory')
+  if not args.plan:
+    raise UsageError(f'--plan is missing: the aggregator\'s memory comes from the plan of its '
+                     f'model, outer optimizer and silos. Fix: {fix}')
+  try:
+    aggregator = json.loads(pathlib.Path(args.plan).expanduser().read_text())['aggregator']
+    shards = {s['shard']: int(s['total']) for s in aggregator['shards']}
+    num_shards = int(aggregator['num_shards'])
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise UsageError(f'--plan={args.plan} is not a plan.py JSON with an aggregator section '
+                     f'({type(e).__name__}: {e}). Fix: {fix}') from None
+  index, count = (int(x) for x in args.shard.split('/')) if args.shard else (0, 1)
+  if count != num_shards or index not in shards:
+    raise UsageError(f'--plan={args.plan} plans {num_shards} aggregation shard(s), not the '
+                     f'{count} of --shard={args.shard or "0/1"}. Fix: rerun plan.py with '
+                     f'--num_shards={count}, or pass the matching --shard')
+  gib = -(-shards[index] * 11 // 10 // 2**30)
+  return f'{max(gib, 1)}Gi'
 
 
 def key_files(args) -> list[str]:
@@ -218,7 +246,7 @@ def render(args, extra=()) -> str:
     template, indent, arguments = 'silo-jobset.yaml.tmpl', 12, train_args(args, extra)
   else:
     resources = ['resources:', '  requests:', f'    cpu: "{args.cpus}"',
-                 f'    memory: "{args.memory}"']
+                 f'    memory: "{args.memory}"', '  limits:', f'    memory: "{args.memory}"']
     arguments = [_literal(f'--storage={args.storage}'), f'--keys={KEYS_PATH}']
     if args.shard:
       arguments.append(f'--shard={args.shard}')
