@@ -167,9 +167,9 @@ def test_operator_mistakes_fail_clearly_and_change_nothing(fed_config, gcs_bucke
   agg_thread = threading.Thread(target=first)
   original_wait = storage_lib.wait_for
 
-  def short_wait(check, what, timeout_s, poll_s=0.5, max_poll_s=None):
+  def short_wait(check, what, timeout_s, poll_s=0.5, max_poll_s=None, **kwargs):
     """The first aggregator gives up waiting for deltas after 6 s, not the run's 180 s."""
-    return original_wait(check, what, min(timeout_s, 6.0), poll_s, max_poll_s)
+    return original_wait(check, what, min(timeout_s, 6.0), poll_s, max_poll_s, **kwargs)
 
   monkeypatch.setattr(storage_lib, 'wait_for', short_wait)
   agg_thread.start()

@@ -1036,7 +1036,7 @@ def test_readme_builds_the_image_its_gke_commands_deploy(tmp_path):
   images = re.findall(r'--image=(\S+)', section)
   assert images and set(images) == {tag}, images
   for role_args in (['--config=configs/150m.py', '--silo=web', '--workdir=gs://w/web'],
-                    ['--role=aggregator']):
+                    ['--role=aggregator', '--memory=16Gi']):
     keys = _keys(tmp_path, 'silo_web.key', 'aggregator.key', 'aggregator.pub')
     result = _script('render.py', *role_args, '--storage=gs://b/run1', f'--keys={keys}',
                      f'--image={tag}', '--dry-run')

@@ -174,10 +174,13 @@ def test_two_hosts_equal_one_host_through_sigterm_and_kill_9(reference, repo_roo
     codes = run.wait(run.start_hosts(crash_at=('silo_inner@1', 'silo_inner@1')))
     assert all(code != 0 for code in codes), run.logs()
     assert f'resumed in round 0 (training, {progress["steps_done"]} inner' in run.logs()
+    # The newest checkpoint is train.checkpoint_every's (tiny: 50) at step 50, round 1's
+    # second step: both hosts resume there, mid-round.
     progress = run.private_meta()
-    assert (progress['phase'], progress['round']) == ('published', 0), progress
+    assert (progress['phase'], progress['round'], progress['steps_done']) == (
+        'training', 1, 50 - INNER_STEPS), progress
     assert run.wait(run.start_hosts()) == [0, 0], run.logs()
-    assert 'resumed in round 0 (published' in run.logs()
+    assert f'resumed in round 1 (training, {50 - INNER_STEPS} inner steps done)' in run.logs()
   finally:
     run.close()
   store = storage_lib.RunStorage(str(tmp_path / 'bucket'))
