@@ -349,29 +349,6 @@ def test_local_succeeds_when_every_party_does(tmp_path):
 
 
 @pytest.mark.slow
-def test_local_runs_a_real_federation(tmp_path):
-  """2 silos and the aggregator of configs/tiny.py, 2 rounds of 2 steps: ~27 s on 2 idle cores."""
-  w = tmp_path / 'w'
-  result = _run(['bash', LAUNCH / 'local.sh', '--config=configs/tiny.py',
-                 '--silos=web,concurrency', f'--workdir={w}', '--',
-                 '--config.federation.rounds=2', '--config.federation.inner_steps=2',
-                 '--config.federation.poll_s=0.2', '--config.train.eval_batches=1'],
-                # One CPU device per party, not the test process's 8 fake ones: less to compile.
-                env={'PYTHON': sys.executable, **{k: v for k, v in conftest.child_env().items()
-                                                  if k.startswith(('JAX_', 'XLA_'))}},
-                timeout=600)
-  assert result.returncode == 0, result.stdout + result.stderr
-  assert 'done: every party finished' in result.stderr
-  assert 'created run' in result.stdout
-  for silo in ('web', 'concurrency'):
-    log = (w / 'logs' / f'silo_{silo}.log').read_text()
-    assert f'silo {silo}: round 1 published' in log, log
-  log = (w / 'logs' / 'aggregator.log').read_text()
-  assert 'round 1 -> global 2' in log, log
-  assert re.findall(r'^round +(\d) \| train ', result.stdout, re.M) == ['0', '1']
-  assert (w / 'keys' / 'silo_web.key').exists() and (w / 'bucket' / 'run.json').exists()
-
-
 def _group_members(pgid: int) -> list[int]:
   """The live processes of process group `pgid` (zombies count as gone)."""
   out = []
@@ -387,7 +364,9 @@ def _group_members(pgid: int) -> list[int]:
 
 @pytest.mark.slow
 def test_local_ctrl_c_stops_every_party_with_checkpoints_and_a_rerun_finishes(tmp_path):
-  """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) after the first round
+  """A real federation (2 silos and the aggregator of configs/tiny.py, 3 rounds of 2 steps).
+
+  Ctrl-C (SIGINT to the whole process group, as a terminal sends it) after the first round
   line: every process is gone well within the stop grace, each silo exited 75 after
   checkpointing, the last line says so and how to resume; the same command then finishes."""
   w = tmp_path / 'w'
@@ -425,6 +404,8 @@ def test_local_ctrl_c_stops_every_party_with_checkpoints_and_a_rerun_finishes(tm
   steps = {s: member_gain.checkpoint_step(str(w / 'silos' / s)) for s in ('web', 'concurrency')}
   assert all(step >= 2 for step in steps.values()), steps  # At least round 0's inner steps.
   assert not re.search(r'^round +2 ', out.read_text(), re.M)  # Stopped before the end.
+  assert 'created run' in out.read_text()
+  assert (w / 'keys' / 'silo_web.key').exists() and (w / 'bucket' / 'run.json').exists()
 
   result = _run(argv, env=env, timeout=600)
   assert result.returncode == 0, result.stdout + result.stderr
@@ -434,6 +415,11 @@ def test_local_ctrl_c_stops_every_party_with_checkpoints_and_a_rerun_finishes(tm
                       result.stdout, re.M)
   assert [r for r, _ in rounds] == ['0', '1', '2'], result.stdout
   assert rounds[0][1] == '-'  # Finished before this invocation: no time of its own.
+  for silo in ('web', 'concurrency'):
+    log = (w / 'logs' / f'silo_{silo}.log').read_text()
+    assert f'silo {silo}: round 2 published' in log, log
+  log = (w / 'logs' / 'aggregator.log').read_text()
+  assert 'round 2 -> global 3' in log, log
 
 
 # -- tpu_vm.sh ------------------------------------------------------------------------------
