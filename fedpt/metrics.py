@@ -5,6 +5,7 @@ import os
 import time
 
 import jax
+import numpy as np
 
 from fedpt import errors
 
@@ -86,7 +87,7 @@ class MetricWriter:
   def write(self, step: int, scalars: dict) -> None:
     if not self.enabled:
       return
-    record = {'step': int(step), **{k: float(v) for k, v in scalars.items() if v is not None}}
+    record = {'step': int(step), **{k: _number(v) for k, v in scalars.items() if v is not None}}
     with self._refusals(self._path):
       line = memoryview((json.dumps(record) + '\n').encode())
       start = self._jsonl.seek(0, os.SEEK_END)
@@ -113,6 +114,13 @@ class MetricWriter:
       if f is not None:
         with contextlib.suppress(OSError):
           f.close()
+
+
+def _number(value):
+  """An int stays an int in metrics.jsonl (a round, a byte count); anything else is a float."""
+  if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+    return int(value)
+  return float(value)
 
 
 def _drop_rows_after(path: str, step: int) -> None:
