@@ -227,6 +227,7 @@ class _Silo:
     self.trainer = trainer_lib.Trainer(
         config, data_seed=protocol.silo_data_seed(config.seed, silo_id),
         drift_correction=self.drift)
+    self.trainer.log_prefix = f'silo {silo_id}: '
     protocol.check_tokenizer(self.run, self.trainer.tokenizer_sha256)
     protocol.check_private_params(self.fed.private_params, sorted(trees.flatten_params(
         self.trainer.abstract_state()['params'])))

@@ -69,6 +69,7 @@ class ShardedModel:
     self.batch_sharding = NamedSharding(
         self.mesh, sharding.logical_to_spec(('batch', 'length'), self.rules))
     self._compiled = set()  # The jitted functions called once already (`_compiling`).
+    self.log_prefix = ''  # Starts this model's own lines (a silo's: 'silo web: ').
     self._eval_step = jax.jit(
         functools.partial(inner.eval_step, graphdef=self.graphdef),
         in_shardings=(self.param_shardings, self.batch_sharding),
@@ -145,14 +146,14 @@ class ShardedModel:
     if jitted in self._compiled:
       yield
       return
-    metrics_lib.log(f'compiling the {what} ({model_lib.param_count(self.model_config):,} '
-                    f'parameters, {len(self.mesh.devices.flat)} {jax.default_backend()} '
-                    'device(s))...')
+    metrics_lib.log(f'{self.log_prefix}compiling the {what} '
+                    f'({model_lib.param_count(self.model_config):,} parameters, '
+                    f'{len(self.mesh.devices.flat)} {jax.default_backend()} device(s))...')
     start = time.perf_counter()
     yield
     self._compiled.add(jitted)
-    metrics_lib.log(f'the first {what} took {time.perf_counter() - start:.1f}s, compilation '
-                    'included')
+    metrics_lib.log(f'{self.log_prefix}the first {what} took {time.perf_counter() - start:.1f}s, '
+                    'compilation included')
 
   # -- evaluation ---------------------------------------------------------------
 

@@ -624,6 +624,7 @@ def test_sigterm_mid_round_and_while_waiting_resumes_to_the_identical_model(
   out = capsys.readouterr().out
   assert 'silo a: joining run ' in out and 'rounds of H=4 inner steps' in out, out
   assert 'silo a: round 1/2 step 6/8 | loss ' in out, out
+  assert 'silo a: compiling the train step (' in out, out
   assert ('silo a: SIGTERM while waiting for global round 2: round 1\'s delta is published and '
           'checkpointed; exiting with status 75') in out, out
   rows = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
