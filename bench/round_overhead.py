@@ -65,7 +65,8 @@ def measure(config, fmt: str, rounds: int, inner_steps: int, bucket: str | None 
                                     keys_dir=keys))
     worker = threading.Thread(target=work)
     worker.start()
-    aggregator.run_aggregator(root, keys_dir=keys)
+    with storage_lib.party_link(None):  # By the bucket, whatever FEDPT_LINK says.
+      aggregator.run_aggregator(root, keys_dir=keys)
     worker.join()
   steady = result['rounds'][1:]  # Round 0 includes compilation.
   parts = {k: statistics.median(r['seconds'][k] for r in steady)

@@ -355,7 +355,8 @@ def run_federated(config, run: Run, steps: int, adam_lr: float, link: str | None
     for t in threads:
       t.start()
     try:
-      aggregator.run_aggregator(root)
+      with storage_lib.party_link(None):  # By the bucket, whatever FEDPT_LINK says.
+        aggregator.run_aggregator(root)
     finally:
       for t in threads:
         t.join()

@@ -271,14 +271,16 @@ class Link:
             'operations': self.operations, 'seconds': self.seconds}
 
 
-_PARTY_LINK = contextvars.ContextVar('fedpt_party_link', default=None)
+_FROM_ENV = object()
+_PARTY_LINK = contextvars.ContextVar('fedpt_party_link', default=_FROM_ENV)
 _ENV_LINKS: dict[str, Link | None] = {}  # One link per process (per party), however many stores.
+_ENV_LINKS_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
 def party_link(link: Link | None):
-  """Gives the RunStorage objects made inside (in this thread) `link`: one party of several
-  that share a process (bench/round_overhead.py, bench/study.py run silos as threads)."""
+  """Gives the RunStorage objects made inside (in this thread) `link`, None for none: one
+  party of several that share a process (bench/round_overhead.py, bench/study.py)."""
   token = _PARTY_LINK.set(link)
   try:
     yield link
@@ -289,12 +291,13 @@ def party_link(link: Link | None):
 def current_link() -> Link | None:
   """This party's link: `party_link`'s, else FEDPT_LINK's (shared by the whole process)."""
   link = _PARTY_LINK.get()
-  if link is not None:
+  if link is not _FROM_ENV:
     return link
   spec = os.environ.get(LINK_ENV, '')
-  if spec not in _ENV_LINKS:
-    _ENV_LINKS[spec] = Link.parse(spec, LINK_ENV)
-  return _ENV_LINKS[spec]
+  with _ENV_LINKS_LOCK:
+    if spec not in _ENV_LINKS:
+      _ENV_LINKS[spec] = Link.parse(spec, LINK_ENV)
+    return _ENV_LINKS[spec]
 
 
 def tree_nbytes(tree) -> int:

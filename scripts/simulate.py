@@ -32,6 +32,7 @@ from fedpt import cli  # noqa: E402
 from fedpt import corpora  # noqa: E402
 from fedpt import data  # noqa: E402
 from fedpt import simulation  # noqa: E402
+from fedpt import storage  # noqa: E402
 
 config_flags.DEFINE_config_file('config', None, 'A configs/*.py file.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Logs, the silos\' private checkpoints, rounds.jsonl.')
@@ -72,11 +73,13 @@ def _storage():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  cli.run_or_explain(simulation.simulate, FLAGS.config,
-                     config_flags.get_config_filename(FLAGS['config']), _storage(), FLAGS.workdir,
-                     typed=cli.config_overrides(), silo_data=FLAGS.silo_data,
-                     tokenizer=FLAGS.tokenizer, text_field=FLAGS.text_field,
-                     on_bad_text=FLAGS.on_bad_text, baselines=FLAGS.baselines, link=FLAGS.link)
+  with storage.party_link(None):  # The simulator (init, progress) sits by the bucket.
+    cli.run_or_explain(simulation.simulate, FLAGS.config,
+                       config_flags.get_config_filename(FLAGS['config']), _storage(),
+                       FLAGS.workdir, typed=cli.config_overrides(), silo_data=FLAGS.silo_data,
+                       tokenizer=FLAGS.tokenizer, text_field=FLAGS.text_field,
+                       on_bad_text=FLAGS.on_bad_text, baselines=FLAGS.baselines,
+                       link=FLAGS.link)
 
 
 if __name__ == '__main__':

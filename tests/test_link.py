@@ -125,6 +125,8 @@ def test_a_party_s_link_comes_from_its_thread_or_its_process(tmp_path, monkeypat
   thread.join()
   assert seen['store'].link is own
   assert storage_lib.RunStorage(root).link is first.link  # The context ended with the thread.
+  with storage_lib.party_link(None):  # An aggregator's thread: no link, whatever FEDPT_LINK.
+    assert storage_lib.RunStorage(root).link is None
   monkeypatch.setenv(storage_lib.LINK_ENV, 'none')
   assert storage_lib.RunStorage(root).link is None
   monkeypatch.setenv(storage_lib.LINK_ENV, '10 Mbit/s,1ms')
