@@ -8,7 +8,10 @@ but the inner steps, as a fraction of the inner compute.
 
 `--storages=local,gs --signed=false,true` measures the cost of the gs:// path (a
 local fake-gcs-server, so protocol and client costs without WAN latency) and of
-Ed25519 signing, each variant side by side in one process.
+Ed25519 signing, each variant side by side in one process. `--link=10MB/s,50ms`
+gives the silo a simulated wide-area link to the bucket (`storage.Link`: real
+sleeps, latency per operation plus bytes over bandwidth); the aggregator, which
+sits by the bucket, gets none.
 """
 import contextlib
 import os
@@ -28,6 +31,7 @@ from fedpt import cli  # noqa: E402
 from fedpt import gcs_emulator  # noqa: E402
 from fedpt import signing  # noqa: E402
 from fedpt import silo  # noqa: E402
+from fedpt import storage as storage_lib  # noqa: E402
 
 config_flags.DEFINE_config_file('config', 'configs/demo.py', 'Model config.', lock_config=True)
 flags.DEFINE_integer('inner_steps', 25, 'H.')
@@ -35,11 +39,13 @@ flags.DEFINE_integer('rounds', 3, 'Rounds per format; the first is dropped (comp
 flags.DEFINE_list('formats', ['none', 'bf16', 'int8', 'int4'], 'Compression formats.')
 flags.DEFINE_list('storages', ['local'], 'local and/or gs (a local fake-gcs-server).')
 flags.DEFINE_list('signed', ['false'], 'false and/or true: sign every object (Ed25519).')
+flags.DEFINE_string('link', None, 'BANDWIDTH,LATENCY, e.g. 10MB/s,50ms: the silo\'s simulated '
+                    'link to the bucket (none: no link).')
 FLAGS = flags.FLAGS
 
 
 def measure(config, fmt: str, rounds: int, inner_steps: int, bucket: str | None = None,
-            signed: bool = False) -> dict:
+            signed: bool = False, link: str | None = None) -> dict:
   config = config.copy_and_resolve_references()
   config.train.async_checkpoints = False
   config.federation.update(rounds=rounds, inner_steps=inner_steps, silos=('bench',),
@@ -51,10 +57,16 @@ def measure(config, fmt: str, rounds: int, inner_steps: int, bucket: str | None 
       signing.generate_named(keys, ['aggregator', 'silo_bench'])
     aggregator.init_run(config, root, keys_dir=keys)
     result = {}
-    worker = threading.Thread(target=lambda: result.update(
-        silo.run_silo(config, 'bench', root, os.path.join(tmp, 'silo'), keys_dir=keys)))
+    silo_link = storage_lib.Link.parse(link)  # A fresh one per measurement: its own totals.
+
+    def work():
+      with storage_lib.party_link(silo_link):
+        result.update(silo.run_silo(config, 'bench', root, os.path.join(tmp, 'silo'),
+                                    keys_dir=keys))
+    worker = threading.Thread(target=work)
     worker.start()
-    aggregator.run_aggregator(root, keys_dir=keys)
+    with storage_lib.party_link(None):  # By the bucket, whatever FEDPT_LINK says.
+      aggregator.run_aggregator(root, keys_dir=keys)
     worker.join()
   steady = result['rounds'][1:]  # Round 0 includes compilation.
   parts = {k: statistics.median(r['seconds'][k] for r in steady)
@@ -62,11 +74,12 @@ def measure(config, fmt: str, rounds: int, inner_steps: int, bucket: str | None 
   outside = sum(v for k, v in parts.items() if k != 'inner')
   return {'format': fmt, 'bytes': steady[0]['bytes'], 'seconds': parts,
           'overhead': outside / parts['inner'], 'storage': 'gs' if bucket else 'local',
-          'signed': signed}
+          'signed': signed, 'link': silo_link.totals() if silo_link else None}
 
 
 def main(argv):
   del argv
+  cli.run_or_explain(storage_lib.Link.parse, FLAGS.link, '--link')  # Before anything starts.
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     emulator = (gcs_emulator.GcsEmulator(tmp).start() if 'gs' in FLAGS.storages else None)
@@ -77,13 +90,15 @@ def main(argv):
           for signed in FLAGS.signed:
             for fmt in FLAGS.formats:
               rows.append(measure(FLAGS.config, fmt, FLAGS.rounds, FLAGS.inner_steps,
-                                  bucket if storage == 'gs' else None, signed == 'true'))
+                                  bucket if storage == 'gs' else None, signed == 'true',
+                                  FLAGS.link))
     finally:
       if emulator:
         emulator.stop()
   dense = {(r['storage'], r['signed']): r['bytes'] for r in rows if r['format'] == 'none'}
   print(f'config={FLAGS.config.name} H={FLAGS.inner_steps} (median of rounds 1..'
-        f'{FLAGS.rounds - 1}; seconds per round)')
+        f'{FLAGS.rounds - 1}; seconds per round)'
+        + (f'; the silo\'s link: {FLAGS.link}' if FLAGS.link else ''))
   print(f"{'storage':7s} {'signed':6s} {'format':7s} {'bytes/silo/round':>17s} {'vs fp32':>8s} "
         f"{'inner':>7s} {'eval':>6s} {'publish':>8s} {'wait(agg)':>9s} {'load+ckpt':>9s} "
         f"{'overhead':>9s}")

@@ -22,6 +22,8 @@ SCAFFOLD's server step, inner lr and H. --report_only rewrites the tables mid-st
 
 Results go to --out/results.json after every run, so an interrupted study
 resumes where it stopped; --out/study.md and --out/*.png are rewritten from it.
+--link=10MB/s,50ms gives each silo thread its own simulated wide-area link to the
+bucket (`storage.Link`; the aggregator gets none) and is part of the setup.
 
   python bench/study.py --out=bench/study   # all 58 runs: ~60 min on 2 CPU cores
   python bench/study.py --out=/tmp/s --seeds=0 --questions=1 --steps=40 --base_h=10
@@ -97,6 +99,8 @@ flags.DEFINE_integer('curve_batches', 4, 'Question 8: eval batches per domain of
                      'the loss-against-tokens curves (the silos\' per-round held-out loss).')
 flags.DEFINE_bool('report_only', False, 'Train nothing: write study.md and the plots from the '
                   'runs in results.json so far.')
+flags.DEFINE_string('link', None, 'BANDWIDTH,LATENCY, e.g. 10MB/s,50ms: each silo\'s own '
+                    'simulated link to the bucket (none: no link). Recorded in the setup.')
 FLAGS = flags.FLAGS
 
 
@@ -306,8 +310,12 @@ def _with(config, **data):
   return c
 
 
-def run_federated(config, run: Run, steps: int, adam_lr: float) -> dict:
-  """One federation of silo threads and the aggregator; the final global params and costs."""
+def run_federated(config, run: Run, steps: int, adam_lr: float, link: str | None = None) -> dict:
+  """One federation of silo threads and the aggregator; the final global params and costs.
+
+  `link`: each silo's own simulated link to the bucket (`storage.Link`), none for the
+  aggregator, which sits by the bucket.
+  """
   corpora = silo_corpora(run.partition)
   config = config.copy_and_resolve_references()
   config.seed = run.seed
@@ -337,8 +345,9 @@ def run_federated(config, run: Run, steps: int, adam_lr: float) -> dict:
 
     def work(silo_id, corpus):
       try:
-        results[silo_id] = silo_lib.run_silo(_with(config, corpus=corpus), silo_id, root,
-                                             os.path.join(tmp, silo_id))
+        with storage_lib.party_link(storage_lib.Link.parse(link)):
+          results[silo_id] = silo_lib.run_silo(_with(config, corpus=corpus), silo_id, root,
+                                               os.path.join(tmp, silo_id))
       except BaseException as e:  # pylint: disable=broad-except
         errors[silo_id] = e
 
@@ -346,7 +355,8 @@ def run_federated(config, run: Run, steps: int, adam_lr: float) -> dict:
     for t in threads:
       t.start()
     try:
-      aggregator.run_aggregator(root)
+      with storage_lib.party_link(None):  # By the bucket, whatever FEDPT_LINK says.
+        aggregator.run_aggregator(root)
     finally:
       for t in threads:
         t.join()
@@ -820,17 +830,23 @@ def _save_params(out_dir: str, key: str, params) -> str:
 
 def study(config, out_dir, seeds, questions, steps, base_h, h_values, k_values, batch, seq_len,
           silo_lr, central_lr, adam_lr, drop_probability, eval_batches,
-          long: LongOptions = LongOptions(), report_only: bool = False) -> dict:
+          long: LongOptions = LongOptions(), report_only: bool = False,
+          link: str | None = None) -> dict:
   """Trains every planned run not yet in results.json, then writes study.md and the plots.
 
   `report_only` trains nothing and leaves results.json alone: the tables and plots of the
   runs done so far (a long study reports while it is still going, from another process);
-  personalised losses stay at the lr each run records.
+  personalised losses stay at the lr each run records. `link` ('10MB/s,50ms') is each
+  silo's simulated link to the bucket (`storage.Link`).
   """
   check_flags(steps, base_h, h_values, k_values, questions)
+  link = storage_lib.Link.parse(link, '--link')
+  link = link.spec if link else None
   os.makedirs(out_dir, exist_ok=True)
   base, setup = base_config(config, steps, batch, seq_len, silo_lr, central_lr, adam_lr,
                             eval_batches)
+  if link:  # Only then: results from before links existed still resume.
+    setup['link'] = link
   if LONG in questions:
     setup['long'] = {k: v for k, v in dataclasses.asdict(long).items() if k != 'personal_lr'}
     base.train.eval_batches = long.curve_batches  # The silos' per-round held-out loss.
@@ -885,7 +901,7 @@ def study(config, out_dir, seeds, questions, steps, base_h, h_values, k_values, 
         trained = run_central(base, run, steps, batch, central_lr, curve_eval,
                               long.curve_points if in_long else 0)
       else:
-        trained = run_federated(base, run, steps, adam_lr)
+        trained = run_federated(base, run, steps, adam_lr, link)
       params = trained.pop('params')
       record['losses'] = evaluator(params)
       if in_long:
@@ -941,7 +957,7 @@ def main(argv):
         FLAGS.silo_lr, FLAGS.central_lr, FLAGS.adam_lr, FLAGS.drop_probability,
         FLAGS.eval_batches, LongOptions(FLAGS.personal_steps, FLAGS.personal_lr,
                                         FLAGS.momentum_warmup, FLAGS.prox_mu,
-                                        FLAGS.curve_batches), FLAGS.report_only)
+                                        FLAGS.curve_batches), FLAGS.report_only, FLAGS.link)
   except StudyError as e:
     print(f'error: {e}', file=sys.stderr, flush=True)
     sys.exit(2)

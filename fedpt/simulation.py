@@ -106,13 +106,16 @@ class _Children:
   def log_path(self, name: str) -> str:
     return os.path.join(self.log_dir, f'{name}.log')
 
-  def start(self, name: str, argv: list[str]) -> None:
+  def start(self, name: str, argv: list[str], env: dict | None = None) -> None:
+    """Starts `argv` as `name`; `env` replaces variables of ours (a value None drops one)."""
+    env = {k: v for k, v in {**os.environ, 'PYTHONUNBUFFERED': '1', **(env or {})}.items()
+           if v is not None}
     with open(self.log_path(name), 'ab') as log:
       log.write(f'$ {" ".join(argv)}\n'.encode())
       log.flush()
       self.procs[name] = subprocess.Popen(
           argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO,
-          env={**os.environ, 'PYTHONUNBUFFERED': '1'},
+          env=env,
           preexec_fn=functools.partial(_die_with_parent, os.getpid()))
 
   def check(self) -> bool:
@@ -307,7 +310,7 @@ def follow(storage_root: str, log=print) -> list[dict]:
 def simulate(config, config_file: str, storage_root: str, workdir: str,
              log=print, typed=None, silo_data=None, tokenizer: str = 'config',
              text_field: str = 'text', on_bad_text: str = 'error',
-             baselines: bool = False) -> dict:
+             baselines: bool = False, link: str | None = None) -> dict:
   """Runs (or resumes) the federated run `config` with every party as its own process.
 
   Args:
@@ -328,11 +331,17 @@ def simulate(config, config_file: str, storage_root: str, workdir: str,
       raw sources are read (`corpora.prepare`).
     baselines: then train each silo's isolated baseline (`train_baselines`) and
       print the member-gain report (`member_gain.member_gain`).
+    link: each silo's own simulated link to the bucket, e.g. '100MB/s,50ms'
+      (`storage.Link`; FEDPT_LINK in the silo processes). The aggregators sit by the
+      bucket and get none; None leaves the silos whatever FEDPT_LINK they inherit.
 
   Returns:
     A summary with one record per round (also in <workdir>/rounds.jsonl).
   """
   started = time.monotonic()
+  if link is not None:
+    link = storage_lib.Link.parse(link, '--link')
+    link = link.spec if link else 'none'
   config_file = os.path.abspath(config_file)
   if not storage_lib.is_remote(storage_root):
     storage_root = os.path.abspath(storage_root)
@@ -390,13 +399,14 @@ def simulate(config, config_file: str, storage_root: str, workdir: str,
           *(_corpus_override(overrides, corpus_by_silo[silo_id]) if corpus_by_silo else
             [*overrides, *_silo_group_override(config, silo_id)]), f'--silo={silo_id}',
           f'--storage={storage_root}', f'--workdir={os.path.join(workdir, "silos", silo_id)}',
-          *keys_flag])
+          *keys_flag], env={storage_lib.LINK_ENV: link} if link else None)
     for shard in range(fed['num_shards']):
       children.start(f'aggregator_{shard}_of_{fed["num_shards"]}', [
           sys.executable, os.path.join(scripts, 'aggregate.py'), f'--storage={storage_root}',
-          f'--shard={shard}/{fed["num_shards"]}', *keys_flag])
+          f'--shard={shard}/{fed["num_shards"]}', *keys_flag], env={storage_lib.LINK_ENV: None})
     log(f'{len(silos)} silos {silos} and {fed["num_shards"]} aggregator process(es) '
-        f'started; logs in {children.log_dir}')
+        f'started; logs in {children.log_dir}'
+        + (f'; each silo\'s link to the bucket: {link}' if link else ''))
 
     watcher = RoundWatcher(store, run, log)
     with open(os.path.join(workdir, 'rounds.jsonl'), 'w', encoding='utf-8') as out:

@@ -19,12 +19,19 @@ Roots are local paths or gs:// (s3:// where fsspec's s3fs is installed). JSON
 objects go through etils.epath (gcsfs), arrays through Orbax (tensorstore);
 both retry single requests, and `_retry` retries whole operations on top, with
 bounded backoff, so a short outage stalls a party instead of failing it.
+
+A `Link` (FEDPT_LINK, or `party_link` in a thread) makes every operation of a
+party wait as over a wide-area link: latency, then bytes / bandwidth.
 """
+import contextlib
+import contextvars
 import errno
 import hashlib
 import json
+import math
 import os
 import random
+import re
 import socket
 import threading
 import time
@@ -186,6 +193,119 @@ def wait_for(check: Callable[[], Any], what: str, timeout_s: float, poll_s: floa
     delay = min(delay * 1.5, max_poll_s)
 
 
+# -- a simulated wide-area link ----------------------------------------------------
+
+LINK_ENV = 'FEDPT_LINK'
+LINK_FORMAT = ('BANDWIDTH,LATENCY such as 100MB/s,50ms (bandwidth in B, KB, MB, GB, KiB, MiB '
+               'or GiB per s; latency in ms or s), or none')
+_BYTE_UNITS = {'B': 1, 'KB': 10**3, 'MB': 10**6, 'GB': 10**9, 'KiB': 2**10, 'MiB': 2**20,
+               'GiB': 2**30}
+_NUMBER = r'((?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*'
+
+
+class LinkError(errors.UserError, ValueError):
+  """A link spec that does not parse; the message names the flag or variable and the form."""
+
+
+class Link:
+  """One party's simulated wide-area link to the bucket, for benchmarks and tests.
+
+  Every storage operation of the party pays the latency once, then its bytes over
+  the bandwidth, as real sleeps: writes before the object appears, reads before
+  the caller has it. Bytes are what actually moves: the arrays of an Orbax tree,
+  the text of a JSON record; a listing, lookup or delete pays latency only.
+  Latencies of concurrent operations overlap; their bytes share the bandwidth,
+  one transfer at a time. It models the party's own path to the bucket (a silo
+  in another region), not the bucket's limits, which serve every party at once.
+  """
+
+  def __init__(self, bandwidth_bytes_per_s: float, latency_s: float, spec: str = ''):
+    self.bandwidth_bytes_per_s = float(bandwidth_bytes_per_s)
+    self.latency_s = float(latency_s)
+    self.spec = spec or f'{self.bandwidth_bytes_per_s:g}B/s,{self.latency_s * 1e3:g}ms'
+    self._wire = threading.Lock()  # One transfer at a time: they share the bandwidth.
+    self._count = threading.Lock()
+    self.bytes_up = self.bytes_down = self.operations = 0
+    self.seconds = 0.0  # Time this party's operations spent on the link, waits included.
+
+  @classmethod
+  def parse(cls, spec: str | None, what: str = '--link') -> 'Link | None':
+    """'100MB/s,50ms' -> Link; None, '' or 'none' -> None (no link). `what` names the source."""
+    if spec is None or spec.strip().lower() in ('', 'none'):
+      return None
+    shown = ' '.join(spec.split())  # One line, whatever the variable held.
+    parts = [p.strip() for p in spec.split(',')]
+    if len(parts) != 2:
+      raise LinkError(f'{what}={shown}: expected two parts, bandwidth and latency. Fix: give '
+                      f'{LINK_FORMAT}')
+    bandwidth = re.fullmatch(_NUMBER + r'(B|KB|MB|GB|KiB|MiB|GiB)/s', parts[0])
+    rate = float(bandwidth.group(1)) * _BYTE_UNITS[bandwidth.group(2)] if bandwidth else 0.0
+    if not 0 < rate < math.inf:
+      raise LinkError(f'{what}={shown}: bandwidth {parts[0]!r} is not a positive number of '
+                      f'bytes per second. Fix: give {LINK_FORMAT}')
+    latency = re.fullmatch(_NUMBER + r'(ms|s)', parts[1])
+    delay = (float(latency.group(1)) * (1e-3 if latency.group(2) == 'ms' else 1) if latency
+             else math.inf)
+    if not delay < math.inf:
+      raise LinkError(f'{what}={shown}: latency {parts[1]!r} is not a number of ms or s. Fix: '
+                      f'give {LINK_FORMAT}')
+    return cls(rate, delay, ','.join(parts))
+
+  def transfer(self, nbytes: int, up: bool) -> None:
+    """Waits as this link would for one operation moving `nbytes`."""
+    start = time.monotonic()
+    time.sleep(self.latency_s)
+    if nbytes:
+      with self._wire:
+        time.sleep(nbytes / self.bandwidth_bytes_per_s)
+    with self._count:
+      self.operations += 1
+      self.seconds += time.monotonic() - start
+      if up:
+        self.bytes_up += nbytes
+      else:
+        self.bytes_down += nbytes
+
+  def totals(self) -> dict:
+    return {'link': self.spec, 'bytes_up': self.bytes_up, 'bytes_down': self.bytes_down,
+            'operations': self.operations, 'seconds': self.seconds}
+
+
+_FROM_ENV = object()
+_PARTY_LINK = contextvars.ContextVar('fedpt_party_link', default=_FROM_ENV)
+_ENV_LINKS: dict[str, Link | None] = {}  # One link per process (per party), however many stores.
+_ENV_LINKS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def party_link(link: Link | None):
+  """Gives the RunStorage objects made inside (in this thread) `link`, None for none: one
+  party of several that share a process (bench/round_overhead.py, bench/study.py)."""
+  token = _PARTY_LINK.set(link)
+  try:
+    yield link
+  finally:
+    _PARTY_LINK.reset(token)
+
+
+def current_link() -> Link | None:
+  """This party's link: `party_link`'s, else FEDPT_LINK's (shared by the whole process)."""
+  link = _PARTY_LINK.get()
+  if link is not _FROM_ENV:
+    return link
+  spec = os.environ.get(LINK_ENV, '')
+  with _ENV_LINKS_LOCK:
+    if spec not in _ENV_LINKS:
+      _ENV_LINKS[spec] = Link.parse(spec, LINK_ENV)
+    return _ENV_LINKS[spec]
+
+
+def tree_nbytes(tree) -> int:
+  """The array bytes of a pytree of arrays, scalars or jax.ShapeDtypeStructs."""
+  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize if hasattr(x, 'dtype')
+             else np.asarray(x).nbytes for x in jax.tree.leaves(tree))
+
+
 class RunStorage:
   """Reads and writes one federated run under `root`: a directory, gs://bucket/path or s3://.
 
@@ -193,10 +313,13 @@ class RunStorage:
   (FEDPT_STORAGE_RETRY_S overrides the default of 300 s). `save_host_gb` caps the
   GiB of arrays Orbax copies to the host and has in flight to storage at once
   while saving (round 0 of a big model: measured ~0.9x the tree without it).
+  `link` simulates this party's wide-area link (`Link`); default `current_link()`.
   """
 
-  def __init__(self, root: str, retry_s: float | None = None, save_host_gb: int | None = None):
+  def __init__(self, root: str, retry_s: float | None = None, save_host_gb: int | None = None,
+               link: Link | None = None):
     root = str(root)
+    self.link = link or current_link()
     self.remote = is_remote(root)
     self.root = epath.Path(root if self.remote else os.path.abspath(root))
     self.retry_s = float(os.environ.get('FEDPT_STORAGE_RETRY_S', 300.0)
@@ -204,6 +327,11 @@ class RunStorage:
     self._checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(
         type_handler_registry=_SHARED_ARRAY_HANDLERS, save_concurrent_gb=save_host_gb,
         save_device_host_concurrent_gb=save_host_gb))
+
+  def _over_link(self, nbytes: int = 0, up: bool = False) -> None:
+    """Waits as this party's link would for one operation (nothing without a link)."""
+    if self.link is not None:
+      self.link.transfer(nbytes, up)
 
   def _retry(self, what: str, fn: Callable[[], Any]):
     """fn(), retried on transient errors; a persistent one names the object and the fix."""
@@ -285,12 +413,16 @@ class RunStorage:
     """The object at `path`, or None if it is absent or not (yet) valid JSON."""
     def read():
       try:
-        return json.loads(path.read_text())
+        data = path.read_bytes()
       except FileNotFoundError:
-        return None
+        return None, 0
+      try:
+        return json.loads(data.decode()), len(data)
       except (ValueError, RecursionError):  # JSONDecodeError, bad UTF-8, 5000-digit ints.
-        return None  # A torn write of a small object reads as absent.
-    return self._retry(f'reading {path}', read)
+        return None, len(data)  # A torn write of a small object reads as absent.
+    obj, nbytes = self._retry(f'reading {path}', read)
+    self._over_link(nbytes)
+    return obj
 
   def write_json(self, path: epath.Path, obj: dict, exclusive: bool = False) -> None:
     """Writes a small JSON object; a single-object write is atomic on GCS and S3.
@@ -304,10 +436,13 @@ class RunStorage:
     if exclusive and self.exists(path):
       raise StorageError(f'{path} already exists and is written only once')
     text = json.dumps(obj, indent=1, sort_keys=True)
+    self._over_link(len(text.encode()), up=True)
     self._retry(f'writing {path}', lambda: write_atomically(path, text))
 
   def exists(self, path: epath.Path) -> bool:
-    return self._retry(f'looking up {path}', path.exists)
+    found = self._retry(f'looking up {path}', path.exists)
+    self._over_link()
+    return found
 
   def list_dir(self, path: epath.Path) -> list[epath.Path]:
     """The children of `path` (empty if it does not exist), sorted by name."""
@@ -316,12 +451,15 @@ class RunStorage:
         return sorted(path.iterdir(), key=lambda p: p.name)
       except FileNotFoundError:
         return []
-    return self._retry(f'listing {path}', listing)
+    children = self._retry(f'listing {path}', listing)
+    self._over_link()
+    return children
 
   def remove_tree(self, path: epath.Path) -> None:
     def remove():
       if path.exists():
         path.rmtree()
+    self._over_link()
     self._retry(f'deleting {path}', remove)
 
   def delete(self, path: epath.Path) -> None:
@@ -330,6 +468,7 @@ class RunStorage:
         path.unlink()
       except FileNotFoundError:
         pass
+    self._over_link()
     self._retry(f'deleting {path}', remove)
 
   # -- run.json ----------------------------------------------------------------
@@ -364,6 +503,7 @@ class RunStorage:
       multihost.barrier(f'fedpt_save_{directory}')
       with ORBAX_LOCK:
         self._checkpointer.save(directory, args=ocp.args.PyTreeSave(tree))
+    self._over_link(tree_nbytes(tree), up=True)  # Every host of a silo pays it, at once.
     self._retry(f'uploading {directory}', save)
 
   def _restore_tree(self, directory: epath.Path, abstract: dict, partial: bool):
@@ -377,9 +517,11 @@ class RunStorage:
             item=abstract, restore_args=jax.tree.map(restore_args, abstract),
             partial_restore=partial))
     try:
-      return self._retry(f'reading {directory}', restore)
+      tree = self._retry(f'reading {directory}', restore)
     except (FileNotFoundError, ValueError, KeyError) as e:
       raise StorageError(f'cannot read {directory}: {errors.one_line(e)}') from e
+    self._over_link(tree_nbytes(abstract))
+    return tree
 
   def tree_metadata(self, directory: epath.Path) -> dict[str, tuple[tuple[int, ...], str]]:
     """name -> (shape, dtype) of every array stored under an Orbax directory."""
@@ -390,6 +532,7 @@ class RunStorage:
       meta = self._retry(f'reading the layout of {directory}', read)
     except (FileNotFoundError, ValueError, KeyError) as e:
       raise StorageError(f'cannot read {directory}: {errors.one_line(e)}') from e
+    self._over_link()
     item = meta.item_metadata if hasattr(meta, 'item_metadata') else meta
     tree = getattr(item, 'tree', item)
     if tree is None:
