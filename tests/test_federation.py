@@ -193,6 +193,9 @@ def test_garbage_collection_keeps_last_n_and_every_mth_and_status_says_which(fed
                                     'waiting_for': ['a', 'c']}
   assert overview['stored_global_rounds'] == [0, 3, 6, 7]
   assert overview['collected_global_rounds'] == [1, 2, 4, 5]
+  # The open round's delta is published, not included: the totals count decided rounds.
+  assert overview['silo_totals']['b']['rounds_included'] == 7
+  assert overview['silo_totals']['b']['tokens'] == overview['silo_totals']['a']['tokens']
   model = ledger.global_nbytes(store, 7)
   assert overview['bytes_down'] == 7 * 3 * model
   assert overview['bytes_up'] == sum(store.delta_meta(7, 'b')['bytes'] for _ in range(22))
