@@ -158,7 +158,9 @@ def run_config(run: dict, config=None, typed=frozenset()):
   refused, and other typed fields (eval batches, data) apply.
   """
   protocol.check_run(run)
-  config = config_lib.base_config() if config is None else config
+  if config is None:
+    config = config_lib.base_config()
+    config.name = ''  # run.json records no config name: the defaults' 'base' would mislabel it.
   typed = set(typed or ())
   adopted, _ = protocol.adopt_run_config(run, config, None, typed & set(config_lib.MODEL_FIELDS))
   mine = config_lib.flat(config)
