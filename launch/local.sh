@@ -103,8 +103,8 @@ fi
 [[ -n "$workdir" ]] || die "--workdir is missing. Fix: pass a folder for logs and checkpoints, e.g. --workdir=/tmp/fedpt-local"
 seen=" "
 for id in "${silos[@]}"; do
-  [[ "$id" =~ ^[A-Za-z0-9][A-Za-z0-9_.-]*$ ]] ||
-    die "--silos: bad silo id '$id'. Fix: use letters, digits, '_', '.' and '-' only"
+  [[ "$id" =~ ^[A-Za-z0-9][A-Za-z0-9_-]*$ ]] ||
+    die "--silos: bad silo id '$id'. Fix: use letters, digits, '_' and '-' only"
   [[ "$seen" != *" $id "* ]] || die "--silos: silo '$id' is named twice. Fix: name each silo once"
   seen+="$id "
 done
