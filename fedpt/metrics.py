@@ -86,7 +86,8 @@ class MetricWriter:
   def write(self, step: int, scalars: dict) -> None:
     if not self.enabled:
       return
-    record = {'step': int(step), **{k: float(v) for k, v in scalars.items() if v is not None}}
+    record = {'step': int(step), **{k: v if type(v) is int else float(v)  # A round, bytes.
+                                    for k, v in scalars.items() if v is not None}}
     with self._refusals(self._path):
       line = memoryview((json.dumps(record) + '\n').encode())
       start = self._jsonl.seek(0, os.SEEK_END)

@@ -635,6 +635,7 @@ def test_sigterm_mid_round_and_while_waiting_resumes_to_the_identical_model(
   assert [r['round'] for r in steps] == [0] * 4 + [1] * 4
   rounds = [r for r in rows if 'bytes_up' in r]
   assert [(r['step'], r['round']) for r in rounds] == [(4, 0), (8, 1)]
+  assert all(type(r['round']) is int for r in rows), rows  # Not 0.0: rounds are counted.
   model_bytes = ledger.global_nbytes(store, 0)
   for r in range(2):
     assert rounds[r]['bytes_up'] == store.delta_meta(r, 'a')['bytes']
