@@ -272,7 +272,8 @@ fi
 PYTHONUNBUFFERED=1 "${follow[@]}" </dev/null &
 watcher=$!
 
-printf 'started %s and the aggregator; logs in %s/logs\n' "${silos[*]}" "$workdir" >&2
+started="${silos[*]}"
+printf 'started silo(s) %s and the aggregator; logs in %s/logs\n' "${started// /, }" "$workdir" >&2
 left=${#pids[@]}
 while ((left)); do
   for i in "${!pids[@]}"; do

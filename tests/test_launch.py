@@ -312,6 +312,7 @@ def test_local_stops_everyone_and_fails_when_a_party_fails(tmp_path):
   w, argv, env = _local_fake(tmp_path, 'web,bad')
   result = _run(argv, env=env)
   assert result.returncode == 1, result.stderr
+  assert f'started silo(s) web, bad and the aggregator; logs in {w}/logs' in result.stderr
   assert f'error: silo_bad exited with status 2; see {w}/logs/silo_bad.log' in result.stderr
   assert 'error: boom' in result.stderr  # The end of its log.
   for party in ('silo_web', 'aggregator'):
