@@ -606,6 +606,9 @@ class _Silo:
     final_eval = self.trainer.evaluate(state['params'])
     self.publish_eval(position.round, final_eval, step)
     self.summary['final_eval_loss'] = final_eval
+    self.log(f'finished: {self.total_rounds} rounds done, the final global model (round '
+             f'{position.round}) has held-out loss {final_eval:.4f} on its own split; '
+             f'checkpoints and metrics in {self.workdir}')
 
   # -- the loop -----------------------------------------------------------------------
 

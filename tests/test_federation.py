@@ -627,6 +627,9 @@ def test_sigterm_mid_round_and_while_waiting_resumes_to_the_identical_model(
   out = capsys.readouterr().out
   assert 'silo a: joining run ' in out and 'rounds of H=4 inner steps' in out, out
   assert 'silo a: round 1/2 step 6/8 | loss ' in out, out
+  assert (f"silo a: finished: 2 rounds done, the final global model (round 2) has held-out "
+          f"loss {final['final_eval_loss']:.4f} on its own split; checkpoints and metrics in "
+          f"{workdir}") in out, out
   assert ('silo a: SIGTERM while waiting for global round 2: round 1\'s delta is published and '
           'checkpointed; exiting with status 75') in out, out
   rows = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
