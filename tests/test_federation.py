@@ -496,6 +496,9 @@ def test_a_silo_says_in_one_line_why_it_waits_stops_or_has_nothing_to_do(
 
   done = subprocess.run(aggregate, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stdout + done.stderr
+  assert done.stdout.splitlines()[-1] == (
+      'aggregator 0/1: finished: global round 1, the last, is committed; the ledger: '
+      f'scripts/status.py --storage={root}'), done.stdout
   again = subprocess.run(aggregate, capture_output=True, text=True, timeout=300)
   assert (again.returncode, again.stdout.splitlines(), again.stderr) == (0, [
       'aggregator 0/1: run lines is finished (global round 1 is committed); nothing to do'], '')
