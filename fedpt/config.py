@@ -428,9 +428,9 @@ def differences(recorded: dict, config, fields=None) -> dict:
           if k in recorded and k in mine and mine[k] != recorded[k]}
 
 
-def describe(diff: dict, theirs: str = 'recorded') -> str:
+def describe(diff: dict, theirs: str = 'recorded', mine: str = 'yours') -> str:
   """'inner.lr=0.05 (yours) vs 0.001 (recorded), ...' for an error line."""
-  return ', '.join(f'{k}={a!r} (yours) vs {b!r} ({theirs})' for k, (a, b) in diff.items())
+  return ', '.join(f'{k}={a!r} ({mine}) vs {b!r} ({theirs})' for k, (a, b) in diff.items())
 
 
 def with_values(config, values: dict):

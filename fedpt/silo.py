@@ -259,7 +259,8 @@ class _Silo:
           'drop --config.train.steps: the run fixes it')
     if adopted:
       self.log(f'run.json fixes {len(adopted)} field(s) this silo\'s config file sets '
-               f'otherwise; using the run\'s: {config_lib.describe(adopted, "run.json")}')
+               f'otherwise; using the run\'s: '
+               f'{config_lib.describe(adopted, "run.json", "config file")}')
     trainer_lib.record_config(self.workdir, config, record, changed, None)
     return protocol.federated_config(config)
 

@@ -206,7 +206,7 @@ def test_garbage_collection_keeps_last_n_and_every_mth_and_status_says_which(fed
 
 
 def test_a_silo_takes_the_run_s_contract_and_refuses_typed_contradictions(fed_config, tmp_path,
-                                                                         repo_root):
+                                                                         repo_root, capsys):
   """run.json is the truth: a silo's config file gives way, its command line is refused."""
   fed_config.federation.silo_inner_steps = (2, 4, 4)
   root = str(tmp_path / 'bucket')
@@ -223,6 +223,8 @@ def test_a_silo_takes_the_run_s_contract_and_refuses_typed_contradictions(fed_co
     assert silo.trainer.total_steps == 6
   finally:
     silo.close()
+  # The note names what the config file (not the user) said: nothing was typed.
+  assert 'federation.inner_steps=50 (config file) vs 2 (run.json)' in capsys.readouterr().out
   # A restart with no config at all: its own fields (here the corpus) from its workdir's record.
   silo = silo_lib._Silo(None, 'a', root, str(tmp_path / 'a'), None, typed=set())
   try:
