@@ -393,6 +393,9 @@ def _aggregate_rounds(agg: Aggregator, shard: int, stop_after_rounds: int | None
     done += 1
     if stop_after_rounds is not None and done >= stop_after_rounds:
       break
+  if r >= total:
+    metrics_lib.log(f'aggregator {shard}/{agg.num_shards}: finished: global round {total}, the '
+                    f'last, is committed; the ledger: scripts/status.py --storage={agg.store.root}')
   return {'round': r}
 
 

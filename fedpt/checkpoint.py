@@ -119,9 +119,15 @@ class Checkpointer:
 
   def state_layout(self, step: int) -> dict:
     """The saved state's tree of Orbax array metadata (shape, dtype); reads no array."""
-    with ORBAX_LOCK:
-      tree = ocp.PyTreeCheckpointer().metadata(os.path.join(self.directory, str(step), 'state'))
-    return tree.item_metadata.tree if hasattr(tree, 'item_metadata') else tree
+    # The item's handler, not a Checkpointer: an item folder has no step metadata, which a
+    # Checkpointer looks for and warns about on every read.
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+      with ORBAX_LOCK:
+        tree = handler.metadata(epath.Path(self.directory) / str(step) / 'state')
+    finally:
+      handler.close()
+    return tree.tree if hasattr(tree, 'tree') else tree
 
   def wait(self) -> None:
     """Until the async save in flight is on disk; its failure is raised here."""

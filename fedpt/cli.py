@@ -101,6 +101,10 @@ def explain_flag_error(error: Exception, argv) -> str:
                 f'one of its fields, e.g. --{name}.{path}.{first}=...')
       return (f'--{name}.{path}={value}: must be {config_lib.describe_type(default)}. Fix: '
               f'e.g. --{name}.{path}={default} (the config file\'s value)')
+  missing = re.match(r'flag --(\w+)=None: Flag --\1 must have a value other than None', str(error))
+  if missing and missing.group(1) in flags.FLAGS:  # absl's wording for a required flag.
+    name = missing.group(1)
+    return f'--{name} is missing. Fix: pass --{name}=... ({flags.FLAGS[name].help.rstrip(".")})'
   message = str(error)
   if isinstance(error, KeyError) and message[:1] == message[-1:] == "'":
     message = message[1:-1]  # A KeyError's str() is its repr.

@@ -335,9 +335,11 @@ def validate(config) -> None:
   require(len(fed.silos) > 0 and len(set(fed.silos)) == len(fed.silos), 'federation.silos',
           f'need distinct silo ids, got {list(fed.silos)}', 'list each silo id once')
   for s in fed.silos:  # Ids name bucket paths: nothing else may get through.
+    listed = isinstance(s, str) and ',' in s  # --config.federation.silos=a,b is one id 'a,b'.
     require(isinstance(s, str) and s.isascii() and s.replace('-', '').replace('_', '').isalnum(),
             'federation.silos', f'silo id {s!r} must be letters, digits, - or _',
-            'rename the silo')
+            'write several ids as a tuple: --config.federation.silos="(' + ','.join(
+                repr(x) for x in s.split(',')) + ')"' if listed else 'rename the silo')
   require(fed.min_silos <= len(fed.silos), 'federation.min_silos',
           f'{fed.min_silos} is not between 0 and {len(fed.silos)} silos',
           'use 0 (all silos) or a quorum size')
@@ -426,9 +428,9 @@ def differences(recorded: dict, config, fields=None) -> dict:
           if k in recorded and k in mine and mine[k] != recorded[k]}
 
 
-def describe(diff: dict, theirs: str = 'recorded') -> str:
+def describe(diff: dict, theirs: str = 'recorded', mine: str = 'yours') -> str:
   """'inner.lr=0.05 (yours) vs 0.001 (recorded), ...' for an error line."""
-  return ', '.join(f'{k}={a!r} (yours) vs {b!r} ({theirs})' for k, (a, b) in diff.items())
+  return ', '.join(f'{k}={a!r} ({mine}) vs {b!r} ({theirs})' for k, (a, b) in diff.items())
 
 
 def with_values(config, values: dict):

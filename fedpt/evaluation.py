@@ -274,6 +274,7 @@ def loss_figures(store, rows: list[dict] | None = None, config_name: str = '') -
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
   data = loss_curves(store, rows)
   run_id = store.read_run()['run_id']
   tokens = data['tokens_by_round']
@@ -292,7 +293,9 @@ def loss_figures(store, rows: list[dict] | None = None, config_name: str = '') -
       ax.axhline(loss, color=f'C{(len(data["curves"]) + i) % 10}',
                  linestyle=_LINESTYLES[(i + 1) % len(_LINESTYLES)], alpha=0.8, label=label)
     ax.set(xlabel=xlabel, ylabel='held-out loss (nats/token)',
-           title=f'run {run_id} ({config_name or "config"}): held-out loss {what}')
+           title=f'run {run_id}' + (f' ({config_name})' if config_name else '')
+           + f': held-out loss {what}')
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))  # Rounds and tokens are whole.
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

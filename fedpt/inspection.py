@@ -68,8 +68,8 @@ def describe_private_checkpoint(workdir: str, step: int | None = None) -> dict:
   shapes = {n: tuple(m.shape) for n, m in leaves.items()}
   dtypes = {n: np.dtype(m.dtype) for n, m in leaves.items()}
   record = loading.read_config_record(workdir) or {}
-  return {'source': f'{workdir} step {step}', 'step': step,
-          **{k: meta.get(k) for k in ('run_id', 'silo', 'round', 'tokenizer_sha256')},
+  return {'source': loading.checkpoint_label(workdir, step, meta), 'step': step,
+          **{k: meta.get(k) for k in ('run_id', 'silo', 'round', 'phase', 'tokenizer_sha256')},
           'config_changes': record.get('config_changes', []),  # Allowed on a resume.
           **_summary(_leaf_rows(shapes, dtypes))}
 
@@ -79,7 +79,9 @@ def render(info: dict) -> str:
   for key in ('run_id', 'round', 'silo', 'step', 'global_hash', 'signatures', 'contributors',
               'tokens', 'weights', 'rejected', 'config_changes'):
     if info.get(key) not in (None, [], {}):
-      lines.append(f'  {key}: {info[key]}')
+      # A silo's checkpoint number is not a train step; it is what --step takes.
+      label = 'checkpoint (--step)' if key == 'step' and info.get('phase') else key
+      lines.append(f'  {label}: {info[key]}')
   lines.append(f"  parameters: {info['param_count']:,} in {len(info['leaves'])} arrays, "
                f"{info['bytes'] / 1e6:.2f} MB")
   width = max(len(x['name']) for x in info['leaves'])

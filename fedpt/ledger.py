@@ -149,8 +149,12 @@ def build_ledger(store: storage_lib.RunStorage) -> list[dict]:
 
 
 def silo_totals(rows: list[dict], run: dict) -> dict[str, dict]:
-  """Each silo's contribution over the run: the consortium's accounting, from the rows."""
+  """Each silo's contribution over the run: the consortium's accounting, from the rows.
+
+  Only decided rounds count: an open round's deltas are published, not yet included.
+  """
   totals = {}
+  rows = [row for row in rows if row['status'] != 'collecting']
   for silo in (s['id'] for s in run['silos']):
     norms = [row['norm_by_silo'][silo] for row in rows if silo in row['norm_by_silo']]
     last_eval = next((row['eval_loss_by_silo'][silo] for row in reversed(rows)
@@ -169,7 +173,7 @@ def silo_totals(rows: list[dict], run: dict) -> dict[str, dict]:
 def render_totals(totals: dict[str, dict]) -> str:
   header = (f"{'silo':<16} {'tokens':>12} {'included':>8} {'rejected':>8} {'missing':>7} "
             f"{'mean norm':>10} {'eval':>6}")
-  lines = ['per-silo totals', header, '-' * len(header)]
+  lines = ['per-silo totals (decided rounds)', header, '-' * len(header)]
   for silo, t in totals.items():
     norm = '-' if t['mean_delta_norm'] is None else f"{t['mean_delta_norm']:.4g}"
     lines.append(f"{silo:<16} {t['tokens']:>12,} {t['rounds_included']:>8} "

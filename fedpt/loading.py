@@ -69,7 +69,8 @@ class Loaded:
   params: dict
   model_config: model_lib.ModelConfig
   tokenizer_path: str
-  source: str  # For people: '<workdir> step N' or '<root> global round N'.
+  source: str  # For people: '<workdir> step N', '<silo workdir> checkpoint N (round R, phase)'
+  # or '<root> global round N'.
 
 
 # -- the config a workdir recorded -----------------------------------------------------
@@ -157,7 +158,9 @@ def run_config(run: dict, config=None, typed=frozenset()):
   refused, and other typed fields (eval batches, data) apply.
   """
   protocol.check_run(run)
-  config = config_lib.base_config() if config is None else config
+  if config is None:
+    config = config_lib.base_config()
+    config.name = ''  # run.json records no config name: the defaults' 'base' would mislabel it.
   typed = set(typed or ())
   adopted, _ = protocol.adopt_run_config(run, config, None, typed & set(config_lib.MODEL_FIELDS))
   mine = config_lib.flat(config)
@@ -248,7 +251,7 @@ def _restore_workdir(config, source: Source, train_state: dict, tokenizer_sha256
                                           'residual_base' in layout, 'control' in layout,
                                           'control_base' in layout)
     try:
-      state, _ = checkpointer.restore(
+      state, meta = checkpointer.restore(
           step, abstract, checkpoint_lib.expected_meta(config, tokenizer_sha256))
     except checkpoint_lib.CheckpointError:
       raise
@@ -259,8 +262,17 @@ def _restore_workdir(config, source: Source, train_state: dict, tokenizer_sha256
           f'{errors.one_line(e, 160)}). Fix: '
           + (f'pass --step={max(older)} (an older one)' if older else 'retrain it')
           + '; resuming training there moves it aside by itself.') from None
-  state = state['train'] if 'train' in layout else state
-  return state['params'], f'{source.workdir} step {step}'
+  label = checkpoint_label(source.workdir, step, meta)
+  return (state['train'] if 'train' in layout else state)['params'], label
+
+
+def checkpoint_label(workdir: str, step: int, meta: dict) -> str:
+  """'<workdir> step N', or for a silo's private checkpoint (its meta has the round's
+  'phase'), numbered by save rather than by train step, '<workdir> checkpoint N (round R,
+  phase)'."""
+  if meta.get('phase') is None:
+    return f'{workdir} step {step}'
+  return f"{workdir} checkpoint {step} (round {meta.get('round')}, {meta['phase']})"
 
 
 # -- global rounds -----------------------------------------------------------------------

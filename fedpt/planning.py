@@ -545,7 +545,7 @@ def render(info: dict) -> str:
   mesh_text = ','.join(f'{k}={v}' for k, v in mesh.items())
   lines = [
       f"plan for {info['config']}: {m['param_count']:,} parameters on {info['devices']} "
-      f"{info['platform']} devices, mesh {mesh_text}",
+      f"{info['platform']} device{'s' if info['devices'] != 1 else ''}, mesh {mesh_text}",
       f"  micro-batch {m['micro_batch_per_device']} x {m['seq_len']} tokens per device, "
       f"grad_accum {m['grad_accum']}, remat {m['remat']}, {m['param_dtype']} params, "
       f"{m['compute_dtype']} compute, {m['attention']} attention",
@@ -573,7 +573,8 @@ def render(info: dict) -> str:
     lines.append(f"  fix: {fix['change']}{total}")
   if 'compiled' in info:
     xla = info['compiled']
-    lines.append(f"  XLA, compiling the step on {xla['devices']} {xla['platform']} devices: "
+    lines.append(f"  XLA, compiling the step on {xla['devices']} {xla['platform']} "
+                 f"device{'s' if xla['devices'] != 1 else ''}: "
                  f"arguments {human_bytes(xla['arguments'])}, temporaries "
                  f"{human_bytes(xla['temp'])}, total {human_bytes(xla['total'])}")
   delta = info['delta']

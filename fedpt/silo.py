@@ -260,7 +260,8 @@ class _Silo:
           'drop --config.train.steps: the run fixes it')
     if adopted:
       self.log(f'run.json fixes {len(adopted)} field(s) this silo\'s config file sets '
-               f'otherwise; using the run\'s: {config_lib.describe(adopted, "run.json")}')
+               f'otherwise; using the run\'s: '
+               f'{config_lib.describe(adopted, "run.json", "config file")}')
     trainer_lib.record_config(self.workdir, config, record, changed, None)
     return protocol.federated_config(config)
 
@@ -607,6 +608,9 @@ class _Silo:
     final_eval = self.trainer.evaluate(state['params'])
     self.publish_eval(position.round, final_eval, step)
     self.summary['final_eval_loss'] = final_eval
+    self.log(f'finished: {self.total_rounds} rounds done, the final global model (round '
+             f'{position.round}) has held-out loss {final_eval:.4f} on its own split; '
+             f'checkpoints and metrics in {self.workdir}')
 
   # -- the loop -----------------------------------------------------------------------
 

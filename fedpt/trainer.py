@@ -448,6 +448,9 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None, *,
       preemption.restore()
       if logger is not None:
         logger.close()
-  metrics_lib.log(f"stopped at step {step}; eval loss {summary.get('eval_loss')}; "
-                  f'checkpoints, metrics.jsonl and TensorBoard events in {workdir}')
+  eval_loss = summary.get('eval_loss')
+  metrics_lib.log(f'stopped at step {step}; '
+                  + ('no evaluation in this start' if eval_loss is None else
+                     f'eval loss {eval_loss:.4f}')
+                  + f'; checkpoints, metrics.jsonl and TensorBoard events in {workdir}')
   return summary

@@ -67,8 +67,8 @@ done
 [[ "$max_restarts" =~ ^[0-9]+$ ]] || die "--max-restarts=$max_restarts is not a number"
 if [[ "$mode" != setup ]]; then
   need --name "$name" 'ID, the silo id'
-  [[ "$name" =~ ^[A-Za-z0-9][A-Za-z0-9_.-]*$ ]] ||
-    die "--name=$name is not a silo id. Fix: use letters, digits, '_', '.' and '-' only"
+  [[ "$name" =~ ^[A-Za-z0-9][A-Za-z0-9_-]*$ ]] ||
+    die "--name=$name is not a silo id. Fix: use letters, digits, '_' and '-' only"
 fi
 log="$logs/$name.log" pid_file="$logs/$name.pid" exit_file="$logs/$name.exit"
 

@@ -103,8 +103,8 @@ fi
 [[ -n "$workdir" ]] || die "--workdir is missing. Fix: pass a folder for logs and checkpoints, e.g. --workdir=/tmp/fedpt-local"
 seen=" "
 for id in "${silos[@]}"; do
-  [[ "$id" =~ ^[A-Za-z0-9][A-Za-z0-9_.-]*$ ]] ||
-    die "--silos: bad silo id '$id'. Fix: use letters, digits, '_', '.' and '-' only"
+  [[ "$id" =~ ^[A-Za-z0-9][A-Za-z0-9_-]*$ ]] ||
+    die "--silos: bad silo id '$id'. Fix: use letters, digits, '_' and '-' only"
   [[ "$seen" != *" $id "* ]] || die "--silos: silo '$id' is named twice. Fix: name each silo once"
   seen+="$id "
 done
@@ -272,7 +272,8 @@ fi
 PYTHONUNBUFFERED=1 "${follow[@]}" </dev/null &
 watcher=$!
 
-printf 'started %s and the aggregator; logs in %s/logs\n' "${silos[*]}" "$workdir" >&2
+started="${silos[*]}"
+printf 'started silo(s) %s and the aggregator; logs in %s/logs\n' "${started// /, }" "$workdir" >&2
 left=${#pids[@]}
 while ((left)); do
   for i in "${!pids[@]}"; do

@@ -112,8 +112,8 @@ need --keys "$keys" 'DIR, the folder holding silo_<id>.key and aggregator.pub'
 need --workdir "$workdir" 'gs://your-private-bucket/path for the silo'"'"'s checkpoints'
 [[ "$tpu_name" =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] ||
   die "--tpu-name=$tpu_name is not a valid TPU name. Fix: lowercase letters, digits and '-'"
-[[ "$silo" =~ ^[A-Za-z0-9][A-Za-z0-9_.-]*$ ]] ||
-  die "--silo=$silo is not a silo id. Fix: use letters, digits, '_', '.' and '-' only"
+[[ "$silo" =~ ^[A-Za-z0-9][A-Za-z0-9_-]*$ ]] ||
+  die "--silo=$silo is not a silo id. Fix: use letters, digits, '_' and '-' only"
 [[ "$max_restarts" =~ ^[0-9]+$ ]] || die "--max-restarts=$max_restarts is not a number"
 [[ "$python" =~ ^3\.(1[1-9]|[2-9][0-9])$ ]] ||
   die "--python=$python is not a Python >= 3.11 (fedpt's minimum). Fix: pass e.g. --python=3.12"

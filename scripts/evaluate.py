@@ -79,7 +79,7 @@ def main(argv):
     print(f"skipped global rounds {evaluation.spans(result['garbage_collected_rounds'])}: "
           'garbage-collected by the aggregator (federation.keep_last_rounds, '
           'keep_every_rounds)')
-  print(f"({result['mode']}) wrote {FLAGS.out}/eval.json, eval.csv"
+  print(f"losses on each set's {result['mode']}; wrote {FLAGS.out}/eval.json, eval.csv"
         + (' and plots' if result.get('plots') else ''))
 
 

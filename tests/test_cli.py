@@ -54,6 +54,13 @@ def test_an_override_without_its_config_file_says_so(tmp_path):
       '--config=configs/<name>.py before it'), done.stderr
 
 
+def test_a_missing_required_flag_is_named_with_its_help():
+  done = _run('scripts/status.py')
+  assert done.returncode == 2 and done.stderr.strip() == (
+      'error: --storage is missing. Fix: pass --storage=... (Shared storage root of the run)'), (
+          done.stderr)
+
+
 def _scripts_with_a_config_flag() -> set[str]:
   return {str(p.relative_to(conftest.REPO))
           for folder in ('scripts', 'bench') for p in (conftest.REPO / folder).glob('*.py')

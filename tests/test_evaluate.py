@@ -12,6 +12,7 @@ import bucket_helpers
 from fedpt import aggregator as aggregator_lib
 from fedpt import data
 from fedpt import evaluation
+from fedpt import loading
 from fedpt import protocol
 from fedpt import storage as storage_lib
 from fedpt import trainer as trainer_lib
@@ -196,6 +197,13 @@ def test_plots_name_the_run_and_what_each_line_is(tiny_config, corpus_dir, tmp_p
     assert list(published_a.get_ydata()) == [7.0, 6.0]  # Global rounds 0 and 1: 7 - r.
     assert list(lines[4].get_ydata()) == [5.5, 5.5]  # The baseline: a horizontal line.
   assert figures['loss_by_round'].axes[0].get_xlabel() == 'global round'
+  figures['loss_by_round'].canvas.draw()  # Rounds are whole numbers: no 0.25 ticks.
+  ticks = [t for t in figures['loss_by_round'].axes[0].get_xticks() if 0 <= t <= 1]
+  assert ticks and all(float(t).is_integer() for t in ticks), ticks
+  # No config file (a reader of run.json alone): no config name, rather than the defaults' 'base'.
+  untitled = evaluation.loss_figures(store, rows)['loss_by_round'].axes[0].get_title()
+  assert untitled == f'run {run_id}: held-out loss by global round', untitled
+  assert loading.run_config(store.read_run()).name == ''
   by_tokens = figures['loss_vs_tokens'].axes[0]
   assert by_tokens.get_xlabel() == 'tokens seen (per silo, cumulative)'
   tokens_per_round = protocol.tokens_per_step(store.read_run())  # H=1 step per silo a round.

@@ -193,6 +193,9 @@ def test_garbage_collection_keeps_last_n_and_every_mth_and_status_says_which(fed
                                     'waiting_for': ['a', 'c']}
   assert overview['stored_global_rounds'] == [0, 3, 6, 7]
   assert overview['collected_global_rounds'] == [1, 2, 4, 5]
+  # The open round's delta is published, not included: the totals count decided rounds.
+  assert overview['silo_totals']['b']['rounds_included'] == 7
+  assert overview['silo_totals']['b']['tokens'] == overview['silo_totals']['a']['tokens']
   model = ledger.global_nbytes(store, 7)
   assert overview['bytes_down'] == 7 * 3 * model
   assert overview['bytes_up'] == sum(store.delta_meta(7, 'b')['bytes'] for _ in range(22))
@@ -203,7 +206,7 @@ def test_garbage_collection_keeps_last_n_and_every_mth_and_status_says_which(fed
 
 
 def test_a_silo_takes_the_run_s_contract_and_refuses_typed_contradictions(fed_config, tmp_path,
-                                                                         repo_root):
+                                                                         repo_root, capsys):
   """run.json is the truth: a silo's config file gives way, its command line is refused."""
   fed_config.federation.silo_inner_steps = (2, 4, 4)
   root = str(tmp_path / 'bucket')
@@ -220,6 +223,8 @@ def test_a_silo_takes_the_run_s_contract_and_refuses_typed_contradictions(fed_co
     assert silo.trainer.total_steps == 6
   finally:
     silo.close()
+  # The note names what the config file (not the user) said: nothing was typed.
+  assert 'federation.inner_steps=50 (config file) vs 2 (run.json)' in capsys.readouterr().out
   # A restart with no config at all: its own fields (here the corpus) from its workdir's record.
   silo = silo_lib._Silo(None, 'a', root, str(tmp_path / 'a'), None, typed=set())
   try:
@@ -493,6 +498,9 @@ def test_a_silo_says_in_one_line_why_it_waits_stops_or_has_nothing_to_do(
 
   done = subprocess.run(aggregate, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stdout + done.stderr
+  assert done.stdout.splitlines()[-1] == (
+      'aggregator 0/1: finished: global round 1, the last, is committed; the ledger: '
+      f'scripts/status.py --storage={root}'), done.stdout
   again = subprocess.run(aggregate, capture_output=True, text=True, timeout=300)
   assert (again.returncode, again.stdout.splitlines(), again.stderr) == (0, [
       'aggregator 0/1: run lines is finished (global round 1 is committed); nothing to do'], '')
@@ -625,6 +633,9 @@ def test_sigterm_mid_round_and_while_waiting_resumes_to_the_identical_model(
   assert 'silo a: joining run ' in out and 'rounds of H=4 inner steps' in out, out
   assert 'silo a: round 1/2 step 6/8 | loss ' in out, out
   assert 'silo a: compiling the train step (' in out, out
+  assert (f"silo a: finished: 2 rounds done, the final global model (round 2) has held-out "
+          f"loss {final['final_eval_loss']:.4f} on its own split; checkpoints and metrics in "
+          f"{workdir}") in out, out
   assert ('silo a: SIGTERM while waiting for global round 2: round 1\'s delta is published and '
           'checkpointed; exiting with status 75') in out, out
   rows = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]

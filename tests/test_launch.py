@@ -211,6 +211,14 @@ def test_local_refuses_a_silo_named_twice(tmp_path):
   assert result.returncode == 2 and "silo 'web' is named twice" in result.stderr
 
 
+def test_local_refuses_a_silo_id_that_federation_silos_would(tmp_path):
+  """A '.' would pass the launcher only to be refused by init_run.py (config.validate)."""
+  result = _script('local.sh', '--dry-run', '--config=configs/tiny.py', '--silos=web.eu',
+                   f'--workdir={tmp_path}/w')
+  assert result.returncode == 2 and result.stderr.strip() == (
+      "error: --silos: bad silo id 'web.eu'. Fix: use letters, digits, '_' and '-' only")
+
+
 def test_local_dry_run_gives_each_silo_its_own_corpus(tmp_path):
   """--silo-data: the silos are its names; raw text is tokenised first (prepare_silos.py)
   into WORKDIR/data/ID, a prepared dir is used as it is, and --tokenizer=train's model goes
@@ -304,6 +312,7 @@ def test_local_stops_everyone_and_fails_when_a_party_fails(tmp_path):
   w, argv, env = _local_fake(tmp_path, 'web,bad')
   result = _run(argv, env=env)
   assert result.returncode == 1, result.stderr
+  assert f'started silo(s) web, bad and the aggregator; logs in {w}/logs' in result.stderr
   assert f'error: silo_bad exited with status 2; see {w}/logs/silo_bad.log' in result.stderr
   assert 'error: boom' in result.stderr  # The end of its log.
   for party in ('silo_web', 'aggregator'):

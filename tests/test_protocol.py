@@ -485,6 +485,17 @@ def test_validate_federation_names_the_field(field, value):
   protocol.validate_federation(config_lib.base_config())
 
 
+def test_silos_typed_as_a_comma_list_are_shown_as_a_tuple():
+  """--config.federation.silos=web,text reaches the config as one id, 'web,text'."""
+  config = config_lib.base_config()
+  config.federation.silos = ('web,text',)
+  with pytest.raises(config_lib.ConfigError) as raised:
+    protocol.validate_federation(config)
+  assert str(raised.value).endswith(
+      "Fix: write several ids as a tuple: --config.federation.silos=\"('web','text')\"."), (
+          str(raised.value))
+
+
 def test_federated_config_sets_the_schedule_horizon():
   config = config_lib.base_config()
   config.federation.update(rounds=4, inner_steps=25)

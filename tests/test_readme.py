@@ -38,6 +38,7 @@ def test_the_first_training_command_runs_as_written_on_one_cpu_device(repo_root,
                         text=True, timeout=600, check=False, env=conftest.child_env())
   assert done.returncode == 0, done.stderr[-2000:]
   assert 'stopped at step 100' in done.stdout
+  assert re.search(r'; eval loss \d+\.\d{4}; ', done.stdout), done.stdout[-500:]
   assert (tmp_path / 'tiny' / 'checkpoints' / '100').is_dir()
 
 
