@@ -608,6 +608,8 @@ class _Silo:
     final_eval = self.trainer.evaluate(state['params'])
     self.publish_eval(position.round, final_eval, step)
     self.summary['final_eval_loss'] = final_eval
+    if self.logger is not None:  # The final global model's row: no delta, no traffic.
+      self.logger.writer.write(step, {'round': position.round, 'global_eval_loss': final_eval})
     self.log(f'finished: {self.total_rounds} rounds done, the final global model (round '
              f'{position.round}) has held-out loss {final_eval:.4f} on its own split; '
              f'checkpoints and metrics in {self.workdir}')

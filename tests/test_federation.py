@@ -652,6 +652,7 @@ def test_sigterm_mid_round_and_while_waiting_resumes_to_the_identical_model(
     assert rounds[r]['round_train_loss'] == store.delta_meta(r, 'a')['train_loss']
     assert rounds[r]['inner_s'] > 0 and rounds[r]['publish_s'] > 0
   assert rounds[0]['global_eval_loss'] > rounds[1]['global_eval_loss'] > 0
+  assert rows[-1] == {'step': 8, 'round': 2, 'global_eval_loss': final['final_eval_loss']}
   from tensorboard.backend.event_processing import event_accumulator
   acc = event_accumulator.EventAccumulator(os.path.join(workdir, 'tensorboard'))
   acc.Reload()
