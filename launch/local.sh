@@ -176,6 +176,13 @@ pids=()
 reaped=()  # reaped[i]=1 once party i's exit status was collected: its pid may be reused.
 codes=()   # codes[i]: party i's exit status, once reaped.
 watcher=""  # status.py --follow: one line per round on stdout; not a party.
+# Each party in its own session: a terminal's Ctrl-C reaches this script alone, which stops
+# the parties in order (silos checkpoint first), instead of racing them to it.
+own_group=()
+if command -v setsid >/dev/null 2>&1; then
+  own_group=(setsid)
+fi
+
 start() {  # start NAME ARGV...: in the background, logging to WORKDIR/logs/NAME.log.
   local name="$1" log="$workdir/logs/$1.log"
   shift
@@ -184,7 +191,7 @@ start() {  # start NAME ARGV...: in the background, logging to WORKDIR/logs/NAME
     return
   fi
   printf '$ %s\n' "$(quoted "$@")" >>"$log"
-  PYTHONUNBUFFERED=1 "$@" >>"$log" 2>&1 </dev/null &
+  PYTHONUNBUFFERED=1 ${own_group[@]+"${own_group[@]}"} "$@" >>"$log" 2>&1 </dev/null &
   names+=("$name")
   pids+=("$!")
   reaped+=(0)
@@ -247,7 +254,9 @@ stopped_line() {  # What became of each party, and the command that resumes the 
 }
 
 on_signal() {
-  trap '' INT TERM  # A second Ctrl-C reaches the silos themselves (they exit 130 at once).
+  # A second Ctrl-C is passed on to the silos: they stop at once (exit 130), no checkpoint.
+  trap 'signal_live INT || true' INT
+  trap '' TERM
   printf 'interrupted: stopping every party (the silos checkpoint first)\n' >&2
   stop_all
   stopped_line
@@ -269,7 +278,7 @@ if ((dry_run)); then
   printf '%s &\n' "$(quoted "${follow[@]}")"
   exit 0
 fi
-PYTHONUNBUFFERED=1 "${follow[@]}" </dev/null &
+PYTHONUNBUFFERED=1 ${own_group[@]+"${own_group[@]}"} "${follow[@]}" </dev/null &
 watcher=$!
 
 started="${silos[*]}"

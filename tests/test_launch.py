@@ -371,6 +371,26 @@ def _group_members(pgid: int) -> list[int]:
   return out
 
 
+def _children(pid: int) -> list[int]:
+  """The live child processes of `pid`."""
+  out = []
+  for path in pathlib.Path('/proc').glob('[0-9]*/stat'):
+    try:
+      fields = path.read_text().rsplit(')', 1)[1].split()
+    except OSError:
+      continue
+    if fields[0] != 'Z' and int(fields[1]) == pid:
+      out.append(int(path.parent.name))
+  return out
+
+
+def _alive(pid: int) -> bool:
+  try:
+    return pathlib.Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[0] != 'Z'
+  except OSError:
+    return False
+
+
 @pytest.mark.slow
 def test_local_ctrl_c_stops_every_party_with_checkpoints_and_a_rerun_finishes(tmp_path):
   """A real federation (2 silos and the aggregator of configs/tiny.py, 3 rounds of 2 steps).
@@ -394,10 +414,12 @@ def test_local_ctrl_c_stops_every_party_with_checkpoints_and_a_rerun_finishes(tm
     while not re.search(r'^round +0 \| train ', out.read_text(), re.M):
       assert time.monotonic() < deadline and proc.poll() is None, err.read_text()
       time.sleep(0.2)
+    parties = _children(proc.pid)  # In their own sessions: only the script gets the Ctrl-C.
+    assert len(parties) >= 3, parties  # Two silos, the aggregator (and the round watcher).
     os.killpg(proc.pid, signal.SIGINT)
     interrupted = time.monotonic()
     assert proc.wait(timeout=60) == 75, err.read_text()
-    while _group_members(proc.pid):
+    while _group_members(proc.pid) or [p for p in parties if _alive(p)]:
       assert time.monotonic() - interrupted < 60, _group_members(proc.pid)
       time.sleep(0.2)
   finally:
