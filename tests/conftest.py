@@ -6,6 +6,7 @@ devices skip (`needs_devices`)."""
 import atexit
 import os
 import shutil
+import signal
 import tempfile
 
 # Tiny models compile for longer than they run, so LLVM's expensive passes are skipped, in
@@ -18,6 +19,11 @@ os.environ["XLA_FLAGS"] = " ".join([
     CHILD_XLA_FLAGS
 ]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# A suite started in the background of a non-interactive shell (CI, `cmd &`) inherits SIGINT
+# ignored, and so would every process it starts: the Ctrl-C tests could not reach them.
+# A handler, unlike SIG_IGN, is reset to the default in each child at exec.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+  signal.signal(signal.SIGINT, signal.default_int_handler)
 # One persistent compilation cache for the session, inherited by every process a test
 # starts: the tiny model's steps compile once, not once per silo, host and restart. A size
 # cap turns on the cache's file lock, so concurrent processes never read a half-written
