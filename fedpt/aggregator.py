@@ -257,8 +257,8 @@ class Aggregator:
 
   def log_waiting(self, round_index: int, waited: float) -> None:
     """Which silos round `round_index` still lacks: when the wait begins and every minute."""
-    have, listed = set(self.store.committed_silos(round_index)), protocol.silo_ids(self.run)
-    missing = [s for s in listed if s not in have]
+    listed = protocol.silo_ids(self.run)
+    missing = protocol.missing_silos(self.run, self.store.committed_silos(round_index))
     metrics_lib.log(f'aggregator: round {round_index} has {len(listed) - len(missing)} of '
                     f'{len(listed)} deltas; waiting for {", ".join(missing) or "the deadline"}'
                     + (f' ({metrics_lib.duration(waited)} so far)' if waited else ''))

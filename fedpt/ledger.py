@@ -126,7 +126,7 @@ def round_record(store: storage_lib.RunStorage, run: dict, round_index: int,
       'missing': list(missing),
       # An open round (no manifest yet): the listed silos with no committed delta so far.
       'waiting_for': ([] if manifest is not None else
-                      [s for s in protocol.silo_ids(run) if s not in committed]),
+                      protocol.missing_silos(run, committed)),
       'late_from_previous_round': list(late),
       'decided_after_s': decided_after_s,
       'global_hash': global_hash,

@@ -152,6 +152,12 @@ def silo_ids(run: dict) -> list[str]:
   return [s['id'] for s in run['silos']]
 
 
+def missing_silos(run: dict, committed) -> list[str]:
+  """The run's silos, in run.json's order, with no delta among `committed` (silo ids)."""
+  committed = set(committed)
+  return [s for s in silo_ids(run) if s not in committed]
+
+
 def check_silo_listed(run: dict, silo_id: str) -> None:
   if silo_id not in silo_ids(run):
     raise RunMismatchError(

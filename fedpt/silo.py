@@ -354,9 +354,8 @@ class _Silo:
 
   def waiting_line(self, round_index, waited) -> str:
     """Who global round `round_index + 1` still waits for: named silos, or the aggregator."""
-    listed = [s['id'] for s in self.run['silos']]
-    committed = set(self.store.committed_silos(round_index))
-    missing = [s for s in listed if s not in committed]
+    listed = protocol.silo_ids(self.run)
+    missing = protocol.missing_silos(self.run, self.store.committed_silos(round_index))
     if self.store.read_manifest(round_index) is not None:
       why = f'round {round_index} is decided; the aggregator is writing it'
     elif missing:
