@@ -237,7 +237,7 @@ class Aggregator:
       have = self.store.committed_silos(round_index)
       raise storage_lib.WaitTimeout(
           f'{e}; have {have}, missing {sorted(set(expected) - set(have))}') from None
-    base_hash = self.store.global_hash(round_index)
+    base_hash = self.store.global_hash(protocol.base_round(self.run, round_index))
     measured = {}
     for silo in committed:
       if not protocol.dropped(self.run, round_index, silo):
@@ -320,7 +320,8 @@ class Aggregator:
 
   def collect_garbage(self, newest_round: int) -> None:
     """Keeps the last N global rounds plus every M-th; manifests stay as the ledger."""
-    keep_last = max(self.fed['keep_last_rounds'], 2)  # A lagging shard may still read r-1.
+    # A lagging shard may still read r-1; an overlapped silo resuming a round reads its base, r-2.
+    keep_last = max(self.fed['keep_last_rounds'], 2 if protocol.overlap(self.run) == 'none' else 3)
     every = self.fed['keep_every_rounds']
     for r in range(0, newest_round - keep_last + 1):
       if (every and r % every == 0) or r in self._collected:

@@ -19,6 +19,9 @@ ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')
 # inner.drift_correction: SCAFFOLD (Karimireddy et al. 2019) or FedProx (Li et al. 2018);
 # fedpt/drift.py has the math, docs/protocol.md what SCAFFOLD adds to the bucket.
 DRIFT_CORRECTIONS = ('none', 'scaffold', 'fedprox')
+# federation.overlap: a silo's next inner phase overlaps the outer step of the round it just
+# published (Kale, Douillard, Donchev, arXiv 2502.12996); docs/protocol.md gives the rules.
+OVERLAP_MODES = ('none', 'delayed', 'eager')
 
 DEFAULT_RULES = (
     # Activations.
@@ -135,6 +138,10 @@ def base_config() -> ml_collections.ConfigDict:
       # fnmatch globs over flat leaf names ('embed_vd', 'blocks/mlp/*'): leaves never averaged,
       # kept per silo (DEPT, arXiv 2410.05021; Photon's personalised layers). See protocol.py.
       private_params=(),
+      # none: a silo waits for global round r+1 after publishing round r. delayed / eager:
+      # it trains round r+1 at once from global round r, the outer update of round r applied
+      # one round late (eager: its own part of it at once). See docs/protocol.md.
+      overlap='none',
   ))
   c.outer = ml_collections.ConfigDict(dict(
       # fedavg (plain averaging) beat the paper's diloco (Nesterov) at 8-40 rounds in
@@ -325,6 +332,8 @@ def validate(config) -> None:
           f'{i.prox_mu} with drift_correction=\'fedprox\' adds no proximal term',
           'set inner.prox_mu > 0 (FedProx tried 0.001 to 1; 0.01 is a common start)')
   fed = config.federation
+  require(fed.overlap in OVERLAP_MODES, 'federation.overlap', f'unknown mode {fed.overlap!r}',
+          f'use one of {OVERLAP_MODES}')
   for pattern in fed.private_params:
     require(isinstance(pattern, str) and pattern.strip() == pattern and pattern,
             'federation.private_params', f'{pattern!r} is not a glob pattern',

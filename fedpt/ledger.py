@@ -89,10 +89,11 @@ def round_record(store: storage_lib.RunStorage, run: dict, round_index: int,
     if records.is_int(claimed) and 0 <= claimed <= 4 * (model_nbytes or 0):
       rejected_bytes += claimed  # What it says it uploaded, if that can be true.
   global_hash = store.global_hash(round_index + 1)
-  if global_hash is None:  # Garbage-collected; the next round's manifest still names it.
-    following = store.read_manifest(round_index + 1)
+  if global_hash is None:  # Garbage-collected; the manifest of the round trained from it
+    based_on = round_index + (1 if protocol.overlap(run) == 'none' else 2)  # still names it.
+    following = store.read_manifest(based_on)
     global_hash = (following.get('base_global_hash') if isinstance(following, dict)
-                   and protocol.check_manifest(run, round_index + 1, following) is None else None)
+                   and protocol.check_manifest(run, based_on, following) is None else None)
   latest = store.latest_global_round()
   done = global_hash is not None or (latest is not None and latest > round_index)
   if done:

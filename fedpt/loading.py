@@ -186,22 +186,23 @@ def train_state_abstract(config, params: dict) -> dict:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placement), state)
 
 
-def silo_checkpoint_abstract(train_state: dict, with_residual: bool,
-                             with_residual_base: bool = False, with_control: bool = False,
-                             with_control_base: bool = False) -> dict:
-  """A federated silo's private checkpoint: {'train': state, 'residual'?, 'residual_base'?,
-  'control'?, 'control_base'?}.
+# The fp32 params-shaped items a silo's private checkpoint may hold besides 'train':
+# error feedback's residual after and before the last publish, SCAFFOLD's c_i likewise, and
+# federation.overlap='eager''s round base and its last two dequantised deltas (silo.py).
+SILO_EXTRAS = ('residual', 'residual_base', 'control', 'control_base', 'eager_base',
+               'eager_sent', 'eager_sent_next')
 
-  The residuals (error feedback, fp32 like the params) are the one after and the
-  one before the last published round; so are the SCAFFOLD control variates c_i.
+
+def silo_checkpoint_abstract(train_state: dict, extras=()) -> dict:
+  """A federated silo's private checkpoint: {'train': state, **{item: fp32 params}}.
+
+  `extras` names the `SILO_EXTRAS` the checkpoint holds.
   """
   tree = {'train': train_state}
   fp32 = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=x.sharding),
                       train_state['params'])
-  for name, wanted in (('residual', with_residual), ('residual_base', with_residual_base),
-                       ('control', with_control), ('control_base', with_control_base)):
-    if wanted:
-      tree[name] = fp32
+  for name in extras:
+    tree[name] = fp32
   return tree
 
 
@@ -247,9 +248,8 @@ def _restore_workdir(config, source: Source, train_state: dict, tokenizer_sha256
         train_state = {**train_state, 'drift': jax.tree.map(
             lambda d, p: jax.ShapeDtypeStruct(d.shape, d.dtype, sharding=p.sharding),
             drift, {k: train_state['params'] for k in drift})}
-      abstract = silo_checkpoint_abstract(train_state, 'residual' in layout,
-                                          'residual_base' in layout, 'control' in layout,
-                                          'control_base' in layout)
+      abstract = silo_checkpoint_abstract(train_state,
+                                          [n for n in SILO_EXTRAS if n in layout])
     try:
       state, meta = checkpointer.restore(
           step, abstract, checkpoint_lib.expected_meta(config, tokenizer_sha256))
@@ -311,6 +311,25 @@ def read_global_params(store: storage_lib.RunStorage, run: dict, round_index: in
                 if check_aggregator is not None and round_index > 0 else None)
     return protocol.check_global_meta(run, round_index, meta, check_aggregator, previous)
   return store.read_global_params(round_index, abstract_flat, check_meta=check)
+
+
+def read_decided_manifest(store: storage_lib.RunStorage, run: dict, round_index: int,
+                          identity=None) -> dict:
+  """Round `round_index`'s manifest, signed by the aggregator (signed runs) and well-formed.
+
+  A missing, unsigned or malformed one stops the reader with the one-line tampered error.
+  """
+  check_aggregator = (identity.check_aggregator if identity is not None
+                      else signing.listed_aggregator_check(run))
+  manifest = store.read_manifest(round_index)
+  reason = 'it is missing' if manifest is None else (
+      (check_aggregator(manifest) if check_aggregator is not None else None)
+      or protocol.check_manifest(run, round_index, manifest))
+  if reason:
+    raise storage_lib.StorageError(
+        f'the manifest of round {round_index} under {store.root}: {reason}. The bucket was '
+        'tampered with; nothing was loaded. Fix: ask the run\'s operator to restore the round.')
+  return manifest
 
 
 def read_global_controls(store: storage_lib.RunStorage, run: dict, round_index: int,

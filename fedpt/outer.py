@@ -145,6 +145,35 @@ def make_outer_optimizer(outer_config) -> optax.GradientTransformation:
   return make(lr_arg, b1=b1, b2=b2, eps=eps)
 
 
+# Outer optimizers whose update is linear in the pseudo-gradient given their state:
+# OuterOpt(x, s, g + e) = OuterOpt(x, s, g) - eager_coefficient(step) * e.
+LINEAR_OUTER_OPTIMIZERS = ('diloco', 'fedavg', 'sgd')
+
+
+def eager_coefficient(outer_config, step: int) -> float:
+  """d(new params)/d(pseudo-gradient) of outer step `step` (0-based), negated: a scalar.
+
+  optax.sgd's update is -lr * g without momentum or with heavy-ball momentum
+  (m' = g + mu m), and -lr * (g + mu m') = -lr (1 + mu) g - ... with Nesterov
+  (diloco); fedavg is sgd(1). lr and mu are their warm-up schedules' values at
+  `step` (the outer state's count). Raises OuterConfigError for Adam/Yogi,
+  whose step is not linear in g. Used by federation.overlap='eager'.
+  """
+  name = _field(outer_config, 'optimizer')
+  if name not in LINEAR_OUTER_OPTIMIZERS:
+    raise OuterConfigError('outer.optimizer', f'{name!r} is not linear in the pseudo-gradient',
+                           f'use one of {LINEAR_OUTER_OPTIMIZERS}')
+  if name == 'fedavg':
+    return 1.0
+  lr = _number(outer_config, 'lr')
+  momentum = _number(outer_config, 'momentum')
+  lr_warmup = _warmup_rounds(outer_config, 'lr_warmup_rounds')
+  momentum_warmup = _warmup_rounds(outer_config, 'momentum_warmup_rounds')
+  lr_t = float(warmup_schedule(lr, lr_warmup)(step)) if lr_warmup else lr
+  mu_t = float(warmup_schedule(momentum, momentum_warmup)(step)) if momentum_warmup else momentum
+  return lr_t * (1.0 + mu_t) if name == 'diloco' else lr_t
+
+
 def last_hyperparams(leaf_state) -> dict:
   """{'learning_rate', 'momentum', ...} the last outer step of a warmed-up leaf used.
 

@@ -81,6 +81,20 @@ def validate_federation(config) -> None:
   require(fed.reject_norm_multiple == 0 or fed.reject_norm_multiple > 1, 'reject_norm_multiple',
           f'{fed.reject_norm_multiple} would reject ordinary deltas', 'use 0 (off) or > 1, e.g. 10')
   outer.make_outer_optimizer(config.outer)  # Names a bad outer.* field and its fix.
+  require(fed.overlap == 'none' or config.inner.drift_correction != 'scaffold', 'overlap',
+          f'{fed.overlap!r} with inner.drift_correction=\'scaffold\': SCAFFOLD\'s control '
+          'variates are defined for synchronous rounds',
+          'use federation.overlap=none with scaffold')
+  require(fed.overlap != 'eager' or config.outer.optimizer in outer.LINEAR_OUTER_OPTIMIZERS,
+          'overlap', f'\'eager\' with outer.optimizer={config.outer.optimizer!r}, whose step '
+          'is not linear in the pseudo-gradient (a silo could not swap its part of it without '
+          'the outer state)',
+          f'use outer.optimizer in {outer.LINEAR_OUTER_OPTIMIZERS}, or overlap=delayed')
+  require(fed.overlap != 'eager' or fed.robust == 'mean', 'overlap',
+          f'\'eager\' with federation.robust={fed.robust!r}: a silo\'s own part of a '
+          'coordinate-wise robust aggregate is not defined, so it cannot be swapped',
+          'use federation.robust=mean (clip_multiple and reject_norm_multiple still apply), '
+          'or overlap=delayed')
 
 
 def check_run(run: dict) -> None:
@@ -146,6 +160,45 @@ def adopt_run_config(run: dict, config, silo_id: str | None, typed=frozenset()):
         'run\'s values apply), or create a new run with them.')
   adopted = {k: v for k, v in diff.items() if k not in typed}
   return config_lib.with_values(config, {k: b for k, (_, b) in adopted.items()}), adopted
+
+
+def overlap(run: dict) -> str:
+  """`federation.overlap` of `run` (none in runs from before it)."""
+  return run['federation'].get('overlap', 'none')
+
+
+def base_round(run: dict, round_index: int) -> int:
+  """The global round that round `round_index`'s deltas are taken from.
+
+  Synchronous rounds train round r from global round r. Overlapped ones
+  (`federation.overlap` delayed or eager, arXiv 2502.12996) train round r from
+  global round r-1 (round 0 from global round 0): a silo starts round r right
+  after publishing round r-1, before the aggregator has written global round r.
+  Either way the aggregator writes global round r+1 = OuterOpt(global r, mean of
+  round r's deltas), so an overlapped outer step applies a pseudo-gradient one
+  round stale, as the paper's delayed variant does.
+  """
+  return round_index if overlap(run) == 'none' else max(round_index - 1, 0)
+
+
+def eager_weight(run: dict, silo_id: str) -> float:
+  """Silo `silo_id`'s share of a round in which every listed silo runs its declared H.
+
+  The eager update weighs the silo's own fresh pseudo-gradient by this share
+  (1/M in arXiv 2502.12996, whose workers are equal) before the manifest says
+  what its weight in the round was.
+  """
+  shares = {s['id']: s['weight'] * s['inner_steps'] for s in run['silos']}
+  total = sum(shares.values())
+  return shares[silo_id] / total if total > 0 else 0.0
+
+
+def own_contribution(manifest: dict | None, silo_id: str) -> float:
+  """weight x clip factor of `silo_id` in a decided round: how much of its delta moved it."""
+  for entry in (manifest or {}).get('included', []):
+    if entry['silo'] == silo_id:
+      return entry['weight'] * entry.get('clip_factor', 1.0)
+  return 0.0
 
 
 def silo_ids(run: dict) -> list[str]:

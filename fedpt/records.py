@@ -33,7 +33,7 @@ PER_SILO = {'federation.inner_steps': 'inner_steps', 'federation.round_budget_s'
 # Contract fields added within format 3, with the value a run.json written before them
 # means (all 'off'): so older runs stay readable and resume unchanged.
 LATER_FIELDS = {'inner.drift_correction': 'none', 'inner.prox_mu': 0.0,
-                'federation.private_params': (),
+                'federation.private_params': (), 'federation.overlap': 'none',
                 'outer.momentum_warmup_rounds': 0, 'outer.lr_warmup_rounds': 0}
 
 

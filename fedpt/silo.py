@@ -25,6 +25,7 @@ from fedpt import loading
 from fedpt import metrics as metrics_lib
 from fedpt import model as model_lib
 from fedpt import multihost
+from fedpt import outer
 from fedpt import personal
 from fedpt import protocol
 from fedpt import sharding
@@ -85,6 +86,24 @@ def make_delta(run, round_index, silo_id, base_hash, global_flat, local_flat, re
   return payload, new_residual, meta
 
 
+_EAGER_ITEMS = ('eager_base', 'eager_sent', 'eager_sent_next')
+REPUBLISH = -1  # `_Silo.wait_for_next`: this silo's committed delta vanished; publish it again.
+
+
+@jax.jit
+def _eager_leaf(global_leaf, base, local, sent_before, coef, own_weight, own_before):
+  """One leaf of an eager round base (arXiv 2502.12996; docs/protocol.md, Overlapped rounds).
+
+  OuterOpt(x, s, mean + e) = OuterOpt(x, s, mean) - coef * e for the linear outer
+  optimizers, so swapping the silo's stale part of the mean (own_before x its
+  dequantised delta sent_before) for its fresh one (own_weight x (base - local))
+  moves the committed global round by -coef times the difference.
+  """
+  fresh = base.astype(jnp.float32) - local.astype(jnp.float32)
+  swap = own_weight * fresh - own_before * sent_before
+  return (global_leaf.astype(jnp.float32) - coef * swap).astype(global_leaf.dtype)
+
+
 class Phase(str, enum.Enum):
   """Where in a round a private checkpoint was taken (its meta.json's 'phase')."""
   START = 'start'  # The round's global model is loaded; no inner step taken yet.
@@ -133,50 +152,35 @@ class _Private:
   Keys count saves, so every save is newer than the one before.
   """
 
-  def __init__(self, trainer, workdir, expected_meta, use_feedback, async_save,
-               use_control=False):
+  def __init__(self, trainer, workdir, expected_meta, required, async_save):
     self._trainer = trainer
     self._ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                              keep=trainer.config.train.keep_checkpoints,
                                              async_save=async_save)
     self._expected = expected_meta
-    self._use_feedback = use_feedback
-    self._use_control = use_control  # SCAFFOLD: c_i, and c_i before the last publish.
+    self._required = tuple(required)  # `loading.SILO_EXTRAS` every save of this silo holds.
 
   def latest(self) -> int | None:
     return self._ckpt.latest_step()
 
   def restore(self):
-    """(state, (residual, residual_base), Position, (control, control_base)) of the newest
-    save (flat dicts or None), or None for a fresh silo."""
+    """(state, {extra: flat dict}, Position) of the newest save, or None for a fresh silo."""
     def abstract_for(key):
       layout = self._ckpt.state_layout(key)
-      return loading.silo_checkpoint_abstract(self._trainer.abstract_state(),
-                                              self._use_feedback, 'residual_base' in layout,
-                                              self._use_control, 'control_base' in layout)
+      return loading.silo_checkpoint_abstract(
+          self._trainer.abstract_state(),
+          [n for n in loading.SILO_EXTRAS if n in self._required or n in layout])
     restored = self._ckpt.restore_newest_intact(abstract_for, self._expected)
     if restored is None:
       return None
     _, private, meta = restored
-    residual, base, control, control_base = (
-        None if name not in private else trees.flatten_params(private[name])
-        for name in ('residual', 'residual_base', 'control', 'control_base'))
-    return (private['train'], (residual, base), Position.from_record(meta),
-            (control, control_base))
+    extras = {n: trees.flatten_params(private[n]) for n in loading.SILO_EXTRAS if n in private}
+    return private['train'], extras, Position.from_record(meta)
 
-  def save(self, state, residual, position: Position, residual_base=None, control=None,
-           control_base=None):
-    """`residual_base`: with error feedback, the residual the round's delta was compressed with;
-    `control_base`: with SCAFFOLD, the c_i the round's delta_c_i was taken from."""
+  def save(self, state, position: Position, extras: dict):
+    """`extras`: {`loading.SILO_EXTRAS` item: flat dict, or None for absent}."""
     tree = {'train': state}
-    if self._use_control:
-      tree['control'] = trees.unflatten_params(control)
-      if control_base is not None:
-        tree['control_base'] = trees.unflatten_params(control_base)
-    if self._use_feedback:
-      tree['residual'] = trees.unflatten_params(residual)
-      if residual_base is not None:
-        tree['residual_base'] = trees.unflatten_params(residual_base)
+    tree.update({n: trees.unflatten_params(v) for n, v in extras.items() if v is not None})
     key = (self._ckpt.latest_step() or 0) + 1
     self._ckpt.save(key, tree, {**self._expected, **position.record()})
 
@@ -233,21 +237,35 @@ class _Silo:
         self.trainer.abstract_state()['params'])))
     self.total_rounds = self.run['federation']['rounds']
     self.use_feedback = self.fed.error_feedback and self.fed.compression != 'none'
+    self.overlap = protocol.overlap(self.run)
     self.private = _Private(
         self.trainer, workdir,
         {**checkpoint_lib.expected_meta(config, self.trainer.tokenizer_sha256),
          'run_id': self.run['run_id'], 'silo': silo_id},
-        self.use_feedback, config.train.async_checkpoints, self.drift == 'scaffold')
+        ('residual',) * self.use_feedback + ('control',) * (self.drift == 'scaffold'),
+        config.train.async_checkpoints)
     self.preemption = multihost.Preemption()
     self.logger = None  # trainer.StepLogger, once the resumed step is known.
     self.round_io = _RoundIO()
     self.summary = {'silo': silo_id, 'rounds': [], 'preempted': False}
     self.residual_base = None  # Error feedback: the residual the last delta was built with.
     self.control = self.control_base = None  # SCAFFOLD: c_i now, and before the last publish.
+    # federation.overlap='eager' (flat fp32 dicts or None): this round's base, and the
+    # dequantised deltas this silo published in the round before it and in this round.
+    self.eager = dict.fromkeys(_EAGER_ITEMS)
+    self.eval_params = None  # Eager: the global round a round's base was derived from.
 
   def save(self, state, residual, position, residual_base=None, control_base=None):
     """A private checkpoint of the silo's state, with its control variates (SCAFFOLD)."""
-    self.private.save(state, residual, position, residual_base, self.control, control_base)
+    self.private.save(state, position, {
+        'residual': residual, 'residual_base': residual_base, 'control': self.control,
+        'control_base': control_base, **self.eager})
+
+  def model_round(self, round_index: int) -> int:
+    """The global round a silo in round `round_index` starts from; the last one after the end."""
+    if round_index >= self.total_rounds:
+      return round_index
+    return protocol.base_round(self.run, round_index)
 
   def _join_config(self, config, typed, record, changed):
     """The run's contract over `config`, recorded in the workdir (for resumes and tools)."""
@@ -313,8 +331,10 @@ class _Silo:
     """(state, residual, Position): the newest private checkpoint, or the newest global."""
     restored = self.private.restore()
     if restored is not None:
-      state, (residual, self.residual_base), position, (self.control, self.control_base) = (
-          restored)
+      state, extras, position = restored
+      residual, self.residual_base, self.control, self.control_base = (
+          extras.get(n) for n in ('residual', 'residual_base', 'control', 'control_base'))
+      self.eager = {n: extras.get(n) for n in _EAGER_ITEMS}
       self.log(f'resumed in round {position.round} ({position.phase.value}, '
                f'{len(position.losses)} inner steps done) from {self.workdir}')
       return state, residual, position
@@ -324,7 +344,7 @@ class _Silo:
         notify=lambda waited: self.log(
             f'waiting for the run\'s initial global model under {self.store.root}'
             + (f' ({metrics_lib.duration(waited)} so far)' if waited else ''))))
-    state = self.load_global(round_index, self.trainer.init_state())
+    state = self.load_global(self.model_round(round_index), self.trainer.init_state())
     residual = ({k: jnp.zeros(v.shape, jnp.float32, device=v.sharding) for k, v in
                  trees.flatten_params(state['params']).items()} if self.use_feedback else None)
     if self.drift == 'scaffold':  # c_i = 0 at a silo's start (Algorithm 1).
@@ -332,25 +352,26 @@ class _Silo:
                       trees.flatten_params(state['params']).items()}
     return state, residual, Position(round_index)
 
-  def wait_for_next(self, position, step):
-    """The next global round once it is committed; None on a preemption notice.
+  def wait_for_next(self, position, step, needed):
+    """The newest global round once global round `needed` is committed; None on a
+    preemption notice.
 
-    The current round itself if this silo's committed delta vanished before the
-    round was decided: it must be republished, or the round never ends.
+    `REPUBLISH` if this silo's committed delta vanished before the round was
+    decided: it must be republished, or the round never ends.
     """
     def newer():
       r = self.store.latest_global_round()
-      if r is not None and r > position.round:
+      if r is not None and r >= needed:
         return r
       if (self.store.delta_meta(position.round, self.silo_id) is None  # Usually present:
           and self.store.read_manifest(position.round) is None):  # one read per poll.
-        return position.round
+        return REPUBLISH
       return None
     return multihost.agree_int(storage_lib.wait_for(
-        newer, f'global round {position.round + 1} (the aggregator\'s output for round '
-        f'{position.round}) under {self.store.root}', timeout_s=self.fed.wait_timeout_s,
+        newer, f'global round {needed} (the aggregator\'s output for round '
+        f'{needed - 1}) under {self.store.root}', timeout_s=self.fed.wait_timeout_s,
         poll_s=self.fed.poll_s, stop=lambda: self.preemption.reached(step + 1),
-        notify=lambda waited: self.log(self.waiting_line(position.round, waited))))
+        notify=lambda waited: self.log(self.waiting_line(needed - 1, waited))))
 
   def waiting_line(self, round_index, waited) -> str:
     """Who global round `round_index + 1` still waits for: named silos, or the aggregator."""
@@ -396,33 +417,90 @@ class _Silo:
     return newest
 
   def round_to_load(self, following, newest):
-    """After round `following - 1`: the newest round, unless this silo must redo `following`.
+    """After round `following - 1`: the round to train next, `following` unless it was decided
+    without this silo (the newest global round exists), then the newest.
 
-    That is when its delta of `following` is committed but the private state predates
-    it, and the round's base is still in the bucket. Any other jump is logged.
+    Not even then if its delta of `following` is committed but the private state
+    predates it, and the round's base is still in the bucket: it is redone. Any
+    other jump is logged.
     """
-    if newest > following:
-      if multihost.agree_flag(self.own_delta(following)[1] is None
-                              and self.store.global_shard_metas(following) is not None):
+    target = max(following, newest)
+    if target > following:
+      if multihost.agree_flag(self.own_delta(following)[1] is None and self.store.
+                              global_shard_metas(self.model_round(following)) is not None):
         return following  # `behind` says why and redoes it.
-      self.log(f'global round {newest} is the newest: rounds {following}..{newest - 1} went on '
+      self.log(f'global round {newest} is the newest: rounds {following}..{target - 1} went on '
                'without this silo; rebasing onto it')
-    return newest
+    return target
+
+  def next_state(self, position, next_round, state):
+    """The state round `next_round` starts from, once round `position.round` is published.
+
+    Eager (federation.overlap='eager', a round that follows the one published):
+    the global round it derives from, with this silo's fresh pseudo-gradient
+    swapped in for its stale one (`eager_step`). Otherwise that global round.
+    """
+    loaded = self.load_global(self.model_round(next_round), state)
+    sent = self.eager['eager_sent_next']
+    follows = next_round == position.round + 1
+    self.eval_params = None
+    if (self.overlap == 'eager' and follows and next_round < self.total_rounds
+        and sent is not None):
+      self.eval_params = loaded['params']
+      loaded = self.eager_step(position.round, state, loaded)
+    self.eager = {'eager_base': None, 'eager_sent': sent if follows else None,
+                  'eager_sent_next': None}
+    return loaded
+
+  def eager_step(self, published, state, loaded):
+    """`loaded` (global round `published`) moved by this silo's eager update.
+
+    arXiv 2502.12996's eager outer gradient for worker m is
+    (1/M) Delta_m^(t) + (1/M) sum_{m' != m} Delta_m'^(t-1): the global round, which
+    applied every silo's round-(published-1) delta, gets this silo's part of it
+    replaced by its round-`published` delta, weighted by `protocol.eager_weight`.
+    """
+    sent_before = self.eager['eager_sent']
+    own_before = 0.0
+    if sent_before is not None and published >= 1:
+      own_before = protocol.own_contribution(loading.read_decided_manifest(
+          self.store, self.run, published - 1, self.identity), self.silo_id)
+    coef = outer.eager_coefficient(self.config.outer, max(published - 1, 0))
+    weight = protocol.eager_weight(self.run, self.silo_id)
+    glob = trees.flatten_params(loaded['params'])
+    local = trees.flatten_params(state['params'])
+    base = self.eager['eager_base']
+    out = dict(glob)
+    for name in protocol.shared_leaves(self.run, glob):
+      like = glob[name].sharding  # The train step's jit wants every leaf as it was.
+      before = (sent_before[name] if sent_before is not None
+                else jnp.zeros(glob[name].shape, jnp.float32, device=like))
+      out[name] = jax.device_put(_eager_leaf(glob[name], base[name], local[name], before, coef,
+                                             weight, own_before), like)
+    return {**loaded, 'params': trees.unflatten_params(out)}
 
   def begin_round(self, position, state, step):
     """The round's base params (flat, a copy), its hash, and the seconds spent evaluating it.
 
     A fresh round first measures the base's held-out loss and publishes it (a number).
     """
-    if position.phase == Phase.TRAINING:  # Resumed mid-round: the base is in the bucket.
-      base = trees.flatten_params(self.load_global(position.round, state)['params'])
-      return base, self.store.global_hash(position.round), 0.0
+    base_round = self.model_round(position.round)
+    base_hash = self.store.global_hash(base_round)
+    if position.phase == Phase.TRAINING:  # Resumed mid-round: the base is in the bucket,
+      if self.overlap == 'eager':  # or, eager, in the private checkpoint.
+        return self.eager['eager_base'], base_hash, 0.0
+      base = trees.flatten_params(self.load_global(base_round, state)['params'])
+      return base, base_hash, 0.0
     base = {k: jnp.copy(v) for k, v in trees.flatten_params(state['params']).items()}
+    if self.overlap == 'eager':
+      self.eager['eager_base'] = base
     start = time.monotonic()
-    position.global_eval = self.trainer.evaluate(state['params'])
-    self.publish_eval(position.round, position.global_eval, step)
+    position.global_eval = self.trainer.evaluate(
+        state['params'] if self.eval_params is None else self.eval_params)
+    self.eval_params = None
+    self.publish_eval(base_round, position.global_eval, step)
     eval_seconds = time.monotonic() - start
-    return base, self.store.global_hash(position.round), eval_seconds
+    return base, base_hash, eval_seconds
 
   def start_drift(self, position, state):
     """`state` with the round's drift state: c - c_i (SCAFFOLD) or the anchor w^t (FedProx).
@@ -578,6 +656,8 @@ class _Silo:
     self.log(f'round {position.round} published ({meta["steps"]} steps, loss '
              f'{meta["train_loss"]:.4f}, {meta["bytes"]:,} bytes)')
     self.residual_base = residual
+    if self.overlap == 'eager':  # What the aggregator will average: swapped out next round.
+      self.eager['eager_sent_next'] = self.dequantised(payload, base_flat)
     if control_delta is not None:  # c_i <- c_i + delta_c_i, as the server adds it to c.
       self.control_base = self.control
       self.control = drift_lib.apply_control_delta(self.control, control_delta)
@@ -588,6 +668,15 @@ class _Silo:
                                                            'bytes')}, 'seconds': seconds})
     return next_residual
 
+  def dequantised(self, payload, like_flat):
+    """The delta the aggregator reads from `payload`, fp32 per leaf (zero for private leaves)."""
+    fed = self.fed
+    return {n: jax.device_put(compression.decompress(
+        {k: v for k, v in payload[n].items() if k != protocol.CONTROL}, fed.compression,
+        v_like.shape, fed.block_size), v_like.sharding) if n in payload
+            else jnp.zeros(v_like.shape, jnp.float32, device=v_like.sharding)
+            for n, v_like in like_flat.items()}
+
   def republish(self, position, state):
     """Commits again a published delta that vanished before its round was decided.
 
@@ -596,9 +685,11 @@ class _Silo:
     """
     self.log(f'round {position.round}: its committed delta is gone from the bucket and the '
              'round is undecided; republishing it from the round\'s base and the private state')
-    base_flat = trees.flatten_params(self.load_global(position.round, state)['params'])
+    base_round = self.model_round(position.round)
+    base_flat = (self.eager['eager_base'] if self.overlap == 'eager' else
+                 trees.flatten_params(self.load_global(base_round, state)['params']))
     payload, _, meta = self.build_delta(
-        position, state, self.residual_base, base_flat, self.store.global_hash(position.round),
+        position, state, self.residual_base, base_flat, self.store.global_hash(base_round),
         0.0, self.control_delta(position, state, self.control_base))
     self.store.publish_delta(position.round, self.silo_id, payload, meta)
 
@@ -637,19 +728,20 @@ class _Silo:
     while True:
       if position.phase == Phase.PUBLISHED:  # Everything is saved: a SIGTERM may end the wait.
         wait_start = time.monotonic()
-        next_round = self.wait_for_next(position, step)
+        following = position.round + 1
+        next_round = self.wait_for_next(position, step, self.model_round(following))
         if next_round is None:
           self.summary['preempted'] = True
           self.log(f'{self.preemption.cause} while waiting for global round {position.round + 1}: '
                    f'round {position.round}\'s delta is published and checkpointed; exiting with '
                    f'status {errors.PREEMPTED_EXIT_CODE}: rerun the same command to resume')
           break
-        if next_round == position.round:
+        if next_round == REPUBLISH:
           self.republish(position, state)
           continue
-        next_round = self.round_to_load(position.round + 1, next_round)
+        next_round = self.round_to_load(following, next_round)
         load_start = time.monotonic()
-        state, position = self.load_global(next_round, state), Position(next_round)
+        state, position = self.next_state(position, next_round, state), Position(next_round)
         self.round_io.wait_s = load_start - wait_start
         self.round_io.load_s = time.monotonic() - load_start
         if self.summary['rounds']:  # Rounds published by this invocation report their wait.
@@ -665,8 +757,9 @@ class _Silo:
       newest = self.behind(position)
       if newest is not None:
         self.log(f'missed rounds {position.round}..{newest - 1}; rebasing onto global round '
-                 f'{newest}')
-        state, position = self.load_global(newest, state), Position(newest)
+                 f'{self.model_round(newest)}')
+        state, position = self.load_global(self.model_round(newest), state), Position(newest)
+        self.eager = dict.fromkeys(_EAGER_ITEMS)
         continue
       self.round_io.round_starts.append(time.monotonic())
       if position.phase == Phase.START:
