@@ -273,7 +273,9 @@ def _cli_overrides(config):
           f'--config.federation.silos=({silos},)',
           f'--config.federation.poll_s={fed.poll_s}',
           f'--config.federation.wait_timeout_s={fed.wait_timeout_s}',
-          f'--config.outer.optimizer={config.outer.optimizer}']
+          f'--config.outer.optimizer={config.outer.optimizer}',
+          f'--config.federation.overlap={fed.overlap}',
+          f'--config.federation.compression={fed.compression}']
 
 
 def _run_federation(repo_root, config, root, workdir, crashes=None):
