@@ -39,19 +39,21 @@ flags.DEFINE_integer('rounds', 3, 'Rounds per format; the first is dropped (comp
 flags.DEFINE_list('formats', ['none', 'bf16', 'int8', 'int4'], 'Compression formats.')
 flags.DEFINE_list('storages', ['local'], 'local and/or gs (a local fake-gcs-server).')
 flags.DEFINE_list('signed', ['false'], 'false and/or true: sign every object (Ed25519).')
+flags.DEFINE_list('overlap', ['none'], 'federation.overlap modes to compare: none, delayed, eager.')
 flags.DEFINE_string('link', None, 'BANDWIDTH,LATENCY, e.g. 10MB/s,50ms: the silo\'s simulated '
                     'link to the bucket (none: no link).')
 FLAGS = flags.FLAGS
 
 
 def measure(config, fmt: str, rounds: int, inner_steps: int, bucket: str | None = None,
-            signed: bool = False, link: str | None = None) -> dict:
+            signed: bool = False, link: str | None = None, overlap: str = 'none') -> dict:
   config = config.copy_and_resolve_references()
   config.train.async_checkpoints = False
   config.federation.update(rounds=rounds, inner_steps=inner_steps, silos=('bench',),
-                           compression=fmt, error_feedback=fmt != 'none', poll_s=0.01)
+                           compression=fmt, error_feedback=fmt != 'none', poll_s=0.01,
+                           overlap=overlap)
   with tempfile.TemporaryDirectory() as tmp:
-    root = f'{bucket}/{fmt}-{signed}' if bucket else os.path.join(tmp, 'bucket')
+    root = f'{bucket}/{fmt}-{signed}-{overlap}' if bucket else os.path.join(tmp, 'bucket')
     keys = os.path.join(tmp, 'keys') if signed else None
     if keys:
       signing.generate_named(keys, ['aggregator', 'silo_bench'])
@@ -68,12 +70,15 @@ def measure(config, fmt: str, rounds: int, inner_steps: int, bucket: str | None 
     with storage_lib.party_link(None):  # By the bucket, whatever FEDPT_LINK says.
       aggregator.run_aggregator(root, keys_dir=keys)
     worker.join()
-  steady = result['rounds'][1:]  # Round 0 includes compilation.
-  parts = {k: statistics.median(r['seconds'][k] for r in steady)
+  # Round 0 includes compilation; the last waits for the whole run's end.
+  steady = result['rounds'][1:-1] if len(result['rounds']) > 2 else result['rounds'][1:]
+  parts = {k: statistics.median(r['seconds'].get(k, 0.0) for r in steady)
            for k in steady[0]['seconds']}
   outside = sum(v for k, v in parts.items() if k != 'inner')
   return {'format': fmt, 'bytes': steady[0]['bytes'], 'seconds': parts,
-          'overhead': outside / parts['inner'], 'storage': 'gs' if bucket else 'local',
+          'bytes_down': statistics.median(r['bytes_down'] for r in steady),
+          'overhead': outside / parts['inner'], 'idle': outside / (outside + parts['inner']),
+          'storage': 'gs' if bucket else 'local', 'overlap': overlap,
           'signed': signed, 'link': silo_link.totals() if silo_link else None}
 
 
@@ -89,26 +94,29 @@ def main(argv):
         for storage in FLAGS.storages:
           for signed in FLAGS.signed:
             for fmt in FLAGS.formats:
-              rows.append(measure(FLAGS.config, fmt, FLAGS.rounds, FLAGS.inner_steps,
-                                  bucket if storage == 'gs' else None, signed == 'true',
-                                  FLAGS.link))
+              for overlap in FLAGS.overlap:
+                rows.append(measure(FLAGS.config, fmt, FLAGS.rounds, FLAGS.inner_steps,
+                                    bucket if storage == 'gs' else None, signed == 'true',
+                                    FLAGS.link, overlap))
     finally:
       if emulator:
         emulator.stop()
-  dense = {(r['storage'], r['signed']): r['bytes'] for r in rows if r['format'] == 'none'}
+  dense = {(r['storage'], r['signed'], r['overlap']): r['bytes'] for r in rows
+           if r['format'] == 'none'}
   print(f'config={FLAGS.config.name} H={FLAGS.inner_steps} (median of rounds 1..'
         f'{FLAGS.rounds - 1}; seconds per round)'
         + (f'; the silo\'s link: {FLAGS.link}' if FLAGS.link else ''))
-  print(f"{'storage':7s} {'signed':6s} {'format':7s} {'bytes/silo/round':>17s} {'vs fp32':>8s} "
-        f"{'inner':>7s} {'eval':>6s} {'publish':>8s} {'wait(agg)':>9s} {'load+ckpt':>9s} "
-        f"{'overhead':>9s}")
+  print(f"{'storage':7s} {'signed':6s} {'overlap':7s} {'format':7s} {'bytes up':>11s} "
+        f"{'vs fp32':>8s} {'bytes down':>11s} {'inner':>7s} {'eval':>6s} {'publish':>8s} "
+        f"{'wait(agg)':>9s} {'load+ckpt':>9s} {'overhead':>9s} {'idle':>6s}")
   for r in rows:
     s = r['seconds']
-    base = dense.get((r['storage'], r['signed']))
+    base = dense.get((r['storage'], r['signed'], r['overlap']))
     ratio = f"{r['bytes'] / base:.3f}" if base else 'n/a'
-    print(f"{r['storage']:7s} {str(r['signed']):6s} {r['format']:7s} {r['bytes']:17,d} "
-          f"{ratio:>8s} {s['inner']:7.2f} {s['eval']:6.2f} {s['publish']:8.2f} "
-          f"{s['wait']:9.2f} {s['load'] + s['checkpoint']:9.2f} {r['overhead']:9.1%}")
+    print(f"{r['storage']:7s} {str(r['signed']):6s} {r['overlap']:7s} {r['format']:7s} "
+          f"{r['bytes']:11,d} {ratio:>8s} {int(r['bytes_down']):11,d} {s['inner']:7.2f} "
+          f"{s['eval']:6.2f} {s['publish']:8.2f} {s.get('wait', 0.0):9.2f} "
+          f"{s.get('load', 0.0) + s['checkpoint']:9.2f} {r['overhead']:9.1%} {r['idle']:6.1%}")
 
 
 if __name__ == '__main__':

@@ -651,7 +651,7 @@ class _Silo:
         'round_train_loss': meta['train_loss'], 'bytes_up': meta['bytes'],
         'bytes_down': io.bytes_down, 'wait_s': io.wait_s, 'load_s': io.load_s,
         'eval_s': seconds['eval'], 'inner_s': seconds['inner'], 'publish_s': seconds['publish']})
-    io.bytes_down, io.wait_s, io.load_s = 0, 0.0, 0.0
+    bytes_down, io.bytes_down, io.wait_s, io.load_s = io.bytes_down, 0, 0.0, 0.0
     faults.crash_point('silo_published', position.round)
     self.log(f'round {position.round} published ({meta["steps"]} steps, loss '
              f'{meta["train_loss"]:.4f}, {meta["bytes"]:,} bytes)')
@@ -665,7 +665,8 @@ class _Silo:
               control_base=self.control_base if control_delta is not None else None)
     seconds['checkpoint'] = time.monotonic() - start - seconds['publish']
     self.summary['rounds'].append({**{k: meta[k] for k in ('round', 'tokens', 'train_loss',
-                                                           'bytes')}, 'seconds': seconds})
+                                                           'bytes')},
+                                   'bytes_down': bytes_down, 'seconds': seconds})
     return next_residual
 
   def dequantised(self, payload, like_flat):
