@@ -1,0 +1,150 @@
+"""The compressed downlink: global r+1 := global r + the dequantised update, rebuilt bit for bit."""
+import json
+import shutil
+import subprocess
+import sys
+import threading
+
+import jax
+import numpy as np
+import pytest
+
+import bucket_helpers
+from conftest import child_env
+from conftest import load_config
+from fedpt import aggregator as aggregator_lib
+from fedpt import compression
+from fedpt import ledger
+from fedpt import loading
+from fedpt import planning
+from fedpt import protocol
+from fedpt import silo as silo_lib
+from fedpt import storage as storage_lib
+from fedpt import trees
+
+ROUNDS = 3
+
+
+@pytest.fixture(scope='module')
+def downlink_run(corpus_dir, tmp_path_factory):
+  """2 silos x 3 rounds with an int8 downlink (FedAvg, int8 deltas); silos as threads."""
+  config = load_config('tiny', corpus_dir)
+  config.train.async_checkpoints = False  # Threads of one process checkpoint synchronously.
+  config.federation.update(rounds=ROUNDS, inner_steps=3, silos=('a', 'b'), poll_s=0.05,
+                           wait_timeout_s=120.0, downlink_compression='int8',
+                           keep_last_rounds=10)
+  tmp = tmp_path_factory.mktemp('downlink')
+  root = str(tmp / 'bucket')
+  aggregator_lib.init_run(config, root)
+  results = {}
+
+  def work(silo):
+    results[silo] = silo_lib.run_silo(config.copy_and_resolve_references(), silo, root,
+                                      str(tmp / silo))
+  threads = [threading.Thread(target=work, args=(s,), daemon=True) for s in ('a', 'b')]
+  for t in threads:
+    t.start()
+  aggregator_lib.run_aggregator(root)
+  for t in threads:
+    t.join(timeout=300)
+  return config, root, tmp, results
+
+
+def _update(store, round_index):
+  """{leaf: decompressed update} of a global round, and its shard metas."""
+  metas = store.global_shard_metas(round_index)
+  run = store.read_run()
+  out = {}
+  for meta in metas:
+    layout, reason = protocol.update_layout(run, meta)
+    assert reason is None
+    abstract = {f'{n}/{k}': jax.ShapeDtypeStruct(tuple(s), np.dtype(d))
+                for n, spec in layout.items() for k, (s, d) in spec.items()}
+    arrays = store.read_global_update(round_index, meta['shard'], meta['num_shards'], abstract)
+    for n, spec in layout.items():
+      out[n] = np.asarray(compression.decompress({k: arrays[f'{n}/{k}'] for k in spec}, 'int8',
+                                                 meta['leaf_shapes'][n], 256))
+  return out
+
+
+def test_a_silo_rebuilds_every_global_round_bit_for_bit_from_the_update(downlink_run):
+  config, root, tmp, results = downlink_run
+  store = storage_lib.RunStorage(root)
+  run = store.read_run()
+  assert results['a']['round'] == results['b']['round'] == ROUNDS
+  for r in range(1, ROUNDS + 1):
+    stored = bucket_helpers.global_params(store, r)
+    rebuilt, nbytes = loading.global_from_update(
+        store, run, r, bucket_helpers.global_params(store, r - 1))
+    assert sorted(rebuilt) == sorted(stored)
+    for n in stored:
+      assert np.array_equal(np.asarray(rebuilt[n]), stored[n]), (r, n)
+    assert not np.array_equal(stored['embed_vd'], bucket_helpers.global_params(store, r - 1)[
+        'embed_vd'])
+  # The silos' own reconstruction of the last round (on their 8-device mesh) is the stored one.
+  final = bucket_helpers.global_params(store, ROUNDS)
+  for silo in ('a', 'b'):
+    mine = trees.flatten_params(jax.device_get(results[silo]['state']['params']))
+    for n in final:
+      assert np.array_equal(mine[n], final[n]), (silo, n)
+  # ... and it read only the updates: round 0 is the full model, later rounds the int8 update.
+  params_bytes = sum(v.nbytes for v in final.values())
+  update_bytes = sum(m['update_bytes'] for m in store.global_shard_metas(1))
+  assert 3.5 * update_bytes < params_bytes
+  for silo in ('a', 'b'):
+    rows = [json.loads(line) for line in (tmp / silo / 'metrics.jsonl').read_text().splitlines()]
+    down = [row['bytes_down'] for row in rows if 'bytes_up' in row]
+    assert down == [params_bytes] + [update_bytes] * (ROUNDS - 1), silo
+
+
+def test_error_feedback_carries_what_the_update_lost(downlink_run):
+  """Summed over rounds, the published updates equal the outer steps' changes up to E_R."""
+  _, root, _, _ = downlink_run
+  store = storage_lib.RunStorage(root)
+  agg = aggregator_lib.Aggregator(root)
+  sum_u, sum_q = {}, {}
+  for r in range(ROUNDS):
+    manifest = store.read_manifest(r)
+    base = bucket_helpers.global_params(store, r)
+    published = _update(store, r + 1)
+    for n in agg.my_leaves:
+      mean = sum(e['weight'] * np.asarray(agg.read_leaf(
+          r, e['silo'], n, store.delta_meta(r, e['silo']), e['compression'], e['block_size']))
+                 for e in manifest['included'])
+      change = (base[n] - mean.astype(np.float32)) - base[n]  # FedAvg: the step is -mean.
+      sum_u[n] = sum_u.get(n, 0) + change.astype(np.float64)
+      sum_q[n] = sum_q.get(n, 0) + published[n].astype(np.float64)
+  _, _, _, residuals = agg.read_shard(ROUNDS)
+  for n in agg.my_leaves:
+    last = np.asarray(residuals[n], np.float64)
+    assert np.abs(last).max() > 0  # int8 loses something every round...
+    error = np.abs(sum_q[n] + last - sum_u[n]).max()
+    assert error < 1e-3 * np.abs(last).max() + 1e-7, n  # ... and the residual holds all of it.
+
+
+def test_a_tampered_update_is_refused_and_nothing_is_loaded(downlink_run, tmp_path):
+  config, root, tmp, _ = downlink_run
+  copy = str(tmp_path / 'bucket')
+  shutil.copytree(root, copy)
+  store = storage_lib.RunStorage(copy)
+  run = store.read_run()
+  for victim in bucket_helpers.files(store.shard_dir(2, 0, 1) / 'update'):
+    if '/d/' in str(victim):  # One bit in every array data object.
+      data = bytearray(victim.read_bytes())
+      data[len(data) // 2] ^= 0x01
+      victim.write_bytes(bytes(data))
+  silo = silo_lib._Silo(config.copy_and_resolve_references(), 'a', copy, str(tmp_path / 'a'),
+                        None)
+  try:
+    state = silo.trainer.init_state()
+    state = silo.load_global(1, state)  # Full read: nothing held yet.
+    held = silo.last_global
+    before = silo.round_io.bytes_down
+    with pytest.raises(storage_lib.StorageError) as refused:
+      silo.load_global(2, state)
+    line = str(refused.value)
+    assert '\n' not in line and 'global round 2 shard 0' in line, line
+    assert 'tampered with; nothing was loaded' in line and 'update' in line, line
+    assert silo.last_global is held and silo.round_io.bytes_down == before
+  finally:
+    silo.close()
