@@ -122,29 +122,101 @@ def test_error_feedback_carries_what_the_update_lost(downlink_run):
     assert error < 1e-3 * np.abs(last).max() + 1e-7, n  # ... and the residual holds all of it.
 
 
+def _change_one_value(store, round_index):
+  """Rewrites round `round_index`'s update as a valid tree with one int8 value moved by a step;
+  returns the hashes of its arrays."""
+  meta = store.global_shard_metas(round_index)[0]
+  layout, _ = protocol.update_layout(store.read_run(), meta)
+  abstract = {f'{n}/{k}': jax.ShapeDtypeStruct(tuple(s), np.dtype(d))
+              for n, spec in layout.items() for k, (s, d) in spec.items()}
+  arrays = {k: np.array(v) for k, v in store.read_global_update(
+      round_index, 0, 1, abstract).items()}
+  q = arrays['embed_vd/q'].reshape(-1)
+  i = np.argmax(np.abs(q))
+  q[i] -= np.sign(q[i])
+  directory = store.shard_dir(round_index, 0, 1) / 'update'
+  store._save_tree(directory, trees.unflatten_params(arrays))  # pylint: disable=protected-access
+  return {k: storage_lib.array_hash(v) for k, v in arrays.items()}
+
+
 def test_a_tampered_update_is_refused_and_nothing_is_loaded(downlink_run, tmp_path):
-  config, root, tmp, _ = downlink_run
+  config, root, _, _ = downlink_run
   copy = str(tmp_path / 'bucket')
   shutil.copytree(root, copy)
   store = storage_lib.RunStorage(copy)
-  run = store.read_run()
-  for victim in bucket_helpers.files(store.shard_dir(2, 0, 1) / 'update'):
-    if '/d/' in str(victim):  # One bit in every array data object.
-      data = bytearray(victim.read_bytes())
-      data[len(data) // 2] ^= 0x01
-      victim.write_bytes(bytes(data))
+  shard = store.shard_dir(2, 0, 1)
+  original = storage_lib.RunStorage(root).shard_dir(2, 0, 1) / 'update'
+  original_meta = (shard / storage_lib.META).read_bytes()
   silo = silo_lib._Silo(config.copy_and_resolve_references(), 'a', copy, str(tmp_path / 'a'),
-                        None)
+                        None)  # pylint: disable=protected-access
   try:
-    state = silo.trainer.init_state()
-    state = silo.load_global(1, state)  # Full read: nothing held yet.
-    held = silo.last_global
-    before = silo.round_io.bytes_down
-    with pytest.raises(storage_lib.StorageError) as refused:
-      silo.load_global(2, state)
-    line = str(refused.value)
-    assert '\n' not in line and 'global round 2 shard 0' in line, line
-    assert 'tampered with; nothing was loaded' in line and 'update' in line, line
-    assert silo.last_global is held and silo.round_io.bytes_down == before
+    state = silo.load_global(1, silo.trainer.init_state())  # Full read: nothing held yet.
+    held, before = silo.last_global, silo.round_io.bytes_down
+
+    def refused(why):
+      with pytest.raises(storage_lib.StorageError) as error:
+        silo.load_global(2, state)
+      line = str(error.value)
+      assert '\n' not in line and line.startswith('global round 2 shard 0 under'), line
+      assert why in line and 'tampered with; nothing was loaded. Fix:' in line, line
+      assert silo.last_global is held and silo.round_io.bytes_down == before
+
+    forged = _change_one_value(store, 2)  # A valid tree, one value off: its hash says so.
+    refused('update array embed_vd/q does not match its committed hash')
+    meta = json.loads(original_meta)  # An unsigned run's meta rewritten to vouch for it.
+    meta['update_hashes'] = forged
+    store.write_json(shard / storage_lib.META, meta)
+    refused('parameter embed_vd rebuilt from the previous round and the update does not match')
+    shutil.rmtree(shard / 'update')  # Back to the original, then one bit in every data object.
+    shutil.copytree(original, shard / 'update')
+    (shard / storage_lib.META).write_bytes(original_meta)
+    for victim in bucket_helpers.files(shard / 'update'):
+      if '/d/' in str(victim):
+        data = bytearray(victim.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        victim.write_bytes(bytes(data))
+    refused('its update is unreadable')
+    shutil.rmtree(shard / 'update')  # Restored: the update path loads it, and reads only it.
+    shutil.copytree(original, shard / 'update')
+    silo.load_global(2, state)
+    assert silo.last_global[0] == 2
+    assert silo.round_io.bytes_down - before == store.global_shard_metas(2)[0]['update_bytes']
   finally:
     silo.close()
+
+
+def test_the_ledger_and_the_plan_count_the_update_as_the_download(downlink_run):
+  config, root, _, _ = downlink_run
+  store = storage_lib.RunStorage(root)
+  update_bytes = sum(m['update_bytes'] for m in store.global_shard_metas(1))
+  model_bytes = ledger.global_nbytes(store, ROUNDS)
+  assert planning.plan(config, 8)['delta']['download_bytes'] == update_bytes  # As planned.
+  rows = ledger.build_ledger(store)
+  assert [row['round'] for row in rows] == list(range(ROUNDS))
+  for row in rows:  # Both silos published every round, so each read only the update.
+    r = row['round']
+    assert row['bytes_up_by_silo'] == {s: store.delta_meta(r, s)['bytes'] for s in ('a', 'b')}
+    assert row['bytes_down_by_silo'] == {'a': update_bytes, 'b': update_bytes}
+    assert row['bytes_down'] == 2 * update_bytes < model_bytes / 1.5
+  totals = ledger.silo_totals(rows, store.read_run())
+  assert totals['a']['bytes_down'] == ROUNDS * update_bytes
+  table = ledger.status(root)
+  assert 'bytes up      down' in table and 'bytes up bytes down' in table
+  assert 'bytes per silo and round: up (its delta) / down (global round r+1)' in table
+  assert 'down: the int8 update if the silo published to round r, else the whole model' in table
+  fmt = ledger._fmt_bytes  # pylint: disable=protected-access
+  assert f"{fmt(rows[0]['bytes_up_by_silo']['a'])} / {fmt(update_bytes)}" in table
+
+
+def test_an_unknown_downlink_format_is_one_line_naming_the_field(repo_root, tmp_path):
+  proc = subprocess.run(
+      [sys.executable, str(repo_root / 'scripts' / 'init_run.py'),
+       f'--config={repo_root / "configs" / "tiny.py"}', f'--storage={tmp_path / "bucket"}',
+       '--config.federation.downlink_compression=int3'],
+      capture_output=True, text=True, timeout=120, env=child_env(), check=False)
+  out = (proc.stdout + proc.stderr).strip()
+  assert proc.returncode == 2, out
+  assert out.splitlines() == [
+      "error: config field 'federation.downlink_compression': unknown format 'int3'. Fix: use "
+      "one of ('none', 'bf16', 'int8', 'int4') (none: silos download the fp32 model)."], out
+  assert not (tmp_path / 'bucket').exists()
