@@ -6,12 +6,14 @@ import sys
 import threading
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import bucket_helpers
 from conftest import child_env
 from conftest import load_config
+from conftest import needs_devices
 from fedpt import aggregator as aggregator_lib
 from fedpt import compression
 from fedpt import ledger
@@ -27,12 +29,13 @@ ROUNDS = 3
 
 @pytest.fixture(scope='module')
 def downlink_run(corpus_dir, tmp_path_factory):
-  """2 silos x 3 rounds with an int8 downlink (FedAvg, int8 deltas); silos as threads."""
+  """2 silos x 3 rounds with an int8 downlink (FedAvg, int8 deltas), aggregated in 2 shards;
+  silos and shards as threads."""
   config = load_config('tiny', corpus_dir)
   config.train.async_checkpoints = False  # Threads of one process checkpoint synchronously.
   config.federation.update(rounds=ROUNDS, inner_steps=3, silos=('a', 'b'), poll_s=0.05,
                            wait_timeout_s=120.0, downlink_compression='int8',
-                           keep_last_rounds=10)
+                           keep_last_rounds=10, num_shards=2)
   tmp = tmp_path_factory.mktemp('downlink')
   root = str(tmp / 'bucket')
   aggregator_lib.init_run(config, root)
@@ -42,12 +45,36 @@ def downlink_run(corpus_dir, tmp_path_factory):
     results[silo] = silo_lib.run_silo(config.copy_and_resolve_references(), silo, root,
                                       str(tmp / silo))
   threads = [threading.Thread(target=work, args=(s,), daemon=True) for s in ('a', 'b')]
+  threads.append(threading.Thread(target=aggregator_lib.run_aggregator, args=(root, 1),
+                                  daemon=True))
   for t in threads:
     t.start()
-  aggregator_lib.run_aggregator(root)
+  aggregator_lib.run_aggregator(root, 0)
   for t in threads:
     t.join(timeout=300)
   return config, root, tmp, results
+
+
+@needs_devices(8)
+@pytest.mark.parametrize('fmt', compression.FORMATS)
+@pytest.mark.parametrize('dtype', [np.float32, jnp.bfloat16])
+def test_the_host_and_a_sharded_silo_apply_an_update_alike(fmt, dtype):
+  """The aggregator adds the update to host numpy, a silo to its sharded params: same bits."""
+  rng = np.random.default_rng(0)
+  base = (0.02 * rng.standard_normal((64, 96))).astype(dtype)
+  change = (1e-3 * rng.standard_normal((64, 96))).astype(np.float32)
+  payload = {k: np.asarray(v) for k, v in compression.compress(change, fmt, 32).items()}
+  on_host = np.asarray(compression.apply_update(base, payload, fmt, 32))
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ('x', 'y'))
+  sharded = jax.device_put(base, jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec('x', 'y')))
+  on_devices = compression.apply_update(sharded, payload, fmt, 32)
+  assert on_devices.sharding == sharded.sharding and on_host.dtype == dtype
+  assert np.array_equal(np.asarray(on_devices), on_host)
+  assert not np.array_equal(on_host, base)  # It moved, by the decompressed update.
+  expected = (base.astype(np.float32) + np.asarray(
+      compression.decompress(payload, fmt, base.shape, 32))).astype(dtype)
+  assert np.array_equal(on_host, expected)
 
 
 def _update(store, round_index):
@@ -101,21 +128,24 @@ def test_error_feedback_carries_what_the_update_lost(downlink_run):
   """Summed over rounds, the published updates equal the outer steps' changes up to E_R."""
   _, root, _, _ = downlink_run
   store = storage_lib.RunStorage(root)
-  agg = aggregator_lib.Aggregator(root)
+  shards = [aggregator_lib.Aggregator(root, shard) for shard in (0, 1)]
+  agg = shards[0]  # Reads any silo's delta leaf.
+  names = sorted(n for a in shards for n in a.my_leaves)
+  assert all(a.my_leaves for a in shards) and len(names) == len(agg.leaf_shapes)
   sum_u, sum_q = {}, {}
   for r in range(ROUNDS):
     manifest = store.read_manifest(r)
     base = bucket_helpers.global_params(store, r)
     published = _update(store, r + 1)
-    for n in agg.my_leaves:
+    for n in names:
       mean = sum(e['weight'] * np.asarray(agg.read_leaf(
           r, e['silo'], n, store.delta_meta(r, e['silo']), e['compression'], e['block_size']))
                  for e in manifest['included'])
       change = (base[n] - mean.astype(np.float32)) - base[n]  # FedAvg: the step is -mean.
       sum_u[n] = sum_u.get(n, 0) + change.astype(np.float64)
       sum_q[n] = sum_q.get(n, 0) + published[n].astype(np.float64)
-  _, _, _, residuals = agg.read_shard(ROUNDS)
-  for n in agg.my_leaves:
+  residuals = {n: e for a in shards for n, e in a.read_shard(ROUNDS)[3].items()}
+  for n in names:
     last = np.asarray(residuals[n], np.float64)
     assert np.abs(last).max() > 0  # int8 loses something every round...
     error = np.abs(sum_q[n] + last - sum_u[n]).max()
@@ -125,16 +155,16 @@ def test_error_feedback_carries_what_the_update_lost(downlink_run):
 def _change_one_value(store, round_index):
   """Rewrites round `round_index`'s update as a valid tree with one int8 value moved by a step;
   returns the hashes of its arrays."""
-  meta = store.global_shard_metas(round_index)[0]
+  meta = next(m for m in store.global_shard_metas(round_index) if 'embed_vd' in m['leaf_hashes'])
   layout, _ = protocol.update_layout(store.read_run(), meta)
   abstract = {f'{n}/{k}': jax.ShapeDtypeStruct(tuple(s), np.dtype(d))
               for n, spec in layout.items() for k, (s, d) in spec.items()}
   arrays = {k: np.array(v) for k, v in store.read_global_update(
-      round_index, 0, 1, abstract).items()}
+      round_index, meta['shard'], 2, abstract).items()}
   q = arrays['embed_vd/q'].reshape(-1)
   i = np.argmax(np.abs(q))
   q[i] -= np.sign(q[i])
-  directory = store.shard_dir(round_index, 0, 1) / 'update'
+  directory = store.shard_dir(round_index, meta['shard'], 2) / 'update'
   store._save_tree(directory, trees.unflatten_params(arrays))  # pylint: disable=protected-access
   return {k: storage_lib.array_hash(v) for k, v in arrays.items()}
 
@@ -144,8 +174,9 @@ def test_a_tampered_update_is_refused_and_nothing_is_loaded(downlink_run, tmp_pa
   copy = str(tmp_path / 'bucket')
   shutil.copytree(root, copy)
   store = storage_lib.RunStorage(copy)
-  shard = store.shard_dir(2, 0, 1)
-  original = storage_lib.RunStorage(root).shard_dir(2, 0, 1) / 'update'
+  index = next(m['shard'] for m in store.global_shard_metas(2) if 'embed_vd' in m['leaf_hashes'])
+  shard = store.shard_dir(2, index, 2)
+  original = storage_lib.RunStorage(root).shard_dir(2, index, 2) / 'update'
   original_meta = (shard / storage_lib.META).read_bytes()
   silo = silo_lib._Silo(config.copy_and_resolve_references(), 'a', copy, str(tmp_path / 'a'),
                         None)  # pylint: disable=protected-access
@@ -157,7 +188,7 @@ def test_a_tampered_update_is_refused_and_nothing_is_loaded(downlink_run, tmp_pa
       with pytest.raises(storage_lib.StorageError) as error:
         silo.load_global(2, state)
       line = str(error.value)
-      assert '\n' not in line and line.startswith('global round 2 shard 0 under'), line
+      assert '\n' not in line and line.startswith(f'global round 2 shard {index} under'), line
       assert why in line and 'tampered with; nothing was loaded. Fix:' in line, line
       assert silo.last_global is held and silo.round_io.bytes_down == before
 
@@ -180,7 +211,8 @@ def test_a_tampered_update_is_refused_and_nothing_is_loaded(downlink_run, tmp_pa
     shutil.copytree(original, shard / 'update')
     silo.load_global(2, state)
     assert silo.last_global[0] == 2
-    assert silo.round_io.bytes_down - before == store.global_shard_metas(2)[0]['update_bytes']
+    assert silo.round_io.bytes_down - before == sum(
+        m['update_bytes'] for m in store.global_shard_metas(2))
   finally:
     silo.close()
 
