@@ -60,6 +60,7 @@ class Aggregator:
     protocol.check_run(self.run)
     self.optimizer = outer.make_outer_optimizer(ml_collections.ConfigDict(self.run['outer']))
     self.scaffold = protocol.scaffold(self.run)
+    self.downlink = protocol.downlink(self.run)  # None, or the format of the published update.
     newest = self.store.latest_global_round()  # Round 0 may be garbage-collected.
     if newest is None:
       raise storage_lib.StorageError(
@@ -106,16 +107,19 @@ class Aggregator:
     return params, state
 
   def _abstract_arrays(self, abstract_state) -> dict:
-    """The outer-state arrays of this shard: the optax states, and c (SCAFFOLD) per leaf."""
+    """The outer-state arrays of this shard: the optax states, and per leaf c (SCAFFOLD) and
+    the downlink's residual E (a compressed downlink)."""
     arrays = state_to_arrays(abstract_state)
-    if self.scaffold:
-      arrays.update({protocol.control_name(n): jax.ShapeDtypeStruct(self.leaf_shapes[n],
-                                                                    np.float32)
-                     for n in self.my_leaves})
+    for name, wanted in ((protocol.control_name, self.scaffold),
+                         (protocol.downlink_residual_name, self.downlink)):
+      if wanted:
+        arrays.update({name(n): jax.ShapeDtypeStruct(self.leaf_shapes[n], np.float32)
+                       for n in self.my_leaves})
     return arrays
 
   def read_shard(self, round_index: int):
-    """(params, outer state, {leaf: c} or {}) of a global round, vetted like a silo's read.
+    """(params, outer state, {leaf: c} or {}, {leaf: E} or {}) of a global round, vetted like
+    a silo's read: c is SCAFFOLD's, E the compressed downlink's residual.
 
     The aggregator trusts none of its own earlier output: the shard meta must be
     this run's and round's and (signed runs) carry its signature, and every
@@ -140,7 +144,9 @@ class Aggregator:
       raise storage_lib.tampered(self.store.root, round_index, self.shard, reason)
     controls = ({n: state_arrays[protocol.control_name(n)] for n in self.my_leaves}
                 if self.scaffold else {})
-    return params, arrays_to_state(state_arrays, abstract_state), controls
+    residuals = ({n: state_arrays[protocol.downlink_residual_name(n)] for n in self.my_leaves}
+                 if self.downlink else {})
+    return params, arrays_to_state(state_arrays, abstract_state), controls, residuals
 
   def next_round(self) -> int:
     """The round this shard aggregates next: the newest global round it has committed.
@@ -274,8 +280,9 @@ class Aggregator:
 
     SCAFFOLD: c <- c + (1/N) sum of the contributing silos' delta_c_i
     (`drift.server_control_update`), read from the same payloads as the deltas.
+    A compressed downlink then redefines each stepped leaf (`downlink_step`).
     """
-    params, outer_state, controls = inputs or self.read_shard(round_index)
+    params, outer_state, controls, residuals = inputs or self.read_shard(round_index)
     included = protocol.contributing(manifest['included'])
     # Loop invariants: each silo's payload layout (its meta.json, read once) and the method.
     metas = {e['silo']: self.store.delta_meta(round_index, e['silo']) for e in included}
@@ -287,6 +294,7 @@ class Aggregator:
     factors = ([e['clip_factor'] for e in included]
                if included and 'clip_factor' in included[0] else None)
     new_params, new_state, new_controls = {}, {}, {}
+    new_residuals, update = dict(residuals), {}
     num_silos = len(protocol.silo_ids(self.run))
     for name in self.my_leaves:
       # Nothing valid arrived, or a private leaf (no silo uploads it): carry it over as it is.
@@ -307,16 +315,39 @@ class Aggregator:
           self.optimizer, {name: params[name]}, {name: mean_delta}, {name: outer_state[name]})
       new_params[name] = np.asarray(step_params[name])
       new_state[name] = jax.tree.map(np.asarray, step_state[name])
+      if self.downlink:
+        new_params[name], payload, new_residuals[name] = self.downlink_step(
+            params[name], new_params[name], residuals[name])
+        update.update({f'{name}/{k}': v for k, v in payload.items()})
     state_arrays = state_to_arrays(new_state)
     state_arrays.update({protocol.control_name(n): c for n, c in new_controls.items()})
+    state_arrays.update({protocol.downlink_residual_name(n): e for n, e in new_residuals.items()})
     meta = self.sign(global_shard_meta(
         self.run['run_id'], round_index + 1, self.shard, self.num_shards, new_params,
         state_arrays, contributors=[e['silo'] for e in included],
-        tokens=sum(e['tokens'] for e in included)))
+        tokens=sum(e['tokens'] for e in included),
+        update=self.downlink and {
+            'hashes': {k: storage_lib.array_hash(v) for k, v in update.items()},
+            'compression': self.downlink, 'block_size': self.fed['block_size'],
+            'bytes': compression.payload_nbytes(update)}))
     self.lease_check()
     self.store.publish_global_shard(round_index + 1, self.shard, self.num_shards, new_params,
-                                    state_arrays, meta)
+                                    state_arrays, meta, update)
     return meta
+
+  def downlink_step(self, base, stepped, residual):
+    """(next global leaf, its published update payload, next residual E') of one leaf.
+
+    U = stepped - base in float32; q = compress(U + E); the next global is
+    `compression.apply_update(base, q)`, the very function a silo rebuilds it with, and
+    E' = U + E - decompress(q) carries what q lost into the next round.
+    """
+    fmt, block_size = self.downlink, self.fed['block_size']
+    change = np.asarray(stepped, np.float32) - np.asarray(base, np.float32)
+    payload, new_residual = compression.compress_with_feedback(change, residual, fmt, block_size)
+    payload = {k: np.asarray(v) for k, v in payload.items()}
+    return (np.asarray(compression.apply_update(base, payload, fmt, block_size)), payload,
+            np.asarray(new_residual))
 
   def collect_garbage(self, newest_round: int) -> None:
     """Keeps the last N global rounds plus every M-th; manifests stay as the ledger."""
@@ -345,7 +376,7 @@ def arrays_to_state(arrays: dict, abstract_state_by_leaf: dict) -> dict:
 
 
 def global_shard_meta(run_id, round_index, shard, num_shards, params_flat, state_arrays,
-                      contributors, tokens) -> dict:
+                      contributors, tokens, update=None) -> dict:
   """`protocol.global_shard_meta` of host arrays: their hashes, shapes and dtypes."""
   return protocol.global_shard_meta(
       run_id, round_index, shard, num_shards,
@@ -353,7 +384,7 @@ def global_shard_meta(run_id, round_index, shard, num_shards, params_flat, state
       leaf_shapes={n: list(np.shape(v)) for n, v in params_flat.items()},
       leaf_dtypes={n: str(np.asarray(v).dtype) for n, v in params_flat.items()},
       outer_state_hashes={n: storage_lib.array_hash(v) for n, v in state_arrays.items()},
-      contributors=contributors, tokens=tokens)
+      contributors=contributors, tokens=tokens, update=update)
 
 
 def run_aggregator(storage_root: str, shard: int = 0, num_shards: int | None = None,
@@ -441,7 +472,8 @@ def init_run(config, storage_root: str, run_id: str | None = None,
     shard_params = {n: params.pop(n) for n in names}
     store.write_global_part(0, shard, num_shards, 'params', shard_params)
     leaf_hashes = _hash_and_free(shard_params)
-    state_arrays = initial_outer_arrays(optimizer, {n: abstract[n] for n in names}, scaffold)
+    state_arrays = initial_outer_arrays(optimizer, {n: abstract[n] for n in names}, scaffold,
+                                        config.federation.downlink_compression != 'none')
     if state_arrays:
       store.write_global_part(0, shard, num_shards, 'outer_state', state_arrays)
     store.commit_global_shard(0, shard, num_shards, sign(protocol.global_shard_meta(
@@ -463,10 +495,12 @@ def _hash_and_free(arrays: dict) -> dict:
   return {name: storage_lib.array_hash(arrays.pop(name)) for name in sorted(arrays)}
 
 
-def initial_outer_arrays(optimizer, abstract_params: dict, scaffold: bool) -> dict:
+def initial_outer_arrays(optimizer, abstract_params: dict, scaffold: bool,
+                         downlink: bool = False) -> dict:
   """Round 0's outer-state arrays of some leaves (`state_to_arrays` names), born sharded.
 
-  The values of `outer.init_outer_state` (plus SCAFFOLD's c = 0), made by one jit
+  The values of `outer.init_outer_state` (plus SCAFFOLD's c = 0 and the downlink's
+  residual E = 0), made by one jit
   whose params-shaped outputs take their params' shardings (`abstract_params`
   carries them): no host copy of the whole state is ever made.
   """
@@ -475,6 +509,8 @@ def initial_outer_arrays(optimizer, abstract_params: dict, scaffold: bool) -> di
     arrays = state_to_arrays(outer.init_outer_state(optimizer, zeros))
     if scaffold:
       arrays.update({protocol.control_name(n): z for n, z in zeros.items()})
+    if downlink:
+      arrays.update({protocol.downlink_residual_name(n): z for n, z in zeros.items()})
     return arrays
   replicated = jax.sharding.NamedSharding(
       next(iter(abstract_params.values())).sharding.mesh, jax.sharding.PartitionSpec())
@@ -485,6 +521,8 @@ def initial_outer_arrays(optimizer, abstract_params: dict, scaffold: bool) -> di
   state = jax.eval_shape(lambda: outer.init_outer_state(optimizer, abstract_params))
   shardings = state_to_arrays({n: jax.tree.map(lambda x, n=n: placed(n, x), leaf_state)
                                for n, leaf_state in state.items()})
-  if scaffold:
-    shardings.update({protocol.control_name(n): p.sharding for n, p in abstract_params.items()})
+  for wanted, name in ((scaffold, protocol.control_name),
+                       (downlink, protocol.downlink_residual_name)):
+    if wanted:
+      shardings.update({name(n): p.sharding for n, p in abstract_params.items()})
   return jax.jit(make, out_shardings=shardings)()

@@ -179,3 +179,23 @@ def compressed_nbytes(shape, fmt: str, block_size: int = 256) -> int:
   num_blocks = _num_blocks(size, block_size)
   values_per_byte = 1 if fmt == 'int8' else 2
   return num_blocks * (block_size // values_per_byte) + 4 * num_blocks
+
+
+def apply_update(base_leaf, payload: Mapping, fmt: str, block_size: int = 256) -> jax.Array:
+  """Global round r+1 of one leaf: global r plus its published update, as the downlink defines it.
+
+  The aggregator computes the next global model with this and a silo rebuilds it with it,
+  bit for bit (their hashes must match). Decompression and the addition are separate jits,
+  so no backend fuses them into a multiply-add that rounds differently: each step is an
+  exactly rounded IEEE float32 operation. The result keeps `base_leaf`'s dtype and, on
+  devices, its sharding.
+  """
+  update = decompress(payload, fmt, jnp.shape(base_leaf), block_size)
+  if isinstance(base_leaf, jax.Array):  # Only each device's slice is sent (multi-host too).
+    update = jax.device_put(np.asarray(update), base_leaf.sharding)
+  return _add_update(base_leaf, update)
+
+
+@jax.jit
+def _add_update(base_leaf, update):
+  return (jnp.asarray(base_leaf).astype(jnp.float32) + update).astype(jnp.result_type(base_leaf))

@@ -127,6 +127,9 @@ def base_config() -> ml_collections.ConfigDict:
       compression='int8',  # none, bf16, int8 or int4; int8 cost nothing in bench/study.py.
       block_size=256,
       error_feedback=False,
+      # The global update the aggregator publishes beside the fp32 model (none, bf16, int8,
+      # int4; federation.block_size): an up-to-date silo downloads only it (docs/protocol.md).
+      downlink_compression='none',
       num_shards=1,  # Aggregation split over this many processes by parameter leaves.
       robust='mean',  # mean (token-weighted), trimmed_mean or median (coordinate-wise).
       trim=1,  # trimmed_mean: values dropped at each end per coordinate.

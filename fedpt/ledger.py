@@ -9,6 +9,7 @@ import json
 
 import numpy as np
 
+from fedpt import compression
 from fedpt import protocol
 from fedpt import records
 from fedpt import signing
@@ -22,6 +23,26 @@ def global_nbytes(store: storage_lib.RunStorage, round_index: int | None) -> int
     return None
   shapes, dtypes, _ = protocol.global_leaves(metas)
   return sum(int(np.prod(shapes[n])) * np.dtype(dtypes[n]).itemsize for n in shapes)
+
+
+def update_nbytes(store: storage_lib.RunStorage, run: dict, round_index: int) -> int | None:
+  """Bytes of global round `round_index`'s published update (compressed downlink), or None.
+
+  From its shard metas while the round is stored; once garbage-collected, the run's
+  downlink layout over the shared leaves of the newest round (every shared leaf moves
+  when anyone contributed).
+  """
+  fmt = protocol.downlink(run)
+  metas = store.global_shard_metas(round_index) if fmt else None
+  if metas is not None:
+    return sum(m.get('update_bytes', 0) for m in metas)
+  newest = store.latest_global_round() if fmt else None
+  metas = store.global_shard_metas(newest) if newest is not None else None
+  if metas is None:
+    return None
+  shapes, _, _ = protocol.global_leaves(metas)
+  return sum(compression.compressed_nbytes(shapes[n], fmt, run['federation']['block_size'])
+             for n in protocol.shared_leaves(run, shapes))
 
 
 def eval_losses(store: storage_lib.RunStorage, run: dict, round_index: int) -> dict[str, float]:
@@ -82,12 +103,12 @@ def round_record(store: storage_lib.RunStorage, run: dict, round_index: int,
         rejected.append({'silo': silo, 'reason': reason})
       elif meta is not None:
         included.append(meta)
-  rejected_bytes = 0
+  rejected_up = {}
   for entry in rejected:
     meta = store.delta_meta(round_index, entry['silo'])  # Gone once garbage-collected.
     claimed = meta.get('bytes') if isinstance(meta, dict) else None
     if records.is_int(claimed) and 0 <= claimed <= 4 * (model_nbytes or 0):
-      rejected_bytes += claimed  # What it says it uploaded, if that can be true.
+      rejected_up[entry['silo']] = claimed  # What it says it uploaded, if that can be true.
   global_hash = store.global_hash(round_index + 1)
   if global_hash is None:  # Garbage-collected; the manifest of the round trained from it
     based_on = round_index + (1 if protocol.overlap(run) == 'none' else 2)  # still names it.
@@ -104,9 +125,15 @@ def round_record(store: storage_lib.RunStorage, run: dict, round_index: int,
     status = 'collecting'
   evals = eval_losses(store, run, round_index + 1)
   base_evals = eval_losses(store, run, round_index)
-  downloads = len(run['silos']) if done and model_nbytes else 0
-  bytes_up = sum(int(e['bytes']) for e in included) + rejected_bytes
-  bytes_down = downloads * (model_nbytes or 0)
+  up = {e['silo']: int(e['bytes']) for e in included}
+  up.update(rejected_up)
+  down = {}
+  if done and model_nbytes:  # Estimated: see `bytes_down_by_silo` below.
+    update = update_nbytes(store, run, round_index + 1) if included else 0
+    published = set(up) | {e['silo'] for e in rejected}
+    down = {s: update if update is not None and s in published else model_nbytes
+            for s in protocol.silo_ids(run)}
+  bytes_up, bytes_down = sum(up.values()), sum(down.values())
   return {
       'round': round_index,
       'status': status,
@@ -122,6 +149,11 @@ def round_record(store: storage_lib.RunStorage, run: dict, round_index: int,
                        is not None},
       'bytes_up': bytes_up,
       'bytes_down': bytes_down,
+      'bytes_up_by_silo': up,
+      # Global round r+1 as each listed silo reads it: a silo that published to round r held
+      # global r, so with a compressed downlink it reads only the update; any other is
+      # counted as reading the whole model (to rebase or join): an estimate from the bucket.
+      'bytes_down_by_silo': down,
       'bytes': bytes_up + bytes_down,
       'rejected': [{'silo': e['silo'], 'reason': e['reason']} for e in rejected],
       'missing': list(missing),
@@ -167,19 +199,40 @@ def silo_totals(rows: list[dict], run: dict) -> dict[str, dict]:
         'rounds_missing': sum(silo in row['missing'] for row in rows),
         'mean_delta_norm': _mean(norms),
         'last_eval_loss': last_eval,
+        'bytes_up': sum(row['bytes_up_by_silo'].get(silo, 0) for row in rows),
+        'bytes_down': sum(row['bytes_down_by_silo'].get(silo, 0) for row in rows),
     }
   return totals
 
 
 def render_totals(totals: dict[str, dict]) -> str:
   header = (f"{'silo':<16} {'tokens':>12} {'included':>8} {'rejected':>8} {'missing':>7} "
-            f"{'mean norm':>10} {'eval':>6}")
-  lines = ['per-silo totals (decided rounds)', header, '-' * len(header)]
+            f"{'mean norm':>10} {'eval':>6} {'bytes up':>9} {'bytes down':>10}")
+  lines = ['per-silo totals (decided rounds; bytes down estimated, see below)', header,
+           '-' * len(header)]
   for silo, t in totals.items():
     norm = '-' if t['mean_delta_norm'] is None else f"{t['mean_delta_norm']:.4g}"
     lines.append(f"{silo:<16} {t['tokens']:>12,} {t['rounds_included']:>8} "
                  f"{t['rounds_rejected']:>8} {t['rounds_missing']:>7} {norm:>10} "
-                 f"{_fmt_loss(t['last_eval_loss']):>6}")
+                 f"{_fmt_loss(t['last_eval_loss']):>6} {_fmt_bytes(t['bytes_up']):>9} "
+                 f"{_fmt_bytes(t['bytes_down']):>10}")
+  return '\n'.join(lines)
+
+
+def render_traffic(rows: list[dict], run: dict) -> str:
+  """Bytes up (its delta) and down (the next global round) per silo and round."""
+  silos = protocol.silo_ids(run)
+  fmt = protocol.downlink(run)
+  header = f"{'round':>5}  " + ' '.join(f'{s[:21]:>21}' for s in silos)
+  lines = ['bytes per silo and round: up (its delta) / down (global round r+1)',
+           (f'down: the {fmt} update if the silo published to round r, else the whole model '
+            '(an estimate from the bucket)' if fmt else 'down: the whole model'),
+           header, '-' * len(header)]
+  for row in rows:
+    down = row['bytes_down_by_silo']
+    cells = [f"{_fmt_bytes(row['bytes_up_by_silo'].get(s, 0))} / "
+             f"{_fmt_bytes(down[s]) if s in down else '-'}" for s in silos]
+    lines.append(f"{row['round']:>5}  " + ' '.join(f'{c:>21}' for c in cells))
   return '\n'.join(lines)
 
 
@@ -215,7 +268,7 @@ def render_table(rows: list[dict], run: dict, initial_hash: str | None = None) -
     lines.append(f"global round 0: hash {(initial_hash or '-')[:12]}, "
                  f"held-out loss {_fmt_loss(rows[0]['base_eval_loss'])}")
   header = (f"{'round':>5}  {'status':<11} {'contributors':<32} {'tokens':>10} "
-            f"{'train':>7} {'bytes':>9}  {'global':<12} {'eval':>6}  rejected")
+            f"{'train':>7} {'bytes up':>9} {'down':>9}  {'global':<12} {'eval':>6}  rejected")
   lines += [header, '-' * len(header)]
   for row in rows:
     rejected = '; '.join(f"{e['silo']}: {e['reason']}" for e in row['rejected'])
@@ -227,7 +280,8 @@ def render_table(rows: list[dict], run: dict, initial_hash: str | None = None) -
     lines.append(
         f"{row['round']:>5}  {row['status']:<11} {','.join(row['contributors']):<32} "
         f"{row['tokens']:>10,} {_fmt_loss(row['train_loss']):>7} "
-        f"{_fmt_bytes(row['bytes']):>9}  {_fmt_hash(row):<12} "
+        f"{_fmt_bytes(row['bytes_up']):>9} {_fmt_bytes(row['bytes_down']):>9}  "
+        f"{_fmt_hash(row):<12} "
         f"{_fmt_loss(row['eval_loss']):>6}  {rejected or '-'}")
   if not rows:
     lines.append('(no round has started yet)')
@@ -318,4 +372,4 @@ def status(storage_root: str, fmt: str = 'table') -> str:
     raise ValueError(f'unknown format {fmt!r}')
   return '\n\n'.join([render_table(rows, run, store.global_hash(0)),
                        render_overview(overview, run['federation']['rounds']),
-                       render_totals(totals)])
+                       render_totals(totals), render_traffic(rows, run)])

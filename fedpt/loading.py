@@ -17,8 +17,10 @@ import os
 from etils import epath
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fedpt import checkpoint as checkpoint_lib
+from fedpt import compression
 from fedpt import config as config_lib
 from fedpt import data as data_lib
 from fedpt import drift as drift_lib
@@ -330,6 +332,74 @@ def read_decided_manifest(store: storage_lib.RunStorage, run: dict, round_index:
         f'the manifest of round {round_index} under {store.root}: {reason}. The bucket was '
         'tampered with; nothing was loaded. Fix: ask the run\'s operator to restore the round.')
   return manifest
+
+
+def global_from_update(store: storage_lib.RunStorage, run: dict, round_index: int,
+                       base_flat: dict, identity=None) -> tuple[dict, int] | None:
+  """(global round `round_index`'s flat params, bytes read) from global round - 1 and the
+  round's published update (the compressed downlink); None if the round has no update.
+
+  `base_flat` must be the verified previous round. Each shard meta is vetted as
+  `read_global_params` vets it, every update array against its `update_hashes`, and
+  every rebuilt leaf (`compression.apply_update`; a leaf without an update is carried
+  over) against the meta's `leaf_hashes`: a mismatch is `storage.tampered`, and nothing
+  is returned.
+  """
+  metas = store.global_shard_metas(round_index)
+  if metas is None:
+    raise storage_lib.StorageError(
+        f'global round {round_index} is not committed under {store.root}')
+  if any('update_hashes' not in m for m in metas):
+    return None
+  check_aggregator = (identity.check_aggregator if identity is not None
+                      else signing.listed_aggregator_check(run))
+  previous = (store.read_manifest(round_index - 1)
+              if check_aggregator is not None and round_index > 0 else None)
+  out, nbytes = {}, 0
+  for meta in metas:
+    shard = meta.get('shard')
+    layout, reason = None, protocol.check_global_meta(run, round_index, meta, check_aggregator,
+                                                      previous)
+    if reason is None:
+      layout, reason = protocol.update_layout(run, meta)
+    if reason is None and any(tuple(meta['leaf_shapes'][n]) != tuple(base_flat[n].shape)
+                              for n in meta['leaf_hashes'] if n in base_flat):
+      reason = 'its leaf shapes are not those of the previous round'
+    if reason is None and not set(meta['leaf_hashes']) <= set(base_flat):
+      reason = 'it lists parameters the previous round lacks'
+    if reason:
+      raise storage_lib.tampered(store.root, round_index, shard, reason)
+    arrays = {}
+    if layout:
+      abstract = {f'{n}/{k}': jax.ShapeDtypeStruct(tuple(s), np.dtype(d))
+                  for n, spec in layout.items() for k, (s, d) in spec.items()}
+      try:
+        arrays = store.read_global_update(round_index, shard, meta['num_shards'], abstract)
+      except Exception as e:  # pylint: disable=broad-except  # Corrupt chunks fail in many ways.
+        raise storage_lib.tampered(store.root, round_index, shard,
+                                   f'its update is unreadable ({errors.one_line(e)})') from None
+    for k in sorted(arrays):
+      if storage_lib.array_hash(arrays[k]) != meta['update_hashes'][k]:
+        raise storage_lib.tampered(store.root, round_index, shard, (
+            f'update array {k} does not match its committed hash: the object was modified or '
+            'torn after commit'))
+      nbytes += int(arrays[k].nbytes)
+    fmt, block_size = meta['update_format']['compression'], meta['update_format']['block_size']
+    for n in sorted(meta['leaf_hashes']):
+      leaf = base_flat[n]
+      if n in layout:
+        leaf = compression.apply_update(leaf, {k: arrays[f'{n}/{k}'] for k in layout[n]}, fmt,
+                                        block_size)
+      if storage_lib.array_hash(leaf) != meta['leaf_hashes'][n]:
+        raise storage_lib.tampered(store.root, round_index, shard, (
+            f'parameter {n} rebuilt from the previous round and the update does not match its '
+            'committed hash'))
+      out[n] = leaf
+  if set(out) != set(base_flat):
+    raise storage_lib.StorageError(
+        f'global round {round_index} lacks parameters {sorted(set(base_flat) - set(out))[:3]}. '
+        'Fix: use the run\'s config.')
+  return out, nbytes
 
 
 def read_global_controls(store: storage_lib.RunStorage, run: dict, round_index: int,

@@ -324,15 +324,23 @@ def round_traffic(params_tree, fed, drift_correction: str, delta_bytes: dict) ->
   """Bytes one silo moves per round: its upload, and the global round it downloads.
 
   SCAFFOLD adds one fp32 control-variate leaf per shared leaf each way (delta_c_i up,
-  the server's c down; docs/protocol.md).
+  the server's c down; docs/protocol.md). With a compressed downlink an up-to-date
+  silo downloads the update (`downlink_bytes`: the shared leaves in
+  `federation.downlink_compression`); a silo that missed a round reads the whole model
+  (`full_download_bytes`).
   """
   control = (sum(4 * math.prod(leaf.shape) for leaf in
                  _shared(params_tree, fed.private_params).values())
              if drift_correction == 'scaffold' else 0)
   params = sum(math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
                for leaf in jax.tree.leaves(params_tree))
+  downlink = fed.downlink_compression
+  update = (sum(compression.compressed_nbytes(leaf.shape, downlink, fed.block_size)
+                for leaf in _shared(params_tree, fed.private_params).values())
+            if downlink != 'none' else params)
   return {'control_bytes': control, 'upload_bytes': delta_bytes[fed.compression] + control,
-          'download_bytes': params + control}
+          'downlink_compression': downlink, 'downlink_bytes': update,
+          'download_bytes': update + control, 'full_download_bytes': params + control}
 
 
 def _fixes(config, num_devices: int, platform: str, budget: float) -> list[dict]:
@@ -393,6 +401,7 @@ def plan(config, num_devices: int, *, platform: str = 'gpu', hbm_gib: float = 80
   `num_shards`: the aggregation shards to plan the aggregator for (default
   `federation.num_shards`). JSON-ready.
   """
+  protocol.validate_federation(config)  # The formats sized below name their field when bad.
   memory, acts = _memory(config, num_devices, platform)
   model_config = model_lib.ModelConfig.from_config(config.model, platform)
   _, params, _ = model_lib.abstract_model(model_config)
@@ -587,8 +596,14 @@ def render(info: dict) -> str:
     lines.append(f"  private leaves {delta['private_params']} are not published")
   if delta['control_bytes']:
     lines.append(f"  + SCAFFOLD control variates {human_bytes(delta['control_bytes'])} each way")
+  downlink = delta['downlink_compression']
   lines.append(f"  per round: upload {human_bytes(delta['upload_bytes'])}, download "
-               f"{human_bytes(delta['download_bytes'])}")
+               f"{human_bytes(delta['download_bytes'])}"
+               + (f' (the {downlink} global update: federation.downlink_compression)'
+                  if downlink != 'none' else ''))
+  if downlink != 'none':
+    lines.append(f"  a silo that missed a round downloads the whole model: "
+                 f"{human_bytes(delta['full_download_bytes'])}")
   agg = info['aggregator']
   lines += ['', f"aggregator host memory per shard ({agg['num_shards']} shard(s), "
                 f"{agg['silos']} silos, outer {agg['outer_optimizer']}, {agg['robust']})"]

@@ -49,6 +49,21 @@ def control_name(leaf: str) -> str:
   return f'{leaf}/{CONTROL}'
 
 
+# The aggregator's error-feedback residual E of the compressed downlink, per leaf.
+DOWNLINK_RESIDUAL = 'downlink_residual'
+
+
+def downlink(run: dict) -> str | None:
+  """The run's downlink format (`federation.downlink_compression`), None when it is off."""
+  fmt = run['federation'].get('downlink_compression', 'none')
+  return None if fmt == 'none' else fmt
+
+
+def downlink_residual_name(leaf: str) -> str:
+  """The outer-state array name of leaf `leaf`'s downlink residual E."""
+  return f'{leaf}/{DOWNLINK_RESIDUAL}'
+
+
 class RunMismatchError(errors.UserError, ValueError):
   """This party's config or tokenizer does not match the run it tries to join."""
 
@@ -74,6 +89,9 @@ def validate_federation(config) -> None:
 
   require(fed.compression in compression.FORMATS, 'compression',
           f'unknown format {fed.compression!r}', f'use one of {compression.FORMATS}')
+  require(fed.downlink_compression in compression.FORMATS, 'downlink_compression',
+          f'unknown format {fed.downlink_compression!r}',
+          f'use one of {compression.FORMATS} (none: silos download the fp32 model)')
   require(fed.block_size % 2 == 0, 'block_size',
           f'{fed.block_size} must be a positive even number', 'use e.g. 256')
   outer.check_robust_config(fed.robust, fed.trim, fed.min_silos or len(fed.silos),
@@ -671,18 +689,55 @@ def check_eval_record(run: dict, round_index: int, silo: str, record,
 
 def global_shard_meta(run_id: str, round_index: int, shard: int, num_shards: int, *,
                       leaf_hashes: dict, leaf_shapes: dict, leaf_dtypes: dict,
-                      outer_state_hashes: dict, contributors: list[str], tokens: int) -> dict:
+                      outer_state_hashes: dict, contributors: list[str], tokens: int,
+                      update: dict | None = None) -> dict:
   """What an aggregator shard commits beside its params and outer-optimizer state.
 
   Every array the shard wrote is hashed here (params per leaf, outer state per
   `aggregator.state_to_arrays` name), so with the aggregator's signature nothing
   it reads back, its own earlier output included, can be swapped unnoticed.
+  `update` (compressed downlink): {hashes: {leaf/key: sha256}, compression,
+  block_size, bytes} of the update item.
   """
-  return {
+  meta = {
       'round': round_index, 'shard': shard, 'num_shards': num_shards, 'run_id': run_id,
       'leaf_hashes': leaf_hashes, 'leaf_shapes': leaf_shapes, 'leaf_dtypes': leaf_dtypes,
       'outer_state_hashes': outer_state_hashes, 'contributors': contributors, 'tokens': tokens,
   }
+  if update is not None:
+    meta.update(update_hashes=update['hashes'], update_bytes=update['bytes'],
+                update_format={'compression': update['compression'],
+                               'block_size': update['block_size']})
+  return meta
+
+
+def update_layout(run: dict, meta: dict) -> tuple[dict | None, str | None]:
+  """({leaf: {key: (shape, dtype)}} of a shard's published update, None) or (None, why not).
+
+  The layout follows from the run's downlink format and the leaf shapes the meta lists;
+  the meta must hash exactly those arrays, of shared leaves only, and count their bytes.
+  """
+  fmt = downlink(run)
+  if fmt is None or 'update_hashes' not in meta:
+    return None, 'it publishes no update'
+  try:
+    form = meta['update_format']
+    if form != {'compression': fmt, 'block_size': run['federation']['block_size']}:
+      return None, f'its update format {form} is not the run\'s downlink ({fmt})'
+    leaves = sorted({k.rsplit('/', 1)[0] for k in meta['update_hashes']})
+    layout, nbytes = {}, 0
+    for name in leaves:
+      if name not in meta['leaf_hashes'] or is_private(run, name):
+        return None, f'its update names {name!r}, not a shared leaf of this shard'
+      layout[name] = compression.payload_spec(meta['leaf_shapes'][name], fmt, form['block_size'])
+      nbytes += compression.compressed_nbytes(meta['leaf_shapes'][name], fmt, form['block_size'])
+    if sorted(meta['update_hashes']) != sorted(f'{n}/{k}' for n, s in layout.items() for k in s):
+      return None, 'its update hashes are not those of the downlink layout'
+    if meta['update_bytes'] != nbytes:
+      return None, f'its update_bytes {meta["update_bytes"]!r} are not its layout\'s {nbytes}'
+  except records.MALFORMED as e:
+    return None, records.malformed(e)
+  return layout, None
 
 
 def check_shard_arrays(meta: dict, param_hashes: dict, outer_state_hashes: dict) -> str | None:

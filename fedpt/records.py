@@ -34,6 +34,7 @@ PER_SILO = {'federation.inner_steps': 'inner_steps', 'federation.round_budget_s'
 # means (all 'off'): so older runs stay readable and resume unchanged.
 LATER_FIELDS = {'inner.drift_correction': 'none', 'inner.prox_mu': 0.0,
                 'federation.private_params': (), 'federation.overlap': 'none',
+                'federation.downlink_compression': 'none',
                 'outer.momentum_warmup_rounds': 0, 'outer.lr_warmup_rounds': 0}
 
 
@@ -158,6 +159,13 @@ def check_shard_meta_form(meta) -> str | None:
     if not (isinstance(meta['contributors'], list)
             and all(isinstance(c, str) for c in meta['contributors'])):
       return 'its meta.json has no list of contributors'
+    if 'update_hashes' in meta and not (  # The compressed downlink's update (optional).
+        isinstance(meta['update_hashes'], dict)
+        and all(isinstance(k, str) and isinstance(v, str)
+                for k, v in meta['update_hashes'].items())
+        and isinstance(meta['update_format'], dict) and is_int(meta['update_bytes'])
+        and meta['update_bytes'] >= 0):
+      return 'its meta.json describes its update as neither hashes, a format nor a size'
   except MALFORMED as e:
     return malformed(e)
   return None

@@ -254,6 +254,7 @@ class _Silo:
     # dequantised deltas this silo published in the round before it and in this round.
     self.eager = dict.fromkeys(_EAGER_ITEMS)
     self.eval_params = None  # Eager: the global round a round's base was derived from.
+    self.last_global = None  # Compressed downlink: (round, flat copy) of the last global loaded.
 
   def save(self, state, residual, position, residual_base=None, control_base=None):
     """A private checkpoint of the silo's state, with its control variates (SCAFFOLD)."""
@@ -305,12 +306,24 @@ class _Silo:
     """`state` with its params replaced by verified global round `round_index`.
 
     Private leaves (federation.private_params) stay the silo's own, and so does
-    their inner AdamW state (as every leaf's does across rounds).
+    their inner AdamW state (as every leaf's does across rounds). With a compressed
+    downlink, a silo holding round `round_index - 1` reads only the round's update and
+    rebuilds the round from it (`loading.global_from_update`); others read it whole.
     """
-    flat = loading.read_global_params(
-        self.store, self.run, round_index, trees.flatten_params(self.trainer.abstract_state()[
-            'params']), self.identity)
-    self.round_io.bytes_down += sum(int(v.nbytes) for v in flat.values())
+    rebuilt = None
+    if (protocol.downlink(self.run) and self.last_global is not None
+        and self.last_global[0] == round_index - 1):  # The same on every host of a silo.
+      rebuilt = loading.global_from_update(self.store, self.run, round_index,
+                                           self.last_global[1], self.identity)
+    if rebuilt is None:
+      flat = loading.read_global_params(
+          self.store, self.run, round_index, trees.flatten_params(
+              self.trainer.abstract_state()['params']), self.identity)
+      rebuilt = flat, sum(int(v.nbytes) for v in flat.values())
+    flat, nbytes = rebuilt
+    self.round_io.bytes_down += nbytes
+    if protocol.downlink(self.run):  # A copy: the train step donates the state's buffers.
+      self.last_global = round_index, {k: jnp.copy(v) for k, v in flat.items()}
     own = trees.flatten_params(state['params'])
     flat.update({n: own[n] for n in flat if protocol.is_private(self.run, n)})
     return {**state, 'params': trees.unflatten_params(flat)}

@@ -3,7 +3,8 @@
 This is the only module that knows bucket paths. Layout under the run root:
 
   run.json                                  written once by init_run
-  global/round_NNNNNN/shard_III_of_NNN/     Orbax items `params`, `outer_state`; meta.json last
+  global/round_NNNNNN/shard_III_of_NNN/     Orbax items `params`, `outer_state` and, with a
+                                            compressed downlink, `update`; meta.json last
   rounds/NNNNNN/silo_<id>/                  Orbax item `payload` (compressed delta); meta.json last
   rounds/NNNNNN/manifest.json               the aggregator's decision, written once
 
@@ -586,15 +587,19 @@ class RunStorage:
   # -- global model ------------------------------------------------------------
 
   def publish_global_shard(self, round_index: int, shard: int, num_shards: int,
-                           params_flat: dict, outer_state: dict, meta: dict) -> None:
+                           params_flat: dict, outer_state: dict, meta: dict,
+                           update: dict | None = None) -> None:
+    """`update`: the compressed downlink's arrays (`leaf/key`), written before meta.json."""
     self.write_global_part(round_index, shard, num_shards, 'params', params_flat)
     if outer_state:
       self.write_global_part(round_index, shard, num_shards, 'outer_state', outer_state)
+    if update:
+      self.write_global_part(round_index, shard, num_shards, 'update', update)
     self.commit_global_shard(round_index, shard, num_shards, meta)
 
   def write_global_part(self, round_index: int, shard: int, num_shards: int, item: str,
                         arrays_flat: dict) -> None:
-    """Uploads one Orbax item ('params', 'outer_state') of an uncommitted global shard.
+    """Uploads one Orbax item ('params', 'outer_state', 'update') of an uncommitted global shard.
 
     Separate calls let a writer free one item's arrays before it makes the next
     (`aggregator.init_run`); `commit_global_shard` then makes the shard visible.
@@ -694,6 +699,13 @@ class RunStorage:
       outer_arrays = flatten_params(self._restore_tree(
           directory / 'outer_state', unflatten_params(abstract_outer), partial=False))
     return params, outer_arrays
+
+  def read_global_update(self, round_index: int, shard: int, num_shards: int,
+                         abstract_arrays: dict) -> dict:
+    """One shard's published global update (`leaf/key` host arrays): the compressed downlink."""
+    directory = self.shard_dir(round_index, shard, num_shards) / 'update'
+    return flatten_params(self._restore_tree(directory, unflatten_params(abstract_arrays),
+                                             partial=False))
 
   def read_global_outer_arrays(self, round_index: int, shard: int, num_shards: int,
                                abstract_arrays: dict) -> dict:

@@ -115,7 +115,7 @@ def test_the_aggregator_refuses_its_own_tampered_output(fed_config, tmp_path, it
     store.publish_delta(2, s, *bucket_helpers.fake_delta(store, run, 2, s,
                                                          fed_config.federation, 0.02))
   agg = aggregator_lib.Aggregator(root)
-  params, state, _ = agg.read_shard(2)
+  params, state, _, _ = agg.read_shard(2)
   arrays = params if item == 'params' else aggregator_lib.state_to_arrays(state)
   name = sorted(arrays)[-1]
   arrays = {n: np.asarray(v) + (1e-3 if n == name else 0.0) for n, v in arrays.items()}

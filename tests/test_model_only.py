@@ -52,7 +52,7 @@ def test_round_0_is_the_trainer_s_init_bit_for_bit(tiny_config, tmp_path, optimi
   assert {n: h for m in metas for n, h in m['outer_state_hashes'].items()} == state_hashes
   assert bool(state_hashes) == (optimizer != 'fedavg')  # FedAvg's plain SGD keeps no state.
   for shard in range(shards):  # What is stored is what the metas vouch for.
-    params, _, controls = aggregator_lib.Aggregator(root, shard=shard).read_shard(0)
+    params, _, controls, _ = aggregator_lib.Aggregator(root, shard=shard).read_shard(0)
     assert sorted(params) == [n for m in metas if m['shard'] == shard
                               for n in sorted(m['leaf_hashes'])]
     assert bool(controls) == (drift == 'scaffold')

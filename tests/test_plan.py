@@ -236,7 +236,8 @@ def test_the_aggregator_plan_is_what_a_shard_holds(tiny_config, tmp_path):
   planned = planning.aggregator_memory(tiny_config)
   assert planned['num_shards'] == 2 and planned['silos'] == 3
   for shard in planned['shards']:
-    params, state, controls = aggregator_lib.Aggregator(root, shard=shard['shard']).read_shard(0)
+    agg = aggregator_lib.Aggregator(root, shard=shard['shard'])
+    params, state, controls, _ = agg.read_shard(0)
     nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))  # noqa: E731
     assert shard['leaves'] == len(params)
     assert (shard['params'], shard['outer_state'], shard['controls']) == (

@@ -396,6 +396,7 @@ def test_a_run_json_from_before_the_later_fields_reads_with_their_defaults():
   records.check_run_form(run, 'run.json')
   recorded = records.recorded_contract(run)
   assert recorded['inner.drift_correction'] == 'none' and recorded['outer.lr_warmup_rounds'] == 0
+  assert recorded['federation.downlink_compression'] == 'none' and protocol.downlink(run) is None
   assert not protocol.is_private(run, 'embed_vd') and protocol.shared_leaves(run, ['b', 'a']) == [
       'a', 'b']
   joined, _ = protocol.join_config(run, config_lib.base_config(), 'web')
