@@ -6,9 +6,11 @@ of a round is deterministic, so a silo killed anywhere in a round redoes it bit
 for bit, and publishing is idempotent. The records it reads and writes, and the
 rules about them, are `protocol.py`'s.
 """
+import concurrent.futures
 import dataclasses
 import enum
 import os
+import threading
 import time
 
 import jax
@@ -255,9 +257,23 @@ class _Silo:
     self.eager = dict.fromkeys(_EAGER_ITEMS)
     self.eval_params = None  # Eager: the global round a round's base was derived from.
     self.last_global = None  # Compressed downlink: (round, flat copy) of the last global loaded.
+    # Overlapped rounds in a one-process silo: bucket I/O off the training thread. Uploads
+    # (deltas, eval records) run in order on one thread, the next global round's download
+    # on another. A multi-host silo's uploads are collective: they stay on this thread.
+    background = self.overlap != 'none' and not multihost.is_multihost()
+    self.uploader = (concurrent.futures.ThreadPoolExecutor(1, 'fedpt-upload')
+                     if background else None)
+    self.downloader = (concurrent.futures.ThreadPoolExecutor(1, 'fedpt-download')
+                       if background else None)
+    self.pending = []  # (future, then) of uploads not yet settled, in order.
+    self.prefetched = None  # (round, stop event, future) of the next global round's download.
 
   def save(self, state, residual, position, residual_base=None, control_base=None):
-    """A private checkpoint of the silo's state, with its control variates (SCAFFOLD)."""
+    """A private checkpoint of the silo's state, with its control variates (SCAFFOLD).
+
+    Background uploads finish first: a checkpoint never runs ahead of the bucket.
+    """
+    self.settle()
     self.private.save(state, position, {
         'residual': residual, 'residual_base': residual_base, 'control': self.control,
         'control_base': control_base, **self.eager})
@@ -296,8 +312,71 @@ class _Silo:
              f'({self.config.train.eval_batches * d.global_batch * d.seq_len:,} tokens) '
              'of its own split')
     record = protocol.eval_record(self.run, round_index, self.silo_id, eval_loss, step)
-    self.store.publish_eval(round_index, self.silo_id,
-                            self.identity.sign(record) if self.identity else record)
+    record = self.identity.sign(record) if self.identity else record
+    self.in_background(lambda: self.store.publish_eval(round_index, self.silo_id, record))
+
+  # -- bucket I/O off the training thread (federation.overlap) ----------------------------
+
+  def in_background(self, work, then=None):
+    """Runs `work()` on the upload thread (overlapped rounds) or now; `then(result)` runs on
+    this thread once it is done, at the next `settle`."""
+    if self.uploader is None:
+      result = work()
+      if then is not None:
+        then(result)
+      return
+    self.pending.append((self.uploader.submit(work), then))
+
+  def uploading(self) -> bool:
+    """Whether an upload is still in flight; finished ones are settled (errors raised here)."""
+    if any(not future.done() for future, _ in self.pending):
+      return True
+    self.settle()
+    return False
+
+  def settle(self):
+    """Waits for every background upload, in order; an upload's error is raised here."""
+    while self.pending:
+      future, then = self.pending[0]
+      result = future.result()
+      self.pending.pop(0)
+      if then is not None:
+        then(result)
+
+  def start_prefetch(self, round_index):
+    """Downloads global round `round_index` in the background once it is committed, for the
+    `load_global` that will want it (overlapped rounds only)."""
+    if self.downloader is None or round_index > self.total_rounds:
+      return
+    self.drop_prefetch()
+    stop, base = threading.Event(), self.last_global
+    abstract = trees.flatten_params(self.trainer.abstract_state()['params'])
+
+    def fetch():
+      while not stop.is_set():
+        newest = self.store.latest_global_round()
+        if newest is not None and newest >= round_index:
+          return self.read_global(round_index, base, abstract)
+        stop.wait(self.fed.poll_s)
+      return None
+    self.prefetched = round_index, stop, self.downloader.submit(fetch)
+
+  def drop_prefetch(self):
+    if self.prefetched is not None:
+      self.prefetched[1].set()
+      self.prefetched = None
+
+  def take_prefetched(self, round_index):
+    """(flat, bytes read) of global round `round_index` if it was prefetched, else None."""
+    if self.prefetched is None or self.prefetched[0] != round_index:
+      self.drop_prefetch()
+      return None
+    future = self.prefetched[2]
+    self.prefetched = None
+    try:
+      return future.result()
+    except Exception:  # pylint: disable=broad-except  # The caller's own read says what failed.
+      return None
 
   def log(self, line):
     metrics_lib.log(f'silo {self.silo_id}: {line}')
@@ -309,17 +388,11 @@ class _Silo:
     their inner AdamW state (as every leaf's does across rounds). With a compressed
     downlink, a silo holding round `round_index - 1` reads only the round's update and
     rebuilds the round from it (`loading.global_from_update`); others read it whole.
+    Overlapped rounds take the copy `start_prefetch` downloaded during the inner steps.
     """
-    rebuilt = None
-    if (protocol.downlink(self.run) and self.last_global is not None
-        and self.last_global[0] == round_index - 1):  # The same on every host of a silo.
-      rebuilt = loading.global_from_update(self.store, self.run, round_index,
-                                           self.last_global[1], self.identity)
-    if rebuilt is None:
-      flat = loading.read_global_params(
-          self.store, self.run, round_index, trees.flatten_params(
-              self.trainer.abstract_state()['params']), self.identity)
-      rebuilt = flat, sum(int(v.nbytes) for v in flat.values())
+    rebuilt = self.take_prefetched(round_index) or self.read_global(
+        round_index, self.last_global,
+        trees.flatten_params(self.trainer.abstract_state()['params']))
     flat, nbytes = rebuilt
     self.round_io.bytes_down += nbytes
     if protocol.downlink(self.run):  # A copy: the train step donates the state's buffers.
@@ -327,6 +400,19 @@ class _Silo:
     own = trees.flatten_params(state['params'])
     flat.update({n: own[n] for n in flat if protocol.is_private(self.run, n)})
     return {**state, 'params': trees.unflatten_params(flat)}
+
+  def read_global(self, round_index, last_global, abstract_flat):
+    """(flat params, bytes read) of verified global round `round_index`: only its update
+    when `last_global` (round, flat) is the round before and the run has a downlink."""
+    if (protocol.downlink(self.run) and last_global is not None
+        and last_global[0] == round_index - 1):  # The same on every host of a silo.
+      rebuilt = loading.global_from_update(self.store, self.run, round_index, last_global[1],
+                                           self.identity)
+      if rebuilt is not None:
+        return rebuilt
+    flat = loading.read_global_params(self.store, self.run, round_index, abstract_flat,
+                                      self.identity)
+    return flat, sum(int(v.nbytes) for v in flat.values())
 
   # -- the phases ---------------------------------------------------------------------
 
@@ -376,6 +462,8 @@ class _Silo:
       r = self.store.latest_global_round()
       if r is not None and r >= needed:
         return r
+      if self.uploading():  # The delta is not in the bucket yet: it is on its way.
+        return None
       if (self.store.delta_meta(position.round, self.silo_id) is None  # Usually present:
           and self.store.read_manifest(position.round) is None):  # one read per poll.
         return REPUBLISH
@@ -642,21 +730,25 @@ class _Silo:
     return True
 
   def publish(self, position, state, residual, base_flat, base_hash, seconds, step):
-    """Compresses and commits the round's delta, then checkpoints; returns the next residual.
+    """Builds the round's delta, checkpoints, then commits it; returns the next residual.
 
-    `seconds` holds the round's 'eval' and 'inner' seconds; 'publish' and
-    'checkpoint' are added, and it becomes the round's record in the summary. The
-    round's metrics.jsonl row (at `step`, the data position) is written once committed.
+    The 'published' checkpoint comes before the commit: a silo stopped in between
+    commits the same delta on resuming (`ensure_published`). With overlapped rounds
+    the upload runs in the background while the next round trains; every later
+    checkpoint waits for it (`save`). `seconds` holds the round's 'eval' and 'inner'
+    seconds; 'publish' (building), 'checkpoint' and 'upload' are added, and it becomes
+    the round's record in the summary, as the round's metrics.jsonl row (at `step`,
+    the data position) is written.
     """
     start = time.monotonic()
     control_delta = self.control_delta(position, state, self.control)
     payload, next_residual, meta = self.build_delta(position, state, residual, base_flat,
                                                     base_hash, seconds['inner'], control_delta)
     position.phase = Phase.PUBLISHED
+    self.settle()  # The previous round's commit first: rounds commit in order.
     if not self.clear_own_path(position, meta):
       self.save(state, residual, position)  # The residual and c_i were not spent.
       return residual
-    self.store.publish_delta(position.round, self.silo_id, payload, meta)
     seconds['publish'] = time.monotonic() - start
     io = self.round_io
     self.logger.writer.write(step, {
@@ -664,10 +756,9 @@ class _Silo:
         'round_train_loss': meta['train_loss'], 'bytes_up': meta['bytes'],
         'bytes_down': io.bytes_down, 'wait_s': io.wait_s, 'load_s': io.load_s,
         'eval_s': seconds['eval'], 'inner_s': seconds['inner'], 'publish_s': seconds['publish']})
-    bytes_down, io.bytes_down, io.wait_s, io.load_s = io.bytes_down, 0, 0.0, 0.0
-    faults.crash_point('silo_published', position.round)
-    self.log(f'round {position.round} published ({meta["steps"]} steps, loss '
-             f'{meta["train_loss"]:.4f}, {meta["bytes"]:,} bytes)')
+    record = {**{k: meta[k] for k in ('round', 'tokens', 'train_loss', 'bytes')},
+              'bytes_down': io.bytes_down, 'seconds': seconds}
+    io.bytes_down, io.wait_s, io.load_s = 0, 0.0, 0.0
     self.residual_base = residual
     if self.overlap == 'eager':  # What the aggregator will average: swapped out next round.
       self.eager['eager_sent_next'] = self.dequantised(payload, base_flat)
@@ -677,9 +768,19 @@ class _Silo:
     self.save(state, next_residual, position, residual_base=residual,
               control_base=self.control_base if control_delta is not None else None)
     seconds['checkpoint'] = time.monotonic() - start - seconds['publish']
-    self.summary['rounds'].append({**{k: meta[k] for k in ('round', 'tokens', 'train_loss',
-                                                           'bytes')},
-                                   'bytes_down': bytes_down, 'seconds': seconds})
+    self.summary['rounds'].append(record)
+
+    def upload():
+      upload_start = time.monotonic()
+      self.store.publish_delta(position.round, self.silo_id, payload, meta)
+      return time.monotonic() - upload_start
+
+    def committed(upload_s):
+      seconds['upload'] = upload_s
+      faults.crash_point('silo_published', meta['round'])
+      self.log(f'round {meta["round"]} published ({meta["steps"]} steps, loss '
+               f'{meta["train_loss"]:.4f}, {meta["bytes"]:,} bytes)')
+    self.in_background(upload, committed)
     return next_residual
 
   def dequantised(self, payload, like_flat):
@@ -691,21 +792,31 @@ class _Silo:
             else jnp.zeros(v_like.shape, jnp.float32, device=v_like.sharding)
             for n, v_like in like_flat.items()}
 
-  def republish(self, position, state):
-    """Commits again a published delta that vanished before its round was decided.
+  def republish(self, position, state, why):
+    """Commits the round's delta from the private state: it is not in the bucket (`why`)
+    and the round is undecided.
 
-    It is rebuilt from the round's base in the bucket, the post-round params and
-    (error feedback) the residual it was compressed with: the same content hash.
+    It is rebuilt from the round's base in the bucket (eager: in the private
+    checkpoint), the post-round params and (error feedback) the residual it was
+    compressed with: the same content hash.
     """
-    self.log(f'round {position.round}: its committed delta is gone from the bucket and the '
-             'round is undecided; republishing it from the round\'s base and the private state')
+    self.log(f'round {position.round}: {why}; publishing its delta again from the round\'s '
+             'base and the private state')
     base_round = self.model_round(position.round)
     base_flat = (self.eager['eager_base'] if self.overlap == 'eager' else
                  trees.flatten_params(self.load_global(base_round, state)['params']))
     payload, _, meta = self.build_delta(
         position, state, self.residual_base, base_flat, self.store.global_hash(base_round),
         0.0, self.control_delta(position, state, self.control_base))
-    self.store.publish_delta(position.round, self.silo_id, payload, meta)
+    if self.clear_own_path(position, meta):
+      self.store.publish_delta(position.round, self.silo_id, payload, meta)
+
+  def ensure_published(self, position, state):
+    """On resuming from a 'published' checkpoint: the delta is committed, or the round
+    decided; a stop between the checkpoint and the commit is made good here."""
+    if multihost.agree_flag(self.own_delta(position.round)[1] is not None
+                            and self.store.read_manifest(position.round) is None):
+      self.republish(position, state, 'the silo stopped before its delta was committed')
 
   def finish(self, position, state, step):
     """After the last round: the final global model's held-out loss, published."""
@@ -736,6 +847,8 @@ class _Silo:
       return self.summary
     self.announce()
     state, residual, position = self.join_or_resume()
+    if position.phase == Phase.PUBLISHED and position.round < self.total_rounds:
+      self.ensure_published(position, state)
     step = int(state['step'])  # The data position; tracked on the host from here on.
     self.logger = trainer_lib.StepLogger(self.trainer, self.workdir, step, self.private.note)
     rounds_done = 0
@@ -751,7 +864,7 @@ class _Silo:
                    f'status {errors.PREEMPTED_EXIT_CODE}: rerun the same command to resume')
           break
         if next_round == REPUBLISH:
-          self.republish(position, state)
+          self.republish(position, state, 'its committed delta is gone from the bucket')
           continue
         next_round = self.round_to_load(following, next_round)
         load_start = time.monotonic()
@@ -776,21 +889,31 @@ class _Silo:
         self.eager = dict.fromkeys(_EAGER_ITEMS)
         continue
       self.round_io.round_starts.append(time.monotonic())
+      starts = self.round_io.round_starts
+      if len(starts) > 1 and self.summary['rounds']:  # Wall time from that round's start.
+        self.summary['rounds'][-1]['seconds'].setdefault('wall', starts[-1] - starts[-2])
       if position.phase == Phase.START:
         state = self.start_drift(position, state)
       base_flat, base_hash, eval_seconds = self.begin_round(position, state, step)
+      self.start_prefetch(self.model_round(position.round + 1))
       inner_start = time.monotonic()
       state, step = self.inner_steps(position, state, residual, step)
       if self.summary['preempted']:
         break
       residual = self.publish(position, state, residual, base_flat, base_hash, {
           'eval': eval_seconds, 'inner': time.monotonic() - inner_start}, step)
+    self.settle()
     if position.round >= self.total_rounds:
       self.finish(position, state, step)
+      self.settle()
     self.summary.update(round=position.round, state=state)
     return self.summary
 
   def close(self):
+    self.drop_prefetch()
+    for pool in (self.uploader, self.downloader):
+      if pool is not None:
+        pool.shutdown(wait=True, cancel_futures=True)
     self.preemption.restore()
     self.private.close()
     if self.logger is not None:
