@@ -1,8 +1,10 @@
 r"""Seconds a silo spends outside its inner steps per round, and bytes published per format.
 
 One silo and the aggregator run in this process over a local directory bucket,
-so 'wait' is the aggregator's own compute (no network). Overhead is everything
-but the inner steps, as a fraction of the inner compute.
+so 'wait' is the aggregator's own compute (no network). 'wall' is a round's wall
+time (its start to the next round's); idle is the share of it outside the inner
+steps, overhead the same as a fraction of the inner compute. 'upload' runs in the
+background with overlapped rounds (`--overlap=delayed,eager`): then it is not idle.
 
   python bench/round_overhead.py --config=configs/demo.py --inner_steps=25 --rounds=3
 
@@ -40,20 +42,22 @@ flags.DEFINE_list('formats', ['none', 'bf16', 'int8', 'int4'], 'Compression form
 flags.DEFINE_list('storages', ['local'], 'local and/or gs (a local fake-gcs-server).')
 flags.DEFINE_list('signed', ['false'], 'false and/or true: sign every object (Ed25519).')
 flags.DEFINE_list('overlap', ['none'], 'federation.overlap modes to compare: none, delayed, eager.')
+flags.DEFINE_list('downlink', ['none'], 'federation.downlink_compression formats to compare.')
 flags.DEFINE_string('link', None, 'BANDWIDTH,LATENCY, e.g. 10MB/s,50ms: the silo\'s simulated '
                     'link to the bucket (none: no link).')
 FLAGS = flags.FLAGS
 
 
 def measure(config, fmt: str, rounds: int, inner_steps: int, bucket: str | None = None,
-            signed: bool = False, link: str | None = None, overlap: str = 'none') -> dict:
+            signed: bool = False, link: str | None = None, overlap: str = 'none',
+            downlink: str = 'none') -> dict:
   config = config.copy_and_resolve_references()
-  config.train.async_checkpoints = False
   config.federation.update(rounds=rounds, inner_steps=inner_steps, silos=('bench',),
                            compression=fmt, error_feedback=fmt != 'none', poll_s=0.01,
-                           overlap=overlap)
+                           overlap=overlap, downlink_compression=downlink)
   with tempfile.TemporaryDirectory() as tmp:
-    root = f'{bucket}/{fmt}-{signed}-{overlap}' if bucket else os.path.join(tmp, 'bucket')
+    root = (f'{bucket}/{fmt}-{signed}-{overlap}-{downlink}' if bucket
+            else os.path.join(tmp, 'bucket'))
     keys = os.path.join(tmp, 'keys') if signed else None
     if keys:
       signing.generate_named(keys, ['aggregator', 'silo_bench'])
@@ -74,11 +78,12 @@ def measure(config, fmt: str, rounds: int, inner_steps: int, bucket: str | None 
   steady = result['rounds'][1:-1] if len(result['rounds']) > 2 else result['rounds'][1:]
   parts = {k: statistics.median(r['seconds'].get(k, 0.0) for r in steady)
            for k in steady[0]['seconds']}
-  outside = sum(v for k, v in parts.items() if k != 'inner')
+  # Wall: from a round's start to the next's; the background upload is inside it, not added.
+  wall = parts.get('wall') or sum(v for k, v in parts.items() if k != 'upload')
   return {'format': fmt, 'bytes': steady[0]['bytes'], 'seconds': parts,
           'bytes_down': statistics.median(r['bytes_down'] for r in steady),
-          'overhead': outside / parts['inner'], 'idle': outside / (outside + parts['inner']),
-          'storage': 'gs' if bucket else 'local', 'overlap': overlap,
+          'overhead': wall / parts['inner'] - 1, 'idle': 1 - parts['inner'] / wall,
+          'storage': 'gs' if bucket else 'local', 'overlap': overlap, 'downlink': downlink,
           'signed': signed, 'link': silo_link.totals() if silo_link else None}
 
 
@@ -94,28 +99,31 @@ def main(argv):
         for storage in FLAGS.storages:
           for signed in FLAGS.signed:
             for fmt in FLAGS.formats:
-              for overlap in FLAGS.overlap:
-                rows.append(measure(FLAGS.config, fmt, FLAGS.rounds, FLAGS.inner_steps,
-                                    bucket if storage == 'gs' else None, signed == 'true',
-                                    FLAGS.link, overlap))
+              for downlink in FLAGS.downlink:
+                for overlap in FLAGS.overlap:
+                  rows.append(measure(FLAGS.config, fmt, FLAGS.rounds, FLAGS.inner_steps,
+                                      bucket if storage == 'gs' else None, signed == 'true',
+                                      FLAGS.link, overlap, downlink))
     finally:
       if emulator:
         emulator.stop()
-  dense = {(r['storage'], r['signed'], r['overlap']): r['bytes'] for r in rows
+  dense = {(r['storage'], r['signed'], r['overlap'], r['downlink']): r['bytes'] for r in rows
            if r['format'] == 'none'}
   print(f'config={FLAGS.config.name} H={FLAGS.inner_steps} (median of rounds 1..'
         f'{FLAGS.rounds - 1}; seconds per round)'
         + (f'; the silo\'s link: {FLAGS.link}' if FLAGS.link else ''))
-  print(f"{'storage':7s} {'signed':6s} {'overlap':7s} {'format':7s} {'bytes up':>11s} "
-        f"{'vs fp32':>8s} {'bytes down':>11s} {'inner':>7s} {'eval':>6s} {'publish':>8s} "
-        f"{'wait(agg)':>9s} {'load+ckpt':>9s} {'overhead':>9s} {'idle':>6s}")
+  print(f"{'storage':7s} {'signed':6s} {'overlap':7s} {'format':7s} {'downlink':8s} "
+        f"{'bytes up':>11s} {'vs fp32':>8s} {'bytes down':>11s} {'wall':>7s} {'inner':>7s} "
+        f"{'eval':>6s} {'publish':>8s} {'upload':>7s} {'wait(agg)':>9s} {'load+ckpt':>9s} "
+        f"{'overhead':>9s} {'idle':>6s}")
   for r in rows:
     s = r['seconds']
-    base = dense.get((r['storage'], r['signed'], r['overlap']))
+    base = dense.get((r['storage'], r['signed'], r['overlap'], r['downlink']))
     ratio = f"{r['bytes'] / base:.3f}" if base else 'n/a'
     print(f"{r['storage']:7s} {str(r['signed']):6s} {r['overlap']:7s} {r['format']:7s} "
-          f"{r['bytes']:11,d} {ratio:>8s} {int(r['bytes_down']):11,d} {s['inner']:7.2f} "
-          f"{s['eval']:6.2f} {s['publish']:8.2f} {s.get('wait', 0.0):9.2f} "
+          f"{r['downlink']:8s} {r['bytes']:11,d} {ratio:>8s} {int(r['bytes_down']):11,d} "
+          f"{s.get('wall', 0.0):7.2f} {s['inner']:7.2f} {s['eval']:6.2f} {s['publish']:8.2f} "
+          f"{s.get('upload', 0.0):7.2f} {s.get('wait', 0.0):9.2f} "
           f"{s.get('load', 0.0) + s['checkpoint']:9.2f} {r['overhead']:9.1%} {r['idle']:6.1%}")
 
 

@@ -7,6 +7,7 @@ silo's round base and every global round must match it.
 import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -16,6 +17,7 @@ import bucket_helpers
 from fedpt import aggregator as aggregator_lib
 from fedpt import checkpoint as checkpoint_lib
 from fedpt import compression
+from fedpt import faults
 from fedpt import outer
 from fedpt import protocol
 from fedpt import storage as storage_lib
@@ -131,6 +133,29 @@ def test_synchronous_rounds_follow_the_diloco_rule(overlap_config, tmp_path):
   aggregator_lib.init_run(overlap_config, root)
   test_federation._run_in_threads(overlap_config, root, work)
   _check_update_rules('none', root, work)
+
+
+def test_an_overlapped_silo_trains_on_while_its_upload_and_download_are_in_flight(
+    overlap_config, tmp_path):
+  """Round 0's upload is held until round 1 is half trained: it must be in the background;
+  the rounds still commit in order, each from the right base."""
+  overlap_config.federation.update(silos=('a',), rounds=2, overlap='delayed')
+  root = str(tmp_path / 'bucket')
+  aggregator_lib.init_run(overlap_config, root)
+  trained, waited = threading.Event(), []
+  faults.set_hook('silo_inner', 1, trained.set)
+  faults.set_hook('silo_upload', 0, lambda: waited.append(trained.wait(60)))
+  try:
+    results = test_federation._run_in_threads(overlap_config, root, str(tmp_path / 'work'))
+  finally:
+    faults.clear()
+  assert waited == [True]  # Round 1 trained while round 0's delta was still uploading.
+  store = storage_lib.RunStorage(root)
+  assert [e['silo'] for e in store.read_manifest(0)['included']] == ['a']
+  assert store.read_manifest(1)['base_global_hash'] == store.global_hash(0)
+  rounds = results['a']['rounds']
+  assert [r['round'] for r in rounds] == [0, 1]
+  assert all(r['seconds']['upload'] > 0 and r['bytes_down'] > 0 for r in rounds)
 
 
 @pytest.mark.slow
