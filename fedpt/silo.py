@@ -267,6 +267,7 @@ class _Silo:
                        if background else None)
     self.pending = []  # (future, then) of uploads not yet settled, in order.
     self.prefetched = None  # (round, stop event, future) of the next global round's download.
+    self.base_hashes = {}  # {global round: hash}, read with a prefetched round.
 
   def save(self, state, residual, position, residual_base=None, control_base=None):
     """A private checkpoint of the silo's state, with its control variates (SCAFFOLD).
@@ -356,7 +357,9 @@ class _Silo:
       while not stop.is_set():
         newest = self.store.latest_global_round()
         if newest is not None and newest >= round_index:
-          return self.read_global(round_index, base, abstract)
+          read = self.read_global(round_index, base, abstract)
+          self.base_hashes[round_index] = self.store.global_hash(round_index)
+          return read
         stop.wait(self.fed.poll_s)
       return None
     self.prefetched = round_index, stop, self.downloader.submit(fetch)
@@ -511,11 +514,14 @@ class _Silo:
     if newest is None or newest <= position.round:
       return None
     if multihost.agree_flag(self.own_delta(position.round)[1] is None):
-      self.log(f'round {position.round}: its delta is already committed but the private state '
-               'predates it (stopped between the commit and the checkpoint); redoing round '
-               f'{position.round} from its base to restore that state')
+      self.log_redo(position.round)
       return None
     return newest
+
+  def log_redo(self, round_index):
+    self.log(f'round {round_index}: its delta is already committed but the private state '
+             'predates it (stopped between the commit and the checkpoint); redoing round '
+             f'{round_index} from its base to restore that state')
 
   def round_to_load(self, following, newest):
     """After round `following - 1`: the round to train next, `following` unless it was decided
@@ -529,7 +535,8 @@ class _Silo:
     if target > following:
       if multihost.agree_flag(self.own_delta(following)[1] is None and self.store.
                               global_shard_metas(self.model_round(following)) is not None):
-        return following  # `behind` says why and redoes it.
+        self.log_redo(following)
+        return following
       self.log(f'global round {newest} is the newest: rounds {following}..{target - 1} went on '
                'without this silo; rebasing onto it')
     return target
@@ -586,7 +593,7 @@ class _Silo:
     A fresh round first measures the base's held-out loss and publishes it (a number).
     """
     base_round = self.model_round(position.round)
-    base_hash = self.store.global_hash(base_round)
+    base_hash = self.base_hashes.pop(base_round, None) or self.store.global_hash(base_round)
     if position.phase == Phase.TRAINING:  # Resumed mid-round: the base is in the bucket,
       if self.overlap == 'eager':  # or, eager, in the private checkpoint.
         return self.eager['eager_base'], base_hash, 0.0
@@ -853,6 +860,7 @@ class _Silo:
     self.logger = trainer_lib.StepLogger(self.trainer, self.workdir, step, self.private.note)
     rounds_done = 0
     while True:
+      loaded = False  # A global round loaded in this pass is at least the newest one then.
       if position.phase == Phase.PUBLISHED:  # Everything is saved: a SIGTERM may end the wait.
         wait_start = time.monotonic()
         following = position.round + 1
@@ -875,13 +883,14 @@ class _Silo:
           self.summary['rounds'][-1]['seconds'].update(
               wait=self.round_io.wait_s, load=self.round_io.load_s)
         rounds_done += 1
+        loaded = True
         if position.round >= self.total_rounds:
           self.save(state, residual, position)
         if stop_after_rounds is not None and rounds_done >= stop_after_rounds:
           break
       if position.round >= self.total_rounds:
         break
-      newest = self.behind(position)
+      newest = None if loaded else self.behind(position)
       if newest is not None:
         self.log(f'missed rounds {position.round}..{newest - 1}; rebasing onto global round '
                  f'{self.model_round(newest)}')
