@@ -872,7 +872,8 @@ class _Silo:
                    f'status {errors.PREEMPTED_EXIT_CODE}: rerun the same command to resume')
           break
         if next_round == REPUBLISH:
-          self.republish(position, state, 'its committed delta is gone from the bucket')
+          self.republish(position, state, 'its committed delta is gone from the bucket and the '
+                                         'round is undecided')
           continue
         next_round = self.round_to_load(following, next_round)
         load_start = time.monotonic()

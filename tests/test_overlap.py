@@ -128,13 +128,6 @@ def _check_update_rules(mode, root, work):
                              glob[2]['embed_vd'], rtol=1e-4, atol=2e-6)
 
 
-def test_synchronous_rounds_follow_the_diloco_rule(overlap_config, tmp_path):
-  root, work = str(tmp_path / 'bucket'), str(tmp_path / 'work')
-  aggregator_lib.init_run(overlap_config, root)
-  test_federation._run_in_threads(overlap_config, root, work)
-  _check_update_rules('none', root, work)
-
-
 def test_an_overlapped_silo_trains_on_while_its_upload_and_download_are_in_flight(
     overlap_config, tmp_path):
   """Round 0's upload is held until round 1 is half trained: it must be in the background;
@@ -158,31 +151,43 @@ def test_an_overlapped_silo_trains_on_while_its_upload_and_download_are_in_fligh
   assert all(r['seconds']['upload'] > 0 and r['bytes_down'] > 0 for r in rounds)
 
 
+# Each mode's kill points; in the overlapped ones the aggregator's crash in round 0 holds
+# global round 1 back while the silos train round 1 from global round 0: silo a is killed
+# there, a round ahead, mid-round and after its commit.
+KILLS = {
+    'none': {'silo_a': ['silo_inner@0', 'silo_published@1'],
+             'silo_b': ['silo_published@0', 'silo_upload@1'],
+             'aggregator': ['aggregate_upload@1']},
+    'delayed': {'silo_a': ['silo_inner@1', 'silo_published@1'],
+                'silo_b': ['silo_upload_begin@0', 'silo_upload@2'],
+                'aggregator': ['aggregate_upload@0']},
+}
+KILLS['eager'] = KILLS['delayed']
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize('mode', ['delayed', 'eager'])
-def test_overlapped_rounds_follow_the_paper_and_survive_kill_9_anywhere(
+@pytest.mark.parametrize('mode', ['none', 'delayed', 'eager'])
+def test_each_mode_follows_its_rule_and_survives_kill_9_anywhere(
     overlap_config, tmp_path, repo_root, mode):
-  """The rules of arXiv 2502.12996 on an uninterrupted run; then the same run killed at every
-  crash point, once while a silo is a round ahead of the aggregator, ends bit-identical."""
+  """Synchronous DiLoCo and the rules of arXiv 2502.12996 on an uninterrupted run; then the
+  same run killed at every crash point (uploads in flight included) ends bit-identical."""
   overlap_config.federation.overlap = mode
   clean, work = str(tmp_path / 'clean'), str(tmp_path / 'w0')
   aggregator_lib.init_run(overlap_config, clean)
   test_federation._run_in_threads(overlap_config, clean, work)
   _check_update_rules(mode, clean, work)
-  # The aggregator's crash in round 0 holds global round 1 back while the silos train round 1
-  # from global round 0: silo a is killed there, a round ahead, mid-round and after its commit.
-  crashes = {'silo_a': ['silo_inner@1', 'silo_published@1'],
-             'silo_b': ['silo_upload_begin@0', 'silo_upload@2'],
-             'aggregator': ['aggregate_upload@0']}
+  crashes = KILLS[mode]
   crashed = test_federation._run_federation(repo_root, overlap_config, str(tmp_path / 'crashy'),
                                             str(tmp_path / 'w1'), crashes)
   assert sorted(crashed) == sorted(p for points in crashes.values() for p in points)
   reference = storage_lib.RunStorage(clean)
   store = storage_lib.RunStorage(str(tmp_path / 'crashy'))
-  assert store.global_hash(3) == reference.global_hash(3)
+  run = store.read_run()
+  assert store.global_hash(3) == reference.global_hash(3) != reference.global_hash(0)
   for r in range(3):
     assert [e['silo'] for e in store.read_manifest(r)['included']] == ['a', 'b']
-    assert store.read_manifest(r)['base_global_hash'] == reference.global_hash(max(r - 1, 0))
+    assert store.read_manifest(r)['base_global_hash'] == reference.global_hash(
+        protocol.base_round(run, r))
 
 
 def test_eager_coefficient_is_the_outer_steps_slope():
