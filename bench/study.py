@@ -738,7 +738,6 @@ def plot(summary: dict, out_dir: str) -> list[str]:
                   label=r['label'])
       ax.legend(fontsize=7)
       ax.set_xlabel('wall-clock seconds (global round committed)')
-      ax.set_ylim(top=min(ax.get_ylim()[1], 8.5))
     elif q in (7, 9):  # One bar per setting: too many rows to group by eval set.
       y = np.arange(len(rows))
       ax.barh(y, [r[METRIC][0] for r in rows], xerr=[r[METRIC][1] for r in rows], capsize=3)
