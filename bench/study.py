@@ -18,7 +18,9 @@ train/val split of every document is the same in all of them:
 Questions 1-6 are the issue's; 7 (outer lr, momentum and rounds) chose the defaults;
 8 is the long horizon (does every member gain? isolated silos, data-parallel, FedAvg,
 DiLoCo, SCAFFOLD, FedProx, each personalised), with its own --out and --steps; 9 screens
-SCAFFOLD's server step, inner lr and H. --report_only rewrites the tables mid-study.
+SCAFFOLD's server step, inner lr and H; 10 asks what overlapped rounds (federation.overlap)
+and a compressed downlink cost in loss and save in wall-clock time (with --link).
+--report_only rewrites the tables mid-study.
 
 Results go to --out/results.json after every run, so an interrupted study
 resumes where it stopped; --out/study.md and --out/*.png are rewritten from it.
@@ -29,6 +31,7 @@ bucket (`storage.Link`; the aggregator gets none) and is part of the setup.
   python bench/study.py --out=/tmp/s --seeds=0 --questions=1 --steps=40 --base_h=10
   python bench/study.py --out=bench/study_4k --questions=8 --steps=4000 --base_h=100 \
       --h_values=10,25,100,250 --personal_steps=100   # ~8 h on 2 CPU cores
+  python bench/study.py --out=bench/study_overlap --questions=10 --link=10MB/s,50ms
 """
 import dataclasses
 import hashlib
@@ -50,6 +53,7 @@ import numpy as np  # noqa: E402
 
 from fedpt import aggregator  # noqa: E402
 from fedpt import cli  # noqa: E402
+from fedpt import config as config_lib  # noqa: E402
 from fedpt import data as data_lib  # noqa: E402
 from fedpt import errors  # noqa: E402
 from fedpt import ledger  # noqa: E402
@@ -69,15 +73,17 @@ COLUMNS = EVAL_SETS + ('domain mean',)  # The union weighs domains by val tokens
 METRIC = 'domain mean'  # The one number the line plots show.
 PARTITIONS = ('domains1', 'domains2', 'domains4', 'domains8', 'iid4')
 VAL_FRACTION = 0.1
-QUESTIONS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
+QUESTIONS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)
 LONG = 8  # The long-horizon member-gain question: its own --out and --steps.
+OVERLAP = 10  # Overlapped rounds and the compressed downlink: wall-clock columns.
 
 config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'Model config.', lock_config=True)
 flags.DEFINE_string('out', 'bench/study', 'Folder for results.json, study.md and the plots.')
 flags.DEFINE_list('seeds', ['0', '1'], 'Seeds (init and data order); tables show mean and spread.')
 flags.DEFINE_list('questions', [str(q) for q in QUESTIONS],
                   'Which questions to run: 1-6 from the issue, 7 the outer lr, 8 the long '
-                  'horizon, 9 SCAFFOLD\'s step sizes and H.')
+                  'horizon, 9 SCAFFOLD\'s step sizes and H, 10 overlapped rounds and the '
+                  'compressed downlink.')
 flags.DEFINE_integer('steps', 200, 'S: inner steps per silo (rounds x H) of every federated run.')
 flags.DEFINE_integer('base_h', 25, 'H of every run outside the H sweep.')
 flags.DEFINE_list('h_values', ['10', '25', '50', '100', '200'], 'Question 2: H values.')
@@ -95,8 +101,8 @@ flags.DEFINE_float('personal_lr', 3e-4, 'Question 8: peak lr of personalisation 
                    'a change rescores saved params, no retraining.')
 flags.DEFINE_integer('momentum_warmup', 4, 'Question 8: outer momentum warm-up in rounds.')
 flags.DEFINE_float('prox_mu', 0.01, 'Question 8: FedProx mu.')
-flags.DEFINE_integer('curve_batches', 4, 'Question 8: eval batches per domain of each point of '
-                     'the loss-against-tokens curves (the silos\' per-round held-out loss).')
+flags.DEFINE_integer('curve_batches', 4, 'Questions 8 and 10: eval batches per domain of each '
+                     'point of the loss curves (the silos\' per-round held-out loss).')
 flags.DEFINE_bool('report_only', False, 'Train nothing: write study.md and the plots from the '
                   'runs in results.json so far.')
 flags.DEFINE_string('link', None, 'BANDWIDTH,LATENCY, e.g. 10MB/s,50ms: each silo\'s own '
@@ -127,6 +133,8 @@ class Run:
   prox_mu: float | None = None
   momentum_warmup: int = 0  # outer.momentum_warmup_rounds.
   inner_lr_scale: float = 1.0  # Federated runs: inner lr = this x --silo_lr.
+  overlap: str = 'none'  # federation.overlap: none, delayed or eager.
+  downlink: str = 'none'  # federation.downlink_compression.
 
   @property
   def central(self) -> bool:
@@ -154,6 +162,10 @@ class Run:
       parts.append(self.drift + ('' if self.prox_mu is None else f'{self.prox_mu:g}'))
     if self.inner_lr_scale != 1.0:
       parts.append(f'innerlrx{self.inner_lr_scale:g}')
+    if self.overlap != 'none':
+      parts.append(f'overlap-{self.overlap}')
+    if self.downlink != 'none':
+      parts.append(f'down-{self.downlink}')
     return '/'.join(parts) + f'/s{self.seed}'
 
 
@@ -230,6 +242,12 @@ def plan(questions, seeds, base_h, h_values, k_values, drop_probability, persona
               inner_lr_scale=2.0),
           *[fed(f'SCAFFOLD, H={h} (FedAvg outer)', inner_steps=h, optimizer='fedavg',
                 drift='scaffold') for h in sorted(h_values)[:1] if h < base_h]],
+      # arXiv 2502.12996: does training round r from global r-1 (overlap) cost quality, and
+      # does a quantised global update? Each against its sync run (same optimizer and seed).
+      OVERLAP: [fed(f'{name}, overlap {mode}', optimizer=opt, overlap=mode)
+                for name, opt in (('FedAvg', 'fedavg'), ('DiLoCo', 'diloco'))
+                for mode in config_lib.OVERLAP_MODES] +
+               [fed(f'DiLoCo, {fmt} downlink', downlink=fmt) for fmt in ('int8', 'int4')],
   }
   return {q: table[q] for q in questions}
 
@@ -310,6 +328,43 @@ def _with(config, **data):
   return c
 
 
+class _RoundClock:
+  """When each global round became available: seconds since the silos started, per round.
+
+  A light thread polls the bucket (by it: no link); the garbage collector deletes old rounds,
+  so their files cannot tell afterwards. A round committed between two polls gets the later.
+  """
+
+  def __init__(self, root: str, poll_s: float = 0.05):
+    with storage_lib.party_link(None):
+      self.store = storage_lib.RunStorage(root)
+    self.start = time.monotonic()
+    self.seconds, self.error = [], None
+    self.done = threading.Event()
+    self.thread = threading.Thread(target=self._poll, args=(poll_s,), daemon=True)
+    self.thread.start()
+
+  def _look(self):
+    newest = self.store.latest_global_round()
+    now = time.monotonic() - self.start
+    while newest is not None and len(self.seconds) <= newest:
+      self.seconds.append(now)
+
+  def _poll(self, poll_s):
+    try:
+      while not self.done.wait(poll_s):
+        self._look()
+    except BaseException as e:  # pylint: disable=broad-except
+      self.error = e
+
+  def stop(self):
+    self.done.set()
+    self.thread.join()
+    if self.error:  # Times taken after it stopped would be wrong.
+      raise self.error
+    self._look()  # The final round, even if it came after the last poll.
+
+
 def run_federated(config, run: Run, steps: int, adam_lr: float, link: str | None = None) -> dict:
   """One federation of silo threads and the aggregator; the final global params and costs.
 
@@ -322,7 +377,8 @@ def run_federated(config, run: Run, steps: int, adam_lr: float, link: str | None
   config.federation.update(
       silos=tuple(corpora), rounds=steps // run.inner_steps, inner_steps=run.inner_steps,
       compression=run.compression, error_feedback=run.error_feedback,
-      drop_probability=run.drop_probability)
+      drop_probability=run.drop_probability, overlap=run.overlap,
+      downlink_compression=run.downlink)
   config.outer.optimizer = run.optimizer
   config.inner.lr *= run.inner_lr_scale
   if run.optimizer == 'fedadam':
@@ -352,6 +408,7 @@ def run_federated(config, run: Run, steps: int, adam_lr: float, link: str | None
         errors[silo_id] = e
 
     threads = [threading.Thread(target=work, args=item, daemon=True) for item in corpora.items()]
+    clock = _RoundClock(root)
     for t in threads:
       t.start()
     try:
@@ -360,6 +417,7 @@ def run_federated(config, run: Run, steps: int, adam_lr: float, link: str | None
     finally:
       for t in threads:
         t.join()
+      clock.stop()
     if errors:
       raise next(iter(errors.values()))
     store = storage_lib.RunStorage(root)
@@ -371,6 +429,10 @@ def run_federated(config, run: Run, steps: int, adam_lr: float, link: str | None
   first = results[next(iter(corpora))]
   return {
       'curve': curve,
+      'round_seconds': clock.seconds,
+      # What each silo read for each round's base (the update, with a compressed downlink).
+      'bytes_down_by_round': [max(results[s]['rounds'][i]['bytes_down'] for s in corpora)
+                              for i in range(config.federation.rounds)],
       'params': first['state']['params'],
       'rounds': config.federation.rounds,
       'bytes_up': max(sum(r['bytes'] for r in results[s]['rounds']) for s in corpora),
@@ -506,8 +568,58 @@ def summarise(questions: dict, runs: dict) -> dict:
       row['seconds'] = float(np.mean([d['seconds'] for d in done]))
       row['dropped'] = (sum(d.get('deltas_dropped', 0) for d in done),
                         sum(d.get('deltas_total', 0) for d in done))
+      if q == OVERLAP:
+        row.update(overlap_cells(seeded, runs))
       out[q].append(row)
   return out
+
+
+def round_losses(curve) -> list:
+  """Each global round's held-out loss: the mean over silos of their own split's (domains4:
+  the domain mean), None for a round not every silo scored (an overlapped run's last but one)."""
+  silos = max(len(losses) for _, losses in curve)
+  return [float(np.mean(list(losses.values()))) if len(losses) == silos else None
+          for _, losses in curve]
+
+
+def time_to_target(losses, seconds, target: float) -> float | None:
+  """When the first global round whose loss is <= `target` became available; None: never."""
+  return next((t for loss, t in zip(losses, seconds) if loss is not None and loss <= target),
+              None)
+
+
+def overlap_cells(seeded, runs) -> dict:
+  """Question 10's columns of one row, mean +- spread over its finished seeds.
+
+  'final_s': seconds until the final global round; 'target_s': (seconds until the first round
+  at or below the final per-round loss of the sync run with the same optimizer and seed,
+  seeds that got there, seeds with a sync run); 'down': bytes a silo read per round after
+  round 0 (which reads the initial model whole); 'curve': seed one's (seconds, loss) points.
+  """
+  done = [(r, runs[r.key]) for r in seeded
+          if 'round_seconds' in runs.get(r.key, {}) and not runs[r.key].get('diverged')]
+  if not done:
+    return {'final_s': None, 'target_s': (None, 0, 0), 'round_loss': None, 'down': None,
+            'curve': None}
+  reached, synced = [], 0
+  for r, rec in done:
+    sync = runs.get(dataclasses.replace(r, overlap='none', downlink='none').key, {})
+    if 'curve' in sync and not sync.get('diverged'):
+      synced += 1
+      t = time_to_target(round_losses(rec['curve']), rec['round_seconds'],
+                         round_losses(sync['curve'])[-1])
+      if t is not None:
+        reached.append(t)
+  first = done[0][1]
+  return {
+      'final_s': spread([rec['round_seconds'][-1] for _, rec in done]),
+      'target_s': (spread(reached) if reached else None, len(reached), synced),
+      'round_loss': spread([round_losses(rec['curve'])[-1] for _, rec in done]),
+      'down': float(np.mean([np.mean(rec['bytes_down_by_round'][1:] or
+                                     rec['bytes_down_by_round']) for _, rec in done])),
+      'curve': [(t, loss) for t, loss in zip(first['round_seconds'],
+                                             round_losses(first['curve'])) if loss is not None],
+  }
 
 
 def _loss(cell) -> str:
@@ -528,6 +640,7 @@ TITLES = {
     7: 'Outer lr, momentum and number of rounds (for the defaults)',
     8: 'Long horizon: methods against data-parallel and isolated silos (same tokens)',
     9: 'SCAFFOLD: server step, inner lr and H (same tokens)',
+    10: 'Do overlapped rounds and a compressed downlink cost quality?',
 }
 
 
@@ -537,6 +650,9 @@ def markdown(summary: dict, setup: dict) -> str:
            '"up"/"down": MB a silo uploads (its deltas) / downloads (fp32 global models); '
            'data-parallel counts one fp32 gradient up and one down per step.', '']
   for q, rows in summary.items():
+    if q == OVERLAP:
+      lines += overlap_markdown(rows)
+      continue
     lines += [f'### Question {q}: {TITLES[q]}', '',
               '| run | seeds | ' + ' | '.join(COLUMNS) + ' | rounds | up MB | down MB | s |',
               '|---|---:|' + '---:|' * len(COLUMNS) + '---:|---:|---:|---:|']
@@ -549,6 +665,39 @@ def markdown(summary: dict, setup: dict) -> str:
                    f'| {r["seconds"]:.0f} |')
     lines.append('')
   return '\n'.join(lines)
+
+
+def overlap_markdown(rows) -> list[str]:
+  """Question 10's table: the final losses, then wall-clock seconds and bytes down."""
+  def seconds(cell):
+    return '-' if cell is None else f'{cell[0]:.0f} ± {cell[1]:.0f}'
+
+  def target(cell):
+    value, reached, synced = cell
+    if not synced:
+      return '-'
+    if not reached:
+      return f'not reached (0/{synced})'
+    return seconds(value) + ('' if reached == synced else f' ({reached}/{synced} seeds)')
+  lines = [f'### Question {OVERLAP}: {TITLES[OVERLAP]}', '',
+           '"round loss": the final global model\'s per-round held-out loss, the mean over the '
+           'silos of each one\'s own split (the curve the silos publish, 1 round = H steps). '
+           '"s to final": wall-clock seconds from the silos\' start until the final global '
+           'round was committed; "s to sync loss": until the first global round whose round '
+           'loss is at or below the final round loss of the overlap-none run with the same '
+           'outer optimizer and seed. "down MB/round": what a silo read for one round\'s base '
+           '(rounds after the first; the update with a compressed downlink).', '',
+           '| run | seeds | ' + ' | '.join(COLUMNS) +
+           ' | rounds | round loss | s to final | s to sync loss | down MB/round | up MB |',
+           '|---|---:|' + '---:|' * len(COLUMNS) + '---:|' * 6]
+  for r in rows:
+    label = r['label'] + (f' ({r["diverged"]} diverged)' if r['diverged'] else '')
+    down = '-' if r['down'] is None else f'{r["down"] / 1e6:.2f}'
+    lines.append(f'| {label} | {r["seeds"]} | ' + ' | '.join(_loss(r[n]) for n in COLUMNS) +
+                 f' | {r["rounds"] or "-"} | {_loss(r["round_loss"]) if r["round_loss"] else "-"}'
+                 f' | {seconds(r["final_s"])} | {target(r["target_s"])} | {down} | '
+                 f'{_mb(r["bytes_up"])} |')
+  return lines + ['']
 
 
 def plot(summary: dict, out_dir: str) -> list[str]:
@@ -581,6 +730,14 @@ def plot(summary: dict, out_dir: str) -> list[str]:
       ax.set_xscale('log', base=2)
       ax.set_xticks(ks, [str(k) for k in ks])
       ax.set_xlabel('silos K (each S steps at batch B)')
+    elif q == OVERLAP:  # Round loss against wall-clock seconds, the first seed of each row.
+      for r in rows:
+        if r['curve']:
+          t, loss = zip(*r['curve'])
+          ax.plot(t, loss, '--' if r['run'].optimizer == 'fedavg' else '-', marker='.',
+                  label=r['label'])
+      ax.legend(fontsize=7)
+      ax.set_xlabel('wall-clock seconds (global round committed)')
     elif q in (7, 9):  # One bar per setting: too many rows to group by eval set.
       y = np.arange(len(rows))
       ax.barh(y, [r[METRIC][0] for r in rows], xerr=[r[METRIC][1] for r in rows], capsize=3)
@@ -600,7 +757,9 @@ def plot(summary: dict, out_dir: str) -> list[str]:
       lows = [r[n][0] for r in rows for n in COLUMNS]
       ax.set_ylim(min(lows) - 0.3, max(lows) + 0.3)
       ax.legend(fontsize=7)
-    if q != 7:
+    if q == OVERLAP:
+      ax.set_ylabel('round loss (mean of the silos\' own splits)')
+    elif q != 7:
       ax.set_ylabel('held-out loss' + (f' ({METRIC})' if q in (2, 3, 4) else ''))
     ax.set_title(f'Q{q}: {TITLES[q]}', fontsize=9)
     ax.grid(alpha=0.3)
@@ -816,6 +975,9 @@ def _missing_feature(base, run: Run) -> str | None:
     return f'inner.drift_correction={run.drift}'
   if run.momentum_warmup and 'momentum_warmup_rounds' not in base.outer:
     return 'outer.momentum_warmup_rounds'
+  for field, value in (('overlap', run.overlap), ('downlink_compression', run.downlink)):
+    if value != 'none' and field not in base.federation:
+      return f'federation.{field}={value}'
   return None
 
 
@@ -850,6 +1012,9 @@ def study(config, out_dir, seeds, questions, steps, base_h, h_values, k_values, 
   if LONG in questions:
     setup['long'] = {k: v for k, v in dataclasses.asdict(long).items() if k != 'personal_lr'}
     base.train.eval_batches = long.curve_batches  # The silos' per-round held-out loss.
+  if OVERLAP in questions:  # Its time to a loss reads the silos' per-round held-out loss.
+    setup['round_eval_batches'] = long.curve_batches
+    base.train.eval_batches = long.curve_batches
   path = os.path.join(out_dir, 'results.json')
   results = load_results(path, setup)
   questions_plan = plan(questions, seeds, base_h, h_values, k_values, drop_probability,

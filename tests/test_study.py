@@ -25,8 +25,9 @@ def test_plan_trains_each_distinct_run_once():
   keys = {run.key for rows in questions.values() for _, seeded in rows for run in seeded}
   # Per seed: 3 outer optimizers + DP + 4 alone, 4 more H, 4 more formats, K=1,2,8, IID, drop,
   # 3 more outer settings, FedAvg at H=10 and both at H=5, plain training at batch B, FedAvg
-  # with drops; question 9: SCAFFOLD with FedAvg, two server lrs, 2x inner lr and at H=10.
-  assert len(keys) == 2 * 34
+  # with drops; question 9: SCAFFOLD with FedAvg, two server lrs, 2x inner lr and at H=10;
+  # question 10: both overlap modes with FedAvg and DiLoCo, the int8 and int4 downlinks.
+  assert len(keys) == 2 * 40
   base = questions[1][0][1][0]
   assert base.key == 'domains4/H25/diloco/none/s0'
   for q, index in ((2, 1), (3, 0), (4, 2), (5, 0), (6, 0)):  # The same run in every question.
@@ -46,7 +47,7 @@ def test_plan_trains_each_distinct_run_once():
     (dict(h_values=[30]), 'H=30 does not divide --steps=200'),
     (dict(base_h=0), 'H=0'),
     (dict(k_values=[3]), 'K=3 has no non-IID partition'),
-    (dict(questions=[10]), 'question 10 does not exist'),
+    (dict(questions=[11]), 'question 11 does not exist'),
 ])
 def test_bad_study_flags_name_the_fix(kwargs, match):
   args = dict(steps=200, base_h=25, h_values=[10], k_values=[4], questions=[1])
@@ -221,3 +222,92 @@ def test_long_horizon_plan_and_member_gain(tmp_path):
   path, = study.plot_curves(rows, runs, str(tmp_path), batch=8, seq_len=16, personal_steps=10)
   with open(path, 'rb') as f:
     assert f.read(8) == PNG_MAGIC
+
+
+def test_overlap_question_plan_and_time_to_target(tmp_path):
+  """Question 10: its rows, keys that name overlap and downlink only when set, and the
+  wall-clock columns from synthetic curves (seconds at which each global round arrived)."""
+  rows = study.plan([study.OVERLAP], [0, 1], 25, [25], [4], 0.5)[study.OVERLAP]
+  assert [label for label, _ in rows] == [
+      'FedAvg, overlap none', 'FedAvg, overlap delayed', 'FedAvg, overlap eager',
+      'DiLoCo, overlap none', 'DiLoCo, overlap delayed', 'DiLoCo, overlap eager',
+      'DiLoCo, int8 downlink', 'DiLoCo, int4 downlink']
+  keys = [seeded[1].key for _, seeded in rows]
+  assert keys[0] == 'domains4/H25/fedavg/none/s1'  # Question 1's FedAvg run, shared.
+  assert keys[3] == study.plan([1], [0, 1], 25, [25], [4], 0.5)[1][0][1][1].key
+  assert keys[2] == 'domains4/H25/fedavg/none/overlap-eager/s1'
+  assert keys[7] == 'domains4/H25/diloco/none/down-int4/s1'
+
+  assert study.time_to_target([7.0, None, 5.5, 5.0], [0.0, 2.0, 4.0, 6.0], 5.5) == 4.0
+  assert study.time_to_target([7.0, 6.0], [0.0, 2.0], 5.5) is None
+
+  def record(losses, seconds, down, seed):
+    # Three global rounds, two silos; the overlapped run has no eval of round 1 (the last but
+    # one); silo b's loss is 1 above silo a's, so a round's loss is a's + 0.5.
+    curve = [[2 * i, {} if loss is None else {'a': loss + seed / 10, 'b': loss + 1 + seed / 10}]
+             for i, loss in enumerate(losses)]
+    return {**_record(5.0 + seed / 10, seconds=seconds[-1] + 3), 'curve': curve,
+            'round_seconds': seconds, 'bytes_down_by_round': [4e6, down]}
+  runs = {}
+  for seed in (0, 1):  # Sync DiLoCo ends at 5.5 (+ seed / 10): the target of its rows.
+    sync, delayed, eager, int8 = (seeded[seed] for _, seeded in rows[3:7])
+    runs[sync.key] = record([7.0, 6.0, 5.0], [0.0, 10.0, 20.0], 4e6, seed)
+    runs[delayed.key] = record([7.0, None, 4.8], [0.0, 8.0, 16.0], 4e6, seed)
+    runs[eager.key] = record([7.0, None, 4.9 + seed], [0.0, 8.0, 12.0 + seed], 4e6, seed)
+    runs[int8.key] = record([7.0, 6.0, 5.0], [0.0, 10.0, 22.0 + 2 * seed], 1e6, seed)
+  summary = study.summarise({study.OVERLAP: rows}, runs)[study.OVERLAP]
+  by_label = {r['label']: r for r in summary}
+  assert set(by_label) == {label for label, _ in rows[3:7]}  # FedAvg not run yet: no rows.
+  sync, delayed = by_label['DiLoCo, overlap none'], by_label['DiLoCo, overlap delayed']
+  eager, int8 = by_label['DiLoCo, overlap eager'], by_label['DiLoCo, int8 downlink']
+  assert sync['round_loss'] == pytest.approx((5.55, 0.05))
+  assert sync['target_s'] == ((20.0, 0.0), 2, 2) and sync['final_s'] == (20.0, 0.0)
+  assert delayed['target_s'] == ((16.0, 0.0), 2, 2)
+  assert eager['target_s'] == ((12.0, 0.0), 1, 2)  # Seed 1 ends at 6.5: not reached.
+  assert eager['final_s'] == (12.5, 0.5) and eager['curve'] == [(0.0, 7.5), (12.0, 5.4)]
+  assert int8['target_s'] == ((23.0, 1.0), 2, 2) and int8['down'] == 1e6
+  table = study.markdown({study.OVERLAP: summary}, {'steps': 4})
+  assert ('| DiLoCo, overlap eager | 2 | 5.050 ± 0.050 | 5.150 ± 0.050 | 5.250 ± 0.050 | '
+          '5.350 ± 0.050 | 5.450 ± 0.050 | 5.200 ± 0.050 | 8 | 5.950 ± 0.550 | 12 ± 0 | '
+          '12 ± 0 (1/2 seeds) | 4.00 | 8.0 |') in table
+  assert '| DiLoCo, int8 downlink | 2 |' in table and '| 23 ± 1 | 1.00 | 8.0 |' in table
+  path, = study.plot({study.OVERLAP: summary}, str(tmp_path))
+  assert os.path.basename(path) == 'q10.png'
+  with open(path, 'rb') as f:
+    assert f.read(8) == PNG_MAGIC
+
+
+@pytest.mark.slow
+def test_a_real_overlap_study_times_rounds(tiny_config, corpus_dir, tmp_path, monkeypatch):
+  """Question 10 end to end on the small corpus: sync, eager and an int8 downlink (DiLoCo)."""
+  monkeypatch.setattr(study, 'silo_corpora', lambda p: {f'{p}-{i}': corpus_dir for i in range(2)})
+  monkeypatch.setattr(study, 'eval_corpora', lambda: {n: corpus_dir for n in study.EVAL_SETS})
+  monkeypatch.setenv('FEDPT_CACHE', str(tmp_path / 'cache'))
+  full_plan = study.plan
+  monkeypatch.setattr(study, 'plan', lambda *a: {
+      study.OVERLAP: [full_plan(*a)[study.OVERLAP][i] for i in (3, 5, 6)]})
+  out = str(tmp_path / 'out')
+  summary = study.study(tiny_config, out, seeds=[3], questions=[study.OVERLAP], steps=6,
+                        base_h=2, h_values=[2], k_values=[4], batch=8, seq_len=16,
+                        silo_lr=3e-3, central_lr=3e-3, adam_lr=0.1, drop_probability=0.5,
+                        eval_batches=2)
+  runs = json.load(open(os.path.join(out, 'results.json')))['runs']
+  sync = runs['domains4/H2/diloco/none/s3']
+  eager = runs['domains4/H2/diloco/none/overlap-eager/s3']
+  int8 = runs['domains4/H2/diloco/none/down-int8/s3']
+  for record in (sync, eager, int8):
+    seconds = record['round_seconds']
+    assert len(seconds) == 4 and seconds == sorted(seconds) and 0 < seconds[-1] < 300
+  # Every silo scores every round's model, but an overlapped run trains no round from global
+  # round 2 (its last but one): no scores there.
+  assert [len(losses) for _, losses in sync['curve']] == [2, 2, 2, 2]
+  assert [len(losses) for _, losses in eager['curve']] == [2, 2, 0, 2]
+  assert eager['losses'] != sync['losses'] != int8['losses']
+  # Round 0 reads the fp32 model; an int8 update is about 1/4 of it (+ 1/256 for the scales).
+  assert sync['bytes_down_by_round'] == [sync['bytes_down'] / 3] * 3
+  assert 0.25 < int8['bytes_down_by_round'][1] / sync['bytes_down_by_round'][1] < 0.27
+  rows = {r['label']: r for r in summary[study.OVERLAP]}
+  assert rows['DiLoCo, overlap none']['target_s'][1:] == (1, 1)  # The sync run reaches its own.
+  assert rows['DiLoCo, int8 downlink']['down'] == int8['bytes_down_by_round'][1]
+  with open(os.path.join(out, 'study.md')) as f:
+    assert '| DiLoCo, overlap eager | 1 |' in f.read()
