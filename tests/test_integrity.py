@@ -315,8 +315,8 @@ def test_a_damaged_newest_checkpoint_is_moved_aside_and_training_resumes(
 
 def test_a_silo_with_a_damaged_newest_checkpoint_resumes_from_the_one_before(
     bucket, capsys):
-  """Killed after committing round 2, its newest checkpoint (round 1) damaged: it goes back to
-  round 0's, redoes rounds 1 and 2 from their bases and ends where the clean run ended."""
+  """Killed after committing round 2, its newest checkpoint (round 2's 'published') damaged:
+  it goes back to round 1's, redoes round 2 from its base and ends where the clean run ended."""
   fed_config, clean_run, root, workdir, store = bucket
   aggregator, threads = _kill_silo_a_after_commit(bucket, 2)
   private = pathlib.Path(workdir) / 'a' / 'checkpoints'
@@ -328,7 +328,7 @@ def test_a_silo_with_a_damaged_newest_checkpoint_resumes_from_the_one_before(
     t.join(timeout=300)
   captured = capsys.readouterr()
   assert f'checkpoint step {newest} in' in captured.err and 'moved aside' in captured.err
-  assert 'redoing round 1' in captured.out
+  assert 'resumed in round 1 (published' in captured.out
   # Round 2 is redone too; whether the aggregator had decided it by then is a race, so the
   # log line to check is the one both orders print.
   assert 'round 2: the committed delta is the one rebuilt here' in captured.out
