@@ -120,11 +120,12 @@ class Memory:
   activations: int
   update: int
   drift: int = 0  # SCAFFOLD's c - c_i and gradient sum (fp32), or FedProx's anchor.
+  round_state: int = 0  # What a silo keeps across its inner steps: `silo_round_state_nbytes`.
 
   @property
   def total(self) -> int:
     return (self.params + self.opt_state + self.grads + self.grad_accum + self.drift
-            + max(self.activations, self.update))
+            + self.round_state + max(self.activations, self.update))
 
 
 # -- parameters, optimizer state, gradients -----------------------------------------
@@ -290,8 +291,32 @@ def _memory(config, num_devices: int, platform: str) -> tuple[Memory, dict]:
                   grad_accum=param_bytes if config.inner.grad_accum > 1 else 0,
                   activations=acts['total'], update=2 * 4 * param_elements,
                   drift=drift_state_nbytes(config.inner.drift_correction, param_bytes,
-                                           param_elements))
+                                           param_elements),
+                  round_state=silo_round_state_nbytes(config, param_bytes, param_elements))
   return memory, acts
+
+
+def silo_round_state_nbytes(config, param_bytes: int, param_elements: int) -> int:
+  """Bytes per device a silo holds on its devices through a round's inner steps (`silo._Silo`).
+
+  The round's base (a params copy, for the delta); with error feedback the residual
+  and the one the last delta was built with (fp32 each); SCAFFOLD's c_i and the one
+  before the last publish (fp32 each); with a compressed downlink the last global
+  round loaded (a params copy); with overlapped rounds the prefetched next global
+  round (a params copy) and, eager, the dequantised deltas of this round and the one
+  before (fp32 each). Private leaves are counted as shared: an upper bound.
+  """
+  fed, fp32 = config.federation, 4 * param_elements
+  total = param_bytes
+  if fed.compression != 'none' and fed.error_feedback:
+    total += 2 * fp32
+  if config.inner.drift_correction == 'scaffold':
+    total += 2 * fp32
+  if fed.downlink_compression != 'none':
+    total += param_bytes
+  if fed.overlap != 'none':
+    total += param_bytes + (2 * fp32 if fed.overlap == 'eager' else 0)
+  return total
 
 
 def drift_state_nbytes(kind: str, param_bytes: int, param_elements: int) -> int:
@@ -567,6 +592,7 @@ def render(info: dict) -> str:
     rows.append(('gradient accumulator', mem['grad_accum']))
   if mem['drift']:
     rows.append((f"drift state ({info['delta']['drift_correction']})", mem['drift']))
+  rows.append(('silo round state', mem['round_state']))
   acts = info['activation_bytes']
   rows += [('activations (estimate)', mem['activations']),
            ('  saved for the backward', acts['saved']),

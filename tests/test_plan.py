@@ -78,7 +78,10 @@ def test_drift_state_and_round_traffic_are_counted(tiny_config, kind):
   memory = info['per_device_bytes']
   assert memory['drift'] == _device_bytes(state['drift'], jax.devices()[0]) > 0
   plain = planning.plan(_without_drift(tiny_config), 8, platform='cpu')['per_device_bytes']
-  assert memory['total'] == plain['total'] + memory['drift'] and plain['drift'] == 0
+  assert (memory['total'] - memory['round_state'] == plain['total'] - plain['round_state']
+          + memory['drift']) and plain['drift'] == 0
+  assert memory['round_state'] - plain['round_state'] == (
+      2 * memory['params'] if kind == 'scaffold' else 0)  # c_i, and the one before.
   delta, params = info['delta'], state['params']
   shared = sum(leaf.size for name, leaf in trees.flatten_params(params).items()
                if name != 'embed_vd')
@@ -109,7 +112,25 @@ def test_estimate_is_close_to_xla_buffer_assignment(tiny_config):
   memory = info['per_device_bytes']
   batch_bytes = 4 * 32 * 129 // 4 + 4  # This device's token rows and the step counter.
   assert xla['arguments'] == memory['params'] + memory['opt_state'] + batch_bytes
-  assert 0.8 < memory['total'] / xla['total'] < 1.5, (memory, xla)
+  step = memory['total'] - memory['round_state']  # The silo's round copies are not the step's.
+  assert 0.8 < step / xla['total'] < 1.5, (memory, xla)
+
+
+def test_a_silo_s_round_state_is_counted(tiny_config):
+  """Base copy always; residuals, the last global (downlink), the prefetched global and the
+  eager deltas as a silo's settings add them (fp32 params here: each is one params size)."""
+  tiny_config.mesh.update(data=2, fsdp=4, tensor=1)
+  fed = tiny_config.federation
+  fed.update(compression='none', downlink_compression='none', overlap='none')
+  plain = planning.plan(tiny_config, 8, platform='cpu')['per_device_bytes']
+  assert plain['round_state'] == plain['params']
+  fed.update(compression='int8', error_feedback=True, downlink_compression='int8',
+             overlap='eager')
+  info = planning.plan(tiny_config, 8, platform='cpu')
+  memory = info['per_device_bytes']
+  assert memory['round_state'] == 7 * memory['params'] == 7 * plain['params']
+  assert memory['total'] - plain['total'] == 6 * plain['params']
+  assert 'silo round state' in planning.render(info)
 
 
 def test_70b_plan_takes_seconds_on_256_devices(repo_root):
