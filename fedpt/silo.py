@@ -594,11 +594,8 @@ class _Silo:
     """
     base_round = self.model_round(position.round)
     base_hash = self.base_hashes.pop(base_round, None) or self.store.global_hash(base_round)
-    if position.phase == Phase.TRAINING:  # Resumed mid-round: the base is in the bucket,
-      if self.overlap == 'eager':  # or, eager, in the private checkpoint.
-        return self.eager['eager_base'], base_hash, 0.0
-      base = trees.flatten_params(self.load_global(base_round, state)['params'])
-      return base, base_hash, 0.0
+    if position.phase == Phase.TRAINING:  # Resumed mid-round.
+      return self.stored_base(position, state), base_hash, 0.0
     base = {k: jnp.copy(v) for k, v in trees.flatten_params(state['params']).items()}
     if self.overlap == 'eager':
       self.eager['eager_base'] = base
@@ -609,6 +606,14 @@ class _Silo:
     self.publish_eval(base_round, position.global_eval, step)
     eval_seconds = time.monotonic() - start
     return base, base_hash, eval_seconds
+
+  def stored_base(self, position, state):
+    """The flat base of round `position.round` after its start: in the bucket, or (eager)
+    in the private checkpoint."""
+    if self.overlap == 'eager':
+      return self.eager['eager_base']
+    return trees.flatten_params(
+        self.load_global(self.model_round(position.round), state)['params'])
 
   def start_drift(self, position, state):
     """`state` with the round's drift state: c - c_i (SCAFFOLD) or the anchor w^t (FedProx).
@@ -809,11 +814,9 @@ class _Silo:
     """
     self.log(f'round {position.round}: {why}; publishing its delta again from the round\'s '
              'base and the private state')
-    base_round = self.model_round(position.round)
-    base_flat = (self.eager['eager_base'] if self.overlap == 'eager' else
-                 trees.flatten_params(self.load_global(base_round, state)['params']))
     payload, _, meta = self.build_delta(
-        position, state, self.residual_base, base_flat, self.store.global_hash(base_round),
+        position, state, self.residual_base, self.stored_base(position, state),
+        self.store.global_hash(self.model_round(position.round)),
         0.0, self.control_delta(position, state, self.control_base))
     if self.clear_own_path(position, meta):
       self.store.publish_delta(position.round, self.silo_id, payload, meta)
