@@ -8,6 +8,7 @@ process 0 writes JSON (metadata, manifests, metrics); Orbax writes array shards
 from every host in parallel.
 """
 import contextlib
+import functools
 import os
 import signal
 import socket
@@ -77,7 +78,13 @@ def spread(x: jax.Array, mesh) -> jax.Array:
     target = NamedSharding(mesh, PartitionSpec())
   if getattr(x, 'sharding', None) == target:
     return x
-  return jax.jit(lambda a: a, out_shardings=target)(x)
+  return _reshard(target)(x)
+
+
+@functools.lru_cache(maxsize=None)
+def _reshard(target):
+  """One jitted identity per layout: a fresh lambda would be traced and compiled every call."""
+  return jax.jit(lambda a: a, out_shardings=target)
 
 
 class StartupError(errors.UserError, RuntimeError):

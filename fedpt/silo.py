@@ -369,6 +369,15 @@ class _Silo:
       self.prefetched[1].set()
       self.prefetched = None
 
+  def prefetched_round(self) -> int | None:
+    """The global round the download thread holds, once its download is done."""
+    if self.prefetched is None or not self.prefetched[2].done():
+      return None
+    try:
+      return self.prefetched[0] if self.prefetched[2].result() is not None else None
+    except Exception:  # pylint: disable=broad-except  # `take_prefetched` reads it again.
+      return None
+
   def take_prefetched(self, round_index):
     """(flat, bytes read) of global round `round_index` if it was prefetched, else None."""
     if self.prefetched is None or self.prefetched[0] != round_index:
@@ -407,6 +416,8 @@ class _Silo:
   def read_global(self, round_index, last_global, abstract_flat):
     """(flat params, bytes read) of verified global round `round_index`: only its update
     when `last_global` (round, flat) is the round before and the run has a downlink."""
+    if last_global is not None and last_global[0] == round_index:  # Overlap: round 1's base.
+      return {k: jnp.copy(v) for k, v in last_global[1].items()}, 0
     if (protocol.downlink(self.run) and last_global is not None
         and last_global[0] == round_index - 1):  # The same on every host of a silo.
       rebuilt = loading.global_from_update(self.store, self.run, round_index, last_global[1],
@@ -462,6 +473,8 @@ class _Silo:
     decided: it must be republished, or the round never ends.
     """
     def newer():
+      if self.prefetched_round() == needed:  # Committed: the download thread has it.
+        return needed
       r = self.store.latest_global_round()
       if r is not None and r >= needed:
         return r
