@@ -47,8 +47,12 @@ def describe_global_round(store: storage_lib.RunStorage, round_index: int | None
     signatures += (f'; the manifest of round {round_index - 1} is malformed: '
                    f'{protocol.check_manifest(run, round_index - 1, manifest)}')
     manifest = None
+  update = None  # The compressed downlink: what a silo holding the round before reads.
+  if all('update_format' in m for m in metas):
+    update = {**metas[0]['update_format'], 'bytes': sum(m['update_bytes'] for m in metas)}
   return {
       'source': f'{store.root} global round {round_index}', 'run_id': run['run_id'],
+      'update': update,
       'round': round_index, 'global_hash': store.global_hash(round_index),
       'num_shards': len(metas), 'signatures': signatures,
       'contributors': metas[0]['contributors'], 'tokens': metas[0]['tokens'],
@@ -84,6 +88,10 @@ def render(info: dict) -> str:
       lines.append(f'  {label}: {info[key]}')
   lines.append(f"  parameters: {info['param_count']:,} in {len(info['leaves'])} arrays, "
                f"{info['bytes'] / 1e6:.2f} MB")
+  if info.get('update'):
+    u = info['update']
+    lines.append(f"  downlink update: {u['compression']} (block {u['block_size']}), "
+                 f"{u['bytes'] / 1e6:.2f} MB: what a silo holding the round before reads")
   width = max(len(x['name']) for x in info['leaves'])
   for x in info['leaves']:
     digest = (x['sha256'] or '')[:12]

@@ -16,6 +16,7 @@ from conftest import load_config
 from conftest import needs_devices
 from fedpt import aggregator as aggregator_lib
 from fedpt import compression
+from fedpt import inspection
 from fedpt import ledger
 from fedpt import loading
 from fedpt import planning
@@ -238,6 +239,11 @@ def test_the_ledger_and_the_plan_count_the_update_as_the_download(downlink_run):
   assert 'down: the int8 update if the silo published to round r, else the whole model' in table
   fmt = ledger._fmt_bytes  # pylint: disable=protected-access
   assert f"{fmt(rows[0]['bytes_up_by_silo']['a'])} / {fmt(update_bytes)}" in table
+  info = inspection.describe_global_round(store, 1)  # inspect_checkpoint.py shows it too.
+  assert info['update'] == {'compression': 'int8', 'block_size': config.federation.block_size,
+                            'bytes': update_bytes}
+  assert (f'downlink update: int8 (block {config.federation.block_size}), '
+          f'{update_bytes / 1e6:.2f} MB') in inspection.render(info)
 
 
 def test_an_unknown_downlink_format_is_one_line_naming_the_field(repo_root, tmp_path):
