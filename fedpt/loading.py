@@ -298,6 +298,24 @@ def committed_round(store: storage_lib.RunStorage, round_index: int | None) -> t
   return round_index, metas
 
 
+def _aggregator_check(run: dict, identity=None):
+  """The aggregator-signature check of a reader: `identity`'s pinned key (a party), else
+  the key run.json lists (a researcher); None in an unsigned run."""
+  return (identity.check_aggregator if identity is not None
+          else signing.listed_aggregator_check(run))
+
+
+def global_meta_check(store: storage_lib.RunStorage, run: dict, round_index: int,
+                      identity=None):
+  """meta -> reason or None: `protocol.check_global_meta` of a shard of global round
+  `round_index`, with the previous round's manifest read once for all shards."""
+  check_aggregator = _aggregator_check(run, identity)
+  previous = (store.read_manifest(round_index - 1)
+              if check_aggregator is not None and round_index > 0 else None)
+  return lambda meta: protocol.check_global_meta(run, round_index, meta, check_aggregator,
+                                                 previous)
+
+
 def read_global_params(store: storage_lib.RunStorage, run: dict, round_index: int,
                        abstract_flat: dict, identity=None) -> dict:
   """A committed global round's flat params, vetted, restored into `abstract_flat`'s placement.
@@ -305,14 +323,8 @@ def read_global_params(store: storage_lib.RunStorage, run: dict, round_index: in
   `identity` is a party's signing identity (silos); without one (a researcher
   reading a round) signatures are checked against the key run.json lists.
   """
-  check_aggregator = (identity.check_aggregator if identity is not None
-                      else signing.listed_aggregator_check(run))
-
-  def check(meta):
-    previous = (store.read_manifest(round_index - 1)
-                if check_aggregator is not None and round_index > 0 else None)
-    return protocol.check_global_meta(run, round_index, meta, check_aggregator, previous)
-  return store.read_global_params(round_index, abstract_flat, check_meta=check)
+  return store.read_global_params(round_index, abstract_flat,
+                                  check_meta=global_meta_check(store, run, round_index, identity))
 
 
 def read_decided_manifest(store: storage_lib.RunStorage, run: dict, round_index: int,
@@ -321,8 +333,7 @@ def read_decided_manifest(store: storage_lib.RunStorage, run: dict, round_index:
 
   A missing, unsigned or malformed one stops the reader with the one-line tampered error.
   """
-  check_aggregator = (identity.check_aggregator if identity is not None
-                      else signing.listed_aggregator_check(run))
+  check_aggregator = _aggregator_check(run, identity)
   manifest = store.read_manifest(round_index)
   reason = 'it is missing' if manifest is None else (
       (check_aggregator(manifest) if check_aggregator is not None else None)
@@ -351,15 +362,11 @@ def global_from_update(store: storage_lib.RunStorage, run: dict, round_index: in
         f'global round {round_index} is not committed under {store.root}')
   if any('update_hashes' not in m for m in metas):
     return None
-  check_aggregator = (identity.check_aggregator if identity is not None
-                      else signing.listed_aggregator_check(run))
-  previous = (store.read_manifest(round_index - 1)
-              if check_aggregator is not None and round_index > 0 else None)
+  check = global_meta_check(store, run, round_index, identity)
   out, nbytes = {}, 0
   for meta in metas:
     shard = meta.get('shard')
-    layout, reason = None, protocol.check_global_meta(run, round_index, meta, check_aggregator,
-                                                      previous)
+    layout, reason = None, check(meta)
     if reason is None:
       layout, reason = protocol.update_layout(run, meta)
     if reason is None and any(tuple(meta['leaf_shapes'][n]) != tuple(base_flat[n].shape)
@@ -410,17 +417,14 @@ def read_global_controls(store: storage_lib.RunStorage, run: dict, round_index: 
   each array against the hash that meta lists for it; restored in `abstract_flat`'s
   placement.
   """
-  check_aggregator = (identity.check_aggregator if identity is not None
-                      else signing.listed_aggregator_check(run))
   metas = store.global_shard_metas(round_index)
   if metas is None:
     raise storage_lib.StorageError(
         f'global round {round_index} is not committed under {store.root}')
-  previous = (store.read_manifest(round_index - 1)
-              if check_aggregator is not None and round_index > 0 else None)
+  check = global_meta_check(store, run, round_index, identity)
   out = {}
   for meta in metas:
-    reason = protocol.check_global_meta(run, round_index, meta, check_aggregator, previous)
+    reason = check(meta)
     names = sorted(meta['leaf_hashes'])
     wanted = {protocol.control_name(n): n for n in names}
     hashes = meta['outer_state_hashes']

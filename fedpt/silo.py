@@ -770,7 +770,6 @@ class _Silo:
     payload, next_residual, meta = self.build_delta(position, state, residual, base_flat,
                                                     base_hash, seconds['inner'], control_delta)
     position.phase = Phase.PUBLISHED
-    self.settle()  # The previous round's commit first: rounds commit in order.
     if not self.clear_own_path(position, meta):
       self.save(state, residual, position)  # The residual and c_i were not spent.
       return residual
