@@ -29,6 +29,10 @@ class ShardSpecError(errors.UserError, ValueError):
   """A malformed --shard, or one that does not match the run's num_shards."""
 
 
+class MalformedPayload(errors.UserError, ValueError):
+  """A delta's payload matches its layout but not its format (`compression.payload_problem`)."""
+
+
 def parse_shard(text: str) -> tuple[int, int]:
   """'i/n' -> (i, n)."""
   try:
@@ -186,9 +190,9 @@ class Aggregator:
     norm_sq = 0.0
     for name in sorted(meta['tree']):
       try:
-        values, control = self.read_leaf(round_index, silo, name, meta, meta['compression'],
-                                         meta['block_size'], with_control=True)
-      except storage_lib.StorageError as e:
+        values, control = self.read_leaf(round_index, silo, name, meta, meta,
+                                         with_control=True)
+      except (storage_lib.StorageError, MalformedPayload) as e:
         return protocol.Measured(meta, str(e))
       if not bool(jnp.all(jnp.isfinite(values))):
         return protocol.Measured(meta, f'parameter {name} has NaN or Inf values')
@@ -197,11 +201,13 @@ class Aggregator:
       norm_sq += float(jnp.sum(jnp.square(values)))
     return protocol.Measured(meta, norm=norm_sq ** 0.5)
 
-  def read_leaf(self, round_index: int, silo: str, name: str, meta: dict, compression_format: str,
-                block_size: int, with_control: bool = False):
+  def read_leaf(self, round_index: int, silo: str, name: str, meta: dict, form: dict,
+                with_control: bool = False):
     """One parameter of a delta, checked against the hashes the silo signed, decompressed.
 
-    The format comes from the caller: meta.json when deciding, the manifest when aggregating.
+    The format (`protocol.delta_format`) comes from the caller's `form`: meta.json when
+    deciding, the manifest entry when aggregating. A payload its format cannot hold (a
+    topk index out of range or sent twice, a non-finite scale) raises MalformedPayload.
     `with_control`: (delta, SCAFFOLD's delta_c_i or None) from the same payload read.
     """
     try:
@@ -215,8 +221,11 @@ class Aggregator:
       if reason:
         raise storage_lib.StorageError(reason)
     control = payload.pop(protocol.CONTROL, None)
-    values = compression.decompress(payload, compression_format, self.leaf_shapes[name],
-                                    block_size)
+    fmt, block_size, topk = protocol.delta_format(form)
+    problem = compression.payload_problem(payload, fmt, self.leaf_shapes[name], block_size, topk)
+    if problem:
+      raise MalformedPayload(f'parameter {name}: {problem}')
+    values = compression.decompress(payload, fmt, self.leaf_shapes[name], block_size, topk)
     return (values, control) if with_control else values
 
   def decide(self, round_index: int) -> dict:
@@ -303,8 +312,8 @@ class Aggregator:
         if self.scaffold:
           new_controls[name] = controls[name]
         continue
-      read = (self.read_leaf(round_index, e['silo'], name, metas[e['silo']], e['compression'],
-                             e['block_size'], with_control=True) for e in included)
+      read = (self.read_leaf(round_index, e['silo'], name, metas[e['silo']], e,
+                             with_control=True) for e in included)
       if self.scaffold:  # Both from one read of each payload: K leaves held, not one.
         read = list(read)
         new_controls[name] = np.asarray(drift_lib.server_control_update(

@@ -124,11 +124,18 @@ def base_config() -> ml_collections.ConfigDict:
       round_deadline_s=600.0,  # Aggregator: after this, a quorum is enough.
       wait_timeout_s=3600.0,  # Any wait for the bucket fails with a clear error after this.
       poll_s=0.5,
-      compression='int8',  # none, bf16, int8 or int4; int8 cost nothing in bench/study.py.
+      # none, bf16, int8, int4, int2 or topk; int8 cost nothing in bench/study.py.
+      compression='int8',
       block_size=256,
-      error_feedback=False,
+      error_feedback=False,  # topk requires it: the residual holds what was not sent.
+      # compression='topk' (SparseLoCo): per chunk of topk_chunk values, the topk_density
+      # largest-magnitude ones, quantised to topk_bits (2, 4 or 8) bits.
+      topk_density=0.01,
+      topk_bits=2,
+      topk_chunk=4096,
       # The global update the aggregator publishes beside the fp32 model (none, bf16, int8,
-      # int4; federation.block_size): an up-to-date silo downloads only it (docs/protocol.md).
+      # int4, int2; federation.block_size): an up-to-date silo downloads only it
+      # (docs/protocol.md).
       downlink_compression='none',
       num_shards=1,  # Aggregation split over this many processes by parameter leaves.
       robust='mean',  # mean (token-weighted), trimmed_mean or median (coordinate-wise).
@@ -265,6 +272,9 @@ RANGES = (
     ('federation.wait_timeout_s', _in(1, None), 'use seconds >= 1, e.g. 3600'),
     ('federation.poll_s', _in(0.01, 600), 'poll the bucket every 0.01 to 600 seconds'),
     ('federation.block_size', _POSITIVE, 'use e.g. 256'),
+    ('federation.topk_density', _in(0, 1, low_open=True),
+     'use e.g. 0.01 (each chunk sends its top 1%)'),
+    ('federation.topk_chunk', _in(1, 2**31), 'use e.g. 4096'),
     ('federation.num_shards', _in(1, None), 'use 1 or more'),
     ('federation.trim', _NON_NEGATIVE, 'use the number of Byzantine silos to tolerate'),
     ('federation.clip_multiple', _NON_NEGATIVE, 'use 0 (off) or e.g. 2'),

@@ -324,19 +324,16 @@ def drift_state_nbytes(kind: str, param_bytes: int, param_elements: int) -> int:
   return {'scaffold': 2 * 4 * param_elements, 'fedprox': param_bytes}.get(kind, 0)
 
 
-def delta_sizes(params_tree, block_size: int, private_params=()) -> dict[str, int]:
+def delta_sizes(params_tree, block_size: int, private_params=(),
+                topk: compression.TopK = compression.TopK()) -> dict[str, int]:
   """Bytes of the whole published delta in each format, from the payload layout.
 
   Private leaves (`federation.private_params`) are not published, so not counted.
+  topk is counted with the run's `federation.topk_*`.
   """
   shared = _shared(params_tree, private_params)
-  out = {}
-  for fmt in compression.FORMATS:
-    out[fmt] = sum(math.prod(shape) * np.dtype(dtype).itemsize
-                   for leaf in shared.values()
-                   for shape, dtype in compression.payload_spec(leaf.shape, fmt,
-                                                                block_size).values())
-  return out
+  return {fmt: sum(compression.compressed_nbytes(leaf.shape, fmt, block_size, topk)
+                   for leaf in shared.values()) for fmt in compression.FORMATS}
 
 
 def _shared(params_tree, private_params) -> dict:
@@ -435,7 +432,7 @@ def plan(config, num_devices: int, *, platform: str = 'gpu', hbm_gib: float = 80
   used = memory.total / hbm
   verdict = 'fits' if used <= HEADROOM else 'tight' if used <= 1 else 'does not fit'
   fed = config.federation
-  deltas = delta_sizes(params, fed.block_size, fed.private_params)
+  deltas = delta_sizes(params, fed.block_size, fed.private_params, compression.TopK.of(fed))
   return {
       'config': config.name,
       'devices': num_devices,
@@ -459,6 +456,7 @@ def plan(config, num_devices: int, *, platform: str = 'gpu', hbm_gib: float = 80
       'fixes': ([] if verdict == 'fits' else
                 _fixes(config, num_devices, platform, HEADROOM * hbm)),
       'delta': {'compression': fed.compression, 'block_size': fed.block_size,
+                'topk': compression.TopK.of(fed).record(),
                 'bytes': deltas,
                 'ratio_to_float32': {k: v / deltas['none'] for k, v in deltas.items()},
                 'drift_correction': config.inner.drift_correction,
@@ -545,9 +543,8 @@ def aggregator_memory(config, num_shards: int | None = None) -> dict:
     deltas = 0
     for n in sorted(set(names) - private):
       leaf_f32 = 4 * math.prod(params[n].shape)
-      payload = sum(math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in
-                    compression.payload_spec(params[n].shape, fed.compression,
-                                             fed.block_size).values())
+      payload = compression.compressed_nbytes(params[n].shape, fed.compression, fed.block_size,
+                                              compression.TopK.of(fed))
       if robust or scaffold:  # Every silo's delta (and control) at once; robust: stacked, sorted.
         one = silos * leaf_f32 * ((2 if scaffold else 1) + (2 if robust else 0)) + payload
       else:
@@ -613,11 +610,13 @@ def render(info: dict) -> str:
                  f"arguments {human_bytes(xla['arguments'])}, temporaries "
                  f"{human_bytes(xla['temp'])}, total {human_bytes(xla['total'])}")
   delta = info['delta']
-  lines += ['', f"published delta per round (block_size {delta['block_size']})"]
+  topk = delta['topk']
+  lines += ['', f"published delta per round (block_size {delta['block_size']}; topk "
+                f"{topk['density']:g} of each {topk['chunk']} at {topk['bits']} bits)"]
   for fmt, nbytes in delta['bytes'].items():
     mark = '  <- federation.compression' if fmt == delta['compression'] else ''
     lines.append(f"  {fmt:<6}{human_bytes(nbytes):>12}  {delta['ratio_to_float32'][fmt]:.3f}x "
-                 f'float32{mark}')
+                 f"float32 (1/{1 / delta['ratio_to_float32'][fmt]:.0f}){mark}")
   if delta['private_params']:
     lines.append(f"  private leaves {delta['private_params']} are not published")
   if delta['control_bytes']:

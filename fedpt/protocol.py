@@ -30,7 +30,7 @@ from fedpt import trees
 
 # What the manifest copies from each included delta's meta.json (the ledger's inputs).
 MANIFEST_ENTRY_FIELDS = ('silo', 'tokens', 'steps', 'train_loss', 'bytes', 'compression',
-                         'block_size', 'delta_norm', 'content_hash', 'global_eval_loss')
+                         'block_size', 'topk', 'delta_norm', 'content_hash', 'global_eval_loss')
 
 
 # SCAFFOLD (inner.drift_correction='scaffold'): each delta leaf's payload holds the silo's
@@ -57,6 +57,20 @@ def downlink(run: dict) -> str | None:
   """The run's downlink format (`federation.downlink_compression`), None when it is off."""
   fmt = run['federation'].get('downlink_compression', 'none')
   return None if fmt == 'none' else fmt
+
+
+def topk_record(fed) -> dict | None:
+  """A delta's 'topk' field in a run with federation section `fed`: the topk format's
+  parameters (`compression.TopK.record`), None for the dense formats."""
+  return compression.TopK.of(fed).record() if fed['compression'] == 'topk' else None
+
+
+def delta_format(record: dict) -> tuple[str, int, compression.TopK]:
+  """(format, block_size, topk parameters) of a delta, from its meta.json or manifest entry
+  (checked against the run's by `_check_claims`), as `compression`'s functions take them."""
+  topk = record.get('topk')
+  return (record['compression'], record['block_size'],
+          compression.TopK(**topk) if topk is not None else compression.TopK())
 
 
 def downlink_residual_name(leaf: str) -> str:
@@ -89,11 +103,23 @@ def validate_federation(config) -> None:
 
   require(fed.compression in compression.FORMATS, 'compression',
           f'unknown format {fed.compression!r}', f'use one of {compression.FORMATS}')
-  require(fed.downlink_compression in compression.FORMATS, 'downlink_compression',
+  require(fed.downlink_compression != 'topk', 'downlink_compression',
+          '\'topk\' is an upload format only (the global update has no sender-side '
+          'residual to keep what it drops)',
+          f'use one of {compression.DENSE_FORMATS} (none: silos download the fp32 model)')
+  require(fed.downlink_compression in compression.DENSE_FORMATS, 'downlink_compression',
           f'unknown format {fed.downlink_compression!r}',
-          f'use one of {compression.FORMATS} (none: silos download the fp32 model)')
+          f'use one of {compression.DENSE_FORMATS} (none: silos download the fp32 model)')
   require(fed.block_size % 2 == 0, 'block_size',
           f'{fed.block_size} must be a positive even number', 'use e.g. 256')
+  require(fed.block_size % 4 == 0 or 'int2' not in (fed.compression, fed.downlink_compression),
+          'block_size', f'{fed.block_size} with int2, which packs four values per byte',
+          'use a multiple of 4, e.g. 256')
+  require(fed.topk_bits in compression.TOPK_BITS, 'topk_bits',
+          f'{fed.topk_bits} bits per kept value', f'use one of {compression.TOPK_BITS}')
+  require(fed.compression != 'topk' or fed.error_feedback, 'error_feedback',
+          'is False with compression=\'topk\', which would lose every value it does not send',
+          'set federation.error_feedback=True')
   outer.check_robust_config(fed.robust, fed.trim, fed.min_silos or len(fed.silos),
                             fed.clip_multiple or None)
   require(fed.reject_norm_multiple == 0 or fed.reject_norm_multiple > 1, 'reject_norm_multiple',
@@ -314,9 +340,10 @@ def check_private_params(patterns, names) -> None:
 
 def delta_meta(run: dict, round_index: int, silo_id: str, base_hash: str, *,
                leaf_shapes: dict, payload_layout: dict, payload_hashes: dict, content_hash: str,
-               compression_format: str, block_size: int, nbytes: int, delta_norm: float,
-               steps: int, tokens: int, train_loss: float, global_eval_loss: float | None,
-               inner_seconds: float, inner_steps: int, round_budget_s: float) -> dict:
+               compression_format: str, block_size: int, topk: dict | None, nbytes: int,
+               delta_norm: float, steps: int, tokens: int, train_loss: float,
+               global_eval_loss: float | None, inner_seconds: float, inner_steps: int,
+               round_budget_s: float) -> dict:
   """What a silo commits beside its payload; the aggregator checks it with `check_delta_meta`.
 
   `payload_layout` is {leaf: {payload key: [shape, dtype]}}; `payload_hashes` is
@@ -324,12 +351,14 @@ def delta_meta(run: dict, round_index: int, silo_id: str, base_hash: str, *,
   identified by its content and a torn or swapped payload is caught.
   `inner_steps` and `round_budget_s` are the silo's declared H and budget
   (run.json); `steps` is what it ran: H, or fewer when the budget ran out.
+  `topk` is the topk format's parameters (`topk_record`), None for a dense format.
   """
   return {
       'format_version': records.FORMAT_VERSION, 'run_id': run['run_id'], 'round': round_index,
       'silo': silo_id, 'base_global_hash': base_hash, 'tokens': tokens, 'steps': steps,
       'train_loss': train_loss, 'global_eval_loss': global_eval_loss,
-      'compression': compression_format, 'block_size': block_size, 'bytes': nbytes,
+      'compression': compression_format, 'block_size': block_size, 'topk': topk,
+      'bytes': nbytes,
       'delta_norm': delta_norm, 'inner_seconds': inner_seconds, 'inner_steps': inner_steps,
       'round_budget_s': round_budget_s,
       'tree': {name: {'shape': list(leaf_shapes[name]), 'payload': payload_layout[name]}
@@ -394,6 +423,9 @@ def _check_claims(run: dict, silo: str, record: dict) -> str | None:
     return (f'compression {record.get("compression")!r} with block size '
             f'{record.get("block_size")!r} is not the run\'s {fed["compression"]!r} with '
             f'{fed["block_size"]}')
+  if record.get('topk') != topk_record(fed):
+    return (f'topk parameters {record.get("topk")!r} are not the run\'s '
+            f'{topk_record(fed)!r}')
   steps, tokens, h = record.get('steps'), record.get('tokens'), entry['inner_steps']
   if (not records.is_int(steps) or not 1 <= steps <= h
       or (steps < h and not entry['round_budget_s'])):
@@ -459,18 +491,19 @@ def _check_delta_meta(run, round_index, silo, meta, base_hash, leaf_shapes, chec
     return 'parameter tree differs from the run\'s model'
   nbytes = 0
   with_control = scaffold(run)
+  fmt, block_size, topk = delta_format(meta)
   for name, shape in leaf_shapes.items():
     if tuple(tree[name]['shape']) != tuple(shape):
       return f'parameter {name} has shape {tree[name]["shape"]}, expected {list(shape)}'
-    expected = compression.payload_spec(shape, meta['compression'], meta['block_size'])
+    expected = compression.payload_spec(shape, fmt, block_size, topk)
     if with_control:  # delta_c_i, uncompressed: SCAFFOLD's c must not drift by rounding.
       expected = {**expected, CONTROL: (tuple(shape), 'float32')}
       nbytes += 4 * math.prod(shape)
     declared = {k: (tuple(s), d) for k, (s, d) in tree[name]['payload'].items()}
     if declared != expected:
-      return (f'parameter {name} payload layout {declared} is not the {meta["compression"]} '
+      return (f'parameter {name} payload layout {declared} is not the {fmt} '
               f'layout {expected} (wrong shape or dtype)')
-    nbytes += compression.compressed_nbytes(shape, meta['compression'], meta['block_size'])
+    nbytes += compression.compressed_nbytes(shape, fmt, block_size, topk)
   if meta.get('bytes') != nbytes:
     return f'claims {meta.get("bytes")!r} bytes; its payload layout holds {nbytes}'
   hashes = meta.get('payload_hashes') or {}

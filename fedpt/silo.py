@@ -42,14 +42,15 @@ def _compress_delta(global_flat, local_flat, residual_flat, fed, names, mesh=Non
   """The payload of leaves `names` (the shared ones); a private leaf's residual is kept."""
   payload, nbytes, norm_sq = {}, 0, 0.0
   new_residual = dict(residual_flat) if residual_flat is not None else {}
+  topk = compression.TopK.of(fed)
   for name in names:
     delta = (global_flat[name].astype(jnp.float32) - local_flat[name].astype(jnp.float32))
     norm_sq += float(jnp.sum(jnp.square(delta)))
     if residual_flat is not None:
       leaf_payload, new_residual[name] = compression.compress_with_feedback(
-          delta, residual_flat[name], fed.compression, fed.block_size)
+          delta, residual_flat[name], fed.compression, fed.block_size, topk)
     else:
-      leaf_payload = compression.compress(delta, fed.compression, fed.block_size)
+      leaf_payload = compression.compress(delta, fed.compression, fed.block_size, topk)
     if control_flat is not None:  # SCAFFOLD's delta_c_i, in fp32 (protocol.CONTROL).
       leaf_payload = {**leaf_payload, protocol.CONTROL: control_flat[name].astype(jnp.float32)}
     if mesh is None:
@@ -81,7 +82,8 @@ def make_delta(run, round_index, silo_id, base_hash, global_flat, local_flat, re
       payload_layout={name: {k: [list(v.shape), str(v.dtype)] for k, v in leaf.items()}
                       for name, leaf in payload.items()},
       payload_hashes=hashes, content_hash=trees.tree_hash(hashes),
-      compression_format=fed.compression, block_size=fed.block_size, nbytes=nbytes,
+      compression_format=fed.compression, block_size=fed.block_size,
+      topk=protocol.topk_record(fed), nbytes=nbytes,
       delta_norm=delta_norm, steps=steps, tokens=tokens, train_loss=train_loss,
       global_eval_loss=global_eval_loss, inner_seconds=inner_seconds,
       inner_steps=fed.inner_steps, round_budget_s=fed.round_budget_s)
@@ -812,7 +814,8 @@ class _Silo:
     fed = self.fed
     return {n: jax.device_put(compression.decompress(
         {k: v for k, v in payload[n].items() if k != protocol.CONTROL}, fed.compression,
-        v_like.shape, fed.block_size), v_like.sharding) if n in payload
+        v_like.shape, fed.block_size, compression.TopK.of(fed)), v_like.sharding)
+            if n in payload
             else jnp.zeros(v_like.shape, jnp.float32, device=v_like.sharding)
             for n, v_like in like_flat.items()}
 

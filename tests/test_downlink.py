@@ -140,7 +140,7 @@ def test_error_feedback_carries_what_the_update_lost(downlink_run):
     published = _update(store, r + 1)
     for n in names:
       mean = sum(e['weight'] * np.asarray(agg.read_leaf(
-          r, e['silo'], n, store.delta_meta(r, e['silo']), e['compression'], e['block_size']))
+          r, e['silo'], n, store.delta_meta(r, e['silo']), e))
                  for e in manifest['included'])
       change = (base[n] - mean.astype(np.float32)) - base[n]  # FedAvg: the step is -mean.
       sum_u[n] = sum_u.get(n, 0) + change.astype(np.float64)

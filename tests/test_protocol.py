@@ -33,7 +33,8 @@ def _meta(silo='a', round_index=0, tokens=100, fmt='int8', **overrides):
   meta = protocol.delta_meta(
       _run(), round_index, silo, 'base-0', leaf_shapes=LEAVES, payload_layout=layout,
       payload_hashes=hashes, content_hash=trees.tree_hash(hashes), compression_format=fmt,
-      block_size=4, nbytes=sum(compression.compressed_nbytes(s, fmt, 4) for s in LEAVES.values()),
+      block_size=4, topk=compression.TopK().record() if fmt == 'topk' else None,
+      nbytes=sum(compression.compressed_nbytes(s, fmt, 4) for s in LEAVES.values()),
       delta_norm=1.0, steps=2, tokens=tokens, train_loss=3.0, global_eval_loss=4.0,
       inner_seconds=0.5, inner_steps=2, round_budget_s=0.0)
   meta.update(overrides)
@@ -89,6 +90,8 @@ def _forged_hash(meta):
     (lambda m: {**m, 'base_global_hash': 'base-9'}, 'a', 'different global model'),
     (lambda m: {**m, 'compression': 'zip'}, 'a', "compression 'zip' with block size 4 is not"),
     (lambda m: {**m, 'block_size': 8}, 'a', "block size 8 is not the run's 'int8' with 4"),
+    (lambda m: {**m, 'topk': {'density': 0.5, 'bits': 2, 'chunk': 4}}, 'a',
+     "topk parameters {'density': 0.5, 'bits': 2, 'chunk': 4} are not the run's None"),
     (lambda m: {**m, 'tokens': 0}, 'a', 'bad token count 0'),
     (lambda m: {**m, 'tokens': 1.5}, 'a', 'bad token count 1.5'),
     # Numbers from the bucket: type, finiteness, plausibility against the run's contract.
@@ -484,6 +487,42 @@ def test_validate_federation_names_the_field(field, value):
   with pytest.raises(config_lib.ConfigError, match=f'federation.{field}.*Fix'):
     protocol.validate_federation(config)
   protocol.validate_federation(config_lib.base_config())
+
+
+@pytest.mark.parametrize('fields, field, problem', [
+    ({'compression': 'topk'}, 'error_feedback', "is False with compression='topk'"),
+    ({'compression': 'topk', 'error_feedback': True, 'topk_bits': 3}, 'topk_bits',
+     '3 bits per kept value'),
+    ({'compression': 'topk', 'error_feedback': True, 'topk_density': 0.0}, 'topk_density',
+     r'must be in \(0, 1\]'),
+    ({'compression': 'topk', 'error_feedback': True, 'topk_chunk': 0}, 'topk_chunk', 'must be'),
+    ({'downlink_compression': 'topk'}, 'downlink_compression', 'an upload format only'),
+    ({'compression': 'int2', 'block_size': 6}, 'block_size', '6 with int2'),
+    ({'downlink_compression': 'int2', 'block_size': 6}, 'block_size', '6 with int2'),
+])
+def test_topk_and_int2_run_rules(fields, field, problem):
+  config = config_lib.base_config()
+  config.federation.update(fields)
+  with pytest.raises(config_lib.ConfigError, match=f'federation.{field}.*{problem}.*Fix'):
+    protocol.validate_federation(config)
+
+
+def test_a_topk_delta_carries_the_runs_topk_parameters():
+  run = _run(compression='topk', error_feedback=True, topk_density=0.5, topk_chunk=4)
+  topk = compression.TopK(0.5, 2, 4)
+  layout = {name: {k: [list(s), d] for k, (s, d) in
+                   compression.payload_spec(shape, 'topk', 4, topk).items()}
+            for name, shape in LEAVES.items()}
+  meta = _meta(fmt='topk', topk=topk.record(), tree={
+      name: {'shape': list(LEAVES[name]), 'payload': layout[name]} for name in LEAVES},
+               bytes=sum(compression.compressed_nbytes(s, 'topk', 4, topk)
+                         for s in LEAVES.values()))
+  assert _check(meta, run=run) is None
+  assert protocol.delta_format(meta) == ('topk', 4, topk)
+  # The run's other parameters: another layout, refused by the claims before the layout.
+  assert "topk parameters {'density': 0.5, 'bits': 4" in _check(
+      {**meta, 'topk': {**topk.record(), 'bits': 4}}, run=run)
+  assert "are not the run's {'density': 0.5" in _check(_meta(fmt='topk'), run=run)
 
 
 def test_silos_typed_as_a_comma_list_are_shown_as_a_tuple():
