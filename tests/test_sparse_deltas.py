@@ -1,13 +1,19 @@
 """Sparse top-k deltas (federation.compression='topk') through a real bucket and aggregator."""
+import importlib.util
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 import bucket_helpers
+import conftest
 import test_federation
 from fedpt import aggregator as aggregator_lib
 from fedpt import compression
+from fedpt import model as model_lib
+from fedpt import planning
 from fedpt import storage as storage_lib
 from fedpt import trees
 
@@ -142,3 +148,42 @@ def test_silos_train_and_publish_topk_deltas(topk_config, tmp_path):
   assert results['a']['round'] == 2 and np.isfinite(results['a']['final_eval_loss'])
   first, last = (bucket_helpers.global_params(store, r)[LEAF] for r in (0, 2))
   assert 0 < np.mean(first != last) < 0.5  # Sparse updates: most coordinates never moved.
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--config.federation.compression=topk'],
+     "error: config field 'federation.error_feedback': is False with compression='topk', which "
+     "would lose every value it does not send. Fix: set federation.error_feedback=True."),
+    (['--config.federation.downlink_compression=topk'],
+     "error: config field 'federation.downlink_compression': 'topk' is an upload format only "
+     "(the global update has no sender-side residual to keep what it drops). Fix: use one of "
+     "('none', 'bf16', 'int8', 'int4', 'int2') (none: silos download the fp32 model)."),
+    (['--config.federation.compression=topk', '--config.federation.error_feedback=True',
+      '--config.federation.topk_bits=3'],
+     "error: config field 'federation.topk_bits': 3 bits per kept value. Fix: use one of "
+     "(2, 4, 8)."),
+])
+def test_a_bad_topk_run_is_one_line_naming_the_fix(repo_root, tmp_path, flags, message):
+  proc = subprocess.run(
+      [sys.executable, str(repo_root / 'scripts' / 'init_run.py'),
+       f'--config={repo_root / "configs" / "tiny.py"}', f'--storage={tmp_path / "bucket"}',
+       *flags], capture_output=True, text=True, timeout=120, env=conftest.child_env(),
+      check=False)
+  out = (proc.stdout + proc.stderr).strip()
+  assert proc.returncode == 2, out
+  assert out.splitlines() == [message], out
+  assert not (tmp_path / 'bucket').exists()
+
+
+def test_the_planner_counts_topk_bytes_of_the_1b_model(repo_root):
+  """1% at 2 bits in chunks of 4096: over 100x fewer upload bytes than fp32 (BENCHMARKS)."""
+  spec = importlib.util.spec_from_file_location('one_b', repo_root / 'configs' / '1b.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  model_config = model_lib.ModelConfig.from_config(module.get_config().model, 'cpu')
+  _, params, _ = model_lib.abstract_model(model_config)
+  sizes = planning.delta_sizes(params, 256, (), compression.TopK(0.01, 2, 4096))
+  assert sizes['none'] / sizes['topk'] > 100, sizes
+  assert sizes['int2'] / sizes['none'] == pytest.approx(1 / 16 + 1 / 256, rel=1e-3)  # + scales.
+  three = planning.delta_sizes(params, 256, (), compression.TopK(0.03, 2, 4096))['topk']
+  assert 2.5 < three / sizes['topk'] < 3.5
