@@ -1,5 +1,6 @@
 """Sparse top-k deltas (federation.compression='topk') through a real bucket and aggregator."""
 import importlib.util
+import json
 import re
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import conftest
 import test_federation
 from fedpt import aggregator as aggregator_lib
 from fedpt import compression
+from fedpt import ledger
 from fedpt import model as model_lib
 from fedpt import planning
 from fedpt import storage as storage_lib
@@ -146,6 +148,7 @@ def test_silos_train_and_publish_topk_deltas(topk_config, tmp_path):
   # 10% of chunks of 64: 6 uint16 indices, 6 two-bit codes and a scale per 256 fp32 bytes.
   assert expected < dense / 14, (expected, dense)
   assert results['a']['round'] == 2 and np.isfinite(results['a']['final_eval_loss'])
+  assert json.loads(ledger.status(root, 'json'))['bytes_up'] == 2 * 2 * expected
   first, last = (bucket_helpers.global_params(store, r)[LEAF] for r in (0, 2))
   assert 0 < np.mean(first != last) < 0.5  # Sparse updates: most coordinates never moved.
 
