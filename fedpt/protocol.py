@@ -101,8 +101,11 @@ def federated_config(config):
   """The config with train.steps = rounds x H/P: the inner LR schedule's horizon."""
   config = config.copy_and_resolve_references()
   with config.ignore_type():
-    config.train.steps = config.federation.rounds * fragments_lib.round_steps(
-        config.federation.inner_steps, config.federation.get('fragments', 1))
+    fed = config.federation
+    count = fed.get('fragments', 1)  # A bad P is config.validate's to name: H stands then.
+    valid = records.is_int(count) and count >= 1 and records.is_int(fed.inner_steps)
+    config.train.steps = fed.rounds * (
+        max(fragments_lib.round_steps(fed.inner_steps, count), 1) if valid else fed.inner_steps)
   return config
 
 

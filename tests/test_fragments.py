@@ -24,7 +24,8 @@ from fedpt import storage as storage_lib
 import test_federation
 import test_overlap
 
-P = 2  # Fragments; H = 2, so a fragment round is one inner step.
+P = 2  # Fragments; H = 4, so a fragment round is two inner steps.
+H = 4
 ROUNDS = 4  # Each fragment exchanged twice.
 
 
@@ -65,7 +66,7 @@ def test_the_split_rule_covers_every_row_exactly_once():
 def fragment_config(tiny_config):
   tiny_config.train.async_checkpoints = False
   tiny_config.train.keep_checkpoints = 50
-  tiny_config.federation.update(rounds=ROUNDS, inner_steps=2, fragments=P, silos=('a', 'b'),
+  tiny_config.federation.update(rounds=ROUNDS, inner_steps=H, fragments=P, silos=('a', 'b'),
                                 poll_s=0.05, wait_timeout_s=120.0, compression='none',
                                 keep_last_rounds=ROUNDS + 1)
   tiny_config.outer.update(optimizer='diloco', lr=test_overlap.LR, momentum=test_overlap.MU)
@@ -88,7 +89,7 @@ def _check_fragment_rules(mode, root, work):
     assert [e['silo'] for e in manifest['included']] == list(silos)
     for silo in silos:
       meta = store.delta_meta(r, silo)
-      assert meta['fragment'] == f and meta['steps'] == 1  # H/P steps per fragment round.
+      assert meta['fragment'] == f and meta['steps'] == H // P  # Per fragment round.
       assert {n: tuple(t['shape']) for n, t in meta['tree'].items()} == (
           fragments.fragment_shapes(shapes, f, P))
   # Over any P consecutive rounds (P x H/P = H steps) every row is exchanged exactly once.
