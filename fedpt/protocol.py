@@ -436,9 +436,9 @@ def _check_claims(run: dict, silo: str, record: dict) -> str | None:
   steps, tokens, h = record.get('steps'), record.get('tokens'), round_steps(run, silo)
   if (not records.is_int(steps) or not 1 <= steps <= h
       or (steps < h and not entry['round_budget_s'])):
-    return (f'bad step count {steps!r}: a round is {h} inner steps'
-            + (f' (H={entry["inner_steps"]} over {fragments(run)} fragments)'
-               if fragments(run) > 1 else '')
+    return (f'bad step count {steps!r}: a round is '
+            + (f'H/P={h} inner steps (H={entry["inner_steps"]}, {fragments(run)} fragments)'
+               if fragments(run) > 1 else f'H={h} inner steps')
             + (' or fewer when its time budget ends' if entry['round_budget_s'] else ''))
   most = steps * tokens_per_step(run)
   if not records.is_int(tokens) or not 0 < tokens <= most:
