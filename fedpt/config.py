@@ -158,6 +158,11 @@ def base_config() -> ml_collections.ConfigDict:
       # it trains round r+1 at once from global round r, the outer update of round r applied
       # one round late (eager: its own part of it at once). See docs/protocol.md.
       overlap='none',
+      # Streaming DiLoCo (arXiv 2501.18512; fedpt/fragments.py): P > 1 splits the model into
+      # P fragments; round r trains H/P steps and exchanges fragment r mod P only, so each
+      # fragment is still exchanged every H steps and one exchange moves 1/P of the model.
+      # federation.rounds counts these fragment rounds: P x the rounds for the same tokens.
+      fragments=1,
   ))
   c.outer = ml_collections.ConfigDict(dict(
       # fedavg (plain averaging) beat the paper's diloco (Nesterov) at 8-40 rounds in
@@ -276,6 +281,7 @@ RANGES = (
     ('train.peak_tflops_per_device', _NON_NEGATIVE, 'use 0 (look it up) or the chip\'s peak'),
     ('federation.rounds', _POSITIVE, 'set it > 0'),
     ('federation.inner_steps', _POSITIVE, 'set H > 0'),
+    ('federation.fragments', _in(1, None), 'use 1 (whole-model rounds) or e.g. 4'),
     ('federation.round_budget_s', _NON_NEGATIVE, 'use 0 (run H steps) or a budget in seconds'),
     ('federation.min_silos', _NON_NEGATIVE, 'use 0 (all silos) or a quorum size'),
     ('federation.round_deadline_s', _NON_NEGATIVE, 'use seconds >= 0'),
@@ -395,6 +401,10 @@ def validate(config) -> None:
       require(problem is None and (value > 0 if default == 'inner_steps' else value >= 0),
               f'federation.{field}', problem or f'{value!r} is out of range',
               f'see federation.{default}')
+  for h in [fed.inner_steps, *fed.silo_inner_steps]:
+    require(h % fed.fragments == 0, 'federation.fragments',
+            f'{fed.fragments} fragments do not divide H={h} (a fragment round is H/P steps)',
+            f'use H a multiple of {fed.fragments}, or fragments dividing {h}')
   require(not weights or sum(weights) > 0, 'federation.silo_weights',
           f'every weight is zero {tuple(weights)}: no delta could move the model',
           'give at least one silo a weight > 0, or leave silo_weights empty (all 1.0)')
