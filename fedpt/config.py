@@ -19,6 +19,9 @@ ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')
 # inner.drift_correction: SCAFFOLD (Karimireddy et al. 2019) or FedProx (Li et al. 2018);
 # fedpt/drift.py has the math, docs/protocol.md what SCAFFOLD adds to the bucket.
 DRIFT_CORRECTIONS = ('none', 'scaffold', 'fedprox')
+# inner.optimizer: 'muon' trains the hidden matrices with optax's Muon (Jordan et al. 2024;
+# MuLoCo, arXiv 2505.23725, as DiLoCo's inner optimizer) and the rest with AdamW (inner.py).
+INNER_OPTIMIZERS = ('adamw', 'muon')
 # federation.overlap: a silo's next inner phase overlaps the outer step of the round it just
 # published (Kale, Douillard, Donchev, arXiv 2502.12996); docs/protocol.md gives the rules.
 OVERLAP_MODES = ('none', 'delayed', 'eager')
@@ -101,6 +104,16 @@ def base_config() -> ml_collections.ConfigDict:
       z_loss=0.0,
       drift_correction='none',  # none, scaffold or fedprox: federated silos only.
       prox_mu=0.0,  # FedProx's mu (> 0 with drift_correction='fedprox'), e.g. 0.01.
+      optimizer='adamw',  # adamw, or muon: Muon for hidden matrices, AdamW (above) for the rest.
+      # Muon's own fields (inner.optimizer='muon'), at the defaults of Keller Jordan's Muon
+      # and optax.contrib.muon, which MuLoCo starts from: peak lr 0.02 (the same schedule as
+      # inner.lr; optax scales each matrix's step by sqrt(max(1, fan_out / fan_in))),
+      # Nesterov momentum 0.95, 5 Newton-Schulz steps, no weight decay (decoupled, times the
+      # lr: 0.02 * wd per step, so AdamW's 0.1 would be 20x its 1e-3 * 0.1 here).
+      muon_lr=0.02,
+      muon_weight_decay=0.0,
+      muon_beta=0.95,
+      muon_ns_steps=5,
   ))
   c.train = ml_collections.ConfigDict(dict(
       steps=200,
@@ -255,6 +268,10 @@ RANGES = (
     ('inner.grad_clip', _NON_NEGATIVE, 'use 0 (off) or e.g. 1.0'),
     ('inner.z_loss', _NON_NEGATIVE, 'use 0 (off) or a small weight like 1e-4'),
     ('inner.prox_mu', _NON_NEGATIVE, 'use 0, or e.g. 0.01 with drift_correction=\'fedprox\''),
+    ('inner.muon_lr', _POSITIVE, 'set a positive learning rate, e.g. 0.02'),
+    ('inner.muon_weight_decay', _NON_NEGATIVE, 'use 0 (off) or e.g. 0.005'),
+    ('inner.muon_beta', _BETA, 'use e.g. 0.95'),
+    ('inner.muon_ns_steps', _in(1, 50), 'use e.g. 5 Newton-Schulz steps'),
     ('train.steps', _POSITIVE, 'set it > 0'),
     ('train.log_every', _POSITIVE, 'set it > 0'),
     ('train.eval_every', _POSITIVE, 'set it > 0'),
@@ -335,6 +352,8 @@ def validate(config) -> None:
     section, name = field.split('.')
     require(config[section][name] in SCHEDULES, field, f'unknown {config[section][name]!r}',
             f'use one of {SCHEDULES}')
+  require(i.optimizer in INNER_OPTIMIZERS, 'inner.optimizer', f'unknown {i.optimizer!r}',
+          f'use one of {INNER_OPTIMIZERS}')
   require(i.drift_correction in DRIFT_CORRECTIONS, 'inner.drift_correction',
           f'unknown {i.drift_correction!r}', f'use one of {DRIFT_CORRECTIONS}')
   require(i.drift_correction != 'fedprox' or i.prox_mu > 0, 'inner.prox_mu',
