@@ -16,6 +16,7 @@ import numpy as np
 from fedpt import compression
 from fedpt import drift as drift_lib
 from fedpt import errors
+from fedpt import fragments as fragments_lib
 from fedpt import metrics as metrics_lib
 from fedpt import outer
 from fedpt import protocol
@@ -64,7 +65,9 @@ class Aggregator:
     protocol.check_run(self.run)
     self.optimizer = outer.make_outer_optimizer(ml_collections.ConfigDict(self.run['outer']))
     self.scaffold = protocol.scaffold(self.run)
+    self.fragments = protocol.fragments(self.run)  # Streaming DiLoCo's P (fedpt/fragments.py).
     self.downlink = protocol.downlink(self.run)  # None, or the format of the published update.
+    self.feedback = protocol.downlink_feedback(self.run)  # Its residual E is kept.
     newest = self.store.latest_global_round()  # Round 0 may be garbage-collected.
     if newest is None:
       raise storage_lib.StorageError(
@@ -107,15 +110,21 @@ class Aggregator:
   def _abstract(self):
     params = {n: jax.ShapeDtypeStruct(self.leaf_shapes[n], np.dtype(self.leaf_dtypes[n]))
               for n in self.my_leaves}
-    state = jax.eval_shape(lambda: outer.init_outer_state(self.optimizer, params))
+    state = jax.eval_shape(lambda: outer.init_outer_state(
+        self.optimizer, outer_units(params, self.fragments)))
     return params, state
+
+  def rows_shape(self, round_index: int, name: str) -> tuple:
+    """The shape of leaf `name`'s rows that round `round_index`'s deltas hold."""
+    return fragments_lib.rows_shape(self.leaf_shapes[name],
+                                    protocol.round_fragment(self.run, round_index), self.fragments)
 
   def _abstract_arrays(self, abstract_state) -> dict:
     """The outer-state arrays of this shard: the optax states, and per leaf c (SCAFFOLD) and
     the downlink's residual E (a compressed downlink)."""
     arrays = state_to_arrays(abstract_state)
     for name, wanted in ((protocol.control_name, self.scaffold),
-                         (protocol.downlink_residual_name, self.downlink)):
+                         (protocol.downlink_residual_name, self.feedback)):
       if wanted:
         arrays.update({name(n): jax.ShapeDtypeStruct(self.leaf_shapes[n], np.float32)
                        for n in self.my_leaves})
@@ -149,7 +158,7 @@ class Aggregator:
     controls = ({n: state_arrays[protocol.control_name(n)] for n in self.my_leaves}
                 if self.scaffold else {})
     residuals = ({n: state_arrays[protocol.downlink_residual_name(n)] for n in self.my_leaves}
-                 if self.downlink else {})
+                 if self.feedback else {})
     return params, arrays_to_state(state_arrays, abstract_state), controls, residuals
 
   def next_round(self) -> int:
@@ -222,10 +231,11 @@ class Aggregator:
         raise storage_lib.StorageError(reason)
     control = payload.pop(protocol.CONTROL, None)
     fmt, block_size, topk = protocol.delta_format(form)
-    problem = compression.payload_problem(payload, fmt, self.leaf_shapes[name], block_size, topk)
+    shape = self.rows_shape(round_index, name)
+    problem = compression.payload_problem(payload, fmt, shape, block_size, topk)
     if problem:
       raise MalformedPayload(f'parameter {name}: {problem}')
-    values = compression.decompress(payload, fmt, self.leaf_shapes[name], block_size, topk)
+    values = compression.decompress(payload, fmt, shape, block_size, topk)
     return (values, control) if with_control else values
 
   def decide(self, round_index: int) -> dict:
@@ -305,10 +315,14 @@ class Aggregator:
     new_params, new_state, new_controls = {}, {}, {}
     new_residuals, update = dict(residuals), {}
     num_silos = len(protocol.silo_ids(self.run))
+    fragment, count = protocol.round_fragment(self.run, round_index), self.fragments
+    new_state = dict(outer_state)  # Every other fragment's state carries over.
     for name in self.my_leaves:
-      # Nothing valid arrived, or a private leaf (no silo uploads it): carry it over as it is.
-      if not included or protocol.is_private(self.run, name):
-        new_params[name], new_state[name] = params[name], outer_state[name]
+      unit = fragments_lib.unit_name(name, fragment, count)
+      # Nothing valid arrived, a private leaf (no silo uploads it), or a leaf without rows in
+      # this round's fragment: carry it over as it is.
+      if not included or protocol.is_private(self.run, name) or unit not in outer_state:
+        new_params[name] = params[name]
         if self.scaffold:
           new_controls[name] = controls[name]
         continue
@@ -320,14 +334,20 @@ class Aggregator:
             controls[name], (c for _, c in read), num_silos))
       mean_delta = outer.robust_mean((d for d, _ in read), [e['weight'] for e in included],
                                      robust['method'], trim=robust['trim'], factors=factors)
+      base = fragments_lib.take(params[name], fragment, count)
       step_params, step_state = outer.outer_step(
-          self.optimizer, {name: params[name]}, {name: mean_delta}, {name: outer_state[name]})
-      new_params[name] = np.asarray(step_params[name])
-      new_state[name] = jax.tree.map(np.asarray, step_state[name])
+          self.optimizer, {unit: base}, {unit: mean_delta}, {unit: outer_state[unit]})
+      stepped = np.asarray(step_params[unit])
+      new_state[unit] = jax.tree.map(np.asarray, step_state[unit])
       if self.downlink:
-        new_params[name], payload, new_residuals[name] = self.downlink_step(
-            params[name], new_params[name], residuals[name])
+        stepped, payload, rows_residual = self.downlink_step(
+            base, stepped, fragments_lib.take(residuals[name], fragment, count)
+            if self.feedback else None)
+        if self.feedback:
+          new_residuals[name] = fragments_lib.put(residuals[name], fragment, count,
+                                                  rows_residual)
         update.update({f'{name}/{k}': v for k, v in payload.items()})
+      new_params[name] = fragments_lib.put(np.asarray(params[name]), fragment, count, stepped)
     state_arrays = state_to_arrays(new_state)
     state_arrays.update({protocol.control_name(n): c for n, c in new_controls.items()})
     state_arrays.update({protocol.downlink_residual_name(n): e for n, e in new_residuals.items()})
@@ -349,14 +369,15 @@ class Aggregator:
 
     U = stepped - base in float32; q = compress(U + E); the next global is
     `compression.apply_update(base, q)`, the very function a silo rebuilds it with, and
-    E' = U + E - decompress(q) carries what q lost into the next round.
+    E' = U + E - decompress(q) carries what q lost into the next round. A float32 update
+    (fragments without downlink compression) loses nothing: `residual` is None then.
     """
     fmt, block_size = self.downlink, self.fed['block_size']
     change = np.asarray(stepped, np.float32) - np.asarray(base, np.float32)
     payload, new_residual = compression.compress_with_feedback(change, residual, fmt, block_size)
     payload = {k: np.asarray(v) for k, v in payload.items()}
     return (np.asarray(compression.apply_update(base, payload, fmt, block_size)), payload,
-            np.asarray(new_residual))
+            None if residual is None else np.asarray(new_residual))
 
   def collect_garbage(self, newest_round: int) -> None:
     """Keeps the last N global rounds plus every M-th; manifests stay as the ledger."""
@@ -481,8 +502,9 @@ def init_run(config, storage_root: str, run_id: str | None = None,
     shard_params = {n: params.pop(n) for n in names}
     store.write_global_part(0, shard, num_shards, 'params', shard_params)
     leaf_hashes = _hash_and_free(shard_params)
-    state_arrays = initial_outer_arrays(optimizer, {n: abstract[n] for n in names}, scaffold,
-                                        config.federation.downlink_compression != 'none')
+    state_arrays = initial_outer_arrays(
+        optimizer, {n: abstract[n] for n in names}, scaffold,
+        config.federation.downlink_compression != 'none', config.federation.fragments)
     if state_arrays:
       store.write_global_part(0, shard, num_shards, 'outer_state', state_arrays)
     store.commit_global_shard(0, shard, num_shards, sign(protocol.global_shard_meta(
@@ -504,18 +526,40 @@ def _hash_and_free(arrays: dict) -> dict:
   return {name: storage_lib.array_hash(arrays.pop(name)) for name in sorted(arrays)}
 
 
+def outer_units(params: dict, fragments: int) -> dict:
+  """What the outer optimizer steps: {unit: rows of a leaf}, one state per (leaf, fragment)
+  (`fragments.units`; the leaves themselves when P = 1). Abstract leaves give abstract rows,
+  on the leaf's sharding where the rows divide evenly over it (replicated otherwise)."""
+  if fragments == 1:
+    return dict(params)
+  out = {}
+  for unit, (name, _, shape) in fragments_lib.units(
+      {n: tuple(p.shape) for n, p in params.items()}, fragments).items():
+    p = params[name]
+    placed = getattr(p, 'sharding', None)
+    if placed is not None:
+      mesh_shape = tuple(-(-a // b) for a, b in zip(p.shape, placed.shard_shape(p.shape)))
+      if any(s % m for s, m in zip(shape, mesh_shape)):
+        placed = jax.sharding.NamedSharding(placed.mesh, jax.sharding.PartitionSpec())
+    out[unit] = jax.ShapeDtypeStruct(shape, p.dtype, sharding=placed)
+  return out
+
+
 def initial_outer_arrays(optimizer, abstract_params: dict, scaffold: bool,
-                         downlink: bool = False) -> dict:
+                         downlink: bool = False, fragments: int = 1) -> dict:
   """Round 0's outer-state arrays of some leaves (`state_to_arrays` names), born sharded.
 
-  The values of `outer.init_outer_state` (plus SCAFFOLD's c = 0 and the downlink's
-  residual E = 0), made by one jit
-  whose params-shaped outputs take their params' shardings (`abstract_params`
-  carries them): no host copy of the whole state is ever made.
+  The values of `outer.init_outer_state` on `outer_units` (plus SCAFFOLD's c = 0 and the
+  downlink's residual E = 0, per leaf), made by one jit whose params-shaped outputs take
+  their params' shardings (`abstract_params` carries them): no host copy of the whole
+  state is ever made.
   """
+  units = outer_units(abstract_params, fragments)
+
   def make():
     zeros = {n: jnp.zeros(p.shape, jnp.float32) for n, p in abstract_params.items()}
-    arrays = state_to_arrays(outer.init_outer_state(optimizer, zeros))
+    arrays = state_to_arrays(outer.init_outer_state(
+        optimizer, {u: jnp.zeros(p.shape, jnp.float32) for u, p in units.items()}))
     if scaffold:
       arrays.update({protocol.control_name(n): z for n, z in zeros.items()})
     if downlink:
@@ -524,12 +568,12 @@ def initial_outer_arrays(optimizer, abstract_params: dict, scaffold: bool,
   replicated = jax.sharding.NamedSharding(
       next(iter(abstract_params.values())).sharding.mesh, jax.sharding.PartitionSpec())
 
-  def placed(name, x):  # A params-shaped entry is sharded as its parameter.
-    p = abstract_params[name]
-    return p.sharding if x.shape == p.shape else replicated
-  state = jax.eval_shape(lambda: outer.init_outer_state(optimizer, abstract_params))
-  shardings = state_to_arrays({n: jax.tree.map(lambda x, n=n: placed(n, x), leaf_state)
-                               for n, leaf_state in state.items()})
+  def placed(unit, x):  # A params-shaped entry is sharded as its parameter (rows).
+    p = units[unit]
+    return p.sharding if x.shape == p.shape and p.sharding is not None else replicated
+  state = jax.eval_shape(lambda: outer.init_outer_state(optimizer, units))
+  shardings = state_to_arrays({u: jax.tree.map(lambda x, u=u: placed(u, x), unit_state)
+                               for u, unit_state in state.items()})
   for wanted, name in ((scaffold, protocol.control_name),
                        (downlink, protocol.downlink_residual_name)):
     if wanted:

@@ -19,6 +19,9 @@ ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')
 # inner.drift_correction: SCAFFOLD (Karimireddy et al. 2019) or FedProx (Li et al. 2018);
 # fedpt/drift.py has the math, docs/protocol.md what SCAFFOLD adds to the bucket.
 DRIFT_CORRECTIONS = ('none', 'scaffold', 'fedprox')
+# inner.optimizer: 'muon' trains the hidden matrices with optax's Muon (Jordan et al. 2024;
+# MuLoCo, arXiv 2505.23725, as DiLoCo's inner optimizer) and the rest with AdamW (inner.py).
+INNER_OPTIMIZERS = ('adamw', 'muon')
 # federation.overlap: a silo's next inner phase overlaps the outer step of the round it just
 # published (Kale, Douillard, Donchev, arXiv 2502.12996); docs/protocol.md gives the rules.
 OVERLAP_MODES = ('none', 'delayed', 'eager')
@@ -101,6 +104,16 @@ def base_config() -> ml_collections.ConfigDict:
       z_loss=0.0,
       drift_correction='none',  # none, scaffold or fedprox: federated silos only.
       prox_mu=0.0,  # FedProx's mu (> 0 with drift_correction='fedprox'), e.g. 0.01.
+      optimizer='adamw',  # adamw, or muon: Muon for hidden matrices, AdamW (above) for the rest.
+      # Muon's own fields (inner.optimizer='muon'), at the defaults of Keller Jordan's Muon
+      # and optax.contrib.muon, which MuLoCo starts from: peak lr 0.02 (the same schedule as
+      # inner.lr; optax scales each matrix's step by sqrt(max(1, fan_out / fan_in))),
+      # Nesterov momentum 0.95, 5 Newton-Schulz steps, no weight decay (decoupled, times the
+      # lr: 0.02 * wd per step, so AdamW's 0.1 would be 20x its 1e-3 * 0.1 here).
+      muon_lr=0.02,
+      muon_weight_decay=0.0,
+      muon_beta=0.95,
+      muon_ns_steps=5,
   ))
   c.train = ml_collections.ConfigDict(dict(
       steps=200,
@@ -152,6 +165,11 @@ def base_config() -> ml_collections.ConfigDict:
       # it trains round r+1 at once from global round r, the outer update of round r applied
       # one round late (eager: its own part of it at once). See docs/protocol.md.
       overlap='none',
+      # Streaming DiLoCo (arXiv 2501.18512; fedpt/fragments.py): P > 1 splits the model into
+      # P fragments; round r trains H/P steps and exchanges fragment r mod P only, so each
+      # fragment is still exchanged every H steps and one exchange moves 1/P of the model.
+      # federation.rounds counts these fragment rounds: P x the rounds for the same tokens.
+      fragments=1,
   ))
   c.outer = ml_collections.ConfigDict(dict(
       # fedavg (plain averaging) beat the paper's diloco (Nesterov) at 8-40 rounds in
@@ -257,6 +275,10 @@ RANGES = (
     ('inner.grad_clip', _NON_NEGATIVE, 'use 0 (off) or e.g. 1.0'),
     ('inner.z_loss', _NON_NEGATIVE, 'use 0 (off) or a small weight like 1e-4'),
     ('inner.prox_mu', _NON_NEGATIVE, 'use 0, or e.g. 0.01 with drift_correction=\'fedprox\''),
+    ('inner.muon_lr', _POSITIVE, 'set a positive learning rate, e.g. 0.02'),
+    ('inner.muon_weight_decay', _NON_NEGATIVE, 'use 0 (off) or e.g. 0.005'),
+    ('inner.muon_beta', _BETA, 'use e.g. 0.95'),
+    ('inner.muon_ns_steps', _in(1, 50), 'use e.g. 5 Newton-Schulz steps'),
     ('train.steps', _POSITIVE, 'set it > 0'),
     ('train.log_every', _POSITIVE, 'set it > 0'),
     ('train.eval_every', _POSITIVE, 'set it > 0'),
@@ -266,6 +288,7 @@ RANGES = (
     ('train.peak_tflops_per_device', _NON_NEGATIVE, 'use 0 (look it up) or the chip\'s peak'),
     ('federation.rounds', _POSITIVE, 'set it > 0'),
     ('federation.inner_steps', _POSITIVE, 'set H > 0'),
+    ('federation.fragments', _in(1, None), 'use 1 (whole-model rounds) or e.g. 4'),
     ('federation.round_budget_s', _NON_NEGATIVE, 'use 0 (run H steps) or a budget in seconds'),
     ('federation.min_silos', _NON_NEGATIVE, 'use 0 (all silos) or a quorum size'),
     ('federation.round_deadline_s', _NON_NEGATIVE, 'use seconds >= 0'),
@@ -339,6 +362,8 @@ def validate(config) -> None:
     section, name = field.split('.')
     require(config[section][name] in SCHEDULES, field, f'unknown {config[section][name]!r}',
             f'use one of {SCHEDULES}')
+  require(i.optimizer in INNER_OPTIMIZERS, 'inner.optimizer', f'unknown {i.optimizer!r}',
+          f'use one of {INNER_OPTIMIZERS}')
   require(i.drift_correction in DRIFT_CORRECTIONS, 'inner.drift_correction',
           f'unknown {i.drift_correction!r}', f'use one of {DRIFT_CORRECTIONS}')
   require(i.drift_correction != 'fedprox' or i.prox_mu > 0, 'inner.prox_mu',
@@ -386,6 +411,10 @@ def validate(config) -> None:
       require(problem is None and (value > 0 if default == 'inner_steps' else value >= 0),
               f'federation.{field}', problem or f'{value!r} is out of range',
               f'see federation.{default}')
+  for h in [fed.inner_steps, *fed.silo_inner_steps]:
+    require(h % fed.fragments == 0, 'federation.fragments',
+            f'{fed.fragments} fragments do not divide H={h} (a fragment round is H/P steps)',
+            f'use H a multiple of {fed.fragments}, or fragments dividing {h}')
   require(not weights or sum(weights) > 0, 'federation.silo_weights',
           f'every weight is zero {tuple(weights)}: no delta could move the model',
           'give at least one silo a weight > 0, or leave silo_weights empty (all 1.0)')

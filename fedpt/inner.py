@@ -1,4 +1,4 @@
-"""The inner (per-silo) optimisation: loss, AdamW schedule, pure train and eval steps.
+"""The inner (per-silo) optimisation: loss, AdamW or Muon, schedule, pure train and eval steps.
 
 Everything here is a pure function of pytrees; the caller jits it with explicit
 shardings and donates the state. The state is a plain dict so that Orbax and the
@@ -15,9 +15,12 @@ from fedpt import drift as drift_lib
 from fedpt.sharding import constrain
 
 
-def lr_schedule(inner_config, total_steps: int) -> optax.Schedule:
-  """Linear warmup, then cosine, linear or constant; DiLoCo keeps it across rounds."""
-  peak = inner_config.lr
+def lr_schedule(inner_config, total_steps: int, peak: float | None = None) -> optax.Schedule:
+  """Linear warmup, then cosine, linear or constant; DiLoCo keeps it across rounds.
+
+  `peak` (default `inner.lr`): Muon's matrices follow the same shape to `inner.muon_lr`.
+  """
+  peak = inner_config.lr if peak is None else peak
   warmup = inner_config.warmup_steps
   decay_steps = inner_config.decay_steps or total_steps
   floor = peak * inner_config.min_lr_ratio
@@ -38,14 +41,71 @@ def _decay_mask(params):
       lambda path, _: not any(getattr(k, 'key', None) == 'scale' for k in path), params)
 
 
+# One layer's hidden matrices in the scanned stack ([layers, ...] leaves: axis 0 is a batch
+# axis, one matrix per layer), as Muon's (reduction axes, output axes) of x @ W. An attention
+# kernel is one d_model x (heads * head_dim) matrix, as a fused Linear(d, n*h) is in Keller
+# Jordan's Muon, Moonlight and MuLoCo: it is one map of the residual stream, and so Muon's
+# published learning rates carry over; per-head matrices would orthogonalise n small blocks.
+MUON_MATRICES = {
+    'q_weight_dnh': ((1,), (2, 3)), 'k_weight_dkh': ((1,), (2, 3)),
+    'v_weight_dkh': ((1,), (2, 3)), 'o_weight_nhd': ((1, 2), (3,)),
+    'gate_weight_df': ((1,), (2,)), 'up_weight_df': ((1,), (2,)),
+    'down_weight_fd': ((1,), (2,)),
+}
+
+
+def muon_dimension_numbers(params):
+  """`MuonDimensionNumbers` for each hidden matrix, None for the leaves AdamW trains.
+
+  AdamW keeps the embeddings, the unembedding and the norm scales, as optax, Keller Jordan
+  and MuLoCo do: they are lookups, a classifier and vectors, not hidden matmuls.
+  """
+  def leaf(path, x):
+    axes = MUON_MATRICES.get(getattr(path[-1], 'key', None))
+    if axes is None:
+      return None
+    if x.ndim != 1 + len(axes[0]) + len(axes[1]):
+      raise ValueError(f'{jax.tree_util.keystr(path)} has shape {x.shape}, not a stack of '
+                       'layer matrices: update inner.MUON_MATRICES with the model')
+    return optax.contrib.MuonDimensionNumbers(*axes)
+  return jax.tree_util.tree_map_with_path(leaf, params)
+
+
+def _muon_labels(params):
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: 'muon' if getattr(path[-1], 'key', None) in MUON_MATRICES else 'adamw',
+      params)
+
+
 def make_optimizer(inner_config, total_steps: int) -> optax.GradientTransformation:
+  """Global-norm clipping, then AdamW; or with inner.optimizer='muon', Muon for the hidden
+  matrices and the same AdamW for the rest, both on the one warmup/decay schedule."""
+  step = optax.adamw(lr_schedule(inner_config, total_steps), b1=inner_config.b1,
+                      b2=inner_config.b2, eps=inner_config.eps,
+                      weight_decay=inner_config.weight_decay, mask=_decay_mask)
+  if inner_config.optimizer == 'muon':
+    muon = optax.contrib.muon(
+        lr_schedule(inner_config, total_steps, peak=inner_config.muon_lr),
+        ns_steps=inner_config.muon_ns_steps, beta=inner_config.muon_beta,
+        weight_decay=inner_config.muon_weight_decay,
+        muon_weight_dimension_numbers=muon_dimension_numbers)
+    step = optax.partition({'muon': muon, 'adamw': step}, _muon_labels)
   return optax.chain(
       optax.clip_by_global_norm(inner_config.grad_clip) if inner_config.grad_clip > 0
       else optax.identity(),
-      optax.adamw(lr_schedule(inner_config, total_steps), b1=inner_config.b1,
-                  b2=inner_config.b2, eps=inner_config.eps,
-                  weight_decay=inner_config.weight_decay, mask=_decay_mask),
+      step,
   )
+
+
+def opt_state_shardings(optimizer, abstract_opt_state, param_shardings, replicated):
+  """Each moment sharded as its parameter, every scalar (counts, Muon's coefficients) replicated.
+
+  With Muon each part's moments hold `MaskedNode`s where the other part's params are.
+  """
+  masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+  return optax.tree_map_params(
+      optimizer, lambda moment, s: moment if masked(moment) else s, abstract_opt_state,
+      param_shardings, transform_non_params=lambda _: replicated, is_leaf=masked)
 
 
 def init_state(params, optimizer, drift_correction: str = 'none') -> dict:

@@ -41,8 +41,10 @@ def update_nbytes(store: storage_lib.RunStorage, run: dict, round_index: int) ->
   if metas is None:
     return None
   shapes, _, _ = protocol.global_leaves(metas)
-  return sum(compression.compressed_nbytes(shapes[n], fmt, run['federation']['block_size'])
-             for n in protocol.shared_leaves(run, shapes))
+  rows = protocol.update_rows(run, round_index, {n: shapes[n] for n in
+                                                 protocol.shared_leaves(run, shapes)})
+  return sum(compression.compressed_nbytes(shape, fmt, run['federation']['block_size'])
+             for shape in rows.values())
 
 
 def eval_losses(store: storage_lib.RunStorage, run: dict, round_index: int) -> dict[str, float]:

@@ -25,6 +25,7 @@ from fedpt import config as config_lib
 from fedpt import data as data_lib
 from fedpt import drift as drift_lib
 from fedpt import errors
+from fedpt import fragments as fragments_lib
 from fedpt import inner
 from fedpt import model as model_lib
 from fedpt import multihost
@@ -392,11 +393,13 @@ def global_from_update(store: storage_lib.RunStorage, run: dict, round_index: in
             'torn after commit'))
       nbytes += int(arrays[k].nbytes)
     fmt, block_size = meta['update_format']['compression'], meta['update_format']['block_size']
+    fragment, count = protocol.round_fragment(run, round_index - 1), protocol.fragments(run)
     for n in sorted(meta['leaf_hashes']):
       leaf = base_flat[n]
-      if n in layout:
-        leaf = compression.apply_update(leaf, {k: arrays[f'{n}/{k}'] for k in layout[n]}, fmt,
-                                        block_size)
+      if n in layout:  # With fragments the update holds the exchanged fragment's rows.
+        leaf = fragments_lib.put(leaf, fragment, count, compression.apply_update(
+            fragments_lib.take(leaf, fragment, count),
+            {k: arrays[f'{n}/{k}'] for k in layout[n]}, fmt, block_size))
       if storage_lib.array_hash(leaf) != meta['leaf_hashes'][n]:
         raise storage_lib.tampered(store.root, round_index, shard, (
             f'parameter {n} rebuilt from the previous round and the update does not match its '

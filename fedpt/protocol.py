@@ -23,6 +23,7 @@ import math
 from fedpt import compression
 from fedpt import config as config_lib
 from fedpt import errors
+from fedpt import fragments as fragments_lib
 from fedpt import outer
 from fedpt import records
 from fedpt import trees
@@ -54,9 +55,34 @@ DOWNLINK_RESIDUAL = 'downlink_residual'
 
 
 def downlink(run: dict) -> str | None:
-  """The run's downlink format (`federation.downlink_compression`), None when it is off."""
+  """The format of the update a global round publishes beside its model, or None for none.
+
+  `federation.downlink_compression`; with fragments (P > 1) an update is always published,
+  in float32 ('none') unless compressed: it holds only the fragment's rows, so a silo that
+  holds the previous round downloads 1/P of the model per round.
+  """
   fmt = run['federation'].get('downlink_compression', 'none')
-  return None if fmt == 'none' else fmt
+  return None if fmt == 'none' and fragments(run) == 1 else fmt
+
+
+def downlink_feedback(run: dict) -> bool:
+  """Whether the aggregator keeps the downlink's error-feedback residual E: a compressed one."""
+  return downlink(run) not in (None, 'none')
+
+
+def fragments(run: dict) -> int:
+  """`federation.fragments` P of `run` (1 in runs from before it)."""
+  return run['federation'].get('fragments', 1)
+
+
+def round_fragment(run: dict, round_index: int) -> int:
+  """The fragment round `round_index` exchanges (`fragments.fragment_of`)."""
+  return fragments_lib.fragment_of(round_index, fragments(run))
+
+
+def round_steps(run: dict, silo: str) -> int:
+  """Inner steps of one round of silo `silo`: its declared H, over P with fragments."""
+  return fragments_lib.round_steps(silo_entry(run, silo)['inner_steps'], fragments(run))
 
 
 def topk_record(fed) -> dict | None:
@@ -86,10 +112,14 @@ class RunMismatchError(errors.UserError, ValueError):
 
 
 def federated_config(config):
-  """The config with train.steps = rounds x H: the inner LR schedule's horizon."""
+  """The config with train.steps = rounds x H/P: the inner LR schedule's horizon."""
   config = config.copy_and_resolve_references()
   with config.ignore_type():
-    config.train.steps = config.federation.rounds * config.federation.inner_steps
+    fed = config.federation
+    count = fed.get('fragments', 1)  # A bad P is config.validate's to name: H stands then.
+    valid = records.is_int(count) and count >= 1 and records.is_int(fed.inner_steps)
+    config.train.steps = fed.rounds * (
+        max(fragments_lib.round_steps(fed.inner_steps, count), 1) if valid else fed.inner_steps)
   return config
 
 
@@ -134,6 +164,14 @@ def validate_federation(config) -> None:
           'is not linear in the pseudo-gradient (a silo could not swap its part of it without '
           'the outer state)',
           f'use outer.optimizer in {outer.LINEAR_OUTER_OPTIMIZERS}, or overlap=delayed')
+  require(fed.fragments == 1 or fed.overlap != 'eager', 'fragments',
+          f'{fed.fragments} fragments with overlap=\'eager\': an eager update swaps a silo\'s '
+          'part of the whole last outer step, which a fragment round does not take',
+          'use overlap=delayed (Streaming DiLoCo\'s overlap) or none with fragments')
+  require(fed.fragments == 1 or config.inner.drift_correction != 'scaffold', 'fragments',
+          f'{fed.fragments} fragments with inner.drift_correction=\'scaffold\': SCAFFOLD\'s '
+          'control variates are defined for whole-model rounds',
+          'use fragments=1 with scaffold, or drift_correction=none or fedprox')
   require(fed.overlap != 'eager' or fed.robust == 'mean', 'overlap',
           f'\'eager\' with federation.robust={fed.robust!r}: a silo\'s own part of a '
           'coordinate-wise robust aggregate is not defined, so it cannot be swapped',
@@ -350,7 +388,8 @@ def delta_meta(run: dict, round_index: int, silo_id: str, base_hash: str, *,
   {'leaf/key': sha256} and `content_hash` the hash of those, so a delta is
   identified by its content and a torn or swapped payload is caught.
   `inner_steps` and `round_budget_s` are the silo's declared H and budget
-  (run.json); `steps` is what it ran: H, or fewer when the budget ran out.
+  (run.json); `steps` is what it ran: H (H/P with fragments), or fewer when the budget
+  ran out. `fragment` is the round's (`round_fragment`); `leaf_shapes` are its rows' shapes.
   `topk` is the topk format's parameters (`topk_record`), None for a dense format.
   """
   return {
@@ -360,7 +399,7 @@ def delta_meta(run: dict, round_index: int, silo_id: str, base_hash: str, *,
       'compression': compression_format, 'block_size': block_size, 'topk': topk,
       'bytes': nbytes,
       'delta_norm': delta_norm, 'inner_seconds': inner_seconds, 'inner_steps': inner_steps,
-      'round_budget_s': round_budget_s,
+      'round_budget_s': round_budget_s, 'fragment': round_fragment(run, round_index),
       'tree': {name: {'shape': list(leaf_shapes[name]), 'payload': payload_layout[name]}
                for name in payload_layout},
       'payload_hashes': payload_hashes, 'content_hash': content_hash,
@@ -426,10 +465,12 @@ def _check_claims(run: dict, silo: str, record: dict) -> str | None:
   if record.get('topk') != topk_record(fed):
     return (f'topk parameters {record.get("topk")!r} are not the run\'s '
             f'{topk_record(fed)!r}')
-  steps, tokens, h = record.get('steps'), record.get('tokens'), entry['inner_steps']
+  steps, tokens, h = record.get('steps'), record.get('tokens'), round_steps(run, silo)
   if (not records.is_int(steps) or not 1 <= steps <= h
       or (steps < h and not entry['round_budget_s'])):
-    return (f'bad step count {steps!r}: a round is H={h} inner steps'
+    return (f'bad step count {steps!r}: a round is '
+            + (f'H/P={h} inner steps (H={entry["inner_steps"]}, {fragments(run)} fragments)'
+               if fragments(run) > 1 else f'H={h} inner steps')
             + (' or fewer when its time budget ends' if entry['round_budget_s'] else ''))
   most = steps * tokens_per_step(run)
   if not records.is_int(tokens) or not 0 < tokens <= most:
@@ -481,8 +522,13 @@ def _check_delta_meta(run, round_index, silo, meta, base_hash, leaf_shapes, chec
   reason = _check_delta_numbers(run, silo, meta)
   if reason:
     return reason
+  fragment = round_fragment(run, round_index)
+  if meta.get('fragment', 0) != fragment:
+    return (f'it is a delta of fragment {meta.get("fragment")!r}; round {round_index} exchanges '
+            f'fragment {fragment} of {fragments(run)}')
   tree = meta.get('tree') or {}
-  leaf_shapes = {n: leaf_shapes[n] for n in shared_leaves(run, leaf_shapes)}
+  leaf_shapes = fragments_lib.fragment_shapes(
+      {n: leaf_shapes[n] for n in shared_leaves(run, leaf_shapes)}, fragment, fragments(run))
   uploaded_private = [n for n in sorted(tree) if is_private(run, n)]
   if uploaded_private:
     return (f'it uploads private parameter(s) {uploaded_private} '
@@ -616,7 +662,7 @@ def decide_round(run: dict, round_index: int, base_hash: str | None, committed: 
       entry['clip_factor'] = float(factor)
   return {
       'round': round_index, 'run_id': run['run_id'], 'base_global_hash': base_hash,
-      'included': included, 'rejected': rejected,
+      'fragment': round_fragment(run, round_index), 'included': included, 'rejected': rejected,
       'missing': sorted(set(silo_ids(run)) - set(committed)),
       'late_from_previous_round': late, 'decided_after_s': decided_after_s,
       'robust': {'method': fed.get('robust', 'mean'), 'trim': fed.get('trim', 1),
@@ -744,10 +790,18 @@ def global_shard_meta(run_id: str, round_index: int, shard: int, num_shards: int
   return meta
 
 
+def update_rows(run: dict, global_round: int, leaf_shapes: dict) -> dict:
+  """{leaf: shape} of what global round `global_round`'s update holds of each leaf: all of
+  it, or with fragments the rows of the fragment round `global_round - 1` exchanged."""
+  return fragments_lib.fragment_shapes(
+      leaf_shapes, round_fragment(run, max(global_round - 1, 0)), fragments(run))
+
+
 def update_layout(run: dict, meta: dict) -> tuple[dict | None, str | None]:
   """({leaf: {key: (shape, dtype)}} of a shard's published update, None) or (None, why not).
 
-  The layout follows from the run's downlink format and the leaf shapes the meta lists;
+  The layout follows from the run's downlink format and the leaf shapes the meta lists
+  (with fragments: the rows of the fragment that round `meta['round'] - 1` exchanged);
   the meta must hash exactly those arrays, of shared leaves only, and count their bytes.
   """
   fmt = downlink(run)
@@ -759,11 +813,13 @@ def update_layout(run: dict, meta: dict) -> tuple[dict | None, str | None]:
       return None, f'its update format {form} is not the run\'s downlink ({fmt})'
     leaves = sorted({k.rsplit('/', 1)[0] for k in meta['update_hashes']})
     layout, nbytes = {}, 0
+    rows = update_rows(run, meta['round'], meta['leaf_shapes'])
     for name in leaves:
-      if name not in meta['leaf_hashes'] or is_private(run, name):
-        return None, f'its update names {name!r}, not a shared leaf of this shard'
-      layout[name] = compression.payload_spec(meta['leaf_shapes'][name], fmt, form['block_size'])
-      nbytes += compression.compressed_nbytes(meta['leaf_shapes'][name], fmt, form['block_size'])
+      if name not in rows or is_private(run, name):
+        return None, (f'its update names {name!r}, not a shared leaf of this shard '
+                      '(of the round\'s fragment)')
+      layout[name] = compression.payload_spec(rows[name], fmt, form['block_size'])
+      nbytes += compression.compressed_nbytes(rows[name], fmt, form['block_size'])
     if sorted(meta['update_hashes']) != sorted(f'{n}/{k}' for n, s in layout.items() for k in s):
       return None, 'its update hashes are not those of the downlink layout'
     if meta['update_bytes'] != nbytes:

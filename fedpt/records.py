@@ -34,9 +34,12 @@ PER_SILO = {'federation.inner_steps': 'inner_steps', 'federation.round_budget_s'
 # means (all 'off'): so older runs stay readable and resume unchanged.
 LATER_FIELDS = {'inner.drift_correction': 'none', 'inner.prox_mu': 0.0,
                 'federation.private_params': (), 'federation.overlap': 'none',
-                'federation.downlink_compression': 'none', 'federation.topk_density': 0.01,
-                'federation.topk_bits': 2, 'federation.topk_chunk': 4096,
-                'outer.momentum_warmup_rounds': 0, 'outer.lr_warmup_rounds': 0}
+                'federation.downlink_compression': 'none', 'federation.fragments': 1,
+                'federation.topk_density': 0.01, 'federation.topk_bits': 2,
+                'federation.topk_chunk': 4096,
+                'outer.momentum_warmup_rounds': 0, 'outer.lr_warmup_rounds': 0,
+                'inner.optimizer': 'adamw', 'inner.muon_lr': 0.02, 'inner.muon_weight_decay': 0.0,
+                'inner.muon_beta': 0.95, 'inner.muon_ns_steps': 5}
 
 
 class RecordError(errors.UserError, ValueError):

@@ -23,6 +23,7 @@ from fedpt import config as config_lib
 from fedpt import drift as drift_lib
 from fedpt import errors
 from fedpt import faults
+from fedpt import fragments as fragments_lib
 from fedpt import loading
 from fedpt import metrics as metrics_lib
 from fedpt import model as model_lib
@@ -38,17 +39,22 @@ from fedpt import trees
 
 
 def _compress_delta(global_flat, local_flat, residual_flat, fed, names, mesh=None,
-                    control_flat=None):
-  """The payload of leaves `names` (the shared ones); a private leaf's residual is kept."""
+                    control_flat=None, fragment=0, count=1):
+  """The payload of leaves `names` (the shared ones with rows in `fragment`): the rows of
+  `fragment` (fedpt/fragments.py), whole leaves when P = 1; other residuals are kept."""
   payload, nbytes, norm_sq = {}, 0, 0.0
   new_residual = dict(residual_flat) if residual_flat is not None else {}
   topk = compression.TopK.of(fed)
   for name in names:
-    delta = (global_flat[name].astype(jnp.float32) - local_flat[name].astype(jnp.float32))
+    delta = (fragments_lib.take(global_flat[name], fragment, count).astype(jnp.float32)
+             - fragments_lib.take(local_flat[name], fragment, count).astype(jnp.float32))
     norm_sq += float(jnp.sum(jnp.square(delta)))
     if residual_flat is not None:
-      leaf_payload, new_residual[name] = compression.compress_with_feedback(
-          delta, residual_flat[name], fed.compression, fed.block_size, topk)
+      leaf_payload, rows_residual = compression.compress_with_feedback(
+          delta, fragments_lib.take(residual_flat[name], fragment, count), fed.compression,
+          fed.block_size, topk)
+      new_residual[name] = fragments_lib.put(residual_flat[name], fragment, count,
+                                             rows_residual)
     else:
       leaf_payload = compression.compress(delta, fed.compression, fed.block_size, topk)
     if control_flat is not None:  # SCAFFOLD's delta_c_i, in fp32 (protocol.CONTROL).
@@ -71,14 +77,18 @@ def make_delta(run, round_index, silo_id, base_hash, global_flat, local_flat, re
   (`protocol.is_private`) are not in it at all. `control_flat` (SCAFFOLD) is the
   silo's delta_c_i per shared leaf, added to each leaf's payload.
   """
+  fragment = protocol.round_fragment(run, round_index)
+  names = fragments_lib.fragment_shapes(
+      {n: global_flat[n].shape for n in protocol.shared_leaves(run, global_flat)}, fragment,
+      protocol.fragments(run))
   payload, new_residual, nbytes, delta_norm = _compress_delta(
-      global_flat, local_flat, residual_flat, fed, protocol.shared_leaves(run, global_flat),
-      mesh, control_flat)
+      global_flat, local_flat, residual_flat, fed, names, mesh, control_flat, fragment,
+      protocol.fragments(run))
   hashes = {f'{name}/{k}': storage_lib.array_hash(v)
             for name, leaf in payload.items() for k, v in leaf.items()}
   meta = protocol.delta_meta(
       run, round_index, silo_id, base_hash,
-      leaf_shapes={name: global_flat[name].shape for name in payload},
+      leaf_shapes=names,
       payload_layout={name: {k: [list(v.shape), str(v.dtype)] for k, v in leaf.items()}
                       for name, leaf in payload.items()},
       payload_hashes=hashes, content_hash=trees.tree_hash(hashes),
@@ -242,6 +252,8 @@ class _Silo:
     self.total_rounds = self.run['federation']['rounds']
     self.use_feedback = self.fed.error_feedback and self.fed.compression != 'none'
     self.overlap = protocol.overlap(self.run)
+    self.fragmented = protocol.fragments(self.run) > 1
+    self.round_steps = protocol.round_steps(self.run, silo_id)  # H, or H/P with fragments.
     self.private = _Private(
         self.trainer, workdir,
         {**checkpoint_lib.expected_meta(config, self.trainer.tokenizer_sha256),
@@ -395,8 +407,12 @@ class _Silo:
   def log(self, line):
     metrics_lib.log(f'silo {self.silo_id}: {line}')
 
-  def load_global(self, round_index, state):
+  def load_global(self, round_index, state, merge=False):
     """`state` with its params replaced by verified global round `round_index`.
+
+    `merge` (the next round of a run with fragments, P > 1): only the rows of the fragment
+    this global round changed (that of round `round_index - 1`) are replaced; the silo keeps
+    training the others (Streaming DiLoCo's merge, alpha = 0; nothing at global round 0).
 
     Private leaves (federation.private_params) stay the silo's own, and so does
     their inner AdamW state (as every leaf's does across rounds). With a compressed
@@ -413,7 +429,26 @@ class _Silo:
       self.last_global = round_index, {k: jnp.copy(v) for k, v in flat.items()}
     own = trees.flatten_params(state['params'])
     flat.update({n: own[n] for n in flat if protocol.is_private(self.run, n)})
+    count = protocol.fragments(self.run)
+    if merge and count > 1:
+      changed = (fragments_lib.fragment_shapes(
+          {n: own[n].shape for n in protocol.shared_leaves(self.run, own)},
+          protocol.round_fragment(self.run, round_index - 1), count) if round_index else {})
+      fragment = protocol.round_fragment(self.run, max(round_index - 1, 0))
+      flat = {n: fragments_lib.put(own[n], fragment, count,
+                                   fragments_lib.take(flat[n], fragment, count))
+              if n in changed else own[n] for n in own}
     return {**state, 'params': trees.unflatten_params(flat)}
+
+  def global_params(self, round_index):
+    """Flat params of verified global round `round_index`, unmerged: the base of a round's
+    delta with fragments. The copy `load_global` kept, or read whole (a resume)."""
+    if self.last_global is not None and self.last_global[0] == round_index:
+      return self.last_global[1]
+    flat, _ = self.read_global(round_index, None,
+                               trees.flatten_params(self.trainer.abstract_state()['params']))
+    self.last_global = round_index, flat
+    return flat
 
   def read_global(self, round_index, last_global, abstract_flat):
     """(flat params, bytes read) of verified global round `round_index`: only its update
@@ -436,7 +471,9 @@ class _Silo:
     """The start-up line: what this silo is about to do, and how big it is."""
     t, fed = self.trainer, self.fed
     self.log(f'joining run {self.run["run_id"]} ({len(self.run["silos"])} silos, '
-             f'{self.total_rounds} rounds of H={fed.inner_steps} inner steps of '
+             f'{self.total_rounds} rounds of {self.round_steps} inner steps'
+             + (f' (H={fed.inner_steps}, {self.fed.fragments} fragments)' if self.fragmented
+                else '') + f' of '
              f'{t.tokens_per_step():,} tokens): {model_lib.param_count(t.model_config):,} '
              f'parameters on {jax.device_count()} {jax.default_backend()} device(s), mesh '
              f'{dict(t.mesh.shape)}, {t.train_data.num_tokens:,} training tokens in its corpus; '
@@ -563,9 +600,9 @@ class _Silo:
     the global round it derives from, with this silo's fresh pseudo-gradient
     swapped in for its stale one (`eager_step`). Otherwise that global round.
     """
-    loaded = self.load_global(self.model_round(next_round), state)
-    sent = self.eager['eager_sent_next']
     follows = next_round == position.round + 1
+    loaded = self.load_global(self.model_round(next_round), state, merge=follows)
+    sent = self.eager['eager_sent_next']
     self.eval_params = None
     if (self.overlap == 'eager' and follows and next_round < self.total_rounds
         and sent is not None):
@@ -611,7 +648,10 @@ class _Silo:
     base_hash = self.base_hashes.pop(base_round, None) or self.store.global_hash(base_round)
     if position.phase == Phase.TRAINING:  # Resumed mid-round.
       return self.stored_base(position, state), base_hash, 0.0
-    base = {k: jnp.copy(v) for k, v in trees.flatten_params(state['params']).items()}
+    if self.fragmented:  # The silo's params hold its own rows of the other fragments.
+      base = self.global_params(base_round)
+    else:
+      base = {k: jnp.copy(v) for k, v in trees.flatten_params(state['params']).items()}
     if self.overlap == 'eager':
       self.eager['eager_base'] = base
     start = time.monotonic()
@@ -627,6 +667,8 @@ class _Silo:
     in the private checkpoint."""
     if self.overlap == 'eager':
       return self.eager['eager_base']
+    if self.fragmented:
+      return self.global_params(self.model_round(position.round))
     return trees.flatten_params(
         self.load_global(self.model_round(position.round), state)['params'])
 
@@ -661,7 +703,7 @@ class _Silo:
 
   def eta_s(self, position, step_time) -> float:
     """Seconds to the run's end: this round's steps left, then whole rounds as measured."""
-    h = self.fed.inner_steps
+    h = self.round_steps
     per_round = self.round_io.mean_round_s() or h * step_time
     return ((h - len(position.losses)) * step_time
             + max(self.total_rounds - position.round - 1, 0) * per_round)
@@ -670,7 +712,7 @@ class _Silo:
     """Trains until H steps, the round's time budget, or a preemption (checkpointed)."""
     start = time.monotonic()
     self.logger.restart()  # Tokens/s count inner steps only, not the wait before them.
-    h = self.fed.inner_steps
+    h = self.round_steps
     while len(position.losses) < h:
       state, step_metrics = self.trainer.train_step(state, self.trainer.batch(step))
       position.losses.append(step_metrics['train_loss'])
@@ -694,9 +736,9 @@ class _Silo:
         break
       if self.fed.round_budget_s and multihost.agree_flag(
           time.monotonic() - start >= self.fed.round_budget_s):
-        if len(position.losses) < self.fed.inner_steps:
+        if len(position.losses) < h:
           self.log(f'round {position.round}: its {self.fed.round_budget_s:g}s budget ended '
-                   f'after {len(position.losses)} of H={self.fed.inner_steps} inner steps')
+                   f'after {len(position.losses)} of its {h} inner steps')
         break
     position.losses = [float(x) for x in position.losses]  # Waits for the last step.
     return state, step

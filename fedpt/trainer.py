@@ -15,7 +15,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -111,9 +110,8 @@ class ShardedModel:
   def state_shardings_for(self, optimizer, drift_correction: str = 'none') -> dict:
     """Shardings of a train state with `optimizer`: its moments follow their params."""
     abstract_opt_state = jax.eval_shape(optimizer.init, self._abstract_params)
-    opt_shardings = optax.tree_map_params(
-        optimizer, lambda _, s: s, abstract_opt_state, self.param_shardings,
-        transform_non_params=lambda _: self.replicated)
+    opt_shardings = inner.opt_state_shardings(optimizer, abstract_opt_state,
+                                              self.param_shardings, self.replicated)
     shardings = {'step': self.replicated, 'params': self.param_shardings,
                  'opt_state': opt_shardings}
     drift = jax.eval_shape(lambda p: inner.drift_lib.init_drift_state(p, drift_correction),

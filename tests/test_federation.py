@@ -275,6 +275,8 @@ def _cli_overrides(config):
           f'--config.federation.wait_timeout_s={fed.wait_timeout_s}',
           f'--config.outer.optimizer={config.outer.optimizer}',
           f'--config.federation.overlap={fed.overlap}',
+          f'--config.federation.fragments={fed.fragments}',
+          f'--config.federation.keep_last_rounds={fed.keep_last_rounds}',
           f'--config.federation.compression={fed.compression}']
 
 
