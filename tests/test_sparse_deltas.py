@@ -13,9 +13,11 @@ import conftest
 import test_federation
 from fedpt import aggregator as aggregator_lib
 from fedpt import compression
+from fedpt import fragments as fragments_lib
 from fedpt import ledger
 from fedpt import model as model_lib
 from fedpt import planning
+from fedpt import protocol
 from fedpt import storage as storage_lib
 from fedpt import trees
 
@@ -130,25 +132,31 @@ def test_malformed_sparse_deltas_are_rejected_as_if_never_sent(topk_config, tmp_
 
 
 @pytest.mark.slow
-def test_silos_train_and_publish_topk_deltas(topk_config, tmp_path):
+@pytest.mark.parametrize('fragments', [1, 2])
+def test_silos_train_and_publish_topk_deltas(topk_config, tmp_path, fragments):
+  """Real silos: every delta included; with fragments, each holds its fragment's rows."""
+  topk_config.federation.update(fragments=fragments, inner_steps=4)
   root = str(tmp_path / 'bucket')
-  aggregator_lib.init_run(topk_config, root)
+  run = aggregator_lib.init_run(topk_config, root)
   results = test_federation._run_in_threads(  # pylint: disable=protected-access
       topk_config, root, str(tmp_path))
   store = storage_lib.RunStorage(root)
   shapes = {n: tuple(s) for m in store.global_shard_metas(0) for n, s in m['leaf_shapes'].items()}
   topk = compression.TopK(0.1, 2, 64)
-  expected = sum(compression.compressed_nbytes(s, 'topk', topk=topk) for s in shapes.values())
-  dense = sum(4 * int(np.prod(s)) for s in shapes.values())
+  sent = 0
   for r in range(2):
+    rows = fragments_lib.fragment_shapes(shapes, protocol.round_fragment(run, r), fragments)
+    expected = sum(compression.compressed_nbytes(s, 'topk', topk=topk) for s in rows.values())
+    dense = sum(4 * int(np.prod(s)) for s in rows.values())
+    # 10% of chunks of 64: 6 uint16 indices, 6 two-bit codes and a scale per 256 fp32 bytes.
+    assert expected < dense / 14, (expected, dense)
     manifest = store.read_manifest(r)
     assert [e['silo'] for e in manifest['included']] == ['a', 'b'], manifest['rejected']
     assert all(e['bytes'] == expected for e in manifest['included'])
     assert all(e['topk'] == topk.record() for e in manifest['included'])
-  # 10% of chunks of 64: 6 uint16 indices, 6 two-bit codes and a scale per 256 fp32 bytes.
-  assert expected < dense / 14, (expected, dense)
+    sent += 2 * expected
   assert results['a']['round'] == 2 and np.isfinite(results['a']['final_eval_loss'])
-  assert json.loads(ledger.status(root, 'json'))['bytes_up'] == 2 * 2 * expected
+  assert json.loads(ledger.status(root, 'json'))['bytes_up'] == sent
   first, last = (bucket_helpers.global_params(store, r)[LEAF] for r in (0, 2))
   assert 0 < np.mean(first != last) < 0.5  # Sparse updates: most coordinates never moved.
 
