@@ -50,6 +50,7 @@ from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 from fedpt import aggregator
 from fedpt import compression
 from fedpt import config as config_lib
+from fedpt import fragments as fragments_lib
 from fedpt import inner
 from fedpt import model as model_lib
 from fedpt import outer
@@ -338,8 +339,8 @@ def silo_round_state_nbytes(config, param_bytes: int, param_elements: int) -> in
 
   The round's base (a params copy, for the delta); with error feedback the residual
   and the one the last delta was built with (fp32 each); SCAFFOLD's c_i and the one
-  before the last publish (fp32 each); with a compressed downlink the last global
-  round loaded (a params copy); with overlapped rounds the prefetched next global
+  before the last publish (fp32 each); with a compressed downlink or fragments the last
+  global round loaded (a params copy: the update's base, and a fragment delta's); with overlapped rounds the prefetched next global
   round (a params copy) and, eager, the dequantised deltas of this round and the one
   before (fp32 each). Private leaves are counted as shared: an upper bound.
   """
@@ -349,7 +350,7 @@ def silo_round_state_nbytes(config, param_bytes: int, param_elements: int) -> in
     total += 2 * fp32
   if config.inner.drift_correction == 'scaffold':
     total += 2 * fp32
-  if fed.downlink_compression != 'none':
+  if fed.downlink_compression != 'none' or fed.fragments > 1:
     total += param_bytes
   if fed.overlap != 'none':
     total += param_bytes + (2 * fp32 if fed.overlap == 'eager' else 0)
@@ -373,6 +374,16 @@ def delta_sizes(params_tree, block_size: int, private_params=(),
                    for leaf in shared.values()) for fmt in compression.FORMATS}
 
 
+def exchange_sizes(params_tree, fmt: str, block_size: int, private_params=(),
+                   topk: compression.TopK = compression.TopK(), fragments: int = 1) -> list[int]:
+  """Bytes of one exchange of each fragment (`fedpt/fragments.py`) in `fmt`: a round's
+  delta of fragment p is its rows of every shared leaf. [the whole delta] when P = 1."""
+  shapes = {n: leaf.shape for n, leaf in _shared(params_tree, private_params).items()}
+  return [sum(compression.compressed_nbytes(shape, fmt, block_size, topk) for shape in
+              fragments_lib.fragment_shapes(shapes, p, fragments).values())
+          for p in range(fragments)]
+
+
 def _shared(params_tree, private_params) -> dict:
   flat = trees.flatten_params(params_tree)
   return {n: flat[n] for n in protocol.shared_leaves(
@@ -381,6 +392,11 @@ def _shared(params_tree, private_params) -> dict:
 
 def round_traffic(params_tree, fed, drift_correction: str, delta_bytes: dict) -> dict:
   """Bytes one silo moves per round: its upload, and the global round it downloads.
+
+  With fragments (P > 1) a round moves one fragment's rows: `upload_bytes` and
+  `download_bytes` are the largest fragment's (the peak of one exchange; the download is
+  the float32 or `downlink_compression` update of those rows), `*_per_h_bytes` the sum
+  over the P rounds of H steps that exchange every fragment once.
 
   SCAFFOLD adds one fp32 control-variate leaf per shared leaf each way (delta_c_i up,
   the server's c down; docs/protocol.md). With a compressed downlink an up-to-date
@@ -393,13 +409,18 @@ def round_traffic(params_tree, fed, drift_correction: str, delta_bytes: dict) ->
              if drift_correction == 'scaffold' else 0)
   params = sum(math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
                for leaf in jax.tree.leaves(params_tree))
-  downlink = fed.downlink_compression
-  update = (sum(compression.compressed_nbytes(leaf.shape, downlink, fed.block_size)
-                for leaf in _shared(params_tree, fed.private_params).values())
-            if downlink != 'none' else params)
-  return {'control_bytes': control, 'upload_bytes': delta_bytes[fed.compression] + control,
-          'downlink_compression': downlink, 'downlink_bytes': update,
-          'download_bytes': update + control, 'full_download_bytes': params + control}
+  downlink, count = fed.downlink_compression, fed.fragments
+  topk = compression.TopK.of(fed)
+  ups = (exchange_sizes(params_tree, fed.compression, fed.block_size, fed.private_params,
+                        topk, count) if count > 1 else [delta_bytes[fed.compression]])
+  downs = (exchange_sizes(params_tree, downlink, fed.block_size, fed.private_params, topk,
+                          count) if downlink != 'none' or count > 1 else [params])
+  return {'control_bytes': control, 'fragments': count, 'upload_bytes': max(ups) + control,
+          'upload_per_h_bytes': sum(ups) + count * control,
+          'downlink_compression': downlink, 'downlink_bytes': max(downs),
+          'download_bytes': max(downs) + control,
+          'download_per_h_bytes': sum(downs) + count * control,
+          'full_download_bytes': params + control}
 
 
 def _fixes(config, num_devices: int, platform: str, budget: float) -> list[dict]:
@@ -660,12 +681,17 @@ def render(info: dict) -> str:
     lines.append(f"  private leaves {delta['private_params']} are not published")
   if delta['control_bytes']:
     lines.append(f"  + SCAFFOLD control variates {human_bytes(delta['control_bytes'])} each way")
-  downlink = delta['downlink_compression']
+  downlink, count = delta['downlink_compression'], delta['fragments']
   lines.append(f"  per round: upload {human_bytes(delta['upload_bytes'])}, download "
                f"{human_bytes(delta['download_bytes'])}"
                + (f' (the {downlink} global update: federation.downlink_compression)'
                   if downlink != 'none' else ''))
-  if downlink != 'none':
+  if count > 1:
+    lines.append(f"  {count} fragments: the largest fragment's rows per round (the peak of one "
+                 f"exchange); per H steps (every fragment once): upload "
+                 f"{human_bytes(delta['upload_per_h_bytes'])}, download "
+                 f"{human_bytes(delta['download_per_h_bytes'])}")
+  if downlink != 'none' or count > 1:
     lines.append(f"  a silo that missed a round downloads the whole model: "
                  f"{human_bytes(delta['full_download_bytes'])}")
   agg = info['aggregator']

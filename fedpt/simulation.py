@@ -44,7 +44,7 @@ class SimulationError(errors.UserError, RuntimeError):
 # -- the config, as command-line overrides ----------------------------------------
 
 
-def _load_config_file(config_file: str, overrides=()):
+def load_config_file(config_file: str, overrides=()):
   """What scripts/*.py --config=config_file <overrides> would see."""
   argv = ['simulate', f'--config={config_file}', *overrides]
   values = flags.FlagValues()
@@ -61,14 +61,14 @@ def config_overrides(config, config_file: str) -> list[str]:
   line fails here and not in a child.
   """
   want = config_lib.flat(config.copy_and_resolve_references())
-  have = config_lib.flat(_load_config_file(config_file).copy_and_resolve_references())
+  have = config_lib.flat(load_config_file(config_file).copy_and_resolve_references())
   unknown = sorted(set(want) - set(have))
   if unknown:
     raise config_lib.ConfigError(unknown[0], f'is not in {config_file}',
                                  'add it to the config file instead')
   overrides = [f'--config.{k}={v if isinstance(v, str) else repr(config_lib.as_tuples(v))}'
                for k, v in sorted(want.items()) if have[k] != v]
-  back = config_lib.flat(_load_config_file(config_file, overrides).copy_and_resolve_references())
+  back = config_lib.flat(load_config_file(config_file, overrides).copy_and_resolve_references())
   for key, value in want.items():
     if back[key] != value:
       raise config_lib.ConfigError(

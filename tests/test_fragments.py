@@ -18,8 +18,10 @@ import pytest
 import bucket_helpers
 from fedpt import aggregator as aggregator_lib
 from fedpt import fragments
+from fedpt import planning
 from fedpt import protocol
 from fedpt import storage as storage_lib
+from fedpt import trees
 
 import test_federation
 import test_overlap
@@ -144,10 +146,17 @@ def test_fragment_rounds_follow_streaming_diloco_and_survive_kill_9(
   store = storage_lib.RunStorage(clean)
   model = sum(v.nbytes for v in bucket_helpers.global_params(store, 0).values())
   rounds = results['a']['rounds']
-  # One exchange moves about 1/P of the model up, and (the float32 update) down.
-  for r in rounds:
-    assert 0.3 * model < r['bytes'] < 0.7 * model
-  assert all(0.3 * model < r['bytes_down'] < 0.7 * model for r in rounds[1:])
+  # One exchange moves about 1/P of the model up, and (the float32 update) down: as planned.
+  sizes = planning.exchange_sizes(
+      trees.unflatten_params(bucket_helpers.global_params(store, 0)), 'none', 256, (),
+      fragments=P)
+  assert sum(sizes) == model and all(0.3 * model < n < 0.7 * model for n in sizes)
+  assert [r['bytes'] for r in rounds] == [sizes[r['round'] % P] for r in rounds]
+  assert [r['bytes_down'] for r in rounds[1:]] == [sizes[(r['round'] - 1) % P]
+                                                   for r in rounds[1:]]
+  planned = planning.plan(fragment_config, 8, platform='cpu')['delta']
+  assert planned['upload_bytes'] == planned['download_bytes'] == max(sizes)
+  assert planned['upload_per_h_bytes'] == model
   crashes = {'silo_a': ['silo_inner@1', 'silo_published@2'],
              'silo_b': ['silo_upload@1'], 'aggregator': ['aggregate_upload@2']}
   crashed = test_federation._run_federation(repo_root, fragment_config, str(tmp_path / 'crashy'),
