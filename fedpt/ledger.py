@@ -263,8 +263,11 @@ def render_table(rows: list[dict], run: dict, initial_hash: str | None = None) -
   h = (f"H={hs.pop()}" if len(hs) == 1 else
        'H ' + ', '.join(f"{s['id']}={s['inner_steps']}" for s in run['silos']))
   budgets = [f"{s['id']}={s['round_budget_s']:g}s" for s in run['silos'] if s['round_budget_s']]
+  count = protocol.fragments(run)
   lines = [f"run {run['run_id']}: {len(silos)} silos {silos}, "
            f"{run['federation']['rounds']} rounds of {h}"
+           + (f" over {count} fragments (a round: H/{count} steps and one fragment)"
+              if count > 1 else '')
            + (f" (round budgets {', '.join(budgets)})" if budgets else '')]
   if rows:
     lines.append(f"global round 0: hash {(initial_hash or '-')[:12]}, "

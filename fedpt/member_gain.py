@@ -91,12 +91,12 @@ def personal_steps_of(config) -> int:
 
 
 def baseline_steps(run: dict, silo: str, config=None) -> int:
-  """Inner steps an isolated baseline of `silo` gets: rounds x its H, + personalisation steps.
+  """Inner steps an isolated baseline of `silo` gets: rounds x its steps per round (H, or
+  H/P with fragments), + personalisation steps.
 
   The one place that sets a baseline's budget, so equal compute has one definition.
   """
-  entry = protocol.silo_entry(run, silo)
-  steps = run['federation']['rounds'] * entry['inner_steps']
+  steps = run['federation']['rounds'] * protocol.round_steps(run, silo)
   return steps + (personal_steps_of(config) if config is not None else 0)
 
 

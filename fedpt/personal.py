@@ -11,7 +11,7 @@ that takes a --workdir reads it. Nothing is published to the bucket.
 Starting point: the global round's params with the silo's own private leaves
 (federation.private_params), since that is the model the silo serves.
 Optimizer: a fresh AdamW (`inner.make_optimizer` over a view of the config with
-`personal.*` in `inner.*`'s place). The silo's inner AdamW moments were
+`personal.*` in `inner.*`'s place), whatever `inner.optimizer` the rounds used. The silo's inner AdamW moments were
 estimated along its own pre-averaging trajectory, at a learning rate that has
 decayed by the last round; they describe neither the averaged model nor a
 fine-tune, and a past --round has no saved inner state at all.
@@ -58,7 +58,8 @@ def phase_config(config):
   p = config.personal
   return config_lib.with_values(config, {
       'inner.lr': p.lr, 'inner.warmup_steps': p.warmup_steps, 'inner.schedule': p.schedule,
-      'inner.decay_steps': 0, 'train.steps': p.steps})
+      'inner.decay_steps': 0, 'train.steps': p.steps,
+      'inner.optimizer': 'adamw'})  # Also after Muon rounds: personal.lr is an AdamW lr.
 
 
 def phase_trainer(config, data_seed: int) -> trainer_lib.Trainer:
