@@ -7,6 +7,8 @@ steps, overhead the same as a fraction of the inner compute. 'upload' runs in th
 background with overlapped rounds (`--overlap=delayed,eager`): then it is not idle.
 
   python bench/round_overhead.py --config=configs/demo.py --inner_steps=25 --rounds=3
+  python bench/round_overhead.py --inner_steps=24 --rounds=4 --formats=none,int8,int2,topk \
+      --fragments=1,4 --overlap=none,delayed   # issue 20: one exchange per H/P steps
 
 `--storages=local,gs --signed=false,true` measures the cost of the gs:// path (a
 local fake-gcs-server, so protocol and client costs without WAN latency) and of
@@ -43,6 +45,7 @@ flags.DEFINE_list('storages', ['local'], 'local and/or gs (a local fake-gcs-serv
 flags.DEFINE_list('signed', ['false'], 'false and/or true: sign every object (Ed25519).')
 flags.DEFINE_list('overlap', ['none'], 'federation.overlap modes to compare: none, delayed, eager.')
 flags.DEFINE_list('downlink', ['none'], 'federation.downlink_compression formats to compare.')
+flags.DEFINE_list('fragments', ['1'], 'federation.fragments P to compare (a round: H/P steps).')
 flags.DEFINE_string('link', None, 'BANDWIDTH,LATENCY, e.g. 10MB/s,50ms: the silo\'s simulated '
                     'link to the bucket (none: no link).')
 FLAGS = flags.FLAGS
@@ -50,13 +53,13 @@ FLAGS = flags.FLAGS
 
 def measure(config, fmt: str, rounds: int, inner_steps: int, bucket: str | None = None,
             signed: bool = False, link: str | None = None, overlap: str = 'none',
-            downlink: str = 'none') -> dict:
+            downlink: str = 'none', fragments: int = 1) -> dict:
   config = config.copy_and_resolve_references()
   config.federation.update(rounds=rounds, inner_steps=inner_steps, silos=('bench',),
                            compression=fmt, error_feedback=fmt != 'none', poll_s=0.01,
-                           overlap=overlap, downlink_compression=downlink)
+                           overlap=overlap, downlink_compression=downlink, fragments=fragments)
   with tempfile.TemporaryDirectory() as tmp:
-    root = (f'{bucket}/{fmt}-{signed}-{overlap}-{downlink}' if bucket
+    root = (f'{bucket}/{fmt}-{signed}-{overlap}-{downlink}-{fragments}' if bucket
             else os.path.join(tmp, 'bucket'))
     keys = os.path.join(tmp, 'keys') if signed else None
     if keys:
@@ -84,6 +87,7 @@ def measure(config, fmt: str, rounds: int, inner_steps: int, bucket: str | None 
           'bytes_down': statistics.median(r['bytes_down'] for r in steady),
           'overhead': wall / parts['inner'] - 1, 'idle': 1 - parts['inner'] / wall,
           'storage': 'gs' if bucket else 'local', 'overlap': overlap, 'downlink': downlink,
+          'fragments': fragments,
           'signed': signed, 'link': silo_link.totals() if silo_link else None}
 
 
@@ -101,26 +105,29 @@ def main(argv):
             for fmt in FLAGS.formats:
               for downlink in FLAGS.downlink:
                 for overlap in FLAGS.overlap:
-                  rows.append(measure(FLAGS.config, fmt, FLAGS.rounds, FLAGS.inner_steps,
+                  rows.extend(measure(FLAGS.config, fmt, FLAGS.rounds, FLAGS.inner_steps,
                                       bucket if storage == 'gs' else None, signed == 'true',
-                                      FLAGS.link, overlap, downlink))
+                                      FLAGS.link, overlap, downlink, int(p))
+                              for p in FLAGS.fragments)
     finally:
       if emulator:
         emulator.stop()
-  dense = {(r['storage'], r['signed'], r['overlap'], r['downlink']): r['bytes'] for r in rows
-           if r['format'] == 'none'}
+  def setting(r):
+    return r['storage'], r['signed'], r['overlap'], r['downlink'], r['fragments']
+  dense = {setting(r): r['bytes'] for r in rows if r['format'] == 'none'}
   print(f'config={FLAGS.config.name} H={FLAGS.inner_steps} (median of rounds 1..'
         f'{FLAGS.rounds - 1}; seconds per round)'
         + (f'; the silo\'s link: {FLAGS.link}' if FLAGS.link else ''))
-  print(f"{'storage':7s} {'signed':6s} {'overlap':7s} {'format':7s} {'downlink':8s} "
+  print(f"{'storage':7s} {'signed':6s} {'overlap':7s} {'P':>2s} {'format':7s} {'downlink':8s} "
         f"{'bytes up':>11s} {'vs fp32':>8s} {'bytes down':>11s} {'wall':>7s} {'inner':>7s} "
         f"{'eval':>6s} {'publish':>8s} {'upload':>7s} {'wait(agg)':>9s} {'load+ckpt':>9s} "
         f"{'overhead':>9s} {'idle':>6s}")
   for r in rows:
     s = r['seconds']
-    base = dense.get((r['storage'], r['signed'], r['overlap'], r['downlink']))
+    base = dense.get(setting(r))
     ratio = f"{r['bytes'] / base:.3f}" if base else 'n/a'
-    print(f"{r['storage']:7s} {str(r['signed']):6s} {r['overlap']:7s} {r['format']:7s} "
+    print(f"{r['storage']:7s} {str(r['signed']):6s} {r['overlap']:7s} {r['fragments']:2d} "
+          f"{r['format']:7s} "
           f"{r['downlink']:8s} {r['bytes']:11,d} {ratio:>8s} {int(r['bytes_down']):11,d} "
           f"{s.get('wall', 0.0):7.2f} {s['inner']:7.2f} {s['eval']:6.2f} {s['publish']:8.2f} "
           f"{s.get('upload', 0.0):7.2f} {s.get('wait', 0.0):9.2f} "
