@@ -7,8 +7,6 @@ are OuterOpt(its rows of global round r, the mean of round r's deltas) with that
 fragment's own outer state; every other row is carried over.
 """
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -185,13 +183,5 @@ def test_fragments_with_delayed_overlap_follow_the_rule(fragment_config, tmp_pat
      'federation.fragments'),
 ])
 def test_bad_fragment_settings_are_one_line_errors(repo_root, corpus_dir, tmp_path, flags, field):
-  proc = subprocess.run(
-      [sys.executable, str(repo_root / 'scripts' / 'init_run.py'),
-       f'--config={repo_root / "configs" / "tiny.py"}', f'--config.data.corpus={corpus_dir}',
-       '--config.federation.inner_steps=2', f'--storage={tmp_path / "b"}'] + flags,
-      capture_output=True, text=True, timeout=120)
-  assert proc.returncode == 2, proc.stderr[-2000:]
-  lines = [line for line in proc.stderr.splitlines() if line.strip()]
-  assert len(lines) == 1 and field in lines[0] and 'Traceback' not in proc.stderr, proc.stderr
-  assert 'use ' in lines[0]
-  assert not (tmp_path / 'b' / 'run.json').exists()
+  test_overlap.refused_run_setting(repo_root, corpus_dir, tmp_path,
+                                   ['--config.federation.inner_steps=2'] + flags, field)

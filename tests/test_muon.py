@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 
 import jax
 import numpy as np
@@ -16,9 +15,11 @@ from fedpt import aggregator as aggregator_lib
 from fedpt import inner
 from fedpt import model as model_lib
 from fedpt import planning
-from fedpt import silo as silo_lib
 from fedpt import trainer as trainer_lib
 from fedpt import trees
+
+import test_federation
+import test_trainer
 
 # The matrix view of each stacked [layers, ...] leaf, written out here independently of
 # inner.MUON_MATRICES: attention as d_model x (heads * head_dim), MLPs as they are.
@@ -139,14 +140,7 @@ def test_muon_state_is_sharded_like_the_params_and_steps_match_one_device(muon_c
 @pytest.mark.gpu
 def test_a_stopped_muon_run_resumes_bit_identically(muon_config, tmp_path):
   muon_config.train.update(steps=12, checkpoint_every=100, log_every=4, eval_every=100)
-  straight = trainer_lib.train_and_evaluate(muon_config, str(tmp_path / 'straight'))
-  first = trainer_lib.train_and_evaluate(muon_config, str(tmp_path / 'split'), stop_at_step=6)
-  assert first['step'] == 6
-  second = trainer_lib.train_and_evaluate(muon_config, str(tmp_path / 'split'))
-  assert second['start_step'] == 6 and second['step'] == 12
-  a, b = jax.device_get(second['state']), jax.device_get(straight['state'])
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  jax.tree.map(np.testing.assert_array_equal, a, b)
+  a, _ = test_trainer.stopped_and_resumed(muon_config, tmp_path, 6)
   mu, _ = _moments(a['opt_state'])
   assert np.abs(mu['blocks/mlp/up_weight_df']).max() > 0  # Momentum was restored.
   records = [json.loads(line) for line in open(tmp_path / 'split' / 'metrics.jsonl')]
@@ -186,18 +180,7 @@ def test_a_federated_muon_run_learns(tiny_config, tmp_path):
                                 wait_timeout_s=120.0)
   root = str(tmp_path / 'bucket')
   aggregator_lib.init_run(tiny_config, root)
-  results = {}
-
-  def work(silo):
-    results[silo] = silo_lib.run_silo(tiny_config.copy_and_resolve_references(), silo, root,
-                                      str(tmp_path / silo))
-
-  threads = [threading.Thread(target=work, args=(s,), daemon=True) for s in ('a', 'b')]
-  for t in threads:
-    t.start()
-  aggregator_lib.run_aggregator(root)
-  for t in threads:
-    t.join(timeout=300)
+  results = test_federation._run_in_threads(tiny_config, root, str(tmp_path))
   assert {s: results[s]['round'] for s in results} == {'a': 2, 'b': 2}
   rows = [json.loads(line) for line in open(tmp_path / 'a' / 'metrics.jsonl')]
   losses = [r['train_loss'] for r in rows if 'train_loss' in r]

@@ -225,6 +225,11 @@ def test_eager_coefficient_is_the_outer_steps_slope():
      'federation.overlap'),
 ])
 def test_bad_overlap_settings_are_one_line_errors(repo_root, corpus_dir, tmp_path, flags, field):
+  refused_run_setting(repo_root, corpus_dir, tmp_path, flags, field)
+
+
+def refused_run_setting(repo_root, corpus_dir, tmp_path, flags, field):
+  """init_run.py with `flags` exits 2 with one line naming `field` and a fix; no run.json."""
   proc = subprocess.run(
       [sys.executable, str(repo_root / 'scripts' / 'init_run.py'),
        f'--config={repo_root / "configs" / "tiny.py"}', f'--config.data.corpus={corpus_dir}',

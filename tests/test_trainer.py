@@ -114,12 +114,20 @@ def _assert_bitwise_equal(a, b):
 @pytest.mark.gpu
 def test_resume_is_bit_exact(tiny_config, tmp_path):
   tiny_config.train.update(steps=20, checkpoint_every=100, log_every=5, eval_every=10)
-  straight = trainer_lib.train_and_evaluate(tiny_config, str(tmp_path / 'straight'))
-  first = trainer_lib.train_and_evaluate(tiny_config, str(tmp_path / 'split'), stop_at_step=10)
-  assert first['step'] == 10 and not first['preempted']
-  second = trainer_lib.train_and_evaluate(tiny_config, str(tmp_path / 'split'))
-  assert second['start_step'] == 10 and second['step'] == 20
-  _assert_bitwise_equal(jax.device_get(second['state']), jax.device_get(straight['state']))
+  stopped_and_resumed(tiny_config, tmp_path, 10)
+
+
+def stopped_and_resumed(config, tmp_path, stop_at: int):
+  """(resumed state, uninterrupted state) of a run stopped at `stop_at`; asserts them equal."""
+  straight = trainer_lib.train_and_evaluate(config, str(tmp_path / 'straight'))
+  first = trainer_lib.train_and_evaluate(config, str(tmp_path / 'split'), stop_at_step=stop_at)
+  assert first['step'] == stop_at and not first['preempted']
+  second = trainer_lib.train_and_evaluate(config, str(tmp_path / 'split'))
+  assert second['start_step'] == stop_at and second['step'] == config.train.steps
+  a, b = jax.device_get(second['state']), jax.device_get(straight['state'])
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  _assert_bitwise_equal(a, b)
+  return a, b
   records = [json.loads(l) for l in open(tmp_path / 'split' / 'metrics.jsonl')]
   assert [r['step'] for r in records] == [5, 10, 15, 20]
   assert {'train_loss', 'tokens_per_s', 'lr'} <= set(records[0])
