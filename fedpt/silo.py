@@ -601,7 +601,10 @@ class _Silo:
     swapped in for its stale one (`eager_step`). Otherwise that global round.
     """
     follows = next_round == position.round + 1
-    loaded = self.load_global(self.model_round(next_round), state, merge=follows)
+    # With fragments the silo merges the changed fragment; after the last round it takes the
+    # final global model whole: the run's output.
+    loaded = self.load_global(self.model_round(next_round), state,
+                              merge=follows and next_round < self.total_rounds)
     sent = self.eager['eager_sent_next']
     self.eval_params = None
     if (self.overlap == 'eager' and follows and next_round < self.total_rounds
@@ -655,6 +658,8 @@ class _Silo:
     if self.overlap == 'eager':
       self.eager['eager_base'] = base
     start = time.monotonic()
+    if self.fragmented:  # Its params hold its own rows of the other fragments.
+      self.eval_params = trees.unflatten_params(base)
     position.global_eval = self.trainer.evaluate(
         state['params'] if self.eval_params is None else self.eval_params)
     self.eval_params = None

@@ -152,6 +152,9 @@ def test_fragment_rounds_follow_streaming_diloco_and_survive_kill_9(
   assert [r['bytes'] for r in rounds] == [sizes[r['round'] % P] for r in rounds]
   assert [r['bytes_down'] for r in rounds[1:]] == [sizes[(r['round'] - 1) % P]
                                                    for r in rounds[1:]]
+  final = trees.flatten_params(jax.device_get(results['a']['state']['params']))
+  for n, v in bucket_helpers.global_params(store, ROUNDS).items():  # The run's output, whole.
+    np.testing.assert_array_equal(final[n], v)
   planned = planning.plan(fragment_config, 8, platform='cpu')['delta']
   assert planned['upload_bytes'] == planned['download_bytes'] == max(sizes)
   assert planned['upload_per_h_bytes'] == model
