@@ -411,10 +411,6 @@ def validate(config) -> None:
       require(problem is None and (value > 0 if default == 'inner_steps' else value >= 0),
               f'federation.{field}', problem or f'{value!r} is out of range',
               f'see federation.{default}')
-  for h in [fed.inner_steps, *fed.silo_inner_steps]:
-    require(h % fed.fragments == 0, 'federation.fragments',
-            f'{fed.fragments} fragments do not divide H={h} (a fragment round is H/P steps)',
-            f'use H a multiple of {fed.fragments}, or fragments dividing {h}')
   require(not weights or sum(weights) > 0, 'federation.silo_weights',
           f'every weight is zero {tuple(weights)}: no delta could move the model',
           'give at least one silo a weight > 0, or leave silo_weights empty (all 1.0)')

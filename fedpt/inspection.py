@@ -49,7 +49,9 @@ def describe_global_round(store: storage_lib.RunStorage, round_index: int | None
     manifest = None
   update = None  # The compressed downlink: what a silo holding the round before reads.
   if all('update_format' in m for m in metas):
-    update = {**metas[0]['update_format'], 'bytes': sum(m['update_bytes'] for m in metas)}
+    update = {**metas[0]['update_format'], 'bytes': sum(m['update_bytes'] for m in metas),
+              'fragment': (protocol.round_fragment(run, round_index - 1)
+                           if protocol.fragments(run) > 1 and round_index > 0 else None)}
   return {
       'source': f'{store.root} global round {round_index}', 'run_id': run['run_id'],
       'update': update,
@@ -90,8 +92,11 @@ def render(info: dict) -> str:
                f"{info['bytes'] / 1e6:.2f} MB")
   if info.get('update'):
     u = info['update']
-    lines.append(f"  downlink update: {u['compression']} (block {u['block_size']}), "
-                 f"{u['bytes'] / 1e6:.2f} MB: what a silo holding the round before reads")
+    what = ('float32' if u['compression'] == 'none'
+            else f"{u['compression']} (block {u['block_size']})")
+    rows = (f", the rows of fragment {u['fragment']}" if u.get('fragment') is not None else '')
+    lines.append(f"  downlink update: {what}{rows}, {u['bytes'] / 1e6:.2f} MB: what a silo "
+                 "holding the round before reads")
   width = max(len(x['name']) for x in info['leaves'])
   for x in info['leaves']:
     digest = (x['sha256'] or '')[:12]

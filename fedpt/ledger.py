@@ -227,8 +227,10 @@ def render_traffic(rows: list[dict], run: dict) -> str:
   fmt = protocol.downlink(run)
   header = f"{'round':>5}  " + ' '.join(f'{s[:21]:>21}' for s in silos)
   lines = ['bytes per silo and round: up (its delta) / down (global round r+1)',
-           (f'down: the {fmt} update if the silo published to round r, else the whole model '
-            '(an estimate from the bucket)' if fmt else 'down: the whole model'),
+           (f'down: the {"float32" if fmt == "none" else fmt} update'
+            + (' (the rows of the round\'s fragment)' if protocol.fragments(run) > 1 else '')
+            + ' if the silo published to round r, else the whole model (an estimate from the '
+            'bucket)' if fmt else 'down: the whole model'),
            header, '-' * len(header)]
   for row in rows:
     down = row['bytes_down_by_silo']

@@ -339,8 +339,8 @@ def silo_round_state_nbytes(config, param_bytes: int, param_elements: int) -> in
 
   The round's base (a params copy, for the delta); with error feedback the residual
   and the one the last delta was built with (fp32 each); SCAFFOLD's c_i and the one
-  before the last publish (fp32 each); with a compressed downlink or fragments the last
-  global round loaded (a params copy: the update's base, and a fragment delta's); with overlapped rounds the prefetched next global
+  before the last publish (fp32 each); with a compressed downlink the last global round
+  loaded (a params copy; with fragments it is the round's base, counted once); with overlapped rounds the prefetched next global
   round (a params copy) and, eager, the dequantised deltas of this round and the one
   before (fp32 each). Private leaves are counted as shared: an upper bound.
   """
@@ -350,7 +350,7 @@ def silo_round_state_nbytes(config, param_bytes: int, param_elements: int) -> in
     total += 2 * fp32
   if config.inner.drift_correction == 'scaffold':
     total += 2 * fp32
-  if fed.downlink_compression != 'none' or fed.fragments > 1:
+  if fed.downlink_compression != 'none' and fed.fragments == 1:  # Fragments: it is the base.
     total += param_bytes
   if fed.overlap != 'none':
     total += param_bytes + (2 * fp32 if fed.overlap == 'eager' else 0)
@@ -466,9 +466,13 @@ def _fixes(config, num_devices: int, platform: str, budget: float) -> list[dict]
   memory = memory or memory_with([])
   transient = max(memory.activations, memory.update)
   if transient >= budget:
-    return [{'change': f'even with {changes}, one device\'s activations need '
-                       f'{human_bytes(transient)}: shorten data.seq_len, or split heads and '
-                       'd_ff over more devices with mesh tensor', 'total_bytes': None}]
+    what, fix = (('activations', 'shorten data.seq_len, or split heads and d_ff over more '
+                  'devices with mesh tensor') if memory.activations >= memory.update else
+                 ('optimizer update', 'split the matrices over more devices with mesh tensor'
+                  + (', or use inner.optimizer=adamw (Muon gathers each matrix for '
+                     'Newton-Schulz)' if config.inner.optimizer == 'muon' else '')))
+    return [{'change': f'even with {changes}, one device\'s {what} need '
+                       f'{human_bytes(transient)}: {fix}', 'total_bytes': None}]
   needed = math.ceil(num_devices * (memory.total - transient) / (budget - transient))
   return [{'change': f'about {needed} devices (the state shrinks with the device count), '
                      f'with {changes}', 'total_bytes': None}]
@@ -601,8 +605,9 @@ def aggregator_memory(config, num_shards: int | None = None) -> dict:
     held['next_round'] = sum(held.values())
     deltas = 0
     for n in sorted(set(names) - private):
-      leaf_f32 = 4 * math.prod(params[n].shape)
-      payload = compression.compressed_nbytes(params[n].shape, fed.compression, fed.block_size,
+      rows = fragments_lib.rows_shape(params[n].shape, 0, fed.fragments)  # The most rows.
+      leaf_f32 = 4 * math.prod(rows)
+      payload = compression.compressed_nbytes(rows, fed.compression, fed.block_size,
                                               compression.TopK.of(fed))
       if robust or scaffold:  # Every silo's delta (and control) at once; robust: stacked, sorted.
         one = silos * leaf_f32 * ((2 if scaffold else 1) + (2 if robust else 0)) + payload
@@ -671,7 +676,7 @@ def render(info: dict) -> str:
                  f"{human_bytes(xla['temp'])}, total {human_bytes(xla['total'])}")
   delta = info['delta']
   topk = delta['topk']
-  lines += ['', f"published delta per round (block_size {delta['block_size']}; topk "
+  lines += ['', f"published delta of the whole model (block_size {delta['block_size']}; topk "
                 f"{topk['density']:g} of each {topk['chunk']} at {topk['bits']} bits)"]
   for fmt, nbytes in delta['bytes'].items():
     mark = '  <- federation.compression' if fmt == delta['compression'] else ''

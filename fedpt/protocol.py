@@ -164,6 +164,18 @@ def validate_federation(config) -> None:
           'is not linear in the pseudo-gradient (a silo could not swap its part of it without '
           'the outer state)',
           f'use outer.optimizer in {outer.LINEAR_OUTER_OPTIMIZERS}, or overlap=delayed')
+  for field, values in (('inner_steps', [fed.inner_steps]),
+                        ('silo_inner_steps', list(fed.silo_inner_steps))):
+    for silo, h in zip(fed.silos if field == 'silo_inner_steps' else ['every silo'], values):
+      require(h % fed.fragments == 0, field,
+              f'H={h} ({silo}) is not a multiple of federation.fragments={fed.fragments} (a '
+              'fragment round is H/P steps)',
+              f'use an H that {fed.fragments} divides, or federation.fragments dividing {h}')
+  require(fed.compression != 'topk' or fed.robust == 'mean', 'robust',
+          f'{fed.robust!r} with compression=\'topk\': a coordinate-wise median or trimmed mean '
+          'of sparse deltas zeroes every coordinate few silos kept, and no residual keeps it',
+          'use federation.robust=mean (clip_multiple and reject_norm_multiple still apply), or '
+          'a dense compression')
   require(fed.fragments == 1 or fed.overlap != 'eager', 'fragments',
           f'{fed.fragments} fragments with overlap=\'eager\': an eager update swaps a silo\'s '
           'part of the whole last outer step, which a fragment round does not take',

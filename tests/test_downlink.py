@@ -241,7 +241,7 @@ def test_the_ledger_and_the_plan_count_the_update_as_the_download(downlink_run):
   assert f"{fmt(rows[0]['bytes_up_by_silo']['a'])} / {fmt(update_bytes)}" in table
   info = inspection.describe_global_round(store, 1)  # inspect_checkpoint.py shows it too.
   assert info['update'] == {'compression': 'int8', 'block_size': config.federation.block_size,
-                            'bytes': update_bytes}
+                            'bytes': update_bytes, 'fragment': None}
   assert (f'downlink update: int8 (block {config.federation.block_size}), '
           f'{update_bytes / 1e6:.2f} MB') in inspection.render(info)
 

@@ -16,6 +16,7 @@ import pytest
 import bucket_helpers
 from fedpt import aggregator as aggregator_lib
 from fedpt import fragments
+from fedpt import inspection
 from fedpt import planning
 from fedpt import protocol
 from fedpt import storage as storage_lib
@@ -155,6 +156,8 @@ def test_fragment_rounds_follow_streaming_diloco_and_survive_kill_9(
   final = trees.flatten_params(jax.device_get(results['a']['state']['params']))
   for n, v in bucket_helpers.global_params(store, ROUNDS).items():  # The run's output, whole.
     np.testing.assert_array_equal(final[n], v)
+  shown = inspection.render(inspection.describe_global_round(store, 3))
+  assert f'downlink update: float32, the rows of fragment 0, {sizes[0] / 1e6:.2f} MB' in shown
   planned = planning.plan(fragment_config, 8, platform='cpu')['delta']
   assert planned['upload_bytes'] == planned['download_bytes'] == max(sizes)
   assert planned['upload_per_h_bytes'] == model
@@ -178,7 +181,9 @@ def test_fragments_with_delayed_overlap_follow_the_rule(fragment_config, tmp_pat
 
 
 @pytest.mark.parametrize('flags, field', [
-    (['--config.federation.fragments=3'], 'federation.fragments'),  # H=2.
+    (['--config.federation.fragments=3'], 'federation.inner_steps'),  # H=2.
+    (['--config.federation.fragments=2', '--config.federation.silos=(\'a\',\'b\')',
+      '--config.federation.silo_inner_steps=(2,3)'], 'federation.silo_inner_steps'),
     (['--config.federation.fragments=0'], 'federation.fragments'),
     (['--config.federation.fragments=2', '--config.federation.overlap=eager'],
      'federation.fragments'),

@@ -173,6 +173,12 @@ def test_silos_train_and_publish_topk_deltas(topk_config, tmp_path, fragments):
       '--config.federation.topk_bits=3'],
      "error: config field 'federation.topk_bits': 3 bits per kept value. Fix: use one of "
      "(2, 4, 8)."),
+    (['--config.federation.compression=topk', '--config.federation.error_feedback=True',
+      '--config.federation.robust=median'],
+     "error: config field 'federation.robust': 'median' with compression='topk': a "
+     "coordinate-wise median or trimmed mean of sparse deltas zeroes every coordinate few silos "
+     "kept, and no residual keeps it. Fix: use federation.robust=mean (clip_multiple and "
+     "reject_norm_multiple still apply), or a dense compression."),
 ])
 def test_a_bad_topk_run_is_one_line_naming_the_fix(repo_root, tmp_path, flags, message):
   proc = subprocess.run(
