@@ -300,7 +300,7 @@ def test_non_finite_values_survive_every_format_on_every_leaf_shape(config_name,
       x_bad = x.copy()
       x_bad[index] = bad
       for fmt in compression.FORMATS:
-        for block_size in (256, 64):
+        for block_size in (256, 64) if fmt in ('int8', 'int4', 'int2') else (256,):
           y = compression.decompress(compression.compress(x_bad, fmt, block_size), fmt, shape,
                                      block_size)
           assert not bool(jnp.all(jnp.isfinite(y))), (shape, index, fmt, block_size)
