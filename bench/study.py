@@ -19,8 +19,10 @@ Questions 1-6 are the issue's; 7 (outer lr, momentum and rounds) chose the defau
 8 is the long horizon (does every member gain? isolated silos, data-parallel, FedAvg,
 DiLoCo, SCAFFOLD, FedProx, each personalised), with its own --out and --steps; 9 screens
 SCAFFOLD's server step, inner lr and H; 10 asks what overlapped rounds (federation.overlap)
-and a compressed downlink cost in loss and save in wall-clock time (with --link).
---report_only rewrites the tables mid-study.
+and a compressed downlink cost in loss and save in wall-clock time (with --link); 11 what
+each upload format (fp32, int8/4/2, top 1% and 3% at 2 bits) costs in held-out loss at equal
+tokens, with AdamW and Muon inside, whole-model rounds and P=4 fragments (Streaming DiLoCo);
+--muon_probe first tries Muon's lr. --report_only rewrites the tables mid-study.
 
 Results go to --out/results.json after every run, so an interrupted study
 resumes where it stopped; --out/study.md and --out/*.png are rewritten from it.
@@ -32,6 +34,8 @@ bucket (`storage.Link`; the aggregator gets none) and is part of the setup.
   python bench/study.py --out=bench/study_4k --questions=8 --steps=4000 --base_h=100 \
       --h_values=10,25,100,250 --personal_steps=100   # ~8 h on 2 CPU cores
   python bench/study.py --out=bench/study_overlap --questions=10 --link=10MB/s,50ms
+  python bench/study.py --out=bench/study_bytes --questions=11 --steps=64 --base_h=16 \
+      --h_values=16 --muon_lrs=0.02   # 48 runs: ~45 min on 2 shared CPU cores
 """
 import dataclasses
 import hashlib

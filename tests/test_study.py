@@ -170,11 +170,17 @@ def test_a_real_study_trains_writes_and_resumes(tiny_config, corpus_dir, tmp_pat
   assert all(5 < v < 9 for v in rescored['personal'].values())  # A fresh model's loss, scored.
 
 
-def test_study_cli_explains_bad_flags(repo_root):
-  proc = subprocess.run([sys.executable, 'bench/study.py', '--h_values=30', '--out=/nonexistent'],
+@pytest.mark.parametrize('args, message', [
+    (['--h_values=30'], 'H=30 does not divide --steps=200'),
+    (['--questions=11', '--base_h=25'], '--base_h=25 is not a multiple of P=4'),
+    (['--questions=11', '--base_h=20', '--h_values=20', '--muon_lrs=fast'],
+     '--muon_lrs=fast is not a list of numbers'),
+])
+def test_study_cli_explains_bad_flags(repo_root, args, message):
+  proc = subprocess.run([sys.executable, 'bench/study.py', *args, '--out=/nonexistent'],
                         cwd=repo_root, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2
-  assert 'H=30 does not divide --steps=200' in proc.stderr and 'Traceback' not in proc.stderr
+  assert message in proc.stderr and 'Fix' in proc.stderr and 'Traceback' not in proc.stderr
 
 
 def test_long_horizon_plan_and_member_gain(tmp_path):
