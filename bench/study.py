@@ -224,16 +224,18 @@ def plan(questions, seeds, base_h, h_values, k_values, drop_probability, persona
   def central(label, data, **kw):
     return label, [Run(f'central:{data}', s, **kw) for s in seeds]
 
-  def upload(inner, fragments, label, compression, density, seeds=seeds, muon_lr=None):
+  def upload(inner, fragments, label, compression, density, seeds=seeds, muon_lr=None,
+             outer='diloco'):
     name = 'AdamW' if inner == 'adamw' else 'Muon'
     kw = dict(compression=compression, error_feedback=compression != 'none', inner=inner,
-              fragments=fragments, inner_steps=base_h)
+              fragments=fragments, inner_steps=base_h, optimizer=outer)
     if density is not None:
       kw['topk_density'] = density
     if inner == 'muon':
       kw['muon_lr'] = muon_lrs[0] if muon_lr is None else muon_lr
     return (f'{name}, P={fragments}, {label}' + ('' if muon_lr is None else
-                                                  f' (muon_lr {muon_lr:g} probe)'),
+                                                  f' (muon_lr {muon_lr:g} probe)') +
+            (', FedAvg outer' if outer == 'fedavg' else ''),
             [Run('domains4', s, **kw) for s in seeds])
 
   probes = [upload('muon', 1, 'int8', 'int8', None, seeds[:1], lr)
@@ -242,6 +244,8 @@ def plan(questions, seeds, base_h, h_values, k_values, drop_probability, persona
           for fmt in UPLOADS if p == 1 or fmt[1] != 'none']
   grid += [upload(inner, p, *UPLOADS[0]) for p in BYTES_FRAGMENTS[1:]
            for inner in ('adamw', 'muon')]
+  # SparseLoCo's error feedback replaces the outer momentum: top 1% under outer SGD, lr 1.
+  grid += [upload('adamw', 1, *fmt, outer='fedavg') for fmt in (UPLOADS[0], UPLOADS[4])]
   table = {
       1: [fed('DiLoCo (Nesterov 0.7, 0.9)'), fed('FedAvg (outer SGD, lr 1)', optimizer='fedavg'),
           fed('outer Adam', optimizer='fedadam'),
@@ -884,8 +888,9 @@ def plot(summary: dict, out_dir: str) -> list[str]:
             for o in rows)
         ax.errorbar(r['bytes_up'], r[METRIC][0], yerr=r[METRIC][1], capsize=3, color=colour,
                     fmt='o' if run.fragments == 1 else 's', mfc='none' if probe else colour)
-        ax.annotate(r['label'].split(', ', 2)[-1], (r['bytes_up'], r[METRIC][0]),
-                    textcoords='offset points', xytext=(4, 3), fontsize=6, color=colour)
+        if run.fragments == 1:  # P=4's squares sit at about the same bytes: one label.
+          ax.annotate(r['label'].split(', ', 2)[-1], (r['bytes_up'], r[METRIC][0]),
+                      textcoords='offset points', xytext=(4, 3), fontsize=6, color=colour)
       for label, fmt in (('AdamW', 'tab:blue'), ('Muon', 'tab:orange')):
         ax.plot([], [], 'o', color=fmt, label=label)
       ax.plot([], [], 'ko', label='P=1')

@@ -324,11 +324,13 @@ def test_upload_bytes_plan_spends_equal_tokens():
   rows = study.plan([study.BYTES], [0, 1], 20, [20], [4], 0.5,
                     muon_lrs=[0.05, 0.01])[study.BYTES]
   labels = [label for label, _ in rows]
-  assert len(rows) == 6 * 2 * 2 + 1 and labels[:2] == ['AdamW, P=1, fp32', 'AdamW, P=1, int8']
-  assert labels[-3:] == ['AdamW, P=4, fp32', 'Muon, P=4, fp32',
+  assert len(rows) == 6 * 2 * 2 + 2 + 1 and labels[:2] == ['AdamW, P=1, fp32', 'AdamW, P=1, int8']
+  assert labels[-5:] == ['AdamW, P=4, fp32', 'Muon, P=4, fp32', 'AdamW, P=1, fp32, FedAvg outer',
+                         'AdamW, P=1, top 1% at 2 bits, FedAvg outer',
                          'Muon, P=1, int8 (muon_lr 0.01 probe)']
+  assert rows[-2][1][0].key == 'domains4/H20/fedavg/topk0.01x2b/ef/s0'
   keys = [r.key for _, seeded in rows for r in seeded]
-  assert len(keys) == len(set(keys)) == 2 * 24 + 1
+  assert len(keys) == len(set(keys)) == 2 * 26 + 1
   assert rows[4][1][1].key == 'domains4/H20/diloco/topk0.01x2b/ef/s1'
   assert dict(rows)['Muon, P=4, top 3% at 2 bits'][0].key == (
       'domains4/H20/diloco/topk0.03x2b/ef/muon0.05/P4/s0')
@@ -356,11 +358,11 @@ def test_upload_bytes_summary_table_and_plot(tmp_path):
   fp32_bytes = 1_000_000
   sizes = {'none': fp32_bytes, 'int8': 250_000, 'int4': 130_000, 'int2': 66_000}
   runs = {}
-  for label, seeded in rows:
+  for _, seeded in rows:
     for run in seeded:
       up = sizes.get(run.compression) or fp32_bytes * run.topk_density * 0.6
       loss = 6.0 + (0.3 if run.inner == 'muon' else 0.0) + 0.1 * run.seed
-      loss += {'top 1% at 2 bits': 0.2, 'top 3% at 2 bits': 0.05}.get(label.split(', ')[-1], 0)
+      loss += {0.01: 0.2, 0.03: 0.05}[run.topk_density] if run.compression == 'topk' else 0.0
       runs[run.key] = _record(loss, bytes_up=up, peak_bytes_up=up / 5 / run.fragments)
   del runs['domains4/H20/diloco/none/muon0.02/P4/s0']  # Muon's fp32 at P=4: seed 1 only.
   del runs['domains4/H20/diloco/none/muon0.02/P4/s1']  # Now not at all.
