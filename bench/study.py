@@ -35,7 +35,7 @@ bucket (`storage.Link`; the aggregator gets none) and is part of the setup.
       --h_values=10,25,100,250 --personal_steps=100   # ~8 h on 2 CPU cores
   python bench/study.py --out=bench/study_overlap --questions=10 --link=10MB/s,50ms
   python bench/study.py --out=bench/study_bytes --questions=11 --steps=64 --base_h=16 \
-      --h_values=16 --muon_lrs=0.02   # 48 runs: ~45 min on 2 shared CPU cores
+      --h_values=16 --muon_lrs=0.02   # 52 runs: ~40 min on 2 shared CPU cores
 """
 import dataclasses
 import hashlib
