@@ -19,8 +19,10 @@ Questions 1-6 are the issue's; 7 (outer lr, momentum and rounds) chose the defau
 8 is the long horizon (does every member gain? isolated silos, data-parallel, FedAvg,
 DiLoCo, SCAFFOLD, FedProx, each personalised), with its own --out and --steps; 9 screens
 SCAFFOLD's server step, inner lr and H; 10 asks what overlapped rounds (federation.overlap)
-and a compressed downlink cost in loss and save in wall-clock time (with --link).
---report_only rewrites the tables mid-study.
+and a compressed downlink cost in loss and save in wall-clock time (with --link); 11 what
+each upload format (fp32, int8/4/2, top 1% and 3% at 2 bits) costs in held-out loss at equal
+tokens, with AdamW and Muon inside, whole-model rounds and P=4 fragments (Streaming DiLoCo);
+--muon_probe first tries Muon's lr. --report_only rewrites the tables mid-study.
 
 Results go to --out/results.json after every run, so an interrupted study
 resumes where it stopped; --out/study.md and --out/*.png are rewritten from it.
@@ -32,6 +34,8 @@ bucket (`storage.Link`; the aggregator gets none) and is part of the setup.
   python bench/study.py --out=bench/study_4k --questions=8 --steps=4000 --base_h=100 \
       --h_values=10,25,100,250 --personal_steps=100   # ~8 h on 2 CPU cores
   python bench/study.py --out=bench/study_overlap --questions=10 --link=10MB/s,50ms
+  python bench/study.py --out=bench/study_bytes --questions=11 --steps=64 --base_h=16 \
+      --h_values=16 --muon_lrs=0.02   # 52 runs: ~40 min on 2 shared CPU cores
 """
 import dataclasses
 import hashlib
@@ -73,9 +77,16 @@ COLUMNS = EVAL_SETS + ('domain mean',)  # The union weighs domains by val tokens
 METRIC = 'domain mean'  # The one number the line plots show.
 PARTITIONS = ('domains1', 'domains2', 'domains4', 'domains8', 'iid4')
 VAL_FRACTION = 0.1
-QUESTIONS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)
+QUESTIONS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11)
 LONG = 8  # The long-horizon member-gain question: its own --out and --steps.
 OVERLAP = 10  # Overlapped rounds and the compressed downlink: wall-clock columns.
+BYTES = 11  # Loss against upload bytes: formats x inner optimizer x fragments.
+# Question 11's upload formats: (label, compression, topk density); every compressed one with
+# error feedback (topk needs it). fp32 first: each row is compared with its fp32 run.
+UPLOADS = (('fp32', 'none', None), ('int8', 'int8', None), ('int4', 'int4', None),
+           ('int2', 'int2', None), ('top 1% at 2 bits', 'topk', 0.01),
+           ('top 3% at 2 bits', 'topk', 0.03))
+BYTES_FRAGMENTS = (1, 4)  # Streaming DiLoCo's P: H/P steps and 1/P of the model per round.
 
 config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'Model config.', lock_config=True)
 flags.DEFINE_string('out', 'bench/study', 'Folder for results.json, study.md and the plots.')
@@ -83,7 +94,8 @@ flags.DEFINE_list('seeds', ['0', '1'], 'Seeds (init and data order); tables show
 flags.DEFINE_list('questions', [str(q) for q in QUESTIONS],
                   'Which questions to run: 1-6 from the issue, 7 the outer lr, 8 the long '
                   'horizon, 9 SCAFFOLD\'s step sizes and H, 10 overlapped rounds and the '
-                  'compressed downlink.')
+                  'compressed downlink, 11 loss against upload bytes (formats, Muon, '
+                  'fragments).')
 flags.DEFINE_integer('steps', 200, 'S: inner steps per silo (rounds x H) of every federated run.')
 flags.DEFINE_integer('base_h', 25, 'H of every run outside the H sweep.')
 flags.DEFINE_list('h_values', ['10', '25', '50', '100', '200'], 'Question 2: H values.')
@@ -105,6 +117,10 @@ flags.DEFINE_integer('curve_batches', 4, 'Questions 8 and 10: eval batches per d
                      'point of the loss curves (the silos\' per-round held-out loss).')
 flags.DEFINE_bool('report_only', False, 'Train nothing: write study.md and the plots from the '
                   'runs in results.json so far.')
+flags.DEFINE_list('muon_lrs', ['0.02'], 'Question 11: Muon\'s peak lr (inner.muon_lr) of the '
+                  'grid, then lrs probed on the first seed alone (int8, P=1).')
+flags.DEFINE_bool('muon_probe', False, 'Question 11: train only the Muon lr probes (int8, P=1, '
+                  'first seed, every --muon_lrs), to choose the grid\'s lr.')
 flags.DEFINE_string('link', None, 'BANDWIDTH,LATENCY, e.g. 10MB/s,50ms: each silo\'s own '
                     'simulated link to the bucket (none: no link). Recorded in the setup.')
 FLAGS = flags.FLAGS
@@ -135,6 +151,15 @@ class Run:
   inner_lr_scale: float = 1.0  # Federated runs: inner lr = this x --silo_lr.
   overlap: str = 'none'  # federation.overlap: none, delayed or eager.
   downlink: str = 'none'  # federation.downlink_compression.
+  topk_density: float = 0.01  # compression='topk': federation.topk_density and topk_bits.
+  topk_bits: int = 2
+  inner: str = 'adamw'  # inner.optimizer: adamw or muon.
+  muon_lr: float | None = None  # inner.muon_lr; None: the config's.
+  fragments: int = 1  # federation.fragments (Streaming DiLoCo's P); H stays H.
+
+  def rounds(self, steps: int) -> int:
+    """Federated rounds of S = `steps` inner steps: P fragment rounds of H/P steps per H."""
+    return steps * self.fragments // self.inner_steps
 
   @property
   def central(self) -> bool:
@@ -147,7 +172,10 @@ class Run:
       extra = f'/+{self.extra_steps}' if self.extra_steps else ''
       order = '/silo-order' if self.silo_order else ''
       return f'{self.partition}{batch}{extra}{order}/s{self.seed}'
-    parts = [self.partition, f'H{self.inner_steps}', self.optimizer, self.compression]
+    compression = self.compression
+    if compression == 'topk':
+      compression += f'{self.topk_density:g}x{self.topk_bits}b'
+    parts = [self.partition, f'H{self.inner_steps}', self.optimizer, compression]
     if self.error_feedback:
       parts.append('ef')
     if self.drop_probability:
@@ -166,6 +194,10 @@ class Run:
       parts.append(f'overlap-{self.overlap}')
     if self.downlink != 'none':
       parts.append(f'down-{self.downlink}')
+    if self.inner != 'adamw':
+      parts.append(self.inner + ('' if self.muon_lr is None else f'{self.muon_lr:g}'))
+    if self.fragments != 1:
+      parts.append(f'P{self.fragments}')
     return '/'.join(parts) + f'/s{self.seed}'
 
 
@@ -173,13 +205,17 @@ class Run:
 
 
 def plan(questions, seeds, base_h, h_values, k_values, drop_probability, personal_steps=0,
-         momentum_warmup=0, prox_mu=0.01) -> dict:
+         momentum_warmup=0, prox_mu=0.01, muon_lrs=(0.02,), muon_probe=False) -> dict:
   """{question: [(label, [Run per seed])]}; identical runs share one key.
 
   Question 8's rows come in priority order (a study stopped early has the core rows
   for every seed): the baselines, then each method at H = base_h, SCAFFOLD at every H
   below it, the H sweep in --h_values order (where does DiLoCo cross FedAvg?), and FedProx
   last (SCAFFOLD already answers drift correction).
+
+  Question 11 runs the grid at `muon_lrs[0]` and the other lrs as one-seed probes; with
+  `muon_probe` only the probes (int8, P=1, every lr), which choose the grid's lr. The fp32
+  rows at P=4 come last: a study cut short loses them first.
   """
   def fed(label, partition='domains4', **kw):
     kw.setdefault('inner_steps', base_h)
@@ -188,6 +224,28 @@ def plan(questions, seeds, base_h, h_values, k_values, drop_probability, persona
   def central(label, data, **kw):
     return label, [Run(f'central:{data}', s, **kw) for s in seeds]
 
+  def upload(inner, fragments, label, compression, density, seeds=seeds, muon_lr=None,
+             outer='diloco'):
+    name = 'AdamW' if inner == 'adamw' else 'Muon'
+    kw = dict(compression=compression, error_feedback=compression != 'none', inner=inner,
+              fragments=fragments, inner_steps=base_h, optimizer=outer)
+    if density is not None:
+      kw['topk_density'] = density
+    if inner == 'muon':
+      kw['muon_lr'] = muon_lrs[0] if muon_lr is None else muon_lr
+    return (f'{name}, P={fragments}, {label}' + ('' if muon_lr is None else
+                                                  f' (muon_lr {muon_lr:g} probe)') +
+            (', FedAvg outer' if outer == 'fedavg' else ''),
+            [Run('domains4', s, **kw) for s in seeds])
+
+  probes = [upload('muon', 1, 'int8', 'int8', None, seeds[:1], lr)
+            for lr in (muon_lrs if muon_probe else muon_lrs[1:])]
+  grid = [upload(inner, p, *fmt) for p in BYTES_FRAGMENTS for inner in ('adamw', 'muon')
+          for fmt in UPLOADS if p == 1 or fmt[1] != 'none']
+  grid += [upload(inner, p, *UPLOADS[0]) for p in BYTES_FRAGMENTS[1:]
+           for inner in ('adamw', 'muon')]
+  # SparseLoCo's error feedback replaces the outer momentum: top 1% under outer SGD, lr 1.
+  grid += [upload('adamw', 1, *fmt, outer='fedavg') for fmt in (UPLOADS[0], UPLOADS[4])]
   table = {
       1: [fed('DiLoCo (Nesterov 0.7, 0.9)'), fed('FedAvg (outer SGD, lr 1)', optimizer='fedavg'),
           fed('outer Adam', optimizer='fedadam'),
@@ -248,15 +306,25 @@ def plan(questions, seeds, base_h, h_values, k_values, drop_probability, persona
                 for name, opt in (('FedAvg', 'fedavg'), ('DiLoCo', 'diloco'))
                 for mode in config_lib.OVERLAP_MODES] +
                [fed(f'DiLoCo, {fmt} downlink', downlink=fmt) for fmt in ('int8', 'int4')],
+      # SparseLoCo (arXiv 2508.15706) and MuLoCo (arXiv 2505.23725) at equal tokens.
+      BYTES: probes if muon_probe else grid + probes,
   }
   return {q: table[q] for q in questions}
 
 
-def check_flags(steps, base_h, h_values, k_values, questions):
+def check_flags(steps, base_h, h_values, k_values, questions, muon_lrs=(0.02,)):
   for h in {base_h, *h_values}:
     if h <= 0 or steps % h:
       raise StudyError(f'H={h} does not divide --steps={steps}: every run must spend the same '
                        'tokens. Fix: choose H values that divide --steps')
+  p = max(BYTES_FRAGMENTS)
+  if BYTES in questions and base_h % p:
+    raise StudyError(f'--base_h={base_h} is not a multiple of P={p}: question {BYTES} trains '
+                     f'fragment rounds of H/{p} steps. Fix: use --base_h a multiple of {p}, '
+                     'e.g. 20')
+  if not muon_lrs or any(not lr > 0 for lr in muon_lrs):
+    raise StudyError(f'--muon_lrs={",".join(map(str, muon_lrs))} needs positive lrs. Fix: '
+                     'e.g. --muon_lrs=0.02,0.01,0.05')
   for k in k_values:
     if f'domains{k}' not in PARTITIONS:
       raise StudyError(f'K={k} has no non-IID partition of the 4 domains. Fix: use --k_values '
@@ -375,10 +443,18 @@ def run_federated(config, run: Run, steps: int, adam_lr: float, link: str | None
   config = config.copy_and_resolve_references()
   config.seed = run.seed
   config.federation.update(
-      silos=tuple(corpora), rounds=steps // run.inner_steps, inner_steps=run.inner_steps,
-      compression=run.compression, error_feedback=run.error_feedback,
-      drop_probability=run.drop_probability, overlap=run.overlap,
-      downlink_compression=run.downlink)
+      silos=tuple(corpora), rounds=run.rounds(steps),
+      inner_steps=run.inner_steps, compression=run.compression,
+      error_feedback=run.error_feedback, drop_probability=run.drop_probability,
+      overlap=run.overlap, downlink_compression=run.downlink)
+  if run.fragments != 1:  # Set only when asked: older fedpts have no such fields.
+    config.federation.fragments = run.fragments
+  if run.compression == 'topk':
+    config.federation.update(topk_density=run.topk_density, topk_bits=run.topk_bits)
+  if run.inner != 'adamw':
+    config.inner.optimizer = run.inner
+    if run.muon_lr is not None:
+      config.inner.muon_lr = run.muon_lr
   config.outer.optimizer = run.optimizer
   config.inner.lr *= run.inner_lr_scale
   if run.optimizer == 'fedadam':
@@ -424,7 +500,7 @@ def run_federated(config, run: Run, steps: int, adam_lr: float, link: str | None
     manifests = [store.read_manifest(r) for r in range(config.federation.rounds)]
     record = store.read_run()
     # Each silo's held-out loss of every global round on its own domain (the curves).
-    curve = [[r * run.inner_steps, ledger.eval_losses(store, record, r)]
+    curve = [[r * run.inner_steps // run.fragments, ledger.eval_losses(store, record, r)]
              for r in range(config.federation.rounds + 1)]
   first = results[next(iter(corpora))]
   return {
@@ -436,6 +512,7 @@ def run_federated(config, run: Run, steps: int, adam_lr: float, link: str | None
       'params': first['state']['params'],
       'rounds': config.federation.rounds,
       'bytes_up': max(sum(r['bytes'] for r in results[s]['rounds']) for s in corpora),
+      'peak_bytes_up': max(r['bytes'] for s in corpora for r in results[s]['rounds']),
       'deltas_dropped': sum('dropped at random' in e['reason']
                             for m in manifests for e in m['rejected']),
       'deltas_total': sum(len(m['included']) + len(m['rejected']) for m in manifests),
@@ -564,6 +641,9 @@ def summarise(questions: dict, runs: dict) -> dict:
       row['domain mean'] = spread([_domain_mean(d['losses']) for d in finite]) if finite else None
       row['bytes_up'] = done[0]['bytes_up']
       row['bytes_down'] = done[0]['bytes_down']
+      row['peak_bytes_up'] = done[0].get('peak_bytes_up')  # The largest one exchange.
+      row['by_seed'] = {r.seed: _domain_mean(runs[r.key]['losses']) for r in seeded
+                        if r.key in runs and not runs[r.key].get('diverged')}
       row['rounds'] = done[0]['rounds']
       row['seconds'] = float(np.mean([d['seconds'] for d in done]))
       row['dropped'] = (sum(d.get('deltas_dropped', 0) for d in done),
@@ -571,7 +651,60 @@ def summarise(questions: dict, runs: dict) -> dict:
       if q == OVERLAP:
         row.update(overlap_cells(seeded, runs))
       out[q].append(row)
+    if q == BYTES:
+      upload_cells(out[q])
   return out
+
+
+def _gap(row, reference) -> float | None:
+  """row's domain mean / reference's - 1, over the seeds both have finished."""
+  seeds = sorted(set(row['by_seed']) & set(reference['by_seed']))
+  if not seeds:
+    return None
+  return float(np.mean([row['by_seed'][s] for s in seeds]) /
+               np.mean([reference['by_seed'][s] for s in seeds]) - 1)
+
+
+def upload_cells(rows) -> None:
+  """Question 11's comparisons, added to each row: 'vs_fp32', its domain mean against the fp32
+  row of the same inner optimizer (and lr) and P; 'vs_best', against the best fp32 row;
+  'fewer', fp32's upload bytes per run (P=1) / its own."""
+  fp32 = {dataclasses.replace(r['run'], seed=0, fragments=1).key: r for r in rows
+          if r['run'].compression == 'none' and r['run'].fragments == 1}
+  own = {dataclasses.replace(r['run'], seed=0).key: r for r in rows
+         if r['run'].compression == 'none'}
+  finite = [r for r in fp32.values() if r[METRIC] is not None]
+  best = min(finite, key=lambda r: r[METRIC][0], default=None)
+  for r in rows:
+    plain = dataclasses.replace(r['run'], seed=0, compression='none', error_feedback=False,
+                                topk_density=Run.topk_density, topk_bits=Run.topk_bits)
+    ref = own.get(plain.key)
+    base = fp32.get(dataclasses.replace(plain, fragments=1).key)
+    r['vs_fp32'] = _gap(r, ref) if ref else None
+    r['vs_best'] = (_gap(r, best), best['label']) if best else (None, None)
+    r['fewer'] = (base['bytes_up'] / r['bytes_up']
+                  if base and base['bytes_up'] and r['bytes_up'] else None)
+
+
+def upload_target(rows, fewer: float = 100.0, within: float = 0.01) -> str:
+  """Issue 20's target in one sentence: which rows upload >= `fewer` x fewer bytes than fp32
+  with a domain mean within `within` of their own fp32 row's, or how close the best comes."""
+  small = [r for r in rows if r['fewer'] and r['fewer'] >= fewer and r['vs_fp32'] is not None]
+  if not small:
+    return f'No finished row uploads >= {fewer:g}x fewer bytes than fp32 yet.'
+
+  def cell(r):
+    best = r['vs_best'][0]
+    return (f"{r['label']} ({r['fewer']:.0f}x fewer bytes, {r['vs_fp32'] * 100:+.1f}% vs its "
+            f"fp32" + ('' if best is None else f', {best * 100:+.1f}% vs the best fp32 row') +
+            ')')
+  met = [r for r in small if r['vs_fp32'] <= within]
+  if met:
+    return (f'Target (>= {fewer:g}x fewer upload bytes, within {within:.0%} of fp32): met by ' +
+            '; '.join(cell(r) for r in met) + '.')
+  closest = min(small, key=lambda r: r['vs_fp32'])
+  return (f'Target (>= {fewer:g}x fewer upload bytes, within {within:.0%} of fp32): not met. '
+          f'Closest: {cell(closest)}.')
 
 
 def round_losses(curve) -> list:
@@ -641,6 +774,7 @@ TITLES = {
     8: 'Long horizon: methods against data-parallel and isolated silos (same tokens)',
     9: 'SCAFFOLD: server step, inner lr and H (same tokens)',
     10: 'Do overlapped rounds and a compressed downlink cost quality?',
+    11: 'Loss against upload bytes: formats, AdamW and Muon, P=1 and P=4 (same tokens)',
 }
 
 
@@ -652,6 +786,9 @@ def markdown(summary: dict, setup: dict) -> str:
   for q, rows in summary.items():
     if q == OVERLAP:
       lines += overlap_markdown(rows)
+      continue
+    if q == BYTES:
+      lines += upload_markdown(rows)
       continue
     lines += [f'### Question {q}: {TITLES[q]}', '',
               '| run | seeds | ' + ' | '.join(COLUMNS) + ' | rounds | up MB | down MB | s |',
@@ -665,6 +802,37 @@ def markdown(summary: dict, setup: dict) -> str:
                    f'| {r["seconds"]:.0f} |')
     lines.append('')
   return '\n'.join(lines)
+
+
+def _kb(n) -> str:
+  return '-' if n is None else f'{n / 1e3:,.1f}'
+
+
+def upload_markdown(rows) -> list[str]:
+  """Question 11's table: losses, the gap to fp32, bytes per run and per exchange."""
+  def pct(x):
+    return '-' if x is None else f'{x * 100:+.1f}%'
+  best = next((r['vs_best'][1] for r in rows if r['vs_best'][1]), '-')
+  lines = [f'### Question {BYTES}: {TITLES[BYTES]}', '',
+           'Every compressed format uses error feedback (topk requires it: what is not sent '
+           'stays in the residual); top-k keeps that share of each chunk of '
+           '`federation.topk_chunk` values at 2 bits. P=4: Streaming DiLoCo, 4x the rounds of '
+           'H/4 steps, each moving one fragment (1/4 of the rows), so the same tokens and about '
+           'the same bytes per run at a quarter of the peak. "vs fp32": domain mean against '
+           f'the fp32 row of the same inner optimizer and P; "vs best fp32": against {best}. '
+           '"up KB": what a silo uploads over the run; "fp32 / up": fp32\'s upload (P=1) over '
+           'the row\'s; "peak KB": the largest one delta.', '',
+           '| run | seeds | ' + ' | '.join(COLUMNS) +
+           ' | vs fp32 | vs best fp32 | rounds | up KB | fp32 / up | peak KB | s |',
+           '|---|---:|' + '---:|' * len(COLUMNS) + '---:|' * 7]
+  for r in rows:
+    label = r['label'] + (f' ({r["diverged"]} diverged)' if r['diverged'] else '')
+    fewer = '-' if r['fewer'] is None else f'{r["fewer"]:.1f}x'
+    lines.append(f'| {label} | {r["seeds"]} | ' + ' | '.join(_loss(r[n]) for n in COLUMNS) +
+                 f' | {pct(r["vs_fp32"])} | {pct(r["vs_best"][0])} | {r["rounds"] or "-"} | '
+                 f'{_kb(r["bytes_up"])} | {fewer} | {_kb(r["peak_bytes_up"])} | '
+                 f'{r["seconds"]:.0f} |')
+  return lines + ['', upload_target(rows), '']
 
 
 def overlap_markdown(rows) -> list[str]:
@@ -711,7 +879,31 @@ def plot(summary: dict, out_dir: str) -> list[str]:
     if not rows or q == LONG:  # Question 8 has its own plots (plot_curves).
       continue
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    if q in (2, 3):  # Loss against bytes uploaded, log x.
+    if q == BYTES:  # Loss against bytes uploaded, log x: colour the optimizer, mark P.
+      for r in rows:
+        run = r['run']
+        colour = 'tab:blue' if run.inner == 'adamw' else 'tab:orange'
+        probe = run.muon_lr is not None and any(
+            o['run'].inner == 'muon' and o['run'].muon_lr != run.muon_lr and o['seeds'] > r['seeds']
+            for o in rows)
+        ax.errorbar(r['bytes_up'], r[METRIC][0], yerr=r[METRIC][1], capsize=3, color=colour,
+                    fmt='o' if run.fragments == 1 else 's', mfc='none' if probe else colour)
+        if run.fragments == 1:  # P=4's squares sit at about the same bytes: one label.
+          ax.annotate(r['label'].split(', ', 2)[-1], (r['bytes_up'], r[METRIC][0]),
+                      textcoords='offset points', xytext=(4, 3), fontsize=6, color=colour)
+      for label, fmt in (('AdamW', 'tab:blue'), ('Muon', 'tab:orange')):
+        ax.plot([], [], 'o', color=fmt, label=label)
+      ax.plot([], [], 'ko', label='P=1')
+      ax.plot([], [], 'ks', label='P=4 (fragments)')
+      fp32 = [r for r in rows if r['run'].compression == 'none' and r['run'].fragments == 1]
+      if fp32:
+        best = min(r[METRIC][0] for r in fp32)
+        ax.axhline(best * 1.01, color='gray', linestyle='--', linewidth=1,
+                   label='best fp32 + 1%')
+      ax.legend(fontsize=7)
+      ax.set_xscale('log')
+      ax.set_xlabel('bytes uploaded per silo per run')
+    elif q in (2, 3):  # Loss against bytes uploaded, log x.
       for r in rows:
         ax.errorbar(r['bytes_up'] or 0, r[METRIC][0], yerr=r[METRIC][1], fmt='o', capsize=3)
         ax.annotate(r['label'], (r['bytes_up'] or 0, r[METRIC][0]), textcoords='offset points',
@@ -760,7 +952,7 @@ def plot(summary: dict, out_dir: str) -> list[str]:
     if q == OVERLAP:
       ax.set_ylabel('round loss (mean of the silos\' own splits)')
     elif q != 7:
-      ax.set_ylabel('held-out loss' + (f' ({METRIC})' if q in (2, 3, 4) else ''))
+      ax.set_ylabel('held-out loss' + (f' ({METRIC})' if q in (2, 3, 4, BYTES) else ''))
     ax.set_title(f'Q{q}: {TITLES[q]}', fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -978,6 +1170,12 @@ def _missing_feature(base, run: Run) -> str | None:
   for field, value in (('overlap', run.overlap), ('downlink_compression', run.downlink)):
     if value != 'none' and field not in base.federation:
       return f'federation.{field}={value}'
+  if run.fragments != 1 and 'fragments' not in base.federation:
+    return f'federation.fragments={run.fragments}'
+  if run.compression == 'topk' and 'topk_density' not in base.federation:
+    return 'federation.compression=topk'
+  if run.inner != 'adamw' and 'optimizer' not in base.inner:
+    return f'inner.optimizer={run.inner}'
   return None
 
 
@@ -993,7 +1191,7 @@ def _save_params(out_dir: str, key: str, params) -> str:
 def study(config, out_dir, seeds, questions, steps, base_h, h_values, k_values, batch, seq_len,
           silo_lr, central_lr, adam_lr, drop_probability, eval_batches,
           long: LongOptions = LongOptions(), report_only: bool = False,
-          link: str | None = None) -> dict:
+          link: str | None = None, muon_lrs=(0.02,), muon_probe: bool = False) -> dict:
   """Trains every planned run not yet in results.json, then writes study.md and the plots.
 
   `report_only` trains nothing and leaves results.json alone: the tables and plots of the
@@ -1001,7 +1199,7 @@ def study(config, out_dir, seeds, questions, steps, base_h, h_values, k_values, 
   personalised losses stay at the lr each run records. `link` ('10MB/s,50ms') is each
   silo's simulated link to the bucket (`storage.Link`).
   """
-  check_flags(steps, base_h, h_values, k_values, questions)
+  check_flags(steps, base_h, h_values, k_values, questions, muon_lrs)
   link = storage_lib.Link.parse(link, '--link')
   link = link.spec if link else None
   os.makedirs(out_dir, exist_ok=True)
@@ -1018,7 +1216,8 @@ def study(config, out_dir, seeds, questions, steps, base_h, h_values, k_values, 
   path = os.path.join(out_dir, 'results.json')
   results = load_results(path, setup)
   questions_plan = plan(questions, seeds, base_h, h_values, k_values, drop_probability,
-                        long.personal_steps, long.momentum_warmup, long.prox_mu)
+                        long.personal_steps, long.momentum_warmup, long.prox_mu, muon_lrs,
+                        muon_probe)
   check_flags(steps, base_h, sorted({run.inner_steps for rows in questions_plan.values()
                                      for _, seeded in rows for run in seeded} - {0}),
               k_values, questions)
@@ -1079,6 +1278,8 @@ def study(config, out_dir, seeds, questions, steps, base_h, h_values, k_values, 
     record.update(trained, seconds=time.monotonic() - start,
                   bytes_down=(rounds * evaluator.param_bytes * (2 if run.drift == 'scaffold' else 1)
                               if rounds else None))  # SCAFFOLD: the global model and c.
+    if run.fragments != 1 and rounds:  # A fragment round's base is 1/P of the model.
+      record['bytes_down'] = int(sum(trained['bytes_down_by_round']))
     if run.partition == 'central:union' and run.central_batch > 1:  # Data-parallel over K.
       record['bytes_up'] = record['bytes_down'] = steps * evaluator.param_bytes
     results['runs'][run.key] = record
@@ -1108,6 +1309,14 @@ def _ints(name) -> list[int]:
                      f'Fix: give comma-separated integers, e.g. --{name}=1,2') from None
 
 
+def _floats(name) -> list[float]:
+  try:
+    return [float(v) for v in FLAGS[name].value]
+  except ValueError:
+    raise StudyError(f'--{name}={",".join(FLAGS[name].value)} is not a list of numbers. '
+                     f'Fix: give comma-separated numbers, e.g. --{name}=0.02,0.01') from None
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
@@ -1122,7 +1331,8 @@ def main(argv):
         FLAGS.silo_lr, FLAGS.central_lr, FLAGS.adam_lr, FLAGS.drop_probability,
         FLAGS.eval_batches, LongOptions(FLAGS.personal_steps, FLAGS.personal_lr,
                                         FLAGS.momentum_warmup, FLAGS.prox_mu,
-                                        FLAGS.curve_batches), FLAGS.report_only, FLAGS.link)
+                                        FLAGS.curve_batches), FLAGS.report_only, FLAGS.link,
+        _floats('muon_lrs'), FLAGS.muon_probe)
   except StudyError as e:
     print(f'error: {e}', file=sys.stderr, flush=True)
     sys.exit(2)

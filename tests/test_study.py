@@ -19,7 +19,8 @@ PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 
 
 def test_plan_trains_each_distinct_run_once():
-  questions = study.plan(tuple(q for q in study.QUESTIONS if q != study.LONG), [0, 1], base_h=25,
+  questions = study.plan(tuple(q for q in study.QUESTIONS if q not in (study.LONG, study.BYTES)),
+                         [0, 1], base_h=25,
                          h_values=[10, 25, 50, 100, 200], k_values=[1, 2, 4, 8],
                          drop_probability=0.5)
   keys = {run.key for rows in questions.values() for _, seeded in rows for run in seeded}
@@ -47,7 +48,7 @@ def test_plan_trains_each_distinct_run_once():
     (dict(h_values=[30]), 'H=30 does not divide --steps=200'),
     (dict(base_h=0), 'H=0'),
     (dict(k_values=[3]), 'K=3 has no non-IID partition'),
-    (dict(questions=[11]), 'question 11 does not exist'),
+    (dict(questions=[12]), 'question 12 does not exist'),
 ])
 def test_bad_study_flags_name_the_fix(kwargs, match):
   args = dict(steps=200, base_h=25, h_values=[10], k_values=[4], questions=[1])
@@ -169,11 +170,17 @@ def test_a_real_study_trains_writes_and_resumes(tiny_config, corpus_dir, tmp_pat
   assert all(5 < v < 9 for v in rescored['personal'].values())  # A fresh model's loss, scored.
 
 
-def test_study_cli_explains_bad_flags(repo_root):
-  proc = subprocess.run([sys.executable, 'bench/study.py', '--h_values=30', '--out=/nonexistent'],
+@pytest.mark.parametrize('args, message', [
+    (['--h_values=30'], 'H=30 does not divide --steps=200'),
+    (['--questions=11', '--base_h=25'], '--base_h=25 is not a multiple of P=4'),
+    (['--questions=11', '--base_h=20', '--h_values=20', '--muon_lrs=fast'],
+     '--muon_lrs=fast is not a list of numbers'),
+])
+def test_study_cli_explains_bad_flags(repo_root, args, message):
+  proc = subprocess.run([sys.executable, 'bench/study.py', *args, '--out=/nonexistent'],
                         cwd=repo_root, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2
-  assert 'H=30 does not divide --steps=200' in proc.stderr and 'Traceback' not in proc.stderr
+  assert message in proc.stderr and 'Fix' in proc.stderr and 'Traceback' not in proc.stderr
 
 
 def test_long_horizon_plan_and_member_gain(tmp_path):
@@ -309,3 +316,121 @@ def test_a_real_overlap_study_times_rounds(tiny_config, corpus_dir, tmp_path, mo
   assert rows['DiLoCo, overlap eager']['down'] == eager['bytes_down_by_round'][1]
   with open(os.path.join(out, 'study.md')) as f:
     assert '| DiLoCo, overlap eager | 1 |' in f.read()
+
+
+def test_upload_bytes_plan_spends_equal_tokens():
+  """Question 11: 6 formats x AdamW/Muon x P=1/4, fp32 at P=4 last, the Muon lr probes on
+  the first seed; P=4 trains 4x the rounds of H/4 steps, so every run spends S steps."""
+  rows = study.plan([study.BYTES], [0, 1], 20, [20], [4], 0.5,
+                    muon_lrs=[0.05, 0.01])[study.BYTES]
+  labels = [label for label, _ in rows]
+  assert len(rows) == 6 * 2 * 2 + 2 + 1 and labels[:2] == ['AdamW, P=1, fp32', 'AdamW, P=1, int8']
+  assert labels[-5:] == ['AdamW, P=4, fp32', 'Muon, P=4, fp32', 'AdamW, P=1, fp32, FedAvg outer',
+                         'AdamW, P=1, top 1% at 2 bits, FedAvg outer',
+                         'Muon, P=1, int8 (muon_lr 0.01 probe)']
+  assert rows[-2][1][0].key == 'domains4/H20/fedavg/topk0.01x2b/ef/s0'
+  keys = [r.key for _, seeded in rows for r in seeded]
+  assert len(keys) == len(set(keys)) == 2 * 26 + 1
+  assert rows[4][1][1].key == 'domains4/H20/diloco/topk0.01x2b/ef/s1'
+  assert dict(rows)['Muon, P=4, top 3% at 2 bits'][0].key == (
+      'domains4/H20/diloco/topk0.03x2b/ef/muon0.05/P4/s0')
+  assert [r.key for r in rows[-1][1]] == ['domains4/H20/diloco/int8/ef/muon0.01/s0']
+  for _, seeded in rows:
+    for run in seeded:
+      assert run.error_feedback == (run.compression != 'none')
+      assert run.rounds(100) * run.inner_steps // run.fragments == 100  # Steps per silo.
+      assert run.rounds(100) == 5 * run.fragments
+  # The probes alone: every lr at int8, P=1; the grid's lr shares its key with the grid run.
+  probes = study.plan([study.BYTES], [0, 1], 20, [20], [4], 0.5, muon_lrs=[0.05, 0.01],
+                      muon_probe=True)[study.BYTES]
+  assert [seeded[0].key for _, seeded in probes] == [
+      dict(rows)['Muon, P=1, int8'][0].key, 'domains4/H20/diloco/int8/ef/muon0.01/s0']
+  with pytest.raises(study.StudyError, match='--base_h=25 is not a multiple of P=4.*Fix'):
+    study.check_flags(100, 25, [25], [4], [study.BYTES])
+  with pytest.raises(study.StudyError, match='--muon_lrs=0.0 needs positive lrs.*Fix'):
+    study.check_flags(100, 20, [20], [4], [study.BYTES], muon_lrs=[0.0])
+
+
+def test_upload_bytes_summary_table_and_plot(tmp_path):
+  """Question 11 on synthetic results: the gap to each row's own fp32 and to the best fp32,
+  bytes against fp32 at P=1, the peak exchange, and the issue's target in one sentence."""
+  rows = study.plan([study.BYTES], [0, 1], 20, [20], [4], 0.5)[study.BYTES]
+  fp32_bytes = 1_000_000
+  sizes = {'none': fp32_bytes, 'int8': 250_000, 'int4': 130_000, 'int2': 66_000}
+  runs = {}
+  for _, seeded in rows:
+    for run in seeded:
+      up = sizes.get(run.compression) or fp32_bytes * run.topk_density * 0.6
+      loss = 6.0 + (0.3 if run.inner == 'muon' else 0.0) + 0.1 * run.seed
+      loss += {0.01: 0.2, 0.03: 0.05}[run.topk_density] if run.compression == 'topk' else 0.0
+      runs[run.key] = _record(loss, bytes_up=up, peak_bytes_up=up / 5 / run.fragments)
+  del runs['domains4/H20/diloco/none/muon0.02/P4/s0']  # Muon's fp32 at P=4: seed 1 only.
+  del runs['domains4/H20/diloco/none/muon0.02/P4/s1']  # Now not at all.
+  summary = study.summarise({study.BYTES: rows}, runs)[study.BYTES]
+  by_label = {r['label']: r for r in summary}
+  top1 = by_label['Muon, P=4, top 1% at 2 bits']
+  # Domain means (+0.15 over web's): Muon's top 1% 6.7 (seeds 6.65, 6.75), AdamW's fp32 6.2,
+  # the best fp32; Muon's fp32 at P=4 is missing, so no own gap.
+  assert top1['vs_fp32'] is None and top1['vs_best'][1] == 'AdamW, P=1, fp32'
+  assert top1['vs_best'][0] == pytest.approx(6.7 / 6.2 - 1)
+  assert top1['fewer'] == pytest.approx(1 / 0.006) and top1['peak_bytes_up'] == 300
+  top1_p1 = by_label['AdamW, P=1, top 1% at 2 bits']
+  assert top1_p1['vs_fp32'] == pytest.approx(6.4 / 6.2 - 1)
+  top3 = by_label['AdamW, P=4, top 3% at 2 bits']
+  assert top3['vs_fp32'] == pytest.approx(6.25 / 6.2 - 1) and top3['fewer'] == pytest.approx(
+      1 / 0.018)
+  table = study.markdown({study.BYTES: summary}, {'steps': 100})
+  assert ('| AdamW, P=1, int4 | 2 | 6.050 ± 0.050 | 6.150 ± 0.050 | 6.250 ± 0.050 | '
+          '6.350 ± 0.050 | 6.450 ± 0.050 | 6.200 ± 0.050 | +0.0% | +0.0% | 8 | 130.0 | 7.7x | '
+          '26.0 | 10 |') in table
+  assert '| Muon, P=4, top 1% at 2 bits | 2 |' in table and '| - | +8.1% | 8 | 6.0 | 166.7x |' in table
+  assert 'against AdamW, P=1, fp32' in table
+  # Closest to its own fp32: Muon's top 1% (6.7 against Muon's 6.5), 8.1% above AdamW's.
+  assert ('not met. Closest: Muon, P=1, top 1% at 2 bits (167x fewer bytes, +3.1% vs its fp32, '
+          '+8.1% vs the best fp32 row).') in table
+  for r in summary:  # Within 1% at 167x: met.
+    if r['label'] == 'AdamW, P=4, top 1% at 2 bits':
+      r['vs_fp32'] = 0.004
+  assert study.upload_target(summary).endswith(
+      'met by AdamW, P=4, top 1% at 2 bits (167x fewer bytes, +0.4% vs its fp32, +3.2% vs the '
+      'best fp32 row).')
+  path, = study.plot({study.BYTES: summary}, str(tmp_path))
+  assert os.path.basename(path) == 'q11.png'
+  with open(path, 'rb') as f:
+    assert f.read(8) == PNG_MAGIC
+
+
+@pytest.mark.slow
+def test_a_real_upload_run_uses_muon_topk_and_fragments(tiny_config, corpus_dir, tmp_path,
+                                                        monkeypatch):
+  """Question 11's hardest row end to end (Muon, top 1% at 2 bits, P=4) on the small corpus:
+  4 fragment rounds of 1 step for S=4, H=4, and the bytes of each fragment's payload."""
+  from fedpt import compression  # pylint: disable=g-import-not-at-top
+  from fedpt import fragments  # pylint: disable=g-import-not-at-top
+  from fedpt import model as model_lib  # pylint: disable=g-import-not-at-top
+  from fedpt import trees  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(study, 'silo_corpora', lambda p: {f'{p}-{i}': corpus_dir for i in range(2)})
+  monkeypatch.setattr(study, 'eval_corpora', lambda: {n: corpus_dir for n in study.EVAL_SETS})
+  monkeypatch.setenv('FEDPT_CACHE', str(tmp_path / 'cache'))
+  full_plan = study.plan
+  monkeypatch.setattr(study, 'plan', lambda *a, **kw: {study.BYTES: [
+      row for row in full_plan(*a, **kw)[study.BYTES]
+      if row[0] == 'Muon, P=4, top 1% at 2 bits']})
+  out = str(tmp_path / 'out')
+  summary = study.study(tiny_config, out, seeds=[3], questions=[study.BYTES], steps=4, base_h=4,
+                        h_values=[4], k_values=[4], batch=8, seq_len=16, silo_lr=3e-3,
+                        central_lr=3e-3, adam_lr=0.1, drop_probability=0.5, eval_batches=2)
+  record = json.load(open(os.path.join(out, 'results.json')))['runs'][
+      'domains4/H4/diloco/topk0.01x2b/ef/muon0.02/P4/s3']
+  assert record['rounds'] == 4 and [step for step, _ in record['curve']] == [0, 1, 2, 3, 4]
+  config = study.base_config(tiny_config, 4, 8, 16, 3e-3, 3e-3, 0.1, 2)[0]
+  _, params, _ = model_lib.abstract_model(model_lib.ModelConfig.from_config(config.model, 'cpu'))
+  shapes = {n: leaf.shape for n, leaf in trees.flatten_params(params).items()}
+  per_fragment = [sum(compression.compressed_nbytes(s, 'topk') for s in
+                      fragments.fragment_shapes(shapes, f, 4).values()) for f in range(4)]
+  assert record['bytes_up'] == sum(per_fragment)  # Each fragment once per H steps.
+  assert record['peak_bytes_up'] == max(per_fragment) < sum(per_fragment)
+  assert record['bytes_down'] == sum(record['bytes_down_by_round'])
+  assert all(np.isfinite(v) and 0 < v < 9 for v in record['losses'].values())
+  row, = summary[study.BYTES]
+  assert row['peak_bytes_up'] == max(per_fragment) and row['fewer'] is None  # No fp32 row.
