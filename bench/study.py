@@ -156,6 +156,7 @@ class Run:
   inner: str = 'adamw'  # inner.optimizer: adamw or muon.
   muon_lr: float | None = None  # inner.muon_lr; None: the config's.
   fragments: int = 1  # federation.fragments (Streaming DiLoCo's P); H stays H.
+  ef_decay: float = 1.0  # federation.error_feedback_decay: SparseLoCo's beta.
 
   def rounds(self, steps: int) -> int:
     """Federated rounds of S = `steps` inner steps: P fragment rounds of H/P steps per H."""
@@ -177,7 +178,7 @@ class Run:
       compression += f'{self.topk_density:g}x{self.topk_bits}b'
     parts = [self.partition, f'H{self.inner_steps}', self.optimizer, compression]
     if self.error_feedback:
-      parts.append('ef')
+      parts.append('ef' + ('' if self.ef_decay == 1.0 else f'{self.ef_decay:g}'))
     if self.drop_probability:
       parts.append(f'drop{self.drop_probability:g}')
     if self.outer_lr is not None:
@@ -225,17 +226,18 @@ def plan(questions, seeds, base_h, h_values, k_values, drop_probability, persona
     return label, [Run(f'central:{data}', s, **kw) for s in seeds]
 
   def upload(inner, fragments, label, compression, density, seeds=seeds, muon_lr=None,
-             outer='diloco'):
+             outer='diloco', ef_decay=1.0):
     name = 'AdamW' if inner == 'adamw' else 'Muon'
     kw = dict(compression=compression, error_feedback=compression != 'none', inner=inner,
-              fragments=fragments, inner_steps=base_h, optimizer=outer)
+              fragments=fragments, inner_steps=base_h, optimizer=outer, ef_decay=ef_decay)
     if density is not None:
       kw['topk_density'] = density
     if inner == 'muon':
       kw['muon_lr'] = muon_lrs[0] if muon_lr is None else muon_lr
     return (f'{name}, P={fragments}, {label}' + ('' if muon_lr is None else
                                                   f' (muon_lr {muon_lr:g} probe)') +
-            (', FedAvg outer' if outer == 'fedavg' else ''),
+            (', FedAvg outer' if outer == 'fedavg' else '') +
+            (f', EF decay {ef_decay:g} (SparseLoCo)' if ef_decay != 1.0 else ''),
             [Run('domains4', s, **kw) for s in seeds])
 
   probes = [upload('muon', 1, 'int8', 'int8', None, seeds[:1], lr)
@@ -246,6 +248,9 @@ def plan(questions, seeds, base_h, h_values, k_values, drop_probability, persona
            for inner in ('adamw', 'muon')]
   # SparseLoCo's error feedback replaces the outer momentum: top 1% under outer SGD, lr 1.
   grid += [upload('adamw', 1, *fmt, outer='fedavg') for fmt in (UPLOADS[0], UPLOADS[4])]
+  # SparseLoCo's full recipe: the residual decays by beta = 0.95 (Algorithm 1).
+  grid += [upload('adamw', p, *UPLOADS[4], outer='fedavg', ef_decay=0.95)
+           for p in BYTES_FRAGMENTS]
   table = {
       1: [fed('DiLoCo (Nesterov 0.7, 0.9)'), fed('FedAvg (outer SGD, lr 1)', optimizer='fedavg'),
           fed('outer Adam', optimizer='fedadam'),
@@ -451,6 +456,8 @@ def run_federated(config, run: Run, steps: int, adam_lr: float, link: str | None
     config.federation.fragments = run.fragments
   if run.compression == 'topk':
     config.federation.update(topk_density=run.topk_density, topk_bits=run.topk_bits)
+  if run.ef_decay != 1.0:
+    config.federation.error_feedback_decay = run.ef_decay
   if run.inner != 'adamw':
     config.inner.optimizer = run.inner
     if run.muon_lr is not None:

@@ -23,8 +23,10 @@ Formats, all operating on one leaf at a time and jit-able with their parameters 
     65536), 'q' (their codes, packed like int2/int4) and 'scale' (float32 per chunk); all
     fixed by the leaf's shape, so layouts and byte counts stay shape-only. SparseLoCo's
     notation in fedpt's names: Delta_r = the silo's delta (global - local), e_r = the
-    residual (`compress_with_feedback`, the silo's private state), beta = 1 (no decay:
-    fedpt keeps the outer momentum in `outer.*`, separate from the feedback), Top-k = the
+    residual (`compress_with_feedback`, the silo's private state), beta =
+    `federation.error_feedback_decay` (default 1: no decay, the outer momentum lives in
+    `outer.*`; SparseLoCo's recipe is 0.95 with a momentum-free outer step, outer.optimizer=
+    fedavg, the decayed residual playing the momentum's part), Top-k = the
     per-chunk selection, Q = the `bits`-bit quantiser, Delta-hat_r = `decompress(compress(
     Delta_r + e_r))`. Their chunks are 64x64 tiles of a matrix; here they are runs of
     `chunk` consecutive values of the flattened leaf.
@@ -385,19 +387,21 @@ def _topk_error_bound(flat: np.ndarray, topk: TopK) -> float:
 
 @functools.partial(jax.jit, static_argnames=('fmt', 'block_size', 'topk'))
 def compress_with_feedback(delta_leaf, residual_leaf, fmt: str, block_size: int = 256,
-                           topk: TopK = TopK()) -> tuple[dict, jax.Array]:
-  """Compresses `delta + residual`; the new residual is what that compression lost.
+                           topk: TopK = TopK(), decay: float = 1.0) -> tuple[dict, jax.Array]:
+  """Compresses `delta + decay * residual`; the new residual is what that compression lost.
 
-  Summed over rounds, the decompressed payloads then differ from the summed deltas by only
-  the last residual (one round's error) instead of a sum of errors. `residual_leaf=None`
-  starts from zero. topk's residual holds every value it did not send: SparseLoCo's e_r.
+  Summed over rounds (decay 1), the decompressed payloads then differ from the summed
+  deltas by only the last residual (one round's error) instead of a sum of errors.
+  `residual_leaf=None` starts from zero. topk's residual holds every value it did not send:
+  SparseLoCo's e_r, and `decay` its beta (e <- beta e + Delta, Algorithm 1), which bounds
+  how long a coordinate that is never sent keeps pushing (`federation.error_feedback_decay`).
   """
   corrected = jnp.asarray(delta_leaf, jnp.float32)
   if residual_leaf is not None:
     if jnp.shape(residual_leaf) != corrected.shape:
       raise CompressionError(f'residual shape {jnp.shape(residual_leaf)} != delta shape '
                              f'{corrected.shape}. Fix: keep one residual per leaf, or pass None')
-    corrected = corrected + jnp.asarray(residual_leaf, jnp.float32)
+    corrected = corrected + jnp.float32(decay) * jnp.asarray(residual_leaf, jnp.float32)
   payload = compress(corrected, fmt, block_size, topk)
   return payload, corrected - decompress(payload, fmt, corrected.shape, block_size, topk)
 

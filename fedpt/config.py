@@ -141,6 +141,9 @@ def base_config() -> ml_collections.ConfigDict:
       compression='int8',
       block_size=256,
       error_feedback=False,  # topk requires it: the residual holds what was not sent.
+      # SparseLoCo's beta: the residual decays by it each round (e <- beta e + delta). 1: plain
+      # error feedback; SparseLoCo uses 0.95 with outer.optimizer='fedavg' (no outer momentum).
+      error_feedback_decay=1.0,
       # compression='topk' (SparseLoCo): per chunk of topk_chunk values, the topk_density
       # largest-magnitude ones, quantised to topk_bits (2, 4 or 8) bits.
       topk_density=0.01,
@@ -295,6 +298,8 @@ RANGES = (
     ('federation.wait_timeout_s', _in(1, None), 'use seconds >= 1, e.g. 3600'),
     ('federation.poll_s', _in(0.01, 600), 'poll the bucket every 0.01 to 600 seconds'),
     ('federation.block_size', _POSITIVE, 'use e.g. 256'),
+    ('federation.error_feedback_decay', _in(0, 1, low_open=True),
+     'use 1 (plain error feedback) or SparseLoCo\'s 0.95'),
     ('federation.topk_density', _in(0, 1, low_open=True),
      'use e.g. 0.01 (each chunk sends its top 1%)'),
     ('federation.topk_chunk', _in(1, 2**31), 'use e.g. 4096'),

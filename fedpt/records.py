@@ -35,6 +35,7 @@ PER_SILO = {'federation.inner_steps': 'inner_steps', 'federation.round_budget_s'
 LATER_FIELDS = {'inner.drift_correction': 'none', 'inner.prox_mu': 0.0,
                 'federation.private_params': (), 'federation.overlap': 'none',
                 'federation.downlink_compression': 'none', 'federation.fragments': 1,
+                'federation.error_feedback_decay': 1.0,
                 'federation.topk_density': 0.01, 'federation.topk_bits': 2,
                 'federation.topk_chunk': 4096,
                 'outer.momentum_warmup_rounds': 0, 'outer.lr_warmup_rounds': 0,

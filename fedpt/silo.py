@@ -52,7 +52,7 @@ def _compress_delta(global_flat, local_flat, residual_flat, fed, names, mesh=Non
     if residual_flat is not None:
       leaf_payload, rows_residual = compression.compress_with_feedback(
           delta, fragments_lib.take(residual_flat[name], fragment, count), fed.compression,
-          fed.block_size, topk)
+          fed.block_size, topk, fed.get('error_feedback_decay', 1.0))
       new_residual[name] = fragments_lib.put(residual_flat[name], fragment, count,
                                              rows_residual)
     else:

@@ -309,3 +309,20 @@ def test_non_finite_values_survive_every_format_on_every_leaf_shape(config_name,
             bad_block = int(np.ravel_multi_index(index, shape)) // block_size if shape else 0
             others = np.arange(flat.size) // block_size != bad_block
             np.testing.assert_allclose(flat[others], 0.01, atol=1e-3)
+
+
+def test_error_feedback_decay_is_sparselocos_beta():
+  """e <- beta e + Delta (SparseLoCo, Algorithm 1): decay scales the residual carried in."""
+  rng = np.random.default_rng(3)
+  delta, residual = (rng.normal(size=(3, 300)).astype(np.float32) for _ in range(2))
+  topk = compression.TopK(0.05, 2, 128)
+  payload, kept = compression.compress_with_feedback(delta, residual, 'topk', 256, topk, 0.95)
+  direct, kept_direct = compression.compress_with_feedback(delta + np.float32(0.95) * residual,
+                                                           None, 'topk', 256, topk)
+  for key in ('idx', 'q'):  # The same picks and codes; the scales up to a fused multiply-add.
+    np.testing.assert_array_equal(payload[key], direct[key])
+  np.testing.assert_allclose(payload['scale'], direct['scale'], rtol=1e-6)
+  np.testing.assert_allclose(kept, kept_direct, rtol=1e-5, atol=1e-5)
+  plain, _ = compression.compress_with_feedback(delta, residual, 'topk', 256, topk)
+  assert not np.array_equal(plain['q'], payload['q']) or not np.array_equal(
+      plain['idx'], payload['idx'])
