@@ -119,6 +119,9 @@ flags.DEFINE_bool('report_only', False, 'Train nothing: write study.md and the p
                   'runs in results.json so far.')
 flags.DEFINE_list('muon_lrs', ['0.02'], 'Question 11: Muon\'s peak lr (inner.muon_lr) of the '
                   'grid, then lrs probed on the first seed alone (int8, P=1).')
+flags.DEFINE_multi_string('rows', [], 'Train and report only the rows of this label (as '
+                          'study.md prints it; repeat the flag), e.g. a probe at a longer '
+                          'horizon.')
 flags.DEFINE_bool('muon_probe', False, 'Question 11: train only the Muon lr probes (int8, P=1, '
                   'first seed, every --muon_lrs), to choose the grid\'s lr.')
 flags.DEFINE_string('link', None, 'BANDWIDTH,LATENCY, e.g. 10MB/s,50ms: each silo\'s own '
@@ -1198,13 +1201,15 @@ def _save_params(out_dir: str, key: str, params) -> str:
 def study(config, out_dir, seeds, questions, steps, base_h, h_values, k_values, batch, seq_len,
           silo_lr, central_lr, adam_lr, drop_probability, eval_batches,
           long: LongOptions = LongOptions(), report_only: bool = False,
-          link: str | None = None, muon_lrs=(0.02,), muon_probe: bool = False) -> dict:
+          link: str | None = None, muon_lrs=(0.02,), muon_probe: bool = False,
+          rows=()) -> dict:
   """Trains every planned run not yet in results.json, then writes study.md and the plots.
 
   `report_only` trains nothing and leaves results.json alone: the tables and plots of the
   runs done so far (a long study reports while it is still going, from another process);
   personalised losses stay at the lr each run records. `link` ('10MB/s,50ms') is each
-  silo's simulated link to the bucket (`storage.Link`).
+  silo's simulated link to the bucket (`storage.Link`). `rows`: train only the rows of
+  these labels (a probe of a few settings at another horizon), all when empty.
   """
   check_flags(steps, base_h, h_values, k_values, questions, muon_lrs)
   link = storage_lib.Link.parse(link, '--link')
@@ -1225,6 +1230,9 @@ def study(config, out_dir, seeds, questions, steps, base_h, h_values, k_values, 
   questions_plan = plan(questions, seeds, base_h, h_values, k_values, drop_probability,
                         long.personal_steps, long.momentum_warmup, long.prox_mu, muon_lrs,
                         muon_probe)
+  if rows:
+    questions_plan = {q: [row for row in table if row[0] in rows]
+                      for q, table in questions_plan.items()}
   check_flags(steps, base_h, sorted({run.inner_steps for rows in questions_plan.values()
                                      for _, seeded in rows for run in seeded} - {0}),
               k_values, questions)
@@ -1339,7 +1347,7 @@ def main(argv):
         FLAGS.eval_batches, LongOptions(FLAGS.personal_steps, FLAGS.personal_lr,
                                         FLAGS.momentum_warmup, FLAGS.prox_mu,
                                         FLAGS.curve_batches), FLAGS.report_only, FLAGS.link,
-        _floats('muon_lrs'), FLAGS.muon_probe)
+        _floats('muon_lrs'), FLAGS.muon_probe, tuple(FLAGS.rows))
   except StudyError as e:
     print(f'error: {e}', file=sys.stderr, flush=True)
     sys.exit(2)
