@@ -831,18 +831,24 @@ def upload_markdown(rows) -> list[str]:
            'the same bytes per run at a quarter of the peak. "vs fp32": domain mean against '
            f'the fp32 row of the same inner optimizer and P; "vs best fp32": against {best}. '
            '"up KB": what a silo uploads over the run; "fp32 / up": fp32\'s upload (P=1) over '
-           'the row\'s; "peak KB": the largest one delta.', '',
-           '| run | seeds | ' + ' | '.join(COLUMNS) +
-           ' | vs fp32 | vs best fp32 | rounds | up KB | fp32 / up | peak KB | s |',
-           '|---|---:|' + '---:|' * len(COLUMNS) + '---:|' * 7]
+           'the row\'s; "peak KB": the largest one delta.', '']
+  return lines + _loss_table(
+      rows, ('vs fp32', 'vs best fp32', 'rounds', 'up KB', 'fp32 / up', 'peak KB', 's'),
+      lambda r: (pct(r['vs_fp32']), pct(r['vs_best'][0]), r['rounds'] or '-',
+                 _kb(r['bytes_up']), '-' if r['fewer'] is None else f'{r["fewer"]:.1f}x',
+                 _kb(r['peak_bytes_up']), f'{r["seconds"]:.0f}')) + [
+      '', upload_target(rows), '']
+
+
+def _loss_table(rows, extra, cells) -> list[str]:
+  """A question's table: label, seeds, the loss columns, then `extra` filled by `cells(row)`."""
+  lines = ['| run | seeds | ' + ' | '.join(list(COLUMNS) + list(extra)) + ' |',
+           '|---|---:|' + '---:|' * (len(COLUMNS) + len(extra))]
   for r in rows:
     label = r['label'] + (f' ({r["diverged"]} diverged)' if r['diverged'] else '')
-    fewer = '-' if r['fewer'] is None else f'{r["fewer"]:.1f}x'
-    lines.append(f'| {label} | {r["seeds"]} | ' + ' | '.join(_loss(r[n]) for n in COLUMNS) +
-                 f' | {pct(r["vs_fp32"])} | {pct(r["vs_best"][0])} | {r["rounds"] or "-"} | '
-                 f'{_kb(r["bytes_up"])} | {fewer} | {_kb(r["peak_bytes_up"])} | '
-                 f'{r["seconds"]:.0f} |')
-  return lines + ['', upload_target(rows), '']
+    lines.append(f'| {label} | {r["seeds"]} | ' + ' | '.join(
+        [_loss(r[n]) for n in COLUMNS] + [str(c) for c in cells(r)]) + ' |')
+  return lines
 
 
 def overlap_markdown(rows) -> list[str]:
@@ -864,18 +870,13 @@ def overlap_markdown(rows) -> list[str]:
            'round was committed; "s to sync loss": until the first global round whose round '
            'loss is at or below the final round loss of the overlap-none run with the same '
            'outer optimizer and seed. "down MB/round": what a silo read for one round\'s base '
-           '(rounds after the first; the update with a compressed downlink).', '',
-           '| run | seeds | ' + ' | '.join(COLUMNS) +
-           ' | rounds | round loss | s to final | s to sync loss | down MB/round | up MB |',
-           '|---|---:|' + '---:|' * len(COLUMNS) + '---:|' * 6]
-  for r in rows:
-    label = r['label'] + (f' ({r["diverged"]} diverged)' if r['diverged'] else '')
-    down = '-' if r['down'] is None else f'{r["down"] / 1e6:.2f}'
-    lines.append(f'| {label} | {r["seeds"]} | ' + ' | '.join(_loss(r[n]) for n in COLUMNS) +
-                 f' | {r["rounds"] or "-"} | {_loss(r["round_loss"]) if r["round_loss"] else "-"}'
-                 f' | {seconds(r["final_s"])} | {target(r["target_s"])} | {down} | '
-                 f'{_mb(r["bytes_up"])} |')
-  return lines + ['']
+           '(rounds after the first; the update with a compressed downlink).', '']
+  return lines + _loss_table(
+      rows, ('rounds', 'round loss', 's to final', 's to sync loss', 'down MB/round', 'up MB'),
+      lambda r: (r['rounds'] or '-', _loss(r['round_loss']) if r['round_loss'] else '-',
+                 seconds(r['final_s']), target(r['target_s']),
+                 '-' if r['down'] is None else f'{r["down"] / 1e6:.2f}',
+                 _mb(r['bytes_up']))) + ['']
 
 
 def plot(summary: dict, out_dir: str) -> list[str]:

@@ -324,13 +324,19 @@ def test_upload_bytes_plan_spends_equal_tokens():
   rows = study.plan([study.BYTES], [0, 1], 20, [20], [4], 0.5,
                     muon_lrs=[0.05, 0.01])[study.BYTES]
   labels = [label for label, _ in rows]
-  assert len(rows) == 6 * 2 * 2 + 2 + 1 and labels[:2] == ['AdamW, P=1, fp32', 'AdamW, P=1, int8']
-  assert labels[-5:] == ['AdamW, P=4, fp32', 'Muon, P=4, fp32', 'AdamW, P=1, fp32, FedAvg outer',
+  assert len(rows) == 6 * 2 * 2 + 2 + 2 + 1 and labels[:2] == ['AdamW, P=1, fp32',
+                                                              'AdamW, P=1, int8']
+  sparseloco = ', FedAvg outer, EF decay 0.95 (SparseLoCo)'
+  assert labels[-7:] == ['AdamW, P=4, fp32', 'Muon, P=4, fp32', 'AdamW, P=1, fp32, FedAvg outer',
                          'AdamW, P=1, top 1% at 2 bits, FedAvg outer',
+                         'AdamW, P=1, top 1% at 2 bits' + sparseloco,
+                         'AdamW, P=4, top 1% at 2 bits' + sparseloco,
                          'Muon, P=1, int8 (muon_lr 0.01 probe)']
-  assert rows[-2][1][0].key == 'domains4/H20/fedavg/topk0.01x2b/ef/s0'
+  assert rows[-4][1][0].key == 'domains4/H20/fedavg/topk0.01x2b/ef/s0'
+  assert rows[-3][1][0].key == 'domains4/H20/fedavg/topk0.01x2b/ef0.95/s0'
+  assert rows[-3][1][0].ef_decay == 0.95
   keys = [r.key for _, seeded in rows for r in seeded]
-  assert len(keys) == len(set(keys)) == 2 * 26 + 1
+  assert len(keys) == len(set(keys)) == 2 * 28 + 1
   assert rows[4][1][1].key == 'domains4/H20/diloco/topk0.01x2b/ef/s1'
   assert dict(rows)['Muon, P=4, top 3% at 2 bits'][0].key == (
       'domains4/H20/diloco/topk0.03x2b/ef/muon0.05/P4/s0')
