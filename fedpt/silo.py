@@ -471,9 +471,10 @@ class _Silo:
     """The start-up line: what this silo is about to do, and how big it is."""
     t, fed = self.trainer, self.fed
     self.log(f'joining run {self.run["run_id"]} ({len(self.run["silos"])} silos, '
-             f'{self.total_rounds} rounds of {self.round_steps} inner steps'
-             + (f' (H={fed.inner_steps}, {self.fed.fragments} fragments)' if self.fragmented
-                else '') + f' of '
+             f'{self.total_rounds} rounds of '
+             + (f'{self.round_steps} inner steps (H={fed.inner_steps}, {fed.fragments} '
+                'fragments)' if self.fragmented else f'H={fed.inner_steps} inner steps')
+             + ' of '
              f'{t.tokens_per_step():,} tokens): {model_lib.param_count(t.model_config):,} '
              f'parameters on {jax.device_count()} {jax.default_backend()} device(s), mesh '
              f'{dict(t.mesh.shape)}, {t.train_data.num_tokens:,} training tokens in its corpus; '

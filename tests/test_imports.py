@@ -57,7 +57,7 @@ def test_only_entry_points_and_the_simulation_import_the_silo_worker():
 
 def test_the_protocol_is_pure():
   assert _imports(MODULES['protocol'], top_level_only=False) <= {
-      'compression', 'config', 'errors', 'outer', 'records', 'trees'}
+      'compression', 'config', 'errors', 'fragments', 'outer', 'records', 'trees'}
   assert _imports(MODULES['records'], top_level_only=False) <= {'config', 'errors'}
   source = MODULES['protocol'].read_text()
   for io in ('RunStorage', 'epath', 'open(', 'jax.device'):
