@@ -286,7 +286,7 @@ def _leaf_shapes(config_name):
   return sorted({tuple(x.shape) for x in trees.flatten_params(params).values()})
 
 
-@pytest.mark.parametrize('config_name', ['tiny', 'demo'])
+@pytest.mark.parametrize('config_name', ['tiny'])  # Every kind of leaf; demo's are larger.
 @pytest.mark.parametrize('bad', [np.nan, np.inf, -np.inf])
 def test_non_finite_values_survive_every_format_on_every_leaf_shape(config_name, bad):
   """A NaN or Inf anywhere in a delta must reach the aggregator's finiteness check."""

@@ -406,37 +406,3 @@ def test_upload_bytes_summary_table_and_plot(tmp_path):
     assert f.read(8) == PNG_MAGIC
 
 
-@pytest.mark.slow
-def test_a_real_upload_run_uses_muon_topk_and_fragments(tiny_config, corpus_dir, tmp_path,
-                                                        monkeypatch):
-  """Question 11's hardest row end to end (Muon, top 1% at 2 bits, P=4) on the small corpus:
-  4 fragment rounds of 1 step for S=4, H=4, and the bytes of each fragment's payload."""
-  from fedpt import compression  # pylint: disable=g-import-not-at-top
-  from fedpt import fragments  # pylint: disable=g-import-not-at-top
-  from fedpt import model as model_lib  # pylint: disable=g-import-not-at-top
-  from fedpt import trees  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(study, 'silo_corpora', lambda p: {f'{p}-{i}': corpus_dir for i in range(2)})
-  monkeypatch.setattr(study, 'eval_corpora', lambda: {n: corpus_dir for n in study.EVAL_SETS})
-  monkeypatch.setenv('FEDPT_CACHE', str(tmp_path / 'cache'))
-  full_plan = study.plan
-  monkeypatch.setattr(study, 'plan', lambda *a, **kw: {study.BYTES: [
-      row for row in full_plan(*a, **kw)[study.BYTES]
-      if row[0] == 'Muon, P=4, top 1% at 2 bits']})
-  out = str(tmp_path / 'out')
-  summary = study.study(tiny_config, out, seeds=[3], questions=[study.BYTES], steps=4, base_h=4,
-                        h_values=[4], k_values=[4], batch=8, seq_len=16, silo_lr=3e-3,
-                        central_lr=3e-3, adam_lr=0.1, drop_probability=0.5, eval_batches=2)
-  record = json.load(open(os.path.join(out, 'results.json')))['runs'][
-      'domains4/H4/diloco/topk0.01x2b/ef/muon0.02/P4/s3']
-  assert record['rounds'] == 4 and [step for step, _ in record['curve']] == [0, 1, 2, 3, 4]
-  config = study.base_config(tiny_config, 4, 8, 16, 3e-3, 3e-3, 0.1, 2)[0]
-  _, params, _ = model_lib.abstract_model(model_lib.ModelConfig.from_config(config.model, 'cpu'))
-  shapes = {n: leaf.shape for n, leaf in trees.flatten_params(params).items()}
-  per_fragment = [sum(compression.compressed_nbytes(s, 'topk') for s in
-                      fragments.fragment_shapes(shapes, f, 4).values()) for f in range(4)]
-  assert record['bytes_up'] == sum(per_fragment)  # Each fragment once per H steps.
-  assert record['peak_bytes_up'] == max(per_fragment) < sum(per_fragment)
-  assert record['bytes_down'] == sum(record['bytes_down_by_round'])
-  assert all(np.isfinite(v) and 0 < v < 9 for v in record['losses'].values())
-  row, = summary[study.BYTES]
-  assert row['peak_bytes_up'] == max(per_fragment) and row['fewer'] is None  # No fp32 row.
