@@ -1318,19 +1318,20 @@ def study(config, out_dir, seeds, questions, steps, base_h, h_values, k_values, 
 
 
 def _ints(name) -> list[int]:
-  try:
-    return [int(v) for v in FLAGS[name].value]
-  except ValueError:
-    raise StudyError(f'--{name}={",".join(FLAGS[name].value)} is not a list of integers. '
-                     f'Fix: give comma-separated integers, e.g. --{name}=1,2') from None
+  return _numbers(name, int, 'integers', '1,2')
 
 
 def _floats(name) -> list[float]:
+  return _numbers(name, float, 'numbers', '0.02,0.01')
+
+
+def _numbers(name, cast, what: str, example: str) -> list:
+  """--name's comma-separated values as `cast`s, or a one-line StudyError with the fix."""
   try:
-    return [float(v) for v in FLAGS[name].value]
+    return [cast(v) for v in FLAGS[name].value]
   except ValueError:
-    raise StudyError(f'--{name}={",".join(FLAGS[name].value)} is not a list of numbers. '
-                     f'Fix: give comma-separated numbers, e.g. --{name}=0.02,0.01') from None
+    raise StudyError(f'--{name}={",".join(FLAGS[name].value)} is not a list of {what}. '
+                     f'Fix: give comma-separated {what}, e.g. --{name}={example}') from None
 
 
 def main(argv):

@@ -504,7 +504,8 @@ def init_run(config, storage_root: str, run_id: str | None = None,
     leaf_hashes = _hash_and_free(shard_params)
     state_arrays = initial_outer_arrays(
         optimizer, {n: abstract[n] for n in names}, scaffold,
-        config.federation.downlink_compression != 'none', config.federation.fragments)
+        protocol.downlink_feedback({'federation': config.federation}),
+        config.federation.fragments)
     if state_arrays:
       store.write_global_part(0, shard, num_shards, 'outer_state', state_arrays)
     store.commit_global_shard(0, shard, num_shards, sign(protocol.global_shard_meta(

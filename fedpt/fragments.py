@@ -26,7 +26,6 @@ with fewer rows than P is absent from the fragments past its rows. With P = 1 th
 fragment is the whole model, and every function here is the identity: today's rounds.
 Pure: no I/O, no devices beyond the arrays passed in.
 """
-import math
 
 import jax
 import jax.numpy as jnp
@@ -114,9 +113,3 @@ def round_steps(inner_steps: int, fragments: int) -> int:
   """Inner steps of one fragment round: H/P (each fragment is still exchanged every H)."""
   return inner_steps // fragments
 
-
-def fragment_nbytes(leaf_shapes: dict, leaf_itemsize: dict, fragments: int) -> list[int]:
-  """Bytes of each fragment's rows at the leaves' own item sizes, fragment by fragment."""
-  return [sum(math.prod(s) * leaf_itemsize[n]
-              for n, s in fragment_shapes(leaf_shapes, p, fragments).items())
-          for p in range(fragments)]

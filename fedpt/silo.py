@@ -430,11 +430,11 @@ class _Silo:
     own = trees.flatten_params(state['params'])
     flat.update({n: own[n] for n in flat if protocol.is_private(self.run, n)})
     count = protocol.fragments(self.run)
-    if merge and count > 1:
+    if merge and count > 1:  # Global round 0 changed nothing: the silo keeps all its rows.
+      fragment = protocol.round_fragment(self.run, round_index - 1)
       changed = (fragments_lib.fragment_shapes(
-          {n: own[n].shape for n in protocol.shared_leaves(self.run, own)},
-          protocol.round_fragment(self.run, round_index - 1), count) if round_index else {})
-      fragment = protocol.round_fragment(self.run, max(round_index - 1, 0))
+          {n: own[n].shape for n in protocol.shared_leaves(self.run, own)}, fragment, count)
+          if round_index else {})
       flat = {n: fragments_lib.put(own[n], fragment, count,
                                    fragments_lib.take(flat[n], fragment, count))
               if n in changed else own[n] for n in own}
