@@ -566,8 +566,8 @@ def init_run(config, storage_root: str, run_id: str | None = None,
   config_lib.require(
       keys_dir or not secure, 'federation.secure_aggregation',
       'True in an unsigned run: the silos\' X25519 keys in run.json and their recovery records '
-      'must be signed', 'pass --keys, the aggregator\'s folder with every silo_<id>.pub and '
-      'silo_<id>.x25519.pub')
+      'must be signed', 'use a signed run: pass --keys, the aggregator\'s folder with every '
+      'silo_<id>.pub and silo_<id>.x25519.pub')
   secret = signing.load_secret(keys_dir, signing.AGGREGATOR) if keys_dir else None
   public_keys = (signing.run_public_keys(keys_dir, config.federation.silos, secure)
                  if keys_dir else None)

@@ -224,7 +224,7 @@ def _check_secure_aggregation(config, require) -> None:
   why = 'with federation.secure_aggregation=True'
   require(len(fed.silos) >= 3, 'silos',
           f'{len(fed.silos)} silos {why}: with two silos the sum reveals the other\'s delta',
-          'list at least 3 silos, or set secure_aggregation=False')
+          'use at least 3 silos, or secure_aggregation=False')
   require(fed.robust == 'mean', 'robust',
           f'{fed.robust!r} {why}: a median or trimmed mean needs each delta, and the '
           'aggregator sees only their sum', 'use federation.robust=mean')
