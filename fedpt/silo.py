@@ -365,14 +365,15 @@ class _Silo:
                    f'{", ".join(unmask)} so that the aggregator can remove their masks')
       self.revealed.add(r)
 
-  def upload_delta(self, round_index, payload, meta) -> None:
+  def upload_delta(self, round_index, payload, meta) -> bool:
     """Commits a delta, except with secure aggregation once its round was decided: this
     silo was dropped and its peers may reveal their masks with it, which would expose it."""
     if self.pairs is not None and self.store.read_manifest(round_index) is not None:
       self.log(f'round {round_index} was decided without this silo; its masked delta is not '
                'uploaded (its peers reveal their masks with it)')
-      return
+      return False
     self.store.publish_delta(round_index, self.silo_id, payload, meta)
+    return True
 
   def model_round(self, round_index: int) -> int:
     """The global round a silo in round `round_index` starts from; the last one after the end."""
@@ -929,10 +930,12 @@ class _Silo:
 
     def upload():
       upload_start = time.monotonic()
-      self.upload_delta(position.round, payload, meta)
-      return time.monotonic() - upload_start
+      uploaded = self.upload_delta(position.round, payload, meta)
+      return time.monotonic() - upload_start if uploaded else None
 
     def committed(upload_s):
+      if upload_s is None:  # Not uploaded: the round was decided without it.
+        return
       seconds['upload'] = upload_s
       faults.crash_point('silo_published', meta['round'])
       self.log(f'round {meta["round"]} published ({meta["steps"]} steps, loss '
