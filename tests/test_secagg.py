@@ -21,6 +21,7 @@ import test_overlap
 
 from fedpt import aggregator as aggregator_lib
 from fedpt import config as config_lib
+from fedpt import inspection
 from fedpt import ledger
 from fedpt import protocol
 from fedpt import secagg
@@ -199,6 +200,9 @@ def test_a_federation_with_a_dropout_aggregates_only_the_weighted_sum(
            for s in SILOS]
   assert max(norms) > CLIP, norms
   # The ledger names the format and the recovery records.
+  shown = inspection.render(inspection.describe_global_round(store, 2))
+  assert ('secure_aggregation: masked fixed-point deltas (secagg), summed; masks of d removed '
+          'with the recovery records of a, b, c') in shown
   text = ledger.status(root)
   assert "secure aggregation: deltas are masked fixed point ('secagg')" in text
   assert 'masks of d: recovery records from a,b,c' in text
@@ -206,7 +210,7 @@ def test_a_federation_with_a_dropout_aggregates_only_the_weighted_sum(
 
 def _masked_delta(store, run, round_index, silo, keys, scale=0.01, secret=None):
   pairs = _pairs(keys)
-  steps = protocol.silo_entry(run, silo)['inner_steps']
+  steps = protocol.round_steps(run, silo)
   glob = bucket_helpers.global_params(store, round_index)
   payload, _, meta = silo_lib.make_delta(
       run, round_index, silo, store.global_hash(round_index), glob,
@@ -223,16 +227,16 @@ def _fed(run):
 
 def test_withheld_recovery_fails_the_round_and_forged_deltas_are_rejected(
     secagg_config, tmp_path, repo_root):
-  keys = _keys(tmp_path, (*SILOS, 'zz'))
+  keys = _keys(tmp_path)
   secagg_config.federation.update(round_deadline_s=0.2, secagg_recovery_timeout_s=0.5,
-                                  secagg_clip=10.0)
+                                  secagg_clip=6.0, fragments=2)  # Masks per fragment too.
   root = str(tmp_path / 'bucket')
   run = aggregator_lib.init_run(secagg_config, root, keys_dir=keys)
   store = storage_lib.RunStorage(root)
   scales = {'a': 0.01, 'b': 0.02, 'c': 0.004}
   for s, scale in scales.items():
     store.publish_delta(0, s, *_masked_delta(store, run, 0, s, keys, scale))
-  # d's slot holds a masked delta signed by a's key; zz is not in the run: both rejected.
+  # d's slot holds a masked delta signed by a's key (a foreign delta): rejected.
   store.publish_delta(0, 'd', *_masked_delta(store, run, 0, 'd', keys, 0.3,
                                              signing.load_secret(keys, 'silo_a')))
   agg = aggregator_lib.Aggregator(root, keys_dir=keys)
@@ -260,12 +264,13 @@ def test_withheld_recovery_fails_the_round_and_forged_deltas_are_rejected(
   store.publish_recovery(0, 'c', signing.sign(forged, signing.load_secret(keys, 'silo_c')))
   agg.aggregate(0, manifest)  # The rerun finishes the round.
   g0, g1 = (bucket_helpers.global_params(store, r) for r in (0, 1))
-  size = sum(v.size for v in g0.values())  # A fake delta is `scale` on every value.
-  clipped = {s: v * min(1.0, 10.0 / (v * np.sqrt(size))) for s, v in scales.items()}
+  size = sum(v[0::2].size for v in g0.values())  # `scale` on every value of fragment 0.
+  clipped = {s: v * min(1.0, 6.0 / (v * np.sqrt(size))) for s, v in scales.items()}
   assert clipped['b'] < scales['b'] and clipped['a'] == scales['a']  # Only b's is clipped.
   expected = sum(e['weight'] * clipped[e['silo']] for e in manifest['included'])
-  for n in g0:
-    np.testing.assert_allclose(g1[n], g0[n] - expected, rtol=0, atol=1e-6)
+  for n in g0:  # Fragment 0's rows moved by the weighted mean; fragment 1's are carried over.
+    np.testing.assert_allclose(g1[n][0::2], g0[n][0::2] - expected, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(g1[n][1::2], g0[n][1::2])
 
   # Round 1: c replays its (validly signed) round-0 delta; a stale copy is no delta of round 1.
   for s in 'ab':
