@@ -36,7 +36,7 @@ class MalformedPayload(errors.UserError, ValueError):
   """A delta's payload matches its layout but not its format (`compression.payload_problem`)."""
 
 
-class RecoveryMissing(errors.UserError, RuntimeError):
+class RecoveryMissingError(errors.UserError, RuntimeError):
   """Secure aggregation: a survivor did not reveal its pair keys with a dropped silo in time."""
 
 
@@ -436,7 +436,7 @@ class Aggregator:
           collect, f'round {round_index}\'s recovery records (pair keys with {unmask})',
           timeout_s=timeout, poll_s=self.fed['poll_s'])
     except storage_lib.WaitTimeout:
-      raise RecoveryMissing(
+      raise RecoveryMissingError(
           f'round {round_index} failed: {", ".join(f"silo {s} ({r})" for s, r in problems.items())}'
           f' did not publish a valid recovery record (its pair keys with dropped '
           f'{", ".join(unmask)}) within secagg_recovery_timeout_s={timeout:g}s; nothing of '

@@ -259,7 +259,7 @@ def test_withheld_recovery_fails_the_round_and_forged_deltas_are_rejected(
   # A forged record (c's, signed by b) does not count either.
   forged = protocol.recovery_record(run, 0, 'c', pairs['c'].round_keys(run['run_id'], 0, ['d']))
   store.publish_recovery(0, 'c', signing.sign(forged, signing.load_secret(keys, 'silo_b')))
-  with pytest.raises(aggregator_lib.RecoveryMissing, match=r'silo c \(bad signature'):
+  with pytest.raises(aggregator_lib.RecoveryMissingError, match=r'silo c \(bad signature'):
     agg.aggregate(0, manifest)
   store.publish_recovery(0, 'c', signing.sign(forged, signing.load_secret(keys, 'silo_c')))
   agg.aggregate(0, manifest)  # The rerun finishes the round.
