@@ -225,6 +225,9 @@ def _check_secure_aggregation(config, require) -> None:
   require(len(fed.silos) >= 3, 'silos',
           f'{len(fed.silos)} silos {why}: with two silos the sum reveals the other\'s delta',
           'use at least 3 silos, or secure_aggregation=False')
+  require(not 0 < fed.min_silos < 3, 'min_silos',
+          f'{fed.min_silos} {why}: every silo reads the global update, so a round of two '
+          'reveals each delta to the other', 'use 0 (every silo) or a quorum of at least 3')
   require(fed.robust == 'mean', 'robust',
           f'{fed.robust!r} {why}: a median or trimmed mean needs each delta, and the '
           'aggregator sees only their sum', 'use federation.robust=mean')

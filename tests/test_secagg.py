@@ -288,6 +288,7 @@ def test_withheld_recovery_fails_the_round_and_forged_deltas_are_rejected(
 @pytest.mark.parametrize('changes, field', [
     ({'federation.silos': ('a', 'b'), 'federation.min_silos': 0, 'federation.silo_weights': ()},
      'federation.silos'),
+    ({'federation.min_silos': 2}, 'federation.min_silos'),
     ({'federation.robust': 'median'}, 'federation.robust'),
     ({'federation.clip_multiple': 2.0}, 'federation.clip_multiple'),
     ({'federation.reject_norm_multiple': 10.0}, 'federation.reject_norm_multiple'),
