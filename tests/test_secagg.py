@@ -51,6 +51,8 @@ def _clipped(delta: dict) -> dict:
 
 def test_masks_cancel_exactly_and_recovery_removes_a_dropped_silos_masks(tmp_path):
   keys = _keys(tmp_path)
+  assert os.stat(os.path.join(keys, 'silo_a.x25519.key')).st_mode & 0o777 == 0o600
+  assert not os.path.exists(os.path.join(keys, 'aggregator.x25519.key'))  # Silos only.
   pairs = _pairs(keys)
   assert pairs['a'].secrets['c'] == pairs['c'].secrets['a'] != pairs['a'].secrets['b']
   rng = np.random.default_rng(0)
