@@ -125,8 +125,8 @@ def _global_reference(store, run, works):
     manifest = store.read_manifest(r)
     mean = {n: np.zeros(v.shape, np.float64) for n, v in glob.items()}
     for e in manifest['included']:
-      delta = {n: glob[n].astype(np.float32) - published[e['silo']][r]['train'][n]
-               for n in glob}
+      delta = {n: np.asarray(glob[n], np.float32)
+               - np.asarray(published[e['silo']][r]['train'][n], np.float32) for n in glob}
       for n, v in _clipped(delta).items():
         mean[n] += e['weight'] * v
     stored = bucket_helpers.global_params(store, r + 1)
@@ -137,6 +137,7 @@ def _global_reference(store, run, works):
   return published
 
 
+@pytest.mark.slow
 def test_a_federation_with_a_dropout_aggregates_only_the_weighted_sum(
     secagg_config, tmp_path, repo_root):
   keys = _keys(tmp_path)
