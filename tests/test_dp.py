@@ -149,16 +149,17 @@ def test_resume_is_bit_exact_and_the_run_stops_before_its_target(small, tmp_path
   assert [r['epsilon'] for r in rows] == pytest.approx([budget.epsilon(2), budget.epsilon(4)])
   assert budget.epsilon(4) == pytest.approx(4.0, rel=0.03)
 
-  # Training past the plan with the pinned noise would exceed the target: the real script
+  # Training past the plan (one epoch is 5,957 steps: a second use of every sequence) with the
+  # pinned noise would exceed the target: the real script
   # stops before the first step, in one line, status 2.
   script = [sys.executable, str(conftest.REPO / 'scripts' / 'train.py'), f'--workdir={split}',
-            f'--config={conftest.REPO / "configs" / "tiny.py"}', '--config.train.steps=400',
+            f'--config={conftest.REPO / "configs" / "tiny.py"}', '--config.train.steps=6000',
             '--allow_config_change']
   done = subprocess.run(script, capture_output=True, text=True, timeout=180,
                         env=conftest.child_env())
   assert done.returncode == 2, done.stdout + done.stderr
   line = done.stderr.strip().splitlines()[-1]
-  assert line.startswith('error: privacy.dp: train.steps=400 would take this silo to step 400 '
+  assert line.startswith('error: privacy.dp: train.steps=6000 would take this silo to step 6000 '
                          'and epsilon'), line
   assert 'above its target_epsilon 4; stopped before it at step 4' in line
   assert 'Traceback' not in done.stderr
