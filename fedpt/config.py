@@ -22,6 +22,9 @@ DRIFT_CORRECTIONS = ('none', 'scaffold', 'fedprox')
 # inner.optimizer: 'muon' trains the hidden matrices with optax's Muon (Jordan et al. 2024;
 # MuLoCo, arXiv 2505.23725, as DiLoCo's inner optimizer) and the rest with AdamW (inner.py).
 INNER_OPTIMIZERS = ('adamw', 'muon')
+# privacy.dp.accountant: dp_accounting's privacy-loss-distribution or Renyi accountant
+# (fedpt/privacy.py; docs/privacy.md says what they assume).
+DP_ACCOUNTANTS = ('pld', 'rdp')
 # federation.overlap: a silo's next inner phase overlaps the outer step of the round it just
 # published (Kale, Douillard, Donchev, arXiv 2502.12996); docs/protocol.md gives the rules.
 OVERLAP_MODES = ('none', 'delayed', 'eager')
@@ -200,6 +203,16 @@ def base_config() -> ml_collections.ConfigDict:
       warmup_steps=10,
       schedule='cosine',  # As inner.schedule; decays over personal.steps to inner.min_lr_ratio.
   ))
+  # Example-level DP-SGD inside the silo (fedpt/privacy.py, docs/privacy.md): each silo's own
+  # choice, never in run.json; its spent (epsilon, delta) is published with every delta.
+  c.privacy = ml_collections.ConfigDict(dict(dp=ml_collections.ConfigDict(dict(
+      enabled=False,
+      clip_norm=1.0,  # C: each training sequence's gradient is clipped to this L2 norm.
+      noise_multiplier=0.0,  # sigma: noise std / C. Give it, or target_epsilon (not both).
+      target_epsilon=0.0,  # >0: sigma is derived from it and the planned steps; also the cap.
+      delta=0.0,  # 0: 1 / the silo's number of training sequences (windows).
+      accountant='pld',  # pld or rdp (dp_accounting).
+  ))))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.sharding = ml_collections.ConfigDict(dict(rules=DEFAULT_RULES))
   c.distributed = ml_collections.ConfigDict(dict(
@@ -323,6 +336,12 @@ RANGES = (
     ('personal.steps', _NON_NEGATIVE, 'use 0 (off) or a few hundred steps'),
     ('personal.lr', _POSITIVE, 'set a positive learning rate, e.g. 3e-4'),
     ('personal.warmup_steps', _NON_NEGATIVE, 'use 0 or more steps'),
+    ('privacy.dp.clip_norm', _POSITIVE, 'use e.g. 1.0 (the per-sequence gradient L2 bound)'),
+    ('privacy.dp.noise_multiplier', _NON_NEGATIVE,
+     'use 0 (derive it from target_epsilon) or e.g. 1.0'),
+    ('privacy.dp.target_epsilon', _NON_NEGATIVE, 'use 0 (give noise_multiplier) or e.g. 8.0'),
+    ('privacy.dp.delta', _in(0, 1, high_open=True),
+     'use 0 (1 / the silo\'s training sequences) or e.g. 1e-6'),
     ('outer.lr', _POSITIVE, 'use e.g. 0.7'),
     ('outer.momentum', _BETA, 'use e.g. 0.9'),
     ('outer.b1', _BETA, 'use e.g. 0.9'),
@@ -383,6 +402,15 @@ def validate(config) -> None:
   require(i.drift_correction != 'fedprox' or i.prox_mu > 0, 'inner.prox_mu',
           f'{i.prox_mu} with drift_correction=\'fedprox\' adds no proximal term',
           'set inner.prox_mu > 0 (FedProx tried 0.001 to 1; 0.01 is a common start)')
+  dp = config.privacy.dp
+  require(dp.accountant in DP_ACCOUNTANTS, 'privacy.dp.accountant',
+          f'unknown accountant {dp.accountant!r}', f'use one of {DP_ACCOUNTANTS}')
+  require(not dp.enabled or (dp.noise_multiplier > 0) != (dp.target_epsilon > 0),
+          'privacy.dp.noise_multiplier',
+          (f'noise_multiplier={dp.noise_multiplier} and target_epsilon={dp.target_epsilon} are '
+           'both set' if dp.noise_multiplier > 0 else 'neither it nor target_epsilon is set'),
+          'give one: privacy.dp.noise_multiplier (sigma) or privacy.dp.target_epsilon (sigma '
+          'is then derived)')
   fed = config.federation
   require(fed.overlap in OVERLAP_MODES, 'federation.overlap', f'unknown mode {fed.overlap!r}',
           f'use one of {OVERLAP_MODES}')

@@ -10,8 +10,11 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+import jax_privacy
+from jax_privacy import noise_addition
 
 from fedpt import drift as drift_lib
+from fedpt import sharding
 from fedpt.sharding import constrain
 
 
@@ -129,13 +132,50 @@ def loss_and_metrics(params, tokens_bt1, *, graphdef, z_loss: float):
   return nll + z_term, {'nll': nll, 'z_loss': z_term}
 
 
-def train_step(state, tokens_bt1, *, graphdef, optimizer, inner_config):
-  """One optimizer step over the global batch, accumulating micro-batch gradients."""
+def private_gradients(params, tokens_bt1, step, noise, *, graphdef, inner_config, clip_norm):
+  """DP-SGD's gradient (Abadi et al. 2016): (mean loss, aux, noisy mean of clipped grads).
+
+  Each sequence's gradient (its loss with z-loss) is clipped to `clip_norm` in L2 over the
+  whole tree (jax_privacy.clipped_grad: a vmap over examples whose axis keeps the batch's
+  sharding), the clipped gradients of the global batch are summed (with grad_accum, over
+  its micro-batches: same rows as the plain step's), Gaussian noise of std
+  noise_multiplier x clip_norm is added once (jax_privacy's gaussian_privatizer keyed by
+  the silo's secret seed and the step), and the sum is divided by the global batch.
+  `noise` is (the key's data, uint32[2], and the noise std); `step` the state's.
+  """
+  batch, accum = tokens_bt1.shape[0], inner_config.grad_accum
+  loss_fn = functools.partial(loss_and_metrics, graphdef=graphdef, z_loss=inner_config.z_loss)
+  with sharding.per_example() as batch_axes:
+    grad_fn = jax_privacy.clipped_grad(
+        loss_fn, has_aux=True, l2_clip_norm=clip_norm, batch_argnums=1, return_values=True,
+        microbatch_size=None if accum == 1 else batch // accum, spmd_axis_name=batch_axes,
+        dtype=jnp.float32)
+    summed, per_example = grad_fn(params, tokens_bt1)
+  key_data, std = noise
+  key = jax.random.fold_in(jax.random.wrap_key_data(key_data), step)
+  privatizer = noise_addition.gaussian_privatizer(stddev=std, prng_key=key)
+  noisy, _ = privatizer.update(summed, privatizer.init(summed))
+  grads = jax.tree.map(lambda g, p: (g / batch).astype(p.dtype), noisy, params)
+  aux = jax.tree.map(jnp.mean, per_example.aux)
+  return jnp.mean(per_example.values), aux, grads
+
+
+def train_step(state, tokens_bt1, noise=None, *, graphdef, optimizer, inner_config,
+               dp_clip_norm=None):
+  """One optimizer step over the global batch, accumulating micro-batch gradients.
+
+  `dp_clip_norm` (privacy.dp): the gradient is `private_gradients`' with `noise`; the
+  rest (drift correction, the optimizer) is post-processing of it.
+  """
   accum = inner_config.grad_accum
   grad_fn = jax.value_and_grad(
       functools.partial(loss_and_metrics, graphdef=graphdef, z_loss=inner_config.z_loss),
       has_aux=True)
-  if accum == 1:
+  if dp_clip_norm is not None:
+    loss, aux, grads = private_gradients(state['params'], tokens_bt1, state['step'], noise,
+                                         graphdef=graphdef,
+                                         inner_config=inner_config, clip_norm=dp_clip_norm)
+  elif accum == 1:
     (loss, aux), grads = grad_fn(state['params'], tokens_bt1)
   else:
     # Micro-batch a takes rows a, a+accum, ...: each device keeps its own rows.
@@ -152,7 +192,8 @@ def train_step(state, tokens_bt1, *, graphdef, optimizer, inner_config):
                                           state['params']))
     (loss, aux, grads), _ = jax.lax.scan(accumulate, zeros, micro_abt)
     loss, aux, grads = jax.tree.map(lambda x: x / accum, (loss, aux, grads))
-  # SCAFFOLD / FedProx act on the raw gradient, before clipping and AdamW (fedpt/drift.py).
+  # SCAFFOLD / FedProx act on the raw gradient (DP: the private one), before clipping and
+  # AdamW (fedpt/drift.py); SCAFFOLD's control variate sums these gradients.
   grads, drift = drift_lib.correct_gradients(grads, state['params'], state.get('drift'),
                                              inner_config.get('prox_mu', 0.0))
   updates, opt_state = optimizer.update(grads, state['opt_state'], state['params'])

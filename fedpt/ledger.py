@@ -143,8 +143,12 @@ def round_record(store: storage_lib.RunStorage, run: dict, round_index: int,
       'contributors': [e['silo'] for e in included],
       'weights': {e['silo']: e['weight'] for e in included if 'weight' in e},
       'tokens': sum(int(e['tokens']) for e in included),
-      'train_loss': _mean(e['train_loss'] for e in included),
-      'train_loss_by_silo': {e['silo']: float(e['train_loss']) for e in included},
+      # A DP silo (privacy.dp) publishes no train loss: the mean is of the others'.
+      'train_loss': _mean(e['train_loss'] for e in included if e['train_loss'] is not None),
+      'train_loss_by_silo': {e['silo']: float(e['train_loss']) for e in included
+                             if e['train_loss'] is not None},
+      # privacy.dp: each DP silo's spent (epsilon, delta) after the round, as it claims.
+      'dp_by_silo': {e['silo']: dict(e['dp']) for e in included if e.get('dp')},
       'tokens_by_silo': {e['silo']: int(e['tokens']) for e in included},
       'steps_by_silo': {e['silo']: int(e['steps']) for e in included},
       'norm_by_silo': {} if secure else {  # A masked delta's norm is not measured.
@@ -208,13 +212,17 @@ def silo_totals(rows: list[dict], run: dict) -> dict[str, dict]:
         'last_eval_loss': last_eval,
         'bytes_up': sum(row['bytes_up_by_silo'].get(silo, 0) for row in rows),
         'bytes_down': sum(row['bytes_down_by_silo'].get(silo, 0) for row in rows),
+        # privacy.dp: its newest published (epsilon, delta) (cumulative), None without DP.
+        'dp': next((row['dp_by_silo'][silo] for row in reversed(rows)
+                    if silo in row.get('dp_by_silo', {})), None),
     }
   return totals
 
 
 def render_totals(totals: dict[str, dict]) -> str:
   header = (f"{'silo':<16} {'tokens':>12} {'included':>8} {'rejected':>8} {'missing':>7} "
-            f"{'mean norm':>10} {'eval':>6} {'bytes up':>9} {'bytes down':>10}")
+            f"{'mean norm':>10} {'eval':>6} {'bytes up':>9} {'bytes down':>10} "
+            f"{'epsilon (delta)':>18}")
   lines = ['per-silo totals (decided rounds; bytes down estimated, see below)', header,
            '-' * len(header)]
   for silo, t in totals.items():
@@ -222,8 +230,12 @@ def render_totals(totals: dict[str, dict]) -> str:
     lines.append(f"{silo:<16} {t['tokens']:>12,} {t['rounds_included']:>8} "
                  f"{t['rounds_rejected']:>8} {t['rounds_missing']:>7} {norm:>10} "
                  f"{_fmt_loss(t['last_eval_loss']):>6} {_fmt_bytes(t['bytes_up']):>9} "
-                 f"{_fmt_bytes(t['bytes_down']):>10}")
+                 f"{_fmt_bytes(t['bytes_down']):>10} {_fmt_dp(t['dp']):>18}")
   return '\n'.join(lines)
+
+
+def _fmt_dp(dp) -> str:
+  return '-' if dp is None else f"{dp['epsilon']:.3g} ({dp['delta']:.2g})"
 
 
 def render_traffic(rows: list[dict], run: dict) -> str:

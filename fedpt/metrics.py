@@ -186,6 +186,8 @@ def progress_line(step: int, total: int, scalars: dict) -> str:
   parts = [f'step {step}/{total}', f"loss {scalars['train_loss']:.4f}"]
   if 'eval_loss' in scalars:
     parts.append(f"eval {scalars['eval_loss']:.4f}")
+  if 'epsilon' in scalars:  # privacy.dp: spent so far.
+    parts.append(f"epsilon {scalars['epsilon']:.3g}")
   if 'tokens_per_s' not in scalars:  # The first step of a start: its time is compilation.
     parts.append('tok/s from the next step on (this one compiled)')
   else:

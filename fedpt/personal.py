@@ -53,12 +53,13 @@ def phase_config(config):
 
   A view, so that `inner.make_optimizer` / `lr_schedule` build the phase's AdamW
   (its other inner.* fields, betas, clipping, weight decay, are the run's), and
-  the config.json it records lets every tool rebuild the checkpoint's layout.
+  the config.json it records lets every tool rebuild the checkpoint's layout. No DP
+  (privacy.dp): the personal model never leaves the silo (docs/privacy.md).
   """
   p = config.personal
   return config_lib.with_values(config, {
       'inner.lr': p.lr, 'inner.warmup_steps': p.warmup_steps, 'inner.schedule': p.schedule,
-      'inner.decay_steps': 0, 'train.steps': p.steps,
+      'inner.decay_steps': 0, 'train.steps': p.steps, 'privacy.dp.enabled': False,
       'inner.optimizer': 'adamw'})  # Also after Muon rounds: personal.lr is an AdamW lr.
 
 

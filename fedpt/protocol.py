@@ -32,7 +32,8 @@ from fedpt import trees
 
 # What the manifest copies from each included delta's meta.json (the ledger's inputs).
 MANIFEST_ENTRY_FIELDS = ('silo', 'tokens', 'steps', 'train_loss', 'bytes', 'compression',
-                         'block_size', 'topk', 'delta_norm', 'content_hash', 'global_eval_loss')
+                         'block_size', 'topk', 'delta_norm', 'content_hash', 'global_eval_loss',
+                         'dp')
 
 
 # SCAFFOLD (inner.drift_correction='scaffold'): each delta leaf's payload holds the silo's
@@ -454,7 +455,7 @@ def delta_meta(run: dict, round_index: int, silo_id: str, base_hash: str, *,
                compression_format: str, block_size: int, topk: dict | None, nbytes: int,
                delta_norm: float, steps: int, tokens: int, train_loss: float,
                global_eval_loss: float | None, inner_seconds: float, inner_steps: int,
-               round_budget_s: float) -> dict:
+               round_budget_s: float, dp: dict | None = None) -> dict:
   """What a silo commits beside its payload; the aggregator checks it with `check_delta_meta`.
 
   `payload_layout` is {leaf: {payload key: [shape, dtype]}}; `payload_hashes` is
@@ -464,6 +465,8 @@ def delta_meta(run: dict, round_index: int, silo_id: str, base_hash: str, *,
   (run.json); `steps` is what it ran: H (H/P with fragments), or fewer when the budget
   ran out. `fragment` is the round's (`round_fragment`); `leaf_shapes` are its rows' shapes.
   `topk` is the topk format's parameters (`topk_record`), None for a dense format.
+  `dp` is the silo's spent {'epsilon', 'delta'} under privacy.dp (its train_loss is then
+  None: a non-private statistic of its data), None without DP.
   """
   return {
       'format_version': records.FORMAT_VERSION, 'run_id': run['run_id'], 'round': round_index,
@@ -473,6 +476,7 @@ def delta_meta(run: dict, round_index: int, silo_id: str, base_hash: str, *,
       'bytes': nbytes,
       'delta_norm': delta_norm, 'inner_seconds': inner_seconds, 'inner_steps': inner_steps,
       'round_budget_s': round_budget_s, 'fragment': round_fragment(run, round_index),
+      'dp': dp,
       'tree': {name: {'shape': list(leaf_shapes[name]), 'payload': payload_layout[name]}
                for name in payload_layout},
       'payload_hashes': payload_hashes, 'content_hash': content_hash,
@@ -551,8 +555,14 @@ def _check_claims(run: dict, silo: str, record: dict) -> str | None:
             f'({tokens_per_step(run)} per step)')
   if not records.is_int(record.get('bytes')) or record['bytes'] < 0:
     return f'bad byte count {record.get("bytes")!r}'
-  for key, optional, sign in (('train_loss', False, False), ('global_eval_loss', True, False),
-                              ('delta_norm', False, True)):
+  dp = record.get('dp')
+  if dp is not None and not (
+      isinstance(dp, dict) and sorted(dp) == ['delta', 'epsilon']
+      and records.is_number(dp['epsilon']) and dp['epsilon'] >= 0
+      and records.is_number(dp['delta']) and 0 < dp['delta'] < 1):
+    return f'bad dp {dp!r}: not {{epsilon: a finite number >= 0, delta: in (0, 1)}}'
+  for key, optional, sign in (('train_loss', dp is not None, False),
+                              ('global_eval_loss', True, False), ('delta_norm', False, True)):
     value = record.get(key)
     if not (records.is_number(value) or (optional and value is None)) or (
         sign and value < 0):

@@ -24,7 +24,8 @@ CONTRACT_SECTIONS = ('model', 'data', 'inner', 'federation', 'outer')
 # tokenizer file are, how it logs); every other field is the run's contract.
 PARTY_FIELDS = ('name', 'model.remat', 'model.attention', 'model.scan_layers',
                 'model.compute_dtype', 'data.corpus', 'data.stdlib_group', 'data.tokenizer',
-                'inner.grad_accum', 'train.', 'mesh.', 'sharding.', 'distributed.', 'personal.')
+                'inner.grad_accum', 'train.', 'mesh.', 'sharding.', 'distributed.', 'personal.',
+                'privacy.')
 # In run.json as every party's default; a party may pass its own value.
 PARTY_DEFAULTS = ('federation.wait_timeout_s', 'federation.poll_s')
 # Declared per silo in run.json's silo list (from federation.silo_<name>); the

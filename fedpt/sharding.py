@@ -155,6 +155,24 @@ def constrain(x, logical_axes: Sequence[str | None]):
       x, NamedSharding(mesh, logical_to_spec(logical_axes, rules)))
 
 
+@contextlib.contextmanager
+def per_example():
+  """For a `vmap` over examples (DP-SGD's per-example gradients): yields the mesh axes of
+  'batch' (the vmap's `spmd_axis_name`, so the example axis stays sharded as the batch
+  was) while the model inside sees a batch of one, unsharded. None outside the rules."""
+  active = _ACTIVE.get()
+  if active is None:
+    yield None
+    return
+  mesh, rules = active
+  axes = dict(rules).get('batch')
+  token = _ACTIVE.set((mesh, tuple((n, None if n == 'batch' else a) for n, a in rules)))
+  try:
+    yield tuple(axes) if isinstance(axes, (tuple, list)) else axes
+  finally:
+    _ACTIVE.reset(token)
+
+
 def _cpu_devices_requested() -> int:
   """Local CPU devices this process will have (jax_num_cpu_devices or the XLA flag)."""
   configured = getattr(jax.config, 'jax_num_cpu_devices', -1)

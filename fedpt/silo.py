@@ -84,8 +84,11 @@ def _masked_delta(run, silo_id, global_flat, local_flat, names, fragment, tokens
 
 def make_delta(run, round_index, silo_id, base_hash, global_flat, local_flat, residual_flat,
                fed, *, steps, tokens, train_loss, global_eval_loss=None, inner_seconds=0.0,
-               mesh=None, control_flat=None, pair_keys=None):
+               mesh=None, control_flat=None, dp=None, pair_keys=None):
   """The compressed pseudo-gradient, the next error-feedback residual and the delta's meta.json.
+
+  `dp` (privacy.dp): the silo's spent {'epsilon', 'delta'}; its train loss is then not
+  published (a non-private statistic of its training data).
 
   With `mesh` the payload stays sharded on the silo's devices (a multi-host
   silo writes it from every host); without, it is host numpy. Private leaves
@@ -116,7 +119,7 @@ def make_delta(run, round_index, silo_id, base_hash, global_flat, local_flat, re
       topk=protocol.topk_record(fed), nbytes=nbytes,
       delta_norm=delta_norm, steps=steps, tokens=tokens, train_loss=train_loss,
       global_eval_loss=global_eval_loss, inner_seconds=inner_seconds,
-      inner_steps=fed.inner_steps, round_budget_s=fed.round_budget_s)
+      inner_steps=fed.inner_steps, round_budget_s=fed.round_budget_s, dp=dp)
   return payload, new_residual, meta
 
 
@@ -847,9 +850,11 @@ class _Silo:
     payload, residual, meta = make_delta(
         self.run, position.round, self.silo_id, base_hash, base_flat,
         trees.flatten_params(state['params']), residual, self.fed, steps=len(losses),
-        tokens=len(losses) * self.trainer.tokens_per_step(), train_loss=train_loss,
+        tokens=len(losses) * self.trainer.tokens_per_step(),
+        train_loss=None if self.trainer.budget else train_loss,
         global_eval_loss=position.global_eval, inner_seconds=inner_seconds,
         mesh=self.trainer.mesh, control_flat=control_flat,
+        dp=self.trainer.budget.spent(int(state['step'])) if self.trainer.budget else None,
         pair_keys=self.pairs and self.pairs.round_keys(self.run['run_id'], position.round))
     if not np.isfinite(meta['delta_norm']):
       local = trees.flatten_params(state['params'])
@@ -911,7 +916,8 @@ class _Silo:
     io = self.round_io
     self.logger.writer.write(step, {
         'round': position.round, 'global_eval_loss': position.global_eval,
-        'round_train_loss': meta['train_loss'], 'bytes_up': meta['bytes'],
+        'round_train_loss': float(np.mean(position.losses)), 'bytes_up': meta['bytes'],
+        **({'epsilon': meta['dp']['epsilon']} if meta.get('dp') else {}),
         'bytes_down': io.bytes_down, 'wait_s': io.wait_s, 'load_s': io.load_s,
         'eval_s': seconds['eval'], 'inner_s': seconds['inner'], 'publish_s': seconds['publish']})
     record = {**{k: meta[k] for k in ('round', 'tokens', 'train_loss', 'bytes')},
@@ -938,8 +944,9 @@ class _Silo:
         return
       seconds['upload'] = upload_s
       faults.crash_point('silo_published', meta['round'])
-      self.log(f'round {meta["round"]} published ({meta["steps"]} steps, loss '
-               f'{meta["train_loss"]:.4f}, {meta["bytes"]:,} bytes)')
+      self.log(f'round {meta["round"]} published ({meta["steps"]} steps, '
+               + (f'epsilon {meta["dp"]["epsilon"]:.4g}' if meta.get('dp') else
+                  f'loss {meta["train_loss"]:.4f}') + f', {meta["bytes"]:,} bytes)')
     self.in_background(upload, committed)
     return next_residual
 
@@ -1010,6 +1017,7 @@ class _Silo:
     if position.phase == Phase.PUBLISHED and position.round < self.total_rounds:
       self.ensure_published(position, state)
     step = int(state['step'])  # The data position; tracked on the host from here on.
+    self.trainer.open_privacy(self.workdir, step)
     self.logger = trainer_lib.StepLogger(self.trainer, self.workdir, step, self.private.note)
     rounds_done = 0
     while True:
@@ -1056,6 +1064,9 @@ class _Silo:
       if len(starts) > 1 and self.summary['rounds']:  # Wall time from that round's start.
         self.summary['rounds'][-1]['seconds'].setdefault('wall', starts[-1] - starts[-2])
       self.reveal_pair_keys(position.round - 1)  # Overlapped rounds may not wait in between.
+      if self.trainer.budget is not None:  # Stops before a round past its target epsilon.
+        self.trainer.budget.check_room(
+            step, step + self.round_steps - len(position.losses), f'round {position.round}')
       if position.phase == Phase.START:
         state = self.start_drift(position, state)
       base_flat, base_hash, eval_seconds = self.begin_round(position, state, step)

@@ -27,6 +27,7 @@ from fedpt import loading
 from fedpt import metrics as metrics_lib
 from fedpt import model as model_lib
 from fedpt import multihost
+from fedpt import privacy
 from fedpt import sharding
 from fedpt import trees
 
@@ -198,10 +199,15 @@ class Trainer(ShardedModel):
     self.lr_schedule = inner.lr_schedule(config.inner, self.total_steps)
     self.state_shardings = self.state_shardings_for(self.optimizer, drift_correction)
     self._init = jax.jit(self._init_state, out_shardings=self.state_shardings)
+    dp = config.privacy.dp
+    self.budget = None  # privacy.Budget, once `open_privacy` read the workdir's record.
+    self._noise = None  # DP: (the secret key's data, noise std), replicated step inputs.
     self._train_step = jax.jit(
         functools.partial(inner.train_step, graphdef=self.graphdef,
-                          optimizer=self.optimizer, inner_config=config.inner),
-        in_shardings=(self.state_shardings, self.batch_sharding),
+                          optimizer=self.optimizer, inner_config=config.inner,
+                          dp_clip_norm=dp.clip_norm if dp.enabled else None),
+        in_shardings=(self.state_shardings, self.batch_sharding)
+        + (((self.replicated, self.replicated),) if dp.enabled else ()),
         out_shardings=(self.state_shardings, self.replicated),
         donate_argnums=(0,))
 
@@ -236,9 +242,24 @@ class Trainer(ShardedModel):
 
   # -- steps ------------------------------------------------------------------
 
+  def open_privacy(self, workdir: str, start_step: int) -> None:
+    """privacy.dp: the workdir's noise seed and sigma (`privacy.open_budget`), for the step."""
+    self.budget = privacy.open_budget(
+        self.config, workdir, windows=self.train_data.num_windows(self.config.data.seq_len),
+        planned_steps=self.total_steps, start_step=start_step, log_prefix=self.log_prefix)
+    if self.budget is not None:
+      self._noise = jax.device_put(
+          (np.asarray(self.budget.noise_seed, np.uint32),
+           np.float32(self.budget.noise_multiplier * self.budget.clip_norm)), self.replicated)
+
   def train_step(self, state, batch):
+    args = (state, batch)
+    if self.config.privacy.dp.enabled:
+      if self._noise is None:
+        raise RuntimeError('privacy.dp is on: call Trainer.open_privacy before training')
+      args += (self._noise,)
     with self._rules(), self._compiling('train step', self._train_step):
-      return self._train_step(state, batch)
+      return self._train_step(*args)
 
   def evaluate(self, params, dataset=None, *, whole: bool = False) -> float:
     """Mean held-out loss (nats) on `dataset` (default: the silo's val split), as `score`."""
@@ -293,6 +314,8 @@ class StepLogger:
     scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
     _check_finite(step, scalars['train_loss'])
     scalars['lr'] = float(self._trainer.lr_schedule(step - 1))
+    if self._trainer.budget is not None:
+      scalars['epsilon'] = self._trainer.budget.epsilon(step)
     rates = self.progress.update(step)
     if rates and eta_s is not None:
       rates['eta_s'] = eta_s(rates['step_time_s'])
@@ -408,6 +431,10 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None, *,
   try:
     state, start = restore_or_init(trainer, checkpointer)
     record_config(workdir, config, record, changed, start, note)
+    trainer.open_privacy(workdir, start)
+    if trainer.budget is not None:
+      end = min(stop_at_step or trainer.total_steps, trainer.total_steps)
+      trainer.budget.check_room(start, end, f'train.steps={trainer.total_steps}')
     meta = checkpoint_lib.expected_meta(config, trainer.tokenizer_sha256)
     logger = StepLogger(trainer, workdir, start, note)
     last = stop_at_step if stop_at_step is not None else trainer.total_steps

@@ -27,7 +27,9 @@ from fedpt import aggregator as aggregator_lib
 from fedpt import compression as compression_lib
 from fedpt import config as config_lib
 from fedpt import data
+from fedpt import ledger
 from fedpt import outer
+from fedpt import privacy
 from fedpt import protocol
 from fedpt import signing
 from fedpt import silo as silo_lib
@@ -356,6 +358,9 @@ def test_bucket_holds_no_canary_text_or_token_ids(fed_config, tmp_path, gcs_buck
   for silo in CANARY_SILOS:
     silo_configs[silo] = fed_config.copy_and_resolve_references()
     silo_configs[silo].data.corpus = canary_corpus
+  # canary_a trains with DP-SGD (privacy.dp, its own choice): it publishes its spent
+  # (epsilon, delta) and no train loss; nothing else new.
+  silo_configs['canary_a'].privacy.dp.update(enabled=True, noise_multiplier=1.0)
   workdirs = {silo: private / 'workdir' / silo for silo in silo_configs}
   errors = []
 
@@ -384,6 +389,29 @@ def test_bucket_holds_no_canary_text_or_token_ids(fed_config, tmp_path, gcs_buck
       assert scan.json_objects[f'rounds/{r:06d}/silo_{silo}/meta.json']['compression'] == 'none'
       assert f'rounds/{r:06d}/silo_{silo}/payload' in scan.orbax_dirs
   assert 'global/round_000002/shard_000_of_001/params' in scan.orbax_dirs
+  # DP: canary_a's metas carry its epsilon after the round's steps (dp_accounting's, for
+  # its pinned sigma), and no train loss; the other silos', a loss and no dp.
+  dp_record = json.loads((workdirs['canary_a'] / privacy.RECORD).read_text())
+  windows = data.TokenDataset(canary_corpus, 'train').num_windows(config.data.seq_len)
+  for r in range(2):
+    metas = {s: scan.json_objects[f'rounds/{r:06d}/silo_{s}/meta.json'] for s in silo_configs}
+    assert metas['canary_a']['train_loss'] is None
+    assert metas['canary_a']['dp'] == {'epsilon': pytest.approx(privacy.epsilon(
+        1.0, 2 * (r + 1), config.data.global_batch, windows, 1 / windows)),
+                                       'delta': pytest.approx(1 / windows)}
+    for silo in ('canary_b', OTHER_SILO):
+      assert metas[silo]['dp'] is None and np.isfinite(metas[silo]['train_loss'])
+    manifest = scan.json_objects[f'rounds/{r:06d}/manifest.json']
+    assert {e['silo']: e['dp'] for e in manifest['included']}['canary_a'] == metas['canary_a'][
+        'dp']
+  ledger_json = json.loads(ledger.status(str(bucket), 'json'))
+  assert ledger_json['silo_totals']['canary_a']['dp'] == metas['canary_a']['dp']
+  assert ledger_json['silo_totals'][OTHER_SILO]['dp'] is None
+  table = ledger.status(str(bucket))
+  assert f"{metas['canary_a']['dp']['epsilon']:.3g} (" in table and 'epsilon (delta)' in table
+  # The noise seed, the silo's DP secret, stays in its workdir.
+  for word in dp_record['noise_seed']:
+    assert scan.find_bytes(str(word).encode()) == []
 
   # (a) No object, raw or decoded, holds the canary's text.
   for what, secret in secrets.items():

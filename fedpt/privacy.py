@@ -1,0 +1,228 @@
+"""Example-level differential privacy inside a silo (`privacy.dp.*`): the accounting and its record.
+
+The DP-SGD step itself is `inner.train_step` (jax_privacy's per-example clipping and
+Gaussian noise); this module says how much privacy it spends, with dp_accounting.
+docs/privacy.md states the guarantee; in short:
+
+- Privacy unit: one training sequence (a window of seq_len + 1 tokens of the silo's
+  training split). Adjacency: zero-out (one window replaced by one that contributes a zero
+  gradient; the data order, a public function of the run's seed, is fixed), under which
+  the clipped sum of a step has L2 sensitivity C = clip_norm per use of the window.
+- Sampling: none to amplify. fedpt reads a shuffled pass (`data.TokenDataset.batch`):
+  position i = step x B + row is window perm_epoch(i mod W) of epoch i // W, so after t
+  steps a window was used at most E(t) = ceil(t B / W) times, once per epoch. A step that
+  straddles an epoch boundary may hold a window twice (B <= W: at most twice, and each
+  use pairs at most once), and is then one Gaussian mechanism of sensitivity 2C.
+- Epsilon after t steps: the composition of those Gaussian mechanisms of noise
+  multiplier sigma (`dp_event.SelfComposedDpEvent(GaussianDpEvent(sigma), n)`, plus
+  sigma / 2 for each doubled use in the worst case), by dp_accounting's PLD or RDP
+  accountant. `calibrate_dp_mechanism` derives sigma from a target epsilon.
+
+The noise key is a 64-bit secret drawn from the OS at the workdir's first DP start and
+kept, with the sigma it trains with, in `<workdir>/privacy.json` (never published): the
+run's seed is public, and noise an adversary can regenerate protects nothing.
+"""
+import dataclasses
+import functools
+import json
+import math
+import os
+import secrets
+
+import dp_accounting
+from etils import epath
+
+from fedpt import config as config_lib
+from fedpt import errors
+from fedpt import metrics as metrics_lib
+from fedpt import multihost
+from fedpt import storage as storage_lib
+
+RECORD = 'privacy.json'
+# The fields whose change mid-run would void the accounting (compared on every resume).
+SETTINGS = ('clip_norm', 'noise_multiplier', 'target_epsilon', 'delta')
+MIN_NOISE_MULTIPLIER = 0.3  # The least sigma `calibrate` returns.
+
+
+class PrivacyError(errors.UserError, RuntimeError):
+  """A DP setting or budget that the silo must not train past; the message says the fix."""
+
+
+def uses(steps: int, batch: int, windows: int) -> tuple[int, int]:
+  """(single, double) uses of the worst-case window in the first `steps` steps.
+
+  E = ceil(steps B / W) uses, once per epoch. A step holding an epoch boundary (not on
+  a batch edge) may hold one window twice; such pairs take two uses each and do not
+  chain (B <= W), so the worst case has min(boundaries, E // 2) pairs.
+  """
+  if steps <= 0:
+    return 0, 0
+  positions = steps * batch
+  epochs = -(-positions // windows)
+  straddles = sum(1 for e in range(1, epochs) if (e * windows) % batch)
+  pairs = min(straddles, epochs // 2)
+  return epochs - 2 * pairs, pairs
+
+
+def dp_event(noise_multiplier: float, steps: int, batch: int,
+             windows: int) -> dp_accounting.DpEvent:
+  """The DpEvent of `steps` DP-SGD steps for the worst-case window (`uses`)."""
+  single, double = uses(steps, batch, windows)
+  events = []
+  if single:
+    events.append(dp_accounting.SelfComposedDpEvent(
+        dp_accounting.GaussianDpEvent(noise_multiplier), single))
+  if double:  # Sensitivity 2C against noise sigma C: a Gaussian of multiplier sigma / 2.
+    events.append(dp_accounting.SelfComposedDpEvent(
+        dp_accounting.GaussianDpEvent(noise_multiplier / 2), double))
+  return dp_accounting.ComposedDpEvent(events) if events else dp_accounting.NoOpDpEvent()
+
+
+def make_accountant(name: str) -> dp_accounting.PrivacyAccountant:
+  """dp_accounting's accountant `name` (config.DP_ACCOUNTANTS), add-or-remove-one relation."""
+  if name == 'pld':
+    return dp_accounting.pld.PLDAccountant()
+  if name == 'rdp':
+    return dp_accounting.rdp.RdpAccountant()
+  raise ValueError(f'unknown accountant {name!r}')
+
+
+def epsilon(noise_multiplier: float, steps: int, batch: int, windows: int, delta: float,
+            accountant: str = 'pld') -> float:
+  """The epsilon at `delta` that `steps` DP-SGD steps of `noise_multiplier` spend."""
+  return make_accountant(accountant).compose(
+      dp_event(noise_multiplier, steps, batch, windows)).get_epsilon(delta)
+
+
+def calibrate(target_epsilon: float, steps: int, batch: int, windows: int, delta: float,
+              accountant: str = 'pld') -> float:
+  """The smallest noise multiplier whose `steps` steps spend at most `target_epsilon`.
+
+  Not below MIN_NOISE_MULTIPLIER: the PLD of a smaller one needs memory without bound,
+  and a budget that loose is met by it anyway.
+  """
+  if epsilon(MIN_NOISE_MULTIPLIER, steps, batch, windows, delta, accountant) <= target_epsilon:
+    return MIN_NOISE_MULTIPLIER
+  return dp_accounting.calibrate_dp_mechanism(
+      functools.partial(make_accountant, accountant),
+      lambda sigma: dp_event(sigma, steps, batch, windows), target_epsilon, delta,
+      dp_accounting.LowerEndpointAndGuess(MIN_NOISE_MULTIPLIER, 1.0), tol=1e-4)
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+  """A workdir's DP-SGD: its noise, its accounting, and its cap (target_epsilon, 0: none)."""
+
+  clip_norm: float
+  noise_multiplier: float
+  delta: float
+  target_epsilon: float
+  accountant: str
+  windows: int
+  batch: int
+  noise_seed: tuple[int, int]  # Two uint32 words: the noise key's data (secret).
+
+  @functools.lru_cache(maxsize=64)
+  def epsilon(self, steps: int) -> float:
+    """Epsilon spent after `steps` steps of this workdir (at `delta`)."""
+    return epsilon(self.noise_multiplier, steps, self.batch, self.windows, self.delta,
+                   self.accountant)
+
+  def spent(self, steps: int) -> dict:
+    """What a silo publishes with a delta: {'epsilon', 'delta'}, numbers only."""
+    return {'epsilon': float(self.epsilon(steps)), 'delta': float(self.delta)}
+
+  def check_room(self, start: int, end: int, what: str) -> None:
+    """PrivacyError if training steps start..end would spend more than target_epsilon."""
+    if not self.target_epsilon or end <= start:
+      return
+    spent = self.epsilon(end)
+    if spent > self.target_epsilon * (1 + 1e-6):
+      raise PrivacyError(
+          f'privacy.dp: {what} would take this silo to step {end} and epsilon {spent:.4g} '
+          f'(delta {self.delta:.3g}), above its target_epsilon {self.target_epsilon:g}; '
+          f'stopped before it at step {start} (epsilon {self.epsilon(start):.4g}). Fix: '
+          'train no further on this data, or start a new workdir with a larger budget')
+
+  def describe(self, steps: int) -> str:
+    return (f'DP-SGD per training sequence: clip {self.clip_norm:g}, noise multiplier '
+            f'{self.noise_multiplier:.4g}'
+            + (f' (derived from target_epsilon {self.target_epsilon:g})'
+               if self.target_epsilon else '')
+            + f', delta {self.delta:.3g}, {self.windows:,} sequences, batch {self.batch}; '
+            f'epsilon {self.epsilon(steps):.4g} after {steps} steps ({self.accountant} '
+            'accountant, no amplification: a shuffled pass)')
+
+
+def _settings(dp, delta: float) -> dict:
+  return {'clip_norm': dp.clip_norm, 'noise_multiplier': dp.noise_multiplier,
+          'target_epsilon': dp.target_epsilon, 'delta': delta}
+
+
+def record_path(workdir: str) -> epath.Path:
+  return epath.Path(workdir) / RECORD
+
+
+def _read_record(workdir: str) -> dict | None:
+  path = record_path(workdir)
+  try:
+    return json.loads(path.read_text())
+  except FileNotFoundError:
+    return None
+  except ValueError as e:
+    raise PrivacyError(f'{path} is not readable JSON ({errors.one_line(e)}). Fix: restore it; '
+                       'without its noise seed and multiplier this workdir cannot continue '
+                       'privately, so start a new workdir') from None
+
+
+def open_budget(config, workdir: str, *, windows: int, planned_steps: int,
+                start_step: int, log_prefix: str = '') -> Budget | None:
+  """The workdir's `Budget` (None without privacy.dp.enabled), pinned in its privacy.json.
+
+  The first start draws the noise seed and fixes sigma (given, or calibrated to
+  target_epsilon over `planned_steps`); every resume reuses both, and refuses a change of
+  the DP settings or of the data's shape that would void the accounting.
+  """
+  dp = config.privacy.dp
+  if not dp.enabled:
+    return None
+  batch = config.data.global_batch
+  config_lib.require(
+      windows >= batch, 'privacy.dp.enabled',
+      f'the training split has {windows} sequences, fewer than data.global_batch={batch}: a '
+      'step would hold a sequence several times', 'use more data or a smaller global batch')
+  delta = dp.delta or 1.0 / windows
+  record = _read_record(workdir)
+  path = record_path(workdir)
+  if record is None:
+    if start_step > 0:
+      raise PrivacyError(
+          f'privacy.dp is on, but {workdir} trained {start_step} steps without it (no '
+          f'{RECORD}): those steps are not private. Fix: start a new workdir with DP on')
+    sigma = dp.noise_multiplier or calibrate(dp.target_epsilon, planned_steps, batch, windows,
+                                             delta, dp.accountant)
+    seed = secrets.randbits(64)
+    record = {'settings': _settings(dp, delta), 'noise_multiplier': sigma,
+              'windows': windows, 'global_batch': batch,
+              'noise_seed': [seed & 0xFFFFFFFF, seed >> 32]}
+    if multihost.is_leader():
+      with errors.refusals(f'writing {path}', workdir):
+        storage_lib.write_atomically(path, json.dumps(record, indent=1) + '\n')
+        if not str(path).startswith('gs://'):
+          os.chmod(path, 0o600)  # The noise seed is a secret of this silo.
+    multihost.barrier('fedpt_privacy_record')
+    record = _read_record(workdir) if multihost.is_multihost() else record
+  else:
+    mine = {**_settings(dp, delta), 'windows': windows, 'global_batch': batch}
+    theirs = {**record['settings'], 'windows': record['windows'],
+              'global_batch': record['global_batch']}
+    changed = {k: (mine[k], theirs[k]) for k in mine if not math.isclose(mine[k], theirs[k])}
+    if changed:
+      raise PrivacyError(
+          f'{path}: this workdir trains with other DP settings or data '
+          f'({config_lib.describe(changed)}); a change mid-run voids its accounting. Fix: '
+          'resume with the recorded values, or start a new workdir')
+  budget = Budget(dp.clip_norm, float(record['noise_multiplier']), delta, dp.target_epsilon,
+                  dp.accountant, windows, batch, tuple(record['noise_seed']))
+  metrics_lib.log(f'{log_prefix}{budget.describe(planned_steps)}')
+  return budget
