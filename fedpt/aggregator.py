@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 
 from fedpt import compression
+from fedpt import config as config_lib
 from fedpt import drift as drift_lib
 from fedpt import errors
 from fedpt import fragments as fragments_lib
@@ -21,6 +22,7 @@ from fedpt import metrics as metrics_lib
 from fedpt import outer
 from fedpt import protocol
 from fedpt import records
+from fedpt import secagg
 from fedpt import signing
 from fedpt import storage as storage_lib
 from fedpt import trees
@@ -32,6 +34,10 @@ class ShardSpecError(errors.UserError, ValueError):
 
 class MalformedPayload(errors.UserError, ValueError):
   """A delta's payload matches its layout but not its format (`compression.payload_problem`)."""
+
+
+class RecoveryMissingError(errors.UserError, RuntimeError):
+  """Secure aggregation: a survivor did not reveal its pair keys with a dropped silo in time."""
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -68,6 +74,7 @@ class Aggregator:
     self.fragments = protocol.fragments(self.run)  # Streaming DiLoCo's P (fedpt/fragments.py).
     self.downlink = protocol.downlink(self.run)  # None, or the format of the published update.
     self.feedback = protocol.downlink_feedback(self.run)  # Its residual E is kept.
+    self.secure = protocol.secure_aggregation(self.run)  # Masked deltas: only their sum is read.
     newest = self.store.latest_global_round()  # Round 0 may be garbage-collected.
     if newest is None:
       raise storage_lib.StorageError(
@@ -203,6 +210,8 @@ class Aggregator:
                                          with_control=True)
       except (storage_lib.StorageError, MalformedPayload) as e:
         return protocol.Measured(meta, str(e))
+      if self.secure:  # Masked uint32: its hashes are all there is to check; no norm.
+        continue
       if not bool(jnp.all(jnp.isfinite(values))):
         return protocol.Measured(meta, f'parameter {name} has NaN or Inf values')
       if control is not None and not bool(jnp.all(jnp.isfinite(control))):
@@ -232,6 +241,9 @@ class Aggregator:
     control = payload.pop(protocol.CONTROL, None)
     fmt, block_size, topk = protocol.delta_format(form)
     shape = self.rows_shape(round_index, name)
+    if fmt == secagg.FORMAT:  # Its layout was checked against the meta: uint32 of `shape`.
+      values = np.asarray(payload[secagg.MASKED], np.uint32)
+      return (values, control) if with_control else values
     problem = compression.payload_problem(payload, fmt, shape, block_size, topk)
     if problem:
       raise MalformedPayload(f'parameter {name}: {problem}')
@@ -303,9 +315,11 @@ class Aggregator:
     """
     params, outer_state, controls, residuals = inputs or self.read_shard(round_index)
     included = protocol.contributing(manifest['included'])
+    # Masked deltas: every included one carries masks, a weight-0 silo's too.
+    read_from = manifest['included'] if self.secure else included
     # Loop invariants: each silo's payload layout (its meta.json, read once) and the method.
-    metas = {e['silo']: self.store.delta_meta(round_index, e['silo']) for e in included}
-    for e in included:  # The delta read now must be the one validated when deciding.
+    metas = {e['silo']: self.store.delta_meta(round_index, e['silo']) for e in read_from}
+    for e in read_from:  # The delta read now must be the one validated when deciding.
       reason = protocol.check_still_included(round_index, e, metas[e['silo']])
       if reason:
         raise storage_lib.StorageError(reason)
@@ -317,6 +331,7 @@ class Aggregator:
     num_silos = len(protocol.silo_ids(self.run))
     fragment, count = protocol.round_fragment(self.run, round_index), self.fragments
     new_state = dict(outer_state)  # Every other fragment's state carries over.
+    revealed = self.revealed_keys(round_index, manifest) if self.secure and included else {}
     for name in self.my_leaves:
       unit = fragments_lib.unit_name(name, fragment, count)
       # Nothing valid arrived, a private leaf (no silo uploads it), or a leaf without rows in
@@ -326,14 +341,17 @@ class Aggregator:
         if self.scaffold:
           new_controls[name] = controls[name]
         continue
-      read = (self.read_leaf(round_index, e['silo'], name, metas[e['silo']], e,
-                             with_control=True) for e in included)
-      if self.scaffold:  # Both from one read of each payload: K leaves held, not one.
-        read = list(read)
-        new_controls[name] = np.asarray(drift_lib.server_control_update(
-            controls[name], (c for _, c in read), num_silos))
-      mean_delta = outer.robust_mean((d for d, _ in read), [e['weight'] for e in included],
-                                     robust['method'], trim=robust['trim'], factors=factors)
+      if self.secure:
+        mean_delta = self.unmasked_mean(round_index, name, manifest['included'], metas, revealed)
+      else:
+        read = (self.read_leaf(round_index, e['silo'], name, metas[e['silo']], e,
+                               with_control=True) for e in included)
+        if self.scaffold:  # Both from one read of each payload: K leaves held, not one.
+          read = list(read)
+          new_controls[name] = np.asarray(drift_lib.server_control_update(
+              controls[name], (c for _, c in read), num_silos))
+        mean_delta = outer.robust_mean((d for d, _ in read), [e['weight'] for e in included],
+                                       robust['method'], trim=robust['trim'], factors=factors)
       base = fragments_lib.take(params[name], fragment, count)
       step_params, step_state = outer.outer_step(
           self.optimizer, {unit: base}, {unit: mean_delta}, {unit: outer_state[unit]})
@@ -363,6 +381,68 @@ class Aggregator:
     self.store.publish_global_shard(round_index + 1, self.shard, self.num_shards, new_params,
                                     state_arrays, meta, update)
     return meta
+
+  def unmasked_mean(self, round_index: int, name: str, entries: list[dict], metas: dict,
+                    revealed: dict) -> np.ndarray:
+    """The weighted mean of leaf `name` of the masked deltas `entries` (manifest entries).
+
+    The modular sum of the y_i, less the dropped silos' masks (`revealed`), is the plain
+    fixed-point sum of a_i clip(delta_i) exactly; / scale / sum a_i is the token x silo
+    weighted mean of the clipped deltas: the manifest's weights (`outer.aggregation_weights`).
+    One leaf of one silo is held at a time, as for the plain mean.
+    """
+    shape = self.rows_shape(round_index, name)
+    size = int(np.prod(shape))
+    total = np.zeros(size, np.uint32)
+    for e in entries:
+      total += self.read_leaf(round_index, e['silo'], name, metas[e['silo']], e).reshape(-1)
+    total -= secagg.unmasking([e['silo'] for e in entries], revealed,
+                              protocol.round_fragment(self.run, round_index), name, size)
+    weight = sum(protocol.secagg_numerator(self.run, e['silo'], e['tokens']) for e in entries)
+    mean = secagg.decode(total, protocol.secagg_scale(self.run)) / weight
+    return mean.astype(np.float32).reshape(shape)
+
+  def revealed_keys(self, round_index: int, manifest: dict) -> dict:
+    """{survivor: {dropped silo: k_iX,r}} from every included silo's recovery record.
+
+    Waits up to `federation.secagg_recovery_timeout_s`; then the round fails with one line
+    naming the silos whose record is missing or invalid, before anything of it is written.
+    A rerun of the aggregator after they publish finishes the round.
+    """
+    unmask = manifest['unmask']
+    survivors = [e['silo'] for e in manifest['included']]
+    if not unmask:
+      return {}
+    check = self.identity.check_silo if self.identity else None
+    problems = {}
+
+    def collect():
+      problems.clear()
+      for silo in survivors:
+        record = self.store.read_recovery(round_index, silo)
+        reason = ('missing' if record is None else protocol.check_recovery(
+            self.run, round_index, silo, record, unmask, check))
+        if reason:
+          problems[silo] = reason
+      if problems:
+        return None
+      return {silo: {peer: bytes.fromhex(key) for peer, key in
+                     self.store.read_recovery(round_index, silo)['pair_keys'].items()}
+              for silo in survivors}
+
+    timeout = self.fed['secagg_recovery_timeout_s']
+    try:
+      return storage_lib.wait_for(
+          collect, f'round {round_index}\'s recovery records (pair keys with {unmask})',
+          timeout_s=timeout, poll_s=self.fed['poll_s'])
+    except storage_lib.WaitTimeout:
+      raise RecoveryMissingError(
+          f'round {round_index} failed: {", ".join(f"silo {s} ({r})" for s, r in problems.items())}'
+          f' did not publish a valid recovery record (its pair keys with dropped '
+          f'{", ".join(unmask)}) within secagg_recovery_timeout_s={timeout:g}s; nothing of '
+          f'global round {round_index + 1} was written. Fix: restart {", ".join(problems)} (a '
+          'silo publishes it while it waits and when it starts), then rerun the aggregator: it '
+          'finishes the round.') from None
 
   def downlink_step(self, base, stepped, residual):
     """(next global leaf, its published update payload, next residual E') of one leaf.
@@ -482,8 +562,14 @@ def init_run(config, storage_root: str, run_id: str | None = None,
   optimizer = outer.make_outer_optimizer(config.outer)
   store = storage_lib.RunStorage(storage_root, save_host_gb=1)
   store.check_no_run()
+  secure = config.federation.secure_aggregation
+  config_lib.require(
+      keys_dir or not secure, 'federation.secure_aggregation',
+      'True in an unsigned run: the silos\' X25519 keys in run.json and their recovery records '
+      'must be signed', 'use a signed run: pass --keys, the aggregator\'s folder with every '
+      'silo_<id>.pub and silo_<id>.x25519.pub')
   secret = signing.load_secret(keys_dir, signing.AGGREGATOR) if keys_dir else None
-  public_keys = (signing.run_public_keys(keys_dir, config.federation.silos)
+  public_keys = (signing.run_public_keys(keys_dir, config.federation.silos, secure)
                  if keys_dir else None)
   sign = (lambda record: signing.sign(record, secret)) if secret else (lambda record: record)
   model = trainer_lib.ShardedModel(config)

@@ -176,6 +176,13 @@ def base_config() -> ml_collections.ConfigDict:
       # fragment is still exchanged every H steps and one exchange moves 1/P of the model.
       # federation.rounds counts these fragment rounds: P x the rounds for the same tokens.
       fragments=1,
+      # Pairwise-masked secure aggregation (Bonawitz et al. 2017; fedpt/secagg.py): the
+      # aggregator reads only the weighted sum of the deltas. Each silo clips its delta to
+      # secagg_clip (L2) and encodes it in fixed point; a survivor reveals its pair keys with
+      # a dropped silo within secagg_recovery_timeout_s or the round fails. Signed runs only.
+      secure_aggregation=False,
+      secagg_clip=1.0,
+      secagg_recovery_timeout_s=600.0,
   ))
   c.outer = ml_collections.ConfigDict(dict(
       # fedavg (plain averaging) beat the paper's diloco (Nesterov) at 8-40 rounds in
@@ -323,6 +330,8 @@ RANGES = (
     ('federation.drop_probability', _in(0, 1, high_open=True),
      'use 0 (off), or e.g. 0.5 to study lossy links'),
     ('federation.keep_last_rounds', _in(1, None), 'keep at least the newest round'),
+    ('federation.secagg_clip', _POSITIVE, 'use the L2 bound of a delta, e.g. 1.0'),
+    ('federation.secagg_recovery_timeout_s', _POSITIVE, 'use seconds > 0, e.g. 600'),
     ('federation.keep_every_rounds', _NON_NEGATIVE, 'use 0 (none) or e.g. 10'),
     ('personal.steps', _NON_NEGATIVE, 'use 0 (off) or a few hundred steps'),
     ('personal.lr', _POSITIVE, 'set a positive learning rate, e.g. 3e-4'),

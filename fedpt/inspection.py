@@ -60,8 +60,20 @@ def describe_global_round(store: storage_lib.RunStorage, round_index: int | None
       'contributors': metas[0]['contributors'], 'tokens': metas[0]['tokens'],
       'weights': {e['silo']: e['weight'] for e in (manifest or {}).get('included', [])},
       'rejected': [e['silo'] for e in (manifest or {}).get('rejected', [])],
+      'secure_aggregation': _secure_aggregation(store, run, round_index - 1, manifest),
       **_summary(_leaf_rows(shapes, dtypes, hashes)),
   }
+
+
+def _secure_aggregation(store, run, round_index: int, manifest: dict | None) -> str | None:
+  """How round `round_index`'s masked deltas were summed: the format and recovery records."""
+  if not protocol.secure_aggregation(run) or manifest is None:
+    return None
+  unmask = manifest.get('unmask', [])
+  return ('masked fixed-point deltas (secagg), summed; '
+          + (f"masks of {', '.join(unmask)} removed with the recovery records of "
+             f"{', '.join(store.recovery_silos(round_index)) or 'none (collected)'}"
+             if unmask else 'every listed silo in, no recovery needed'))
 
 
 def describe_private_checkpoint(workdir: str, step: int | None = None) -> dict:
@@ -83,7 +95,7 @@ def describe_private_checkpoint(workdir: str, step: int | None = None) -> dict:
 def render(info: dict) -> str:
   lines = [f"{info['source']}"]
   for key in ('run_id', 'round', 'silo', 'step', 'global_hash', 'signatures', 'contributors',
-              'tokens', 'weights', 'rejected', 'config_changes'):
+              'tokens', 'weights', 'rejected', 'secure_aggregation', 'config_changes'):
     if info.get(key) not in (None, [], {}):
       # A silo's checkpoint number is not a train step; it is what --step takes.
       label = 'checkpoint (--step)' if key == 'step' and info.get('phase') else key

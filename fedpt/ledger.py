@@ -136,6 +136,7 @@ def round_record(store: storage_lib.RunStorage, run: dict, round_index: int,
     down = {s: update if update is not None and s in published else model_nbytes
             for s in protocol.silo_ids(run)}
   bytes_up, bytes_down = sum(up.values()), sum(down.values())
+  secure = protocol.secure_aggregation(run)
   return {
       'round': round_index,
       'status': status,
@@ -150,9 +151,13 @@ def round_record(store: storage_lib.RunStorage, run: dict, round_index: int,
       'dp_by_silo': {e['silo']: dict(e['dp']) for e in included if e.get('dp')},
       'tokens_by_silo': {e['silo']: int(e['tokens']) for e in included},
       'steps_by_silo': {e['silo']: int(e['steps']) for e in included},
-      'norm_by_silo': {e['silo']: float(e.get('measured_norm', e.get('delta_norm')))
-                       for e in included if e.get('measured_norm', e.get('delta_norm'))
-                       is not None},
+      'norm_by_silo': {} if secure else {  # A masked delta's norm is not measured.
+          e['silo']: float(e.get('measured_norm', e.get('delta_norm')))
+          for e in included if e.get('measured_norm', e.get('delta_norm')) is not None},
+      # Secure aggregation: whose masks the survivors reveal (the manifest's `unmask`), and
+      # which survivors' recovery records are in the bucket.
+      'unmask': list(manifest.get('unmask', [])) if manifest is not None else [],
+      'recovery_published': store.recovery_silos(round_index) if secure else [],
       'bytes_up': bytes_up,
       'bytes_down': bytes_down,
       'bytes_up_by_silo': up,
@@ -283,6 +288,10 @@ def render_table(rows: list[dict], run: dict, initial_hash: str | None = None) -
            + (f" over {count} fragments (a round: H/{count} steps and one fragment)"
               if count > 1 else '')
            + (f" (round budgets {', '.join(budgets)})" if budgets else '')]
+  if protocol.secure_aggregation(run):
+    lines.append(f"secure aggregation: deltas are masked fixed point ('secagg'), each clipped "
+                 f"by its silo to L2 {run['federation']['secagg_clip']:g}; the aggregator "
+                 'reads only their weighted sum')
   if rows:
     lines.append(f"global round 0: hash {(initial_hash or '-')[:12]}, "
                  f"held-out loss {_fmt_loss(rows[0]['base_eval_loss'])}")
@@ -293,6 +302,12 @@ def render_table(rows: list[dict], run: dict, initial_hash: str | None = None) -
     rejected = '; '.join(f"{e['silo']}: {e['reason']}" for e in row['rejected'])
     if row['missing']:
       rejected = '; '.join(filter(None, [rejected, f"missing {','.join(row['missing'])}"]))
+    if row['unmask']:
+      owed = sorted(set(row['contributors']) - set(row['recovery_published']))
+      rejected = '; '.join(filter(None, [rejected, (
+          f"masks of {','.join(row['unmask'])}: recovery records from "
+          f"{','.join(row['recovery_published']) or '-'}"
+          + (f", awaiting {','.join(owed)}" if owed else ''))]))
     if row['waiting_for']:
       rejected = '; '.join(filter(None, [rejected,
                                          f"waiting for {','.join(row['waiting_for'])}"]))

@@ -26,6 +26,7 @@ from fedpt import errors
 from fedpt import fragments as fragments_lib
 from fedpt import outer
 from fedpt import records
+from fedpt import secagg
 from fedpt import trees
 
 
@@ -98,6 +99,30 @@ def delta_format(record: dict) -> tuple[str, int, compression.TopK]:
   topk = record.get('topk')
   return (record['compression'], record['block_size'],
           compression.TopK(**topk) if topk is not None else compression.TopK())
+
+
+def secure_aggregation(run: dict) -> bool:
+  """Whether `run`'s deltas are pairwise-masked (`federation.secure_aggregation`, fedpt/secagg.py)."""
+  return bool(run['federation'].get('secure_aggregation', False))
+
+
+def upload_format(run: dict) -> str:
+  """The `compression` every delta of `run` declares: 'secagg' (masked fixed point) or the
+  run's `federation.compression`."""
+  return secagg.FORMAT if secure_aggregation(run) else run['federation']['compression']
+
+
+def secagg_scale(run: dict) -> float:
+  """The one fixed-point scale of every silo of `run` (`secagg.scale`: K silos, the clip)."""
+  return secagg.scale(len(run['silos']), run['federation']['secagg_clip'])
+
+
+def secagg_numerator(run: dict, silo: str, tokens: int) -> float:
+  """a_i = tokens_i x weight_i / A_max, A_max the largest planned tokens x weight of a round
+  over the listed silos (all public in run.json): |a_i| <= 1, and a_i / sum a_j is the
+  manifest's weight (`outer.aggregation_weights`)."""
+  cap = max(round_steps(run, s['id']) * tokens_per_step(run) * s['weight'] for s in run['silos'])
+  return tokens * silo_entry(run, silo)['weight'] / cap
 
 
 def downlink_residual_name(leaf: str) -> str:
@@ -185,11 +210,47 @@ def validate_federation(config) -> None:
           f'{fed.fragments} fragments with inner.drift_correction=\'scaffold\': SCAFFOLD\'s '
           'control variates are defined for whole-model rounds',
           'use fragments=1 with scaffold, or drift_correction=none or fedprox')
+  if fed.secure_aggregation:
+    _check_secure_aggregation(config, require)
   require(fed.overlap != 'eager' or fed.robust == 'mean', 'overlap',
           f'\'eager\' with federation.robust={fed.robust!r}: a silo\'s own part of a '
           'coordinate-wise robust aggregate is not defined, so it cannot be swapped',
           'use federation.robust=mean (clip_multiple and reject_norm_multiple still apply), '
           'or overlap=delayed')
+
+
+def _check_secure_aggregation(config, require) -> None:
+  """What pairwise masking cannot carry: the aggregator sees no single delta."""
+  fed = config.federation
+  why = 'with federation.secure_aggregation=True'
+  require(len(fed.silos) >= 3, 'silos',
+          f'{len(fed.silos)} silos {why}: with two silos the sum reveals the other\'s delta',
+          'use at least 3 silos, or secure_aggregation=False')
+  require(not 0 < fed.min_silos < 3, 'min_silos',
+          f'{fed.min_silos} {why}: every silo reads the global update, so a round of two '
+          'reveals each delta to the other', 'use 0 (every silo) or a quorum of at least 3')
+  require(fed.robust == 'mean', 'robust',
+          f'{fed.robust!r} {why}: a median or trimmed mean needs each delta, and the '
+          'aggregator sees only their sum', 'use federation.robust=mean')
+  for field in ('clip_multiple', 'reject_norm_multiple'):
+    require(not fed[field], field,
+            f'{fed[field]} {why}: the aggregator cannot measure a masked delta\'s norm (the '
+            'silo-side federation.secagg_clip is the bound)', f'set federation.{field}=0')
+  require(fed.compression == 'none', 'compression',
+          f'{fed.compression!r} {why}: the fixed-point encoding replaces quantised formats',
+          'set federation.compression=none')
+  require(not fed.error_feedback, 'error_feedback',
+          f'True {why}: there is no quantisation residual to keep',
+          'set federation.error_feedback=False')
+  require(config.inner.drift_correction != 'scaffold', 'secure_aggregation',
+          'True with inner.drift_correction=\'scaffold\': the control variates would need '
+          'masking too', 'use drift_correction=none or fedprox, or secure_aggregation=False')
+  require(fed.overlap != 'eager', 'overlap',
+          f'\'eager\' {why}: a silo would need its own part of the unmasked mean',
+          'use overlap=delayed or none')
+  require(not fed.drop_probability, 'drop_probability',
+          f'{fed.drop_probability} {why}: revealing the masks of a delta that arrived would '
+          'expose it', 'set federation.drop_probability=0')
 
 
 def check_run(run: dict) -> None:
@@ -473,10 +534,10 @@ def _check_claims(run: dict, silo: str, record: dict) -> str | None:
   """The numbers a delta claims (its meta.json, or its manifest entry), checked for type,
   finiteness and plausibility against the run's contract and the silo's declaration."""
   fed, entry = run['federation'], silo_entry(run, silo)
-  if (record.get('compression') != fed['compression']
+  if (record.get('compression') != upload_format(run)
       or record.get('block_size') != fed['block_size']):
     return (f'compression {record.get("compression")!r} with block size '
-            f'{record.get("block_size")!r} is not the run\'s {fed["compression"]!r} with '
+            f'{record.get("block_size")!r} is not the run\'s {upload_format(run)!r} with '
             f'{fed["block_size"]}')
   if record.get('topk') != topk_record(fed):
     return (f'topk parameters {record.get("topk")!r} are not the run\'s '
@@ -563,7 +624,8 @@ def _check_delta_meta(run, round_index, silo, meta, base_hash, leaf_shapes, chec
   for name, shape in leaf_shapes.items():
     if tuple(tree[name]['shape']) != tuple(shape):
       return f'parameter {name} has shape {tree[name]["shape"]}, expected {list(shape)}'
-    expected = compression.payload_spec(shape, fmt, block_size, topk)
+    expected = (secagg_payload_spec(shape) if fmt == secagg.FORMAT
+                else compression.payload_spec(shape, fmt, block_size, topk))
     if with_control:  # delta_c_i, uncompressed: SCAFFOLD's c must not drift by rounding.
       expected = {**expected, CONTROL: (tuple(shape), 'float32')}
       nbytes += 4 * math.prod(shape)
@@ -571,13 +633,19 @@ def _check_delta_meta(run, round_index, silo, meta, base_hash, leaf_shapes, chec
     if declared != expected:
       return (f'parameter {name} payload layout {declared} is not the {fmt} '
               f'layout {expected} (wrong shape or dtype)')
-    nbytes += compression.compressed_nbytes(shape, fmt, block_size, topk)
+    nbytes += (4 * math.prod(shape) if fmt == secagg.FORMAT
+               else compression.compressed_nbytes(shape, fmt, block_size, topk))
   if meta.get('bytes') != nbytes:
     return f'claims {meta.get("bytes")!r} bytes; its payload layout holds {nbytes}'
   hashes = meta.get('payload_hashes') or {}
   if trees.tree_hash(hashes) != meta.get('content_hash'):
     return 'payload hashes do not match the content hash'
   return None
+
+
+def secagg_payload_spec(shape) -> dict:
+  """A masked leaf's payload layout: its uint32 values y_i (`secagg.MASKED`)."""
+  return {secagg.MASKED: (tuple(shape), 'uint32')}
 
 
 def check_stored_layout(meta: dict, stored: dict) -> str | None:
@@ -682,7 +750,7 @@ def decide_round(run: dict, round_index: int, base_hash: str | None, committed: 
       entry['clip_factor'] = 1.0
     for entry, factor in zip(active, factors):
       entry['clip_factor'] = float(factor)
-  return {
+  manifest = {
       'round': round_index, 'run_id': run['run_id'], 'base_global_hash': base_hash,
       'fragment': round_fragment(run, round_index), 'included': included, 'rejected': rejected,
       'missing': sorted(set(silo_ids(run)) - set(committed)),
@@ -690,6 +758,15 @@ def decide_round(run: dict, round_index: int, base_hash: str | None, committed: 
       'robust': {'method': fed.get('robust', 'mean'), 'trim': fed.get('trim', 1),
                  'clip_multiple': fed.get('clip_multiple', 0.0)},
   }
+  if secure_aggregation(run):
+    manifest['unmask'] = unmasked_silos(run, included)
+  return manifest
+
+
+def unmasked_silos(run: dict, included: list[dict]) -> list[str]:
+  """Secure aggregation: the listed silos whose pair masks the included ones must reveal
+  (missing, rejected or late): every listed silo not in the sum."""
+  return sorted(set(silo_ids(run)) - {e['silo'] for e in included})
 
 
 def check_manifest(run: dict, round_index: int, manifest) -> str | None:
@@ -733,6 +810,9 @@ def check_manifest(run: dict, round_index: int, manifest) -> str | None:
       return 'it lists silos that are not in run.json as missing or late'
     if not records.is_number(manifest['decided_after_s']):
       return f'decided_after_s {manifest["decided_after_s"]!r} is not a number'
+    if secure_aggregation(run) and manifest['unmask'] != unmasked_silos(run, included):
+      return (f'its unmask list {manifest["unmask"]!r} is not every listed silo outside its '
+              'included ones')
   except records.MALFORMED as e:
     return records.malformed(e)
   return None
@@ -755,6 +835,40 @@ def check_still_included(round_index: int, entry: dict, meta: dict | None) -> st
     return (f'silo {entry["silo"]}\'s delta of round {round_index} changed after the manifest '
             'included it: the bucket was modified mid-round. Fix: restore the delta, or rerun '
             'this round from a copy of the bucket; nothing was written.')
+  return None
+
+
+# -- secure aggregation: a survivor's recovery record ------------------------------------------
+
+
+def recovery_record(run: dict, round_index: int, silo: str, keys: dict) -> dict:
+  """rounds/r/recovery/silo_<id>.json: survivor `silo`'s round-r pair keys k_iX,r (hex) with
+  each silo X of the manifest's `unmask` list, and nothing else (never s_iX)."""
+  return {'run_id': run['run_id'], 'round': round_index, 'silo': silo,
+          'pair_keys': {peer: key.hex() for peer, key in sorted(keys.items())}}
+
+
+def check_recovery(run: dict, round_index: int, silo: str, record, unmask: list[str],
+                   check_signature=None) -> str | None:
+  """Why a recovery record must not be used to unmask round `round_index`, or None."""
+  if not isinstance(record, dict):
+    return 'not a JSON object'
+  try:
+    reason = _check_author(run, silo, record, check_signature)
+    if reason:
+      return reason
+    if (record.get('run_id') != run['run_id'] or record.get('round') != round_index
+        or record.get('silo') != silo):
+      return (f'it says run {record.get("run_id")!r} round {record.get("round")!r} silo '
+              f'{record.get("silo")!r} (a replayed or moved record)')
+    keys = record['pair_keys']
+    if sorted(keys) != sorted(unmask):
+      return f'it reveals pair keys with {sorted(keys)}, not with {sorted(unmask)}'
+    if not all(isinstance(k, str) and len(k) == 2 * secagg.KEY_BYTES
+               and len(bytes.fromhex(k)) == secagg.KEY_BYTES for k in keys.values()):
+      return 'a pair key is not 32 bytes of hex'
+  except records.MALFORMED as e:
+    return records.malformed(e)
   return None
 
 

@@ -2,7 +2,10 @@
 
 Every party holds its secret key in its own private storage (never the bucket).
 A key folder holds `<name>.key` (PKCS#8 PEM, mode 0600) and `<name>.pub`; names
-are `aggregator` and `silo_<id>`. The aggregator's folder also holds every
+are `aggregator` and `silo_<id>`. A silo also has an X25519 key pair,
+`<name>.x25519.key` and `<name>.x25519.pub`, for secure aggregation's pairwise
+masks (fedpt/secagg.py); a run with `federation.secure_aggregation` lists those
+public keys in run.json as `public_keys.x25519`. The aggregator's folder also holds every
 silo's `.pub`, and each silo's folder holds `aggregator.pub`, exchanged out of
 band: that pinned aggregator key is what makes run.json itself trustworthy.
 
@@ -16,11 +19,13 @@ import os
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives.asymmetric import x25519
 
 from fedpt import errors
 
 SIGNATURE = 'signature'
 AGGREGATOR = 'aggregator'
+X25519 = 'x25519'  # The key-file infix and run.json's `public_keys` entry of the mask keys.
 
 
 class KeyFileError(errors.UserError, ValueError):
@@ -61,24 +66,32 @@ def public_pem(secret_key: ed25519.Ed25519PrivateKey) -> str:
 
 
 def generate(keys_dir: str, name: str) -> str:
-  """Writes a new key pair `<name>.key` (0600) and `<name>.pub`; never overwrites one."""
+  """Writes a new key pair `<name>.key` (0600) and `<name>.pub`; never overwrites one.
+
+  A silo's X25519 pair (`<name>.x25519.key`, `.pub`) is written beside it.
+  """
   keys_dir = os.path.expanduser(keys_dir)
   os.makedirs(keys_dir, mode=0o700, exist_ok=True)
-  secret_path = os.path.join(keys_dir, f'{name}.key')
-  public_path = os.path.join(keys_dir, f'{name}.pub')
-  for path in (secret_path, public_path):
-    if os.path.exists(path):
-      raise KeyFileError(f'{path} already exists; keys are never overwritten. Fix: use it, '
-                         'or move it away on purpose and generate again.')
-  secret_key = ed25519.Ed25519PrivateKey.generate()
-  pem = secret_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                 serialization.NoEncryption())
-  fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-  with os.fdopen(fd, 'wb') as f:
-    f.write(pem)
-  with open(public_path, 'w', encoding='ascii') as f:
-    f.write(public_pem(secret_key))
-  return public_path
+  kinds = [(name, ed25519.Ed25519PrivateKey)]
+  if name != AGGREGATOR:
+    kinds.append((f'{name}.{X25519}', x25519.X25519PrivateKey))
+  for stem, _ in kinds:
+    for path in (os.path.join(keys_dir, f'{stem}.key'), os.path.join(keys_dir, f'{stem}.pub')):
+      if os.path.exists(path):
+        raise KeyFileError(f'{path} already exists; keys are never overwritten. Fix: use it, '
+                           'or move it away on purpose and generate again.')
+  for stem, kind in kinds:
+    secret_key = kind.generate()
+    pem = secret_key.private_bytes(serialization.Encoding.PEM,
+                                   serialization.PrivateFormat.PKCS8,
+                                   serialization.NoEncryption())
+    fd = os.open(os.path.join(keys_dir, f'{stem}.key'), os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                 0o600)
+    with os.fdopen(fd, 'wb') as f:
+      f.write(pem)
+    with open(os.path.join(keys_dir, f'{stem}.pub'), 'w', encoding='ascii') as f:
+      f.write(public_pem(secret_key))
+  return os.path.join(keys_dir, f'{name}.pub')
 
 
 def generate_named(keys_dir: str, names) -> list[str]:
@@ -93,7 +106,8 @@ def generate_named(keys_dir: str, names) -> list[str]:
   return [generate(keys_dir, name) for name in names]
 
 
-def load_secret(keys_dir: str, name: str) -> ed25519.Ed25519PrivateKey:
+def load_secret(keys_dir: str, name: str, kind=ed25519.Ed25519PrivateKey):
+  """`<name>.key` of `keys_dir`: an Ed25519 key, or of `kind` (X25519: `<silo>.x25519`)."""
   keys_dir = os.path.expanduser(keys_dir)
   path = os.path.join(keys_dir, f'{name}.key')
   try:
@@ -102,16 +116,21 @@ def load_secret(keys_dir: str, name: str) -> ed25519.Ed25519PrivateKey:
   except FileNotFoundError:
     raise KeyFileError(
         f'secret key {path} not found. Fix: create it with scripts/keys.py --keys={keys_dir} '
-        f'--names={name}, or pass the --keys folder that holds it.') from None
+        f'--names={name.split(".")[0]}, or pass the --keys folder that holds it.') from None
   except (ValueError, TypeError) as e:
     raise KeyFileError(f'{path} is not a PEM private key ({e}). Fix: regenerate it with '
                        'scripts/keys.py.') from None
-  if not isinstance(key, ed25519.Ed25519PrivateKey):
-    raise KeyFileError(f'{path} is not an Ed25519 key. Fix: generate one with scripts/keys.py.')
+  if not isinstance(key, kind):
+    raise KeyFileError(f'{path} is not an {_KIND_NAMES[kind]} key. Fix: generate one with '
+                       'scripts/keys.py.')
   return key
 
 
-def load_public(keys_dir: str, name: str) -> str:
+_KIND_NAMES = {ed25519.Ed25519PrivateKey: 'Ed25519', x25519.X25519PrivateKey: 'X25519',
+               ed25519.Ed25519PublicKey: 'Ed25519', x25519.X25519PublicKey: 'X25519'}
+
+
+def load_public(keys_dir: str, name: str, kind=ed25519.Ed25519PublicKey) -> str:
   keys_dir = os.path.expanduser(keys_dir)
   path = os.path.join(keys_dir, f'{name}.pub')
   try:
@@ -121,22 +140,31 @@ def load_public(keys_dir: str, name: str) -> str:
   except FileNotFoundError:
     raise KeyFileError(
         f'public key {path} not found. Fix: copy {name}.pub from its owner into {keys_dir} '
-        f'(its owner makes it with scripts/keys.py --keys=<its folder> --names={name}).'
-    ) from None
+        f'(its owner makes it with scripts/keys.py --keys=<its folder> '
+        f'--names={name.split(".")[0]}).') from None
   except (ValueError, UnicodeDecodeError) as e:
     raise KeyFileError(f'{path} is not a PEM public key ({e}). Fix: ask its owner for the '
                        'file written by scripts/keys.py.') from None
-  if not isinstance(key, ed25519.Ed25519PublicKey):
-    raise KeyFileError(f'{path} is not an Ed25519 public key. Fix: use scripts/keys.py.')
+  if not isinstance(key, kind):
+    raise KeyFileError(f'{path} is not an {_KIND_NAMES[kind]} public key. Fix: use '
+                       'scripts/keys.py.')
   return pem
 
 
-def run_public_keys(keys_dir: str, silo_ids) -> dict:
+def x25519_name(silo_id: str) -> str:
+  """The key-file stem of silo `silo_id`'s X25519 (mask) key pair."""
+  return f'{silo_key_name(silo_id)}.{X25519}'
+
+
+def run_public_keys(keys_dir: str, silo_ids, secure_aggregation: bool = False) -> dict:
   """The `public_keys` entry of run.json, from the aggregator operator's key folder.
 
-  Every missing .pub is named at once: collecting them is a round trip to each party.
+  With secure aggregation it lists every silo's X25519 key too (`x25519`). Every
+  missing .pub is named at once: collecting them is a round trip to each party.
   """
   names = [AGGREGATOR, *(silo_key_name(s) for s in silo_ids)]
+  if secure_aggregation:
+    names += [x25519_name(s) for s in silo_ids]
   missing = [n for n in names
              if not os.path.exists(os.path.join(os.path.expanduser(keys_dir), f'{n}.pub'))]
   if missing:
@@ -144,9 +172,18 @@ def run_public_keys(keys_dir: str, silo_ids) -> dict:
         f'{len(missing)} public key(s) missing from {keys_dir}: '
         f'{", ".join(f"{n}.pub" for n in missing)}. Fix: each party makes its own key pair '
         '(scripts/keys.py --keys=<its private folder> --names=<its name>, e.g. '
-        f'--names={missing[0]}) and sends you its .pub; copy them into {keys_dir}, then rerun')
-  return {AGGREGATOR: load_public(keys_dir, AGGREGATOR),
+        f'--names={missing[0].split(".")[0]}) and sends you its .pub; copy them into {keys_dir}, then rerun')
+  keys = {AGGREGATOR: load_public(keys_dir, AGGREGATOR),
           'silos': {s: load_public(keys_dir, silo_key_name(s)) for s in silo_ids}}
+  if secure_aggregation:
+    keys[X25519] = {s: load_public(keys_dir, x25519_name(s), x25519.X25519PublicKey)
+                    for s in silo_ids}
+  return keys
+
+
+def load_x25519_secret(keys_dir: str, silo_id: str) -> x25519.X25519PrivateKey:
+  """Silo `silo_id`'s X25519 secret key (`silo_<id>.x25519.key`), for its pair secrets."""
+  return load_secret(keys_dir, x25519_name(silo_id), x25519.X25519PrivateKey)
 
 
 class Identity:

@@ -31,6 +31,7 @@ from fedpt import multihost
 from fedpt import outer
 from fedpt import personal
 from fedpt import protocol
+from fedpt import secagg
 from fedpt import sharding
 from fedpt import signing
 from fedpt import storage as storage_lib
@@ -67,9 +68,23 @@ def _compress_delta(global_flat, local_flat, residual_flat, fed, names, mesh=Non
   return payload, (new_residual if residual_flat is not None else None), nbytes, norm_sq ** 0.5
 
 
+def _masked_delta(run, silo_id, global_flat, local_flat, names, fragment, tokens, pair_keys):
+  """Secure aggregation's payload of leaves `names`: y_i per leaf (`secagg.mask_delta`), on
+  the host. Its norm is not disclosed: the meta's delta_norm is 0."""
+  count = protocol.fragments(run)
+  deltas = {name: np.asarray(jax.device_get(
+      fragments_lib.take(global_flat[name], fragment, count).astype(jnp.float32)
+      - fragments_lib.take(local_flat[name], fragment, count).astype(jnp.float32)))
+            for name in names}
+  payload = secagg.mask_delta(
+      silo_id, deltas, protocol.secagg_numerator(run, silo_id, tokens),
+      run['federation']['secagg_clip'], protocol.secagg_scale(run), pair_keys, fragment)
+  return payload, None, sum(compression.payload_nbytes(p) for p in payload.values()), 0.0
+
+
 def make_delta(run, round_index, silo_id, base_hash, global_flat, local_flat, residual_flat,
                fed, *, steps, tokens, train_loss, global_eval_loss=None, inner_seconds=0.0,
-               mesh=None, control_flat=None, dp=None):
+               mesh=None, control_flat=None, dp=None, pair_keys=None):
   """The compressed pseudo-gradient, the next error-feedback residual and the delta's meta.json.
 
   `dp` (privacy.dp): the silo's spent {'epsilon', 'delta'}; its train loss is then not
@@ -78,15 +93,20 @@ def make_delta(run, round_index, silo_id, base_hash, global_flat, local_flat, re
   With `mesh` the payload stays sharded on the silo's devices (a multi-host
   silo writes it from every host); without, it is host numpy. Private leaves
   (`protocol.is_private`) are not in it at all. `control_flat` (SCAFFOLD) is the
-  silo's delta_c_i per shared leaf, added to each leaf's payload.
+  silo's delta_c_i per shared leaf, added to each leaf's payload. With secure
+  aggregation the payload is masked with `pair_keys` ({peer: k_ij,r}, every other silo).
   """
   fragment = protocol.round_fragment(run, round_index)
   names = fragments_lib.fragment_shapes(
       {n: global_flat[n].shape for n in protocol.shared_leaves(run, global_flat)}, fragment,
       protocol.fragments(run))
-  payload, new_residual, nbytes, delta_norm = _compress_delta(
-      global_flat, local_flat, residual_flat, fed, names, mesh, control_flat, fragment,
-      protocol.fragments(run))
+  if protocol.secure_aggregation(run):
+    payload, new_residual, nbytes, delta_norm = _masked_delta(
+        run, silo_id, global_flat, local_flat, names, fragment, tokens, pair_keys)
+  else:
+    payload, new_residual, nbytes, delta_norm = _compress_delta(
+        global_flat, local_flat, residual_flat, fed, names, mesh, control_flat, fragment,
+        protocol.fragments(run))
   hashes = {f'{name}/{k}': storage_lib.array_hash(v)
             for name, leaf in payload.items() for k, v in leaf.items()}
   meta = protocol.delta_meta(
@@ -95,7 +115,7 @@ def make_delta(run, round_index, silo_id, base_hash, global_flat, local_flat, re
       payload_layout={name: {k: [list(v.shape), str(v.dtype)] for k, v in leaf.items()}
                       for name, leaf in payload.items()},
       payload_hashes=hashes, content_hash=trees.tree_hash(hashes),
-      compression_format=fed.compression, block_size=fed.block_size,
+      compression_format=protocol.upload_format(run), block_size=fed.block_size,
       topk=protocol.topk_record(fed), nbytes=nbytes,
       delta_norm=delta_norm, steps=steps, tokens=tokens, train_loss=train_loss,
       global_eval_loss=global_eval_loss, inner_seconds=inner_seconds,
@@ -242,6 +262,8 @@ class _Silo:
     self.run = self.store.read_run()
     protocol.check_silo_listed(self.run, silo_id)
     self.identity = signing.party_identity(self.run, keys_dir, signing.silo_key_name(silo_id))
+    self.pairs = self._pair_secrets(keys_dir) if protocol.secure_aggregation(self.run) else None
+    self.revealed = set()  # Secure aggregation: rounds whose recovery this silo has settled.
     self.config = config = self._join_config(config, typed or frozenset(), record, changed)
     self.fed = config.federation
     self.drift = config.inner.drift_correction
@@ -295,6 +317,66 @@ class _Silo:
     self.private.save(state, position, {
         'residual': residual, 'residual_base': residual_base, 'control': self.control,
         'control_base': control_base, **self.eager})
+
+  def _pair_secrets(self, keys_dir):
+    """Secure aggregation: this silo's X25519 shared secrets with every other listed silo."""
+    if multihost.is_multihost():
+      raise config_lib.ConfigError(
+          'federation.secure_aggregation', 'True in a multi-host silo: masking runs on one '
+          'host\'s copy of the delta', 'run the silo on one host, or create the run without '
+          'secure aggregation')
+    if self.identity is None:
+      raise signing.KeyFileError(
+          'this run uses secure aggregation, which needs a signed run and this silo\'s keys. '
+          'Fix: pass --keys, the folder with silo_<id>.key and silo_<id>.x25519.key.')
+    listed = (self.run.get('public_keys') or {}).get(signing.X25519) or {}
+    own = signing.load_x25519_secret(keys_dir, self.silo_id)
+    if sorted(listed) != sorted(protocol.silo_ids(self.run)) or ''.join(
+        listed[self.silo_id].split()) != ''.join(signing.public_pem(own).split()):
+      raise signing.KeyFileError(
+          f'run.json does not list the X25519 key of {keys_dir}/'
+          f'{signing.x25519_name(self.silo_id)}.key for every silo. Fix: send '
+          f'{signing.x25519_name(self.silo_id)}.pub to the run\'s operator before the run is '
+          'created, or pass the --keys folder with the right key.')
+    return secagg.PairSecrets(self.silo_id, own, listed)
+
+  def reveal_pair_keys(self, round_index: int) -> None:
+    """Publishes this silo's recovery records of rounds up to `round_index` that need one.
+
+    A round's signed manifest that includes this silo and lists dropped silos (`unmask`)
+    needs this silo's round pair keys with them, and only those. Idempotent (a record
+    already there and valid is kept), so it runs on every wait poll and at every start.
+    """
+    if self.pairs is None:
+      return
+    for r in range(max(0, round_index - 2), round_index + 1):
+      if r in self.revealed:
+        continue
+      manifest = self.store.read_manifest(r)
+      if manifest is None:
+        continue
+      if self.identity.check_aggregator(manifest) is None and self.silo_id in {
+          e['silo'] for e in manifest['included']} and manifest.get('unmask'):
+        unmask = manifest['unmask']
+        found = self.store.read_recovery(r, self.silo_id)
+        if found is None or protocol.check_recovery(
+            self.run, r, self.silo_id, found, unmask, self.identity.check_silo):
+          record = protocol.recovery_record(
+              self.run, r, self.silo_id, self.pairs.round_keys(self.run['run_id'], r, unmask))
+          self.store.publish_recovery(r, self.silo_id, self.identity.sign(record))
+          self.log(f'round {r}: published the pair keys of that round with dropped silo(s) '
+                   f'{", ".join(unmask)} so that the aggregator can remove their masks')
+      self.revealed.add(r)
+
+  def upload_delta(self, round_index, payload, meta) -> bool:
+    """Commits a delta, except with secure aggregation once its round was decided: this
+    silo was dropped and its peers may reveal their masks with it, which would expose it."""
+    if self.pairs is not None and self.store.read_manifest(round_index) is not None:
+      self.log(f'round {round_index} was decided without this silo; its masked delta is not '
+               'uploaded (its peers reveal their masks with it)')
+      return False
+    self.store.publish_delta(round_index, self.silo_id, payload, meta)
+    return True
 
   def model_round(self, round_index: int) -> int:
     """The global round a silo in round `round_index` starts from; the last one after the end."""
@@ -516,6 +598,7 @@ class _Silo:
     decided: it must be republished, or the round never ends.
     """
     def newer():
+      self.reveal_pair_keys(position.round)
       if self.prefetched_round() == needed:  # Committed: the download thread has it.
         return needed
       r = self.store.latest_global_round()
@@ -771,7 +854,8 @@ class _Silo:
         train_loss=None if self.trainer.budget else train_loss,
         global_eval_loss=position.global_eval, inner_seconds=inner_seconds,
         mesh=self.trainer.mesh, control_flat=control_flat,
-        dp=self.trainer.budget.spent(int(state['step'])) if self.trainer.budget else None)
+        dp=self.trainer.budget.spent(int(state['step'])) if self.trainer.budget else None,
+        pair_keys=self.pairs and self.pairs.round_keys(self.run['run_id'], position.round))
     if not np.isfinite(meta['delta_norm']):
       local = trees.flatten_params(state['params'])
       bad = [n for n in sorted(local) if not bool(jnp.all(jnp.isfinite(local[n])))]
@@ -852,10 +936,12 @@ class _Silo:
 
     def upload():
       upload_start = time.monotonic()
-      self.store.publish_delta(position.round, self.silo_id, payload, meta)
-      return time.monotonic() - upload_start
+      uploaded = self.upload_delta(position.round, payload, meta)
+      return time.monotonic() - upload_start if uploaded else None
 
     def committed(upload_s):
+      if upload_s is None:  # Not uploaded: the round was decided without it.
+        return
       seconds['upload'] = upload_s
       faults.crash_point('silo_published', meta['round'])
       self.log(f'round {meta["round"]} published ({meta["steps"]} steps, '
@@ -889,7 +975,7 @@ class _Silo:
         self.store.global_hash(self.model_round(position.round)),
         0.0, self.control_delta(position, state, self.control_base))
     if self.clear_own_path(position, meta):
-      self.store.publish_delta(position.round, self.silo_id, payload, meta)
+      self.upload_delta(position.round, payload, meta)
 
   def ensure_published(self, position, state):
     """On resuming from a 'published' checkpoint: the delta is committed, or the round
@@ -927,6 +1013,7 @@ class _Silo:
       return self.summary
     self.announce()
     state, residual, position = self.join_or_resume()
+    self.reveal_pair_keys(position.round)  # Owed from before a stop (kill -9 safe).
     if position.phase == Phase.PUBLISHED and position.round < self.total_rounds:
       self.ensure_published(position, state)
     step = int(state['step'])  # The data position; tracked on the host from here on.
@@ -976,6 +1063,7 @@ class _Silo:
       starts = self.round_io.round_starts
       if len(starts) > 1 and self.summary['rounds']:  # Wall time from that round's start.
         self.summary['rounds'][-1]['seconds'].setdefault('wall', starts[-1] - starts[-2])
+      self.reveal_pair_keys(position.round - 1)  # Overlapped rounds may not wait in between.
       if self.trainer.budget is not None:  # Stops before a round past its target epsilon.
         self.trainer.budget.check_room(
             step, step + self.round_steps - len(position.losses), f'round {position.round}')

@@ -737,6 +737,25 @@ class RunStorage:
   def read_manifest(self, round_index: int) -> dict | None:
     return self.read_json(self.manifest_path(round_index))
 
+  # -- secure aggregation's recovery records ----------------------------------------
+
+  def recovery_path(self, round_index: int, silo: str) -> epath.Path:
+    return self.round_dir(round_index) / 'recovery' / f'silo_{silo}.json'
+
+  def publish_recovery(self, round_index: int, silo: str, record: dict) -> None:
+    """A survivor's signed pair keys with the round's dropped silos (`protocol.recovery_record`)."""
+    self.write_json(self.recovery_path(round_index, silo), record)
+
+  def read_recovery(self, round_index: int, silo: str) -> dict | None:
+    """Unvetted: `protocol.check_recovery` decides whether it may unmask anything."""
+    return self.read_json(self.recovery_path(round_index, silo))
+
+  def recovery_silos(self, round_index: int) -> list[str]:
+    """The silos with a recovery record in round `round_index` (the ledger's listing)."""
+    return sorted(p.name[len('silo_'):-len('.json')]
+                  for p in self.list_dir(self.round_dir(round_index) / 'recovery')
+                  if p.name.startswith('silo_') and p.name.endswith('.json'))
+
   # -- leases ---------------------------------------------------------------------
 
   def lease_path(self, name: str) -> epath.Path:
@@ -748,7 +767,7 @@ class RunStorage:
     """Removes a global round and its deltas; the manifest stays as the run's ledger."""
     self.remove_tree(self.global_dir(round_index))
     for p in self.list_dir(self.round_dir(round_index)):
-      if p.name.startswith('silo_'):
+      if p.name.startswith('silo_') or p.name == 'recovery':  # Pair keys: no longer needed.
         self.remove_tree(p)
 
 

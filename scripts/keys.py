@@ -1,12 +1,14 @@
-r"""Generates Ed25519 key pairs for the parties of a federated run.
+r"""Generates Ed25519 key pairs for the parties of a federated run (and each silo's X25519
+pair, `silo_<id>.x25519.key` / `.pub`, for secure aggregation's masks).
 
 Each organisation runs this in its own private storage and shares only the .pub:
 
   python scripts/keys.py --keys=~/fedpt-keys --names=silo_web         # a silo
   python scripts/keys.py --keys=~/fedpt-keys --names=aggregator       # the operator
 
-The operator copies every silo_<id>.pub into its folder before init_run.py
---keys=...; each silo copies aggregator.pub into its own folder. Secret keys
+The operator copies every silo_<id>.pub (and, for secure aggregation, silo_<id>.x25519.pub)
+into its folder before init_run.py --keys=...; each silo copies aggregator.pub into its own
+folder. Secret keys
 (.key, mode 0600) never leave their owner's folder and never go to the bucket.
 """
 import os
@@ -31,7 +33,9 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   for path in cli.run_or_explain(signing.generate_named, os.path.expanduser(FLAGS.keys),
                                  FLAGS.names):
-    print(f'wrote {path} (share it) and its .key (keep it private)')
+    x25519 = path[:-len('.pub')] + f'.{signing.X25519}.pub'
+    extra = f' and {x25519} (share it too)' if os.path.exists(x25519) else ''
+    print(f'wrote {path} (share it){extra} and their .key (keep them private)')
 
 
 if __name__ == '__main__':

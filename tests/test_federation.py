@@ -280,23 +280,25 @@ def _cli_overrides(config):
           f'--config.federation.compression={fed.compression}']
 
 
-def _run_federation(repo_root, config, root, workdir, crashes=None):
+def _run_federation(repo_root, config, root, workdir, crashes=None, keys=None, extra=()):
   """Runs every silo and the aggregator as processes, each crashing at its listed points in turn.
 
   A process killed by its crash point is restarted exactly as an operator would, with
-  the next crash point (or none) in its environment.
+  the next crash point (or none) in its environment. `keys`: one folder holding every
+  party's keys (a signed run); `extra`: more --config overrides for init_run and the silos.
   """
   config_flag = f'--config={repo_root / "configs" / "tiny.py"}'
-  overrides = _cli_overrides(config)
+  overrides = _cli_overrides(config) + list(extra)
+  keys_flag = [f'--keys={keys}'] if keys else []
   subprocess.run([sys.executable, str(repo_root / 'scripts' / 'init_run.py'), config_flag,
-                  f'--storage={root}', '--run_id=crashtest'] + overrides,
+                  f'--storage={root}', '--run_id=crashtest'] + overrides + keys_flag,
                  check=True, capture_output=True, timeout=300)
   commands = {f'silo_{s}': [sys.executable, str(repo_root / 'scripts' / 'train.py'),
                             config_flag, f'--silo={s}', f'--storage={root}',
-                            f'--workdir={workdir}/{s}'] + overrides
+                            f'--workdir={workdir}/{s}'] + overrides + keys_flag
               for s in config.federation.silos}
   commands['aggregator'] = [sys.executable, str(repo_root / 'scripts' / 'aggregate.py'),
-                            f'--storage={root}']
+                            f'--storage={root}'] + keys_flag
   pending = {name: list(points) for name, points in (crashes or {}).items()}
   logs = {}
 

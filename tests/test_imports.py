@@ -57,11 +57,13 @@ def test_only_entry_points_and_the_simulation_import_the_silo_worker():
 
 def test_the_protocol_is_pure():
   assert _imports(MODULES['protocol'], top_level_only=False) <= {
-      'compression', 'config', 'errors', 'fragments', 'outer', 'records', 'trees'}
+      'compression', 'config', 'errors', 'fragments', 'outer', 'records', 'secagg', 'trees'}
   assert _imports(MODULES['records'], top_level_only=False) <= {'config', 'errors'}
-  source = MODULES['protocol'].read_text()
-  for io in ('RunStorage', 'epath', 'open(', 'jax.device'):
-    assert io not in source, io
+  assert _imports(MODULES['secagg'], top_level_only=False) == set()  # Crypto and numpy only.
+  for module in ('protocol', 'secagg'):
+    source = MODULES[module].read_text()
+    for io in ('RunStorage', 'epath', 'open(', 'jax.device'):
+      assert io not in source, (module, io)
 
 
 def test_the_bucket_layer_needs_no_round_math():
