@@ -123,8 +123,8 @@ def test_remat_policies_do_not_change_gradients(policy):
     cfg = _tiny(remat=name)
     model = model_lib.Transformer(cfg, nnx.Rngs(0))
     graphdef, params = nnx.graphdef(model), nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    grads[name] = jax.grad(lambda p: inner.loss_and_metrics(
-        p, tokens, graphdef=graphdef, z_loss=0.0)[0])(params)
+    grads[name] = jax.jit(jax.grad(lambda p: inner.loss_and_metrics(  # One compile, not
+        p, tokens, graphdef=graphdef, z_loss=0.0)[0]))(params)  # one per eager op.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                grads['none'], grads[policy])
 
@@ -138,10 +138,11 @@ def test_unrolled_layers_compute_what_the_scan_computes(remat):
     cfg = _tiny(remat=remat, scan_layers=scan)
     model = model_lib.Transformer(cfg, nnx.Rngs(0))
     graphdef, params = nnx.graphdef(model), nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    loss, grads = jax.value_and_grad(lambda p: inner.loss_and_metrics(
-        p, tokens, graphdef=graphdef, z_loss=1e-3)[0])(params)
-    _, cache = nnx.merge(graphdef, nnx.state(model))(
-        tokens, cache=model_lib.init_cache(cfg, 2, 12), cache_index=0)
+    loss, grads = jax.jit(jax.value_and_grad(lambda p: inner.loss_and_metrics(
+        p, tokens, graphdef=graphdef, z_loss=1e-3)[0]))(params)
+    state = nnx.state(model)
+    _, cache = jax.jit(lambda state: nnx.merge(graphdef, state)(
+        tokens, cache=model_lib.init_cache(cfg, 2, 12), cache_index=0))(state)
     out[scan] = (params, loss, grads, cache)
   jax.tree.map(np.testing.assert_array_equal, out[True][0], out[False][0])  # One layout.
   np.testing.assert_allclose(out[False][1], out[True][1], rtol=1e-6)

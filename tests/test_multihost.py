@@ -159,7 +159,9 @@ def _assert_matches_reference(store, reference_store):
 
 
 @pytest.mark.slow
-def test_two_hosts_equal_one_host_through_sigterm_and_kill_9(reference, repo_root, tmp_path):
+def test_two_hosts_equal_one_host_through_sigterm(reference, repo_root, tmp_path):
+  """A notice to one host checkpoints both; the resumed silo ends as one host would.
+  (kill -9 and a resume from the periodic checkpoint: test_fragments, test_overlap.)"""
   config, reference_store = reference
   run = TwoHostSilo(repo_root, config, str(tmp_path / 'bucket'), str(tmp_path))
   try:
@@ -170,17 +172,9 @@ def test_two_hosts_equal_one_host_through_sigterm_and_kill_9(reference, repo_roo
     assert (progress['phase'], progress['round']) == ('training', 0), progress
     assert INNER_STEPS // 2 < progress['steps_done'] < INNER_STEPS
     assert f'checkpointed round 0 after {progress["steps_done"]} inner steps' in run.logs()
-    # Resumed mid-round 0; then both hosts die mid-way through round 1.
-    codes = run.wait(run.start_hosts(crash_at=('silo_inner@1', 'silo_inner@1')))
-    assert all(code != 0 for code in codes), run.logs()
-    assert f'resumed in round 0 (training, {progress["steps_done"]} inner' in run.logs()
-    # The newest checkpoint is train.checkpoint_every's (tiny: 50) at step 50, round 1's
-    # second step: both hosts resume there, mid-round.
-    progress = run.private_meta()
-    assert (progress['phase'], progress['round'], progress['steps_done']) == (
-        'training', 1, 50 - INNER_STEPS), progress
+    # Both hosts resume mid-round 0 and finish.
     assert run.wait(run.start_hosts()) == [0, 0], run.logs()
-    assert f'resumed in round 1 (training, {50 - INNER_STEPS} inner steps done)' in run.logs()
+    assert f'resumed in round 0 (training, {progress["steps_done"]} inner' in run.logs()
   finally:
     run.close()
   store = storage_lib.RunStorage(str(tmp_path / 'bucket'))
