@@ -259,6 +259,17 @@ def _write_record(workdir: str, record: dict) -> None:
       os.chmod(path, 0o600)  # The noise seed is a secret of this silo.
 
 
+def private_from_start(config_record: dict | None) -> bool:
+  """Whether a workdir's config record (config.json) shows DP on from its first step.
+
+  A change that turned it on (`config_changes`) means steps trained without it.
+  """
+  record = config_record or {}
+  turned_on = any(change.get('changes', {}).get('privacy.dp.enabled', {}).get('from') is False
+                  for change in record.get('config_changes', []))
+  return bool(record.get('privacy.dp.enabled')) and not turned_on
+
+
 def open_budget(config, workdir: str, *, windows: int, planned_steps: int, start_step: int,
                 restored: bool, was_private: bool = False,
                 log_prefix: str = '') -> Budget | None:
@@ -268,16 +279,17 @@ def open_budget(config, workdir: str, *, windows: int, planned_steps: int, start
   target_epsilon over `planned_steps`); every resume reuses both, and refuses a change of
   the DP settings or of the data's shape that would void the accounting. `restored`: the
   state is a checkpoint of this workdir (at `start_step`); a start that is not, below the
-  steps the record has spent, is refused. `was_private`: the workdir's config record had
-  privacy.dp.enabled before this start.
+  steps the record has spent, is refused. `was_private`: the workdir's config record shows
+  DP on from its start (`private_from_start`; a silo rewrites it before this check, so a
+  privacy.json counts too where DP is off).
   """
   dp = config.privacy.dp
   path = record_path(workdir)
   if not dp.enabled:
-    if was_private and start_step > 0:
+    if start_step > 0 and (was_private or path.exists()):
       raise PrivacyError(
-          f'privacy.dp.enabled=False, but {workdir} trained its {start_step} steps with DP: '
-          'its later deltas would carry no epsilon while its data is already spent. Fix: '
+          f'privacy.dp.enabled=False, but {workdir} trained with DP ({start_step} steps so far, '
+          f'{RECORD}): its later deltas would carry no epsilon while its data is already spent. Fix: '
           'resume with privacy.dp.enabled=True, or start a new workdir without DP')
     return None
   batch = config.data.global_batch

@@ -252,7 +252,7 @@ class Trainer(ShardedModel):
     self.budget = privacy.open_budget(
         self.config, workdir, windows=self.train_data.num_windows(self.config.data.seq_len),
         planned_steps=self.total_steps, start_step=start_step, restored=restored,
-        was_private=bool((config_record or {}).get('privacy.dp.enabled')),
+        was_private=privacy.private_from_start(config_record),
         log_prefix=self.log_prefix)
     if self.budget is not None:
       self._noise = jax.device_put(
@@ -437,8 +437,8 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None, *,
   logger, finished = None, False
   try:
     state, start = restore_or_init(trainer, checkpointer)
-    record_config(workdir, config, record, changed, start, note)
     trainer.open_privacy(workdir, start, restored=start > 0, config_record=record)
+    record_config(workdir, config, record, changed, start, note)  # Not before a DP refusal.
     if trainer.budget is not None:
       end = min(stop_at_step or trainer.total_steps, trainer.total_steps)
       trainer.budget.check_room(start, end, f'train.steps={trainer.total_steps}')

@@ -251,11 +251,16 @@ def test_a_lost_record_and_dp_turned_off_are_refused(tmp_path):
   config.privacy.dp.enabled = False
   message = _refusal(_open, config, tmp_path, start_step=4, restored=True, was_private=True)
   assert message == (
-      f'privacy.dp.enabled=False, but {tmp_path} trained its 4 steps with DP: its later deltas '
-      'would carry no epsilon while its data is already spent. Fix: resume with '
-      'privacy.dp.enabled=True, or start a new workdir without DP')
+      f'privacy.dp.enabled=False, but {tmp_path} trained with DP (4 steps so far, privacy.json): '
+      'its later deltas would carry no epsilon while its data is already spent. Fix: resume '
+      'with privacy.dp.enabled=True, or start a new workdir without DP')
   assert _open(config, tmp_path, was_private=True) is None  # Nothing trained yet: a new start.
-  assert not (tmp_path / privacy.RECORD).exists()
+  assert _open(config, tmp_path, start_step=4, restored=True) is None  # Never private.
+  # Its privacy.json says so too, when config.json already records DP off (a silo writes it
+  # before this check): a second try is refused the same way.
+  _open(_dp_config(), tmp_path)
+  assert 'trained with DP (4 steps so far' in _refusal(_open, config, tmp_path, start_step=4,
+                                                       restored=True)
 
 
 def test_epsilon_is_cached_per_epoch_not_per_step():
@@ -266,3 +271,13 @@ def test_epsilon_is_cached_per_epoch_not_per_step():
   after = privacy._epsilon_of_uses.cache_info()  # pylint: disable=protected-access
   assert (after.hits, after.misses) == (before.hits + 1, before.misses)
   assert budget.epsilon(13) > first  # Step 13 starts the second epoch.
+
+
+def test_a_config_record_shows_dp_on_from_the_start_unless_a_change_turned_it_on():
+  on = {'privacy.dp.enabled': True}
+  assert privacy.private_from_start(on) and not privacy.private_from_start(None)
+  assert not privacy.private_from_start({'privacy.dp.enabled': False})
+  assert not privacy.private_from_start({**on, 'config_changes': [{'step': 4, 'changes': {
+      'privacy.dp.enabled': {'from': False, 'to': True}}}]})
+  assert privacy.private_from_start({**on, 'config_changes': [{'step': 4, 'changes': {
+      'train.steps': {'from': 4, 'to': 8}}}]})
