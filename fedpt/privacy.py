@@ -244,7 +244,8 @@ def _read_record(workdir: str) -> dict | None:
                        f'{_RESTORE_FIX}') from None
   except OSError as e:
     raise PrivacyError(f'{path} cannot be read ({errors.one_line(e)}). Fix: give this party '
-                       'read access to it; without it this workdir cannot continue privately')
+                       'read access to it; without it this workdir cannot continue '
+                       'privately') from None
   problem = _record_problem(record)
   if problem:
     raise PrivacyError(f'{path} is not a privacy record ({problem}). {_RESTORE_FIX}')
@@ -289,8 +290,8 @@ def open_budget(config, workdir: str, *, windows: int, planned_steps: int, start
     if start_step > 0 and (was_private or path.exists()):
       raise PrivacyError(
           f'privacy.dp.enabled=False, but {workdir} trained with DP ({start_step} steps so far, '
-          f'{RECORD}): its later deltas would carry no epsilon while its data is already spent. Fix: '
-          'resume with privacy.dp.enabled=True, or start a new workdir without DP')
+          f'{RECORD}): its later deltas would carry no epsilon while its data is already '
+          'spent. Fix: resume with privacy.dp.enabled=True, or start a new workdir without DP')
     return None
   batch = config.data.global_batch
   config_lib.require(

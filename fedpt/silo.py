@@ -288,6 +288,7 @@ class _Silo:
         config.train.async_checkpoints)
     self.preemption = multihost.Preemption()
     self.logger = None  # trainer.StepLogger, once the resumed step is known.
+    self.restored = False  # Whether `join_or_resume` restored a private checkpoint (DP).
     self.round_io = _RoundIO()
     self.summary = {'silo': silo_id, 'rounds': [], 'preempted': False}
     self.residual_base = None  # Error feedback: the residual the last delta was built with.
