@@ -25,6 +25,9 @@ INNER_OPTIMIZERS = ('adamw', 'muon')
 # privacy.dp.accountant: dp_accounting's privacy-loss-distribution or Renyi accountant
 # (fedpt/privacy.py; docs/privacy.md says what they assume).
 DP_ACCOUNTANTS = ('pld', 'rdp')
+# privacy.dp.noise_multiplier's least value (privacy.MIN_NOISE_MULTIPLIER): the PLD of a
+# smaller sigma takes seconds and gigabytes, and its epsilon is too large to mean much.
+DP_MIN_NOISE_MULTIPLIER = 0.3
 # federation.overlap: a silo's next inner phase overlaps the outer step of the round it just
 # published (Kale, Douillard, Donchev, arXiv 2502.12996); docs/protocol.md gives the rules.
 OVERLAP_MODES = ('none', 'delayed', 'eager')
@@ -411,6 +414,12 @@ def validate(config) -> None:
            'both set' if dp.noise_multiplier > 0 else 'neither it nor target_epsilon is set'),
           'give one: privacy.dp.noise_multiplier (sigma) or privacy.dp.target_epsilon (sigma '
           'is then derived)')
+  require(not dp.noise_multiplier or dp.noise_multiplier >= DP_MIN_NOISE_MULTIPLIER,
+          'privacy.dp.noise_multiplier',
+          f'{dp.noise_multiplier} is below {DP_MIN_NOISE_MULTIPLIER}: its accounting takes '
+          'seconds and gigabytes per epoch, for an epsilon too large to protect anything',
+          f'use a noise multiplier >= {DP_MIN_NOISE_MULTIPLIER} (e.g. 1.0), or 0 with '
+          'target_epsilon')
   fed = config.federation
   require(fed.overlap in OVERLAP_MODES, 'federation.overlap', f'unknown mode {fed.overlap!r}',
           f'use one of {OVERLAP_MODES}')

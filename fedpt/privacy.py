@@ -20,7 +20,10 @@ docs/privacy.md states the guarantee; in short:
 
 The noise key is a 64-bit secret drawn from the OS at the workdir's first DP start and
 kept, with the sigma it trains with, in `<workdir>/privacy.json` (never published): the
-run's seed is public, and noise an adversary can regenerate protects nothing.
+run's seed is public, and noise an adversary can regenerate protects nothing. The record
+also keeps the high water of the steps trained (`steps`): epsilon is per workdir, and a
+start that is not a restore of its checkpoints would restart it and reuse the noise keys
+fold_in(seed, step) on other parameters, so it is refused.
 """
 import dataclasses
 import functools
@@ -41,7 +44,9 @@ from fedpt import storage as storage_lib
 RECORD = 'privacy.json'
 # The fields whose change mid-run would void the accounting (compared on every resume).
 SETTINGS = ('clip_norm', 'noise_multiplier', 'target_epsilon', 'delta')
-MIN_NOISE_MULTIPLIER = 0.3  # The least sigma `calibrate` returns.
+# The least sigma: `calibrate`'s floor and the config's (the PLD of a smaller one takes
+# seconds and gigabytes).
+MIN_NOISE_MULTIPLIER = config_lib.DP_MIN_NOISE_MULTIPLIER
 
 
 class PrivacyError(errors.UserError, RuntimeError):
@@ -67,7 +72,10 @@ def uses(steps: int, batch: int, windows: int) -> tuple[int, int]:
 def dp_event(noise_multiplier: float, steps: int, batch: int,
              windows: int) -> dp_accounting.DpEvent:
   """The DpEvent of `steps` DP-SGD steps for the worst-case window (`uses`)."""
-  single, double = uses(steps, batch, windows)
+  return _uses_event(noise_multiplier, *uses(steps, batch, windows))
+
+
+def _uses_event(noise_multiplier: float, single: int, double: int) -> dp_accounting.DpEvent:
   events = []
   if single:
     events.append(dp_accounting.SelfComposedDpEvent(
@@ -122,11 +130,25 @@ class Budget:
   batch: int
   noise_seed: tuple[int, int]  # Two uint32 words: the noise key's data (secret).
 
-  @functools.lru_cache(maxsize=64)
+  record: dict | None = dataclasses.field(default=None, compare=False, repr=False)
+  workdir: str | None = None  # Where `record` lives: `reach` keeps its high water there.
+
   def epsilon(self, steps: int) -> float:
     """Epsilon spent after `steps` steps of this workdir (at `delta`)."""
-    return epsilon(self.noise_multiplier, steps, self.batch, self.windows, self.delta,
-                   self.accountant)
+    return _epsilon_of_uses(self.noise_multiplier, uses(steps, self.batch, self.windows),
+                            self.delta, self.accountant)
+
+  def reach(self, steps: int) -> None:
+    """Records `steps` as trained in the workdir's privacy.json, if above its high water.
+
+    Called where steps become durable (a checkpoint, before a delta is published): a
+    later start below it that is not a restore of a checkpoint is refused (`open_budget`).
+    """
+    if self.record is None or steps <= self.record.get('steps', 0):
+      return
+    self.record['steps'] = int(steps)
+    if multihost.is_leader():
+      _write_record(self.workdir, self.record)
 
   def spent(self, steps: int) -> dict:
     """What a silo publishes with a delta: {'epsilon', 'delta'}, numbers only."""
@@ -154,6 +176,14 @@ class Budget:
             'accountant, no amplification: a shuffled pass)')
 
 
+@functools.lru_cache(maxsize=64)
+def _epsilon_of_uses(noise_multiplier: float, window_uses: tuple[int, int], delta: float,
+                     accountant: str) -> float:
+  """Cached by the uses, which change once per epoch: a PLD takes a while."""
+  return make_accountant(accountant).compose(
+      _uses_event(noise_multiplier, *window_uses)).get_epsilon(delta)
+
+
 def _settings(dp, delta: float) -> dict:
   return {'clip_norm': dp.clip_norm, 'noise_multiplier': dp.noise_multiplier,
           'target_epsilon': dp.target_epsilon, 'delta': delta}
@@ -163,28 +193,105 @@ def record_path(workdir: str) -> epath.Path:
   return epath.Path(workdir) / RECORD
 
 
+_RESTORE_FIX = ('Fix: restore it from a backup; without its noise seed and multiplier this '
+                'workdir cannot continue privately, so start a new workdir')
+
+
+def _number(value, low: float, high: float = math.inf) -> bool:
+  return (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and low <= value < high)
+
+
+def _record_problem(record) -> str | None:
+  """What is wrong with the form of a privacy.json (`open_budget` writes it), or None."""
+  if not isinstance(record, dict):
+    return f'a JSON {type(record).__name__}, not an object'
+  missing = [k for k in ('settings', 'noise_multiplier', 'windows', 'global_batch',
+                         'noise_seed') if k not in record]
+  if missing:
+    return f'no {", ".join(missing)}'
+  settings = record['settings']
+  if not isinstance(settings, dict) or sorted(settings) != sorted(SETTINGS):
+    return f'settings must hold {", ".join(SETTINGS)}'
+  bad = [k for k in SETTINGS if not _number(settings[k], 0.0)]
+  if bad:
+    return f'settings.{bad[0]} is {settings[bad[0]]!r}, not a number >= 0'
+  if not _number(record['noise_multiplier'], MIN_NOISE_MULTIPLIER):
+    return (f'noise_multiplier is {record["noise_multiplier"]!r}, not a number >= '
+            f'{MIN_NOISE_MULTIPLIER}')
+  for key in ('windows', 'global_batch'):
+    if not (_number(record[key], 1) and isinstance(record[key], int)):
+      return f'{key} is {record[key]!r}, not a positive integer'
+  seed = record['noise_seed']
+  if not (isinstance(seed, list) and len(seed) == 2
+          and all(isinstance(w, int) and _number(w, 0, 2**32) for w in seed)):
+    return f'noise_seed is {seed!r}, not two integers in [0, 2^32)'
+  steps = record.get('steps', 0)
+  if not (isinstance(steps, int) and _number(steps, 0)):
+    return f'steps is {steps!r}, not an integer >= 0'
+  return None
+
+
 def _read_record(workdir: str) -> dict | None:
+  """The workdir's privacy.json, None if absent; PrivacyError (one line) if unusable."""
   path = record_path(workdir)
   try:
-    return json.loads(path.read_text())
+    record = json.loads(path.read_text())
   except FileNotFoundError:
     return None
   except ValueError as e:
-    raise PrivacyError(f'{path} is not readable JSON ({errors.one_line(e)}). Fix: restore it; '
-                       'without its noise seed and multiplier this workdir cannot continue '
-                       'privately, so start a new workdir') from None
+    raise PrivacyError(f'{path} is not readable JSON ({errors.one_line(e)}). '
+                       f'{_RESTORE_FIX}') from None
+  except OSError as e:
+    raise PrivacyError(f'{path} cannot be read ({errors.one_line(e)}). Fix: give this party '
+                       'read access to it; without it this workdir cannot continue '
+                       'privately') from None
+  problem = _record_problem(record)
+  if problem:
+    raise PrivacyError(f'{path} is not a privacy record ({problem}). {_RESTORE_FIX}')
+  return record
 
 
-def open_budget(config, workdir: str, *, windows: int, planned_steps: int,
-                start_step: int, log_prefix: str = '') -> Budget | None:
+def _write_record(workdir: str, record: dict) -> None:
+  path = record_path(workdir)
+  with errors.refusals(f'writing {path}', workdir):
+    storage_lib.write_atomically(path, json.dumps(record, indent=1) + '\n')
+    if not str(path).startswith('gs://'):
+      os.chmod(path, 0o600)  # The noise seed is a secret of this silo.
+
+
+def private_from_start(config_record: dict | None) -> bool:
+  """Whether a workdir's config record (config.json) shows DP on from its first step.
+
+  A change that turned it on (`config_changes`) means steps trained without it.
+  """
+  record = config_record or {}
+  turned_on = any(change.get('changes', {}).get('privacy.dp.enabled', {}).get('from') is False
+                  for change in record.get('config_changes', []))
+  return bool(record.get('privacy.dp.enabled')) and not turned_on
+
+
+def open_budget(config, workdir: str, *, windows: int, planned_steps: int, start_step: int,
+                restored: bool, was_private: bool = False,
+                log_prefix: str = '') -> Budget | None:
   """The workdir's `Budget` (None without privacy.dp.enabled), pinned in its privacy.json.
 
   The first start draws the noise seed and fixes sigma (given, or calibrated to
   target_epsilon over `planned_steps`); every resume reuses both, and refuses a change of
-  the DP settings or of the data's shape that would void the accounting.
+  the DP settings or of the data's shape that would void the accounting. `restored`: the
+  state is a checkpoint of this workdir (at `start_step`); a start that is not, below the
+  steps the record has spent, is refused. `was_private`: the workdir's config record shows
+  DP on from its start (`private_from_start`; a silo rewrites it before this check, so a
+  privacy.json counts too where DP is off).
   """
   dp = config.privacy.dp
+  path = record_path(workdir)
   if not dp.enabled:
+    if start_step > 0 and (was_private or path.exists()):
+      raise PrivacyError(
+          f'privacy.dp.enabled=False, but {workdir} trained with DP ({start_step} steps so far, '
+          f'{RECORD}): its later deltas would carry no epsilon while its data is already '
+          'spent. Fix: resume with privacy.dp.enabled=True, or start a new workdir without DP')
     return None
   batch = config.data.global_batch
   config_lib.require(
@@ -193,8 +300,12 @@ def open_budget(config, workdir: str, *, windows: int, planned_steps: int,
       'step would hold a sequence several times', 'use more data or a smaller global batch')
   delta = dp.delta or 1.0 / windows
   record = _read_record(workdir)
-  path = record_path(workdir)
   if record is None:
+    if start_step > 0 and was_private:
+      raise PrivacyError(
+          f'{path} is missing, but {workdir} trained {start_step} steps with privacy.dp (its '
+          'config record says so): without its noise seed and spent steps this workdir cannot '
+          f'continue privately. Fix: restore {RECORD} from a backup, or start a new workdir')
     if start_step > 0:
       raise PrivacyError(
           f'privacy.dp is on, but {workdir} trained {start_step} steps without it (no '
@@ -204,12 +315,9 @@ def open_budget(config, workdir: str, *, windows: int, planned_steps: int,
     seed = secrets.randbits(64)
     record = {'settings': _settings(dp, delta), 'noise_multiplier': sigma,
               'windows': windows, 'global_batch': batch,
-              'noise_seed': [seed & 0xFFFFFFFF, seed >> 32]}
+              'noise_seed': [seed & 0xFFFFFFFF, seed >> 32], 'steps': 0}
     if multihost.is_leader():
-      with errors.refusals(f'writing {path}', workdir):
-        storage_lib.write_atomically(path, json.dumps(record, indent=1) + '\n')
-        if not str(path).startswith('gs://'):
-          os.chmod(path, 0o600)  # The noise seed is a secret of this silo.
+      _write_record(workdir, record)
     multihost.barrier('fedpt_privacy_record')
     record = _read_record(workdir) if multihost.is_multihost() else record
   else:
@@ -223,6 +331,14 @@ def open_budget(config, workdir: str, *, windows: int, planned_steps: int,
           f'({config_lib.describe(changed)}); a change mid-run voids its accounting. Fix: '
           'resume with the recorded values, or start a new workdir')
   budget = Budget(dp.clip_norm, float(record['noise_multiplier']), delta, dp.target_epsilon,
-                  dp.accountant, windows, batch, tuple(record['noise_seed']))
+                  dp.accountant, windows, batch, tuple(record['noise_seed']), record, workdir)
+  spent = record.get('steps', 0)
+  if spent and not restored:
+    raise PrivacyError(
+        f'{path} records {spent} DP steps already trained (epsilon {budget.epsilon(spent):.4g}, '
+        f'delta {delta:.3g}), but {workdir} has no checkpoint of them to resume: starting at '
+        f'step {start_step} would restart the accounting and reuse their noise on other '
+        'parameters. Fix: restore the checkpoints, or start a new workdir (its epsilon adds '
+        'to this one\'s: docs/privacy.md)')
   metrics_lib.log(f'{log_prefix}{budget.describe(planned_steps)}')
   return budget

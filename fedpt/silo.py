@@ -257,6 +257,7 @@ class _Silo:
     self.silo_id = silo_id
     self.workdir = workdir
     config, record, changed = _own_config(config, workdir, typed, allow_config_change)
+    self.config_record = record  # As before this start: did the workdir train with DP?
     sharding.maybe_initialize_distributed(config.distributed)
     self.store = storage_lib.RunStorage(storage_root)
     self.run = self.store.read_run()
@@ -287,6 +288,7 @@ class _Silo:
         config.train.async_checkpoints)
     self.preemption = multihost.Preemption()
     self.logger = None  # trainer.StepLogger, once the resumed step is known.
+    self.restored = False  # Whether `join_or_resume` restored a private checkpoint (DP).
     self.round_io = _RoundIO()
     self.summary = {'silo': silo_id, 'rounds': [], 'preempted': False}
     self.residual_base = None  # Error feedback: the residual the last delta was built with.
@@ -311,9 +313,12 @@ class _Silo:
   def save(self, state, residual, position, residual_base=None, control_base=None):
     """A private checkpoint of the silo's state, with its control variates (SCAFFOLD).
 
-    Background uploads finish first: a checkpoint never runs ahead of the bucket.
+    Background uploads finish first: a checkpoint never runs ahead of the bucket. DP: the
+    privacy record's high water goes first (before a delta is published, too).
     """
     self.settle()
+    if self.trainer.budget is not None:
+      self.trainer.budget.reach(int(state['step']))
     self.private.save(state, position, {
         'residual': residual, 'residual_base': residual_base, 'control': self.control,
         'control_base': control_base, **self.eager})
@@ -568,6 +573,7 @@ class _Silo:
   def join_or_resume(self):
     """(state, residual, Position): the newest private checkpoint, or the newest global."""
     restored = self.private.restore()
+    self.restored = restored is not None
     if restored is not None:
       state, extras, position = restored
       residual, self.residual_base, self.control, self.control_base = (
@@ -1017,7 +1023,8 @@ class _Silo:
     if position.phase == Phase.PUBLISHED and position.round < self.total_rounds:
       self.ensure_published(position, state)
     step = int(state['step'])  # The data position; tracked on the host from here on.
-    self.trainer.open_privacy(self.workdir, step)
+    self.trainer.open_privacy(self.workdir, step, restored=self.restored,
+                              config_record=self.config_record)
     self.logger = trainer_lib.StepLogger(self.trainer, self.workdir, step, self.private.note)
     rounds_done = 0
     while True:

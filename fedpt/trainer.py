@@ -242,11 +242,18 @@ class Trainer(ShardedModel):
 
   # -- steps ------------------------------------------------------------------
 
-  def open_privacy(self, workdir: str, start_step: int) -> None:
-    """privacy.dp: the workdir's noise seed and sigma (`privacy.open_budget`), for the step."""
+  def open_privacy(self, workdir: str, start_step: int, *, restored: bool,
+                   config_record: dict | None) -> None:
+    """privacy.dp: the workdir's noise seed and sigma (`privacy.open_budget`), for the step.
+
+    `restored`: the state is the workdir's checkpoint; `config_record`: its config.json as
+    it was before this start (did it train with DP?).
+    """
     self.budget = privacy.open_budget(
         self.config, workdir, windows=self.train_data.num_windows(self.config.data.seq_len),
-        planned_steps=self.total_steps, start_step=start_step, log_prefix=self.log_prefix)
+        planned_steps=self.total_steps, start_step=start_step, restored=restored,
+        was_private=privacy.private_from_start(config_record),
+        log_prefix=self.log_prefix)
     if self.budget is not None:
       self._noise = jax.device_put(
           (np.asarray(self.budget.noise_seed, np.uint32),
@@ -430,8 +437,8 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None, *,
   logger, finished = None, False
   try:
     state, start = restore_or_init(trainer, checkpointer)
-    record_config(workdir, config, record, changed, start, note)
-    trainer.open_privacy(workdir, start)
+    trainer.open_privacy(workdir, start, restored=start > 0, config_record=record)
+    record_config(workdir, config, record, changed, start, note)  # Not before a DP refusal.
     if trainer.budget is not None:
       end = min(stop_at_step or trainer.total_steps, trainer.total_steps)
       trainer.budget.check_room(start, end, f'train.steps={trainer.total_steps}')
@@ -457,6 +464,8 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None, *,
       preempted = preemption.reached(step)
       if (metrics_lib.itstime(step, cfg.checkpoint_every, trainer.total_steps) or preempted
           or step == last):
+        if trainer.budget is not None:
+          trainer.budget.reach(step)  # The high water first: the checkpoint may land.
         checkpointer.save(step, state, {**meta, 'step': step})
       if preempted:
         metrics_lib.log(f'{preemption.cause}: checkpointed step {step}; exiting with status '

@@ -392,6 +392,7 @@ def test_bucket_holds_no_canary_text_or_token_ids(fed_config, tmp_path, gcs_buck
   # DP: canary_a's metas carry its epsilon after the round's steps (dp_accounting's, for
   # its pinned sigma), and no train loss; the other silos', a loss and no dp.
   dp_record = json.loads((workdirs['canary_a'] / privacy.RECORD).read_text())
+  assert dp_record['steps'] == 4  # Its high water: 2 rounds of H=2, kept as they were published.
   windows = data.TokenDataset(canary_corpus, 'train').num_windows(config.data.seq_len)
   for r in range(2):
     metas = {s: scan.json_objects[f'rounds/{r:06d}/silo_{s}/meta.json'] for s in silo_configs}
