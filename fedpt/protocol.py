@@ -838,14 +838,38 @@ def check_still_included(round_index: int, entry: dict, meta: dict | None) -> st
   return None
 
 
-# -- secure aggregation: a survivor's recovery record ------------------------------------------
+# -- secure aggregation: an included silo's recovery record ------------------------------------
 
 
-def recovery_record(run: dict, round_index: int, silo: str, keys: dict) -> dict:
-  """rounds/r/recovery/silo_<id>.json: survivor `silo`'s round-r pair keys k_iX,r (hex) with
-  each silo X of the manifest's `unmask` list, and nothing else (never s_iX)."""
-  return {'run_id': run['run_id'], 'round': round_index, 'silo': silo,
+def recovery_record(run: dict, round_index: int, silo: str, own_key: bytes, keys: dict) -> dict:
+  """rounds/r/recovery/silo_<id>.json: included silo `silo`'s round-r self-mask key b_i,r and
+  its pair keys k_iX,r (hex) with each silo X of the manifest's `unmask` list, and nothing else
+  (never s_iX, never another round's key)."""
+  return {'run_id': run['run_id'], 'round': round_index, 'silo': silo, 'self_key': own_key.hex(),
           'pair_keys': {peer: key.hex() for peer, key in sorted(keys.items())}}
+
+
+def reveal_problem(run: dict, round_index: int, silo: str, manifest, check_signature) -> str | None:
+  """Why silo `silo` must not publish its round-`round_index` recovery record against
+  `manifest`, or None: the aggregator signed it, it is this run's manifest of this round
+  (a replayed one would open another round's masks), and it includes `silo` (a silo left out
+  never reveals its self key: its masked delta, if in the bucket, stays masked)."""
+  if manifest is None:
+    return 'the round is not decided'
+  reason = check_signature(manifest) or check_manifest(run, round_index, manifest)
+  if reason:
+    return f'its manifest is not valid ({reason})'
+  if silo not in {e['silo'] for e in manifest['included']}:
+    return NOT_INCLUDED
+  return None
+
+
+NOT_INCLUDED = 'its manifest does not include this silo'  # `reveal_problem`: settled for good.
+
+
+def _is_key(text) -> bool:
+  return (isinstance(text, str) and len(text) == 2 * secagg.KEY_BYTES
+          and len(bytes.fromhex(text)) == secagg.KEY_BYTES)
 
 
 def check_recovery(run: dict, round_index: int, silo: str, record, unmask: list[str],
@@ -864,9 +888,8 @@ def check_recovery(run: dict, round_index: int, silo: str, record, unmask: list[
     keys = record['pair_keys']
     if sorted(keys) != sorted(unmask):
       return f'it reveals pair keys with {sorted(keys)}, not with {sorted(unmask)}'
-    if not all(isinstance(k, str) and len(k) == 2 * secagg.KEY_BYTES
-               and len(bytes.fromhex(k)) == secagg.KEY_BYTES for k in keys.values()):
-      return 'a pair key is not 32 bytes of hex'
+    if not (_is_key(record['self_key']) and all(_is_key(k) for k in keys.values())):
+      return 'a key is not 32 bytes of hex'
   except records.MALFORMED as e:
     return records.malformed(e)
   return None
