@@ -173,6 +173,8 @@ def validate_federation(config) -> None:
           'use a multiple of 4, e.g. 256')
   require(fed.topk_bits in compression.TOPK_BITS, 'topk_bits',
           f'{fed.topk_bits} bits per kept value', f'use one of {compression.TOPK_BITS}')
+  if fed.secure_aggregation:  # Before the format rules: one line names all it changes.
+    _check_secure_aggregation(config, require)
   require(fed.compression != 'topk' or fed.error_feedback, 'error_feedback',
           'is False with compression=\'topk\', which would lose every value it does not send',
           'set federation.error_feedback=True')
@@ -210,8 +212,6 @@ def validate_federation(config) -> None:
           f'{fed.fragments} fragments with inner.drift_correction=\'scaffold\': SCAFFOLD\'s '
           'control variates are defined for whole-model rounds',
           'use fragments=1 with scaffold, or drift_correction=none or fedprox')
-  if fed.secure_aggregation:
-    _check_secure_aggregation(config, require)
   require(fed.overlap != 'eager' or fed.robust == 'mean', 'overlap',
           f'\'eager\' with federation.robust={fed.robust!r}: a silo\'s own part of a '
           'coordinate-wise robust aggregate is not defined, so it cannot be swapped',
@@ -232,16 +232,16 @@ def _check_secure_aggregation(config, require) -> None:
   require(fed.robust == 'mean', 'robust',
           f'{fed.robust!r} {why}: a median or trimmed mean needs each delta, and the '
           'aggregator sees only their sum', 'use federation.robust=mean')
-  for field in ('clip_multiple', 'reject_norm_multiple'):
-    require(not fed[field], field,
-            f'{fed[field]} {why}: the aggregator cannot measure a masked delta\'s norm (the '
-            'silo-side federation.secagg_clip is the bound)', f'set federation.{field}=0')
-  require(fed.compression == 'none', 'compression',
-          f'{fed.compression!r} {why}: the fixed-point encoding replaces quantised formats',
-          'set federation.compression=none')
-  require(not fed.error_feedback, 'error_feedback',
-          f'True {why}: there is no quantisation residual to keep',
-          'set federation.error_feedback=False')
+  # The aggregator sees no single delta: no quantised format, residual or norm rule applies.
+  wanted = {'compression': 'none', 'error_feedback': False, 'clip_multiple': 0,
+            'reject_norm_multiple': 0}
+  wrong = [f for f, v in wanted.items() if fed[f] != v]
+  settings = ' '.join(f'--config.federation.{f}={v}' for f, v in wanted.items() if f in wrong)
+  require(not wrong, wrong[0] if wrong else '',
+          f'{", ".join(f"{f}={fed[f]!r}" for f in wrong)} {why}, which needs '
+          f'{", ".join(f"{f}={wanted[f]}" for f in wrong)} (the fixed-point encoding replaces '
+          'quantised formats, and the silo-side secagg_clip replaces the aggregator\'s norm '
+          'checks)', f'set {settings}')
   require(config.inner.drift_correction != 'scaffold', 'secure_aggregation',
           'True with inner.drift_correction=\'scaffold\': the control variates would need '
           'masking too', 'use drift_correction=none or fedprox, or secure_aggregation=False')
