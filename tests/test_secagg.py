@@ -255,6 +255,7 @@ def test_a_federation_with_a_dropout_aggregates_only_the_weighted_sum(
           'with the recovery records of a, b, c') in shown
   text = ledger.status(root)
   assert "secure aggregation: deltas are masked fixed point ('secagg')" in text
+  assert f"a {signing.fingerprint(run['public_keys'][signing.X25519]['a'])}" in text
   assert 'masks of d: recovery records from a,b,c' in text
 
 
@@ -363,6 +364,9 @@ def test_withheld_recovery_fails_the_round_and_forged_deltas_are_rejected(
     ({'federation.reject_norm_multiple': 10.0}, 'federation.reject_norm_multiple'),
     ({'federation.compression': 'int8'}, 'federation.compression'),
     ({'federation.error_feedback': True}, 'federation.error_feedback'),
+    ({'federation.compression': 'topk'}, 'federation.compression'),  # Not topk's own rule.
+    ({'federation.secagg_clip': float('inf')}, 'federation.secagg_clip'),
+    ({'federation.secagg_clip': 2e6}, 'federation.secagg_clip'),
     ({'inner.drift_correction': 'scaffold'}, 'federation.secure_aggregation'),
     ({'federation.overlap': 'eager'}, 'federation.overlap'),
     ({'federation.drop_probability': 0.5}, 'federation.drop_probability'),
@@ -374,6 +378,36 @@ def test_what_masking_cannot_carry_is_refused_in_one_line(secagg_config, changes
     protocol.validate_federation(protocol.federated_config(config))
   assert caught.value.field == field and '\n' not in str(caught.value)
   assert 'Fix: ' in str(caught.value)
+
+
+def test_one_line_names_every_field_masking_replaces(secagg_config):
+  config = config_lib.with_values(secagg_config, {
+      'federation.compression': 'int8', 'federation.error_feedback': True,
+      'federation.reject_norm_multiple': 10.0})
+  with pytest.raises(config_lib.ConfigError) as caught:
+    protocol.validate_federation(protocol.federated_config(config))
+  assert ("needs compression=none, error_feedback=False, reject_norm_multiple=0" in
+          str(caught.value))
+  assert ('Fix: set --config.federation.compression=none --config.federation.error_feedback=False'
+          ' --config.federation.reject_norm_multiple=0.') in str(caught.value)
+
+
+def test_keys_adds_only_a_missing_x25519_pair(repo_root, tmp_path):
+  keys = str(tmp_path / 'keys')
+  script = [sys.executable, str(repo_root / 'scripts' / 'keys.py'), f'--keys={keys}',
+            '--names=silo_a']
+  assert subprocess.run(script, capture_output=True, timeout=60).returncode == 0
+  ed25519 = open(os.path.join(keys, 'silo_a.key'), 'rb').read()
+  for ext in ('key', 'pub'):
+    os.remove(os.path.join(keys, f'silo_a.x25519.{ext}'))
+  proc = subprocess.run(script, capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 0, proc.stderr
+  assert open(os.path.join(keys, 'silo_a.key'), 'rb').read() == ed25519  # Kept as it was.
+  pub = open(os.path.join(keys, 'silo_a.x25519.pub')).read()
+  assert f'fingerprint {signing.fingerprint(pub)}' in proc.stdout
+  assert signing.load_x25519_secret(keys, 'a') is not None
+  proc = subprocess.run(script, capture_output=True, text=True, timeout=60)  # Nothing missing.
+  assert proc.returncode == 2 and 'never overwritten' in proc.stderr
 
 
 def test_init_run_refuses_secure_aggregation_unsigned_or_with_two_silos(repo_root, corpus_dir,
