@@ -4,8 +4,9 @@ Four silos of the model's shapes, side by side with secure aggregation off, in o
 process over a local directory bucket (no network), in a signed run. Each round silos
 a, b and c publish a delta (the model minus random noise of L2 norm ~1; clipped to 1
 with secure aggregation) and silo d never does, so the aggregator decides on the quorum
-of 3 and, with secure aggregation, a, b and c publish their recovery records before it
-removes d's masks. The inner steps are the same with or without it and are not run:
+of 3 and, with secure aggregation, a, b and c publish their recovery records (their
+self-mask keys, and their pair keys with d) before it removes their self masks and d's
+pair masks. The inner steps are the same with or without it and are not run:
 what is timed is what differs, the silo's delta building (clip, encode, mask) and upload,
 its recovery record, and the aggregator's decision and outer step.
 
@@ -80,7 +81,7 @@ def measure(config, secure: bool, rounds: int, workdir: str) -> dict:
       payload, _, meta = silo.make_delta(
           run, r, s, store.global_hash(r), glob, local, None, config.federation, steps=steps,
           tokens=tokens, train_loss=1.0,
-          pair_keys=pairs[s].round_keys(run['run_id'], r) if secure else None)
+          pairs=pairs.get(s))
       meta = signing.sign(meta, secrets[s])
       row['build_s'] += time.perf_counter() - start
       start = time.perf_counter()
@@ -94,7 +95,8 @@ def measure(config, secure: bool, rounds: int, workdir: str) -> dict:
       for s in SENDERS:
         start = time.perf_counter()
         record = signing.sign(protocol.recovery_record(
-            run, r, s, pairs[s].round_keys(run['run_id'], r, manifest['unmask'])), secrets[s])
+            run, r, s, pairs[s].self_key(run['run_id'], r),
+            pairs[s].round_keys(run['run_id'], r, manifest['unmask'])), secrets[s])
         store.publish_recovery(r, s, record)
         row['recovery_s'] += time.perf_counter() - start
         row['recovery_bytes'] += len(store.recovery_path(r, s).read_bytes())

@@ -37,7 +37,23 @@ class MalformedPayload(errors.UserError, ValueError):
 
 
 class RecoveryMissingError(errors.UserError, RuntimeError):
-  """Secure aggregation: a survivor did not reveal its pair keys with a dropped silo in time."""
+  """Secure aggregation: an included silo's recovery record is missing, invalid or wrong."""
+
+
+def check_unmasked_sum(round_index: int, norm: float, size: int, numerators, clip: float,
+                       num_silos: int, fixed_scale: float, authors) -> None:
+  """Refuses a round whose unmasked sum (L2 `norm` over `size` values) is above what clipped
+  deltas can sum to (`secagg.sum_bound`): a recovery record revealed a wrong key, which would
+  otherwise move the model by noise over the whole fixed-point range."""
+  bound = secagg.sum_bound(numerators, clip, num_silos, fixed_scale, size)
+  if not norm <= bound:
+    raise RecoveryMissingError(
+        f'round {round_index} failed: the unmasked sum has L2 norm {norm:.4g} > {bound:.4g} '
+        f'(sum a_i x secagg_clip + rounding): one of the recovery records of {", ".join(authors)} '
+        f'revealed a wrong key; nothing of global round {round_index + 1} was written. Fix: '
+        f'delete rounds/{round_index:06d}/recovery/ and restart silos {", ".join(authors)} '
+        'so that they publish their records again, then rerun the aggregator; a silo whose '
+        'record is wrong again is faulty or malicious.')
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -331,7 +347,21 @@ class Aggregator:
     num_silos = len(protocol.silo_ids(self.run))
     fragment, count = protocol.round_fragment(self.run, round_index), self.fragments
     new_state = dict(outer_state)  # Every other fragment's state carries over.
-    revealed = self.revealed_keys(round_index, manifest) if self.secure and included else {}
+    means = {}  # Secure aggregation: every leaf's unmasked mean, checked before any step.
+    if self.secure and included:
+      self_keys, revealed = self.revealed_keys(round_index, manifest)
+      numerators = [protocol.secagg_numerator(self.run, e['silo'], e['tokens'])
+                    for e in manifest['included']]
+      square, size = 0.0, 0
+      for name in self.my_leaves:
+        if (not protocol.is_private(self.run, name)
+            and fragments_lib.unit_name(name, fragment, count) in outer_state):
+          total = self.unmasked_sum(round_index, name, manifest['included'], metas, self_keys,
+                                    revealed)
+          square, size = square + float(np.sum(np.square(total))), size + total.size
+          means[name] = (total / sum(numerators)).astype(np.float32)
+      check_unmasked_sum(round_index, square ** 0.5, size, numerators, self.fed['secagg_clip'],
+                         num_silos, protocol.secagg_scale(self.run), sorted(self_keys))
     for name in self.my_leaves:
       unit = fragments_lib.unit_name(name, fragment, count)
       # Nothing valid arrived, a private leaf (no silo uploads it), or a leaf without rows in
@@ -342,7 +372,7 @@ class Aggregator:
           new_controls[name] = controls[name]
         continue
       if self.secure:
-        mean_delta = self.unmasked_mean(round_index, name, manifest['included'], metas, revealed)
+        mean_delta = means.pop(name)
       else:
         read = (self.read_leaf(round_index, e['silo'], name, metas[e['silo']], e,
                                with_control=True) for e in included)
@@ -382,28 +412,27 @@ class Aggregator:
                                     state_arrays, meta, update)
     return meta
 
-  def unmasked_mean(self, round_index: int, name: str, entries: list[dict], metas: dict,
-                    revealed: dict) -> np.ndarray:
-    """The weighted mean of leaf `name` of the masked deltas `entries` (manifest entries).
+  def unmasked_sum(self, round_index: int, name: str, entries: list[dict], metas: dict,
+                   self_keys: dict, revealed: dict) -> np.ndarray:
+    """sum_i a_i clip(delta_i) of leaf `name` of the masked deltas `entries` (manifest entries).
 
-    The modular sum of the y_i, less the dropped silos' masks (`revealed`), is the plain
-    fixed-point sum of a_i clip(delta_i) exactly; / scale / sum a_i is the token x silo
-    weighted mean of the clipped deltas: the manifest's weights (`outer.aggregation_weights`).
-    One leaf of one silo is held at a time, as for the plain mean.
+    The modular sum of the y_i, less their self masks (`self_keys`) and the dropped silos'
+    masks (`revealed`), is the plain fixed-point sum exactly; / scale is the sum of the
+    weighted clipped deltas, and / sum a_i their token x silo weighted mean (the manifest's
+    weights, `outer.aggregation_weights`). One leaf of one silo is read at a time.
     """
     shape = self.rows_shape(round_index, name)
     size = int(np.prod(shape))
     total = np.zeros(size, np.uint32)
     for e in entries:
       total += self.read_leaf(round_index, e['silo'], name, metas[e['silo']], e).reshape(-1)
-    total -= secagg.unmasking([e['silo'] for e in entries], revealed,
+    total -= secagg.unmasking(self_keys, revealed,
                               protocol.round_fragment(self.run, round_index), name, size)
-    weight = sum(protocol.secagg_numerator(self.run, e['silo'], e['tokens']) for e in entries)
-    mean = secagg.decode(total, protocol.secagg_scale(self.run)) / weight
-    return mean.astype(np.float32).reshape(shape)
+    return secagg.decode(total, protocol.secagg_scale(self.run)).reshape(shape)
 
-  def revealed_keys(self, round_index: int, manifest: dict) -> dict:
-    """{survivor: {dropped silo: k_iX,r}} from every included silo's recovery record.
+  def revealed_keys(self, round_index: int, manifest: dict) -> tuple[dict, dict]:
+    """({included silo: b_i,r}, {included silo: {dropped silo: k_iX,r}}) from every included
+    silo's recovery record.
 
     Waits up to `federation.secagg_recovery_timeout_s`; then the round fails with one line
     naming the silos whose record is missing or invalid, before anything of it is written.
@@ -411,38 +440,37 @@ class Aggregator:
     """
     unmask = manifest['unmask']
     survivors = [e['silo'] for e in manifest['included']]
-    if not unmask:
-      return {}
     check = self.identity.check_silo if self.identity else None
     problems = {}
 
     def collect():
       problems.clear()
+      found = {}
       for silo in survivors:
-        record = self.store.read_recovery(round_index, silo)
+        found[silo] = record = self.store.read_recovery(round_index, silo)
         reason = ('missing' if record is None else protocol.check_recovery(
             self.run, round_index, silo, record, unmask, check))
         if reason:
           problems[silo] = reason
       if problems:
         return None
-      return {silo: {peer: bytes.fromhex(key) for peer, key in
-                     self.store.read_recovery(round_index, silo)['pair_keys'].items()}
-              for silo in survivors}
+      return ({silo: bytes.fromhex(r['self_key']) for silo, r in found.items()},
+              {silo: {peer: bytes.fromhex(key) for peer, key in r['pair_keys'].items()}
+               for silo, r in found.items()})
 
     timeout = self.fed['secagg_recovery_timeout_s']
+    dropped = f' and pair keys with dropped {", ".join(unmask)}' if unmask else ''
     try:
       return storage_lib.wait_for(
-          collect, f'round {round_index}\'s recovery records (pair keys with {unmask})',
+          collect, f'round {round_index}\'s recovery records (self keys{dropped})',
           timeout_s=timeout, poll_s=self.fed['poll_s'])
     except storage_lib.WaitTimeout:
       raise RecoveryMissingError(
           f'round {round_index} failed: {", ".join(f"silo {s} ({r})" for s, r in problems.items())}'
-          f' did not publish a valid recovery record (its pair keys with dropped '
-          f'{", ".join(unmask)}) within secagg_recovery_timeout_s={timeout:g}s; nothing of '
-          f'global round {round_index + 1} was written. Fix: restart {", ".join(problems)} (a '
-          'silo publishes it while it waits and when it starts), then rerun the aggregator: it '
-          'finishes the round.') from None
+          f' did not publish a valid recovery record (its self-mask key{dropped}) within '
+          f'secagg_recovery_timeout_s={timeout:g}s; nothing of global round {round_index + 1} '
+          f'was written. Fix: restart {", ".join(problems)} (a silo publishes it while it waits '
+          'and when it starts), then rerun the aggregator: it finishes the round.') from None
 
   def downlink_step(self, base, stepped, residual):
     """(next global leaf, its published update payload, next residual E') of one leaf.

@@ -292,6 +292,9 @@ def render_table(rows: list[dict], run: dict, initial_hash: str | None = None) -
     lines.append(f"secure aggregation: deltas are masked fixed point ('secagg'), each clipped "
                  f"by its silo to L2 {run['federation']['secagg_clip']:g}; the aggregator "
                  'reads only their weighted sum')
+    listed = (run.get('public_keys') or {}).get(signing.X25519) or {}
+    lines.append('X25519 keys in run.json (compare with each silo out of band): ' + ', '.join(
+        f'{s} {signing.fingerprint(pem)}' for s, pem in sorted(listed.items())))
   if rows:
     lines.append(f"global round 0: hash {(initial_hash or '-')[:12]}, "
                  f"held-out loss {_fmt_loss(rows[0]['base_eval_loss'])}")

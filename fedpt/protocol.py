@@ -173,6 +173,8 @@ def validate_federation(config) -> None:
           'use a multiple of 4, e.g. 256')
   require(fed.topk_bits in compression.TOPK_BITS, 'topk_bits',
           f'{fed.topk_bits} bits per kept value', f'use one of {compression.TOPK_BITS}')
+  if fed.secure_aggregation:  # Before the format rules: one line names all it changes.
+    _check_secure_aggregation(config, require)
   require(fed.compression != 'topk' or fed.error_feedback, 'error_feedback',
           'is False with compression=\'topk\', which would lose every value it does not send',
           'set federation.error_feedback=True')
@@ -210,8 +212,6 @@ def validate_federation(config) -> None:
           f'{fed.fragments} fragments with inner.drift_correction=\'scaffold\': SCAFFOLD\'s '
           'control variates are defined for whole-model rounds',
           'use fragments=1 with scaffold, or drift_correction=none or fedprox')
-  if fed.secure_aggregation:
-    _check_secure_aggregation(config, require)
   require(fed.overlap != 'eager' or fed.robust == 'mean', 'overlap',
           f'\'eager\' with federation.robust={fed.robust!r}: a silo\'s own part of a '
           'coordinate-wise robust aggregate is not defined, so it cannot be swapped',
@@ -232,16 +232,16 @@ def _check_secure_aggregation(config, require) -> None:
   require(fed.robust == 'mean', 'robust',
           f'{fed.robust!r} {why}: a median or trimmed mean needs each delta, and the '
           'aggregator sees only their sum', 'use federation.robust=mean')
-  for field in ('clip_multiple', 'reject_norm_multiple'):
-    require(not fed[field], field,
-            f'{fed[field]} {why}: the aggregator cannot measure a masked delta\'s norm (the '
-            'silo-side federation.secagg_clip is the bound)', f'set federation.{field}=0')
-  require(fed.compression == 'none', 'compression',
-          f'{fed.compression!r} {why}: the fixed-point encoding replaces quantised formats',
-          'set federation.compression=none')
-  require(not fed.error_feedback, 'error_feedback',
-          f'True {why}: there is no quantisation residual to keep',
-          'set federation.error_feedback=False')
+  # The aggregator sees no single delta: no quantised format, residual or norm rule applies.
+  wanted = {'compression': 'none', 'error_feedback': False, 'clip_multiple': 0,
+            'reject_norm_multiple': 0}
+  wrong = [f for f, v in wanted.items() if fed[f] != v]
+  settings = ' '.join(f'--config.federation.{f}={v}' for f, v in wanted.items() if f in wrong)
+  require(not wrong, wrong[0] if wrong else '',
+          f'{", ".join(f"{f}={fed[f]!r}" for f in wrong)} {why}, which needs '
+          f'{", ".join(f"{f}={wanted[f]}" for f in wrong)} (the fixed-point encoding replaces '
+          'quantised formats, and the silo-side secagg_clip replaces the aggregator\'s norm '
+          'checks)', f'set {settings}')
   require(config.inner.drift_correction != 'scaffold', 'secure_aggregation',
           'True with inner.drift_correction=\'scaffold\': the control variates would need '
           'masking too', 'use drift_correction=none or fedprox, or secure_aggregation=False')
@@ -838,14 +838,38 @@ def check_still_included(round_index: int, entry: dict, meta: dict | None) -> st
   return None
 
 
-# -- secure aggregation: a survivor's recovery record ------------------------------------------
+# -- secure aggregation: an included silo's recovery record ------------------------------------
 
 
-def recovery_record(run: dict, round_index: int, silo: str, keys: dict) -> dict:
-  """rounds/r/recovery/silo_<id>.json: survivor `silo`'s round-r pair keys k_iX,r (hex) with
-  each silo X of the manifest's `unmask` list, and nothing else (never s_iX)."""
-  return {'run_id': run['run_id'], 'round': round_index, 'silo': silo,
+def recovery_record(run: dict, round_index: int, silo: str, own_key: bytes, keys: dict) -> dict:
+  """rounds/r/recovery/silo_<id>.json: included silo `silo`'s round-r self-mask key b_i,r and
+  its pair keys k_iX,r (hex) with each silo X of the manifest's `unmask` list, and nothing else
+  (never s_iX, never another round's key)."""
+  return {'run_id': run['run_id'], 'round': round_index, 'silo': silo, 'self_key': own_key.hex(),
           'pair_keys': {peer: key.hex() for peer, key in sorted(keys.items())}}
+
+
+def reveal_problem(run: dict, round_index: int, silo: str, manifest, check_signature) -> str | None:
+  """Why silo `silo` must not publish its round-`round_index` recovery record against
+  `manifest`, or None: the aggregator signed it, it is this run's manifest of this round
+  (a replayed one would open another round's masks), and it includes `silo` (a silo left out
+  never reveals its self key: its masked delta, if in the bucket, stays masked)."""
+  if manifest is None:
+    return 'the round is not decided'
+  reason = check_signature(manifest) or check_manifest(run, round_index, manifest)
+  if reason:
+    return f'its manifest is not valid ({reason})'
+  if silo not in {e['silo'] for e in manifest['included']}:
+    return NOT_INCLUDED
+  return None
+
+
+NOT_INCLUDED = 'its manifest does not include this silo'  # `reveal_problem`: settled for good.
+
+
+def _is_key(text) -> bool:
+  return (isinstance(text, str) and len(text) == 2 * secagg.KEY_BYTES
+          and len(bytes.fromhex(text)) == secagg.KEY_BYTES)
 
 
 def check_recovery(run: dict, round_index: int, silo: str, record, unmask: list[str],
@@ -864,9 +888,8 @@ def check_recovery(run: dict, round_index: int, silo: str, record, unmask: list[
     keys = record['pair_keys']
     if sorted(keys) != sorted(unmask):
       return f'it reveals pair keys with {sorted(keys)}, not with {sorted(unmask)}'
-    if not all(isinstance(k, str) and len(k) == 2 * secagg.KEY_BYTES
-               and len(bytes.fromhex(k)) == secagg.KEY_BYTES for k in keys.values()):
-      return 'a pair key is not 32 bytes of hex'
+    if not (_is_key(record['self_key']) and all(_is_key(k) for k in keys.values())):
+      return 'a key is not 32 bytes of hex'
   except records.MALFORMED as e:
     return records.malformed(e)
   return None

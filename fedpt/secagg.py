@@ -3,12 +3,14 @@
 Every pair of silos i < j shares s_ij = X25519(i, j) (`PairSecrets`); in round r they
 derive k_ij,r = HKDF-SHA256(s_ij, 'fedpt-secagg|run|r') and expand it per (fragment, leaf)
 into a ChaCha20 keystream read as uint32 (`mask_stream`). Silo i uploads
-y_i = encode(a_i clip(delta_i)) + sum_{j>i} PRG(k_ij,r) - sum_{j<i} PRG(k_ij,r) mod 2^32:
-over every listed silo the masks cancel, so the modular sum is the plain fixed-point sum
-exactly. A dropped silo X's masks are removed with the pair keys k_iX,r its peers reveal
-(never s_iX: they open that one round only). Only the primitives are here (no bucket, no
-run.json): the rules about the records are `protocol.py`'s; docs/protocol.md "Secure
-aggregation" has the steps, the bounds and the paper's notation.
+y_i = encode(a_i clip(delta_i)) + PRG(b_i,r) + sum_{j>i} PRG(k_ij,r) - sum_{j<i} PRG(k_ij,r)
+mod 2^32. Over every listed silo the pair masks cancel. b_i,r (`self_key`) is silo i's own
+(Bonawitz's double masking): it publishes b_i,r only once the round's manifest includes it,
+with the pair keys k_iX,r of every dropped silo X (never s_iX: they open that one round only),
+so the modular sum less those masks is the plain fixed-point sum exactly, while a late or
+rejected y_X keeps PRG(b_X,r) and stays uniform to everyone. Only the primitives are here (no
+bucket, no run.json): the rules about the records are `protocol.py`'s; docs/protocol.md
+"Secure aggregation" has the steps, the bounds and the paper's notation.
 """
 import hashlib
 
@@ -52,9 +54,19 @@ def pair_secret(own_secret, peer_public_pem: str) -> bytes:
 
 
 def round_key(secret: bytes, run_id: str, round_index: int) -> bytes:
-  """k_ij,r = HKDF-SHA256(s_ij, info=run|round): one round's pair key, all a recovery reveals."""
+  """k_ij,r = HKDF-SHA256(s_ij, info=run|round): one round's pair key (a recovery
+  record reveals it for a dropped peer X, never s_iX)."""
   return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None,
               info=f'fedpt-secagg|{run_id}|{round_index}'.encode()).derive(secret)
+
+
+def self_key(own_secret, run_id: str, round_index: int) -> bytes:
+  """b_i,r = HKDF-SHA256(silo i's raw X25519 private key, info=self|run|round): secret to the
+  silo until it reveals it, and deterministic, so a resumed silo rebuilds the same y_i."""
+  raw = own_secret.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                 serialization.NoEncryption())
+  return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None,
+              info=f'fedpt-secagg-self|{run_id}|{round_index}'.encode()).derive(raw)
 
 
 def mask_stream(key: bytes, fragment: int, leaf: str, size: int) -> np.ndarray:
@@ -82,39 +94,57 @@ def pair_masks(own: str, keys: dict, fragment: int, leaf: str, size: int) -> np.
   return total
 
 
+def joint_norm(deltas: dict) -> float:
+  """The L2 norm of a round's delta over all its leaves (what `secagg_clip` bounds)."""
+  return float(np.sqrt(sum(np.sum(np.square(np.asarray(d, np.float64)))
+                           for d in deltas.values())))
+
+
 def mask_delta(own: str, deltas: dict, weight: float, clip: float, fixed_scale: float,
-               keys: dict, fragment: int) -> dict:
-  """{leaf: {MASKED: uint32 of the leaf's shape}}: y_i of every leaf of a round's delta.
+               keys: dict, own_key: bytes, fragment: int) -> tuple[dict, float, float]:
+  """({leaf: {MASKED: uint32 of the leaf's shape}}, norm, clip factor): y_i of a round's delta.
 
   `deltas` are the float rows of the round's shared leaves; their joint L2 norm is
   clipped to `clip`, then weighted by this silo's numerator a_i (|a_i| <= 1), encoded
-  and masked with the pair keys `keys` ({peer: k_own,peer,r}) of every other listed silo.
+  and masked with its self key `own_key` (b_i,r) and the pair keys `keys`
+  ({peer: k_own,peer,r}) of every other listed silo.
   """
-  norm = float(np.sqrt(sum(np.sum(np.square(np.asarray(d, np.float64))) for d in deltas.values())))
+  norm = joint_norm(deltas)
   factor = clip_factor(norm, clip)
   out = {}
   for name, delta in deltas.items():
     shape = np.shape(delta)
     size = int(np.prod(shape))
     encoded = encode(np.asarray(delta, np.float64).reshape(-1) * factor, weight, fixed_scale)
-    out[name] = {MASKED: (encoded + pair_masks(own, keys, fragment, name, size)).reshape(shape)}
-  return out
+    masks = pair_masks(own, keys, fragment, name, size) + mask_stream(own_key, fragment, name, size)
+    out[name] = {MASKED: (encoded + masks).reshape(shape)}
+  return out, norm, factor
 
 
-def unmasking(survivors, revealed: dict, fragment: int, leaf: str, size: int) -> np.ndarray:
-  """What to subtract from the survivors' modular sum: each survivor i's masks with each
-  dropped silo X, sign(i, X) PRG(k_iX,r), from `revealed` = {i: {X: k_iX,r}}."""
+def unmasking(self_keys: dict, revealed: dict, fragment: int, leaf: str, size: int) -> np.ndarray:
+  """What to subtract from the included silos' modular sum: each one's self mask PRG(b_i,r)
+  (`self_keys` = {i: b_i,r}) and its masks with each dropped silo X, sign(i, X) PRG(k_iX,r),
+  from `revealed` = {i: {X: k_iX,r}}."""
   total = np.zeros(size, np.uint32)
-  for silo in sorted(survivors):
+  for silo in sorted(self_keys):
+    total = total + mask_stream(self_keys[silo], fragment, leaf, size)
     total = total + pair_masks(silo, revealed.get(silo, {}), fragment, leaf, size)
   return total
 
 
+def sum_bound(numerators, clip: float, num_silos: int, fixed_scale: float, size: int) -> float:
+  """The largest L2 norm the decoded sum of `size` values can have: sum a_i C, plus each
+  value's rounding, K / (2 S). Above it a revealed key was wrong."""
+  return float(sum(numerators)) * clip + np.sqrt(size) * num_silos / (2 * fixed_scale)
+
+
 class PairSecrets:
-  """One silo's X25519 shared secrets with every other listed silo, made once at its start."""
+  """One silo's X25519 key and its shared secrets with every other listed silo, made once at
+  its start."""
 
   def __init__(self, own: str, own_secret, public_pems: dict):
     self.own = own
+    self.own_secret = own_secret
     self.secrets = {peer: pair_secret(own_secret, pem)
                     for peer, pem in public_pems.items() if peer != own}
 
@@ -122,3 +152,7 @@ class PairSecrets:
     """{peer: k_own,peer,r} for `peers` (default: every other listed silo)."""
     peers = sorted(self.secrets) if peers is None else sorted(peers)
     return {p: round_key(self.secrets[p], run_id, round_index) for p in peers}
+
+  def self_key(self, run_id: str, round_index: int) -> bytes:
+    """b_own,r: this silo's self-mask key of round `round_index`."""
+    return self_key(self.own_secret, run_id, round_index)

@@ -13,6 +13,7 @@ A signature covers the canonical JSON of a record without its `signature`
 field (sorted keys, no whitespace), so any change to any field breaks it.
 """
 import base64
+import hashlib
 import json
 import os
 
@@ -65,22 +66,34 @@ def public_pem(secret_key: ed25519.Ed25519PrivateKey) -> str:
       serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
 
 
+def fingerprint(public_pem_text: str) -> str:
+  """sha256:<hex> of a public key's raw bytes: what two parties compare out of band."""
+  key = serialization.load_pem_public_key(public_pem_text.encode())
+  raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+  return 'sha256:' + hashlib.sha256(raw).hexdigest()
+
+
 def generate(keys_dir: str, name: str) -> str:
   """Writes a new key pair `<name>.key` (0600) and `<name>.pub`; never overwrites one.
 
-  A silo's X25519 pair (`<name>.x25519.key`, `.pub`) is written beside it.
+  A silo's X25519 pair (`<name>.x25519.key`, `.pub`) is written beside it; a silo whose
+  Ed25519 pair exists gets only the missing X25519 pair. Returns the first .pub written.
   """
   keys_dir = os.path.expanduser(keys_dir)
   os.makedirs(keys_dir, mode=0o700, exist_ok=True)
   kinds = [(name, ed25519.Ed25519PrivateKey)]
   if name != AGGREGATOR:
     kinds.append((f'{name}.{X25519}', x25519.X25519PrivateKey))
-  for stem, _ in kinds:
-    for path in (os.path.join(keys_dir, f'{stem}.key'), os.path.join(keys_dir, f'{stem}.pub')):
-      if os.path.exists(path):
-        raise KeyFileError(f'{path} already exists; keys are never overwritten. Fix: use it, '
-                           'or move it away on purpose and generate again.')
+  missing = []
   for stem, kind in kinds:
+    paths = [os.path.join(keys_dir, f'{stem}.{ext}') for ext in ('key', 'pub')]
+    found = [p for p in paths if os.path.exists(p)]
+    if len(found) == 1 or (found and stem == kinds[-1][0]):
+      raise KeyFileError(f'{found[0]} already exists; keys are never overwritten. Fix: use it, '
+                         'or move it away on purpose and generate again.')
+    if not found:
+      missing.append((stem, kind))
+  for stem, kind in missing:
     secret_key = kind.generate()
     pem = secret_key.private_bytes(serialization.Encoding.PEM,
                                    serialization.PrivateFormat.PKCS8,
@@ -91,7 +104,7 @@ def generate(keys_dir: str, name: str) -> str:
       f.write(pem)
     with open(os.path.join(keys_dir, f'{stem}.pub'), 'w', encoding='ascii') as f:
       f.write(public_pem(secret_key))
-  return os.path.join(keys_dir, f'{name}.pub')
+  return os.path.join(keys_dir, f'{missing[0][0]}.pub')
 
 
 def generate_named(keys_dir: str, names) -> list[str]:

@@ -68,23 +68,40 @@ def _compress_delta(global_flat, local_flat, residual_flat, fed, names, mesh=Non
   return payload, (new_residual if residual_flat is not None else None), nbytes, norm_sq ** 0.5
 
 
-def _masked_delta(run, silo_id, global_flat, local_flat, names, fragment, tokens, pair_keys):
+def _diverged(silo_id, round_index, bad):
+  return trainer_lib.TrainingDivergedError(
+      f'silo {silo_id} round {round_index}: the local model has NaN or Inf in '
+      f'{bad or "its delta"}. Fix: lower inner.lr or raise inner.grad_clip and restart from '
+      'the last checkpoint; the delta was not published.')
+
+
+def _masked_delta(run, round_index, silo_id, global_flat, local_flat, names, fragment, tokens,
+                  pairs, log):
   """Secure aggregation's payload of leaves `names`: y_i per leaf (`secagg.mask_delta`), on
-  the host. Its norm is not disclosed: the meta's delta_norm is 0."""
+  the host. Its norm is not disclosed (the meta's delta_norm is 0): `log` shows it here only."""
   count = protocol.fragments(run)
   deltas = {name: np.asarray(jax.device_get(
       fragments_lib.take(global_flat[name], fragment, count).astype(jnp.float32)
       - fragments_lib.take(local_flat[name], fragment, count).astype(jnp.float32)))
             for name in names}
-  payload = secagg.mask_delta(
-      silo_id, deltas, protocol.secagg_numerator(run, silo_id, tokens),
-      run['federation']['secagg_clip'], protocol.secagg_scale(run), pair_keys, fragment)
+  bad = [n for n in sorted(deltas) if not np.all(np.isfinite(deltas[n]))]
+  if bad:  # Stops as the unmasked path does (`_Silo.build_delta`), before anything is masked.
+    raise _diverged(silo_id, round_index, bad)
+  clip = run['federation']['secagg_clip']
+  payload, norm, factor = secagg.mask_delta(
+      silo_id, deltas, protocol.secagg_numerator(run, silo_id, tokens), clip,
+      protocol.secagg_scale(run), pairs.round_keys(run['run_id'], round_index),
+      pairs.self_key(run['run_id'], round_index), fragment)
+  (log or (lambda _: None))(f'round {round_index}: delta norm {norm:.4g} before clipping to secagg_clip={clip:g}, '
+      f'clip factor {factor:.3g}' + (' (WARNING: clipped; if most rounds are, the global model '
+      'moves less than plain averaging would: see README "Secure aggregation" to pick '
+      'secagg_clip)' if factor < 1 else ''))
   return payload, None, sum(compression.payload_nbytes(p) for p in payload.values()), 0.0
 
 
 def make_delta(run, round_index, silo_id, base_hash, global_flat, local_flat, residual_flat,
                fed, *, steps, tokens, train_loss, global_eval_loss=None, inner_seconds=0.0,
-               mesh=None, control_flat=None, dp=None, pair_keys=None):
+               mesh=None, control_flat=None, dp=None, pairs=None, log=None):
   """The compressed pseudo-gradient, the next error-feedback residual and the delta's meta.json.
 
   `dp` (privacy.dp): the silo's spent {'epsilon', 'delta'}; its train loss is then not
@@ -94,7 +111,8 @@ def make_delta(run, round_index, silo_id, base_hash, global_flat, local_flat, re
   silo writes it from every host); without, it is host numpy. Private leaves
   (`protocol.is_private`) are not in it at all. `control_flat` (SCAFFOLD) is the
   silo's delta_c_i per shared leaf, added to each leaf's payload. With secure
-  aggregation the payload is masked with `pair_keys` ({peer: k_ij,r}, every other silo).
+  aggregation the payload is masked with this silo's keys `pairs` (`secagg.PairSecrets`), and
+  `log` shows its norm and clip factor.
   """
   fragment = protocol.round_fragment(run, round_index)
   names = fragments_lib.fragment_shapes(
@@ -102,7 +120,7 @@ def make_delta(run, round_index, silo_id, base_hash, global_flat, local_flat, re
       protocol.fragments(run))
   if protocol.secure_aggregation(run):
     payload, new_residual, nbytes, delta_norm = _masked_delta(
-        run, silo_id, global_flat, local_flat, names, fragment, tokens, pair_keys)
+        run, round_index, silo_id, global_flat, local_flat, names, fragment, tokens, pairs, log)
   else:
     payload, new_residual, nbytes, delta_norm = _compress_delta(
         global_flat, local_flat, residual_flat, fed, names, mesh, control_flat, fragment,
@@ -348,9 +366,11 @@ class _Silo:
   def reveal_pair_keys(self, round_index: int) -> None:
     """Publishes this silo's recovery records of rounds up to `round_index` that need one.
 
-    A round's signed manifest that includes this silo and lists dropped silos (`unmask`)
-    needs this silo's round pair keys with them, and only those. Idempotent (a record
-    already there and valid is kept), so it runs on every wait poll and at every start.
+    Each round whose manifest includes this silo needs its self-mask key b_i,r and its pair
+    keys with the dropped silos (`unmask`), and only those; only a manifest the aggregator
+    signed for this run and round counts (`protocol.reveal_problem`: a replayed one would
+    open another round's masks). Idempotent (a record already there and valid is kept), so
+    it runs on every wait poll and at every start.
     """
     if self.pairs is None:
       return
@@ -360,25 +380,31 @@ class _Silo:
       manifest = self.store.read_manifest(r)
       if manifest is None:
         continue
-      if self.identity.check_aggregator(manifest) is None and self.silo_id in {
-          e['silo'] for e in manifest['included']} and manifest.get('unmask'):
+      problem = protocol.reveal_problem(self.run, r, self.silo_id, manifest,
+                                        self.identity.check_aggregator)
+      if problem == protocol.NOT_INCLUDED:
+        self.revealed.add(r)
+      elif problem is None:
         unmask = manifest['unmask']
         found = self.store.read_recovery(r, self.silo_id)
         if found is None or protocol.check_recovery(
             self.run, r, self.silo_id, found, unmask, self.identity.check_silo):
-          record = protocol.recovery_record(
-              self.run, r, self.silo_id, self.pairs.round_keys(self.run['run_id'], r, unmask))
+          run_id = self.run['run_id']
+          record = protocol.recovery_record(self.run, r, self.silo_id,
+                                            self.pairs.self_key(run_id, r),
+                                            self.pairs.round_keys(run_id, r, unmask))
           self.store.publish_recovery(r, self.silo_id, self.identity.sign(record))
-          self.log(f'round {r}: published the pair keys of that round with dropped silo(s) '
-                   f'{", ".join(unmask)} so that the aggregator can remove their masks')
-      self.revealed.add(r)
+          if unmask:
+            self.log(f'round {r}: published the pair keys of that round with dropped silo(s) '
+                     f'{", ".join(unmask)} so that the aggregator can remove their masks')
+        self.revealed.add(r)  # An invalid (e.g. replayed) manifest is read again next poll.
 
   def upload_delta(self, round_index, payload, meta) -> bool:
     """Commits a delta, except with secure aggregation once its round was decided: this
-    silo was dropped and its peers may reveal their masks with it, which would expose it."""
+    silo was dropped, and its y_i would never count (it keeps its self mask either way)."""
     if self.pairs is not None and self.store.read_manifest(round_index) is not None:
       self.log(f'round {round_index} was decided without this silo; its masked delta is not '
-               'uploaded (its peers reveal their masks with it)')
+               'uploaded (it would not count)')
       return False
     self.store.publish_delta(round_index, self.silo_id, payload, meta)
     return True
@@ -861,14 +887,11 @@ class _Silo:
         global_eval_loss=position.global_eval, inner_seconds=inner_seconds,
         mesh=self.trainer.mesh, control_flat=control_flat,
         dp=self.trainer.budget.spent(int(state['step'])) if self.trainer.budget else None,
-        pair_keys=self.pairs and self.pairs.round_keys(self.run['run_id'], position.round))
+        pairs=self.pairs, log=self.log)
     if not np.isfinite(meta['delta_norm']):
       local = trees.flatten_params(state['params'])
       bad = [n for n in sorted(local) if not bool(jnp.all(jnp.isfinite(local[n])))]
-      raise trainer_lib.TrainingDivergedError(
-          f'silo {self.silo_id} round {position.round}: the local model has NaN or Inf in '
-          f'{bad or "its delta"}. Fix: lower inner.lr or raise inner.grad_clip and restart from '
-          'the last checkpoint; the delta was not published.')
+      raise _diverged(self.silo_id, position.round, bad)
     return payload, residual, (self.identity.sign(meta) if self.identity else meta)
 
   def clear_own_path(self, position, meta) -> bool:

@@ -9,7 +9,8 @@ Each organisation runs this in its own private storage and shares only the .pub:
 The operator copies every silo_<id>.pub (and, for secure aggregation, silo_<id>.x25519.pub)
 into its folder before init_run.py --keys=...; each silo copies aggregator.pub into its own
 folder. Secret keys
-(.key, mode 0600) never leave their owner's folder and never go to the bucket.
+(.key, mode 0600) never leave their owner's folder and never go to the bucket. A silo whose
+Ed25519 pair exists gets only its missing X25519 pair; existing keys are never overwritten.
 """
 import os
 import sys
@@ -36,6 +37,10 @@ def main(argv):
     x25519 = path[:-len('.pub')] + f'.{signing.X25519}.pub'
     extra = f' and {x25519} (share it too)' if os.path.exists(x25519) else ''
     print(f'wrote {path} (share it){extra} and their .key (keep them private)')
+    for pub in (path, x25519):  # status.py lists run.json's: members compare them out of band.
+      if pub.endswith(f'.{signing.X25519}.pub') and os.path.exists(pub):
+        with open(pub, encoding='ascii') as f:
+          print(f'  {os.path.basename(pub)} fingerprint {signing.fingerprint(f.read())}')
 
 
 if __name__ == '__main__':

@@ -55,6 +55,10 @@ def test_masks_cancel_exactly_and_recovery_removes_a_dropped_silos_masks(tmp_pat
   assert not os.path.exists(os.path.join(keys, 'aggregator.x25519.key'))  # Silos only.
   pairs = _pairs(keys)
   assert pairs['a'].secrets['c'] == pairs['c'].secrets['a'] != pairs['a'].secrets['b']
+  # b_i,r: the silo's own, per round, and rebuilt identically from its key file (resume).
+  again = _pairs(keys)
+  assert pairs['a'].self_key('run', 0) == again['a'].self_key('run', 0)
+  assert len({pairs[s].self_key('run', r) for s in SILOS for r in (0, 1)}) == 8
   rng = np.random.default_rng(0)
   fixed = secagg.scale(len(SILOS), CLIP)
   for r in range(3):  # Four silos, three rounds: the modular sum is the plain one, bit for bit.
@@ -63,45 +67,83 @@ def test_masks_cancel_exactly_and_recovery_removes_a_dropped_silos_masks(tmp_pat
               for i, s in enumerate(SILOS)}
     weights = {s: rng.uniform() for s in SILOS}
     masked = {s: secagg.mask_delta(s, deltas[s], weights[s], CLIP, fixed,
-                                   pairs[s].round_keys('run', r), fragment=r % 2)
+                                   pairs[s].round_keys('run', r), pairs[s].self_key('run', r),
+                                   fragment=r % 2)[0]
               for s in SILOS}
     for survivors in (SILOS, SILOS[:3]):
       dropped = sorted(set(SILOS) - set(survivors))
       revealed = {s: pairs[s].round_keys('run', r, dropped) for s in survivors}
+      self_keys = {s: pairs[s].self_key('run', r) for s in survivors}
+      square, size = 0.0, 0
       for leaf, shape in (('w', (3, 5)), ('v', (7,))):
         total = np.zeros(shape, np.uint32)
         for s in survivors:
           assert masked[s][leaf][secagg.MASKED].dtype == np.uint32
           total += masked[s][leaf][secagg.MASKED]
-        total = total.reshape(-1) - secagg.unmasking(survivors, revealed, r % 2, leaf,
-                                                     int(np.prod(shape)))
+        total = total.reshape(-1)
         plain = sum(secagg.encode(_clipped(deltas[s])[leaf].reshape(-1), weights[s], fixed)
                     for s in survivors)
+        # Pair masks alone do not open the sum: every survivor's self mask is still in it.
+        pairs_only = total - secagg.unmasking(dict.fromkeys(survivors, bytes(32)), revealed,
+                                              r % 2, leaf, total.size)
+        assert np.abs(secagg.decode(pairs_only, fixed) - secagg.decode(
+            plain.astype(np.uint32), fixed)).max() > 0.01 * len(SILOS) * CLIP
+        total = total - secagg.unmasking(self_keys, revealed, r % 2, leaf, int(np.prod(shape)))
         np.testing.assert_array_equal(total, plain.astype(np.uint32))
         mean = secagg.decode(total, fixed)
         expected = sum(weights[s] * _clipped(deltas[s])[leaf].reshape(-1) for s in survivors)
         np.testing.assert_allclose(mean, expected, atol=len(survivors) / fixed)
+        square, size = square + float(np.sum(mean ** 2)), size + mean.size
+      numerators = [weights[s] for s in survivors]
+      aggregator_lib.check_unmasked_sum(r, square ** 0.5, size, numerators, CLIP, len(SILOS),
+                                        fixed, survivors)  # Within sum a_i C: accepted.
       if dropped:  # Without the revealed keys the sum is noise over the whole range.
         total = sum(masked[s]['v'][secagg.MASKED] for s in survivors).astype(np.uint32)
         assert np.abs(secagg.decode(total, fixed) - expected).max() > 0.01 * len(SILOS) * CLIP
+        # One wrong revealed pair key (b's with d): the decoded sum is far above its bound,
+        # and the aggregator refuses the round in one line naming the records' authors.
+        wrong = {**revealed, 'b': {'d': bytes(32)}}
+        square = 0.0
+        for leaf in ('w', 'v'):
+          total = sum(masked[s][leaf][secagg.MASKED].reshape(-1) for s in survivors)
+          total = total.astype(np.uint32) - secagg.unmasking(self_keys, wrong, r % 2, leaf,
+                                                             total.size)
+          square += float(np.sum(secagg.decode(total, fixed) ** 2))
+        with pytest.raises(aggregator_lib.RecoveryMissingError) as caught:
+          aggregator_lib.check_unmasked_sum(r, square ** 0.5, size, numerators, CLIP,
+                                            len(SILOS), fixed, survivors)
+        assert f'round {r} failed: the unmasked sum has L2 norm' in str(caught.value)
+        assert 'records of a, b, c' in str(caught.value) and '\n' not in str(caught.value)
   # The bound: K values of |.| <= clip decode signed, never wrap.
   extreme = sum(secagg.encode(np.full(4, CLIP), 1.0, fixed) for _ in SILOS).astype(np.uint32)
   assert secagg.decode(extreme, fixed)[0] == pytest.approx(len(SILOS) * CLIP, rel=1e-9)
   assert np.all(extreme.view(np.int32) > 0)
 
 
-def test_a_masked_delta_is_uniform_and_uncorrelated_with_the_delta(tmp_path):
-  pairs = _pairs(_keys(tmp_path))
-  delta = {'w': np.linspace(-1, 1, 1 << 16).astype(np.float32) * 1e-3}  # Anything but uniform.
-  y = secagg.mask_delta('b', delta, 0.5, CLIP, secagg.scale(4, CLIP),
-                        pairs['b'].round_keys('run', 0), 0)['w'][secagg.MASKED]
+def _uniform_and_uncorrelated(y, delta, plain):
   counts = np.bincount((y >> 24).astype(np.int64), minlength=256)  # Top byte: 256 cells.
   expected = y.size / 256
   chi2 = float(np.sum((counts - expected) ** 2 / expected))
   assert chi2 < 255 + 6 * np.sqrt(2 * 255), chi2  # 255 dof: mean 255, sd 22.6.
-  plain = secagg.encode(delta['w'], 0.5, secagg.scale(4, CLIP)).view(np.int32)
   assert abs(np.corrcoef(y.astype(np.float64), plain.astype(np.float64))[0, 1]) < 0.02
-  assert abs(np.corrcoef(y.astype(np.float64), delta['w'])[0, 1]) < 0.02
+  assert abs(np.corrcoef(y.astype(np.float64), delta)[0, 1]) < 0.02
+
+
+def test_a_masked_delta_is_uniform_and_uncorrelated_with_the_delta(tmp_path):
+  pairs = _pairs(_keys(tmp_path))
+  delta = {'w': np.linspace(-1, 1, 1 << 16).astype(np.float32) * 1e-3}  # Anything but uniform.
+  keys = pairs['b'].round_keys('run', 0)
+  y = secagg.mask_delta('b', delta, 0.5, CLIP, secagg.scale(4, CLIP), keys,
+                        pairs['b'].self_key('run', 0), 0)[0]['w'][secagg.MASKED]
+  plain = secagg.encode(delta['w'], 0.5, secagg.scale(4, CLIP)).view(np.int32)
+  _uniform_and_uncorrelated(y, delta['w'], plain)
+  # b late or rejected: its peers reveal every pair key with it, which removes all its pair
+  # masks; its self mask (never revealed for a round that left it out) keeps y uniform.
+  late = y - secagg.pair_masks('b', keys, 0, 'w', y.size)
+  _uniform_and_uncorrelated(late, delta['w'], plain)
+  opened = late - secagg.mask_stream(pairs['b'].self_key('run', 0), 0, 'w', y.size)
+  np.testing.assert_array_equal(  # What revealing b_b,r too would open: b's clipped delta.
+      opened, secagg.encode(_clipped(delta)['w'], 0.5, secagg.scale(4, CLIP)))
 
 
 @pytest.fixture
@@ -187,14 +229,19 @@ def test_a_federation_with_a_dropout_aggregates_only_the_weighted_sum(
   # Weights: the manifest's token x silo weights, b twice the others.
   w0 = {e['silo']: e['weight'] for e in m0['included']}
   assert w0['b'] == pytest.approx(2 * w0['a']) and sum(w0.values()) == pytest.approx(1.0)
-  # Recovery records: a, b, c reveal round 1's pair keys with d, and only those.
+  # Recovery records: every included silo's self-mask key of the round (round 0: all four,
+  # no pair key); in round 1, a, b and c's, with their pair keys with d and only those.
   pairs = _pairs(keys)
-  assert store.recovery_silos(0) == [] and store.recovery_silos(1) == ['a', 'b', 'c']
-  for s in 'abc':
-    record = store.read_recovery(1, s)
-    assert record['pair_keys'] == {'d': pairs[s].round_keys(run['run_id'], 1, ['d'])['d'].hex()}
-    assert signing.check_signature(record, run['public_keys']['silos'][s]) is None
-    assert pairs[s].secrets['d'].hex() not in str(record)
+  assert store.recovery_silos(0) == list(SILOS) and store.recovery_silos(1) == ['a', 'b', 'c']
+  for r, silos in ((0, SILOS), (1, 'abc')):
+    for s in silos:
+      record = store.read_recovery(r, s)
+      assert record['self_key'] == pairs[s].self_key(run['run_id'], r).hex()
+      dropped = ['d'] if r else []
+      assert record['pair_keys'] == {
+          x: k.hex() for x, k in pairs[s].round_keys(run['run_id'], r, dropped).items()}
+      assert signing.check_signature(record, run['public_keys']['silos'][s]) is None
+      assert not any(v.hex() in str(record) for v in pairs[s].secrets.values())
   # The global model is the numpy re-aggregation of the clipped weighted deltas.
   published = _global_reference(store, run, {s: f'{work}/{s}' for s in SILOS})
   # The clip bites on some deltas and not on others (it is the bound the aggregator relies on).
@@ -208,6 +255,7 @@ def test_a_federation_with_a_dropout_aggregates_only_the_weighted_sum(
           'with the recovery records of a, b, c') in shown
   text = ledger.status(root)
   assert "secure aggregation: deltas are masked fixed point ('secagg')" in text
+  assert f"a {signing.fingerprint(run['public_keys'][signing.X25519]['a'])}" in text
   assert 'masks of d: recovery records from a,b,c' in text
 
 
@@ -219,7 +267,7 @@ def _masked_delta(store, run, round_index, silo, keys, scale=0.01, secret=None):
       run, round_index, silo, store.global_hash(round_index), glob,
       {n: v - scale for n, v in glob.items()}, None, _fed(run), steps=steps,
       tokens=steps * protocol.tokens_per_step(run), train_loss=1.0,
-      pair_keys=pairs[silo].round_keys(run['run_id'], round_index))
+      pairs=pairs[silo])
   return payload, signing.sign(meta, secret or signing.load_secret(keys, f'silo_{silo}'))
 
 
@@ -246,12 +294,24 @@ def test_withheld_recovery_fails_the_round_and_forged_deltas_are_rejected(
   manifest = agg.decide(0)
   assert [e['silo'] for e in manifest['included']] == ['a', 'b', 'c']
   assert 'bad signature' in manifest['rejected'][0]['reason'] and manifest['unmask'] == ['d']
-  # a and b reveal their round-0 keys with d; c withholds: the round fails, nothing written.
+  # Only the aggregator's manifest of this run and round makes a silo reveal its keys: one of
+  # round 0 replayed at round 1's path (signed, with its unmask list) opens nothing.
+  agg_check = signing.party_identity(run, keys, 'silo_a').check_aggregator
+  assert protocol.reveal_problem(run, 0, 'a', manifest, agg_check) is None
+  assert protocol.reveal_problem(run, 0, 'd', manifest, agg_check) == protocol.NOT_INCLUDED
+  assert 'it says run' in protocol.reveal_problem(run, 1, 'a', manifest, agg_check)
+  forged_manifest = signing.sign({**manifest, 'round': 1}, signing.load_secret(keys, 'silo_a'))
+  assert 'signature' in protocol.reveal_problem(run, 1, 'a', forged_manifest, agg_check)
+  # a and b reveal their round-0 keys; c withholds: the round fails, nothing written.
   pairs = _pairs(keys)
+
+  def record(s, dropped=('d',), wrong=None):
+    keys_r = pairs[s].round_keys(run['run_id'], 0, dropped)
+    return signing.sign(protocol.recovery_record(
+        run, 0, s, pairs[s].self_key(run['run_id'], 0), {**keys_r, **(wrong or {})}),
+        signing.load_secret(keys, f'silo_{s}'))
   for s in 'ab':
-    store.publish_recovery(0, s, signing.sign(protocol.recovery_record(
-        run, 0, s, pairs[s].round_keys(run['run_id'], 0, ['d'])), signing.load_secret(
-            keys, f'silo_{s}')))
+    store.publish_recovery(0, s, record(s))
   proc = subprocess.run([sys.executable, str(repo_root / 'scripts' / 'aggregate.py'),
                          f'--storage={root}', f'--keys={keys}'],
                         capture_output=True, text=True, timeout=120)
@@ -260,11 +320,18 @@ def test_withheld_recovery_fails_the_round_and_forged_deltas_are_rejected(
   assert 'round 0 failed: silo c (missing)' in lines[0] and 'rerun the aggregator' in lines[0]
   assert store.latest_global_round() == 0
   # A forged record (c's, signed by b) does not count either.
-  forged = protocol.recovery_record(run, 0, 'c', pairs['c'].round_keys(run['run_id'], 0, ['d']))
+  forged = protocol.recovery_record(run, 0, 'c', pairs['c'].self_key(run['run_id'], 0),
+                                    pairs['c'].round_keys(run['run_id'], 0, ['d']))
   store.publish_recovery(0, 'c', signing.sign(forged, signing.load_secret(keys, 'silo_b')))
   with pytest.raises(aggregator_lib.RecoveryMissingError, match=r'silo c \(bad signature'):
     agg.aggregate(0, manifest)
-  store.publish_recovery(0, 'c', signing.sign(forged, signing.load_secret(keys, 'silo_c')))
+  # c's own, validly signed record with a wrong pair key: refused by the sum's bound.
+  store.publish_recovery(0, 'c', record('c', wrong={'d': bytes(32)}))
+  with pytest.raises(aggregator_lib.RecoveryMissingError,
+                     match=r'round 0 failed: the unmasked sum .* records of a, b, c'):
+    agg.aggregate(0, manifest)
+  assert store.latest_global_round() == 0
+  store.publish_recovery(0, 'c', record('c'))
   agg.aggregate(0, manifest)  # The rerun finishes the round.
   g0, g1 = (bucket_helpers.global_params(store, r) for r in (0, 1))
   size = sum(v[0::2].size for v in g0.values())  # `scale` on every value of fragment 0.
@@ -297,6 +364,9 @@ def test_withheld_recovery_fails_the_round_and_forged_deltas_are_rejected(
     ({'federation.reject_norm_multiple': 10.0}, 'federation.reject_norm_multiple'),
     ({'federation.compression': 'int8'}, 'federation.compression'),
     ({'federation.error_feedback': True}, 'federation.error_feedback'),
+    ({'federation.compression': 'topk'}, 'federation.compression'),  # Not topk's own rule.
+    ({'federation.secagg_clip': float('inf')}, 'federation.secagg_clip'),
+    ({'federation.secagg_clip': 2e6}, 'federation.secagg_clip'),
     ({'inner.drift_correction': 'scaffold'}, 'federation.secure_aggregation'),
     ({'federation.overlap': 'eager'}, 'federation.overlap'),
     ({'federation.drop_probability': 0.5}, 'federation.drop_probability'),
@@ -308,6 +378,36 @@ def test_what_masking_cannot_carry_is_refused_in_one_line(secagg_config, changes
     protocol.validate_federation(protocol.federated_config(config))
   assert caught.value.field == field and '\n' not in str(caught.value)
   assert 'Fix: ' in str(caught.value)
+
+
+def test_one_line_names_every_field_masking_replaces(secagg_config):
+  config = config_lib.with_values(secagg_config, {
+      'federation.compression': 'int8', 'federation.error_feedback': True,
+      'federation.reject_norm_multiple': 10.0})
+  with pytest.raises(config_lib.ConfigError) as caught:
+    protocol.validate_federation(protocol.federated_config(config))
+  assert ("needs compression=none, error_feedback=False, reject_norm_multiple=0" in
+          str(caught.value))
+  assert ('Fix: set --config.federation.compression=none --config.federation.error_feedback=False'
+          ' --config.federation.reject_norm_multiple=0.') in str(caught.value)
+
+
+def test_keys_adds_only_a_missing_x25519_pair(repo_root, tmp_path):
+  keys = str(tmp_path / 'keys')
+  script = [sys.executable, str(repo_root / 'scripts' / 'keys.py'), f'--keys={keys}',
+            '--names=silo_a']
+  assert subprocess.run(script, capture_output=True, timeout=60).returncode == 0
+  ed25519 = open(os.path.join(keys, 'silo_a.key'), 'rb').read()
+  for ext in ('key', 'pub'):
+    os.remove(os.path.join(keys, f'silo_a.x25519.{ext}'))
+  proc = subprocess.run(script, capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 0, proc.stderr
+  assert open(os.path.join(keys, 'silo_a.key'), 'rb').read() == ed25519  # Kept as it was.
+  pub = open(os.path.join(keys, 'silo_a.x25519.pub')).read()
+  assert f'fingerprint {signing.fingerprint(pub)}' in proc.stdout
+  assert signing.load_x25519_secret(keys, 'a') is not None
+  proc = subprocess.run(script, capture_output=True, text=True, timeout=60)  # Nothing missing.
+  assert proc.returncode == 2 and 'never overwritten' in proc.stderr
 
 
 def test_init_run_refuses_secure_aggregation_unsigned_or_with_two_silos(repo_root, corpus_dir,
