@@ -4,11 +4,14 @@ The bare step computes `fedpt.model.Transformer`'s forward, written out in plain
 fedpt's pure-dict params (so both start equal), its layers an unrolled Python loop, with
 `optax.adamw` at a constant lr: no gradient clipping, no weight-decay mask, no z-loss, no
 schedule. Each of those features can be added
-to it alone, to price it (bench/throughput.py --variants). Flag-free, so tests import it.
+to it alone, to price it (bench/throughput.py --variants). Also the timing every step
+benchmark shares (interleaved trials). Flag-free, so tests and bench scripts import it.
 """
 import functools
 import importlib.util
+import math
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -187,3 +190,49 @@ def make_bare(features: frozenset, trainer, params):
                                    z_loss=z_loss), donate_argnums=(0,))
   params = jax.tree.map(jnp.copy, bare_params(params, 'scan' in features))
   return step, (params, optimizer.init(params))
+
+
+# -- timing: steps side by side in one process -----------------------------------------------
+
+
+def time_steps(step_fn, state, batch, steps: int):
+  """(state, seconds per step) over `steps` steps after one warm (already compiled) step."""
+  state, out = step_fn(state, batch)
+  jax.block_until_ready(out)
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, out = step_fn(state, batch)
+  jax.block_until_ready((state, out))
+  return state, (time.perf_counter() - start) / steps
+
+
+def first_step(step_fn, state, batch):
+  """(state after one step, seconds it took: the compile)."""
+  t0 = time.perf_counter()
+  state, _ = step_fn(state, batch)
+  jax.block_until_ready(state)
+  return state, time.perf_counter() - t0
+
+
+def interleaved_times(runners: dict, batch, steps: int, trials: int, min_trial_s: float = 0.0):
+  """({name: [seconds per step of each trial]}, steps per trial) of compiled `runners`.
+
+  `runners` maps a name to (step_fn, state) and is updated with the states. A trial lasts
+  at least `min_trial_s` (timed on the first runner): short trials measure the switch
+  between steps (cold caches, a waking thread pool), not the steps. Each trial starts one
+  runner later than the last, so that no runner always goes first and machine noise hits
+  each alike.
+  """
+  names = list(runners)
+  step_fn, state = runners[names[0]]
+  state, one_step_s = time_steps(step_fn, state, batch, 1)
+  runners[names[0]] = (step_fn, state)
+  steps = max(steps, math.ceil(min_trial_s / one_step_s))
+  times = {name: [] for name in names}
+  for trial in range(trials):
+    for name in names[trial % len(names):] + names[:trial % len(names)]:
+      step_fn, state = runners[name]
+      state, seconds = time_steps(step_fn, state, batch, steps)
+      runners[name] = (step_fn, state)
+      times[name].append(seconds)
+  return times, steps

@@ -16,19 +16,16 @@ figure of merit (target >= 0.97).
 """
 import ast
 import json
-import math
 import os
 import re
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
-import jax  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 import bare_step  # noqa: E402
@@ -55,19 +52,6 @@ FLAGS = flags.FLAGS
 
 
 ThroughputError = bare_step.ThroughputError
-
-
-# -- timing ----------------------------------------------------------------------------------
-
-
-def _time_steps(step_fn, state, batch, steps):
-  state, out = step_fn(state, batch)  # Warm (already compiled).
-  jax.block_until_ready(out)
-  start = time.perf_counter()
-  for _ in range(steps):
-    state, out = step_fn(state, batch)
-  jax.block_until_ready((state, out))
-  return state, (time.perf_counter() - start) / steps
 
 
 def _peak_bytes(device) -> int | None:
@@ -103,15 +87,6 @@ def _with_override(config, pairs):
   return config
 
 
-def _first_step(trainer, batch):
-  """(state after fedpt's first step from its initial state, seconds it took: compile)."""
-  state = trainer.init_state()
-  t0 = time.perf_counter()
-  state, _ = trainer.train_step(state, batch)
-  jax.block_until_ready(state)
-  return state, time.perf_counter() - t0
-
-
 def run(config, steps: int, trials: int, variants=(), fedpt_overrides=(),
         min_trial_s: float = 0.0) -> dict:
   """One row: tokens/s of fedpt's step (and each override), the floor and each variant."""
@@ -120,37 +95,23 @@ def run(config, steps: int, trials: int, variants=(), fedpt_overrides=(),
   cfg = trainer.model_config
 
   runners, first_step_s = {}, {}
-  state, first_step_s['fedpt'] = _first_step(trainer, batch)
+  state, first_step_s['fedpt'] = bare_step.first_step(trainer.train_step, trainer.init_state(),
+                                                      batch)
   runners['fedpt'] = (trainer.train_step, state)
   fedpt_peak = _peak_bytes(devices[0])  # fedpt's state and step alone: plan.py's estimate.
   init_params = trainer.init_state()['params']  # Deterministic: the params fedpt started from.
   for pairs in fedpt_overrides:
     name = 'fedpt[' + ', '.join(f'{field}={value}' for field, value in pairs) + ']'
     other = trainer_lib.Trainer(_with_override(config, pairs), devices=devices)
-    state, first_step_s[name] = _first_step(other, batch)
+    state, first_step_s[name] = bare_step.first_step(other.train_step, other.init_state(), batch)
     runners[name] = (other.train_step, state)
   for features in [frozenset(), *variants]:
     name = bare_step.variant_name(features)
     step, state = bare_step.make_bare(features, trainer, init_params)
-    t0 = time.perf_counter()
-    state, _ = step(state, batch)
-    jax.block_until_ready(state)
-    first_step_s[name] = time.perf_counter() - t0
+    state, first_step_s[name] = bare_step.first_step(step, state, batch)
     runners[name] = (step, state)
 
-  # Enough steps that a trial lasts min_trial_s: short trials measure the switch between
-  # steps (cold caches, a waking thread pool), not the steps.
-  state, one_step_s = _time_steps(*runners['fedpt'], batch, 1)
-  runners['fedpt'] = (runners['fedpt'][0], state)
-  steps = max(steps, math.ceil(min_trial_s / one_step_s))
-  times = {name: [] for name in runners}
-  names = list(runners)
-  for trial in range(trials):  # Each trial starts one runner later: no runner always goes first.
-    for name in names[trial % len(names):] + names[:trial % len(names)]:
-      step, state = runners[name]
-      state, seconds = _time_steps(step, state, batch, steps)
-      runners[name] = (step, state)
-      times[name].append(seconds)
+  times, steps = bare_step.interleaved_times(runners, batch, steps, trials, min_trial_s)
 
   tokens = config.data.global_batch * config.data.seq_len
   tps = {name: tokens / statistics.median(t) for name, t in times.items()}

@@ -95,3 +95,35 @@ def test_profile_prices_clipping_and_finds_no_framework_overhead(repo_root, tmp_
                                                          rel=0.01)
   assert static['fedpt']['gflop'] == pytest.approx(static['bare+all']['gflop'], rel=0.001)
   assert 'fedpt: ' in proc.stdout and 'ms of ops per step' in proc.stdout
+
+
+def test_interleaved_trials_rotate_the_first_runner_and_time_every_step():
+  calls = []
+
+  def runner(name):
+    def step(count, batch):
+      calls.append(name)
+      return count + batch, np.zeros(())
+    return step, 0
+
+  runners = {'plain': runner('plain'), 'dp': runner('dp')}
+  times, steps = bare_step.interleaved_times(runners, 1, steps=2, trials=3)
+  assert steps == 2 and all(len(t) == 3 and min(t) > 0 for t in times.values())
+  # The first runner's calibration (a warm and a timed step), then per trial and runner a
+  # warm step and 2 timed ones, the first runner rotating.
+  assert calls[:2] == ['plain', 'plain'] and len(calls) == 2 + 3 * 2 * 3
+  assert [calls[2 + 6 * trial] for trial in range(3)] == ['plain', 'dp', 'plain']
+  assert runners['plain'][1] == 2 + 3 * 3 and runners['dp'][1] == 3 * 3  # States carried on.
+
+
+@pytest.mark.parametrize('args, expected', [
+    (['--configs=huge'], "unknown size 'huge'"),
+    (['--configs=tiny', '--grad_accum=3'], '--grad_accum: config field \'inner.grad_accum\''),
+    (['--configs=tiny', '--noise_multiplier=0'], '--noise_multiplier=0 must be > 0'),
+])
+def test_dp_step_bad_flags_are_one_line(repo_root, args, expected):
+  proc = subprocess.run([sys.executable, 'bench/dp_step.py', *args], cwd=repo_root,
+                        capture_output=True, text=True, env=conftest.child_env(), timeout=120)
+  assert proc.returncode == 2, proc.stderr
+  assert expected in proc.stderr and 'Traceback' not in proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1
