@@ -22,7 +22,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
-import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -39,15 +38,6 @@ flags.DEFINE_integer('rounds', 3, 'Rounds per mode; the first is dropped (warm-u
 FLAGS = flags.FLAGS
 SILOS = ('a', 'b', 'c', 'd')
 SENDERS = ('a', 'b', 'c')  # d drops out of every round.
-
-
-def _global(store, round_index):
-  out = {}
-  for m in store.global_shard_metas(round_index):
-    abstract = {n: jax.ShapeDtypeStruct(tuple(m['leaf_shapes'][n]), np.dtype(m['leaf_dtypes'][n]))
-                for n in m['leaf_hashes']}
-    out.update(store.read_global_shard(round_index, m['shard'], m['num_shards'], abstract, {})[0])
-  return out
 
 
 def measure(config, secure: bool, rounds: int, workdir: str) -> dict:
@@ -70,7 +60,7 @@ def measure(config, secure: bool, rounds: int, workdir: str) -> dict:
   rng = np.random.default_rng(0)
   rows = []
   for r in range(rounds):
-    glob = _global(store, r)
+    glob = store.read_global_arrays(r)
     size = sum(v.size for v in glob.values())
     row = {'build_s': 0.0, 'upload_s': 0.0, 'recovery_s': 0.0, 'bytes_up': 0,
            'recovery_bytes': 0}

@@ -688,6 +688,16 @@ class RunStorage:
           f'{sorted(set(abstract_flat) - set(out))[:3]}. Fix: use the run\'s config.')
     return out
 
+  def read_global_arrays(self, round_index: int, verify: bool = True) -> dict:
+    """Every parameter of a committed global round, with the shapes its metas state (hashes
+    checked unless `verify` is False): for tools and tests that hold no model."""
+    metas = self.global_shard_metas(round_index)
+    if metas is None:
+      raise StorageError(f'global round {round_index} is not committed under {self.root}')
+    abstract = {n: jax.ShapeDtypeStruct(tuple(m['leaf_shapes'][n]), np.dtype(m['leaf_dtypes'][n]))
+                for m in metas for n in m['leaf_hashes']}
+    return self.read_global_params(round_index, abstract, verify=verify)
+
   def read_global_shard(self, round_index: int, shard: int, num_shards: int,
                         abstract_params: dict, abstract_outer: dict) -> tuple[dict, dict]:
     """One shard's parameters and outer-optimizer arrays (the aggregator's own input)."""

@@ -65,19 +65,25 @@ def test_variant_names_parse_and_bad_ones_are_refused():
     bare_step.parse_variant('scan+fused')
 
 
-@pytest.mark.parametrize('args, expected', [
-    (['--sizes=huge'], "unknown size 'huge'"),
-    (['--sizes=tiny', '--remats=everything'], "unknown remat policy 'everything'"),
-    (['--sizes=tiny', '--variants=fused'], "unknown bare-step feature 'fused'"),
-    (['--sizes=tiny', '--fedpt_overrides=model.scan_layers'], 'is not FIELD=VALUE'),
-    (['--sizes=tiny', '--fedpt_overrides=model.scan_layer=False'], 'did you mean'),
-    (['--sizes=tiny', '--fedpt_overrides=model.scan_layers=3'], 'give a value of its type'),
+@pytest.mark.parametrize('script, args, expected', [
+    ('throughput', ['--sizes=huge'], "unknown size 'huge'"),
+    ('throughput', ['--sizes=tiny', '--remats=everything'], "unknown remat policy 'everything'"),
+    ('throughput', ['--sizes=tiny', '--variants=fused'], "unknown bare-step feature 'fused'"),
+    ('throughput', ['--sizes=tiny', '--fedpt_overrides=model.scan_layers'], 'is not FIELD=VALUE'),
+    ('throughput', ['--sizes=tiny', '--fedpt_overrides=model.scan_layer=False'], 'did you mean'),
+    ('throughput', ['--sizes=tiny', '--fedpt_overrides=model.scan_layers=3'],
+     'give a value of its type'),
+    ('dp_step', ['--configs=huge'], "unknown size 'huge'"),
+    ('dp_step', ['--configs=tiny', '--grad_accum=3'],
+     '--grad_accum: config field \'inner.grad_accum\''),
+    ('dp_step', ['--configs=tiny', '--noise_multiplier=0'], '--noise_multiplier=0 must be > 0'),
 ])
-def test_bad_flags_are_one_line(repo_root, args, expected):
-  proc = subprocess.run([sys.executable, 'bench/throughput.py', *args], cwd=repo_root,
+def test_bad_flags_are_one_line(repo_root, script, args, expected):
+  proc = subprocess.run([sys.executable, f'bench/{script}.py', *args], cwd=repo_root,
                         capture_output=True, text=True, env=conftest.child_env(), timeout=120)
   assert proc.returncode == 2, proc.stderr
   assert expected in proc.stderr and 'Traceback' not in proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_profile_prices_clipping_and_finds_no_framework_overhead(repo_root, tmp_path):
@@ -116,14 +122,3 @@ def test_interleaved_trials_rotate_the_first_runner_and_time_every_step():
   assert runners['plain'][1] == 2 + 3 * 3 and runners['dp'][1] == 3 * 3  # States carried on.
 
 
-@pytest.mark.parametrize('args, expected', [
-    (['--configs=huge'], "unknown size 'huge'"),
-    (['--configs=tiny', '--grad_accum=3'], '--grad_accum: config field \'inner.grad_accum\''),
-    (['--configs=tiny', '--noise_multiplier=0'], '--noise_multiplier=0 must be > 0'),
-])
-def test_dp_step_bad_flags_are_one_line(repo_root, args, expected):
-  proc = subprocess.run([sys.executable, 'bench/dp_step.py', *args], cwd=repo_root,
-                        capture_output=True, text=True, env=conftest.child_env(), timeout=120)
-  assert proc.returncode == 2, proc.stderr
-  assert expected in proc.stderr and 'Traceback' not in proc.stderr
-  assert len(proc.stderr.strip().splitlines()) == 1
