@@ -9,6 +9,7 @@ benchmark shares (interleaved trials). Flag-free, so tests and bench scripts imp
 """
 import functools
 import importlib.util
+import json
 import math
 import os
 import time
@@ -236,3 +237,12 @@ def interleaved_times(runners: dict, batch, steps: int, trials: int, min_trial_s
       runners[name] = (step_fn, state)
       times[name].append(seconds)
   return times, steps
+
+
+def report(rows: list, table: str, json_out: str | None) -> list:
+  """Prints a benchmark's markdown `table` and writes its `rows` to `json_out` (if given)."""
+  print(table)
+  if json_out:
+    with open(json_out, 'w') as f:
+      json.dump(rows, f, indent=1)
+  return rows

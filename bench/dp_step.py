@@ -10,7 +10,6 @@ sigma does not change the work: one Gaussian draw per parameter either way.
   python bench/dp_step.py                                   # tiny and demo
   python bench/dp_step.py --configs=demo --grad_accum=4 --json_out=/tmp/dp.json
 """
-import json
 import os
 import statistics
 import sys
@@ -116,11 +115,7 @@ def dp_step(names, noise_multiplier: float, grad_accum: int, steps: int, trials:
     print(f"{r['size']} ({r['params']:,} params, {r['batch']}x{r['seq_len']}, grad_accum "
           f"{r['grad_accum']}, {r['device']}): plain {r['tokens_per_s']['plain']:,.0f}, DP "
           f"{r['tokens_per_s']['dp']:,.0f} tokens/s; DP/plain {r['ratio']:.3f}", flush=True)
-  print(markdown(rows))
-  if json_out:
-    with open(json_out, 'w') as f:
-      json.dump(rows, f, indent=1)
-  return rows
+  return bare_step.report(rows, markdown(rows), json_out)
 
 
 def main(argv):

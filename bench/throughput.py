@@ -15,7 +15,6 @@ figure of merit (target >= 0.97).
       --remats=dots_no_batch,full --json_out=/tmp/1b.json  # GPU
 """
 import ast
-import json
 import os
 import re
 import statistics
@@ -185,11 +184,7 @@ def throughput(sizes, config, variants, remats, steps, trials, json_out=None,
           f"{r['compute_dtype']}, remat {r['remat']}, {r['device']}): " + ', '.join(
               f'{n} {v:,.0f}' for n, v in r['tokens_per_s'].items())
           + f" tokens/s; fedpt/floor {r['ratio']:.3f} (floor: {r['floor']})", flush=True)
-  print(markdown(rows))
-  if json_out:
-    with open(json_out, 'w') as f:
-      json.dump(rows, f, indent=1)
-  return rows
+  return bare_step.report(rows, markdown(rows), json_out)
 
 
 def main(argv):
