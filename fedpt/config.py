@@ -181,8 +181,10 @@ def base_config() -> ml_collections.ConfigDict:
       fragments=1,
       # Pairwise-masked secure aggregation (Bonawitz et al. 2017; fedpt/secagg.py): the
       # aggregator reads only the weighted sum of the deltas. Each silo clips its delta to
-      # secagg_clip (L2) and encodes it in fixed point; a survivor reveals its pair keys with
-      # a dropped silo within secagg_recovery_timeout_s or the round fails. Signed runs only.
+      # secagg_clip (L2) and encodes it in fixed point, masked by pair masks and a self mask;
+      # each included silo then publishes its round's self-mask key (and its pair keys with
+      # any dropped silo) within secagg_recovery_timeout_s, or the round fails. Signed runs
+      # of >= 3 silos only.
       secure_aggregation=False,
       secagg_clip=1.0,
       secagg_recovery_timeout_s=600.0,
