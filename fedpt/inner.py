@@ -10,8 +10,6 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-import jax_privacy
-from jax_privacy import noise_addition
 
 from fedpt import drift as drift_lib
 from fedpt import sharding
@@ -143,6 +141,9 @@ def private_gradients(params, tokens_bt1, step, noise, *, graphdef, inner_config
   the silo's secret seed and the step), and the sum is divided by the global batch.
   `noise` is (the key's data, uint32[2], and the noise std); `step` the state's.
   """
+  # Imported here: only a DP step needs it, and it would add ~1 s to every process's start.
+  import jax_privacy  # pylint: disable=g-import-not-at-top
+  from jax_privacy import noise_addition  # pylint: disable=g-import-not-at-top
   batch, accum = tokens_bt1.shape[0], inner_config.grad_accum
   loss_fn = functools.partial(loss_and_metrics, graphdef=graphdef, z_loss=inner_config.z_loss)
   with sharding.per_example() as batch_axes:

@@ -31,8 +31,8 @@ import json
 import math
 import os
 import secrets
+from typing import TYPE_CHECKING
 
-import dp_accounting
 from etils import epath
 
 from fedpt import config as config_lib
@@ -40,6 +40,17 @@ from fedpt import errors
 from fedpt import metrics as metrics_lib
 from fedpt import multihost
 from fedpt import storage as storage_lib
+
+if TYPE_CHECKING:
+  import dp_accounting
+
+
+def _dp():
+  """dp_accounting, imported on first use: with scipy and mpmath it adds ~1 s to the start
+  of every process, and only a DP silo's accounting needs it."""
+  import dp_accounting  # pylint: disable=g-import-not-at-top,redefined-outer-name
+  return dp_accounting
+
 
 RECORD = 'privacy.json'
 # The fields whose change mid-run would void the accounting (compared on every resume).
@@ -70,28 +81,28 @@ def uses(steps: int, batch: int, windows: int) -> tuple[int, int]:
 
 
 def dp_event(noise_multiplier: float, steps: int, batch: int,
-             windows: int) -> dp_accounting.DpEvent:
+             windows: int) -> 'dp_accounting.DpEvent':
   """The DpEvent of `steps` DP-SGD steps for the worst-case window (`uses`)."""
   return _uses_event(noise_multiplier, *uses(steps, batch, windows))
 
 
-def _uses_event(noise_multiplier: float, single: int, double: int) -> dp_accounting.DpEvent:
+def _uses_event(noise_multiplier: float, single: int, double: int) -> 'dp_accounting.DpEvent':
   events = []
   if single:
-    events.append(dp_accounting.SelfComposedDpEvent(
-        dp_accounting.GaussianDpEvent(noise_multiplier), single))
+    events.append(_dp().SelfComposedDpEvent(
+        _dp().GaussianDpEvent(noise_multiplier), single))
   if double:  # Sensitivity 2C against noise sigma C: a Gaussian of multiplier sigma / 2.
-    events.append(dp_accounting.SelfComposedDpEvent(
-        dp_accounting.GaussianDpEvent(noise_multiplier / 2), double))
-  return dp_accounting.ComposedDpEvent(events) if events else dp_accounting.NoOpDpEvent()
+    events.append(_dp().SelfComposedDpEvent(
+        _dp().GaussianDpEvent(noise_multiplier / 2), double))
+  return _dp().ComposedDpEvent(events) if events else _dp().NoOpDpEvent()
 
 
-def make_accountant(name: str) -> dp_accounting.PrivacyAccountant:
+def make_accountant(name: str) -> 'dp_accounting.PrivacyAccountant':
   """dp_accounting's accountant `name` (config.DP_ACCOUNTANTS), add-or-remove-one relation."""
   if name == 'pld':
-    return dp_accounting.pld.PLDAccountant()
+    return _dp().pld.PLDAccountant()
   if name == 'rdp':
-    return dp_accounting.rdp.RdpAccountant()
+    return _dp().rdp.RdpAccountant()
   raise ValueError(f'unknown accountant {name!r}')
 
 
@@ -111,10 +122,10 @@ def calibrate(target_epsilon: float, steps: int, batch: int, windows: int, delta
   """
   if epsilon(MIN_NOISE_MULTIPLIER, steps, batch, windows, delta, accountant) <= target_epsilon:
     return MIN_NOISE_MULTIPLIER
-  return dp_accounting.calibrate_dp_mechanism(
+  return _dp().calibrate_dp_mechanism(
       functools.partial(make_accountant, accountant),
       lambda sigma: dp_event(sigma, steps, batch, windows), target_epsilon, delta,
-      dp_accounting.LowerEndpointAndGuess(MIN_NOISE_MULTIPLIER, 1.0), tol=1e-4)
+      _dp().LowerEndpointAndGuess(MIN_NOISE_MULTIPLIER, 1.0), tol=1e-4)
 
 
 @dataclasses.dataclass(frozen=True)
