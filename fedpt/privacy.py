@@ -39,6 +39,7 @@ from fedpt import config as config_lib
 from fedpt import errors
 from fedpt import metrics as metrics_lib
 from fedpt import multihost
+from fedpt import records
 from fedpt import storage as storage_lib
 
 if TYPE_CHECKING:
@@ -209,8 +210,7 @@ _RESTORE_FIX = ('Fix: restore it from a backup; without its noise seed and multi
 
 
 def _number(value, low: float, high: float = math.inf) -> bool:
-  return (isinstance(value, (int, float)) and not isinstance(value, bool)
-          and low <= value < high)
+  return records.is_number(value) and low <= value < high
 
 
 def _record_problem(record) -> str | None:

@@ -102,7 +102,7 @@ def delta_format(record: dict) -> tuple[str, int, compression.TopK]:
 
 
 def secure_aggregation(run: dict) -> bool:
-  """Whether `run`'s deltas are pairwise-masked (`federation.secure_aggregation`, fedpt/secagg.py)."""
+  """Whether `run`'s deltas are masked (`federation.secure_aggregation`, fedpt/secagg.py)."""
   return bool(run['federation'].get('secure_aggregation', False))
 
 

@@ -185,7 +185,8 @@ def run_public_keys(keys_dir: str, silo_ids, secure_aggregation: bool = False) -
         f'{len(missing)} public key(s) missing from {keys_dir}: '
         f'{", ".join(f"{n}.pub" for n in missing)}. Fix: each party makes its own key pair '
         '(scripts/keys.py --keys=<its private folder> --names=<its name>, e.g. '
-        f'--names={missing[0].split(".")[0]}) and sends you its .pub; copy them into {keys_dir}, then rerun')
+        f'--names={missing[0].split(".")[0]}) and sends you its .pub; copy them into '
+        f'{keys_dir}, then rerun')
   keys = {AGGREGATOR: load_public(keys_dir, AGGREGATOR),
           'silos': {s: load_public(keys_dir, silo_key_name(s)) for s in silo_ids}}
   if secure_aggregation:

@@ -92,10 +92,11 @@ def _masked_delta(run, round_index, silo_id, global_flat, local_flat, names, fra
       silo_id, deltas, protocol.secagg_numerator(run, silo_id, tokens), clip,
       protocol.secagg_scale(run), pairs.round_keys(run['run_id'], round_index),
       pairs.self_key(run['run_id'], round_index), fragment)
-  (log or (lambda _: None))(f'round {round_index}: delta norm {norm:.4g} before clipping to secagg_clip={clip:g}, '
-      f'clip factor {factor:.3g}' + (' (WARNING: clipped; if most rounds are, the global model '
-      'moves less than plain averaging would: see README "Secure aggregation" to pick '
-      'secagg_clip)' if factor < 1 else ''))
+  if log is not None:
+    log(f'round {round_index}: delta norm {norm:.4g} before clipping to secagg_clip={clip:g}, '
+        f'clip factor {factor:.3g}' + (' (WARNING: clipped; if most rounds are, the global '
+        'model moves less than plain averaging would: see README "Secure aggregation" to '
+        'pick secagg_clip)' if factor < 1 else ''))
   return payload, None, sum(compression.payload_nbytes(p) for p in payload.values()), 0.0
 
 
