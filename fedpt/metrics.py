@@ -2,6 +2,7 @@
 import contextlib
 import json
 import os
+import socket
 import time
 
 import jax
@@ -47,8 +48,8 @@ class MetricWriter:
 
   Both are written and flushed synchronously: a full disk or a read-only folder is
   then one MetricsError line naming the file (with `note()`, e.g. the checkpoint a
-  rerun resumes from), where tensorboardX's writer thread would die and block the
-  trainer on its full queue. A line the disk cut short is removed.
+  rerun resumes from), where a writer thread would die and block the trainer on its
+  full queue. A line the disk cut short is removed.
   """
 
   def __init__(self, workdir: str, enabled: bool | None = None, note=lambda: '',
@@ -67,19 +68,13 @@ class MetricWriter:
         if resume_step is not None:
           _drop_rows_after(self._path, resume_step)
         self._jsonl = open(self._path, 'ab', buffering=0)
-      from tensorboardX import event_file_writer  # pylint: disable=g-import-not-at-top  # 1.5 s.
-      from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
       with self._refusals(self._tb_dir):
         os.makedirs(self._tb_dir, exist_ok=True)
-        # Named to the second by tensorboardX: a start within the same second as the last
-        # would overwrite its file; the nanosecond suffix keeps the files apart, in order.
-        self._events = event_file_writer.EventsWriter(os.path.join(self._tb_dir, 'events'),
-                                                      f'.{time.time_ns():020d}')
+        self._events = _EventsFile(self._tb_dir)
         if resume_step is not None:  # TensorBoard drops the older files' events from here on.
-          self._events.write_event(event_pb2.Event(
-              step=resume_step + 1, wall_time=time.time(),
-              session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
-        self._events.flush()
+          session_log = _protos()[0].SessionLog
+          self._events.write(step=resume_step + 1,
+                             session_log=session_log(status=session_log.START))
 
   def _refusals(self, path: str):
     return errors.refusals(f'writing {path}', path, MetricsError, self._note)
@@ -98,15 +93,11 @@ class MetricWriter:
         with contextlib.suppress(OSError):  # No torn line for readers.
           self._jsonl.truncate(start)
         raise
-    from tensorboardX import summary  # pylint: disable=g-import-not-at-top
-    from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
     with self._refusals(self._tb_dir):
-      now = time.time()
-      for key, value in record.items():
-        if key != 'step':
-          self._events.write_event(event_pb2.Event(
-              wall_time=now, step=int(step), summary=summary.scalar(key, value)))
-      self._events.flush()
+      summary = _protos()[1].Summary
+      self._events.write(step=int(step), summary=summary(value=[
+          summary.Value(tag=key, simple_value=value)
+          for key, value in record.items() if key != 'step']))
 
   def close(self) -> None:
     """Releases the files; every record was flushed when written."""
@@ -114,6 +105,35 @@ class MetricWriter:
       if f is not None:
         with contextlib.suppress(OSError):
           f.close()
+
+
+def _protos():
+  """tensorboard's Event and Summary protos, imported on first use (0.3 s). Not
+  tensorboardX's: its package imports torch where it is installed, 2 s per process."""
+  from tensorboard.compat.proto import event_pb2, summary_pb2  # pylint: disable=g-import-not-at-top
+  return event_pb2, summary_pb2
+
+
+class _EventsFile:
+  """One TensorBoard events file per start, written and flushed synchronously.
+
+  Named to the nanosecond: TensorBoard reads a folder's files in name order, and a start
+  within the same second as the last must not overwrite or precede its file.
+  """
+
+  def __init__(self, folder: str):
+    from tensorboard.summary.writer import record_writer  # pylint: disable=g-import-not-at-top
+    name = f'events.out.tfevents.{time.time_ns():020d}.{socket.gethostname()}.{os.getpid()}'
+    self._file = open(os.path.join(folder, name), 'wb')
+    self._records = record_writer.RecordWriter(self._file)
+    self.write(file_version='brain.Event:2')
+
+  def write(self, **fields) -> None:
+    self._records.write(_protos()[0].Event(wall_time=time.time(), **fields).SerializeToString())
+    self._file.flush()
+
+  def close(self) -> None:
+    self._file.close()
 
 
 def _number(value):
