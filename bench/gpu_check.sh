@@ -48,7 +48,7 @@ export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 missing="$("$python" - <<'EOF'
 import importlib.util
 mods = ['jax', 'flax', 'optax', 'orbax.checkpoint', 'ml_collections', 'absl', 'sentencepiece',
-        'grain', 'cryptography', 'tensorboardX', 'fsspec', 'matplotlib', 'pytest', 'filelock']
+        'grain', 'cryptography', 'tensorboard', 'fsspec', 'matplotlib', 'pytest', 'filelock']
 print(' '.join(m for m in mods if importlib.util.find_spec(m) is None))
 EOF
 )"

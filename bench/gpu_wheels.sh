@@ -32,7 +32,7 @@ python="${PYTHON:-python3}"
 # tensorflow-datasets and gcsfs are left out: imported only for tfds sources and gs://.
 preinstalled=(jax flax optax orbax-checkpoint tensorstore absl-py sentencepiece etils numpy
               safetensors transformers pytest)
-needed=(ml-collections grain cryptography tensorboardX fsspec matplotlib filelock)
+needed=(ml-collections grain cryptography tensorboard fsspec matplotlib filelock)
 
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
