@@ -1,5 +1,6 @@
 """The member question: whole-split evaluation, one gain per silo, simulate --baselines."""
 import csv
+import functools
 import json
 import os
 import subprocess
@@ -39,8 +40,9 @@ def test_whole_split_scores_every_token_once(tiny_config, tmp_path):
   assert tokens == val.num_tokens - full - 1 == val.scored_tokens(tiny_config.data.seq_len)
   # Reference: the plain training loss of all full windows in one block, and of the tail alone.
   host = jax.device_get(params)
-  nll = lambda block: float(inner.loss_and_metrics(  # noqa: E731
-      host, np.asarray(block, np.int32), graphdef=trainer.graphdef, z_loss=0.0)[1]['nll'])
+  loss_fn = jax.jit(functools.partial(inner.loss_and_metrics, graphdef=trainer.graphdef,
+                                      z_loss=0.0))
+  nll = lambda block: float(loss_fn(host, np.asarray(block, np.int32))[1]['nll'])  # noqa: E731
   total = (nll(val.tokens[:full * length].reshape(full, length)) * full * (length - 1)
            + nll(val.tokens[full * length:][None]) * (tail - 1))
   assert loss == pytest.approx(total / tokens, rel=1e-5)
