@@ -28,7 +28,7 @@ from fedpt import storage as storage_lib
 
 from bucket_helpers import global_params
 
-ROUNDS = 2
+ROUNDS = 1  # Preempted mid-round 0, resumed, finished: the whole story in one round.
 INNER_STEPS = 48  # Long enough for a preemption notice to reach the other host mid-round.
 
 
@@ -141,7 +141,7 @@ def _delta_payload(store, round_index):
 
 def _assert_matches_reference(store, reference_store):
   # Gloo sums gradients across processes in another order than XLA does within one:
-  # measured differences are <= 2.7e-6 after two rounds of 48 steps (losses equal to 1e-7).
+  # measured differences are <= 2.7e-6 after rounds of 48 steps (losses equal to 1e-7).
   for r in range(ROUNDS):
     meta, payload = _delta_payload(store, r)
     ref_meta, ref_payload = _delta_payload(reference_store, r)

@@ -153,17 +153,15 @@ def test_an_overlapped_silo_trains_on_while_its_upload_and_download_are_in_fligh
 
 # Each mode's kill points; in the overlapped ones the aggregator's crash in round 0 holds
 # global round 1 back while the silos train round 1 from global round 0: silo a is killed
-# there, a round ahead, mid-round and after its commit.
-# Synchronous rounds are killed at the same points in test_fragments.py (its 'none' run).
+# there, a round ahead: after its commit (delayed) and mid-round (eager, which shares
+# delayed's resume path and adds its own state, the eager base and the sent parts).
+# Synchronous rounds are killed mid-round and mid-write in test_fragments.py.
 KILLS = {
     'none': None,
-    'delayed': {'silo_a': ['silo_inner@1', 'silo_published@1'],
-                'silo_b': ['silo_upload_begin@0'],
+    'delayed': {'silo_a': ['silo_published@1'], 'silo_b': ['silo_upload_begin@0'],
                 'aggregator': ['aggregate_upload@0']},
+    'eager': {'silo_a': ['silo_inner@1'], 'aggregator': ['aggregate_upload@0']},
 }
-# Eager shares delayed's resume path; its own state (the eager base and sent parts) is
-# tested where it lives: a round ahead and mid-write.
-KILLS['eager'] = {'silo_a': ['silo_inner@1'], 'aggregator': ['aggregate_upload@0']}
 
 
 @pytest.mark.slow
