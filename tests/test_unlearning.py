@@ -1,8 +1,9 @@
 """Unlearning a silo (fedpt/unlearning.py): retrain's exact branch and replay's re-aggregation.
 
-One run is built once for the file: silos a, b, x and y (y never publishes), known deltas
-(bucket_helpers.fake_delta) through the real aggregator, x first included in round 1. Then
-x's deltas are deleted from the parent's bucket: neither mode may read them.
+One signed run is built once for the file: silos a, b, x and y (y never publishes), known
+deltas (bucket_helpers.fake_delta, signed by their silo) through the real aggregator, x first
+included in round 1. Then x's deltas are deleted from the parent's bucket: neither mode may
+read them.
 """
 import shutil
 import subprocess
@@ -16,6 +17,7 @@ import bucket_helpers
 import conftest
 from fedpt import aggregator as aggregator_lib
 from fedpt import protocol
+from fedpt import signing
 from fedpt import silo as silo_lib
 from fedpt import storage as storage_lib
 from fedpt import unlearning
@@ -27,21 +29,28 @@ LR, MU = 0.7, 0.9  # outer.optimizer='diloco': Nesterov SGD (configs' defaults).
 
 @pytest.fixture(scope='module')
 def parent(corpus_dir, tmp_path_factory):
-  """(config, bucket root) of a finished 3-round run; x joined in round 1."""
+  """(config, bucket root, key folder) of a finished 3-round signed run; x joined in round 1.
+
+  One key folder serves every party here (each party's own in real use).
+  """
   config = conftest.load_config('tiny', corpus_dir)
   config.train.async_checkpoints = False  # Silos run as threads below.
   config.federation.update(rounds=3, inner_steps=4, silos=('a', 'b', 'x', 'y'), poll_s=0.05,
                            wait_timeout_s=120.0, min_silos=2, round_deadline_s=0.0,
                            compression='none', retain_for_unlearning=True)
   config.outer.optimizer = 'diloco'
-  root = str(tmp_path_factory.mktemp('unlearn') / 'parent')
-  run = aggregator_lib.init_run(config, root)
+  work = tmp_path_factory.mktemp('unlearn')
+  root, keys = str(work / 'parent'), str(work / 'keys')
+  signing.generate_named(keys, ['aggregator', *(f'silo_{s}' for s in 'abxy')])
+  run = aggregator_lib.init_run(config, root, keys_dir=keys)
   store = storage_lib.RunStorage(root)
-  agg = aggregator_lib.Aggregator(root)
+  agg = aggregator_lib.Aggregator(root, keys_dir=keys)
   for r in range(3):
     for silo in ('a', 'b') + (('x',) if r else ()):
-      store.publish_delta(r, silo, *bucket_helpers.fake_delta(
-          store, run, r, silo, config.federation, SCALES[silo] * (r + 1), tokens=TOKENS[silo]))
+      payload, meta = bucket_helpers.fake_delta(
+          store, run, r, silo, config.federation, SCALES[silo] * (r + 1), tokens=TOKENS[silo])
+      store.publish_delta(r, silo, payload, signing.sign(
+          meta, signing.load_secret(keys, f'silo_{silo}')))
     agg.aggregate(r, agg.decide(r))
     agg.collect_garbage(r + 1)
   assert store.committed_global_rounds() == [0, 1, 2, 3]  # retain_for_unlearning: no GC.
@@ -49,7 +58,7 @@ def parent(corpus_dir, tmp_path_factory):
   assert [e['silo'] for e in store.read_manifest(1)['included']] == ['a', 'b', 'x']
   for r in (1, 2):
     store.remove_delta(r, 'x')
-  return config, root
+  return config, root, keys
 
 
 def _deltas(store, r, silo):
@@ -66,14 +75,16 @@ def _files(directory):
 
 @pytest.mark.slow  # Two silos train two rounds (~25 s on 2 cores).
 def test_retrain_branches_before_x_and_the_others_continue_without_it(parent, tmp_path):
-  config, root = parent
+  config, root, keys = parent
   store, out = storage_lib.RunStorage(root), str(tmp_path / 'retrain')
-  done = unlearning.unlearn(root, 'x', 'retrain', out)
+  done = unlearning.unlearn(root, 'x', 'retrain', out, keys)
   assert done['branch_round'] == 1 and done['replayed_rounds'] == []
   branch, run = storage_lib.RunStorage(out), storage_lib.RunStorage(out).read_run()
   parent_run = store.read_run()
   assert run['run_id'] != parent_run['run_id'] and protocol.silo_ids(run) == ['a', 'b', 'y']
   assert run['federation']['silos'] == ['a', 'b', 'y']
+  assert signing.check_signature(run, run['public_keys']['aggregator']) is None
+  assert sorted(run['public_keys']['silos']) == ['a', 'b', 'y']
   assert run['parent'] == {'run_id': parent_run['run_id'], 'round': 1, 'storage': root,
                            'silo': 'x', 'mode': 'retrain'}
   # History up to the branch: the same arrays, byte for byte, and the same decisions.
@@ -89,11 +100,12 @@ def test_retrain_branches_before_x_and_the_others_continue_without_it(parent, tm
 
   # The remaining silos continue from global round 1 (x's deltas are gone from the parent).
   workers = [threading.Thread(target=silo_lib.run_silo,
-                              args=(config, s, out, str(tmp_path / f'silo_{s}')))
+                              args=(config, s, out, str(tmp_path / f'silo_{s}')),
+                              kwargs={'keys_dir': keys})  # They vet the re-issued history.
              for s in ('a', 'b')]
   for w in workers:
     w.start()
-  aggregator_lib.run_aggregator(out)
+  aggregator_lib.run_aggregator(out, keys_dir=keys)
   for w in workers:
     w.join(timeout=300)
   assert branch.committed_global_rounds() == [0, 1, 2, 3]
@@ -103,9 +115,9 @@ def test_retrain_branches_before_x_and_the_others_continue_without_it(parent, tm
 
 
 def test_replay_equals_a_numpy_reaggregation_without_x(parent, tmp_path):
-  _, root = parent
+  _, root, keys = parent
   store, out = storage_lib.RunStorage(root), str(tmp_path / 'replay')
-  done = unlearning.unlearn(root, 'x', 'replay', out, calibration_rounds=1)
+  done = unlearning.unlearn(root, 'x', 'replay', out, keys, calibration_rounds=1)
   assert done['branch_round'] == 1 and done['replayed_rounds'] == [1, 2]
   assert done['next_round'] == 3 and done['rounds'] == 4  # One calibration round is left.
   branch = storage_lib.RunStorage(out)
@@ -134,7 +146,7 @@ def test_replay_equals_a_numpy_reaggregation_without_x(parent, tmp_path):
 
 
 def test_unlearning_refuses_cleanly(parent, tmp_path):
-  _, root = parent
+  _, root, keys = parent
   cases = [(dict(silo='z'), r"--silo='z' is not a silo of run .* Fix: pass one of those"),
            (dict(silo='y'), r'silo y was never included .*: nothing to unlearn'),
            (dict(mode='forget'), r"--mode='forget' is not one of"),
@@ -142,13 +154,15 @@ def test_unlearning_refuses_cleanly(parent, tmp_path):
   for change, expected in cases:
     args = {'silo': 'x', 'mode': 'retrain', 'calibration_rounds': 0, **change}
     with pytest.raises(unlearning.UnlearnError, match=expected):
-      unlearning.unlearn(root, args['silo'], args['mode'], str(tmp_path / 'out'),
+      unlearning.unlearn(root, args['silo'], args['mode'], str(tmp_path / 'out'), keys,
                          calibration_rounds=args['calibration_rounds'])
+  with pytest.raises(signing.KeyFileError, match='this run is signed'):  # The branch is signed.
+    unlearning.unlearn(root, 'x', 'retrain', str(tmp_path / 'out'))
   assert not (tmp_path / 'out').exists()
   (tmp_path / 'taken').mkdir()
   (tmp_path / 'taken' / 'notes.txt').write_text('mine')
   with pytest.raises(unlearning.UnlearnError, match='already exists and is not empty'):
-    unlearning.unlearn(root, 'x', 'retrain', str(tmp_path / 'taken'))
+    unlearning.unlearn(root, 'x', 'retrain', str(tmp_path / 'taken'), keys)
   # Garbage-collected: global round 1 (both modes), or a delta replay needs (replay only).
   collected = tmp_path / 'collected'
   shutil.copytree(root, collected)
@@ -157,15 +171,15 @@ def test_unlearning_refuses_cleanly(parent, tmp_path):
     with pytest.raises(unlearning.UnlearnError,
                        match=r'global round 1, the last before silo x.*garbage-collected .*'
                              r'retain_for_unlearning=True'):
-      unlearning.unlearn(str(collected), 'x', mode, str(tmp_path / f'gc_{mode}'))
+      unlearning.unlearn(str(collected), 'x', mode, str(tmp_path / f'gc_{mode}'), keys)
   shutil.rmtree(collected)
   shutil.copytree(root, collected)
   storage_lib.RunStorage(str(collected)).remove_delta(2, 'a')
   with pytest.raises(unlearning.UnlearnError,
                      match=r"silo a's delta of round 2, which replay re-aggregates, was garbage"):
-    unlearning.unlearn(str(collected), 'x', 'replay', str(tmp_path / 'gc_delta'))
-  assert unlearning.unlearn(str(collected), 'x', 'retrain',
-                            str(tmp_path / 'gc_retrain'))['branch_round'] == 1
+    unlearning.unlearn(str(collected), 'x', 'replay', str(tmp_path / 'gc_delta'), keys)
+  assert unlearning.unlearn(str(collected), 'x', 'retrain', str(tmp_path / 'gc_retrain'),
+                            keys)['branch_round'] == 1
 
   done = subprocess.run(
       [sys.executable, str(conftest.REPO / 'scripts' / 'unlearn.py'), f'--storage={root}',
