@@ -16,6 +16,7 @@ import pytest
 import bucket_helpers
 import conftest
 from fedpt import aggregator as aggregator_lib
+from fedpt import checkpoint as checkpoint_lib
 from fedpt import protocol
 from fedpt import signing
 from fedpt import silo as silo_lib
@@ -112,6 +113,15 @@ def test_retrain_branches_before_x_and_the_others_continue_without_it(parent, tm
   for r in (1, 2):
     assert sorted(e['silo'] for e in branch.read_manifest(r)['included']) == ['a', 'b']
   assert branch.global_hash(3) != store.global_hash(3)
+
+  # A branch of the branch (b leaves too): a's workdir holds its state in the first branch,
+  # which b influenced from round 0 on; started there, it is told to use a fresh workdir.
+  again = str(tmp_path / 'again')
+  assert unlearning.unlearn(out, 'b', 'retrain', again, keys)['branch_round'] == 0
+  with pytest.raises(checkpoint_lib.CheckpointError,
+                     match=rf"silo_a holds silo a's state in run {run['run_id']}, which silo b "
+                           r'influenced; .* Fix: start this silo with a fresh --workdir'):
+    silo_lib.run_silo(config, 'a', again, str(tmp_path / 'silo_a'), keys_dir=keys)
 
 
 def test_replay_equals_a_numpy_reaggregation_without_x(parent, tmp_path):
