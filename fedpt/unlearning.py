@@ -141,6 +141,11 @@ def unlearn(storage_root: str, silo: str, mode: str, out_root: str, keys_dir: st
   if len(ids) == 1:
     raise UnlearnError(f'silo {silo} is the only silo of run {run["run_id"]}: nothing would '
                        'remain. Fix: delete the run instead.')
+  if mode == 'replay' and protocol.secure_aggregation(run):
+    raise UnlearnError(
+        f'run {run["run_id"]} uses secure aggregation: its stored deltas are masked, and only '
+        'their sum over each round\'s silos can be read, so they cannot be re-aggregated '
+        f'without {silo}. Fix: use --mode=retrain.')
   identity = signing.party_identity(run, keys_dir, signing.AGGREGATOR)  # Signs the branch.
   target = storage_lib.RunStorage(out_root)
   check_out(target)
@@ -151,11 +156,6 @@ def unlearn(storage_root: str, silo: str, mode: str, out_root: str, keys_dir: st
         f'silo {silo} was never included in run {run["run_id"]} (none of its '
         f'{len(manifests)} decided rounds took its delta): nothing to unlearn. Fix: none '
         'needed; the run\'s models never used its data.')
-  if mode == 'replay' and protocol.secure_aggregation(run):
-    raise UnlearnError(
-        f'run {run["run_id"]} uses secure aggregation: its stored deltas are masked, and only '
-        'their sum over each round\'s silos can be read, so they cannot be re-aggregated '
-        f'without {silo}. Fix: use --mode=retrain.')
   check_retained(parent, run, manifests, silo, branch, mode)
   new = branch_record(run, silo, uuid.uuid4().hex, str(parent.root), branch, mode,
                       calibration_rounds)

@@ -5,6 +5,7 @@ deltas (bucket_helpers.fake_delta, signed by their silo) through the real aggreg
 included in round 1. Then x's deltas are deleted from the parent's bucket: neither mode may
 read them.
 """
+import json
 import shutil
 import subprocess
 import sys
@@ -169,6 +170,15 @@ def test_unlearning_refuses_cleanly(parent, tmp_path):
   with pytest.raises(signing.KeyFileError, match='this run is signed'):  # The branch is signed.
     unlearning.unlearn(root, 'x', 'retrain', str(tmp_path / 'out'))
   assert not (tmp_path / 'out').exists()
+  # Secure aggregation: replay cannot read single deltas (a run.json that says so, re-signed).
+  masked = tmp_path / 'masked'
+  shutil.copytree(root, masked)
+  run = storage_lib.RunStorage(str(masked)).read_run()
+  run['federation'].update(secure_aggregation=True, min_silos=0, reject_norm_multiple=0.0)
+  (masked / 'run.json').write_text(json.dumps(signing.sign(
+      {k: v for k, v in run.items() if k != 'signature'}, signing.load_secret(keys, 'aggregator'))))
+  with pytest.raises(unlearning.UnlearnError, match='uses secure aggregation: .* --mode=retrain'):
+    unlearning.unlearn(str(masked), 'x', 'replay', str(tmp_path / 'out'), keys)
   (tmp_path / 'taken').mkdir()
   (tmp_path / 'taken' / 'notes.txt').write_text('mine')
   with pytest.raises(unlearning.UnlearnError, match='already exists and is not empty'):
