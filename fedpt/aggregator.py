@@ -72,8 +72,10 @@ class Aggregator:
   """Everything one aggregation shard needs about the run."""
 
   def __init__(self, storage_root: str, shard: int = 0, num_shards: int | None = None,
-               keys_dir: str | None = None):
+               keys_dir: str | None = None, deltas: storage_lib.RunStorage | None = None):
     self.store = storage_lib.RunStorage(storage_root)
+    # Where deltas are read: this run's bucket, or (unlearning's replay) the parent run's.
+    self.deltas = deltas or self.store
     self.run = self.store.read_run()
     self.identity = signing.party_identity(self.run, keys_dir, signing.AGGREGATOR)
     fed = self.run['federation']
@@ -206,14 +208,14 @@ class Aggregator:
     Every leaf is read and decompressed (one at a time), so a torn, tampered or
     non-finite delta is found before the manifest can include it.
     """
-    meta = self.store.delta_meta(round_index, silo)
+    meta = self.deltas.delta_meta(round_index, silo)
     reason = protocol.check_delta_meta(
         self.run, round_index, silo, meta, base_hash, self.leaf_shapes,
         self.identity.check_silo if self.identity else None)
     if reason:
       return protocol.Measured(meta, reason)
     try:
-      stored = self.store.delta_tree_metadata(round_index, silo)
+      stored = self.deltas.delta_tree_metadata(round_index, silo)
     except storage_lib.StorageError as e:
       return protocol.Measured(meta, f'payload unreadable (missing or torn objects): {e}')
     reason = protocol.check_stored_layout(meta, stored)
@@ -245,7 +247,8 @@ class Aggregator:
     `with_control`: (delta, SCAFFOLD's delta_c_i or None) from the same payload read.
     """
     try:
-      payload = self.store.read_delta_leaf(round_index, silo, name, meta['tree'][name]['payload'])
+      payload = self.deltas.read_delta_leaf(round_index, silo, name,
+                                            meta['tree'][name]['payload'])
     except Exception as e:  # pylint: disable=broad-except  # Corrupt chunks fail in many ways.
       raise storage_lib.StorageError(
           f'payload {name} unreadable (missing or corrupt objects): {errors.one_line(e)}'
@@ -334,7 +337,7 @@ class Aggregator:
     # Masked deltas: every included one carries masks, a weight-0 silo's too.
     read_from = manifest['included'] if self.secure else included
     # Loop invariants: each silo's payload layout (its meta.json, read once) and the method.
-    metas = {e['silo']: self.store.delta_meta(round_index, e['silo']) for e in read_from}
+    metas = {e['silo']: self.deltas.delta_meta(round_index, e['silo']) for e in read_from}
     for e in read_from:  # The delta read now must be the one validated when deciding.
       reason = protocol.check_still_included(round_index, e, metas[e['silo']])
       if reason:
@@ -488,7 +491,13 @@ class Aggregator:
             None if residual is None else np.asarray(new_residual))
 
   def collect_garbage(self, newest_round: int) -> None:
-    """Keeps the last N global rounds plus every M-th; manifests stay as the ledger."""
+    """Keeps the last N global rounds plus every M-th; manifests stay as the ledger.
+
+    `federation.retain_for_unlearning` keeps everything: unlearning a silo re-reads the
+    global round before its first delta, and (replay) every later delta.
+    """
+    if self.fed.get('retain_for_unlearning', False):
+      return
     # A lagging shard may still read r-1; an overlapped silo resuming a round reads its base, r-2.
     keep_last = max(self.fed['keep_last_rounds'], 2 if protocol.overlap(self.run) == 'none' else 3)
     every = self.fed['keep_every_rounds']

@@ -167,6 +167,11 @@ def base_config() -> ml_collections.ConfigDict:
       drop_probability=0.0,  # Studies of lossy links: the aggregator loses each delta with this p.
       keep_last_rounds=3,
       keep_every_rounds=10,
+      # Unlearning a silo (scripts/unlearn.py, fedpt/unlearning.py): the aggregator keeps every
+      # global round and delta (no garbage collection), so that a silo's influence can later
+      # be removed by a branch (retrain) or a re-aggregation (replay). Costs, per round, a
+      # global model, its outer state and every delta (README: Unlearning a silo).
+      retain_for_unlearning=False,
       # fnmatch globs over flat leaf names ('embed_vd', 'blocks/mlp/*'): leaves never averaged,
       # kept per silo (DEPT, arXiv 2410.05021; Photon's personalised layers). See protocol.py.
       private_params=(),

@@ -706,7 +706,6 @@ def decide_round(run: dict, round_index: int, base_hash: str | None, committed: 
   are those that committed to the previous round after it was decided.
   """
   fed = run['federation']
-  silo_weight = {s['id']: s['weight'] for s in run['silos']}
   included, rejected = [], []
   for silo in committed:
     if dropped(run, round_index, silo):
@@ -731,25 +730,9 @@ def decide_round(run: dict, round_index: int, base_hash: str | None, committed: 
       if outlier:
         included.remove(entry)
         rejected.append({'silo': entry['silo'], 'reason': (
-            f'delta norm {entry["measured_norm"]:.4g} is more than {multiple:g}x the median '
-            'of the other silos\' norms')})
-  # A silo of weight 0 (federation.silo_weights) is included with weight 0: it is
-  # recorded, but it moves nothing (`contributing`); if none is left the model carries over.
-  active = contributing(included, silo_weight)
-  weights = (outer.aggregation_weights([e['tokens'] for e in active],
-                                       [silo_weight[e['silo']] for e in active])
-             if active else [])
-  for entry in included:
-    entry['weight'] = 0.0
-  for entry, w in zip(active, weights):
-    entry['weight'] = float(w)
-  if active and fed.get('clip_multiple'):
-    factors = outer.clip_factors([e['measured_norm'] for e in active], weights,
-                                 fed['clip_multiple'])
-    for entry in included:
-      entry['clip_factor'] = 1.0
-    for entry, factor in zip(active, factors):
-      entry['clip_factor'] = float(factor)
+            f'{NORM_OUTLIER} {entry["measured_norm"]:.4g} is more than {multiple:g}x the '
+            'median of the other silos\' norms')})
+  _weigh(run, included)
   manifest = {
       'round': round_index, 'run_id': run['run_id'], 'base_global_hash': base_hash,
       'fragment': round_fragment(run, round_index), 'included': included, 'rejected': rejected,
@@ -761,6 +744,65 @@ def decide_round(run: dict, round_index: int, base_hash: str | None, committed: 
   if secure_aggregation(run):
     manifest['unmask'] = unmasked_silos(run, included)
   return manifest
+
+
+def _weigh(run: dict, included: list[dict]) -> None:
+  """Sets each included entry's `weight` (token x silo weight, normalised) and, with
+  `federation.clip_multiple`, its `clip_factor`: one rule for deciding and for unlearning.
+
+  A silo of weight 0 (federation.silo_weights) is included with weight 0: it is recorded,
+  but it moves nothing (`contributing`); if none is left the model carries over.
+  """
+  fed = run['federation']
+  silo_weight = {s['id']: s['weight'] for s in run['silos']}
+  active = contributing(included, silo_weight)
+  weights = (outer.aggregation_weights([e['tokens'] for e in active],
+                                       [silo_weight[e['silo']] for e in active])
+             if active else [])
+  for entry in included:
+    entry['weight'] = 0.0
+    entry.pop('clip_factor', None)
+  for entry, w in zip(active, weights):
+    entry['weight'] = float(w)
+  if active and fed.get('clip_multiple'):
+    factors = outer.clip_factors([e['measured_norm'] for e in active], weights,
+                                 fed['clip_multiple'])
+    for entry in included:
+      entry['clip_factor'] = 1.0
+    for entry, factor in zip(active, factors):
+      entry['clip_factor'] = float(factor)
+
+
+# The start of a norm-outlier rejection's reason: that silo's norm entered the others' medians.
+NORM_OUTLIER = 'delta norm'
+
+
+def influenced_by(manifest: dict, silo: str) -> bool:
+  """Whether silo `silo`'s delta influenced round `manifest`'s global update: it was included,
+  or rejected as a norm outlier (its norm was in the median the other silos were held to)."""
+  return (any(e['silo'] == silo for e in manifest['included'])
+          or any(e['silo'] == silo and e['reason'].startswith(NORM_OUTLIER)
+                 for e in manifest['rejected']))
+
+
+def without_silo(run: dict, manifest: dict, silo: str) -> dict:
+  """The manifest of the same round in `run`, a branch of the manifest's run without `silo`
+  (fedpt/unlearning.py): its entry and every mention of it are gone and, if it was
+  included, the others' weights and clip factors are recomputed by the rule that decided
+  the round (`_weigh`). Every other decision (rejections, outliers) stands as made.
+  """
+  included = [dict(e) for e in manifest['included'] if e['silo'] != silo]
+  if len(included) != len(manifest['included']):
+    _weigh(run, included)
+  out = {k: v for k, v in manifest.items() if k != 'signature'}
+  out.update(run_id=run['run_id'], included=included,
+             rejected=[e for e in manifest['rejected'] if e['silo'] != silo],
+             missing=[s for s in manifest['missing'] if s != silo],
+             late_from_previous_round=[s for s in manifest['late_from_previous_round']
+                                       if s != silo])
+  if secure_aggregation(run):
+    out['unmask'] = unmasked_silos(run, included)
+  return out
 
 
 def unmasked_silos(run: dict, included: list[dict]) -> list[str]:

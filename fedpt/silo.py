@@ -219,6 +219,15 @@ class _Private:
   def latest(self) -> int | None:
     return self._ckpt.latest_step()
 
+  def newest_run_id(self) -> str | None:
+    """The run id the newest save was made in; None without one (or unreadable: `restore`
+    moves such a save aside)."""
+    step = self._ckpt.latest_step()
+    try:
+      return None if step is None else self._ckpt.read_meta(step).get('run_id')
+    except Exception:  # pylint: disable=broad-except  # Damage fails in many ways.
+      return None
+
   def restore(self):
     """(state, {extra: flat dict}, Position) of the newest save, or None for a fresh silo."""
     def abstract_for(key):
@@ -599,6 +608,13 @@ class _Silo:
 
   def join_or_resume(self):
     """(state, residual, Position): the newest private checkpoint, or the newest global."""
+    parent = self.run.get('parent')  # A run branched by unlearning (fedpt/unlearning.py).
+    if parent and self.private.newest_run_id() == parent.get('run_id'):
+      raise checkpoint_lib.CheckpointError(
+          f'{self.workdir} holds silo {self.silo_id}\'s state in run {parent["run_id"]}, which '
+          f'silo {parent["silo"]} influenced; run {self.run["run_id"]} is that run without '
+          f'{parent["silo"]}, branched at global round {parent["round"]}. Fix: start this silo '
+          'with a fresh --workdir: it joins at the newest global round.')
     restored = self.private.restore()
     self.restored = restored is not None
     if restored is not None:

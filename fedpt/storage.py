@@ -614,6 +614,31 @@ class RunStorage:
     faults.crash_point('aggregate_upload', round_index - 1)
     self.write_json(self.shard_dir(round_index, shard, num_shards) / META, meta)
 
+  def copy_global_shard(self, source: 'RunStorage', round_index: int, shard: int,
+                        num_shards: int, meta: dict) -> None:
+    """Copies a committed global shard of `source`'s run here object by object (params,
+    outer state, update: bit for bit), then commits it with `meta`: the shared history of a
+    run branched from another (fedpt/unlearning.py)."""
+    src = source.shard_dir(round_index, shard, num_shards)
+    dst = self.shard_dir(round_index, shard, num_shards)
+    if self.read_json(dst / META) is not None:
+      raise StorageError(f'{dst} is already committed; rounds are written once')
+
+    def copy():
+      if dst.exists():
+        dst.rmtree()  # Our own uncommitted leftovers from a crash.
+      pending = [src]
+      while pending:
+        for path in pending.pop().iterdir():
+          if path.is_dir():
+            pending.append(path)
+          elif path.name != META or path.parent != src:
+            target = dst / str(path)[len(str(src)) + 1:]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            path.copy(target, overwrite=True)
+    self._retry(f'copying {src} to {dst}', copy)
+    self.commit_global_shard(round_index, shard, num_shards, meta)
+
   def global_shard_metas(self, round_index: int) -> list[dict] | None:
     """All shard metas of a global round once every shard is committed, else None."""
     metas = [self.read_json(p / META) for p in self.list_dir(self.global_dir(round_index))

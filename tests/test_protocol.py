@@ -227,6 +227,26 @@ def test_clip_factors_bound_the_large_delta():
   assert m['robust']['clip_multiple'] == 2.0
 
 
+def test_a_manifest_without_a_silo_is_the_rule_applied_to_the_others():
+  """Unlearning's replay (`without_silo`): the same weights and clip factors as deciding the
+  round from the other deltas alone; `influenced_by` counts a norm outlier's rejection."""
+  norms, tokens = {'a': 1.0, 'b': 2.0, 'c': 8.0, 'd': 1.5}, {'a': 100, 'b': 300, 'c': 200, 'd': 100}
+  m = _decide(_run(silos='abcd', clip_multiple=2.0), 'abcd', _measured(norms, tokens))
+  branch = dict(_run(silos='abd', clip_multiple=2.0), run_id='run-2')
+  rest = {s: n for s, n in norms.items() if s != 'c'}
+  expected = _decide(branch, 'abd', _measured(rest, tokens))
+  got = protocol.without_silo(branch, dict(m, missing=['c'], signature='s'), 'c')
+  assert got['included'] == expected['included'] and got['run_id'] == 'run-2'
+  assert [e['weight'] for e in got['included']] == pytest.approx([0.2, 0.6, 0.2])
+  assert got['missing'] == [] and 'signature' not in got
+  assert protocol.check_manifest(branch, 0, got) is None
+  assert protocol.influenced_by(m, 'c') and not protocol.influenced_by(got, 'c')
+  measured = _measured({'a': 1.0, 'c': 1.2, 'd': 100.0})
+  measured['b'] = protocol.Measured(None, 'metadata unreadable')
+  m = _decide(_run(silos='abcd'), 'abcd', measured)
+  assert protocol.influenced_by(m, 'd') and not protocol.influenced_by(m, 'b')
+
+
 def test_random_drops_are_seeded_by_run_round_and_silo():
   run = _run(drop_probability=0.5)
   silos = [s for s in 'abc']
