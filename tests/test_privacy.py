@@ -28,6 +28,7 @@ from fedpt import compression as compression_lib
 from fedpt import config as config_lib
 from fedpt import data
 from fedpt import ledger
+from fedpt import loading
 from fedpt import outer
 from fedpt import privacy
 from fedpt import protocol
@@ -430,6 +431,10 @@ def test_bucket_holds_no_canary_text_or_token_ids(fed_config, tmp_path, gcs_buck
     assert scan.find_bytes(bytes.fromhex(wm_record[key])) == [], key
   for sequence in wm.sequences:
     assert scan.find_tokens(sequence[1:-1]) == {}
+  # ...yet the consortium's model carries it: canary_b proves its data was used.
+  used = watermark.verify(loading.source_config(storage=str(bucket)), str(workdirs['canary_b']),
+                          loading.Source(storage=str(bucket)), null_samples=200)
+  assert used['p_value'] < 0.01 and 'global round 2' in used['model'], used
 
   # (a) No object, raw or decoded, holds the canary's text.
   for what, secret in secrets.items():
