@@ -257,6 +257,23 @@ def verdict(stats: dict, alpha: float) -> str:
           f'(p = {stats["p_value"]:.3g} >= {alpha}; z = {stats["z"]:.2f})')
 
 
+def model_source(workdir: str, *, model_workdir: str | None = None, step: int | None = None,
+                 storage: str | None = None, round_index: int | None = None) -> loading.Source:
+  """The model `scripts/watermark.py` tests: --storage's round, --model_workdir's or
+  --workdir's own checkpoint."""
+  problem = ('--storage and --model_workdir name two models' if storage and model_workdir
+             else '--round goes with --storage' if round_index is not None and not storage
+             else '--step goes with a workdir' if step is not None and storage else None)
+  if problem:
+    raise WatermarkError(
+        f'{problem}. Fix: test one model: --storage=ROOT [--round=N] (a global round), '
+        '--model_workdir=DIR [--step=N] (another run\'s checkpoint), or neither (--workdir\'s '
+        'own newest checkpoint, or --step)')
+  if storage:
+    return loading.Source(storage=storage, round_index=round_index)
+  return loading.Source(workdir=model_workdir or workdir, step=step)
+
+
 def verify(config, workdir: str, source: loading.Source, *, null_samples: int = 1000,
            null_seed: int = 0, alpha: float = 0.01) -> dict:
   """Tests the model at `source` for the watermark kept in `workdir`: statistics + verdict."""

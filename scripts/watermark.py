@@ -46,11 +46,9 @@ FLAGS = flags.FLAGS
 
 
 def _source() -> loading.Source:
-  if FLAGS.storage is not None:
-    return loading.Source(storage=FLAGS.storage, round_index=FLAGS['round'].value,
-                          workdir=FLAGS.model_workdir, step=FLAGS.step)
-  return loading.Source(workdir=FLAGS.model_workdir or FLAGS.workdir, step=FLAGS.step,
-                        round_index=FLAGS['round'].value)
+  return watermark.model_source(FLAGS.workdir, model_workdir=FLAGS.model_workdir,
+                                step=FLAGS.step, storage=FLAGS.storage,
+                                round_index=FLAGS['round'].value)
 
 
 @cli.config_resolver

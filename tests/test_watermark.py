@@ -153,6 +153,19 @@ def test_z_test_on_synthetic_losses():
       watermark.z_test(wm, null_losses)
 
 
+def test_the_model_to_test_is_one_source():
+  assert watermark.model_source('w') == loading.Source(workdir='w')
+  assert watermark.model_source('w', model_workdir='m', step=3) == loading.Source(
+      workdir='m', step=3)
+  assert watermark.model_source('w', storage='b', round_index=2) == loading.Source(
+      storage='b', round_index=2)
+  for bad, problem in (({'storage': 'b', 'model_workdir': 'm'}, 'name two models'),
+                       ({'round_index': 1}, '--round goes with --storage'),
+                       ({'storage': 'b', 'step': 1}, '--step goes with a workdir')):
+    with pytest.raises(watermark.WatermarkError, match=problem):
+      watermark.model_source('w', **bad)
+
+
 @pytest.fixture(scope='module')
 def trained(corpus_dir, tmp_path_factory):
   """The tiny model trained with the watermark and, from the same seed, without it."""
