@@ -94,6 +94,15 @@ def base_config() -> ml_collections.ConfigDict:
       tokenizer='default',  # The shipped SentencePiece model, or a .model path.
       seq_len=256,
       global_batch=16,
+      # Secret random token sequences a silo plants in its own training stream, to test
+      # later whether a model trained on its data (fedpt/watermark.py, docs/data.md "Data
+      # watermarks"): each silo's own choice, never in run.json.
+      watermark=ml_collections.ConfigDict(dict(
+          enabled=False,
+          count=8,  # Distinct sequences.
+          length=0,  # Tokens of each; 0: a whole window (data.seq_len + 1).
+          repeats=100,  # Times each sequence is planted per epoch of the training split.
+      )),
   ))
   c.inner = ml_collections.ConfigDict(dict(
       lr=1e-3,
@@ -344,6 +353,8 @@ RANGES = (
      'use the L2 bound of a delta: the mean delta norm of a probe run (status.py)'),
     ('federation.secagg_recovery_timeout_s', _POSITIVE, 'use seconds > 0, e.g. 600'),
     ('federation.keep_every_rounds', _NON_NEGATIVE, 'use 0 (none) or e.g. 10'),
+    ('data.watermark.count', _in(1, 2**20), 'use e.g. 8 sequences'),
+    ('data.watermark.repeats', _in(1, 2**20), 'use e.g. 100 plantings per epoch'),
     ('personal.steps', _NON_NEGATIVE, 'use 0 (off) or a few hundred steps'),
     ('personal.lr', _POSITIVE, 'set a positive learning rate, e.g. 3e-4'),
     ('personal.warmup_steps', _NON_NEGATIVE, 'use 0 or more steps'),
@@ -413,6 +424,10 @@ def validate(config) -> None:
   require(i.drift_correction != 'fedprox' or i.prox_mu > 0, 'inner.prox_mu',
           f'{i.prox_mu} with drift_correction=\'fedprox\' adds no proximal term',
           'set inner.prox_mu > 0 (FedProx tried 0.001 to 1; 0.01 is a common start)')
+  wm = d.watermark
+  require(wm.length == 0 or 2 <= wm.length <= d.seq_len + 1, 'data.watermark.length',
+          f'{wm.length} tokens do not fit a window of data.seq_len + 1 = {d.seq_len + 1}',
+          f'use 0 (a whole window) or 2 to {d.seq_len + 1}')
   dp = config.privacy.dp
   require(dp.accountant in DP_ACCOUNTANTS, 'privacy.dp.accountant',
           f'unknown accountant {dp.accountant!r}', f'use one of {DP_ACCOUNTANTS}')

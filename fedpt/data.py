@@ -969,27 +969,36 @@ class TokenDataset:
     return range(process_index * local_batch, (process_index + 1) * local_batch)
 
   def batch(self, step: int, *, global_batch: int, seq_len: int, seed: int,
-            process_index: int = 0, process_count: int = 1) -> np.ndarray:
+            process_index: int = 0, process_count: int = 1,
+            watermark: 'Watermark | None' = None) -> np.ndarray:
     """This process's rows of the global batch for `step`.
 
     Returns int32 [global_batch // process_count, seq_len + 1]: rows
     [process_index * local, (process_index + 1) * local) of the global batch.
     Row r of step s is window shuffle_epoch(i mod W) with i = s * global_batch
     + r and W windows; every epoch (i // W) has its own permutation, so each
-    window is seen exactly once per epoch.
+    window is seen exactly once per epoch. A `watermark` interleaves its windows
+    (`Watermark.locate`): i then counts them too, and the corpus windows keep
+    exactly this order.
     """
     num_windows = self._check_batch_args(global_batch, seq_len, process_index,
                                          process_count)
     if step < 0:
       raise DataError(f'step={step} must be >= 0.')
     index_shuffle = _index_shuffle_fn()
-    windows = []
+    rows = []
     for row in self._local_rows(global_batch, process_index, process_count):
-      epoch, position = divmod(step * global_batch + row, num_windows)
-      windows.append(index_shuffle(
-          index=position, max_index=num_windows - 1,
-          seed=_epoch_seed(seed, epoch), rounds=_SHUFFLE_ROUNDS))
-    return self._gather(windows, seq_len)
+      index, planted = step * global_batch + row, None
+      if watermark is not None:
+        index, planted = watermark.locate(index, num_windows, seq_len + 1)
+      if planted is not None:
+        rows.append(planted)
+        continue
+      epoch, position = divmod(index, num_windows)
+      window = index_shuffle(index=position, max_index=num_windows - 1,
+                             seed=_epoch_seed(seed, epoch), rounds=_SHUFFLE_ROUNDS)
+      rows.append(self.tokens[window * (seq_len + 1):(window + 1) * (seq_len + 1)])
+    return np.stack(rows).astype(np.int32)
 
   def eval_batches(self, num_batches: int, *, global_batch: int, seq_len: int,
                    process_index: int = 0,
@@ -1047,6 +1056,90 @@ class TokenDataset:
     full = self.num_windows(seq_len)
     tail = self.num_tokens - full * (seq_len + 1)
     return full * seq_len + max(tail - 1, 0)
+
+
+# ----------------------------------------------------------------------------
+# Data watermarks (arXiv 2402.10892): secret random windows in a training stream.
+# ----------------------------------------------------------------------------
+
+# Watermark tokens are uniform over the ids from here to the vocabulary's end: never
+# pad, unk, bos or eos, which the corpus places by rule, not at random.
+FIRST_ORDINARY_ID = EOS_ID + 1
+
+
+def seed_words(key: str, purpose: str) -> list[int]:
+  """256 bits of numpy seed entropy for one `purpose`, derived from the hex `key`."""
+  digest = hashlib.sha256(f'{key}:{purpose}'.encode()).digest()
+  return [int.from_bytes(digest[i:i + 4], 'little') for i in range(0, 32, 4)]
+
+
+def random_sequences(seed, count: int, length: int, vocab_size: int) -> np.ndarray:
+  """int32 [count, length] tokens, i.i.d. uniform over [FIRST_ORDINARY_ID, vocab_size).
+
+  The distribution of both the planted watermark and the verifier's null sequences.
+  """
+  if vocab_size <= FIRST_ORDINARY_ID:
+    raise DataError(f'a vocabulary of {vocab_size} ids has no ordinary tokens to draw '
+                    'watermarks from; use a real tokenizer.')
+  rng = np.random.default_rng(seed)
+  return rng.integers(FIRST_ORDINARY_ID, vocab_size, size=(count, length)).astype(np.int32)
+
+
+class Watermark:
+  """`count` secret sequences, each planted `repeats` times per epoch of a training split.
+
+  Planting inserts windows; it never replaces or moves one. Stream position i (step x
+  batch + row, as `TokenDataset.batch` counts) lies in epoch e = i // (W + M), W the
+  split's windows and M = count x repeats; the epoch's M watermark slots are M distinct
+  positions drawn from `placement_key` and e, and each sequence fills `repeats` of them.
+  Position k of the epoch that is no slot is corpus position e x W + k - (slots before
+  k), so the corpus windows come in exactly their unwatermarked order. A pure function
+  of (key, i), like the rest of the data: resume needs no state. A sequence shorter than
+  a window starts it; fresh random tokens, never repeated, fill the rest.
+  """
+
+  def __init__(self, sequences_seed: str, placement_key: str, *, count: int, length: int,
+               repeats: int, vocab_size: int):
+    self.count, self.length, self.repeats = count, length, repeats
+    self.vocab_size = vocab_size
+    self.sequences = random_sequences(seed_words(sequences_seed, 'sequences'), count, length,
+                                      vocab_size)
+    self._placement = seed_words(placement_key, 'placement')
+    self._filler = seed_words(placement_key, 'filler')
+    self._slots = {}  # (epoch, W) -> (sorted slot positions, sequence of each slot).
+
+  @property
+  def per_epoch(self) -> int:
+    return self.count * self.repeats
+
+  def slots(self, epoch: int, num_windows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted positions within the epoch, the sequence planted at each) of `epoch`."""
+    key = (epoch, num_windows)
+    if key not in self._slots:
+      rng = np.random.default_rng([*self._placement, epoch])
+      positions = np.sort(rng.choice(num_windows + self.per_epoch, self.per_epoch,
+                                     replace=False))
+      if len(self._slots) > 8:
+        self._slots.clear()
+      self._slots[key] = positions, rng.permutation(self.per_epoch) % self.count
+    return self._slots[key]
+
+  def locate(self, index: int, num_windows: int, window: int):
+    """(corpus position, None) or (None, the planted window's tokens) of stream `index`."""
+    epoch, k = divmod(index, num_windows + self.per_epoch)
+    positions, ids = self.slots(epoch, num_windows)
+    before = int(np.searchsorted(positions, k))
+    if before < len(positions) and positions[before] == k:
+      return None, self.window(int(ids[before]), epoch, before, window)
+    return epoch * num_windows + k - before, None
+
+  def window(self, sequence: int, epoch: int, slot: int, window: int) -> np.ndarray:
+    tokens = self.sequences[sequence]
+    if window > self.length:
+      rng = np.random.default_rng([*self._filler, epoch, slot])
+      filler = rng.integers(FIRST_ORDINARY_ID, self.vocab_size, window - self.length)
+      tokens = np.concatenate([tokens, filler.astype(np.int32)])
+    return tokens
 
 
 def _index_shuffle_fn():

@@ -223,3 +223,12 @@ def eval_sums(params, tokens_bt1, weights_bt1, *, graphdef):
   log_z_bt = jax.nn.logsumexp(logits_btv, axis=-1)
   target_logit_bt = jnp.take_along_axis(logits_btv, targets_bt[..., None], axis=-1)[..., 0]
   return jnp.sum((log_z_bt - target_logit_bt) * weights_bt), jnp.sum(weights_bt)
+
+
+def row_losses(params, tokens_bt1, *, graphdef):
+  """Each row's mean next-token loss in nats, [batch]: one score per sequence (watermark.py)."""
+  inputs_bt, targets_bt = tokens_bt1[:, :-1], tokens_bt1[:, 1:]
+  logits_btv = nnx.merge(graphdef, params)(inputs_bt).astype(jnp.float32)
+  log_z_bt = jax.nn.logsumexp(logits_btv, axis=-1)
+  target_logit_bt = jnp.take_along_axis(logits_btv, targets_bt[..., None], axis=-1)[..., 0]
+  return jnp.mean(log_z_bt - target_logit_bt, axis=-1)

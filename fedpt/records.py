@@ -24,6 +24,7 @@ CONTRACT_SECTIONS = ('model', 'data', 'inner', 'federation', 'outer')
 # tokenizer file are, how it logs); every other field is the run's contract.
 PARTY_FIELDS = ('name', 'model.remat', 'model.attention', 'model.scan_layers',
                 'model.compute_dtype', 'data.corpus', 'data.stdlib_group', 'data.tokenizer',
+                'data.watermark.',
                 'inner.grad_accum', 'train.', 'mesh.', 'sharding.', 'distributed.', 'personal.',
                 'privacy.')
 # In run.json as every party's default; a party may pass its own value.

@@ -1065,6 +1065,7 @@ class _Silo:
     step = int(state['step'])  # The data position; tracked on the host from here on.
     self.trainer.open_privacy(self.workdir, step, restored=self.restored,
                               config_record=self.config_record)
+    self.trainer.open_watermark(self.workdir, step)
     self.logger = trainer_lib.StepLogger(self.trainer, self.workdir, step, self.private.note)
     rounds_done = 0
     while True:

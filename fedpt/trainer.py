@@ -30,6 +30,7 @@ from fedpt import multihost
 from fedpt import privacy
 from fedpt import sharding
 from fedpt import trees
+from fedpt import watermark as watermark_lib
 
 class TrainingDivergedError(errors.UserError, RuntimeError):
   """The loss became NaN or Inf; continuing would only waste compute."""
@@ -201,6 +202,7 @@ class Trainer(ShardedModel):
     self._init = jax.jit(self._init_state, out_shardings=self.state_shardings)
     dp = config.privacy.dp
     self.budget = None  # privacy.Budget, once `open_privacy` read the workdir's record.
+    self.watermark = None  # data.Watermark planted in the training stream (`open_watermark`).
     self._noise = None  # DP: (the secret key's data, noise std), replicated step inputs.
     self._train_step = jax.jit(
         functools.partial(inner.train_step, graphdef=self.graphdef,
@@ -237,8 +239,18 @@ class Trainer(ShardedModel):
     d = self.config.data
     rows = self.train_data.batch(
         step, global_batch=d.global_batch, seq_len=d.seq_len, seed=self.data_seed,
-        process_index=jax.process_index(), process_count=jax.process_count())
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        watermark=self.watermark)
     return self._global_array(rows)
+
+  def open_watermark(self, workdir: str, start_step: int) -> None:
+    """data.watermark: the workdir's secret sequences (`watermark.open_watermark`), planted
+    in the training stream from here on; the held-out split never holds them."""
+    self.watermark = watermark_lib.open_watermark(
+        self.config, workdir, vocab_size=self.train_data.vocab_size,
+        tokenizer_sha256=self.tokenizer_sha256,
+        windows=self.train_data.num_windows(self.config.data.seq_len), start_step=start_step,
+        log_prefix=self.log_prefix)
 
   # -- steps ------------------------------------------------------------------
 
@@ -438,6 +450,7 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None, *,
   try:
     state, start = restore_or_init(trainer, checkpointer)
     trainer.open_privacy(workdir, start, restored=start > 0, config_record=record)
+    trainer.open_watermark(workdir, start)
     record_config(workdir, config, record, changed, start, note)  # Not before a DP refusal.
     if trainer.budget is not None:
       end = min(stop_at_step or trainer.total_steps, trainer.total_steps)

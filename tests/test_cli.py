@@ -91,6 +91,7 @@ def test_print_config_on_every_script_prints_the_resolved_config_and_does_nothin
       'scripts/member_gain.py': ([f'--storage={bucket}', '--silo=web', f'--eval_set={new}/x',
                                   f'--out={new}/gain'], 0.003),  # Scores: --config's usage.
       'scripts/prepare_silos.py': ([f'--workdir={new}/ps', f'--silo_data=a={new}/a.txt'], 0.003),
+      'scripts/watermark.py': ([f'--workdir={new}/wm', '--verify', f'--storage={bucket}'], 0.02),
       'bench/round_overhead.py': ([], 0.003),
       'bench/secagg_overhead.py': ([], 0.003),
       'bench/study.py': ([f'--out={new}/study'], 0.003),

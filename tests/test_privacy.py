@@ -28,6 +28,7 @@ from fedpt import compression as compression_lib
 from fedpt import config as config_lib
 from fedpt import data
 from fedpt import ledger
+from fedpt import loading
 from fedpt import outer
 from fedpt import privacy
 from fedpt import protocol
@@ -35,6 +36,7 @@ from fedpt import signing
 from fedpt import silo as silo_lib
 from fedpt import trainer as trainer_lib
 from fedpt import trees
+from fedpt import watermark
 
 # Token ids may leak as raw little-endian integers of any common width.
 TOKEN_ENCODINGS = {'int16': '<i2', 'uint16': '<u2', 'int32': '<i4', 'int64': '<i8'}
@@ -361,6 +363,9 @@ def test_bucket_holds_no_canary_text_or_token_ids(fed_config, tmp_path, gcs_buck
   # canary_a trains with DP-SGD (privacy.dp, its own choice): it publishes its spent
   # (epsilon, delta) and no train loss; nothing else new.
   silo_configs['canary_a'].privacy.dp.update(enabled=True, noise_multiplier=1.0)
+  # canary_b plants a data watermark (data.watermark, its own choice): secret sequences,
+  # planted densely enough that its few batches surely hold them.
+  silo_configs['canary_b'].data.watermark.update(enabled=True, count=2, repeats=4000)
   workdirs = {silo: private / 'workdir' / silo for silo in silo_configs}
   errors = []
 
@@ -413,6 +418,23 @@ def test_bucket_holds_no_canary_text_or_token_ids(fed_config, tmp_path, gcs_buck
   # The noise seed, the silo's DP secret, stays in its workdir.
   for word in dp_record['noise_seed']:
     assert scan.find_bytes(str(word).encode()) == []
+  # So do the watermark's secret, its sequences' seed and the sequences' token ids, which
+  # canary_b really trained on (its batches held them).
+  wm_record = watermark.read_record(str(workdirs['canary_b']))
+  wm = watermark.from_record(wm_record)
+  assert any((row[:wm.length] == wm.sequences).all(axis=1).any()
+             for step in range(4) for row in train.batch(
+                 step, global_batch=config.data.global_batch, seq_len=config.data.seq_len,
+                 seed=protocol.silo_data_seed(config.seed, 'canary_b'), watermark=wm))
+  for key in ('secret', 'sequences_seed'):
+    assert scan.find_bytes(wm_record[key].encode()) == [], key
+    assert scan.find_bytes(bytes.fromhex(wm_record[key])) == [], key
+  for sequence in wm.sequences:
+    assert scan.find_tokens(sequence[1:-1]) == {}
+  # ...yet the consortium's model carries it: canary_b proves its data was used.
+  used = watermark.verify(loading.source_config(storage=str(bucket)), str(workdirs['canary_b']),
+                          loading.Source(storage=str(bucket)), null_samples=200)
+  assert used['p_value'] < 0.01 and 'global round 2' in used['model'], used
 
   # (a) No object, raw or decoded, holds the canary's text.
   for what, secret in secrets.items():
