@@ -28,6 +28,7 @@ Silo j scores round r's global update theta_r -> theta_{r+1} on its own held-out
 Values are nats of silo j's held-out loss; positive = the delta lowered it (helped).
 """
 from collections.abc import Callable, Mapping, Sequence
+import functools
 import itertools
 import math
 
@@ -102,72 +103,75 @@ def subsets(players: Sequence[str]) -> list[frozenset]:
           for c in itertools.combinations(players, size)]
 
 
-def step_fn(optimizer, base_leaf, leaf_state) -> Callable:
-  """mean pseudo-gradient -> the new leaf: the aggregator's outer step, state fixed."""
-  return lambda mean: outer.outer_step_leaf(optimizer, base_leaf, mean, leaf_state)[0]
+def _mean(deltas: Mapping[str, Mapping], coefficients: Mapping, like: Mapping) -> dict:
+  """{leaf: sum_k c_k Delta_k} in float32, over every silo of `deltas` (c_k 0 outside S)."""
+  return {n: sum((coefficients[k] * jnp.asarray(deltas[k][n], jnp.float32)
+                  for k in sorted(deltas)), jnp.zeros(jnp.shape(like[n]), jnp.float32))
+          for n in like}
 
 
-def mean_delta(deltas: Mapping[str, jax.Array], coefficients: Mapping[str, float], like):
-  """sum_k c_k Delta_k of one leaf, in float32 (`outer.weighted_mean`'s order and dtype)."""
-  names = sorted(coefficients)
-  if not names:
-    return jnp.zeros(jnp.shape(like), jnp.float32)
-  return outer.weighted_mean((deltas[k] for k in names), [coefficients[k] for k in names])
+def _step(optimizer, base: Mapping, state: Mapping, mean: Mapping) -> dict:
+  """The aggregator's outer step of every leaf (`outer.outer_step_leaf`), state held fixed."""
+  return {n: outer.outer_step_leaf(optimizer, base[n], mean[n], state[n])[0] for n in base}
 
 
-def first_order(grad_flat: Mapping, base_flat: Mapping, next_flat: Mapping,
-                deltas_flat: Mapping[str, Mapping], coefficients: Mapping[str, float],
-                step_for: Callable[[str], Callable], names: Sequence[str]) -> dict:
-  """{'values': {k: -g . u_k}, 'total': -g . (theta_{r+1} - theta_r), 'carry'} over leaves
-  `names` (the shared ones: private leaves are no part of the global update).
+@functools.partial(jax.jit, static_argnums=0)
+def _update(optimizer, base, state, deltas, coefficients):
+  return _step(optimizer, base, state, _mean(deltas, coefficients, base))
 
-  `step_for(leaf)` is that leaf's outer step (`step_fn`); `coefficients` are the
-  manifest's weight x clip factor per contributor ({} with secure aggregation: only
-  the total is computed).
+
+def outer_update(optimizer, base: Mapping, state: Mapping, deltas: Mapping[str, Mapping],
+                 coefficients: Mapping[str, float]) -> dict:
+  """theta_S: the leaves of `base` after the outer step of sum_{k in S} c_k Delta_k, S the
+  silos of `coefficients` (others weigh 0: one compiled program serves every subset)."""
+  return _update(optimizer, dict(base), dict(state), {k: dict(d) for k, d in deltas.items()},
+                 {k: jnp.float32(coefficients.get(k, 0.0)) for k in deltas})
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _first_order(optimizer, grad, base, nxt, state, deltas, coefficients):
+  dot = lambda a, b: sum(jnp.vdot(jnp.asarray(a[n], jnp.float32),  # noqa: E731
+                                  jnp.asarray(b[n], jnp.float32)) for n in base)
+  change = {n: jnp.asarray(nxt[n], jnp.float32) - jnp.asarray(base[n], jnp.float32)
+            for n in base}
+  if not deltas:
+    return {}, -dot(grad, change)
+  _, linear = jax.linearize(lambda mean: _step(optimizer, base, state, mean),
+                            _mean(deltas, coefficients, base))
+  values = {k: -dot(grad, linear({n: coefficients[k] * jnp.asarray(d[n], jnp.float32)
+                                  for n in base}))
+            for k, d in deltas.items()}
+  return values, -dot(grad, change)
+
+
+def first_order(optimizer, grad: Mapping, base: Mapping, nxt: Mapping, state: Mapping,
+                deltas: Mapping[str, Mapping], coefficients: Mapping[str, float]) -> dict:
+  """{'values': {k: -g . u_k}, 'total': -g . (theta_{r+1} - theta_r), 'carry'} over the leaves
+  of `base` (the shared ones: private leaves are no part of the global update).
+
+  u_k = J(Delta) (c_k Delta_k), J the outer step's Jacobian at the round's mean Delta and
+  outer `state`; `coefficients` are the manifest's weight x clip factor per contributor.
+  Without `deltas` (secure aggregation) only the total is computed.
   """
-  values = {k: 0.0 for k in coefficients}
-  total = 0.0
-  for name in names:
-    g = jnp.asarray(grad_flat[name], jnp.float32)
-    change = (jnp.asarray(next_flat[name], jnp.float32)
-              - jnp.asarray(base_flat[name], jnp.float32))
-    total -= float(jnp.vdot(g, change))
-    if not coefficients:
-      continue
-    leaf_deltas = {k: deltas_flat[k][name] for k in coefficients}
-    _, linear = jax.linearize(step_for(name), mean_delta(leaf_deltas, coefficients, g))
-    for k, c in coefficients.items():
-      share = linear(jnp.float32(c) * jnp.asarray(leaf_deltas[k], jnp.float32))
-      values[k] -= float(jnp.vdot(g, jnp.asarray(share, jnp.float32)))
-  return {'values': values, 'total': total, 'carry': total - sum(values.values())}
+  values, total = _first_order(
+      optimizer, {n: grad[n] for n in base}, dict(base), {n: nxt[n] for n in base},
+      dict(state), {k: dict(d) for k, d in deltas.items()},
+      {k: jnp.float32(coefficients[k]) for k in deltas})
+  values = {k: float(v) for k, v in values.items()}
+  return {'values': values, 'total': float(total), 'carry': float(total) - sum(values.values())}
 
 
-def subset_params(base_flat: Mapping, deltas_flat: Mapping[str, Mapping],
-                  coefficients: Mapping[str, float], step_for: Callable[[str], Callable],
-                  names: Sequence[str]) -> dict:
-  """theta_S: `base_flat` with leaves `names` stepped by the mean of the deltas in
-  `coefficients` (the model carries over when it is empty)."""
-  if not coefficients:
-    return dict(base_flat)
-  out = dict(base_flat)
-  for name in names:
-    leaf_deltas = {k: deltas_flat[k][name] for k in coefficients}
-    out[name] = step_for(name)(mean_delta(leaf_deltas, coefficients, base_flat[name]))
-  return out
-
-
-def subset_game(base_loss: float, loss_of: Callable[[dict], float], base_flat: Mapping,
-                deltas_flat: Mapping[str, Mapping], entries: Sequence[dict],
-                silo_weight: Mapping[str, float], clip_multiple: float,
-                step_for: Callable[[str], Callable], names: Sequence[str]
+def subset_game(base_loss: float, loss_of: Callable[[dict], float], optimizer, base: Mapping,
+                state: Mapping, deltas: Mapping[str, Mapping], entries: Sequence[dict],
+                silo_weight: Mapping[str, float], clip_multiple: float
                 ) -> dict[frozenset, float]:
-  """v(S) = L(theta_r) - L(theta_S) for every subset S of the contributors (2^K losses)."""
-  players = sorted(deltas_flat)
+  """v(S) = L(theta_r) - L(theta_S) for every subset S of the contributors (2^K losses);
+  `loss_of` scores the leaves of `base` (the shared ones), stepped."""
   value = {}
-  for subset in subsets(players):
+  for subset in subsets(sorted(deltas)):
     coefficients = subset_coefficients(entries, silo_weight, subset, clip_multiple)
     value[subset] = (0.0 if not coefficients else base_loss - loss_of(
-        subset_params(base_flat, deltas_flat, coefficients, step_for, names)))
+        outer_update(optimizer, base, state, deltas, coefficients)))
   return value
 
 

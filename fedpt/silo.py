@@ -517,8 +517,6 @@ class _Silo:
     outer_state = loading.read_global_outer_state(
         store, run, round_index, optimizer, {n: base_flat[n].shape for n in names},
         self.identity)
-    step_for = lambda n: contribution_lib.step_fn(  # noqa: E731
-        optimizer, base_flat[n], outer_state[n])
     entries = manifest['included']
     method = manifest['robust']['method']
     reason = (('secure aggregation: the deltas are masked, so only the whole update\'s value '
@@ -541,22 +539,21 @@ class _Silo:
       deltas[e['silo']] = {n: aggregator_lib.read_delta_leaf(
           store, round_index, e['silo'], n, meta, e, tuple(base_flat[n].shape)) for n in names}
     coefficients = {e['silo']: protocol.own_contribution(manifest, e['silo']) for e in active}
-    first = contribution_lib.first_order(grad_flat, base_flat, next_flat, deltas, coefficients,
-                                         step_for, names)
+    shared = {n: base_flat[n] for n in names}
+    first = contribution_lib.first_order(optimizer, grad_flat, shared, next_flat, outer_state,
+                                         deltas, coefficients)
     zeros = {e['silo']: 0.0 for e in entries}  # Included with weight 0: moved nothing.
     out = {'base_loss': base_loss, 'total': first['total'], 'reason': reason,
            'carry': None if reason else first['carry'],
            'first_order': None if reason else {**zeros, **first['values']}}
     if self.contribution in ('loo', 'shapley') and not reason:
-      shardings = {n: v.sharding for n, v in base_flat.items()}
-
-      def loss_of(flat):
-        return self.trainer.evaluate(trees.unflatten_params(
-            {n: jax.device_put(v, shardings[n]) for n, v in flat.items()}))
+      def loss_of(stepped):
+        return self.trainer.evaluate(trees.unflatten_params({**base_flat, **{
+            n: jax.device_put(v, base_flat[n].sharding) for n, v in stepped.items()}}))
       game = contribution_lib.subset_game(
-          base_loss, loss_of, base_flat, deltas, entries,
+          base_loss, loss_of, optimizer, shared, outer_state, deltas, entries,
           {s['id']: s['weight'] for s in run['silos']},
-          manifest['robust'].get('clip_multiple') or 0.0, step_for, names)
+          manifest['robust'].get('clip_multiple') or 0.0)
       players = sorted(deltas)
       out['loo'] = {**zeros, **contribution_lib.leave_one_out(game, players)}
       if self.contribution == 'shapley':

@@ -31,10 +31,9 @@ def _optimizer(name, **kw):
 
 
 def _round(optimizer, state, theta, deltas, coefficients):
-  """(step_for, theta_{r+1}) of one leaf 'w': the aggregator's outer step of the mean."""
-  step_for = lambda name: contribution.step_fn(optimizer, jnp.asarray(theta), state)  # noqa
-  mean = contribution.mean_delta({k: d['w'] for k, d in deltas.items()}, coefficients, theta)
-  return step_for, {'w': np.asarray(step_for('w')(mean))}
+  """theta_{r+1} of one leaf 'w': the aggregator's outer step of the mean."""
+  return {'w': np.asarray(contribution.outer_update(optimizer, {'w': theta}, {'w': state},
+                                                    deltas, coefficients)['w'])}
 
 
 def _quadratic(n=6, seed=0):
@@ -56,9 +55,10 @@ def test_signs_and_the_first_order_value_is_exact_up_to_the_curvature_term():
   a, theta, loss, g, deltas = _quadratic()
   coefficients = {'help': 0.5, 'orth': 0.3, 'harm': 0.2}
   optimizer = _optimizer('fedavg')
-  step_for, nxt = _round(optimizer, optimizer.init(jnp.zeros(6)), theta, deltas, coefficients)
-  out = contribution.first_order({'w': g}, {'w': theta}, nxt, deltas, coefficients, step_for,
-                                 ['w'])
+  state = {'w': optimizer.init(jnp.zeros(6))}
+  nxt = _round(optimizer, state['w'], theta, deltas, coefficients)
+  out = contribution.first_order(optimizer, {'w': g}, {'w': theta}, nxt, state, deltas,
+                                 coefficients)
   values = out['values']
   assert values['help'] > 1e-4 and values['harm'] < -1e-5 and abs(values['orth']) < 1e-9
   # fedavg: theta' = theta - sum c_k Delta_k, so value_k = c_k g . Delta_k exactly; no carry.
@@ -72,8 +72,8 @@ def test_signs_and_the_first_order_value_is_exact_up_to_the_curvature_term():
   assert math.isclose(exact, out['total'] - 0.5 * float(u @ a @ u), rel_tol=1e-4)
   # A linear loss has no such term: the first-order total is the change itself.
   b = np.arange(1.0, 7.0, dtype=np.float32)
-  linear = contribution.first_order({'w': b}, {'w': theta}, nxt, deltas, coefficients,
-                                    step_for, ['w'])
+  linear = contribution.first_order(optimizer, {'w': b}, {'w': theta}, nxt, state, deltas,
+                                    coefficients)
   assert math.isclose(linear['total'], float(b @ theta - b @ nxt['w']), rel_tol=1e-5)
 
 
@@ -83,21 +83,21 @@ def test_outer_momentum_is_the_carry_and_the_parts_sum_to_the_whole():
   optimizer = _optimizer('diloco', lr=0.7, momentum=0.9)
   state = optimizer.init(jnp.zeros(6))
   _, state = optimizer.update(jnp.full(6, 0.02, jnp.float32), state, jnp.zeros(6))  # Momentum.
-  step_for, nxt = _round(optimizer, state, theta, deltas, coefficients)
-  out = contribution.first_order({'w': g}, {'w': theta}, nxt, deltas, coefficients, step_for,
-                                 ['w'])
+  nxt = _round(optimizer, state, theta, deltas, coefficients)
+  out = contribution.first_order(optimizer, {'w': g}, {'w': theta}, nxt, {'w': state}, deltas,
+                                 coefficients)
   # Nesterov is affine in the mean: u_k = -lr (1 + mu) c_k Delta_k (outer.eager_coefficient).
   coef = outer.eager_coefficient(ml_collections.ConfigDict(
       dict(optimizer='diloco', lr=0.7, momentum=0.9)), 1)
   for k, c in coefficients.items():
     assert math.isclose(out['values'][k], coef * c * float(g @ deltas[k]['w']), rel_tol=1e-4,
                         abs_tol=1e-9)
-  carried = np.asarray(step_for('w')(jnp.zeros(6, jnp.float32))) - theta  # No delta at all.
+  carried = _round(optimizer, state, theta, deltas, {})['w'] - theta  # No delta at all.
   assert math.isclose(out['carry'], -float(g @ carried), rel_tol=1e-4)
   assert abs(out['carry']) > 1e-3
   assert math.isclose(sum(out['values'].values()) + out['carry'], out['total'], rel_tol=1e-6)
   # Secure aggregation: no per-silo coefficients, the total alone (carry = total).
-  alone = contribution.first_order({'w': g}, {'w': theta}, nxt, {}, {}, step_for, ['w'])
+  alone = contribution.first_order(optimizer, {'w': g}, {'w': theta}, nxt, {'w': state}, {}, {})
   assert alone['values'] == {} and math.isclose(alone['total'], out['total'], rel_tol=1e-6)
 
 
@@ -108,10 +108,9 @@ def test_loo_and_shapley_on_the_constructed_round():
              {'silo': 'harm', 'tokens': 100, 'measured_norm': 1.0}]
   weight = {'help': 1.0, 'orth': 1.0, 'harm': 1.0}
   optimizer = _optimizer('fedavg')
-  state = optimizer.init(jnp.zeros(6))
-  step_for = lambda name: contribution.step_fn(optimizer, jnp.asarray(theta), state)  # noqa
+  state = {'w': optimizer.init(jnp.zeros(6))}
   game = contribution.subset_game(loss(theta), lambda flat: loss(np.asarray(flat['w'])),
-                                  {'w': theta}, deltas, entries, weight, 0.0, step_for, ['w'])
+                                  optimizer, {'w': theta}, state, deltas, entries, weight, 0.0)
   # By hand: theta_S = theta - sum_{k in S} (tokens_k / tokens_S) Delta_k.
   tokens = {e['silo']: e['tokens'] for e in entries}
   for subset in contribution.subsets(sorted(deltas)):
@@ -170,7 +169,7 @@ def contrib_run(corpus_dir, tmp_path_factory):
   'shapley'; silos as threads."""
   config = load_config('tiny', corpus_dir)
   config.train.async_checkpoints = False  # Threads of one process checkpoint synchronously.
-  config.train.eval_batches = 2
+  config.train.eval_batches = 1
   config.federation.update(rounds=ROUNDS, inner_steps=2, silos=SILOS, poll_s=0.05,
                            wait_timeout_s=120.0, compression='none')
   config.outer.update(optimizer='diloco', lr=0.7, momentum=0.9)
