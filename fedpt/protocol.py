@@ -931,16 +931,18 @@ def contribution_record(run: dict, round_index: int, silo: str, *, method: str,
                         eval_windows: int, eval_tokens: int, base_loss: float,
                         next_loss: float, total: float, carry: float | None,
                         first_order: dict | None, loo: dict | None = None,
-                        shapley: dict | None = None, reason: str | None = None) -> dict:
+                        shapley: dict | None = None, reason: str | None = None,
+                        seconds: float = 0.0) -> dict:
   """rounds/r/contribution/silo_<id>.json: what round r's update did to silo `silo`'s held-out
   loss (`base_loss` of global r, `next_loss` of global r+1 on the same windows), split per
   contributor. Only numbers: `first_order` (and `loo`, `shapley`) {contributor: nats} or
-  null with `reason` (secure aggregation: only `total`, -g . (theta_{r+1} - theta_r))."""
+  null with `reason` (secure aggregation: only `total`, -g . (theta_{r+1} - theta_r));
+  `seconds`: what computing it took the silo."""
   return {'run_id': run['run_id'], 'round': round_index, 'silo': silo, 'method': method,
           'eval_windows': eval_windows, 'eval_tokens': eval_tokens, 'base_loss': base_loss,
           'next_loss': next_loss, 'measured_change': base_loss - next_loss, 'total': total,
           'carry': carry, 'first_order': first_order, 'loo': loo, 'shapley': shapley,
-          'reason': reason}
+          'reason': reason, 'seconds': seconds}
 
 
 def check_contribution_record(run: dict, round_index: int, silo: str, record,
@@ -961,9 +963,11 @@ def check_contribution_record(run: dict, round_index: int, silo: str, record,
     if not (records.is_int(record['eval_windows']) and records.is_int(record['eval_tokens'])
             and record['eval_windows'] > 0 and record['eval_tokens'] > 0):
       return 'eval_windows or eval_tokens is not a positive integer'
-    for key in ('base_loss', 'next_loss', 'measured_change', 'total'):
+    for key in ('base_loss', 'next_loss', 'measured_change', 'total', 'seconds'):
       if not records.is_number(record[key]):
         return f'{key} {record[key]!r} is not a finite number'
+    if record['seconds'] < 0:
+      return f'seconds {record["seconds"]!r} is negative'
     if record['carry'] is not None and not records.is_number(record['carry']):
       return f'carry {record["carry"]!r} is not a finite number or null'
     ids = silo_ids(run)

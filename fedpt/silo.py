@@ -481,7 +481,7 @@ class _Silo:
     record = protocol.contribution_record(
         self.run, round_index, self.silo_id, method=self.contribution,
         eval_windows=batches * d.global_batch, eval_tokens=batches * d.global_batch * d.seq_len,
-        next_loss=next_loss, **values)
+        next_loss=next_loss, seconds=time.monotonic() - start, **values)
     shown = record['shapley'] or record['loo'] or record['first_order']
     kind = 'shapley' if record['shapley'] else 'loo' if record['loo'] else 'first order'
     self.log(f'round {round_index}: its update lowered this silo\'s held-out loss by '
@@ -489,7 +489,7 @@ class _Silo:
              + (f'{kind} per contributor: ' + ', '.join(f'{k} {v:+.4g}' for k, v in
                                                         sorted(shown.items()))
                 if shown else f'per contributor: not computed ({record["reason"]})')
-             + f' ({time.monotonic() - start:.1f}s)')
+             + f' ({record["seconds"]:.1f}s)')
     record = self.identity.sign(record) if self.identity else record
     self.in_background(
         lambda: self.store.publish_contribution(round_index, self.silo_id, record))

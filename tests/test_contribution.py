@@ -1,4 +1,5 @@
 """Contribution values: the math on constructed rounds, then one small federation's records."""
+import importlib.util
 import itertools
 import json
 import math
@@ -187,6 +188,7 @@ def contrib_run(corpus_dir, tmp_path_factory):
   return config, root, tmp
 
 
+@pytest.mark.slow  # The module's one federation: ~70 CPU-s, shared.
 def test_each_silo_publishes_a_row_that_adds_up(contrib_run):
   config, root, _ = contrib_run
   store = storage_lib.RunStorage(root)
@@ -220,6 +222,7 @@ def test_each_silo_publishes_a_row_that_adds_up(contrib_run):
           record['measured_change']) + 1e-3
 
 
+@pytest.mark.slow  # The module's one federation: ~70 CPU-s, shared.
 def test_status_shows_the_matrix_and_skips_a_malformed_record(contrib_run):
   _, root, tmp = contrib_run
   store = storage_lib.RunStorage(root)
@@ -264,6 +267,7 @@ def test_status_shows_the_matrix_and_skips_a_malformed_record(contrib_run):
   assert '(secure aggregation: the deltas are masked)' in text
 
 
+@pytest.mark.slow  # The module's one federation: ~70 CPU-s, shared.
 def test_evaluate_plots_the_contribution(contrib_run):
   _, root, tmp = contrib_run
   paths = evaluation.write_plots(storage_lib.RunStorage(root), str(tmp / 'plots'))
@@ -281,3 +285,22 @@ def test_a_bad_mode_is_one_line(repo_root, corpus_dir, tmp_path):
   assert proc.returncode == 2, proc.stderr
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and 'contribution.mode' in lines[0] and "'shapley'" in lines[0], lines
+
+
+@pytest.mark.slow  # The module's one federation: ~70 CPU-s, shared.
+def test_the_bench_summary_reads_the_records(contrib_run, repo_root):
+  _, root, _ = contrib_run
+  spec = importlib.util.spec_from_file_location('bench_contribution',
+                                                repo_root / 'bench' / 'contribution.py')
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  store = storage_lib.RunStorage(root)
+  summary = bench.summarize(store)
+  assert len(summary['records']) == ROUNDS * len(SILOS)
+  delta_bytes = store.delta_meta(0, 'a')['bytes']
+  for r in summary['records']:
+    assert r['delta_bytes_read'] == len(SILOS) * delta_bytes
+    assert r['shapley_sum'] == pytest.approx(r['measured'], abs=2e-4)
+    assert r['seconds'] > 0
+  assert 0 <= summary['median_first_order_relative_error'] < 0.5
+  assert 'median |first order - measured|' in bench.render(summary)
