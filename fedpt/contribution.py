@@ -42,16 +42,18 @@ from fedpt import protocol
 MAX_SUBSET_SILOS = 8  # loo / shapley evaluate up to 2^K updates: 256 at K = 8.
 
 
-def unsupported(run: dict, mode: str) -> str | None:
-  """Why a silo of `run` cannot compute `contribution.mode=mode`, or None."""
+def unsupported(run: dict, mode: str) -> tuple[str, str] | None:
+  """(why, the fix) if a silo of `run` cannot compute `contribution.mode=mode`, else None."""
   if mode in ('loo', 'shapley') and len(protocol.silo_ids(run)) > MAX_SUBSET_SILOS:
-    return (f'{mode!r} evaluates 2^K subsets of a round\'s deltas, and this run lists '
-            f'{len(protocol.silo_ids(run))} silos (at most {MAX_SUBSET_SILOS})')
+    return (f'it evaluates 2^K subsets of a round\'s deltas, and this run lists '
+            f'{len(protocol.silo_ids(run))} silos (at most {MAX_SUBSET_SILOS})',
+            "use contribution.mode='first_order', which has no such limit")
   if protocol.fragments(run) > 1:
-    return 'a run with federation.fragments > 1 (one fragment a round) is not supported'
+    return ('a run with federation.fragments > 1 (one fragment a round) is not supported',
+            "use contribution.mode='none' in this run")
   if protocol.overlap(run) != 'none':
     return (f'federation.overlap={protocol.overlap(run)!r} is not supported (round r\'s deltas '
-            'are not based on global round r)')
+            'are not based on global round r)', "use contribution.mode='none' in this run")
   return None
 
 

@@ -293,10 +293,12 @@ class _Silo:
     if self.contribution != 'none':
       problem = contribution_lib.unsupported(self.run, self.contribution)
       if problem:
-        raise config_lib.ConfigError(
-            'contribution.mode', f'{self.contribution!r}: {problem}',
-            "use contribution.mode='first_order' (any K) or 'none' for this run")
+        raise config_lib.ConfigError('contribution.mode', f'{self.contribution!r}: {problem[0]}',
+                                     problem[1])
     self.contribution_base = None  # (round, flat base params) of the last round begun.
+    # One object for every round: contribution's jitted programs are keyed by it.
+    self.outer_optimizer = (outer.make_outer_optimizer(config.outer)
+                            if self.contribution != 'none' else None)
     self.trainer = trainer_lib.Trainer(
         config, data_seed=protocol.silo_data_seed(config.seed, silo_id),
         drift_correction=self.drift)
@@ -513,7 +515,7 @@ class _Silo:
     names = protocol.shared_leaves(run, base_flat)
     base_loss, grad = self.trainer.score_gradient(trees.unflatten_params(base_flat))
     grad_flat = trees.flatten_params(grad)
-    optimizer = outer.make_outer_optimizer(self.config.outer)
+    optimizer = self.outer_optimizer
     outer_state = loading.read_global_outer_state(
         store, run, round_index, optimizer, {n: base_flat[n].shape for n in names},
         self.identity)

@@ -152,10 +152,12 @@ def test_subset_weights_renormalise_as_the_aggregator_does():
 
 def test_what_a_silo_cannot_compute_is_refused():
   run = {'silos': [{'id': f's{i}'} for i in range(9)], 'federation': {}}
-  assert 'at most 8' in contribution.unsupported(run, 'shapley')
+  problem, fix = contribution.unsupported(run, 'shapley')
+  assert 'lists 9 silos (at most 8)' in problem and "'first_order'" in fix
   assert contribution.unsupported(run, 'first_order') is None
-  assert 'fragments' in contribution.unsupported(
+  problem, fix = contribution.unsupported(
       {'silos': [{'id': 'a'}], 'federation': {'fragments': 2}}, 'loo')
+  assert 'fragments > 1' in problem and "'none'" in fix
 
 
 # -- one small federation --------------------------------------------------------------------
@@ -304,3 +306,19 @@ def test_the_bench_summary_reads_the_records(contrib_run, repo_root):
     assert r['seconds'] > 0
   assert 0 <= summary['median_first_order_relative_error'] < 0.5
   assert 'median |first order - measured|' in bench.render(summary)
+
+
+def test_shapley_of_nine_silos_is_refused_at_the_silos_start(repo_root, tiny_config, tmp_path):
+  tiny_config.federation.silos = tuple(f's{i}' for i in range(9))
+  root = str(tmp_path / 'bucket')
+  aggregator_lib.init_run(tiny_config, root)
+  proc = subprocess.run(
+      [sys.executable, 'scripts/train.py', '--config=configs/tiny.py', '--silo=s0',
+       f'--storage={root}', f'--workdir={tmp_path / "s0"}',
+       f'--config.data.corpus={tiny_config.data.corpus}', '--config.contribution.mode=shapley'],
+      cwd=repo_root, env=child_env(), capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error: '), proc.stderr
+  assert 'contribution.mode' in lines[0] and 'at most 8' in lines[0], lines
+  assert "'first_order'" in lines[0]
