@@ -303,7 +303,8 @@ def contribution_figure(ledger_rows: list[dict], silos: list[str], title: str):
             yticklabels=silos, xlabel='contributor k', ylabel='evaluating silo j',
             title='summed over rounds (nats)')
   for (j, k), v in np.ndenumerate(summed):
-    total.text(k, j, f'{v:+.3f}', ha='center', va='center', fontsize=7)
+    total.text(k, j, f'{v:+.3f}', ha='center', va='center', fontsize=7,
+               color='white' if abs(v) > 0.6 * bound else 'black')  # Legible on dark cells.
   fig.colorbar(image, ax=total)
   fig.suptitle(f'{title}: contribution (Shapley where published, else first order)')
   fig.tight_layout()
