@@ -968,6 +968,9 @@ def check_contribution_record(run: dict, round_index: int, silo: str, record,
         return f'{key} {record[key]!r} is not a finite number'
     if record['seconds'] < 0:
       return f'seconds {record["seconds"]!r} is negative'
+    if not math.isclose(record['measured_change'], record['base_loss'] - record['next_loss'],
+                        rel_tol=1e-9, abs_tol=1e-9):
+      return 'measured_change is not base_loss - next_loss'
     if record['carry'] is not None and not records.is_number(record['carry']):
       return f'carry {record["carry"]!r} is not a finite number or null'
     ids = silo_ids(run)

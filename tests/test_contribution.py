@@ -160,6 +160,33 @@ def test_what_a_silo_cannot_compute_is_refused():
   assert 'fragments > 1' in problem and "'none'" in fix
 
 
+def test_a_record_is_checked_before_the_ledger_uses_it():
+  run = {'run_id': 'r1', 'silos': [{'id': 'a'}, {'id': 'b'}], 'federation': {}}
+  good = protocol.contribution_record(
+      run, 3, 'a', method='shapley', eval_windows=64, eval_tokens=8192, base_loss=5.0,
+      next_loss=4.5, total=0.6, carry=0.1, first_order={'a': 0.3, 'b': 0.2},
+      loo={'a': 0.3, 'b': 0.1}, shapley={'a': 0.3, 'b': 0.2}, seconds=1.0)
+  assert good['measured_change'] == 0.5
+  assert protocol.check_contribution_record(run, 3, 'a', good) is None
+  bad = {
+      'a replayed round': ({'round': 2}, 'a replayed or moved record'),
+      'a method': ({'method': 'exact'}, "method 'exact' is not one of"),
+      'an unlisted contributor': ({'shapley': {'z': 0.1}}, 'shapley is not {listed silo'),
+      'a non-finite value': ({'first_order': {'a': float('nan')}}, 'first_order is not'),
+      'an inconsistent change': ({'measured_change': 0.7}, 'measured_change is not'),
+      'nulls without a reason': ({'first_order': None}, 'no per-silo values and no reason'),
+      'a missing field': ({'carry': KeyError}, "'carry'"),
+  }
+  for what, (change, reason) in bad.items():
+    record = {k: v for k, v in {**good, **change}.items() if v is not KeyError}
+    found = protocol.check_contribution_record(run, 3, 'a', record)
+    assert found is not None and reason in found, (what, found)
+  assert protocol.check_contribution_record(run, 3, 'a', [1]) == 'not a JSON object'
+  masked = {**good, 'first_order': None, 'loo': None, 'shapley': None, 'carry': None,
+            'reason': 'secure aggregation'}
+  assert protocol.check_contribution_record(run, 3, 'a', masked) is None
+
+
 # -- one small federation --------------------------------------------------------------------
 
 SILOS = ('a', 'b', 'c')
