@@ -188,8 +188,8 @@ def totals(matrices: Sequence[Mapping[str, Mapping[str, float]]],
            silos: Sequence[str]) -> dict[str, dict]:
   """Per silo over rounds: value its deltas gave the others and itself, and what it received.
 
-  Null values (secure aggregation) count as nothing; `rows` counts the rounds in which
-  that silo published a row.
+  Null values count as nothing; `rows` counts the rounds in which that silo published a
+  row with per-silo values (not one under secure aggregation).
   """
   out = {s: {'given_to_others': 0.0, 'to_self': 0.0, 'received': 0.0, 'rows': 0}
          for s in silos}
