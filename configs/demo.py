@@ -20,4 +20,7 @@ def get_config(arg=None):
   # Four non-IID silos (stdlib groups), 8 rounds of H=10: ~4 minutes on 2 idle cores.
   c.federation.update(silos=('web', 'concurrency', 'text', 'tools'), rounds=8, inner_steps=10,
                       poll_s=0.2)
+  # Each silo's first-order value of every included delta of a round (one backward pass on
+  # its held-out sample; reads the round's 4 deltas): status.py shows them beside tokens.
+  c.contribution.mode = 'first_order'
   return c

@@ -68,6 +68,38 @@ def parse_shard(text: str) -> tuple[int, int]:
   return index, count
 
 
+def read_delta_leaf(store: storage_lib.RunStorage, round_index: int, silo: str, name: str,
+                    meta: dict, form: dict, shape: tuple, with_control: bool = False):
+  """One parameter of a delta (its rows of `shape`), checked against the hashes the silo
+  signed, decompressed: the aggregator's read, and a silo's for its contribution values.
+
+  The format (`protocol.delta_format`) comes from the caller's `form`: meta.json when
+  deciding, the manifest entry when aggregating. A payload its format cannot hold (a
+  topk index out of range or sent twice, a non-finite scale) raises MalformedPayload.
+  `with_control`: (delta, SCAFFOLD's delta_c_i or None) from the same payload read.
+  """
+  try:
+    payload = store.read_delta_leaf(round_index, silo, name, meta['tree'][name]['payload'])
+  except Exception as e:  # pylint: disable=broad-except  # Corrupt chunks fail in many ways.
+    raise storage_lib.StorageError(
+        f'payload {name} unreadable (missing or corrupt objects): {errors.one_line(e)}'
+    ) from None
+  for key, value in payload.items():
+    reason = protocol.check_payload_hash(name, key, meta, storage_lib.array_hash(value))
+    if reason:
+      raise storage_lib.StorageError(reason)
+  control = payload.pop(protocol.CONTROL, None)
+  fmt, block_size, topk = protocol.delta_format(form)
+  if fmt == secagg.FORMAT:  # Its layout was checked against the meta: uint32 of `shape`.
+    values = np.asarray(payload[secagg.MASKED], np.uint32)
+    return (values, control) if with_control else values
+  problem = compression.payload_problem(payload, fmt, shape, block_size, topk)
+  if problem:
+    raise MalformedPayload(f'parameter {name}: {problem}')
+  values = compression.decompress(payload, fmt, shape, block_size, topk)
+  return (values, control) if with_control else values
+
+
 class Aggregator:
   """Everything one aggregation shard needs about the run."""
 
@@ -239,35 +271,9 @@ class Aggregator:
 
   def read_leaf(self, round_index: int, silo: str, name: str, meta: dict, form: dict,
                 with_control: bool = False):
-    """One parameter of a delta, checked against the hashes the silo signed, decompressed.
-
-    The format (`protocol.delta_format`) comes from the caller's `form`: meta.json when
-    deciding, the manifest entry when aggregating. A payload its format cannot hold (a
-    topk index out of range or sent twice, a non-finite scale) raises MalformedPayload.
-    `with_control`: (delta, SCAFFOLD's delta_c_i or None) from the same payload read.
-    """
-    try:
-      payload = self.deltas.read_delta_leaf(round_index, silo, name,
-                                            meta['tree'][name]['payload'])
-    except Exception as e:  # pylint: disable=broad-except  # Corrupt chunks fail in many ways.
-      raise storage_lib.StorageError(
-          f'payload {name} unreadable (missing or corrupt objects): {errors.one_line(e)}'
-      ) from None
-    for key, value in payload.items():
-      reason = protocol.check_payload_hash(name, key, meta, storage_lib.array_hash(value))
-      if reason:
-        raise storage_lib.StorageError(reason)
-    control = payload.pop(protocol.CONTROL, None)
-    fmt, block_size, topk = protocol.delta_format(form)
-    shape = self.rows_shape(round_index, name)
-    if fmt == secagg.FORMAT:  # Its layout was checked against the meta: uint32 of `shape`.
-      values = np.asarray(payload[secagg.MASKED], np.uint32)
-      return (values, control) if with_control else values
-    problem = compression.payload_problem(payload, fmt, shape, block_size, topk)
-    if problem:
-      raise MalformedPayload(f'parameter {name}: {problem}')
-    values = compression.decompress(payload, fmt, shape, block_size, topk)
-    return (values, control) if with_control else values
+    """`read_delta_leaf` of this run: the rows the round's fragment holds."""
+    return read_delta_leaf(self.deltas, round_index, silo, name, meta, form,
+                           self.rows_shape(round_index, name), with_control)
 
   def decide(self, round_index: int) -> dict:
     """Waits for every silo, or for a quorum after the deadline; writes the manifest."""

@@ -31,6 +31,8 @@ DP_MIN_NOISE_MULTIPLIER = 0.3
 # federation.overlap: a silo's next inner phase overlaps the outer step of the round it just
 # published (Kale, Douillard, Donchev, arXiv 2502.12996); docs/protocol.md gives the rules.
 OVERLAP_MODES = ('none', 'delayed', 'eager')
+# contribution.mode: a silo's per-round values of the included deltas (fedpt/contribution.py).
+CONTRIBUTION_MODES = ('none', 'first_order', 'loo', 'shapley')
 
 DEFAULT_RULES = (
     # Activations.
@@ -232,6 +234,11 @@ def base_config() -> ml_collections.ConfigDict:
       delta=0.0,  # 0: 1 / the silo's number of training sequences (windows).
       accountant='pld',  # pld or rdp (dp_accounting).
   ))))
+  # What each included delta of a round did to this silo's held-out loss (fedpt/contribution.py,
+  # docs/protocol.md "Contribution records"): each silo's own choice, never in run.json.
+  # first_order: one backward pass; loo/shapley (K <= 8) add 2^K held-out evaluations. All but
+  # 'none' read every included delta of the round: K x the upload size per round.
+  c.contribution = ml_collections.ConfigDict(dict(mode='none'))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.sharding = ml_collections.ConfigDict(dict(rules=DEFAULT_RULES))
   c.distributed = ml_collections.ConfigDict(dict(
@@ -443,6 +450,8 @@ def validate(config) -> None:
           'seconds and gigabytes per epoch, for an epsilon too large to protect anything',
           f'use a noise multiplier >= {DP_MIN_NOISE_MULTIPLIER} (e.g. 1.0), or 0 with '
           'target_epsilon')
+  require(config.contribution.mode in CONTRIBUTION_MODES, 'contribution.mode',
+          f'unknown mode {config.contribution.mode!r}', f'use one of {CONTRIBUTION_MODES}')
   fed = config.federation
   require(fed.overlap in OVERLAP_MODES, 'federation.overlap', f'unknown mode {fed.overlap!r}',
           f'use one of {OVERLAP_MODES}')
@@ -510,7 +519,7 @@ RESUMABLE_FIELDS = ('name', 'model.remat', 'model.attention', 'model.scan_layers
                     'train.eval_batches', 'train.checkpoint_every',
                     'train.keep_checkpoints', 'train.async_checkpoints',
                     'train.peak_tflops_per_device', 'mesh.*', 'sharding.*', 'distributed.*',
-                    'federation.*', 'outer.*', 'personal.*')
+                    'federation.*', 'outer.*', 'personal.*', 'contribution.*')
 
 
 def model_spec(config) -> dict:

@@ -234,14 +234,14 @@ def versus_baseline(rows: list[dict]) -> list[dict]:
   return out
 
 
-def loss_curves(store, rows: list[dict] | None = None) -> dict:
+def loss_curves(store, rows: list[dict] | None = None, ledger_rows=None) -> dict:
   """What the plots draw: {'curves': [(label, [(round, loss)])], 'baselines': [(label, loss)],
   'tokens_by_round': {round: tokens seen per silo before it}}.
 
   The published curves are the global model of each round on each silo's private
   split (each silo's own measurement), not the silos' local models.
   """
-  ledger_rows = ledger.build_ledger(store)
+  ledger_rows = ledger.build_ledger(store) if ledger_rows is None else ledger_rows
   run = store.read_run()
   initial = ledger.eval_losses(store, run, 0)
   silos = sorted({s for row in ledger_rows for s in row['eval_loss_by_silo']} | set(initial))
@@ -269,14 +269,59 @@ _MARKERS = ('o', 's', '^', 'v', 'D', 'P', 'X', '*', '<', '>')
 _LINESTYLES = ('-', '--', '-.', ':')
 
 
+def contribution_figure(ledger_rows: list[dict], silos: list[str], title: str):
+  """The silos' contribution records (contribution.mode) drawn, or None if there are none:
+  left, the value each silo's deltas gave (all silos' rows summed) per round; right, the
+  run's K x K matrix summed over rounds (row j evaluating, column k contributing)."""
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
+  matrices = [(row['round'], row['contribution']['value']) for row in ledger_rows
+              if row.get('contribution', {}).get('value')]
+  if not matrices:
+    return None
+  fig, (by_round, total) = plt.subplots(1, 2, figsize=(11, 4.5))
+  summed = np.zeros((len(silos), len(silos)))
+  for r, m in matrices:
+    for j, row in m.items():
+      for k, v in row.items():
+        if v is not None and j in silos and k in silos:
+          summed[silos.index(j), silos.index(k)] += v
+  for i, k in enumerate(silos):
+    by_round.plot([r for r, _ in matrices],
+                  [sum(row.get(k) or 0.0 for row in m.values()) for _, m in matrices],
+                  marker=_MARKERS[i % len(_MARKERS)], linestyle=_LINESTYLES[i % len(_LINESTYLES)],
+                  label=f"{k}'s deltas")
+  by_round.axhline(0.0, color='gray', linewidth=0.8)
+  by_round.set(xlabel='round', ylabel='held-out loss lowered (nats, all silos)',
+               title='value given per round')
+  by_round.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+  by_round.grid(alpha=0.3)
+  by_round.legend(fontsize=7)
+  bound = max(float(np.abs(summed).max()), 1e-12)
+  image = total.imshow(summed, cmap='RdBu', vmin=-bound, vmax=bound)
+  total.set(xticks=range(len(silos)), xticklabels=silos, yticks=range(len(silos)),
+            yticklabels=silos, xlabel='contributor k', ylabel='evaluating silo j',
+            title='summed over rounds (nats)')
+  for (j, k), v in np.ndenumerate(summed):
+    total.text(k, j, f'{v:+.3f}', ha='center', va='center', fontsize=7,
+               color='white' if abs(v) > 0.6 * bound else 'black')  # Legible on dark cells.
+  fig.colorbar(image, ax=total)
+  fig.suptitle(f'{title}: contribution (Shapley where published, else first order)')
+  fig.tight_layout()
+  return fig
+
+
 def loss_figures(store, rows: list[dict] | None = None, config_name: str = '') -> dict:
-  """{'loss_by_round': Figure, 'loss_vs_tokens': Figure}: the run's held-out losses."""
+  """{'loss_by_round': Figure, 'loss_vs_tokens': Figure}: the run's held-out losses, and
+  'contribution' (`contribution_figure`) when silos published contribution records."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
   from matplotlib import ticker  # pylint: disable=g-import-not-at-top
-  data = loss_curves(store, rows)
-  run_id = store.read_run()['run_id']
+  ledger_rows = ledger.build_ledger(store)
+  data = loss_curves(store, rows, ledger_rows)
+  run = store.read_run()
+  run_id = run['run_id']
   tokens = data['tokens_by_round']
   figures = {}
   for name, xlabel, to_x, what in (
@@ -300,12 +345,17 @@ def loss_figures(store, rows: list[dict] | None = None, config_name: str = '') -
     ax.legend(fontsize=7)
     fig.tight_layout()
     figures[name] = fig
+  fig = contribution_figure(ledger_rows, protocol.silo_ids(run),
+                            f'run {run_id}' + (f' ({config_name})' if config_name else ''))
+  if fig is not None:
+    figures['contribution'] = fig
   return figures
 
 
 def write_plots(store, out_dir: str, rows: list[dict] | None = None,
                 config_name: str = '') -> list[str]:
-  """loss_by_round.png and loss_vs_tokens.png (`loss_figures`) in `out_dir`; their paths."""
+  """loss_by_round.png, loss_vs_tokens.png (and contribution.png: `loss_figures`) in
+  `out_dir`; their paths."""
   figures = loss_figures(store, rows, config_name)
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
   os.makedirs(out_dir, exist_ok=True)

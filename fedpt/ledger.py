@@ -10,6 +10,7 @@ import json
 import numpy as np
 
 from fedpt import compression
+from fedpt import contribution as contribution_lib
 from fedpt import protocol
 from fedpt import records
 from fedpt import signing
@@ -66,6 +67,39 @@ def eval_losses(store: storage_lib.RunStorage, run: dict, round_index: int) -> d
           'that round) or restore it from a bucket version.')
     out[silo] = float(record['eval_loss'])
   return out
+
+
+def contributions(store: storage_lib.RunStorage, run: dict, round_index: int) -> dict:
+  """Round `round_index`'s contribution matrices, from the silos' records (each vetted).
+
+  Unlike an evaluation record, a record that fails `protocol.check_contribution_record`
+  is skipped with its reason (`skipped`): it only describes a round, nothing is computed
+  from it. `value` is each row's Shapley values where published, else its first-order ones.
+  """
+  check = signing.listed_silo_check(run)
+  vetted, skipped = {}, []
+  for silo, record in store.contribution_records(round_index).items():
+    if record is None:
+      continue  # Being written.
+    reason = protocol.check_contribution_record(run, round_index, silo, record, check)
+    if reason:
+      skipped.append({'silo': silo, 'reason': reason})
+    else:
+      vetted[silo] = record
+  value = {j: dict(r['shapley'] or r['first_order']) for j, r in sorted(vetted.items())
+           if r['shapley'] or r['first_order']}
+  return {
+      'method_by_silo': {j: r['method'] for j, r in sorted(vetted.items())},
+      'value': value,
+      'first_order': contribution_lib.matrix(vetted, 'first_order'),
+      'loo': contribution_lib.matrix(vetted, 'loo'),
+      'shapley': contribution_lib.matrix(vetted, 'shapley'),
+      'carry_by_silo': {j: r['carry'] for j, r in sorted(vetted.items())},
+      'total_by_silo': {j: r['total'] for j, r in sorted(vetted.items())},
+      'measured_by_silo': {j: r['measured_change'] for j, r in sorted(vetted.items())},
+      'reason_by_silo': {j: r['reason'] for j, r in sorted(vetted.items()) if r['reason']},
+      'skipped': skipped,
+  }
 
 
 def _mean(values):
@@ -177,6 +211,8 @@ def round_record(store: storage_lib.RunStorage, run: dict, round_index: int,
       'base_eval_loss': _mean(base_evals.values()),
       'eval_loss': _mean(evals.values()),
       'eval_loss_by_silo': evals,
+      # contribution.mode: each silo's row of the round's K x K matrix (`contributions`).
+      'contribution': contributions(store, run, round_index),
   }
 
 
@@ -199,6 +235,9 @@ def silo_totals(rows: list[dict], run: dict) -> dict[str, dict]:
   """
   totals = {}
   rows = [row for row in rows if row['status'] != 'collecting']
+  values = contribution_lib.totals([row['contribution']['value'] for row in rows
+                                    if 'contribution' in row], protocol.silo_ids(run))
+  published = any(row.get('contribution', {}).get('method_by_silo') for row in rows)
   for silo in (s['id'] for s in run['silos']):
     norms = [row['norm_by_silo'][silo] for row in rows if silo in row['norm_by_silo']]
     last_eval = next((row['eval_loss_by_silo'][silo] for row in reversed(rows)
@@ -215,22 +254,66 @@ def silo_totals(rows: list[dict], run: dict) -> dict[str, dict]:
         # privacy.dp: its newest published (epsilon, delta) (cumulative), None without DP.
         'dp': next((row['dp_by_silo'][silo] for row in reversed(rows)
                     if silo in row.get('dp_by_silo', {})), None),
+        # contribution.mode: nats of held-out loss its deltas lowered (summed over rounds and
+        # evaluating silos), for the others and itself, and what it received; None if no
+        # silo published a contribution record.
+        'contribution': values[silo] if published else None,
     }
   return totals
 
 
 def render_totals(totals: dict[str, dict]) -> str:
-  header = (f"{'silo':<16} {'tokens':>12} {'included':>8} {'rejected':>8} {'missing':>7} "
+  valued = any(t.get('contribution') for t in totals.values())
+  header = (f"{'silo':<16} {'tokens':>12} " + (f"{'value':>9} " if valued else '')
+            + f"{'included':>8} {'rejected':>8} {'missing':>7} "
             f"{'mean norm':>10} {'eval':>6} {'bytes up':>9} {'bytes down':>10} "
             f"{'epsilon (delta)':>18}")
-  lines = ['per-silo totals (decided rounds; bytes down estimated, see below)', header,
-           '-' * len(header)]
+  lines = ['per-silo totals (decided rounds; bytes down estimated, see below'
+           + ('; value: nats of held-out loss its deltas lowered, all silos\' rows summed, '
+              'contribution below' if valued else '') + ')', header, '-' * len(header)]
   for silo, t in totals.items():
     norm = '-' if t['mean_delta_norm'] is None else f"{t['mean_delta_norm']:.4g}"
-    lines.append(f"{silo:<16} {t['tokens']:>12,} {t['rounds_included']:>8} "
+    value = t.get('contribution') or {}
+    given = (f"{value['given_to_others'] + value['to_self']:>+9.4f} " if value else '')
+    lines.append(f"{silo:<16} {t['tokens']:>12,} {given}{t['rounds_included']:>8} "
                  f"{t['rounds_rejected']:>8} {t['rounds_missing']:>7} {norm:>10} "
                  f"{_fmt_loss(t['last_eval_loss']):>6} {_fmt_bytes(t['bytes_up']):>9} "
                  f"{_fmt_bytes(t['bytes_down']):>10} {_fmt_dp(t['dp']):>18}")
+  return '\n'.join(lines)
+
+
+def render_contribution(rows: list[dict], totals: dict[str, dict], run: dict) -> str | None:
+  """Each round's matrix (row: the evaluating silo j; column: contributor k), or None."""
+  rows = [row for row in rows if row.get('contribution', {}).get('method_by_silo')
+          or row.get('contribution', {}).get('skipped')]
+  if not rows:
+    return None
+  silos = protocol.silo_ids(run)
+  lines = ['contribution: nats by which contributor k\'s delta lowered silo j\'s held-out loss '
+           '(Shapley where published, else first order; docs/protocol.md "Contribution '
+           'records"); carry: the outer momentum\'s part; measured: L_j(r) - L_j(r+1)']
+  header = f"{'round':>5}  {'j':<10} " + ' '.join(f'{s[:9]:>9}' for s in silos) + \
+      f" {'carry':>9} {'first ord':>9} {'measured':>9}  method"
+  lines += [header, '-' * len(header)]
+  for row in rows:
+    c = row['contribution']
+    for j, method in c['method_by_silo'].items():
+      values = c['value'].get(j, {})
+      cells = ' '.join(f'{values[k]:>+9.4f}' if values.get(k) is not None else f"{'-':>9}"
+                       for k in silos)
+      carry = c['carry_by_silo'][j]
+      lines.append(f"{row['round']:>5}  {j:<10} {cells} "
+                   + (f'{carry:>+9.4f}' if carry is not None else f"{'-':>9}")
+                   + f" {c['total_by_silo'][j]:>+9.4f} {c['measured_by_silo'][j]:>+9.4f}  "
+                   + method + (f" ({c['reason_by_silo'][j]})" if j in c['reason_by_silo']
+                               else ''))
+    for e in c['skipped']:
+      lines.append(f"{row['round']:>5}  {e['silo']:<10} skipped: {e['reason']}")
+  valued = {s: t['contribution'] for s, t in totals.items() if t.get('contribution')}
+  if valued:
+    lines.append('per silo over the run: ' + '; '.join(
+        f"{s} gave others {v['given_to_others']:+.4f}, itself {v['to_self']:+.4f}, received "
+        f"{v['received']:+.4f}" for s, v in valued.items()))
   return '\n'.join(lines)
 
 
@@ -407,6 +490,7 @@ def status(storage_root: str, fmt: str = 'table') -> str:
                        'silo_totals': totals}, indent=1)
   if fmt != 'table':
     raise ValueError(f'unknown format {fmt!r}')
-  return '\n\n'.join([render_table(rows, run, store.global_hash(0)),
-                       render_overview(overview, run['federation']['rounds']),
-                       render_totals(totals), render_traffic(rows, run)])
+  return '\n\n'.join(filter(None, [render_table(rows, run, store.global_hash(0)),
+                                   render_overview(overview, run['federation']['rounds']),
+                                   render_totals(totals), render_contribution(rows, totals, run),
+                                   render_traffic(rows, run)]))

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedpt import aggregator as aggregator_lib
 from fedpt import checkpoint as checkpoint_lib
 from fedpt import compression
 from fedpt import config as config_lib
@@ -29,6 +30,7 @@ from fedpt import fragments as fragments_lib
 from fedpt import inner
 from fedpt import model as model_lib
 from fedpt import multihost
+from fedpt import outer as outer_lib
 from fedpt import protocol
 from fedpt import signing
 from fedpt import storage as storage_lib
@@ -450,6 +452,46 @@ def read_global_controls(store: storage_lib.RunStorage, run: dict, round_index: 
     raise storage_lib.StorageError(
         f'global round {round_index} lacks control variates of '
         f'{sorted(set(abstract_flat) - set(out))[:3]}. Fix: use the run\'s config.')
+  return out
+
+
+def read_global_outer_state(store: storage_lib.RunStorage, run: dict, round_index: int,
+                            optimizer, leaf_shapes: dict, identity=None) -> dict:
+  """{leaf: optax state} of a committed global round's outer optimizer, on the host, vetted as
+  `read_global_controls` vets c: each shard meta checked, each array against its hash.
+
+  `leaf_shapes` names the leaves wanted; a stateless optimizer (fedavg) gives empty states.
+  """
+  metas = store.global_shard_metas(round_index)
+  if metas is None:
+    raise storage_lib.StorageError(
+        f'global round {round_index} is not committed under {store.root}')
+  check = global_meta_check(store, run, round_index, identity)
+  abstract_state = jax.eval_shape(lambda: outer_lib.init_outer_state(
+      optimizer, {n: jax.ShapeDtypeStruct(tuple(s), jnp.float32)
+                  for n, s in leaf_shapes.items()}))
+  out = {}
+  for meta in metas:
+    reason = check(meta)
+    names = sorted(n for n in meta['leaf_hashes'] if n in leaf_shapes) if not reason else []
+    wanted = aggregator_lib.state_to_arrays({n: abstract_state[n] for n in names})
+    hashes = meta['outer_state_hashes']
+    if reason is None and any(k not in hashes for k in wanted):
+      reason = 'its meta.json lacks outer-optimizer state arrays'
+    if reason:
+      raise storage_lib.tampered(store.root, round_index, meta.get('shard'), reason)
+    arrays = (store.read_global_outer_arrays(round_index, meta['shard'], meta['num_shards'],
+                                             wanted) if wanted else {})
+    for k in wanted:
+      if storage_lib.array_hash(arrays[k]) != hashes[k]:
+        raise storage_lib.tampered(store.root, round_index, meta['shard'], (
+            f'outer-state array {k} does not match its committed hash: the object was '
+            'modified or torn after commit'))
+    out.update(aggregator_lib.arrays_to_state(arrays, {n: abstract_state[n] for n in names}))
+  if set(out) != set(leaf_shapes):
+    raise storage_lib.StorageError(
+        f'global round {round_index} lacks the outer state of '
+        f'{sorted(set(leaf_shapes) - set(out))[:3]}. Fix: use the run\'s config.')
   return out
 
 

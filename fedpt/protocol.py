@@ -964,6 +964,74 @@ def check_eval_record(run: dict, round_index: int, silo: str, record,
   return None
 
 
+# -- a silo's contribution record (fedpt/contribution.py) ------------------------------------
+
+CONTRIBUTION_METHODS = config_lib.CONTRIBUTION_MODES[1:]  # Every contribution.mode but 'none'.
+
+
+def contribution_record(run: dict, round_index: int, silo: str, *, method: str,
+                        eval_windows: int, eval_tokens: int, base_loss: float,
+                        next_loss: float, total: float, carry: float | None,
+                        first_order: dict | None, loo: dict | None = None,
+                        shapley: dict | None = None, reason: str | None = None,
+                        seconds: float = 0.0) -> dict:
+  """rounds/r/contribution/silo_<id>.json: what round r's update did to silo `silo`'s held-out
+  loss (`base_loss` of global r, `next_loss` of global r+1 on the same windows), split per
+  contributor. Only numbers: `first_order` (and `loo`, `shapley`) {contributor: nats} or
+  null with `reason` (secure aggregation: only `total`, -g . (theta_{r+1} - theta_r));
+  `seconds`: what computing it took the silo."""
+  return {'run_id': run['run_id'], 'round': round_index, 'silo': silo, 'method': method,
+          'eval_windows': eval_windows, 'eval_tokens': eval_tokens, 'base_loss': base_loss,
+          'next_loss': next_loss, 'measured_change': base_loss - next_loss, 'total': total,
+          'carry': carry, 'first_order': first_order, 'loo': loo, 'shapley': shapley,
+          'reason': reason, 'seconds': seconds}
+
+
+def check_contribution_record(run: dict, round_index: int, silo: str, record,
+                              check_signature=None) -> str | None:
+  """Why a contribution record at rounds/r/contribution/silo_<silo>.json is not to be used."""
+  if not isinstance(record, dict):
+    return 'not a JSON object'
+  try:
+    reason = _check_author(run, silo, record, check_signature)
+    if reason:
+      return reason
+    if (record.get('run_id') != run['run_id'] or record.get('round') != round_index
+        or record.get('silo') != silo):
+      return (f'it says run {record.get("run_id")!r} round {record.get("round")!r} silo '
+              f'{record.get("silo")!r} (a replayed or moved record)')
+    if record['method'] not in CONTRIBUTION_METHODS:
+      return f'method {record["method"]!r} is not one of {CONTRIBUTION_METHODS}'
+    if not (records.is_int(record['eval_windows']) and records.is_int(record['eval_tokens'])
+            and record['eval_windows'] > 0 and record['eval_tokens'] > 0):
+      return 'eval_windows or eval_tokens is not a positive integer'
+    for key in ('base_loss', 'next_loss', 'measured_change', 'total', 'seconds'):
+      if not records.is_number(record[key]):
+        return f'{key} {record[key]!r} is not a finite number'
+    if record['seconds'] < 0:
+      return f'seconds {record["seconds"]!r} is negative'
+    if not math.isclose(record['measured_change'], record['base_loss'] - record['next_loss'],
+                        rel_tol=1e-9, abs_tol=1e-9):
+      return 'measured_change is not base_loss - next_loss'
+    if record['carry'] is not None and not records.is_number(record['carry']):
+      return f'carry {record["carry"]!r} is not a finite number or null'
+    ids = silo_ids(run)
+    for key in ('first_order', 'loo', 'shapley'):
+      values = record[key]
+      if values is None:
+        continue
+      if not isinstance(values, dict) or not all(
+          k in ids and records.is_number(v) for k, v in values.items()):
+        return f'{key} is not {{listed silo: finite number}} or null'
+    if record['first_order'] is None and not isinstance(record['reason'], str):
+      return 'it has no per-silo values and no reason'
+    if not isinstance(record['reason'], (str, type(None))):
+      return f'reason {record["reason"]!r} is not text or null'
+  except records.MALFORMED as e:
+    return records.malformed(e)
+  return None
+
+
 # -- a global round's shard meta.json --------------------------------------------------------
 
 

@@ -26,7 +26,7 @@ PARTY_FIELDS = ('name', 'model.remat', 'model.attention', 'model.scan_layers',
                 'model.compute_dtype', 'data.corpus', 'data.stdlib_group', 'data.tokenizer',
                 'data.watermark.',
                 'inner.grad_accum', 'train.', 'mesh.', 'sharding.', 'distributed.', 'personal.',
-                'privacy.')
+                'privacy.', 'contribution.')
 # In run.json as every party's default; a party may pass its own value.
 PARTY_DEFAULTS = ('federation.wait_timeout_s', 'federation.poll_s')
 # Declared per silo in run.json's silo list (from federation.silo_<name>); the

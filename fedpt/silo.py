@@ -17,8 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedpt import aggregator as aggregator_lib
 from fedpt import checkpoint as checkpoint_lib
 from fedpt import compression
+from fedpt import contribution as contribution_lib
 from fedpt import config as config_lib
 from fedpt import drift as drift_lib
 from fedpt import errors
@@ -296,6 +298,16 @@ class _Silo:
     self.config = config = self._join_config(config, typed or frozenset(), record, changed)
     self.fed = config.federation
     self.drift = config.inner.drift_correction
+    self.contribution = config.contribution.mode
+    if self.contribution != 'none':
+      problem = contribution_lib.unsupported(self.run, self.contribution)
+      if problem:
+        raise config_lib.ConfigError('contribution.mode', f'{self.contribution!r}: {problem[0]}',
+                                     problem[1])
+    self.contribution_base = None  # (round, flat base params) of the last round begun.
+    # One object for every round: contribution's jitted programs are keyed by it.
+    self.outer_optimizer = (outer.make_outer_optimizer(config.outer)
+                            if self.contribution != 'none' else None)
     self.trainer = trainer_lib.Trainer(
         config, data_seed=protocol.silo_data_seed(config.seed, silo_id),
         drift_correction=self.drift)
@@ -455,6 +467,109 @@ class _Silo:
     record = protocol.eval_record(self.run, round_index, self.silo_id, eval_loss, step)
     record = self.identity.sign(record) if self.identity else record
     self.in_background(lambda: self.store.publish_eval(round_index, self.silo_id, record))
+
+  def publish_contribution(self, round_index, next_params, next_loss):
+    """This silo's row of round `round_index`'s contribution matrix (fedpt/contribution.py),
+    once it has evaluated global round `round_index + 1` (`next_params`, `next_loss`).
+
+    Reads the round's manifest, outer state and every included delta (K x the upload);
+    only numbers are published. Skipped, with a line, when the round's deltas or base
+    are gone from the bucket (garbage-collected) or unreadable: nothing is published then.
+    """
+    if self.contribution == 'none' or round_index < 0:
+      return
+    if self.store.read_json(self.store.contribution_path(round_index, self.silo_id)) is not None:
+      return  # Published before a restart.
+    start = time.monotonic()
+    try:
+      values = self.contribution_values(round_index, next_params)
+    except (storage_lib.StorageError, aggregator_lib.MalformedPayload) as e:
+      self.log(f'round {round_index}: no contribution record ({errors.one_line(e)})')
+      return
+    if values is None:
+      return
+    d, batches = self.config.data, self.config.train.eval_batches
+    record = protocol.contribution_record(
+        self.run, round_index, self.silo_id, method=self.contribution,
+        eval_windows=batches * d.global_batch, eval_tokens=batches * d.global_batch * d.seq_len,
+        next_loss=next_loss, seconds=time.monotonic() - start, **values)
+    shown = record['shapley'] or record['loo'] or record['first_order']
+    kind = 'shapley' if record['shapley'] else 'loo' if record['loo'] else 'first order'
+    self.log(f'round {round_index}: its update lowered this silo\'s held-out loss by '
+             f'{record["measured_change"]:+.4g} nats (first order {record["total"]:+.4g}); '
+             + (f'{kind} per contributor: ' + ', '.join(f'{k} {v:+.4g}' for k, v in
+                                                        sorted(shown.items()))
+                if shown else f'per contributor: not computed ({record["reason"]})')
+             + f' ({record["seconds"]:.1f}s)')
+    record = self.identity.sign(record) if self.identity else record
+    self.in_background(
+        lambda: self.store.publish_contribution(round_index, self.silo_id, record))
+
+  def contribution_values(self, round_index, next_params) -> dict | None:
+    """The numbers of round `round_index`'s contribution record but the next round's loss, or
+    None (logged) when the round's base or deltas are no longer stored."""
+    store, run = self.store, self.run
+    manifest = loading.read_decided_manifest(store, run, round_index, self.identity)
+    next_flat = trees.flatten_params(next_params)
+    if self.contribution_base is not None and self.contribution_base[0] == round_index:
+      base_flat = self.contribution_base[1]
+    elif store.global_shard_metas(round_index) is not None:
+      base_flat, _ = self.read_global(round_index, None, trees.flatten_params(
+          self.trainer.abstract_state()['params']))
+      base_flat.update({n: next_flat[n] for n in base_flat if protocol.is_private(run, n)})
+    else:
+      self.log(f'round {round_index}: no contribution record (global round {round_index} was '
+               'garbage-collected)')
+      return None
+    names = protocol.shared_leaves(run, base_flat)
+    base_loss, grad = self.trainer.score_gradient(trees.unflatten_params(base_flat))
+    grad_flat = trees.flatten_params(grad)
+    optimizer = self.outer_optimizer
+    outer_state = loading.read_global_outer_state(
+        store, run, round_index, optimizer, {n: base_flat[n].shape for n in names},
+        self.identity)
+    entries = manifest['included']
+    method = manifest['robust']['method']
+    reason = (('secure aggregation: the deltas are masked, so only the whole update\'s value '
+               'is known') if protocol.secure_aggregation(run) else
+              (f'robust aggregation {method!r} is not a weighted sum of the deltas')
+              if method != 'mean' else None)
+    active = [] if reason else protocol.contributing(entries)
+    deltas = {}
+    for e in active:
+      meta = store.delta_meta(round_index, e['silo'])
+      if meta is None:
+        self.log(f'round {round_index}: no contribution record (silo {e["silo"]}\'s delta is '
+                 'gone from the bucket: garbage-collected)')
+        return None
+      problem = protocol.check_still_included(round_index, e, meta) or (
+          None if trees.tree_hash(meta['payload_hashes']) == e['content_hash']
+          else 'its payload hashes are not those the manifest included')
+      if problem:
+        raise storage_lib.StorageError(problem)
+      deltas[e['silo']] = {n: aggregator_lib.read_delta_leaf(
+          store, round_index, e['silo'], n, meta, e, tuple(base_flat[n].shape)) for n in names}
+    coefficients = {e['silo']: protocol.own_contribution(manifest, e['silo']) for e in active}
+    shared = {n: base_flat[n] for n in names}
+    first = contribution_lib.first_order(optimizer, grad_flat, shared, next_flat, outer_state,
+                                         deltas, coefficients)
+    zeros = {e['silo']: 0.0 for e in entries}  # Included with weight 0: moved nothing.
+    out = {'base_loss': base_loss, 'total': first['total'], 'reason': reason,
+           'carry': None if reason else first['carry'],
+           'first_order': None if reason else {**zeros, **first['values']}}
+    if self.contribution in ('loo', 'shapley') and not reason:
+      def loss_of(stepped):
+        return self.trainer.evaluate(trees.unflatten_params({**base_flat, **{
+            n: jax.device_put(v, base_flat[n].sharding) for n, v in stepped.items()}}))
+      game = contribution_lib.subset_game(
+          base_loss, loss_of, optimizer, shared, outer_state, deltas, entries,
+          {s['id']: s['weight'] for s in run['silos']},
+          manifest['robust'].get('clip_multiple') or 0.0)
+      players = sorted(deltas)
+      out['loo'] = {**zeros, **contribution_lib.leave_one_out(game, players)}
+      if self.contribution == 'shapley':
+        out['shapley'] = {**zeros, **contribution_lib.shapley_values(game, players)}
+    return out
 
   # -- bucket I/O off the training thread (federation.overlap) ----------------------------
 
@@ -801,6 +916,9 @@ class _Silo:
     self.eval_params = None
     self.publish_eval(base_round, position.global_eval, step)
     eval_seconds = time.monotonic() - start
+    self.publish_contribution(position.round - 1, state['params'], position.global_eval)
+    if self.contribution != 'none':
+      self.contribution_base = position.round, base
     return base, base_hash, eval_seconds
 
   def stored_base(self, position, state):
@@ -1034,6 +1152,7 @@ class _Silo:
     """After the last round: the final global model's held-out loss, published."""
     final_eval = self.trainer.evaluate(state['params'])
     self.publish_eval(position.round, final_eval, step)
+    self.publish_contribution(position.round - 1, state['params'], final_eval)
     self.summary['final_eval_loss'] = final_eval
     if self.logger is not None:  # The final global model's row: no delta, no traffic.
       self.logger.writer.write(step, {'round': position.round, 'global_eval_loss': final_eval})

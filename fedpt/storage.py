@@ -764,6 +764,22 @@ class RunStorage:
             for p in self.list_dir(self.round_dir(round_index) / 'eval')
             if p.name.startswith('silo_') and p.name.endswith('.json')}
 
+  def contribution_path(self, round_index: int, silo: str) -> epath.Path:
+    return self.round_dir(round_index) / 'contribution' / f'silo_{silo}.json'
+
+  def publish_contribution(self, round_index: int, silo: str, record: dict) -> None:
+    """A silo's row of round `round_index`'s contribution matrix: only numbers leave it."""
+    self.write_json(self.contribution_path(round_index, silo), record)
+
+  def contribution_records(self, round_index: int) -> dict[str, dict | None]:
+    """silo (from the object's name) -> its contribution record of round `round_index`.
+
+    Unvetted: `ledger.contributions` checks them (`protocol.check_contribution_record`).
+    """
+    return {p.name[len('silo_'):-len('.json')]: self.read_json(p)
+            for p in self.list_dir(self.round_dir(round_index) / 'contribution')
+            if p.name.startswith('silo_') and p.name.endswith('.json')}
+
   # -- manifests ----------------------------------------------------------------
 
   def write_manifest(self, round_index: int, manifest: dict) -> None:

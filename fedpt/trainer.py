@@ -79,6 +79,10 @@ class ShardedModel:
         functools.partial(inner.eval_sums, graphdef=self.graphdef),
         in_shardings=(self.param_shardings, self.batch_sharding, self.batch_sharding),
         out_shardings=(self.replicated, self.replicated))
+    self._eval_grad = jax.jit(
+        jax.value_and_grad(functools.partial(inner.eval_step, graphdef=self.graphdef)),
+        in_shardings=(self.param_shardings, self.batch_sharding),
+        out_shardings=(self.replicated, self.param_shardings))
 
   def _open_data(self, config) -> None:
     """Opens what else a start needs, inside the multi-host start-up check (`Trainer`: data)."""
@@ -279,6 +283,22 @@ class Trainer(ShardedModel):
       args += (self._noise,)
     with self._rules(), self._compiling('train step', self._train_step):
       return self._train_step(*args)
+
+  def score_gradient(self, params, dataset=None) -> tuple[float, dict]:
+    """(mean held-out loss, its gradient wrt `params`) on `evaluate`'s sampled windows: one
+    backward pass per eval batch, for first-order contribution values (fedpt/contribution.py)."""
+    d = self.config.data
+    where = {'process_index': jax.process_index(), 'process_count': jax.process_count()}
+    dataset = dataset or self.val_data
+    losses, grads = [], None
+    with self._rules(), self._compiling('held-out gradient', self._eval_grad):
+      for rows in dataset.eval_batches(self.config.train.eval_batches,
+                                       global_batch=d.global_batch, seq_len=d.seq_len, **where):
+        loss, grad = self._eval_grad(params, self._global_array(rows))
+        losses.append(loss)
+        grads = grad if grads is None else jax.tree.map(jnp.add, grads, grad)
+    return (float(jnp.mean(jnp.stack(losses))),
+            jax.tree.map(lambda g: g / len(losses), grads))
 
   def evaluate(self, params, dataset=None, *, whole: bool = False) -> float:
     """Mean held-out loss (nats) on `dataset` (default: the silo's val split), as `score`."""
