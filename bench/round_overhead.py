@@ -58,6 +58,7 @@ def measure(config, fmt: str, rounds: int, inner_steps: int, bucket: str | None 
   config.federation.update(rounds=rounds, inner_steps=inner_steps, silos=('bench',),
                            compression=fmt, error_feedback=fmt != 'none', poll_s=0.01,
                            overlap=overlap, downlink_compression=downlink, fragments=fragments)
+  config.contribution.mode = 'none'  # The protocol's own overhead, as the figures recorded.
   with tempfile.TemporaryDirectory() as tmp:
     root = (f'{bucket}/{fmt}-{signed}-{overlap}-{downlink}-{fragments}' if bucket
             else os.path.join(tmp, 'bucket'))

@@ -46,6 +46,7 @@ def measure(config, secure: bool, rounds: int, workdir: str) -> dict:
       rounds=rounds, silos=SILOS, min_silos=3, round_deadline_s=0.0, poll_s=0.01,
       compression='none', error_feedback=False, reject_norm_multiple=0.0,
       secure_aggregation=secure, secagg_clip=1.0)
+  config.contribution.mode = 'none'  # The protocol's own cost, as the figures recorded.
   keys, root = os.path.join(workdir, 'keys'), os.path.join(workdir, 'bucket')
   signing.generate_named(keys, ['aggregator', *(signing.silo_key_name(s) for s in SILOS)])
   run = aggregator.init_run(config, root, keys_dir=keys)
