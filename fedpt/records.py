@@ -43,7 +43,9 @@ LATER_FIELDS = {'inner.drift_correction': 'none', 'inner.prox_mu': 0.0,
                 'inner.optimizer': 'adamw', 'inner.muon_lr': 0.02, 'inner.muon_weight_decay': 0.0,
                 'inner.muon_beta': 0.95, 'inner.muon_ns_steps': 5,
                 'federation.secure_aggregation': False, 'federation.secagg_clip': 1.0,
-                'federation.secagg_recovery_timeout_s': 600.0}
+                'federation.secagg_recovery_timeout_s': 600.0,
+                'federation.copy_cosine': 0.0, 'federation.min_norm_ratio': 0.0,
+                'federation.reject_copies': False}
 
 
 class RecordError(errors.UserError, ValueError):
