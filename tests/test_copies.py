@@ -150,6 +150,7 @@ def copy_run(corpus_dir, tmp_path_factory):
     round 2: a replays 0.7 x its own round-0 delta; b sends the previous global update; c honest
   """
   config = load_config('tiny', corpus_dir)
+  config.model.n_layers = 1  # Fewer leaves to write, read and step: the checks are per leaf.
   config.federation.update(rounds=3, inner_steps=2, silos=('a', 'b', 'c'), poll_s=0.05,
                            wait_timeout_s=60.0, keep_last_rounds=1, keep_every_rounds=0,
                            reject_copies=True, compression='int8')
@@ -194,6 +195,7 @@ def _rejected(manifest):
   return {e['silo']: e['reason'] for e in manifest['rejected']}
 
 
+@pytest.mark.slow  # The module's one run (copy_run): ~20 s on 2 quiet cores.
 def test_a_scaled_republication_is_flagged_and_rejected(copy_run):
   m = copy_run['manifests'][0]
   assert m['copy_checks'] == 'on'
@@ -207,6 +209,7 @@ def test_a_scaled_republication_is_flagged_and_rejected(copy_run):
   assert abs(m['similarity']['c']['round_cosine']) < 0.1  # Honest: independent directions.
 
 
+@pytest.mark.slow
 def test_a_near_zero_delta_and_a_replay_of_another_silo_s_are_flagged(copy_run):
   m = copy_run['manifests'][1]
   assert [e['silo'] for e in m['included']] == ['a'] and 'a' not in m['flags']
@@ -217,6 +220,7 @@ def test_a_near_zero_delta_and_a_replay_of_another_silo_s_are_flagged(copy_run):
                   r'copy_cosine 0\.99; [24] x it\)$', m['flags']['c'][0]), m['flags']['c']
 
 
+@pytest.mark.slow
 def test_replays_are_found_by_sketch_after_the_deltas_are_collected(copy_run):
   assert copy_run['collected'] == []  # Round 0's deltas were gone when round 2 was decided.
   store = copy_run['store']
@@ -236,6 +240,7 @@ def test_replays_are_found_by_sketch_after_the_deltas_are_collected(copy_run):
       assert all(abs(v) < 0.2 for k, v in row.items() if k != 'norm_ratio' and v is not None)
 
 
+@pytest.mark.slow
 def test_status_shows_the_flags_and_a_tampered_sketch_is_refused(copy_run):
   root, store = copy_run['root'], copy_run['store']
   as_json = json.loads(ledger.status(root, 'json'))
