@@ -32,18 +32,26 @@ from fedpt import storage as storage_lib  # noqa: E402
 flags.DEFINE_string('config', 'configs/demo.py', 'Config file of the honest run.')
 flags.DEFINE_integer('rounds', 4, 'Rounds of the honest run.')
 flags.DEFINE_integer('inner_steps', 0, 'H of the honest run (0: the config\'s).')
+flags.DEFINE_list('silos', [], 'Silo ids (default: the config\'s).')
+flags.DEFINE_string('corpus', None, 'One tokenised corpus for every silo (IID silos); default: '
+                    'the config\'s (stdlib: each silo named after a stdlib group reads it).')
 flags.DEFINE_string('workdir', '/tmp/fedpt-honest', 'Where the run and its bucket go.')
 flags.DEFINE_string('storage', None, 'Analyse this finished run instead of running one.')
 flags.DEFINE_string('keys', None, 'The aggregator\'s key folder (default: <workdir>/keys).')
 FLAGS = flags.FLAGS
 
 
-def run_honest(config_file: str, rounds: int, inner_steps: int, workdir: str) -> str:
+def run_honest(config_file: str, rounds: int, inner_steps: int, workdir: str, silos=(),
+               corpus: str | None = None) -> str:
   """A finished honest run with every round's deltas and global models kept; its bucket."""
   config = simulation.load_config_file(config_file)
   config.federation.update(rounds=rounds, keep_last_rounds=rounds + 1, keep_every_rounds=1)
   if inner_steps:
     config.federation.inner_steps = inner_steps
+  if silos:
+    config.federation.silos = tuple(silos)
+  if corpus:
+    config.data.corpus = corpus
   root = os.path.join(workdir, 'bucket')
   simulation.simulate(config, config_file, root, workdir, log=print)
   return root
@@ -131,7 +139,7 @@ def _fmt(x):
 def main(argv):
   del argv
   root = FLAGS.storage or run_honest(FLAGS.config, FLAGS.rounds, FLAGS.inner_steps,
-                                     FLAGS.workdir)
+                                     FLAGS.workdir, FLAGS.silos, FLAGS.corpus)
   keys = FLAGS.keys or os.path.join(FLAGS.workdir, 'keys')
   result = analyse(root, keys if os.path.isdir(keys) else None)
   print(f"{'round':>5} {'cos round':>9} {'(sketch)':>8} {'centred':>8} {'cos update':>10} "

@@ -217,8 +217,8 @@ def test_a_near_zero_delta_and_a_replay_of_another_silo_s_are_flagged(copy_run):
   assert m['flags']['b'] == [m['flags']['b'][0]] and 'norm per inner step' in m['flags']['b'][0]
   assert m['similarity']['b']['norm_ratio'] < 1e-3
   # 2 x a's round-0 delta: as parallel to b's copy of it (0.5 x a's), so either is named.
-  assert re.match(r"nearly parallel to silo [ab]'s delta of round 0 \(cosine (0\.99\d\d|1\.0000) >= "
-                  r'copy_cosine 0\.99; [24] x it\)$', m['flags']['c'][0]), m['flags']['c']
+  assert re.match(r"nearly parallel to silo [ab]'s delta of round 0 \(cosine (0\.99\d\d|1\.0000) "
+                  r'>= copy_cosine 0\.99; [24] x it\)$', m['flags']['c'][0]), m['flags']['c']
 
 
 @pytest.mark.slow
@@ -272,8 +272,8 @@ def test_a_bad_threshold_or_reject_copies_under_secure_aggregation_is_one_line(r
   out = (proc.stdout + proc.stderr).strip()
   assert proc.returncode == 2, out
   assert out.splitlines() == [
-      "error: config field 'federation.copy_cosine': must be in [0, 1], got 1.5. Fix: use 0 (off) or a "
-      'cosine near 1, e.g. 0.99.'], out
+      "error: config field 'federation.copy_cosine': must be in [0, 1], got 1.5. Fix: use 0 "
+      '(off) or a cosine near 1, e.g. 0.99.'], out
   from fedpt import config as config_lib  # pylint: disable=g-import-not-at-top
   config = config_lib.base_config()
   config.federation.update(silos=('a', 'b', 'c'), secure_aggregation=True, compression='none',
