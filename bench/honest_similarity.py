@@ -80,7 +80,7 @@ def analyse(root: str, keys_dir: str | None) -> dict:
   run = store.read_run()
   agg = aggregator_lib.Aggregator(root, keys_dir=keys_dir)
   rows, errors = [], []
-  updates = {}
+  updates, previous = {}, {}
   for r in range(run['federation']['rounds']):
     manifest = store.read_manifest(r)
     sketches = agg.read_sketches(r, 'deltas', store.sketches_path(r)) or {}
@@ -103,13 +103,15 @@ def analyse(root: str, keys_dir: str | None) -> dict:
       for s in silos:
         true = copies.cosine(exact[s], updates[q])
         update_cos.append(true)
+    own = [copies.cosine(exact[s], previous[s]) for s in silos if s in previous]
+    previous = exact
     if store.global_shard_metas(r + 1) is not None:
       updates[r] = update_vector(store, run, r)
     similarity = manifest.get('similarity', {})
     rows.append({
         'round': r, 'flags': manifest.get('flags', {}),
         'round_cosine': _max(pairs), 'round_cosine_centred': _max(centred),
-        'update_cosine': _max(update_cos),
+        'update_cosine': _max(update_cos), 'own_previous_cosine': _max(own),
         'sketch_round_cosine': _max(v.get('round_cosine') for v in similarity.values()),
         'sketch_update_cosine': _max(v.get('update_cosine') for v in similarity.values()),
         'sketch_earlier_cosine': _max(v.get('earlier_cosine') for v in similarity.values()),
@@ -121,7 +123,8 @@ def analyse(root: str, keys_dir: str | None) -> dict:
           'sketch_error_max': max(errors) if errors else None,
           'sketch_error_rms': float(np.sqrt(np.mean(np.square(errors)))) if errors else None,
           'max': {k: _max(row[k] for row in rows) for k in (
-              'round_cosine', 'round_cosine_centred', 'update_cosine', 'sketch_round_cosine',
+              'round_cosine', 'round_cosine_centred', 'update_cosine', 'own_previous_cosine',
+              'sketch_round_cosine',
               'sketch_update_cosine', 'sketch_earlier_cosine')},
           'norm_ratio_min': min((row['norm_ratio_min'] for row in rows
                                  if row['norm_ratio_min'] is not None), default=None)}
@@ -143,11 +146,12 @@ def main(argv):
   keys = FLAGS.keys or os.path.join(FLAGS.workdir, 'keys')
   result = analyse(root, keys if os.path.isdir(keys) else None)
   print(f"{'round':>5} {'cos round':>9} {'(sketch)':>8} {'centred':>8} {'cos update':>10} "
-        f"{'(sketch)':>8} {'cos earlier':>11} {'norm ratio min':>14}  flags")
+        f"{'(sketch)':>8} {'own prev':>8} {'cos earlier':>11} {'norm ratio min':>14}  flags")
   for row in result['rounds']:
     print(f"{row['round']:>5} {_fmt(row['round_cosine']):>9} {_fmt(row['sketch_round_cosine']):>8} "
           f"{_fmt(row['round_cosine_centred']):>8} {_fmt(row['update_cosine']):>10} "
-          f"{_fmt(row['sketch_update_cosine']):>8} {_fmt(row['sketch_earlier_cosine']):>11} "
+          f"{_fmt(row['sketch_update_cosine']):>8} {_fmt(row['own_previous_cosine']):>8} "
+          f"{_fmt(row['sketch_earlier_cosine']):>11} "
           f"{_fmt(row['norm_ratio_min']):>14}  {row['flags'] or '-'}")
   print(f"sketch of {result['sketch_size']}: |sketch - exact| cosine error max "
         f"{_fmt(result['sketch_error_max'])}, rms {_fmt(result['sketch_error_rms'])}")
