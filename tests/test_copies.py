@@ -138,6 +138,16 @@ def test_decide_round_records_flags_rejects_with_reject_copies_and_says_when_mas
   assert protocol.copy_checks(dict(run, federation=legacy)) == protocol.COPY_CHECKS_OFF
 
 
+def test_the_status_table_shows_flags_that_were_not_rejections():
+  row = {'round': 0, 'status': 'done', 'contributors': ['a', 'b', 'c'], 'tokens': 30,
+         'train_loss': 1.0, 'bytes_up': 3, 'bytes_down': 3, 'global_hash': 'f' * 64,
+         'eval_loss': 2.0, 'base_eval_loss': 3.0, 'missing': [], 'unmask': [],
+         'waiting_for': [], 'rejected': [{'silo': 'c', 'reason': 'flagged as a copy ...'}],
+         'flags': {'b': ['a zero delta', 'nearly parallel ...'], 'c': ['nearly parallel ...']}}
+  line = ledger.render_table([row], _run()).splitlines()[-1]
+  assert line.endswith('c: flagged as a copy ...; flagged b: a zero delta, nearly parallel ...')
+
+
 # -- one in-process run: real deltas in a real bucket, aggregated for real ----------------
 
 
