@@ -206,7 +206,7 @@ def _rejected(manifest):
   return {e['silo']: e['reason'] for e in manifest['rejected']}
 
 
-@pytest.mark.slow  # The module's one run (copy_run): ~20 s on 2 quiet cores.
+@pytest.mark.slow  # The module's one run (copy_run): ~15 s on 2 quiet cores.
 def test_a_scaled_republication_is_flagged_and_rejected(copy_run):
   m = copy_run['manifests'][0]
   assert m['copy_checks'] == 'on'
