@@ -15,6 +15,7 @@ import numpy as np
 
 from fedpt import compression
 from fedpt import config as config_lib
+from fedpt import copies
 from fedpt import drift as drift_lib
 from fedpt import errors
 from fedpt import fragments as fragments_lib
@@ -125,6 +126,10 @@ class Aggregator:
     self.downlink = protocol.downlink(self.run)  # None, or the format of the published update.
     self.feedback = protocol.downlink_feedback(self.run)  # Its residual E is kept.
     self.secure = protocol.secure_aggregation(self.run)  # Masked deltas: only their sum is read.
+    # Free riders and copies: sketch every delta and global update (fedpt/copies.py).
+    self.sketching = protocol.copy_checks(self.run) == protocol.COPY_CHECKS_ON
+    self._sketches: dict[int, dict] = {}  # Earlier rounds' delta sketches, read once.
+    self._update_sketches: dict[int, np.ndarray] = {}  # Earlier global updates' sketches.
     newest = self.store.latest_global_round()  # Round 0 may be garbage-collected.
     if newest is None:
       raise storage_lib.StorageError(
@@ -254,6 +259,7 @@ class Aggregator:
     if reason:
       return protocol.Measured(meta, reason)
     norm_sq = 0.0
+    sketch = np.zeros(copies.SKETCH_SIZE) if self.sketching else None
     for name in sorted(meta['tree']):
       try:
         values, control = self.read_leaf(round_index, silo, name, meta, meta,
@@ -267,7 +273,9 @@ class Aggregator:
       if control is not None and not bool(jnp.all(jnp.isfinite(control))):
         return protocol.Measured(meta, f'control variate update of {name} has NaN or Inf values')
       norm_sq += float(jnp.sum(jnp.square(values)))
-    return protocol.Measured(meta, norm=norm_sq ** 0.5)
+      if sketch is not None:
+        sketch += copies.leaf_sketch(name, values)
+    return protocol.Measured(meta, norm=norm_sq ** 0.5, sketch=sketch)
 
   def read_leaf(self, round_index: int, silo: str, name: str, meta: dict, form: dict,
                 with_control: bool = False):
@@ -307,15 +315,64 @@ class Aggregator:
           measured[silo] = self.measure(round_index, silo, base_hash)
         except records.MALFORMED as e:
           measured[silo] = protocol.Measured(None, records.malformed(e))
+    earlier = ({}, {})
+    if self.sketching:
+      earlier = self.earlier_sketches(round_index)
+      sketches = {s: m.sketch for s, m in measured.items() if m.sketch is not None}
+      self.lease_check()
+      self.store.write_json(self.store.sketches_path(round_index), self.sign(
+          protocol.sketch_record(self.run, round_index, 'deltas', sketches)))
+      self._sketches[round_index] = sketches
     manifest = protocol.decide_round(
         self.run, round_index, base_hash, committed, measured,
         previous_manifest=self.store.read_manifest(round_index - 1) if round_index else None,
         previous_committed=self.store.committed_silos(round_index - 1) if round_index else [],
-        decided_after_s=time.monotonic() - started)
+        decided_after_s=time.monotonic() - started, earlier=earlier)
     manifest = self.sign(manifest)
     self.lease_check()
     self.store.write_manifest(round_index, manifest)
     return manifest
+
+  def read_sketches(self, round_index: int, part: str, path) -> dict | None:
+    """A sketch record of ours read back ({key: sketch}), None if absent; tampered: refused."""
+    record = self.store.read_json(path)
+    if record is None:
+      return None
+    self.check_own(record, str(path))
+    sketches, reason = protocol.read_sketch_record(self.run, round_index, part, record)
+    if reason:
+      raise storage_lib.StorageError(
+          f'{path}: {reason}. The bucket was tampered with. Fix: delete it (the copy checks '
+          'then skip that round) or restore it from a bucket version.')
+    return sketches
+
+  def earlier_sketches(self, round_index: int) -> tuple[dict, dict]:
+    """({(round, silo): sketch} of earlier deltas, {round: sketch} of earlier global updates)
+    of the rounds before `round_index` that exchanged the same fragment, as far as stored.
+
+    A global update's sketch is the sum of its shards'; one with a shard's part missing
+    (written by a shard that has not yet finished that round) is left out.
+    """
+    fragment = protocol.round_fragment(self.run, round_index)
+    deltas, updates = {}, {}
+    for r in range(round_index):
+      if protocol.round_fragment(self.run, r) != fragment:
+        continue
+      if r not in self._sketches:
+        found = self.read_sketches(r, 'deltas', self.store.sketches_path(r))
+        if found is None:
+          continue
+        self._sketches[r] = found
+      deltas.update({(r, silo): v for silo, v in self._sketches[r].items()})
+      if r not in self._update_sketches:
+        parts = [self.read_sketches(r, f'update {i}/{self.num_shards}',
+                                    self.store.update_sketch_path(r, i, self.num_shards))
+                 for i in range(self.num_shards)]
+        if any(p is None for p in parts):
+          continue
+        self._update_sketches[r] = sum(p['update'] for p in parts)
+      updates[r] = self._update_sketches[r]
+    return deltas, updates
 
   def log_waiting(self, round_index: int, waited: float) -> None:
     """Which silos round `round_index` still lacks: when the wait begins and every minute."""
@@ -357,6 +414,8 @@ class Aggregator:
     fragment, count = protocol.round_fragment(self.run, round_index), self.fragments
     new_state = dict(outer_state)  # Every other fragment's state carries over.
     means = {}  # Secure aggregation: every leaf's unmasked mean, checked before any step.
+    # The sketch of this shard's part of the update, as a pseudo-gradient (old - new).
+    update_sketch = np.zeros(copies.SKETCH_SIZE) if self.sketching and included else None
     if self.secure and included:
       self_keys, revealed = self.revealed_keys(round_index, manifest)
       numerators = [protocol.secagg_numerator(self.run, e['silo'], e['tokens'])
@@ -404,7 +463,16 @@ class Aggregator:
           new_residuals[name] = fragments_lib.put(residuals[name], fragment, count,
                                                   rows_residual)
         update.update({f'{name}/{k}': v for k, v in payload.items()})
+      if update_sketch is not None:
+        update_sketch += copies.leaf_sketch(name, np.asarray(base, np.float32) - stepped)
       new_params[name] = fragments_lib.put(np.asarray(params[name]), fragment, count, stepped)
+    if update_sketch is not None:
+      self.lease_check()
+      part = f'update {self.shard}/{self.num_shards}'
+      self.store.write_json(
+          self.store.update_sketch_path(round_index, self.shard, self.num_shards),
+          self.sign(protocol.sketch_record(self.run, round_index, part,
+                                           {'update': update_sketch})))
     state_arrays = state_to_arrays(new_state)
     state_arrays.update({protocol.control_name(n): c for n, c in new_controls.items()})
     state_arrays.update({protocol.downlink_residual_name(n): e for n, e in new_residuals.items()})

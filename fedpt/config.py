@@ -204,6 +204,13 @@ def base_config() -> ml_collections.ConfigDict:
       secure_aggregation=False,
       secagg_clip=1.0,
       secagg_recovery_timeout_s=600.0,
+      # Free riders and copies (fedpt/copies.py, docs/protocol.md): the manifest flags a
+      # delta whose cosine with another delta of the round, an earlier delta or an earlier
+      # global update is >= copy_cosine, or whose norm per inner step is < min_norm_ratio x
+      # the median of the other silos'. Defaults from honest runs (BENCHMARKS.md). 0: off.
+      copy_cosine=0.99,
+      min_norm_ratio=0.05,
+      reject_copies=False,  # True: a flagged delta is rejected, not only flagged.
   ))
   c.outer = ml_collections.ConfigDict(dict(
       # fedavg (plain averaging) beat the paper's diloco (Nesterov) at 8-40 rounds in
@@ -362,6 +369,8 @@ RANGES = (
     ('federation.keep_every_rounds', _NON_NEGATIVE, 'use 0 (none) or e.g. 10'),
     ('data.watermark.count', _in(1, 2**20), 'use e.g. 8 sequences'),
     ('data.watermark.repeats', _in(1, 2**20), 'use e.g. 100 plantings per epoch'),
+    ('federation.copy_cosine', _in(0, 1), 'use 0 (off) or a cosine near 1, e.g. 0.99'),
+    ('federation.min_norm_ratio', _in(0, 1, high_open=True), 'use 0 (off) or e.g. 0.05'),
     ('personal.steps', _NON_NEGATIVE, 'use 0 (off) or a few hundred steps'),
     ('personal.lr', _POSITIVE, 'set a positive learning rate, e.g. 3e-4'),
     ('personal.warmup_steps', _NON_NEGATIVE, 'use 0 or more steps'),

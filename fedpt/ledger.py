@@ -201,6 +201,11 @@ def round_record(store: storage_lib.RunStorage, run: dict, round_index: int,
       'bytes_down_by_silo': down,
       'bytes': bytes_up + bytes_down,
       'rejected': [{'silo': e['silo'], 'reason': e['reason']} for e in rejected],
+      # Free riders and copies (fedpt/copies.py): {silo: [reasons]} flagged by the aggregator,
+      # each delta's cosines and norm ratio, and whether the checks ran (absent: older runs).
+      'flags': dict(manifest.get('flags', {})) if manifest is not None else {},
+      'similarity': dict(manifest.get('similarity', {})) if manifest is not None else {},
+      'copy_checks': manifest.get('copy_checks') if manifest is not None else None,
       'missing': list(missing),
       # An open round (no manifest yet): the listed silos with no committed delta so far.
       'waiting_for': ([] if manifest is not None else
@@ -247,6 +252,7 @@ def silo_totals(rows: list[dict], run: dict) -> dict[str, dict]:
         'rounds_included': sum(silo in row['contributors'] for row in rows),
         'rounds_rejected': sum(any(e['silo'] == silo for e in row['rejected']) for row in rows),
         'rounds_missing': sum(silo in row['missing'] for row in rows),
+        'rounds_flagged': sum(silo in row['flags'] for row in rows),
         'mean_delta_norm': _mean(norms),
         'last_eval_loss': last_eval,
         'bytes_up': sum(row['bytes_up_by_silo'].get(silo, 0) for row in rows),
@@ -386,6 +392,9 @@ def render_table(rows: list[dict], run: dict, initial_hash: str | None = None) -
   lines += [header, '-' * len(header)]
   for row in rows:
     rejected = '; '.join(f"{e['silo']}: {e['reason']}" for e in row['rejected'])
+    flagged = [f"flagged {silo}: {', '.join(reasons)}" for silo, reasons in row['flags'].items()
+               if silo not in {e['silo'] for e in row['rejected']}]  # Else its reason says so.
+    rejected = '; '.join(filter(None, [rejected, *flagged]))
     if row['missing']:
       rejected = '; '.join(filter(None, [rejected, f"missing {','.join(row['missing'])}"]))
     if row['unmask']:

@@ -22,6 +22,7 @@ import math
 
 from fedpt import compression
 from fedpt import config as config_lib
+from fedpt import copies
 from fedpt import errors
 from fedpt import fragments as fragments_lib
 from fedpt import outer
@@ -182,6 +183,9 @@ def validate_federation(config) -> None:
                             fed.clip_multiple or None)
   require(fed.reject_norm_multiple == 0 or fed.reject_norm_multiple > 1, 'reject_norm_multiple',
           f'{fed.reject_norm_multiple} would reject ordinary deltas', 'use 0 (off) or > 1, e.g. 10')
+  require(not fed.reject_copies or fed.copy_cosine or fed.min_norm_ratio, 'reject_copies',
+          'True with copy_cosine=0 and min_norm_ratio=0: no rule is on to flag a delta',
+          'set federation.copy_cosine (e.g. 0.99) or min_norm_ratio (e.g. 0.05)')
   outer.make_outer_optimizer(config.outer)  # Names a bad outer.* field and its fix.
   require(fed.overlap == 'none' or config.inner.drift_correction != 'scaffold', 'overlap',
           f'{fed.overlap!r} with inner.drift_correction=\'scaffold\': SCAFFOLD\'s control '
@@ -248,6 +252,9 @@ def _check_secure_aggregation(config, require) -> None:
   require(fed.overlap != 'eager', 'overlap',
           f'\'eager\' {why}: a silo would need its own part of the unmasked mean',
           'use overlap=delayed or none')
+  require(not fed.reject_copies, 'reject_copies',
+          f'True {why}: no single delta is readable, so no copy or free rider can be found',
+          'set federation.reject_copies=False (the manifest says the checks did not run)')
   require(not fed.drop_probability, 'drop_probability',
           f'{fed.drop_probability} {why}: revealing the masks of a delta that arrived would '
           'expose it', 'set federation.drop_probability=0')
@@ -671,11 +678,13 @@ class Measured:
   """What the aggregator found reading one committed delta: a reason to reject, or its norm.
 
   `norm` is the L2 norm of the decompressed delta as the aggregator measured it
-  (the silo's own `delta_norm` claim is never used for decisions).
+  (the silo's own `delta_norm` claim is never used for decisions); `sketch` its count
+  sketch (`copies.leaf_sketch` summed over leaves), None where copy checks do not run.
   """
   meta: dict | None
   reason: str | None = None
   norm: float | None = None
+  sketch: object = None
 
 
 def dropped(run: dict, round_index: int, silo: str) -> bool:
@@ -694,14 +703,16 @@ def round_ready(run: dict, committed: list[str], past_deadline: bool) -> bool:
 
 def decide_round(run: dict, round_index: int, base_hash: str | None, committed: list[str],
                  measured: dict[str, Measured], *, previous_manifest: dict | None,
-                 previous_committed: list[str], decided_after_s: float) -> dict:
+                 previous_committed: list[str], decided_after_s: float,
+                 earlier: tuple[dict, dict] = ({}, {})) -> dict:
   """The manifest of round `round_index`, a pure function of what was measured.
 
   `committed` are the silos whose deltas were committed when the round was
   decided; `measured[silo]` is the aggregator's reading of each one not
   `dropped`. Steps, in order: random drops; metadata and payload rejections;
   norm outliers (`federation.reject_norm_multiple` x the median of the others'
-  norms, `outer.norm_outliers`); token x silo weights (`outer.aggregation_weights`);
+  norms, `outer.norm_outliers`); copies and free riders (`copy_flags`, rejected with
+  `federation.reject_copies`); token x silo weights (`outer.aggregation_weights`);
   clip factors (`federation.clip_multiple`, `outer.clip_factors`). Late silos
   are those that committed to the previous round after it was decided.
   """
@@ -732,6 +743,14 @@ def decide_round(run: dict, round_index: int, base_hash: str | None, committed: 
         rejected.append({'silo': entry['silo'], 'reason': (
             f'{NORM_OUTLIER} {entry["measured_norm"]:.4g} is more than {multiple:g}x the '
             'median of the other silos\' norms')})
+  similarity, flags, checks = copy_flags(run, included, measured, *earlier)
+  if fed.get('reject_copies'):
+    for entry in list(included):
+      if entry['silo'] in flags:
+        included.remove(entry)
+        rejected.append({'silo': entry['silo'], 'reason': (
+            'flagged as a copy or free rider (federation.reject_copies): '
+            + '; '.join(flags[entry['silo']]))})
   _weigh(run, included)
   manifest = {
       'round': round_index, 'run_id': run['run_id'], 'base_global_hash': base_hash,
@@ -740,6 +759,7 @@ def decide_round(run: dict, round_index: int, base_hash: str | None, committed: 
       'late_from_previous_round': late, 'decided_after_s': decided_after_s,
       'robust': {'method': fed.get('robust', 'mean'), 'trim': fed.get('trim', 1),
                  'clip_multiple': fed.get('clip_multiple', 0.0)},
+      'copy_checks': checks, 'similarity': similarity, 'flags': flags,
   }
   if secure_aggregation(run):
     manifest['unmask'] = unmasked_silos(run, included)
@@ -800,9 +820,83 @@ def without_silo(run: dict, manifest: dict, silo: str) -> dict:
              missing=[s for s in manifest['missing'] if s != silo],
              late_from_previous_round=[s for s in manifest['late_from_previous_round']
                                        if s != silo])
+  for field in ('similarity', 'flags'):  # Copy checks: per-silo entries, absent in old runs.
+    if field in manifest:
+      out[field] = {k: v for k, v in manifest[field].items() if k != silo}
   if secure_aggregation(run):
     out['unmask'] = unmasked_silos(run, included)
   return out
+
+
+COPY_CHECKS_ON = 'on'
+COPY_CHECKS_MASKED = ('off: secure aggregation masks every delta, and the aggregator sees only '
+                      'their sum (no cosine or norm of a single delta exists to check)')
+COPY_CHECKS_OFF = 'off: federation.copy_cosine and min_norm_ratio are 0'
+
+
+def copy_checks(run: dict) -> str:
+  """Whether the aggregator flags copies and free riders in `run`, and if not, why not."""
+  limits = copies.Thresholds.of(run['federation'])
+  if secure_aggregation(run):
+    return COPY_CHECKS_MASKED
+  return COPY_CHECKS_ON if limits.copy_cosine or limits.min_norm_ratio else COPY_CHECKS_OFF
+
+
+def copy_flags(run: dict, included: list[dict], measured: dict[str, Measured],
+               earlier_deltas: dict, earlier_updates: dict) -> tuple[dict, dict, str]:
+  """(manifest 'similarity', manifest 'flags', manifest 'copy_checks') of the included
+  entries (`copies.flag`: cosines of sketches, norm per inner step)."""
+  checks = copy_checks(run)
+  if checks != COPY_CHECKS_ON:
+    return {}, {}, checks
+  candidates = [copies.Candidate(e['silo'], e['measured_norm'], e['steps'],
+                                 measured[e['silo']].sketch) for e in included]
+  stats, flags = copies.flag(candidates, earlier_deltas, earlier_updates,
+                             copies.Thresholds.of(run['federation']))
+  return stats, flags, checks
+
+
+def sketch_record(run: dict, round_index: int, part: str, sketches: dict) -> dict:
+  """rounds/r/sketches.json (`part` 'deltas': {silo: sketch}) or a shard's
+  update_sketch_*.json (`part` 'update i/n': {'update': sketch}), written by the aggregator."""
+  return {'run_id': run['run_id'], 'round': round_index, 'part': part,
+          'fragment': round_fragment(run, round_index), 'size': copies.SKETCH_SIZE,
+          'sketches': {k: copies.encode(v) for k, v in sorted(sketches.items())}}
+
+
+def read_sketch_record(run: dict, round_index: int, part: str, record) -> tuple[dict | None,
+                                                                                 str | None]:
+  """({key: sketch}, None) of a sketch record read back, or (None, why it must not be used)."""
+  if not isinstance(record, dict):
+    return None, 'not a JSON object'
+  try:
+    if (record.get('run_id'), record.get('round'), record.get('part')) != (
+        run['run_id'], round_index, part):
+      return None, (f'it says run {record.get("run_id")!r} round {record.get("round")!r} part '
+                    f'{record.get("part")!r}')
+    if record['size'] != copies.SKETCH_SIZE:
+      return None, f'its sketch size {record["size"]!r} is not {copies.SKETCH_SIZE}'
+    out = {k: copies.decode(v) for k, v in record['sketches'].items()}
+  except records.MALFORMED as e:
+    return None, records.malformed(e)
+  bad = sorted(k for k, v in out.items() if v is None)
+  return (None, f'sketches of {bad} are not {copies.SKETCH_SIZE} finite float32') if bad else (
+      out, None)
+
+
+def _check_copy_fields(ids: list[str], manifest: dict) -> str | None:
+  """The form of 'copy_checks', 'similarity' and 'flags' (absent in older manifests)."""
+  if not isinstance(manifest.get('copy_checks', ''), str):
+    return f'copy_checks {manifest["copy_checks"]!r} is not a string'
+  for silo, row in manifest.get('similarity', {}).items():
+    if silo not in ids or not all(value is None or records.is_number(value)
+                                  for value in row.values()):
+      return f'similarity of {silo!r} is not numbers of a listed silo'
+  for silo, reasons in manifest.get('flags', {}).items():
+    if (silo not in ids or not isinstance(reasons, list) or not reasons
+        or not all(isinstance(r, str) for r in reasons)):
+      return f'flags of {silo!r} are not reasons about a listed silo'
+  return None
 
 
 def unmasked_silos(run: dict, included: list[dict]) -> list[str]:
@@ -852,6 +946,9 @@ def check_manifest(run: dict, round_index: int, manifest) -> str | None:
       return 'it lists silos that are not in run.json as missing or late'
     if not records.is_number(manifest['decided_after_s']):
       return f'decided_after_s {manifest["decided_after_s"]!r} is not a number'
+    reason = _check_copy_fields(ids, manifest)
+    if reason:
+      return reason
     if secure_aggregation(run) and manifest['unmask'] != unmasked_silos(run, included):
       return (f'its unmask list {manifest["unmask"]!r} is not every listed silo outside its '
               'included ones')

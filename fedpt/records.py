@@ -45,7 +45,9 @@ LATER_FIELDS = {'inner.drift_correction': 'none', 'inner.prox_mu': 0.0,
                 'inner.muon_beta': 0.95, 'inner.muon_ns_steps': 5,
                 'federation.secure_aggregation': False, 'federation.secagg_clip': 1.0,
                 'federation.secagg_recovery_timeout_s': 600.0,
-                'federation.retain_for_unlearning': False}
+                'federation.retain_for_unlearning': False,
+                'federation.copy_cosine': 0.0, 'federation.min_norm_ratio': 0.0,
+                'federation.reject_copies': False}
 
 
 class RecordError(errors.UserError, ValueError):

@@ -7,6 +7,8 @@ This is the only module that knows bucket paths. Layout under the run root:
                                             compressed downlink, `update`; meta.json last
   rounds/NNNNNN/silo_<id>/                  Orbax item `payload` (compressed delta); meta.json last
   rounds/NNNNNN/manifest.json               the aggregator's decision, written once
+  rounds/NNNNNN/sketches.json               count sketches of its deltas (fedpt/copies.py)
+  rounds/NNNNNN/update_sketch_III_of_NNN.json  shard III's sketch of the global update
 
   lease_aggregator_III.json                 which process aggregates shard III, until when
 
@@ -787,6 +789,14 @@ class RunStorage:
 
   def read_manifest(self, round_index: int) -> dict | None:
     return self.read_json(self.manifest_path(round_index))
+
+  # -- the copy checks' sketches (fedpt/copies.py); kept when a round is collected -----
+
+  def sketches_path(self, round_index: int) -> epath.Path:
+    return self.round_dir(round_index) / 'sketches.json'
+
+  def update_sketch_path(self, round_index: int, shard: int, num_shards: int) -> epath.Path:
+    return self.round_dir(round_index) / f'update_sketch_{shard:03d}_of_{num_shards:03d}.json'
 
   # -- secure aggregation's recovery records ----------------------------------------
 

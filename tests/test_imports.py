@@ -57,10 +57,12 @@ def test_only_entry_points_and_the_simulation_import_the_silo_worker():
 
 def test_the_protocol_is_pure():
   assert _imports(MODULES['protocol'], top_level_only=False) <= {
-      'compression', 'config', 'errors', 'fragments', 'outer', 'records', 'secagg', 'trees'}
+      'compression', 'config', 'copies', 'errors', 'fragments', 'outer', 'records', 'secagg',
+      'trees'}
   assert _imports(MODULES['records'], top_level_only=False) <= {'config', 'errors'}
   assert _imports(MODULES['secagg'], top_level_only=False) == set()  # Crypto and numpy only.
-  for module in ('protocol', 'secagg'):
+  assert _imports(MODULES['copies'], top_level_only=False) == set()  # Numpy only.
+  for module in ('protocol', 'secagg', 'copies'):
     source = MODULES[module].read_text()
     for io in ('RunStorage', 'epath', 'open(', 'jax.device'):
       assert io not in source, (module, io)

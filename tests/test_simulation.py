@@ -105,6 +105,8 @@ def test_simulate_end_to_end_through_gcs_and_ledger(tiny_config, repo_root, tmp_
     assert row['bytes_up'] == sum(store.delta_meta(r, s)['bytes'] for s in row['contributors'])
     assert row['global_hash'] == store.global_hash(r + 1)
     assert row['status'] == 'done' and not row['rejected']
+    # Honest silos are not flagged as copies or free riders (fedpt/copies.py).
+    assert manifest['copy_checks'] == 'on' and manifest['flags'] == {}, manifest['similarity']
     # Signed end to end: every delta by its silo's key, every round by the aggregator's.
     for s in row['contributors']:
       assert signing.check_signature(store.delta_meta(r, s), run['public_keys']['silos'][s]) \
