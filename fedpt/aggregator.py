@@ -5,6 +5,8 @@ who is in a round and writes the create-once manifest; every shard follows the
 manifest, so a restarted or replayed round gives the identical global model.
 Deltas are read one leaf at a time: memory holds one leaf per silo at most.
 """
+import dataclasses
+import itertools
 import time
 import uuid
 
@@ -291,9 +293,13 @@ class Aggregator:
     fed = self.run['federation']
     expected = protocol.silo_ids(self.run)
     started = time.monotonic()
+    seen, polls = {}, itertools.count()  # silo -> the poll that first saw its commit.
 
     def ready():
       have = self.store.committed_silos(round_index)
+      poll = next(polls)
+      for silo in have:
+        seen.setdefault(silo, poll)
       past_deadline = time.monotonic() >= started + fed['round_deadline_s']
       return have if protocol.round_ready(self.run, have, past_deadline) else None
 
@@ -312,7 +318,8 @@ class Aggregator:
     for silo in committed:
       if not protocol.dropped(self.run, round_index, silo):
         try:
-          measured[silo] = self.measure(round_index, silo, base_hash)
+          measured[silo] = dataclasses.replace(self.measure(round_index, silo, base_hash),
+                                               seen=seen[silo])
         except records.MALFORMED as e:
           measured[silo] = protocol.Measured(None, records.malformed(e))
     earlier = ({}, {})

@@ -73,11 +73,19 @@ def decode(values, size: int = SKETCH_SIZE) -> np.ndarray | None:
 
 @dataclasses.dataclass(frozen=True)
 class Candidate:
-  """One delta of the round that passed every check: its measured norm, steps and sketch."""
+  """One delta of the round that passed every check: its measured norm, steps and sketch.
+
+  `seen`: the aggregator's poll in which it first saw the delta committed. A copy of a
+  delta of the same round is made after its original was committed, so it is compared
+  only with the deltas seen no later than itself: the original is not flagged for a
+  copier seen after it; two seen in the same poll (both arrived between two polls, or
+  the aggregator restarted) are both flagged.
+  """
   silo: str
   norm: float
   steps: int
   sketch: np.ndarray | None
+  seen: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +120,7 @@ def flag(candidates: list[Candidate], earlier_deltas: dict, earlier_updates: dic
   `earlier_deltas` {(round, silo): sketch} and `earlier_updates` {round: sketch of the
   pseudo-gradient theta_r - theta_{r+1} of global round r+1} hold what the run kept of
   earlier rounds of the same fragment. Statistics, each None where undefined:
-    round_cosine     max cosine with another candidate of this round
+    round_cosine     max cosine with another candidate of this round seen no later
     update_cosine    max cosine with an earlier global update
     earlier_cosine   max cosine with any earlier delta (any silo, its own included)
     norm_ratio       (norm / steps) / median over the other candidates of (norm / steps)
@@ -123,7 +131,7 @@ def flag(candidates: list[Candidate], earlier_deltas: dict, earlier_updates: dic
   for c in candidates:
     reasons, row = [], {}
     this_round = {o.silo: o.sketch for o in candidates if o.silo != c.silo
-                  and o.sketch is not None}
+                  and o.sketch is not None and o.seen <= c.seen}
     checks = (('round_cosine', this_round, 'silo {}\'s delta of this round'),
               ('update_cosine', earlier_updates, 'the global update of round {}'),
               ('earlier_cosine', earlier_deltas, 'silo {0[1]}\'s delta of round {0[0]}'))

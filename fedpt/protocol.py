@@ -679,12 +679,14 @@ class Measured:
 
   `norm` is the L2 norm of the decompressed delta as the aggregator measured it
   (the silo's own `delta_norm` claim is never used for decisions); `sketch` its count
-  sketch (`copies.leaf_sketch` summed over leaves), None where copy checks do not run.
+  sketch (`copies.leaf_sketch` summed over leaves), None where copy checks do not run;
+  `seen` the aggregator's poll in which it first saw the commit (`copies.Candidate`).
   """
   meta: dict | None
   reason: str | None = None
   norm: float | None = None
   sketch: object = None
+  seen: int = 0
 
 
 def dropped(run: dict, round_index: int, silo: str) -> bool:
@@ -850,7 +852,8 @@ def copy_flags(run: dict, included: list[dict], measured: dict[str, Measured],
   if checks != COPY_CHECKS_ON:
     return {}, {}, checks
   candidates = [copies.Candidate(e['silo'], e['measured_norm'], e['steps'],
-                                 measured[e['silo']].sketch) for e in included]
+                                 measured[e['silo']].sketch, measured[e['silo']].seen)
+                for e in included]
   stats, flags = copies.flag(candidates, earlier_deltas, earlier_updates,
                              copies.Thresholds.of(run['federation']))
   return stats, flags, checks

@@ -1,5 +1,6 @@
 """Free riders and copies: count sketches against exact cosines, the flag rules, and one
 in-process run whose silos republish, replay and free-ride (fedpt/copies.py)."""
+import dataclasses
 import json
 import re
 import subprocess
@@ -87,6 +88,12 @@ def test_flag_rules_on_plain_numbers():
   # Rules off: the numbers stay, nothing is flagged.
   stats_off, flags_off = copies.flag(candidates, {(3, 'x'): old}, {2: b}, copies.Thresholds(0, 0))
   assert flags_off == {} and stats_off == stats
+  # The aggregator saw b's commit a poll after a's: the copier alone is flagged.
+  ordered = [dataclasses.replace(c, seen=int(c.silo == 'b')) for c in candidates]
+  stats_ordered, flags_ordered = copies.flag(ordered, {(3, 'x'): old}, {2: b}, limits)
+  assert sorted(flags_ordered) == ['b', 'd', 'e'] and flags_ordered['b'] == flags['b']
+  assert stats['a']['round_cosine'] == pytest.approx(1.0)
+  assert abs(stats_ordered['a']['round_cosine']) < 0.15  # Compared with c and d only.
 
 
 def _run(**federation):
