@@ -959,10 +959,11 @@ class TokenDataset:
           'use a shorter seq_len or more data.')
     return num_windows
 
+  def _window(self, window: int, seq_len: int) -> np.ndarray:
+    return self.tokens[window * (seq_len + 1):(window + 1) * (seq_len + 1)]
+
   def _gather(self, windows: Sequence[int], seq_len: int) -> np.ndarray:
-    length = seq_len + 1
-    rows = [self.tokens[w * length:(w + 1) * length] for w in windows]
-    return np.stack(rows).astype(np.int32)
+    return np.stack([self._window(w, seq_len) for w in windows]).astype(np.int32)
 
   def _local_rows(self, global_batch, process_index, process_count) -> range:
     local_batch = global_batch // process_count
@@ -997,7 +998,7 @@ class TokenDataset:
       epoch, position = divmod(index, num_windows)
       window = index_shuffle(index=position, max_index=num_windows - 1,
                              seed=_epoch_seed(seed, epoch), rounds=_SHUFFLE_ROUNDS)
-      rows.append(self.tokens[window * (seq_len + 1):(window + 1) * (seq_len + 1)])
+      rows.append(self._window(window, seq_len))
     return np.stack(rows).astype(np.int32)
 
   def eval_batches(self, num_batches: int, *, global_batch: int, seq_len: int,
