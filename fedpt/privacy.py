@@ -245,22 +245,10 @@ def _record_problem(record) -> str | None:
 
 def _read_record(workdir: str) -> dict | None:
   """The workdir's privacy.json, None if absent; PrivacyError (one line) if unusable."""
-  path = record_path(workdir)
-  try:
-    record = json.loads(path.read_text())
-  except FileNotFoundError:
-    return None
-  except ValueError as e:
-    raise PrivacyError(f'{path} is not readable JSON ({errors.one_line(e)}). '
-                       f'{_RESTORE_FIX}') from None
-  except OSError as e:
-    raise PrivacyError(f'{path} cannot be read ({errors.one_line(e)}). Fix: give this party '
-                       'read access to it; without it this workdir cannot continue '
-                       'privately') from None
-  problem = _record_problem(record)
-  if problem:
-    raise PrivacyError(f'{path} is not a privacy record ({problem}). {_RESTORE_FIX}')
-  return record
+  return records.read_private(
+      record_path(workdir), PrivacyError, 'a privacy record', _record_problem, _RESTORE_FIX,
+      'Fix: give this party read access to it; without it this workdir cannot continue '
+      'privately')
 
 
 def _write_record(workdir: str, record: dict) -> None:

@@ -515,6 +515,20 @@ def _check_author(run: dict, silo: str, record: dict, check_signature) -> str | 
   return check_signature(record, silo) if check_signature is not None else None
 
 
+def _check_silo_record(run: dict, round_index: int, silo: str, record: dict, check_signature,
+                       run_id_optional: bool = False) -> str | None:
+  """A silo's per-round record (recovery, evaluation, contribution): its author, and that it
+  names this run, round and silo (not a record replayed or moved from elsewhere)."""
+  reason = _check_author(run, silo, record, check_signature)
+  if reason:
+    return reason
+  run_id = record.get('run_id', run['run_id']) if run_id_optional else record.get('run_id')
+  if run_id != run['run_id'] or record.get('round') != round_index or record.get('silo') != silo:
+    return (f'it says run {record.get("run_id")!r} round {record.get("round")!r} silo '
+            f'{record.get("silo")!r} (a replayed or moved record)')
+  return None
+
+
 def check_delta_identity(run: dict, round_index: int, silo: str, meta: dict,
                          check_signature=None) -> str | None:
   """Why `meta` is not silo `silo`'s own delta of this run and round (listed, signed), or None.
@@ -1020,13 +1034,9 @@ def check_recovery(run: dict, round_index: int, silo: str, record, unmask: list[
   if not isinstance(record, dict):
     return 'not a JSON object'
   try:
-    reason = _check_author(run, silo, record, check_signature)
+    reason = _check_silo_record(run, round_index, silo, record, check_signature)
     if reason:
       return reason
-    if (record.get('run_id') != run['run_id'] or record.get('round') != round_index
-        or record.get('silo') != silo):
-      return (f'it says run {record.get("run_id")!r} round {record.get("round")!r} silo '
-              f'{record.get("silo")!r} (a replayed or moved record)')
     keys = record['pair_keys']
     if sorted(keys) != sorted(unmask):
       return f'it reveals pair keys with {sorted(keys)}, not with {sorted(unmask)}'
@@ -1051,13 +1061,11 @@ def check_eval_record(run: dict, round_index: int, silo: str, record,
   """Why a silo's evaluation record at rounds/r/eval/silo_<silo>.json is not to be believed."""
   if not isinstance(record, dict):
     return 'unreadable'
-  reason = _check_author(run, silo, record, check_signature)
+  # Records from before run ids were written in them are of this run.
+  reason = _check_silo_record(run, round_index, silo, record, check_signature,
+                              run_id_optional=True)
   if reason:
     return reason
-  if (record.get('run_id', run['run_id']) != run['run_id'] or record.get('round') != round_index
-      or record.get('silo') != silo):
-    return (f'it says run {record.get("run_id")!r} round {record.get("round")} silo '
-            f'{record.get("silo")!r} (a replayed or moved record)')
   if not records.is_number(record.get('eval_loss')) or not records.is_int(record.get('step')):
     return (f'eval_loss {record.get("eval_loss")!r} or step {record.get("step")!r} is not a '
             'finite number')
@@ -1093,13 +1101,9 @@ def check_contribution_record(run: dict, round_index: int, silo: str, record,
   if not isinstance(record, dict):
     return 'not a JSON object'
   try:
-    reason = _check_author(run, silo, record, check_signature)
+    reason = _check_silo_record(run, round_index, silo, record, check_signature)
     if reason:
       return reason
-    if (record.get('run_id') != run['run_id'] or record.get('round') != round_index
-        or record.get('silo') != silo):
-      return (f'it says run {record.get("run_id")!r} round {record.get("round")!r} silo '
-              f'{record.get("silo")!r} (a replayed or moved record)')
     if record['method'] not in CONTRIBUTION_METHODS:
       return f'method {record["method"]!r} is not one of {CONTRIBUTION_METHODS}'
     if not (records.is_int(record['eval_windows']) and records.is_int(record['eval_tokens'])

@@ -7,6 +7,7 @@ computing with it. This module only says whether a record is well-formed, so
 that the bucket layer (`storage.py`) can refuse junk without round math; what
 well-formed records mean is `protocol.py`'s.
 """
+import json
 import math
 
 from fedpt import config as config_lib
@@ -181,3 +182,22 @@ def check_shard_meta_form(meta) -> str | None:
   except MALFORMED as e:
     return malformed(e)
   return None
+
+
+def read_private(path, error: type, what: str, problem_of, restore_fix: str,
+                 read_fix: str) -> dict | None:
+  """A silo's private JSON record at `path` (a pathlib.Path: privacy.json, watermark.json):
+  None if absent, else the record; `error` (one line) when it cannot be read or
+  `problem_of(record)` names why it is not `what`, with the fix."""
+  try:
+    record = json.loads(path.read_text())
+  except FileNotFoundError:
+    return None
+  except ValueError as e:
+    raise error(f'{path} is not readable JSON ({errors.one_line(e)}). {restore_fix}') from None
+  except OSError as e:
+    raise error(f'{path} cannot be read ({errors.one_line(e)}). {read_fix}') from None
+  problem = problem_of(record)
+  if problem:
+    raise error(f'{path} is not {what} ({problem}). {restore_fix}')
+  return record

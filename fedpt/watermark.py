@@ -40,6 +40,7 @@ from fedpt import loading
 from fedpt import metrics as metrics_lib
 from fedpt import model as model_lib
 from fedpt import multihost
+from fedpt import records
 from fedpt import storage as storage_lib
 
 RECORD = 'watermark.json'
@@ -107,21 +108,9 @@ _RESTORE_FIX = ('Fix: restore it from a backup: without its secret the planted s
 
 def read_record(workdir: str) -> dict | None:
   """The workdir's watermark.json, None if absent; WatermarkError (one line) if unusable."""
-  path = record_path(workdir)
-  try:
-    record = json.loads(path.read_text())
-  except FileNotFoundError:
-    return None
-  except ValueError as e:
-    raise WatermarkError(f'{path} is not readable JSON ({errors.one_line(e)}). '
-                         f'{_RESTORE_FIX}') from None
-  except OSError as e:
-    raise WatermarkError(f'{path} cannot be read ({errors.one_line(e)}). Fix: give this party '
-                         'read access to it') from None
-  problem = _record_problem(record)
-  if problem:
-    raise WatermarkError(f'{path} is not a watermark record ({problem}). {_RESTORE_FIX}')
-  return record
+  return records.read_private(record_path(workdir), WatermarkError, 'a watermark record',
+                              _record_problem, _RESTORE_FIX,
+                              'Fix: give this party read access to it')
 
 
 def _write_record(workdir: str, record: dict) -> None:
