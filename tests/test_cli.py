@@ -92,10 +92,12 @@ def test_print_config_on_every_script_prints_the_resolved_config_and_does_nothin
                                   f'--out={new}/gain'], 0.003),  # Scores: --config's usage.
       'scripts/prepare_silos.py': ([f'--workdir={new}/ps', f'--silo_data=a={new}/a.txt'], 0.003),
       'scripts/watermark.py': ([f'--workdir={new}/wm', '--verify', f'--storage={bucket}'], 0.02),
+      'bench/contribution.py': ([], 0.003),
       'bench/round_overhead.py': ([], 0.003),
       'bench/secagg_overhead.py': ([], 0.003),
       'bench/study.py': ([f'--out={new}/study'], 0.003),
       'bench/throughput.py': ([], 0.003),
+      'bench/unlearning.py': ([], 0.003),
   }
   assert set(cases) == _scripts_with_a_config_flag()  # A new script is added here too.
   for script, (args, lr) in cases.items():
