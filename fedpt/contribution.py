@@ -34,6 +34,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from fedpt import outer
@@ -110,6 +111,17 @@ def _mean(deltas: Mapping[str, Mapping], coefficients: Mapping, like: Mapping) -
   return {n: sum((coefficients[k] * jnp.asarray(deltas[k][n], jnp.float32)
                   for k in sorted(deltas)), jnp.zeros(jnp.shape(like[n]), jnp.float32))
           for n in like}
+
+
+@functools.lru_cache(maxsize=8)
+def _optimizer(items: tuple):
+  return outer.make_outer_optimizer(ml_collections.ConfigDict(dict(items)))
+
+
+def outer_optimizer(outer_config):
+  """`outer.make_outer_optimizer(outer_config)`, one object per distinct config: the jitted
+  programs below are keyed by it, so silos sharing a process (threads) compile them once."""
+  return _optimizer(tuple(sorted(outer_config.items())))
 
 
 def _step(optimizer, base: Mapping, state: Mapping, mean: Mapping) -> dict:

@@ -306,7 +306,7 @@ class _Silo:
                                      problem[1])
     self.contribution_base = None  # (round, flat base params) of the last round begun.
     # One object for every round: contribution's jitted programs are keyed by it.
-    self.outer_optimizer = (outer.make_outer_optimizer(config.outer)
+    self.outer_optimizer = (contribution_lib.outer_optimizer(config.outer)
                             if self.contribution != 'none' else None)
     self.trainer = trainer_lib.Trainer(
         config, data_seed=protocol.silo_data_seed(config.seed, silo_id),
