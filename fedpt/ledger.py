@@ -79,9 +79,9 @@ def contributions(store: storage_lib.RunStorage, run: dict, round_index: int) ->
   check = signing.listed_silo_check(run)
   vetted, skipped = {}, []
   for silo, record in store.contribution_records(round_index).items():
-    if record is None:
-      continue  # Being written.
-    reason = protocol.check_contribution_record(run, round_index, silo, record, check)
+    # Records are written whole (`storage.write_json`): one listed but unreadable is damaged.
+    reason = ('not readable JSON' if record is None else
+              protocol.check_contribution_record(run, round_index, silo, record, check))
     if reason:
       skipped.append({'silo': silo, 'reason': reason})
     else:

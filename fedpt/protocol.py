@@ -765,7 +765,7 @@ def decide_round(run: dict, round_index: int, base_hash: str | None, committed: 
       if entry['silo'] in flags:
         included.remove(entry)
         rejected.append({'silo': entry['silo'], 'reason': (
-            'flagged as a copy or free rider (federation.reject_copies): '
+            f'{COPY_REJECTED} (federation.reject_copies): '
             + '; '.join(flags[entry['silo']]))})
   _weigh(run, included)
   manifest = {
@@ -813,19 +813,30 @@ def _weigh(run: dict, included: list[dict]) -> None:
 NORM_OUTLIER = 'delta norm'
 
 
+# The start of a copy-check rejection's reason (federation.reject_copies).
+COPY_REJECTED = 'flagged as a copy or free rider'
+
+
 def influenced_by(manifest: dict, silo: str) -> bool:
-  """Whether silo `silo`'s delta influenced round `manifest`'s global update: it was included,
-  or rejected as a norm outlier (its norm was in the median the other silos were held to)."""
+  """Whether silo `silo`'s delta influenced round `manifest`'s decision or update: it was
+  included, or passed every check and was then rejected as a norm outlier or a copy (its
+  norm was in the median the others were held to, its sketch in their cosines)."""
   return (any(e['silo'] == silo for e in manifest['included'])
-          or any(e['silo'] == silo and e['reason'].startswith(NORM_OUTLIER)
+          or any(e['silo'] == silo and e['reason'].startswith((NORM_OUTLIER, COPY_REJECTED))
                  for e in manifest['rejected']))
 
 
-def without_silo(run: dict, manifest: dict, silo: str) -> dict:
+REPLAYED_COPY_CHECKS = ('off: a round replayed without a silo (unlearn.py --mode=replay); the '
+                        "parent's copy checks compared the others with that silo's deltas")
+
+
+def without_silo(run: dict, manifest: dict, silo: str, replayed: bool = False) -> dict:
   """The manifest of the same round in `run`, a branch of the manifest's run without `silo`
-  (fedpt/unlearning.py): its entry and every mention of it are gone and, if it was
-  included, the others' weights and clip factors are recomputed by the rule that decided
-  the round (`_weigh`). Every other decision (rejections, outliers) stands as made.
+  (fedpt/unlearning.py): its entries are gone and, if it was included, the others' weights
+  and clip factors are recomputed by the rule that decided the round (`_weigh`). Every
+  other decision (rejections, outliers) stands as made. `replayed` (a round from the
+  branch round on): the others' copy-check numbers and flags, which compared them with the
+  silo's deltas, are dropped too (`REPLAYED_COPY_CHECKS`).
   """
   included = [dict(e) for e in manifest['included'] if e['silo'] != silo]
   if len(included) != len(manifest['included']):
@@ -838,7 +849,9 @@ def without_silo(run: dict, manifest: dict, silo: str) -> dict:
                                        if s != silo])
   for field in ('similarity', 'flags'):  # Copy checks: per-silo entries, absent in old runs.
     if field in manifest:
-      out[field] = {k: v for k, v in manifest[field].items() if k != silo}
+      out[field] = {} if replayed else {k: v for k, v in manifest[field].items() if k != silo}
+  if replayed and 'copy_checks' in manifest:
+    out['copy_checks'] = REPLAYED_COPY_CHECKS
   if secure_aggregation(run):
     out['unmask'] = unmasked_silos(run, included)
   return out

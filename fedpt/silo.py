@@ -512,15 +512,17 @@ class _Silo:
     manifest = loading.read_decided_manifest(store, run, round_index, self.identity)
     next_flat = trees.flatten_params(next_params)
     if self.contribution_base is not None and self.contribution_base[0] == round_index:
-      base_flat = self.contribution_base[1]
+      base_flat = dict(self.contribution_base[1])
     elif store.global_shard_metas(round_index) is not None:
       base_flat, _ = self.read_global(round_index, None, trees.flatten_params(
           self.trainer.abstract_state()['params']))
-      base_flat.update({n: next_flat[n] for n in base_flat if protocol.is_private(run, n)})
     else:
       self.log(f'round {round_index}: no contribution record (global round {round_index} was '
                'garbage-collected)')
       return None
+    # Private leaves (protocol.is_private) as the silo holds them now, in both models: the
+    # values measure the shared update alone, the same with or without a restart.
+    base_flat.update({n: next_flat[n] for n in base_flat if protocol.is_private(run, n)})
     names = protocol.shared_leaves(run, base_flat)
     base_loss, grad = self.trainer.score_gradient(trees.unflatten_params(base_flat))
     grad_flat = trees.flatten_params(grad)

@@ -198,7 +198,7 @@ def replay(parent: storage_lib.RunStorage, target: storage_lib.RunStorage, new: 
             for shard in range(new['federation']['num_shards'])]
   replayed = []
   for r in range(branch, len(manifests)):
-    manifest = protocol.without_silo(new, manifests[r], silo)
+    manifest = protocol.without_silo(new, manifests[r], silo, replayed=True)
     manifest['base_global_hash'] = target.global_hash(protocol.base_round(new, r))
     manifest = sign(manifest)
     target.write_manifest(r, manifest)

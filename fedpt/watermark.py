@@ -263,6 +263,10 @@ def model_source(workdir: str, *, model_workdir: str | None = None, step: int | 
   return loading.Source(workdir=model_workdir or workdir, step=step)
 
 
+# A million null sequences already put the rank p-value's floor near 1e-6 x count.
+MAX_NULL_SAMPLES = 10**6
+
+
 def verify(config, workdir: str, source: loading.Source, *, null_samples: int = 1000,
            null_seed: int = 0, alpha: float = 0.01) -> dict:
   """Tests the model at `source` for the watermark kept in `workdir`: statistics + verdict."""
@@ -271,9 +275,10 @@ def verify(config, workdir: str, source: loading.Source, *, null_samples: int = 
     raise WatermarkError(
         f'{workdir} holds no {RECORD}. Fix: pass the --workdir of the silo (or run) that '
         'trained with data.watermark.enabled=True; its secret never leaves it')
-  if null_samples < 2:
+  if not 2 <= null_samples <= MAX_NULL_SAMPLES:
     raise WatermarkError(f'--null_samples={null_samples}: the test needs at least 2 (the '
-                         'null distribution\'s spread). Fix: use the default 1000')
+                         f'null distribution\'s spread) and scores at most {MAX_NULL_SAMPLES:,} '
+                         'sequences. Fix: use the default 1000')
   if not 0 < alpha < 1:
     raise WatermarkError(f'--alpha={alpha} is not a significance level. Fix: use e.g. 0.01')
   tokenizer_sha256 = data_lib.file_sha256(data_lib.resolve_tokenizer(config.data))

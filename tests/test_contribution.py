@@ -285,6 +285,9 @@ def test_status_shows_the_matrix_and_skips_a_malformed_record(contrib_run):
   masked = {**records[1]['c'], 'first_order': None, 'loo': None, 'shapley': None, 'carry': None,
             'reason': 'secure aggregation: the deltas are masked'}
   copied.publish_contribution(1, 'c', masked)
+  (copied.round_dir(0) / 'contribution' / 'silo_a.json').write_text('{not json')
+  assert json.loads(ledger.status(copy, 'json'))['rounds'][0]['contribution']['skipped'] == [
+      {'silo': 'a', 'reason': 'not readable JSON'}]
   row = json.loads(ledger.status(copy, 'json'))['rounds'][1]['contribution']
   assert row['skipped'] == [{'silo': 'b', 'reason': (
       'first_order is not {listed silo: finite number} or null')}]

@@ -125,6 +125,16 @@ def test_decide_round_records_flags_rejects_with_reject_copies_and_says_when_mas
   assert rejected['included'][0]['weight'] == 1.0
   assert [e['reason'] for e in rejected['rejected'] if e['silo'] == 'b'] == [
       'flagged as a copy or free rider (federation.reject_copies): ' + warned['flags']['b'][0]]
+  # Unlearning: a delta rejected as a copy passed every check, so it influenced the round
+  # (its norm and sketch were in the others' checks); a replay of the round drops the
+  # others' copy-check numbers, computed against it.
+  assert protocol.influenced_by(rejected, 'b') and not protocol.influenced_by(warned, 'd')
+  branch = dict(_run(), run_id='run-2')
+  replayed = protocol.without_silo(branch, warned, 'b', replayed=True)
+  assert replayed['similarity'] == {} and replayed['flags'] == {}
+  assert replayed['copy_checks'] == protocol.REPLAYED_COPY_CHECKS
+  copied = protocol.without_silo(branch, warned, 'b')
+  assert sorted(copied['flags']) == ['a'] and sorted(copied['similarity']) == ['a', 'c']
   masked = decide(_run(secure_aggregation=True, compression='none', reject_norm_multiple=0.0))
   assert masked['copy_checks'] == protocol.COPY_CHECKS_MASKED
   assert masked['flags'] == {} and masked['similarity'] == {}

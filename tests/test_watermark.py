@@ -201,6 +201,14 @@ def test_verify_detects_the_model_trained_on_the_watermark(trained):
   text = watermark.render(yes)
   assert 'verdict: TRAINED' in text and SECRET not in text and SECRET not in json.dumps(yes)
 
+  # Out-of-range test arguments are refused before the model is read.
+  source = loading.Source(workdir=marked)
+  for kwargs, problem in (({'null_samples': 1}, 'needs at least 2'),
+                          ({'null_samples': 10**10}, 'at most 1,000,000'),
+                          ({'alpha': 1.5}, 'is not a significance level')):
+    with pytest.raises(watermark.WatermarkError, match=problem):
+      watermark.verify(loading.source_config(workdir=marked), marked, source, **kwargs)
+
   # Bad input: one line, exit status 2 (a workdir without a record; no --verify).
   script = [sys.executable, os.path.join(os.path.dirname(__file__), '..', 'scripts',
                                          'watermark.py')]
