@@ -69,12 +69,14 @@ def eval_losses(store: storage_lib.RunStorage, run: dict, round_index: int) -> d
   return out
 
 
-def contributions(store: storage_lib.RunStorage, run: dict, round_index: int) -> dict:
+def contributions(store: storage_lib.RunStorage, run: dict, round_index: int,
+                  included: list[str] | None = None) -> dict:
   """Round `round_index`'s contribution matrices, from the silos' records (each vetted).
 
   Unlike an evaluation record, a record that fails `protocol.check_contribution_record`
   is skipped with its reason (`skipped`): it only describes a round, nothing is computed
   from it. `value` is each row's Shapley values where published, else its first-order ones.
+  `included`: the vetted manifest's included silos, the only ones a record may value.
   """
   check = signing.listed_silo_check(run)
   vetted, skipped = {}, []
@@ -82,6 +84,11 @@ def contributions(store: storage_lib.RunStorage, run: dict, round_index: int) ->
     # Records are written whole (`storage.write_json`): one listed but unreadable is damaged.
     reason = ('not readable JSON' if record is None else
               protocol.check_contribution_record(run, round_index, silo, record, check))
+    if reason is None and included is not None:
+      named = {k for m in ('first_order', 'loo', 'shapley') for k in (record[m] or {})}
+      if named - set(included):
+        reason = (f'it values {sorted(named - set(included))}, not among the round\'s '
+                  f'included silos {sorted(included)}')
     if reason:
       skipped.append({'silo': silo, 'reason': reason})
     else:
@@ -217,7 +224,9 @@ def round_record(store: storage_lib.RunStorage, run: dict, round_index: int,
       'eval_loss': _mean(evals.values()),
       'eval_loss_by_silo': evals,
       # contribution.mode: each silo's row of the round's K x K matrix (`contributions`).
-      'contribution': contributions(store, run, round_index),
+      'contribution': contributions(store, run, round_index,
+                                    None if manifest is None else
+                                    [e['silo'] for e in manifest['included']]),
   }
 
 

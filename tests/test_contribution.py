@@ -285,6 +285,10 @@ def test_status_shows_the_matrix_and_skips_a_malformed_record(contrib_run):
   masked = {**records[1]['c'], 'first_order': None, 'loo': None, 'shapley': None, 'carry': None,
             'reason': 'secure aggregation: the deltas are masked'}
   copied.publish_contribution(1, 'c', masked)
+  # A record valuing a silo the round did not include is skipped too.
+  narrowed = ledger.contributions(store, store.read_run(), 0, ['a', 'b'])
+  assert sorted(narrowed['value']) == [] and {e['reason'] for e in narrowed['skipped']} == {
+      "it values ['c'], not among the round's included silos ['a', 'b']"}
   (copied.round_dir(0) / 'contribution' / 'silo_a.json').write_text('{not json')
   assert json.loads(ledger.status(copy, 'json'))['rounds'][0]['contribution']['skipped'] == [
       {'silo': 'a', 'reason': 'not readable JSON'}]
