@@ -21,6 +21,7 @@ from ml_collections import config_flags
 
 from fedpt import aggregator
 from fedpt import config as config_lib
+from fedpt import contribution as contribution_lib
 from fedpt import corpora
 from fedpt import data as data_lib
 from fedpt import errors
@@ -307,6 +308,16 @@ def follow(storage_root: str, log=print) -> list[dict]:
     time.sleep(run['federation']['poll_s'])
 
 
+def _check_contribution(config) -> None:
+  """Every silo here runs `config`'s contribution.mode: refused before any process starts,
+  in the silos' own words (`contribution.unsupported`)."""
+  mode, fed = config.contribution.mode, config.federation
+  problem = mode != 'none' and contribution_lib.unsupported(
+      {'silos': [{'id': s} for s in fed.silos], 'federation': fed.to_dict()}, mode)
+  if problem:
+    raise config_lib.ConfigError('contribution.mode', f'{mode!r}: {problem[0]}', problem[1])
+
+
 def simulate(config, config_file: str, storage_root: str, workdir: str,
              log=print, typed=None, silo_data=None, tokenizer: str = 'config',
              text_field: str = 'text', on_bad_text: str = 'error',
@@ -369,6 +380,7 @@ def simulate(config, config_file: str, storage_root: str, workdir: str,
   overrides = config_overrides(config, config_file)
   config = protocol.federated_config(config)
   protocol.validate_federation(config)
+  _check_contribution(config)
   if resuming:
     if (store.latest_global_round() or 0) >= run['federation']['rounds']:
       log(f'run {run["run_id"]} at {storage_root} is finished ({run["federation"]["rounds"]} '

@@ -158,6 +158,16 @@ def test_what_a_silo_cannot_compute_is_refused():
   problem, fix = contribution.unsupported(
       {'silos': [{'id': 'a'}], 'federation': {'fragments': 2}}, 'loo')
   assert 'fragments > 1' in problem and "'none'" in fix
+  # simulate.py refuses it before any process starts, in the same words.
+  from fedpt import config as config_lib  # pylint: disable=g-import-not-at-top
+  from fedpt import simulation  # pylint: disable=g-import-not-at-top
+  config = config_lib.base_config()
+  config.federation.silos = tuple(f's{i}' for i in range(9))
+  config.contribution.mode = 'shapley'
+  with pytest.raises(config_lib.ConfigError, match=r'lists 9 silos \(at most 8\)'):
+    simulation._check_contribution(config)  # pylint: disable=protected-access
+  config.contribution.mode = 'first_order'
+  simulation._check_contribution(config)  # pylint: disable=protected-access
 
 
 def test_a_record_is_checked_before_the_ledger_uses_it():
