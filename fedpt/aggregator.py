@@ -365,11 +365,9 @@ class Aggregator:
     for r in range(round_index):
       if protocol.round_fragment(self.run, r) != fragment:
         continue
-      if r not in self._sketches:
-        found = self.read_sketches(r, 'deltas', self.store.sketches_path(r))
-        if found is None:
-          continue
-        self._sketches[r] = found
+      if r not in self._sketches:  # Absent in runs from before the checks and in a branch's
+        # copied rounds (fedpt/unlearning.py), whose global updates may still have theirs.
+        self._sketches[r] = self.read_sketches(r, 'deltas', self.store.sketches_path(r)) or {}
       deltas.update({(r, silo): v for silo, v in self._sketches[r].items()})
       if r not in self._update_sketches:
         parts = [self.read_sketches(r, f'update {i}/{self.num_shards}',
