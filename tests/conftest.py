@@ -54,6 +54,32 @@ def needs_devices(n: int):
   return pytest.mark.skipif(jax.device_count() < n, reason=f'needs {n} devices')
 
 
+# The suite's longest files (federations, killed and restarted processes), longest first, by
+# `pytest -n 2 --dist loadfile --durations=60` on the 2-core VM (2026-12-02). xdist's
+# default queue puts the files with most tests first, which sent these single long tests
+# last: one worker ran them alone for minutes while the other idled. Longest first, the
+# short files fill in at the end.
+LONGEST_FILES = (
+    'test_fragments.py', 'test_federation.py', 'test_overlap.py', 'test_multihost.py',
+    'test_secagg.py', 'test_trainer.py', 'test_integrity.py', 'test_study.py',
+    'test_gpu_check.py', 'test_dp.py', 'test_muon.py', 'test_own_corpora.py', 'test_launch.py',
+    'test_simulation.py', 'test_link.py', 'test_sparse_deltas.py', 'test_evaluate.py',
+    'test_personal.py', 'test_model_only.py', 'test_member_gain.py', 'test_export_hf.py',
+    'test_cli.py', 'test_loading.py', 'test_gcs.py', 'test_throughput.py', 'test_copies.py',
+    'test_drift.py', 'test_compression.py', 'test_privacy.py', 'test_contribution.py',
+    'test_downlink.py')
+
+
+def pytest_configure(config):
+  if hasattr(config.option, 'loadscopereorder'):  # pytest-xdist: keep the order below.
+    config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # Stable within a file.
+
+
 @pytest.fixture(scope="session")
 def repo_root():
   return REPO
