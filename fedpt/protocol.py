@@ -529,6 +529,18 @@ def _check_silo_record(run: dict, round_index: int, silo: str, record: dict, che
   return None
 
 
+def _check_silo_fields(run: dict, round_index: int, silo: str, record, check_signature,
+                       fields) -> str | None:
+  """`_check_silo_record` on a JSON object, then `fields(record)`, the record's own checks;
+  a missing or mistyped field anywhere is reported as malformed, never raised."""
+  if not isinstance(record, dict):
+    return 'not a JSON object'
+  try:
+    return _check_silo_record(run, round_index, silo, record, check_signature) or fields(record)
+  except records.MALFORMED as e:
+    return records.malformed(e)
+
+
 def check_delta_identity(run: dict, round_index: int, silo: str, meta: dict,
                          check_signature=None) -> str | None:
   """Why `meta` is not silo `silo`'s own delta of this run and round (listed, signed), or None.
@@ -1044,20 +1056,14 @@ def _is_key(text) -> bool:
 def check_recovery(run: dict, round_index: int, silo: str, record, unmask: list[str],
                    check_signature=None) -> str | None:
   """Why a recovery record must not be used to unmask round `round_index`, or None."""
-  if not isinstance(record, dict):
-    return 'not a JSON object'
-  try:
-    reason = _check_silo_record(run, round_index, silo, record, check_signature)
-    if reason:
-      return reason
+  def fields(record):
     keys = record['pair_keys']
     if sorted(keys) != sorted(unmask):
       return f'it reveals pair keys with {sorted(keys)}, not with {sorted(unmask)}'
     if not (_is_key(record['self_key']) and all(_is_key(k) for k in keys.values())):
       return 'a key is not 32 bytes of hex'
-  except records.MALFORMED as e:
-    return records.malformed(e)
-  return None
+    return None
+  return _check_silo_fields(run, round_index, silo, record, check_signature, fields)
 
 
 # -- a silo's evaluation record -------------------------------------------------------------
@@ -1111,12 +1117,7 @@ def contribution_record(run: dict, round_index: int, silo: str, *, method: str,
 def check_contribution_record(run: dict, round_index: int, silo: str, record,
                               check_signature=None) -> str | None:
   """Why a contribution record at rounds/r/contribution/silo_<silo>.json is not to be used."""
-  if not isinstance(record, dict):
-    return 'not a JSON object'
-  try:
-    reason = _check_silo_record(run, round_index, silo, record, check_signature)
-    if reason:
-      return reason
+  def fields(record):
     if record['method'] not in CONTRIBUTION_METHODS:
       return f'method {record["method"]!r} is not one of {CONTRIBUTION_METHODS}'
     if not (records.is_int(record['eval_windows']) and records.is_int(record['eval_tokens'])
@@ -1144,9 +1145,8 @@ def check_contribution_record(run: dict, round_index: int, silo: str, record,
       return 'it has no per-silo values and no reason'
     if not isinstance(record['reason'], (str, type(None))):
       return f'reason {record["reason"]!r} is not text or null'
-  except records.MALFORMED as e:
-    return records.malformed(e)
-  return None
+    return None
+  return _check_silo_fields(run, round_index, silo, record, check_signature, fields)
 
 
 # -- a global round's shard meta.json --------------------------------------------------------
